@@ -1,0 +1,54 @@
+"""What every verb shares: consoles, option aliases, a progress bar for core callbacks."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console()
+err_console = Console(stderr=True)
+
+# One definition per shared option, so help text is the same on every verb.
+DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="Prepared dataset folder.")]
+RunOpt = Annotated[Path, typer.Option("--run", "-r", help="Run folder written by `sdlora train`.")]
+ModelOpt = Annotated[
+    str,
+    typer.Option(
+        "--model",
+        "-m",
+        help="Base model: a hub id, a local diffusers folder, or tiny-sd / tiny-sdxl (random weights, offline).",
+    ),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+# A core progress callback: (what, done, total). Core modules call it; the CLI draws it.
+ProgressFn = Callable[[str, int, int], None]
+
+
+@contextlib.contextmanager
+def progress_bar(transient: bool = False) -> Iterator[ProgressFn]:
+    """A rich progress bar driven by core callbacks `(description, done, total)`.
+
+    Each new description gets its own task row, so one callback can report several phases.
+    """
+    columns = (
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=transient) as progress:
+        tasks: dict[str, int] = {}
+
+        def update(description: str, done: int, total: int) -> None:
+            if description not in tasks:
+                tasks[description] = progress.add_task(description, total=total)
+            progress.update(tasks[description], completed=done, total=total)
+
+        yield update

@@ -1,0 +1,1 @@
+"""The data stage: ingest photos, download public links, captions, the dataset contract."""

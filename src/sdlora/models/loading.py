@@ -1,0 +1,124 @@
+"""Load a base model: a hub id, a local diffusers folder, or a tiny random model.
+
+Loading goes through diffusers and huggingface_hub with the normal HF cache, so a model
+downloaded once works offline afterwards. A model that is neither cached nor reachable gives
+one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from sdlora.errors import ModelError
+from sdlora.models.arch import Architecture, detect_architecture
+
+TINY_MODELS: dict[str, str] = {"tiny-sd": "tiny_sd", "tiny-sdxl": "tiny_sdxl"}
+TINY_WARNING = "tiny random-weight model: its images are noise (use a real --model for real results)"
+
+
+def is_tiny(model: str) -> bool:
+    return model in TINY_MODELS
+
+
+def _build_tiny(model: str) -> Any:
+    from sdlora.models import tiny
+
+    builder: Callable[[], Any] = getattr(tiny, TINY_MODELS[model])
+    return builder()
+
+
+def _pipeline_class(model: str, revision: str | None) -> Any:
+    """The pipeline class for a hub id or folder, from its model_index.json (SD 1.x or SDXL)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    index = _read_model_index(model, revision)
+    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
+        return StableDiffusionXLPipeline
+    return StableDiffusionPipeline
+
+
+def _read_model_index(model: str, revision: str | None) -> dict[str, Any]:
+    folder = Path(model)
+    if folder.is_dir():
+        path = folder / "model_index.json"
+        if not path.is_file():
+            raise ModelError(f"{folder}: not a diffusers model folder (no model_index.json)")
+        return json.loads(path.read_text(encoding="utf-8"))
+    if folder.suffix in {".safetensors", ".ckpt"}:
+        raise ModelError(
+            f"{model}: single-file checkpoints are not supported; use a diffusers folder or hub id"
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        path = hf_hub_download(model, "model_index.json", revision=revision)
+    except Exception as exc:  # huggingface_hub raises many types: offline, 404, gated, bad id
+        raise _model_error(model, exc) from exc
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def _model_error(model: str, exc: Exception) -> ModelError:
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    if isinstance(exc, LocalEntryNotFoundError) or "offline" in type(exc).__name__.lower():
+        return ModelError(
+            f"model {model} is not in the local cache and the hub is unreachable "
+            "(download it once with network access, or use --model tiny-sd for an offline try)"
+        )
+    if isinstance(exc, GatedRepoError):
+        return ModelError(f"model {model} is gated: accept its licence on the hub and log in (hf auth login)")
+    if isinstance(exc, RepositoryNotFoundError):
+        return ModelError(f"model {model} was not found on the hub (check the id, or give a local folder)")
+    return ModelError(f"model {model} could not be loaded: {exc}".splitlines()[0])
+
+
+def load_pipeline(
+    model: str,
+    *,
+    revision: str | None = None,
+    variant: str | None = None,
+    vae: str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Architecture]:
+    """The diffusers pipeline for `model` and its architecture (SD 1.x or SDXL)."""
+    if is_tiny(model):
+        pipe = _build_tiny(model)
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        cls = _pipeline_class(model, revision)
+        kwargs: dict[str, Any] = {"torch_dtype": dtype, "revision": revision, "variant": variant}
+        if cls.__name__ == "StableDiffusionPipeline":
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        if vae:
+            kwargs["vae"] = load_vae(vae, dtype)
+        try:
+            pipe = cls.from_pretrained(model, **{k: v for k, v in kwargs.items() if v is not None})
+        except ModelError:
+            raise
+        except (OSError, EnvironmentError, ValueError) as exc:
+            raise _model_error(model, exc) from exc
+    return pipe, detect_architecture(pipe.unet.config)
+
+
+def load_vae(vae: str, dtype: torch.dtype) -> Any:
+    """A replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix, safe in fp16) from a hub id or folder."""
+    from diffusers import AutoencoderKL
+
+    try:
+        return AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise _model_error(vae, exc) from exc
+
+
+def default_resolution(model: str, arch: Architecture) -> int:
+    """The training and sampling resolution a model was made for (64 for the tiny models)."""
+    if is_tiny(model):
+        from sdlora.models.tiny import TINY_RESOLUTION
+
+        return TINY_RESOLUTION
+    return arch.default_resolution

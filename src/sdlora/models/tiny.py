@@ -1,0 +1,164 @@
+"""Small random-weight models of the real SD 1.x and SDXL architectures, built in memory.
+
+They follow diffusers' own test configs (UNet `block_out_channels=(32, 64)`, two-block VAE,
+small CLIP text encoders) and use a real CLIP tokenizer built offline from the BPE file that
+open_clip ships, so token handling is exactly that of the real models. The weights come from a
+fixed seed: every process that builds `tiny-sd` gets the same model, so a LoRA trained on it
+in one process samples correctly in another. Their images are noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+TINY_RESOLUTION = 64
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer_files() -> tuple[str, str]:
+    """vocab.json and merges.txt of the CLIP tokenizer, rebuilt from open_clip's BPE file."""
+    import open_clip
+    from open_clip.tokenizer import bytes_to_unicode
+
+    bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
+    # Same construction as OpenAI's CLIP SimpleTokenizer: 48,894 merges, 49,408 tokens.
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    vocab = list(bytes_to_unicode().values())
+    vocab += [v + "</w>" for v in vocab]
+    vocab += ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = Path(tempfile.mkdtemp(prefix="sdlora-clip-tokenizer-"))
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text(
+        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
+    )
+    return str(folder / "vocab.json"), str(folder / "merges.txt")
+
+
+def clip_tokenizer(pad_token: str = "<|endoftext|>"):
+    """A real CLIP tokenizer (49,408 tokens, 77 positions), built offline."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = _clip_tokenizer_files()
+    return CLIPTokenizer(vocab, merges, pad_token=pad_token, model_max_length=77)
+
+
+def _text_config(hidden: int, projection: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+        hidden_size=hidden,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        vocab_size=49408,
+        projection_dim=projection,
+        hidden_act="gelu",
+    )
+
+
+def _vae(scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=scaling_factor,
+    )
+
+
+def _scheduler():
+    from diffusers import EulerDiscreteScheduler
+
+    # The real SD 1.5 / SDXL training noise schedule.
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+    )
+
+
+def _seeded(build):
+    @functools.wraps(build)
+    def wrapper():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return build()
+
+    return wrapper
+
+
+@_seeded
+def tiny_sd():
+    """A StableDiffusionPipeline with tiny random weights (about 2 M parameters)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=_vae(0.18215),
+        text_encoder=CLIPTextModel(_text_config(32, 32)).eval(),
+        tokenizer=clip_tokenizer(),
+        scheduler=_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+@_seeded
+def tiny_sdxl():
+    """A StableDiffusionXLPipeline with tiny random weights and two text encoders."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=TINY_RESOLUTION // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text 32
+        cross_attention_dim=64,  # text encoder 32 + text encoder 2 32
+    )
+    return StableDiffusionXLPipeline(
+        unet=unet,
+        vae=_vae(0.13025),
+        text_encoder=CLIPTextModel(_text_config(32, 32)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(32, 32)).eval(),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        scheduler=_scheduler(),
+    )
