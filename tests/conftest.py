@@ -1,0 +1,77 @@
+"""Shared test fixtures. Every test runs offline (HF_HUB_OFFLINE=1) on tiny models."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+DREAMBENCH = SHARED_DATA / "dreambench"
+
+
+@pytest.fixture
+def dreambench() -> Path:
+    """The shared real photos (../shared/data/dreambench), or skip with the reason."""
+    if not DREAMBENCH.is_dir():
+        pytest.skip(f"real test photos not found at {DREAMBENCH} (see ../shared/data/README.md)")
+    return DREAMBENCH
+
+
+def write_tiny_dataset(
+    folder: Path,
+    n: int = 6,
+    resolution: int = 64,
+    token: str = "sksToy",
+    class_word: str = "toy",
+    seed: int = 0,
+) -> Path:
+    """A prepared dataset that follows the contract (images/, captions.txt, manifest.json).
+
+    Images are coloured shapes on varied backgrounds, deterministic for a seed; the split puts
+    the last fifth (at least one) in val.
+    """
+    from PIL import Image, ImageDraw
+
+    from sdlora.data.captions import write_captions
+    from sdlora.data.manifest import ImageRecord, Manifest
+
+    rng = random.Random(seed)
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records, names = {}, []
+    for i in range(n):
+        bg = tuple(rng.randrange(256) for _ in range(3))
+        fg = tuple(rng.randrange(256) for _ in range(3))
+        img = Image.new("RGB", (resolution, resolution), bg)
+        draw = ImageDraw.Draw(img)
+        r = resolution // 4 + rng.randrange(resolution // 8)
+        c = resolution // 2 + rng.randrange(-4, 5)
+        draw.ellipse([c - r, c - r, c + r, c + r], fill=fg)
+        name = f"img_{i:03d}.png"
+        img.save(images / name)
+        digest = hashlib.sha256((images / name).read_bytes()).hexdigest()
+        records[name] = ImageRecord(name, f"photos/{name}", digest, (resolution, resolution), (resolution, resolution))
+        names.append(name)
+    n_val = max(1, n // 5)
+    manifest = Manifest(
+        token=token, class_word=class_word, resolution=resolution, seed=seed,
+        train=names[:-n_val], val=names[-n_val:], images=records, source="tests",
+    )
+    manifest.save(folder)
+    write_captions(folder / "captions.txt", {name: f"a photo of {token} {class_word}" for name in names})
+    return folder
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path: Path) -> Path:
+    """A 6-image, 64 px prepared dataset in tmp_path/dataset."""
+    return write_tiny_dataset(tmp_path / "dataset")
