@@ -1,0 +1,64 @@
+"""The CLI shell: version, help for every verb, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from sdlora import __version__
+from sdlora.cli import VERBS, _one_line_errors, app
+from sdlora.errors import DataError
+
+runner = CliRunner()
+
+
+def test_version():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout.strip() == f"sdlora {__version__}"
+
+
+def test_python_dash_m_runs_the_same_app():
+    out = subprocess.run([sys.executable, "-m", "sdlora", "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"sdlora {__version__}"
+
+
+@pytest.mark.parametrize("argv", [["--help"]] + [[verb, "--help"] for verb in VERBS])
+def test_every_help_exits_zero_with_empty_stderr(argv):
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+    assert "Usage" in result.stdout
+
+
+def test_every_registered_verb_is_listed_in_root_help():
+    result = runner.invoke(app, ["--help"])
+    for verb in VERBS:
+        assert verb in result.stdout
+
+
+def test_sdlora_error_becomes_one_line_and_exit_code_1(capsys):
+    @_one_line_errors
+    def verb():
+        raise DataError("photos/x.heic: not an image")
+
+    with pytest.raises(typer.Exit) as exc:
+        verb()
+    assert exc.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert err.strip() == "error: photos/x.heic: not an image"
+
+
+def test_debug_keeps_the_traceback(monkeypatch):
+    monkeypatch.setenv("SDLORA_DEBUG", "1")
+
+    @_one_line_errors
+    def verb():
+        raise DataError("boom")
+
+    with pytest.raises(DataError):
+        verb()

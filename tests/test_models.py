@@ -1,0 +1,75 @@
+"""Tiny models, architecture detection, and loading errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from sdlora.errors import ModelError
+from sdlora.models import detect_architecture, load_pipeline
+from sdlora.models.loading import default_resolution
+from sdlora.models.tiny import clip_tokenizer
+
+
+def test_clip_tokenizer_matches_the_real_vocabulary():
+    tok = clip_tokenizer()
+    assert len(tok) == 49408
+    ids = tok("a photo of a toy").input_ids
+    # Token ids of OpenAI CLIP: <|startoftext|> a photo of a toy <|endoftext|>
+    assert ids == [49406, 320, 1125, 539, 320, 5988, 49407]
+
+
+@pytest.mark.parametrize("model,arch_name,width", [("tiny-sd", "sd1", 32), ("tiny-sdxl", "sdxl", 64)])
+def test_tiny_models_build_and_encode(model, arch_name, width):
+    pipe, arch = load_pipeline(model)
+    assert arch.name == arch_name
+    assert default_resolution(model, arch) == 64
+    embeds, pooled = arch.encode_prompts(pipe, ["a photo of sksToy toy", "a dog"])
+    assert embeds.shape == (2, 77, width)
+    assert (pooled is not None) == arch.is_sdxl
+
+
+def test_tiny_models_are_identical_in_every_process():
+    a, _ = load_pipeline("tiny-sd")
+    torch.manual_seed(123)  # the global seed must not matter
+    b, _ = load_pipeline("tiny-sd")
+    for (name, p), (_, q) in zip(a.unet.state_dict().items(), b.unet.state_dict().items()):
+        assert torch.equal(p, q), name
+
+
+def test_tiny_sdxl_unet_accepts_the_arch_conditioning():
+    pipe, arch = load_pipeline("tiny-sdxl")
+    embeds, pooled = arch.encode_prompts(pipe, ["a toy"])
+    time_ids = arch.time_ids((64, 64), (0, 0), (64, 64))[None]
+    latents = torch.randn(1, 4, 32, 32)
+    out = pipe.unet(latents, torch.tensor([10]), embeds, **arch.unet_kwargs(pooled, time_ids)).sample
+    assert out.shape == latents.shape
+
+
+def test_detect_architecture_from_config_not_name():
+    assert detect_architecture({"addition_embed_type": "text_time", "cross_attention_dim": 2048}).name == "sdxl"
+    assert detect_architecture({"cross_attention_dim": 768}).name == "sd1"
+    with pytest.raises(ValueError):
+        detect_architecture({})
+
+
+def test_uncached_hub_model_offline_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="not in the local cache and the hub is unreachable"):
+        load_pipeline("nobody/no-such-model-xyz")
+
+
+def test_local_folder_without_model_index(tmp_path):
+    with pytest.raises(ModelError, match="no model_index.json"):
+        load_pipeline(str(tmp_path))
+
+
+def test_local_diffusers_folder_loads(tmp_path):
+    pipe, _ = load_pipeline("tiny-sd")
+    pipe.save_pretrained(tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+    loaded, arch = load_pipeline(str(tmp_path / "m"))
+    assert arch.name == "sd1"
+    assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight)

@@ -1,0 +1,52 @@
+"""The run folder contract: latest pointer, config reading, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from sdlora.errors import RunError
+from sdlora.run import load_run, point_latest, resolve_run_dir
+
+
+def _run(tmp_path, name="r1", config=None):
+    run = tmp_path / "runs" / name
+    run.mkdir(parents=True)
+    config = config or {
+        "model": {"name": "tiny-sd", "revision": None},
+        "data": {"dataset": str(tmp_path / "dataset"), "resolution": 64, "token": "sksToy", "class_word": "toy"},
+    }
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    return run
+
+
+def test_latest_points_at_newest_run(tmp_path):
+    a, b = _run(tmp_path, "a"), _run(tmp_path, "b")
+    point_latest(a)
+    point_latest(b)
+    assert resolve_run_dir(tmp_path / "runs" / "latest") == b.resolve()
+    info = load_run(tmp_path / "runs" / "latest")
+    assert (info.model, info.token, info.class_word, info.resolution) == ("tiny-sd", "sksToy", "toy", 64)
+
+
+def test_missing_run_says_how_to_make_one(tmp_path):
+    with pytest.raises(RunError, match="sdlora train"):
+        load_run(tmp_path / "runs" / "latest")
+
+
+def test_run_without_lora(tmp_path):
+    info = load_run(_run(tmp_path))
+    with pytest.raises(RunError, match="no LoRA"):
+        info.lora_dir()
+
+
+def test_config_missing_keys(tmp_path):
+    with pytest.raises(RunError, match="missing model.name"):
+        load_run(_run(tmp_path, config={"data": {}}))
+
+
+def test_bad_yaml(tmp_path):
+    run = _run(tmp_path)
+    (run / "config.yaml").write_text("model: [unclosed")
+    with pytest.raises(RunError, match="not valid YAML"):
+        load_run(run)
