@@ -231,6 +231,25 @@ def test_dropped_connection_without_range_support_downloads_again(fake: FakeYand
     assert [h.status for h in fake.file_hits("/big.heic")] == [200, 200]
 
 
+def test_file_host_unreachable_gives_up_quickly(fake: FakeYandex, tmp_path: Path) -> None:
+    fake.add_folder(FOLDER, {"a.png": blob(1)})
+    fake.dead_href.add("/a.png")
+    with pytest.raises(DownloadError) as exc:
+        download_public(FOLDER, tmp_path, api_base=fake.base, **FAST)
+    message = one_line(exc)
+    assert "/a.png" in message and "run the same command again" in message
+    assert fake.count("href", "/a.png") == 2  # two GETs without a byte, not MAX_RESUMES of them
+
+
+def test_listing_without_total_pages_until_a_short_page(fake: FakeYandex, big_folder: dict[str, bytes],
+                                                        tmp_path: Path) -> None:
+    fake.omit_total = True
+    files = download_public(FOLDER, tmp_path, api_base=fake.base, page_size=10, **FAST)
+    assert sorted(f.remote_path for f in files) == sorted(big_folder)
+    offsets = [h.query.get("offset", "0") for h in fake.hits if h.kind == "list" and h.path == "/"]
+    assert offsets == ["0", "10", "20"]
+
+
 def test_partial_file_from_an_interrupted_run_is_resumed(fake: FakeYandex, tmp_path: Path) -> None:
     data = blob(4, 100_000)
     fake.add_folder(FOLDER, {"big.heic": data})

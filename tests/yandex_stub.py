@@ -80,6 +80,11 @@ class FakeYandex:
         self.corrupt: dict[str, int] = {}  # serve wrong bytes (same size) this many times
         self.wrong_md5: set[str] = set()  # the listing's md5 is wrong for these paths
         self.file_429_always: set[str] = set()
+        self.dead_href: set[str] = set()  # the download address points at a port nobody listens on
+        self.omit_total = False  # listings without `_embedded.total` (page until a short page)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.dead_base = f"http://127.0.0.1:{s.getsockname()[1]}"
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -126,6 +131,7 @@ class FakeYandex:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            disable_nagle_algorithm = True  # else delayed ACKs add 40 ms to every keep-alive request
 
             def log_message(self, *args: Any) -> None:  # keep pytest output clean
                 pass
@@ -195,6 +201,8 @@ class FakeYandex:
                     items = [fake._item(c) for c in node.children[offset:offset + limit]]
                     body["_embedded"] = {"items": items, "limit": limit, "offset": offset,
                                          "total": len(node.children), "path": node.path}
+                    if fake.omit_total:
+                        del body["_embedded"]["total"]
                 hit.status = 200
                 self._json(200, body)
 
@@ -213,7 +221,8 @@ class FakeYandex:
                     self._error(400, "DiskNotAFileError")
                     return
                 query = urlencode({"k": q["public_key"], "p": path})
-                self._json(200, {"href": f"{fake.base}/dl?{query}", "method": "GET", "templated": False})
+                base = fake.dead_base if path in fake.dead_href else fake.base
+                self._json(200, {"href": f"{base}/dl?{query}", "method": "GET", "templated": False})
 
             def _file(self, q: dict[str, str]) -> None:
                 path = q.get("p", "/")

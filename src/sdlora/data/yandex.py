@@ -326,13 +326,16 @@ class _Downloader:
     def _page_items(self, meta: dict[str, Any], path: str) -> list[dict[str, Any]]:
         embedded = meta.get("_embedded") or {}
         items = list(embedded.get("items") or [])
-        total = int(embedded.get("total", len(items)) or 0)
-        while len(items) < total:
+        total = embedded.get("total")
+        last = len(items)
+        # Page on while `total` says there is more, or (without `total`) while pages come back full.
+        while (len(items) < total) if isinstance(total, int) else (last >= self.page_size):
             page = self._get("", {"path": path, "limit": self.page_size, "offset": len(items)}, "folder")
             more = (page.get("_embedded") or {}).get("items") or []
             if not more:  # the folder shrank while we listed it
                 break
             items.extend(more)
+            last = len(more)
         return items
 
     def _plan(self, item: dict[str, Any], rel: str, api_path: str | None) -> _Planned:
@@ -421,7 +424,7 @@ class _Downloader:
         """Make planned.partial hold all bytes, resuming with Range after a dropped connection."""
         remote, part = planned.remote, planned.partial
         part.parent.mkdir(parents=True, exist_ok=True)
-        drops = 0
+        drops = stalls = 0
         while True:
             if self.stop.is_set():
                 raise DownloadError(f"download of {remote.url} stopped after another file failed")
@@ -438,10 +441,12 @@ class _Downloader:
             except (requests.ConnectionError, requests.Timeout,
                     requests.exceptions.ChunkedEncodingError) as exc:
                 drops += 1
-                if drops > MAX_RESUMES:
+                # Each GET already had urllib3's retries; two in a row without a byte = the network is gone.
+                stalls = 0 if part.exists() and part.stat().st_size > have else stalls + 1
+                if drops > MAX_RESUMES or stalls >= 2:
                     raise DownloadError(f"download of {remote.url} kept breaking off ({drops} times, "
-                                        f"last: {type(exc).__name__}); run the same command again to resume "
-                                        "it") from None
+                                        f"last: {type(exc).__name__}); check the network and run the same "
+                                        "command again to resume it") from None
                 time.sleep(self.backoff_factor * drops)
                 continue
             if complete:
@@ -495,7 +500,13 @@ class _Downloader:
         if todo:
             with ThreadPoolExecutor(max_workers=min(self.workers, len(todo))) as pool:
                 futures = [pool.submit(self.fetch, p, index) for p in todo]
-                wait(futures, return_when=FIRST_EXCEPTION)
+                try:
+                    wait(futures, return_when=FIRST_EXCEPTION)
+                except BaseException:  # Ctrl-C: stop the workers at their next chunk, keep .partial files
+                    self.stop.set()
+                    for f in futures:
+                        f.cancel()
+                    raise
                 failed = [f for f in futures if f.done() and f.exception() is not None]
                 if failed:
                     self.stop.set()
