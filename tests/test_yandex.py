@@ -96,6 +96,13 @@ def test_malformed_link_is_one_clear_line(link: str, tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+def test_bad_api_address_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SDLORA_YANDEX_API", "localhost:8080")
+    with pytest.raises(DownloadError) as exc:
+        download_public(FOLDER, tmp_path)
+    assert "SDLORA_YANDEX_API" in one_line(exc) and "http://" in one_line(exc)
+
+
 @pytest.mark.parametrize("name, safe", [
     ("IMG_4651.HEIC", "IMG_4651.HEIC"), ("../../evil.png", ".._.._evil.png"), ("a/b.png", "a_b.png"),
     ("..", "_"), (".", "_"), ("", "_"), ("x\\..\\y.png", "x_.._y.png"), ("nul\x00.png", "nul_.png"),
@@ -193,6 +200,19 @@ def test_empty_folder(fake: FakeYandex, tmp_path: Path) -> None:
     with pytest.raises(DownloadError) as exc:
         download_public(FOLDER, tmp_path, api_base=fake.base, **FAST)
     assert "has no files" in one_line(exc) and FOLDER in one_line(exc)
+
+
+def test_include_filter_skips_unwanted_files_before_download(fake: FakeYandex, tmp_path: Path) -> None:
+    fake.add_folder(FOLDER, {"IMG_1.HEIC": blob(1), "IMG_1.MOV": blob(2, 50_000), "sub": {"notes.txt": b"x"}})
+    only_photos = lambda name: name.lower().endswith((".heic", ".jpg", ".png"))  # noqa: E731
+    files = download_public(FOLDER, tmp_path, api_base=fake.base, include=only_photos, **FAST)
+    assert [f.remote_path for f in files] == ["/IMG_1.HEIC"]
+    assert fake.count("file", "/IMG_1.MOV") == 0 and fake.count("href", "/IMG_1.MOV") == 0
+
+    fake.add_folder(FOLDER, {"clip.mov": blob(3), "readme.txt": b"x"})
+    with pytest.raises(DownloadError) as exc:
+        download_public(FOLDER, tmp_path, api_base=fake.base, include=only_photos, **FAST)
+    assert "has no files sdlora can use (2 other files" in one_line(exc)
 
 
 # ---- flaky network --------------------------------------------------------------------------

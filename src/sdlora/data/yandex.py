@@ -259,7 +259,7 @@ class _Downloader:
     def __init__(self, link: PublicLink, original: str, cache_dir: Path, api: str, *,
                  on_progress: Callable[[str, int, int], None] | None, retries: int,
                  backoff_factor: float, timeout: float | tuple[float, float], page_size: int,
-                 workers: int) -> None:
+                 workers: int, include: Callable[[str], bool] | None) -> None:
         self.link, self.original, self.api = link, original, api.rstrip("/")
         self.timeout, self.page_size, self.workers = timeout, max(1, page_size), max(1, workers)
         self.backoff_factor = backoff_factor
@@ -269,6 +269,8 @@ class _Downloader:
         self.partial_root = (cache_dir / f"{key}.partial").resolve()
         self.index_path = cache_dir / f"{key}.json"
         self.on_progress = on_progress
+        self.include = include
+        self.skipped: list[str] = []  # remote names `include` turned down
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.done: dict[str, int] = {}
@@ -307,20 +309,22 @@ class _Downloader:
 
     def _walk(self, meta: dict[str, Any], path: str, rel: list[str], out: list[_Planned], *,
               depth: int, seen: set[str]) -> None:
-        if depth > MAX_DEPTH or path in seen:
-            return
         seen.add(path)
-        items = self._page_items(meta, path)
+        items = [it for it in self._page_items(meta, path)
+                 if isinstance(it, dict) and isinstance(it.get("path"), str)]
         taken: set[str] = set()
         # Sorted so that clashing names get the same ~N suffix on every run.
-        for item in sorted(items, key=lambda it: (str(it.get("name")), str(it.get("path")))):
-            if not isinstance(item, dict) or "path" not in item:
-                continue
+        for item in sorted(items, key=lambda it: (str(it.get("name")), it["path"])):
             local = _dedupe(safe_component(item.get("name") or item["path"].rsplit("/", 1)[-1]), taken)
             if item.get("type") == "dir":
+                if depth + 1 > MAX_DEPTH or item["path"] in seen:
+                    continue
                 sub = self._get("", {"path": item["path"], "limit": self.page_size, "offset": 0}, "folder")
                 self._walk(sub, item["path"], rel + [local], out, depth=depth + 1, seen=seen)
             elif item.get("type") == "file":
+                if self.include is not None and not self.include(str(item.get("name", ""))):
+                    self.skipped.append(str(item.get("name", "")))
+                    continue
                 out.append(self._plan(item, "/".join(rel + [local]), item["path"]))
 
     def _page_items(self, meta: dict[str, Any], path: str) -> list[dict[str, Any]]:
@@ -486,6 +490,10 @@ class _Downloader:
 
     def run(self, cache_dir: Path) -> list[RemoteFile]:
         planned = self.list_files()
+        if not planned and self.skipped:
+            shown = ", ".join(repr(n) for n in sorted(self.skipped)[:3])
+            raise DownloadError(f"Yandex Disk folder {self.original} has no files sdlora can use "
+                                f"({len(self.skipped)} other files, e.g. {shown})")
         if not planned:
             raise DownloadError(f"Yandex Disk folder {self.original} has no files (it and its sub-folders are empty)")
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -542,6 +550,7 @@ def download_public(
     timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
     page_size: int = DEFAULT_PAGE_SIZE,
     workers: int = DEFAULT_WORKERS,
+    include: Callable[[str], bool] | None = None,
 ) -> list[RemoteFile]:
     """Download every file of a Yandex Disk public link (folder, recursively, or single file).
 
@@ -550,12 +559,17 @@ def download_public(
     https://cloud-api.yandex.net. Progress: on_progress("download", bytes_done, bytes_total).
     Raises DownloadError (one line) for a malformed link, 404, 403, a download limit (429 that
     persists), an empty folder, an unreachable network, or a file that fails verification twice.
+    `include(name)` (optional) picks which files of a folder to download, e.g. by extension, so a
+    folder's videos are not fetched only to be skipped; a single-file link is always downloaded.
     """
     parsed = parse_public_link(link)
     api = api_base or os.environ.get(API_ENV) or DEFAULT_API
+    if not re.match(r"^https?://[^/]", api):
+        raise DownloadError(f"Yandex Disk API address {api!r} (from {API_ENV} or the option) must start with "
+                            "http:// or https://")
     downloader = _Downloader(parsed, link.strip(), Path(cache_dir), api, on_progress=on_progress,
                              retries=retries, backoff_factor=backoff_factor, timeout=timeout,
-                             page_size=page_size, workers=workers)
+                             page_size=page_size, workers=workers, include=include)
     try:
         return downloader.run(Path(cache_dir))
     finally:
