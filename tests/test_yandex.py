@@ -152,7 +152,7 @@ def test_folder_with_paging_and_nested_subfolders(fake: FakeYandex, big_folder: 
 
 
 def test_second_call_reuses_the_cache_and_redownloads_a_damaged_file(
-        fake: FakeYandex, big_folder: dict[str, bytes], tmp_path: Path) -> None:
+        fake: FakeYandex, big_folder: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     first = download_public(FOLDER, tmp_path, api_base=fake.base, **FAST)
     assert fake.count("file") == len(big_folder)
     fake.hits.clear()
@@ -164,6 +164,13 @@ def test_second_call_reuses_the_cache_and_redownloads_a_damaged_file(
     total = sum(len(b) for b in big_folder.values())
     assert events[-1] == ("download", total, total)
 
+    # The index of verified files is trusted: the second call hashed nothing either.
+    hashed: list[Path] = []
+    verify = yandex._verify
+    monkeypatch.setattr(yandex, "_verify", lambda path, remote: hashed.append(path) or verify(path, remote))
+    download_public(FOLDER, tmp_path, api_base=fake.base, **FAST)
+    assert hashed == []
+
     # A cached file damaged on disk (same size, new mtime) is detected and fetched again, alone.
     damaged = next(f for f in first if f.remote_path == "/sub/a.jpg")
     st = damaged.local_path.stat()
@@ -172,6 +179,7 @@ def test_second_call_reuses_the_cache_and_redownloads_a_damaged_file(
     fake.hits.clear()
     third = download_public(FOLDER, tmp_path, api_base=fake.base, **FAST)
     assert [h.path for h in fake.hits if h.kind == "file"] == ["/sub/a.jpg"]
+    assert damaged.local_path in hashed  # re-checked because its mtime changed
     assert damaged.local_path.read_bytes() == big_folder["/sub/a.jpg"]
     assert third == first
 
