@@ -1,0 +1,277 @@
+"""Training speed against the floor: the bare UNet step, then `sdlora train` steps.
+
+Run by hand (minutes; about 5 GB of disk for the model folder, ~8 GB of RAM):
+
+    .venv/bin/python benchmarks/train.py                       # everything, 256 px, rank 16
+    .venv/bin/python benchmarks/train.py --skip-train          # only the UNet floor
+    .venv/bin/python benchmarks/train.py --train-args "--mixed-precision bf16"
+
+Method (../shared/PERFORMANCE.md): a random-weight model with the real SD 1.5 architecture
+(same compute as the real one) is built from configs and saved once with `save_pretrained`
+(reused afterwards). The floor is the UNet forward+backward with LoRA on the attention
+projections, fp32 and under bf16 autocast. `sdlora train` is timed as whole processes at two
+step counts; the marginal time per step cancels start-up (imports, model load, caching),
+which is reported separately. Peak RSS comes from /usr/bin/time -v around each process.
+Machines shared with other work are noisy: compare the ratios printed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+DREAMBENCH = REPO.parent / "shared" / "data" / "dreambench" / "duck_toy"
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("SDLORA_CACHE", Path.home() / ".cache" / "sdlora")) / "bench" / "sd15-random"
+
+
+# ----------------------------------------------------------------------------- the model folder
+def build_sd15_random(folder: Path) -> Path:
+    """A StableDiffusionPipeline folder with random weights and the real SD 1.5 architecture."""
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from sdlora.models.tiny import clip_tokenizer
+
+    print(f"building a random-weight SD 1.5-size model in {folder} (once) ...", flush=True)
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(  # diffusers' defaults are SD 1.5's blocks and layers
+        sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2, latent_channels=4, sample_size=512, scaling_factor=0.18215,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
+    ))
+    scheduler = PNDMScheduler(  # SD 1.5's scheduler_config.json
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    tmp.rename(folder)  # a half-written folder is never mistaken for a finished one
+    return folder
+
+
+# ----------------------------------------------------------------------------- the UNet floor
+def unet_worker(model: Path, resolution: int, rank: int, precision: str, iters: int, gc: bool) -> None:
+    """Runs in its own process: time UNet forward+backward with LoRA, print one JSON line."""
+    import torch
+    import torch.nn.functional as F
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    t0 = time.perf_counter()
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    if gc:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    load_s = time.perf_counter() - t0
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, 4, resolution // 8, resolution // 8, generator=g)
+    target = torch.randn(latents.shape, generator=g)
+    text = torch.randn(1, 77, 768, generator=g)
+    times = []
+    for _ in range(iters + 1):  # the first is warm-up
+        t = torch.randint(0, 1000, (1,), generator=g)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            pred = unet(latents, t, text).sample
+        F.mse_loss(pred.float(), target).backward()
+        unet.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"s_per_step": statistics.median(times[1:]), "all": times, "load_s": load_s}))
+
+
+# ----------------------------------------------------------------------------- process timing
+def timed(cmd: list[str], cwd: Path | None = None) -> dict:
+    """Wall time, peak RSS (GB) and output of one process."""
+    use_time = Path("/usr/bin/time").is_file()
+    full = ["/usr/bin/time", "-v", *cmd] if use_time else cmd
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    start = time.perf_counter()
+    proc = subprocess.run(full, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    rss_gb = None
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    if match:
+        rss_gb = int(match.group(1)) / 1e6
+    else:  # the largest child so far: right only if this one is the largest
+        after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        rss_gb = after / 1e6 if after > before else None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
+        raise RuntimeError(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{tail}")
+    return {"wall_s": wall, "rss_gb": rss_gb, "stdout": proc.stdout, "stderr": proc.stderr}
+
+
+def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool = False) -> dict:
+    cmd = [sys.executable, __file__, "--worker-unet", precision, "--model-dir", str(model),
+           "--resolution", str(args.resolution), "--rank", str(args.rank), "--iters", str(args.iters)]
+    if gc:
+        cmd.append("--worker-gc")
+    run = timed(cmd)
+    result = json.loads(run["stdout"].strip().splitlines()[-1])
+    return {**result, "rss_gb": run["rss_gb"]}
+
+
+# ----------------------------------------------------------------------------- sdlora train
+def sdlora_help(verb: str) -> str | None:
+    proc = subprocess.run([sys.executable, "-m", "sdlora", verb, "--help"], capture_output=True, text=True,
+                          env={**os.environ, "COLUMNS": "200"})
+    return proc.stdout if proc.returncode == 0 else None
+
+
+def _first_flag(help_text: str, *candidates: str) -> str | None:
+    return next((f for f in candidates if re.search(rf"{re.escape(f)}\b", help_text)), None)
+
+
+def prepare_dataset(work: Path, resolution: int) -> Path:
+    """A prepared dataset at `resolution`: real photos through `sdlora prepare`, else synthetic ones."""
+    dataset = work / "dataset"
+    prepare_help = sdlora_help("prepare")
+    if prepare_help and DREAMBENCH.is_dir():
+        cmd = [sys.executable, "-m", "sdlora", "prepare", str(DREAMBENCH), "--out", str(dataset)]
+        if "--resolution" in prepare_help:
+            cmd += ["--resolution", str(resolution)]
+        if subprocess.run(cmd, capture_output=True, text=True).returncode == 0:
+            return dataset
+        shutil.rmtree(dataset, ignore_errors=True)
+    spec = importlib.util.spec_from_file_location("sdlora_bench_conftest", REPO / "tests" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    return conftest.write_tiny_dataset(dataset, n=10, resolution=resolution)
+
+
+def train_cmd(help_text: str, model: Path, args: argparse.Namespace, steps: int) -> list[str]:
+    steps_flag = _first_flag(help_text, "--steps", "--max-steps", "--max-train-steps")
+    if steps_flag is None:
+        raise RuntimeError("`sdlora train --help` shows no --steps / --max-steps option")
+    cmd = [sys.executable, "-m", "sdlora", "train", "--model", str(model), steps_flag, str(steps),
+           "--resolution", str(args.resolution), "--rank", str(args.rank)]
+    for flag in ("--validate-every", "--checkpoint-every"):  # keep evaluation and checkpoints off the clock
+        if flag in help_text:
+            cmd += [flag, "100000"]
+    return cmd + shlex.split(args.train_args)
+
+
+def measure_train(model: Path, args: argparse.Namespace) -> dict | str:
+    help_text = sdlora_help("train")
+    if help_text is None:
+        return "not measured: `sdlora train` does not exist yet"
+    work = Path(tempfile.mkdtemp(prefix="sdlora-bench-train-"))
+    try:
+        dataset = prepare_dataset(work, args.resolution)
+        runs = {}
+        # A first run fills the latent/text caches, so both timed runs start equally warm.
+        for label, steps in [("prime", 1), *[(str(n), n) for n in args.steps]]:
+            cwd = work / f"run-{label}"
+            cwd.mkdir()
+            (cwd / "dataset").symlink_to(dataset)
+            runs[label] = timed(train_cmd(help_text, model, args, steps), cwd=cwd)
+            print(f"  sdlora train {steps} steps: {runs[label]['wall_s']:.1f} s, "
+                  f"peak RSS {runs[label]['rss_gb']:.2f} GB", flush=True)
+        small, large = args.steps
+        per_step = (runs[str(large)]["wall_s"] - runs[str(small)]["wall_s"]) / (large - small)
+        return {
+            "s_per_step": per_step,
+            "startup_s": runs[str(small)]["wall_s"] - small * per_step,
+            "first_run_s": runs["prime"]["wall_s"],
+            "rss_gb": max(r["rss_gb"] or 0 for r in runs.values()),
+        }
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}")
+
+
+# ----------------------------------------------------------------------------- report
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, default=None, help="model folder (built once if missing)")
+    parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=3, help="timed UNet steps after one warm-up")
+    parser.add_argument("--steps", type=int, nargs=2, default=[2, 7], help="the two sdlora train step counts")
+    parser.add_argument("--train-args", default="", help="extra `sdlora train` options, one string")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="also time the UNet floor with it")
+    parser.add_argument("--skip-unet", action="store_true")
+    parser.add_argument("--skip-train", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch datasets and runs")
+    parser.add_argument("--worker-unet", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-gc", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = args.model_dir or default_cache()
+    if args.worker_unet:
+        unet_worker(model, args.resolution, args.rank, args.worker_unet, args.iters, args.worker_gc)
+        return
+    if args.steps[1] <= args.steps[0]:
+        parser.error("--steps needs two counts, the second larger")
+
+    model.parent.mkdir(parents=True, exist_ok=True)
+    build_sd15_random(model)
+    print(f"model {model}; {args.resolution} px, batch 1, LoRA rank {args.rank} on {', '.join(LORA_TARGETS)}; "
+          f"{os.cpu_count()} CPUs", flush=True)
+    rows: list[tuple[str, dict | str]] = []
+    if not args.skip_unet:
+        for precision in ("fp32", "bf16"):
+            rows.append((f"UNet fwd+bwd, {precision}" + (" autocast" if precision == "bf16" else ""),
+                         measure_unet(model, args, precision)))
+            print(f"  {rows[-1][0]}: {rows[-1][1]['s_per_step']:.2f} s", flush=True)
+        if args.gradient_checkpointing:
+            rows.append(("UNet fwd+bwd, fp32, grad. checkpointing", measure_unet(model, args, "fp32", gc=True)))
+    if not args.skip_train:
+        label = "sdlora train" + (f" {args.train_args}" if args.train_args else " (defaults)")
+        rows.append((label, measure_train(model, args)))
+
+    floor = next((r["s_per_step"] for name, r in rows if name.startswith("UNet") and "fp32" in name
+                  and isinstance(r, dict)), None)
+    print()
+    print(f"| {'what':<44} | s/step | x fp32 floor | start-up | peak RSS |")
+    print(f"|{'-' * 46}|--------|--------------|----------|----------|")
+    for name, r in rows:
+        if isinstance(r, str):
+            print(f"| {name:<44} | {r} |")
+            continue
+        ratio = f"{r['s_per_step'] / floor:.2f}" if floor else "-"
+        startup = f"{r['startup_s']:.1f} s" if "startup_s" in r else f"load {r['load_s']:.1f} s"
+        rss = f"{r['rss_gb']:.2f} GB" if r.get("rss_gb") else "-"
+        print(f"| {name:<44} | {r['s_per_step']:6.2f} | {ratio:>12} | {startup:>8} | {rss:>8} |")
+
+
+if __name__ == "__main__":
+    main()
