@@ -155,7 +155,7 @@ def sdlora_help(verb: str) -> str | None:
 
 
 def _first_flag(help_text: str, *candidates: str) -> str | None:
-    return next((f for f in candidates if re.search(rf"{re.escape(f)}\b", help_text)), None)
+    return next((f for f in candidates if re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", help_text)), None)
 
 
 def prepare_dataset(work: Path, resolution: int) -> Path:
