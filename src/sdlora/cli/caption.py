@@ -1,0 +1,141 @@
+"""`sdlora caption [DATASET]`: write, import, auto-generate or check captions.txt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from sdlora.cli._common import console, err_console, progress_bar
+from sdlora.data.captions import DEFAULT_TEMPLATE, CaptionResult, CheckResult, caption_dataset, check_captions
+from sdlora.errors import ConfigError
+
+EPILOG = """\
+Examples (DATASET defaults to ./dataset):
+
+  sdlora caption
+
+  sdlora caption --class-word car --template "{token} {class}, studio photo"
+
+  sdlora caption --from my_captions.txt
+
+  sdlora caption --from captions_folder/
+
+  sdlora caption --auto Salesforce/blip-image-captioning-base --overwrite
+
+  sdlora caption --check
+"""
+
+
+def caption(
+    dataset: Annotated[Path, typer.Argument(help="Prepared dataset folder.")] = Path("dataset"),
+    source: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--from",
+            metavar="FILE_OR_DIR",
+            help="Import captions: a file of 'name|caption' or 'name.png: caption' lines, or a folder of "
+            "one .txt per image. Names match the original photos' stems (IMG_4651.HEIC -> IMG_4651).",
+        ),
+    ] = None,
+    auto: Annotated[
+        Optional[str],
+        typer.Option(
+            "--auto",
+            metavar="MODEL",
+            help="Caption with a transformers image-to-text model (hub id or local folder), "
+            "e.g. Salesforce/blip-image-captioning-base.",
+        ),
+    ] = None,
+    check: Annotated[bool, typer.Option("--check", help="Only validate captions.txt; exit 1 on problems.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace captions you wrote too (default: keep them).")
+    ] = False,
+    class_word: Annotated[
+        Optional[str],
+        typer.Option("--class-word", help="Class of the object (default: the manifest's, e.g. 'toy')."),
+    ] = None,
+    template: Annotated[
+        Optional[str],
+        typer.Option("--template", help=f"Caption for images with none; fields {{token}} and {{class}}. Default: '{DEFAULT_TEMPLATE}'."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per --auto model call.")] = 8,
+) -> None:
+    """Give every image a caption that carries the token, or check captions.txt (--check)."""
+    if check:
+        used = [flag for flag, value in (("--from", source), ("--auto", auto), ("--overwrite", overwrite),
+                                          ("--class-word", class_word), ("--template", template)) if value]
+        if used:
+            raise ConfigError(f"--check only validates; run it without {', '.join(used)}")
+        _render_check(check_captions(dataset))
+        return
+    if source is not None and auto is not None:
+        raise ConfigError("--from and --auto: choose one (import your captions, or let a model write them)")
+    captioner = None
+    if auto is not None:
+        from sdlora.data.autocaption import load_captioner
+
+        with console.status(f"loading {auto}"):
+            captioner = load_captioner(auto, batch_size=batch_size)
+    with progress_bar(transient=True) as on_progress:
+        result = caption_dataset(
+            dataset, class_word=class_word, template=template, source=source, captioner=captioner,
+            overwrite=overwrite, on_progress=on_progress,
+        )
+    _render_result(result)
+
+
+def _render_result(result: CaptionResult) -> None:
+    table = Table(title=f"{result.captions_path}", title_justify="left")
+    table.add_column("captions")
+    table.add_column("images", justify="right")
+    counts: dict[str, int] = {}
+    for how in result.written.values():
+        counts[how] = counts.get(how, 0) + 1
+    labels = {"imported": "written: imported (--from)", "auto": "written: by the model (--auto)",
+              "template": "written: template", "token added": "token added to your caption"}
+    for how, label in labels.items():
+        if counts.get(how):
+            table.add_row(label, str(counts[how]))
+    if result.kept:
+        table.add_row("kept: yours (--overwrite to replace)", str(len(result.kept)))
+    if result.unchanged:
+        table.add_row("unchanged", str(len(result.unchanged)))
+    console.print(table)
+    if result.class_word_changed_from is not None:
+        console.print(f"class word: {result.class_word_changed_from} -> {result.class_word} (manifest.json updated)")
+    if result.unmatched:
+        skipped = Table(title=f"{len(result.unmatched)} imported lines not used", title_justify="left")
+        skipped.add_column("where", overflow="fold")
+        skipped.add_column("why", overflow="fold")
+        for where, why in result.unmatched:
+            skipped.add_row(where, why)
+        console.print(skipped)
+    if result.stray:
+        err_console.print(
+            f"[yellow]warning:[/] {len(result.stray)} caption lines name images not in the dataset "
+            f"(e.g. {result.stray[0]}); kept, see `sdlora caption --check`", highlight=False,
+        )
+    total = len(result.written) + len(result.kept) + len(result.unchanged)
+    console.print(f"{total} images captioned with {result.token!r}; {len(result.written)} written", highlight=False)
+
+
+def _render_check(result: CheckResult) -> None:
+    if result.ok:
+        console.print(f"{result.n_captions} captions OK ({result.captions_path})", highlight=False)
+        return
+    table = Table(title=f"{result.captions_path}: {len(result.problems)} problems", title_justify="left")
+    table.add_column("problem")
+    table.add_column("line", justify="right")
+    table.add_column("file", overflow="fold")
+    table.add_column("detail", overflow="fold")
+    for problem in result.problems:
+        table.add_row(problem.kind, str(problem.line_no or ""), problem.file, problem.detail)
+    console.print(table)
+    err_console.print(
+        f"[bold red]error:[/] {result.captions_path}: {len(result.problems)} problems "
+        f"({result.n_captions} caption lines, {result.n_images} images)", highlight=False,
+    )
+    raise typer.Exit(1)
