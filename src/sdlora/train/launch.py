@@ -52,7 +52,8 @@ def launch_command(
         # The config decides DDP / FSDP / DeepSpeed and precision; the process count comes from us.
         cmd += ["--config_file", str(config_file)]
     else:
-        # Stated explicitly so accelerate neither reads a stray default config nor warns about defaults.
+        # Stated explicitly: they win over a default config from `accelerate config`, and accelerate
+        # does not warn about values it had to assume.
         cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
         if num_processes > 1:
             cmd += ["--multi_gpu"]
