@@ -252,7 +252,7 @@ def test_class_word_replaces_templates_not_user_words_and_updates_the_manifest(t
 def test_from_fills_templates_keeps_user_captions_unless_overwrite(tmp_path):
     ds = tmp_path / "ds"
     stems = write_phone_dataset(ds)
-    update_captions(ds / "captions.txt", {stems["IMG_4652"]: "my own sksToy words"})
+    update_captions(ds / "captions.txt", {stems["IMG_4652"]: "my own sksToy words", stems["IMG_4653"]: "mine, sksToy"})
     folder = tmp_path / "caps"
     folder.mkdir()
     for stem, text in [("IMG_4651", "a red toy"), ("IMG_4652", "a blue toy"), ("IMG_7777", "stray")]:
@@ -262,10 +262,20 @@ def test_from_fills_templates_keeps_user_captions_unless_overwrite(tmp_path):
     assert captions[stems["IMG_4651"]] == "a red sksToy toy"
     assert captions[stems["IMG_4652"]] == "my own sksToy words"
     assert captions[stems["DSC_0001"]] == "a photo of sksToy toy"
-    assert result.written == {stems["IMG_4651"]: "imported"} and result.kept == [stems["IMG_4652"]]
+    assert result.written == {stems["IMG_4651"]: "imported"}
+    assert sorted(result.kept) == sorted([stems["IMG_4652"], stems["IMG_4653"]])
     assert [where for where, _ in result.unmatched] == ["IMG_7777.txt"]
     caption_dataset(ds, source=folder, overwrite=True)
     assert _lines(ds)[stems["IMG_4652"]] == "a blue sksToy toy"
+    assert _lines(ds)[stems["IMG_4653"]] == "mine, sksToy"  # not in the import: --overwrite leaves it
+
+
+def test_overwrite_alone_resets_every_caption_to_the_template(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=3)
+    update_captions(ds / "captions.txt", {"img_000.png": "mine, sksToy"})
+    assert caption_dataset(ds).kept == ["img_000.png"]
+    result = caption_dataset(ds, overwrite=True, template="{token} {class}")
+    assert set(_lines(ds).values()) == {"sksToy toy"} and len(result.written) == 3
 
 
 def test_captioner_output_gets_the_token_before_the_class_word(tmp_path):

@@ -104,6 +104,9 @@ def _render_result(result: CaptionResult) -> None:
     if result.unchanged:
         table.add_row("unchanged", str(len(result.unchanged)))
     console.print(table)
+    examples = [name for name, how in result.written.items() if how in ("imported", "auto")][:3]
+    for name in examples:
+        console.print(f"  {name}|{result.texts[name]}", highlight=False, markup=False)
     if result.class_word_changed_from is not None:
         console.print(f"class word: {result.class_word_changed_from} -> {result.class_word} (manifest.json updated)")
     if result.unmatched:
@@ -116,7 +119,7 @@ def _render_result(result: CaptionResult) -> None:
     if result.stray:
         err_console.print(
             f"[yellow]warning:[/] {len(result.stray)} caption lines name images not in the dataset "
-            f"(e.g. {result.stray[0]}); kept, see `sdlora caption --check`", highlight=False,
+            f"(e.g. {result.stray[0]}); kept, see `sdlora caption --check`", highlight=False, soft_wrap=True,
         )
     total = len(result.written) + len(result.kept) + len(result.unchanged)
     console.print(f"{total} images captioned with {result.token!r}; {len(result.written)} written", highlight=False)
@@ -136,6 +139,6 @@ def _render_check(result: CheckResult) -> None:
     console.print(table)
     err_console.print(
         f"[bold red]error:[/] {result.captions_path}: {len(result.problems)} problems "
-        f"({result.n_captions} caption lines, {result.n_images} images)", highlight=False,
+        f"({result.n_captions} caption lines, {result.n_images} images)", highlight=False, soft_wrap=True,
     )
     raise typer.Exit(1)

@@ -39,7 +39,9 @@ def _quiet_hub() -> Iterator[None]:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    return text[0] if len(text[0]) <= 200 else text[0][:199] + "…"
 
 
 class ImageCaptioner:
@@ -64,12 +66,16 @@ class ImageCaptioner:
                 self.processor = AutoProcessor.from_pretrained(where)
                 self.model = AutoModelForImageTextToText.from_pretrained(where, dtype=self.dtype)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            hint = (
-                "; it is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): "
-                "download it once with network access or pass a local folder"
-                if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") and not local.is_dir()
-                else f"; give an image-captioning model such as {DEFAULT_MODEL} or a local folder with one"
-            )
+            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+            if local.is_dir():
+                hint = "; the folder needs a processor and an image-to-text model, as saved by save_pretrained"
+            elif offline:
+                hint = ("; it is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): "
+                        "download it once with network access or pass a local folder")
+            elif "connect" in str(exc).lower():
+                hint = "; the Hugging Face Hub cannot be reached: check the network or pass a local folder"
+            else:
+                hint = f"; give an image-captioning model such as {DEFAULT_MODEL} or a local folder with one"
             raise ModelError(f"--auto {model}: cannot load an image-to-text model ({_first_line(exc)}){hint}") from exc
         self.model.to(self.device).eval()
         self.batch_size = batch_size

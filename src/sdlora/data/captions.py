@@ -309,7 +309,14 @@ def import_captions(source: str | Path, images: Sequence[str], manifest: Manifes
                 unmatched.append((origin[image], f"{entry.key}: {image} captioned again at {entry.where}, which wins"))
             matched[image] = insert_token(entry.caption, manifest.token, class_word)
             origin[image] = entry.where
+    unmatched.sort(key=lambda item: _where_order(item[0]))
     return ImportResult(matched, unmatched)
+
+
+def _where_order(where: str) -> tuple[str, int]:
+    """"mine.txt:12" -> ("mine.txt", 12), so reports follow the user's file."""
+    name, _, line = where.rpartition(":")
+    return (name, int(line)) if line.isdigit() else (where, 0)
 
 
 # ---------------------------------------------------------------------------- checking
@@ -377,6 +384,7 @@ class CaptionResult:
     token: str
     class_word: str
     written: dict[str, str] = field(default_factory=dict)  # image -> "template" / "imported" / "auto" / "token added"
+    texts: dict[str, str] = field(default_factory=dict)  # image -> the caption written
     kept: list[str] = field(default_factory=list)  # user captions left as they were
     unchanged: list[str] = field(default_factory=list)  # template captions already up to date
     unmatched: list[tuple[str, str]] = field(default_factory=list)  # import lines that gave no caption
@@ -427,35 +435,41 @@ def caption_dataset(
         fill.lower(),
     }
     result = CaptionResult(path, token, word, stray=sorted(set(existing) - set(images)))
-    todo = []
-    for name in images:
-        old = clean_caption(existing.get(name, ""))
-        if old and old.lower() not in placeholders and not overwrite:
-            result.kept.append(name)
-        else:
-            todo.append(name)
+    own = {  # captions the user wrote (not empty, not a template)
+        name: existing[name] for name in images
+        if clean_caption(existing.get(name, "")) and clean_caption(existing[name]).lower() not in placeholders
+    }
+
+    def replaceable(name: str) -> bool:
+        return overwrite or name not in own
 
     new: dict[str, tuple[str, str]] = {}
     if source is not None:
         imported = import_captions(source, images, manifest, class_word=word)
         result.unmatched = imported.unmatched
-        for name, caption in imported.matched.items():
-            if name in todo:
-                new[name] = (caption, "imported")
+        new.update({name: (text, "imported") for name, text in imported.matched.items() if replaceable(name)})
     if captioner is not None:
-        _auto_caption(dataset_dir, [n for n in todo if n not in new], captioner, token, word, fill, new, on_progress)
-    for name in todo:
-        new.setdefault(name, (fill, "template"))
-    for name in [n for n in result.kept if not has_token(existing[n], token)]:
-        result.kept.remove(name)
-        new[name] = (insert_token(existing[name], token, word), "token added")
+        names = [n for n in images if n not in new and replaceable(n)]
+        _auto_caption(dataset_dir, names, captioner, token, word, fill, new, on_progress)
+    # The template fills what is still missing; with --overwrite and nothing else given, it
+    # replaces everything (with --from, images the import does not cover keep their captions).
+    template_too = overwrite and source is None and captioner is None
+    for name in images:
+        if name not in new and (name not in own or template_too):
+            new[name] = (fill, "template")
+    for name in images:
+        if name in own and name not in new:
+            if has_token(own[name], token):
+                result.kept.append(name)
+            else:
+                new[name] = (insert_token(own[name], token, word), "token added")
 
     updates = {}
     for name, (caption, how) in new.items():
         if clean_caption(existing.get(name, "")) == caption:
             result.unchanged.append(name)
         else:
-            updates[name] = caption
+            updates[name] = result.texts[name] = caption
             result.written[name] = how
     if class_word is not None and word != manifest.class_word:
         result.class_word_changed_from = manifest.class_word
