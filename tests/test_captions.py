@@ -14,6 +14,7 @@ from sdlora.data.captions import (
     DEFAULT_TEMPLATE,
     StemIndex,
     caption_dataset,
+    has_token,
     check_captions,
     import_captions,
     insert_token,
@@ -382,3 +383,13 @@ def test_unloadable_models_are_one_line_model_errors(tmp_path, monkeypatch):
     (tmp_path / "not-a-model").mkdir()
     with pytest.raises(ModelError, match="cannot load"):
         load_captioner(str(tmp_path / "not-a-model"))
+
+
+def test_the_shipped_example_is_valid_and_imports_by_photo_name(tmp_path):
+    example = Path(__file__).resolve().parents[1] / "examples" / "captions.txt"
+    lines = parse_captions(example)
+    assert len(lines) >= 3 and all(has_token(line.caption, "sksToy") for line in lines)
+    stems = write_phone_dataset(tmp_path / "ds", [f"duck_toy/{line.file}" for line in lines])
+    caption_dataset(tmp_path / "ds", source=example)
+    captions = _lines(tmp_path / "ds")
+    assert [captions[stems[Path(line.file).stem]] for line in lines] == [line.caption for line in lines]

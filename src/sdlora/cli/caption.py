@@ -106,7 +106,7 @@ def _render_result(result: CaptionResult) -> None:
     console.print(table)
     examples = [name for name, how in result.written.items() if how in ("imported", "auto")][:3]
     for name in examples:
-        console.print(f"  {name}|{result.texts[name]}", highlight=False, markup=False)
+        console.print(f"  {name}|{result.texts[name]}", highlight=False, markup=False, soft_wrap=True)
     if result.class_word_changed_from is not None:
         console.print(f"class word: {result.class_word_changed_from} -> {result.class_word} (manifest.json updated)")
     if result.unmatched:
