@@ -20,7 +20,6 @@ PHONE_SOURCES = [
     "https://disk.yandex.ru/d/AbC123/%D0%BC%D0%BE%D1%8F%20%D0%B8%D0%B3%D1%80%D1%83%D1%88%D0%BA%D0%B0.HEIC",
     "photos/DSC_0001.jpeg",
 ]
-PHONE_STEMS = ["IMG_4651", "IMG_4652", "IMG_4653", "IMG_4654", "моя игрушка", "DSC_0001"]
 
 
 def write_phone_dataset(folder: Path, sources: list[str] = PHONE_SOURCES) -> dict[str, str]:

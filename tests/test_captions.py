@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from captions_helpers import PHONE_STEMS, TINY_WORDS, write_phone_dataset, write_tiny_blip
+from captions_helpers import TINY_WORDS, write_phone_dataset, write_tiny_blip
 from conftest import write_tiny_dataset
 
 from sdlora.data.captions import (
