@@ -1,0 +1,98 @@
+"""`sdlora prepare SOURCE`: photos (folder, .zip, Yandex Disk link) -> a prepared dataset."""
+
+from __future__ import annotations
+
+import enum
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from sdlora.cli._common import SeedOpt, console, err_console, progress_bar
+from sdlora.data.ingest import NoUsableImages, PrepareResult, prepare_dataset
+from sdlora.data.manifest import DEFAULT_CLASS, DEFAULT_TOKEN
+
+EPILOG = """\
+Examples:
+
+  sdlora prepare ./photos
+
+  sdlora prepare photos.zip --out dataset --resolution 1024
+
+  sdlora prepare https://disk.360.yandex.ru/d/d_2ADwdTPRPs8A --class-word toy
+
+  sdlora prepare ./photos --crop pad --val-fraction 0.1 --seed 1
+
+  sdlora prepare ./photos --keep-duplicates --force
+"""
+
+
+class Crop(str, enum.Enum):
+    center = "center"
+    pad = "pad"
+
+
+def prepare(
+    source: Annotated[str, typer.Argument(help="A folder of photos (searched recursively), a .zip, or a Yandex Disk public link.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write.")] = Path("dataset"),
+    resolution: Annotated[int, typer.Option("--resolution", help="Side of the square training images (512 for SD 1.x, 1024 for SDXL).")] = 512,
+    crop: Annotated[Crop, typer.Option("--crop", help="center: crop the middle square; pad: keep the whole photo on white.")] = Crop.center,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of images held out for validation.")] = 0.2,
+    seed: SeedOpt = 0,
+    token: Annotated[str, typer.Option("--token", help="Rare word that will mean your object in prompts.")] = DEFAULT_TOKEN,
+    class_word: Annotated[str, typer.Option("--class-word", help="What the object is, e.g. toy, car, bowl.")] = DEFAULT_CLASS,
+    keep_duplicates: Annotated[bool, typer.Option("--keep-duplicates", help="Keep photos with the same or nearly the same picture.")] = False,
+    keep_small: Annotated[bool, typer.Option("--keep-small", help="Keep photos smaller than half the resolution (upscaled, soft).")] = False,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: all CPU cores).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a different dataset (or write into a non-dataset folder) at --out.")] = False,
+) -> None:
+    """Decode, orient, crop and de-duplicate photos into a dataset: images/, captions.txt, manifest.json."""
+    start = time.perf_counter()
+    try:
+        with progress_bar() as on_progress:
+            result = prepare_dataset(
+                source, out, resolution=resolution, crop=crop.value, val_fraction=val_fraction, seed=seed,
+                token=token, class_word=class_word, keep_duplicates=keep_duplicates, keep_small=keep_small,
+                workers=workers, force=force, on_progress=on_progress,
+            )
+    except NoUsableImages as exc:
+        _render(exc.result)
+        raise
+    _render(result)
+    seconds = time.perf_counter() - start
+    what = {"new": "wrote", "update": "updated", "replace": "replaced"}[result.mode]
+    console.print(
+        f"{what} {result.out_dir}: {len(result.records)} images at {resolution} px "
+        f"(train {len(result.train)}, val {len(result.val)}); decoded {result.decoded}, reused {result.reused} "
+        f"in {seconds:.1f}s. Next: sdlora caption {result.out_dir}",
+        highlight=False,
+    )
+
+
+def _render(result: PrepareResult) -> None:
+    table = Table(title=f"prepare {result.source}", title_justify="left")
+    table.add_column("result")
+    table.add_column("files", justify="right")
+    table.add_column("examples", overflow="fold")
+    if result.records:
+        examples = ", ".join(r.source for r in result.records[:3])
+        table.add_row("[green]kept[/]", str(len(result.records)), examples)
+    by_reason: dict[str, list] = {}
+    for s in result.skipped:
+        by_reason.setdefault(s.reason, []).append(s)
+    for reason, items in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        examples = "; ".join(f"{s.name} ({s.detail})" if s.detail else s.name for s in items[:3])
+        more = f"; +{len(items) - 3} more" if len(items) > 3 else ""
+        table.add_row(f"[yellow]skipped: {reason}[/]", str(len(items)), examples + more)
+    if result.removed:
+        table.add_row("removed (gone from the source)", str(result.removed), "")
+    console.print(table)
+    for warning in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if result.records and len(result.records) < 10:
+        err_console.print(
+            f"[yellow]warning:[/] only {len(result.records)} usable photos; 20 or more from varied angles train better",
+            highlight=False,
+        )
