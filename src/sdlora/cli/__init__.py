@@ -20,6 +20,7 @@ from sdlora.errors import SdloraError
 # verb name -> (module, function). Add a line here when a verb's module lands.
 VERBS: dict[str, tuple[str, str]] = {
     "caption": ("sdlora.cli.caption", "caption"),
+    "prepare": ("sdlora.cli.prepare", "prepare"),
 }
 
 app = typer.Typer(
