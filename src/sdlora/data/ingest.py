@@ -57,6 +57,7 @@ UNREADABLE = "unreadable"
 
 _SYSTEM_NAMES = {".ds_store", "thumbs.db", "desktop.ini", ".localized", "icon\r"}
 _VIDEO_SUFFIXES = {".mov", ".mp4", ".m4v", ".avi", ".3gp", ".mkv", ".webm", ".mts"}
+_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _OUR_IMAGE = re.compile(r"^[0-9a-f]{16}\.png$")
 
 
@@ -504,6 +505,9 @@ def prepare_dataset(
     for src in files:
         sha = shas.get(src.name)
         if sha is None:
+            continue
+        if sha == _EMPTY_SHA256:
+            skipped.append(Skipped(src.name, imaging.EMPTY))
             continue
         if sha in first_by_sha:  # byte-identical copies are one image, whatever the options
             skipped.append(Skipped(src.name, DUPLICATE, f"same bytes as {first_by_sha[sha]}"))

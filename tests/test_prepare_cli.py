@@ -1,0 +1,127 @@
+"""`sdlora prepare` through the CLI: the summary table, one-line errors with exit 1, and
+nothing earlier lost when the input is bad."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from sdlora.cli import app
+from sdlora.data.images import register_heif
+from sdlora.data.manifest import load_manifest
+
+register_heif()
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, ["prepare", *map(str, args)])
+
+
+def one_line_error(result, *fragments: str) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def photos(folder: Path, n: int, first_seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        blocks = np.random.default_rng(first_seed + i).integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize((90, 90), Image.Resampling.NEAREST).save(folder / f"IMG_{i:04d}.png")
+    return folder
+
+
+def test_help():
+    result = runner.invoke(app, ["prepare", "--help"])
+    assert result.exit_code == 0 and "--resolution" in result.stdout and "--keep-duplicates" in result.stdout
+
+
+def test_rc_car_default_out_table_and_rerun(dreambench, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(dreambench / "rc_car", "--resolution", "64", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "kept" in result.stdout and "IMG_4650.HEIC" in result.stdout
+    assert "wrote dataset: 5 images at 64 px (train 4, val 1); decoded 5, reused 0" in result.stdout
+    m = load_manifest(tmp_path / "dataset")
+    assert len(m.images) == 5 and m.resolution == 64
+    again = invoke(dreambench / "rc_car", "--resolution", "64")
+    assert again.exit_code == 0 and "updated dataset: 5 images" in again.stdout and "decoded 0, reused 5" in again.stdout
+
+
+def test_skips_shown_in_table(tmp_path):
+    src = photos(tmp_path / "photos", 2)
+    (src / "clip.MOV").write_bytes(b"\x00" * 10)
+    heic = io.BytesIO()
+    Image.new("RGB", (90, 90), (9, 9, 9)).save(heic, "HEIF")
+    (src / "broken.HEIC").write_bytes(heic.getvalue()[:-20])  # cut off mid-picture
+    result = invoke(src, "--out", tmp_path / "ds", "--resolution", "64", "--token", "zwx", "--class-word", "plush")
+    assert result.exit_code == 0, result.output
+    for text in ("kept", "skipped: video", "clip.MOV", "skipped: corrupt or truncated", "broken.HEIC"):
+        assert text in result.stdout, result.stdout
+    m = load_manifest(tmp_path / "ds")
+    assert (m.token, m.class_word) == ("zwx", "plush")
+    assert "a photo of zwx plush" in (tmp_path / "ds" / "captions.txt").read_text()
+
+
+@pytest.mark.parametrize("source, fragment", [
+    ("no/such/folder", "no/such/folder: no such folder or file"),
+    ("https://example.com/photos.zip", "unsupported link"),
+    ("https://disk.yandex.ru/x", "not a Yandex Disk public link"),
+])
+def test_unknown_or_malformed_source(tmp_path, source, fragment):
+    result = invoke(source, "--out", tmp_path / "ds")
+    one_line_error(result, fragment)
+    assert not (tmp_path / "ds").exists()
+
+
+def test_nothing_usable_one_line_and_earlier_dataset_kept(tmp_path):
+    good = photos(tmp_path / "photos", 3)
+    out = tmp_path / "ds"
+    assert invoke(good, "--out", out, "--resolution", "64").exit_code == 0
+    before = snapshot(out)
+    for p in good.iterdir():  # the same source, now all junk: the old dataset must survive
+        p.write_bytes(b"")
+    result = invoke(good, "--out", out, "--resolution", "64")
+    one_line_error(result, "no usable photos (3 empty file)", f"nothing was written to {out}")
+    assert "skipped: empty file" in result.stdout
+    assert snapshot(out) == before
+
+
+def test_refuses_to_overwrite_another_dataset(tmp_path):
+    out = tmp_path / "ds"
+    assert invoke(photos(tmp_path / "a", 2), "--out", out, "--resolution", "64").exit_code == 0
+    before = snapshot(out)
+    other = photos(tmp_path / "b", 2, first_seed=50)
+    one_line_error(invoke(other, "--out", out, "--resolution", "64"), "already holds a dataset", "--force")
+    assert snapshot(out) == before
+    forced = invoke(other, "--out", out, "--resolution", "64", "--force")
+    assert forced.exit_code == 0 and "replaced" in forced.stdout
+    assert {r.source for r in load_manifest(out).images.values()} == {"IMG_0000.png", "IMG_0001.png"}
+    assert load_manifest(out).source == str(other.resolve())
+
+
+def test_bad_option_is_one_line(tmp_path):
+    one_line_error(invoke(photos(tmp_path / "p", 1), "--out", tmp_path / "ds", "--resolution", "500"),
+                   "--resolution 500")
+    assert not (tmp_path / "ds").exists()
