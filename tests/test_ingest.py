@@ -324,3 +324,23 @@ def test_cache_entries_record_failures(tmp_path):
     assert sorted(e["error"] or "ok" for e in cache.values()) == ["corrupt or truncated", "ok"]
     again = prepare_dataset(str(src), tmp_path / "ds", resolution=64, workers=1)
     assert again.decoded == 0 and [s.reason for s in again.skipped] == ["corrupt or truncated"]
+
+
+def test_example_photos_prepare_upright(tmp_path):
+    # examples/photos ships with the project: all 12 usable, the 3 stored sideways turned upright.
+    import importlib.util
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    spec = importlib.util.spec_from_file_location("make_photos", examples / "make_photos.py")
+    make_photos = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_photos)
+    result = prepare_dataset(str(examples / "photos"), tmp_path / "ds", resolution=64, workers=1)
+    assert len(result.records) == 12 and not result.skipped
+    for index, orientation in make_photos.SIDEWAYS.items():
+        stored = Image.open(examples / "photos" / f"toy_{index + 1:02d}.heic")
+        assert stored.info.get("original_orientation") == orientation
+        rec = next(r for r in result.records if r.source == f"toy_{index + 1:02d}.heic")
+        got = Image.open(result.out_dir / "images" / rec.file)
+        want = ImageOps.fit(make_photos.render(index), (64, 64))
+        assert rec.original_size == make_photos.SIZE
+        assert corr(small_thumb(got), small_thumb(want)) > 0.95
