@@ -21,6 +21,7 @@ from sdlora.errors import SdloraError
 VERBS: dict[str, tuple[str, str]] = {
     "caption": ("sdlora.cli.caption", "caption"),
     "prepare": ("sdlora.cli.prepare", "prepare"),
+    "train": ("sdlora.cli.train", "train"),
 }
 
 app = typer.Typer(

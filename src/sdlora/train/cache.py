@@ -1,0 +1,174 @@
+"""Encode once, train many times: VAE latents and text embeddings cached on disk.
+
+Training never runs the VAE or the (frozen) text encoders: every image is encoded once (and
+its mirror image, for `--random-flip`), every distinct caption once, and the tensors are kept
+in `<dataset>/.cache/{latents,text}/<key>.safetensors`. A key covers everything that changes
+the tensor (model, revision, variant, VAE, dtype, resolution, the image's own sha256 or the
+caption), so a changed photo or another model never reuses a stale entry, and a second run on
+the same dataset encodes nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from sdlora.fsutil import atomic_path, sha256_file
+
+ProgressFn = Callable[[str, int, int], None]
+CACHE_DIR = ".cache"
+
+
+def cache_key(*parts: Any) -> str:
+    """24 hex digits naming one cached tensor set."""
+    text = "\n".join("" if p is None else str(p) for p in parts)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+class TensorCache:
+    """A folder of `<key>.safetensors` files; `folder=None` keeps nothing (every call encodes)."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = Path(folder) if folder is not None else None
+
+    def get(self, key: str) -> dict[str, torch.Tensor] | None:
+        if self.folder is None:
+            return None
+        path = self.folder / f"{key}.safetensors"
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path)
+        except Exception:  # a damaged entry (disk full, killed writer): encode it again
+            return None
+
+    def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        if self.folder is None:
+            return
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.folder / f"{key}.safetensors") as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+
+
+@dataclass
+class CacheStats:
+    encoded: int = 0
+    reused: int = 0
+
+
+def load_image(path: Path, resolution: int) -> torch.Tensor:
+    """An RGB image as a (3, res, res) tensor in [-1, 1]: short side resized, center-cropped."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        if (w, h) != (resolution, resolution):
+            scale = resolution / min(w, h)
+            img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                             Image.Resampling.LANCZOS)
+            left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
+            img = img.crop((left, top, left + resolution, top + resolution))
+        array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def vae_scale(vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents as the UNet sees them (shift, then scaling factor)."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_latents(
+    vae: Any,
+    images: Sequence[Path],
+    *,
+    resolution: int,
+    key_parts: Sequence[Any],
+    cache: TensorCache,
+    flip: bool,
+    device: Any,
+    dtype: torch.dtype = torch.float32,
+    batch_size: int = 4,
+    on_progress: ProgressFn | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, CacheStats]:
+    """Scaled latents (N, C, h, w) of `images` (and of their mirror images when `flip`), as float32 on CPU.
+
+    The latent is the mean of the VAE's posterior: deterministic, so a cached latent equals a
+    fresh one. The VAE is moved to `device` only if something has to be encoded.
+    """
+    stats = CacheStats()
+    keys = [cache_key("latent-v1", *key_parts, resolution, str(dtype), flip, sha256_file(p)) for p in images]
+    found: list[dict[str, torch.Tensor] | None] = [cache.get(k) for k in keys]
+    todo = [i for i, f in enumerate(found) if f is None]
+    stats.reused = len(images) - len(todo)
+    if todo:
+        vae.to(device=device, dtype=dtype)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        pixels = torch.stack([load_image(images[i], resolution) for i in chunk])
+        batch = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
+        mean = vae.encode(batch.to(device=device, dtype=dtype)).latent_dist.mean
+        latents = vae_scale(vae, mean.float()).cpu()
+        for j, i in enumerate(chunk):
+            entry = {"latent": latents[j]}
+            if flip:
+                entry["flipped"] = latents[len(chunk) + j]
+            cache.put(keys[i], entry)
+            found[i] = entry
+        stats.encoded += len(chunk)
+        if on_progress:
+            on_progress("encoding images", stats.encoded, len(todo))
+    latents = torch.stack([f["latent"] for f in found])  # type: ignore[index]
+    flipped = torch.stack([f["flipped"] for f in found]) if flip else None  # type: ignore[index]
+    return latents.float(), (flipped.float() if flipped is not None else None), stats
+
+
+@torch.no_grad()
+def encode_texts(
+    arch: Any,
+    pipe: Any,
+    captions: Sequence[str],
+    *,
+    key_parts: Sequence[Any],
+    cache: TensorCache,
+    device: Any,
+    on_progress: ProgressFn | None = None,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], CacheStats]:
+    """caption -> (prompt embeddings (77, D), pooled (Dp,) or None), float32 on CPU, each encoded once."""
+    stats = CacheStats()
+    unique = list(dict.fromkeys(captions))
+    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    todo = []
+    for text in unique:
+        entry = cache.get(cache_key("text-v1", *key_parts, arch.name, text))
+        if entry is None:
+            todo.append(text)
+        else:
+            out[text] = (entry["embeds"], entry.get("pooled"))
+    stats.reused = len(unique) - len(todo)
+    encoders = [getattr(pipe, name) for name in arch.text_encoders]
+    if todo:
+        for encoder in encoders:
+            encoder.to(device)
+    for n, text in enumerate(todo, start=1):
+        embeds, pooled = arch.encode_tokens(encoders, arch.tokenize(pipe, [text]))
+        entry = {"embeds": embeds[0].float().cpu()}
+        if pooled is not None:
+            entry["pooled"] = pooled[0].float().cpu()
+        cache.put(cache_key("text-v1", *key_parts, arch.name, text), entry)
+        out[text] = (entry["embeds"], entry.get("pooled"))
+        stats.encoded += 1
+        if on_progress:
+            on_progress("encoding captions", n, len(todo))
+    return out, stats
