@@ -359,35 +359,67 @@ def _init_worker() -> None:
     imaging.register_heif(decode_threads=1)
 
 
-def _decode_all(jobs: Sequence[_Job], workers: int, on_progress: ProgressFn | None) -> list[_Decoded]:
-    """Decode in `workers` processes (in this process for 1), one libheif thread each."""
-    if not jobs:
-        return []
-    report = on_progress or (lambda *_: None)
-    report("decoding", 0, len(jobs))
-    if workers <= 1 or len(jobs) <= 1:
-        imaging.register_heif(decode_threads=1)
-        out = []
-        for i, job in enumerate(jobs, 1):
-            out.append(_decode(job))
-            report("decoding", i, len(jobs))
-        return out
-    # forkserver: never fork a parent that runs threads (the CLI's progress bar does).
-    method = "forkserver" if "forkserver" in _start_methods() else "spawn"
-    pool = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=get_context(method),
-                               initializer=_init_worker)
-    results: dict[str, _Decoded] = {}
-    try:
-        pending: set[Future] = {pool.submit(_decode, job) for job in jobs}
+def _warm() -> None:
+    """Pay a worker's one-off import costs while the parent is still reading files."""
+    imaging.perceptual_hash(imaging.Image.new("RGB", (8, 8)))
+
+
+class _Decoder:
+    """Decodes jobs as they are found: in `workers` processes, or in this process for 1.
+
+    The pool starts with the first job, so its start-up overlaps the parent's checksumming
+    of the remaining files, and a re-run with nothing to decode starts no processes at all.
+    Every worker uses one libheif thread: the parallelism comes from the processes.
+    """
+
+    def __init__(self, workers: int, on_progress: ProgressFn | None, most_jobs: int):
+        self.workers = max(1, min(workers, most_jobs))
+        self.report = on_progress or (lambda *_: None)
+        self.jobs: list[_Job] = []
+        self._futures: list[Future] = []
+        self._pool: ProcessPoolExecutor | None = None
+
+    def submit(self, job: _Job) -> None:
+        self.jobs.append(job)
+        if self.workers <= 1:
+            return  # decoded in `results`, after reading
+        if self._pool is None:
+            # forkserver: never fork a parent that runs threads (the CLI's progress bar does).
+            method = "forkserver" if "forkserver" in _start_methods() else "spawn"
+            context = get_context(method)
+            if method == "forkserver":
+                # Import once in the server; each worker forks from it ready to decode.
+                context.set_forkserver_preload([__name__, "imagehash", "scipy.fftpack"])
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
+                                             initializer=_init_worker)
+            for _ in range(self.workers):
+                self._pool.submit(_warm)
+        self._futures.append(self._pool.submit(_decode, job))
+
+    def results(self) -> list[_Decoded]:
+        """All results, in submission order, reporting ("decoding", done, total)."""
+        total = len(self.jobs)
+        if not total:
+            return []
+        self.report("decoding", 0, total)
+        if self._pool is None:
+            imaging.register_heif(decode_threads=1)
+            out = []
+            for i, job in enumerate(self.jobs, 1):
+                out.append(_decode(job))
+                self.report("decoding", i, total)
+            return out
+        done_count, pending = 0, set(self._futures)
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                res = fut.result()
-                results[res.key] = res
-            report("decoding", len(results), len(jobs))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-    return [results[job.key] for job in jobs]
+            done_count += len(done)
+            self.report("decoding", done_count, total)
+        return [fut.result() for fut in self._futures]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
 
 def _start_methods() -> list[str]:
@@ -491,45 +523,44 @@ def prepare_dataset(
     files, skipped = list_source(source, exclude=out_dir, on_progress=on_progress,
                                  max_zip_total=max_zip_total, max_zip_ratio=max_zip_ratio)
 
-    # Checksum every file: the manifest records it and it addresses the cache.
-    shas: dict[str, str] = {}
-    report("reading", 0, len(files))
-    for i, src in enumerate(files, 1):
-        try:
-            shas[src.name] = _checksum(src)
-        except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
-            skipped.append(Skipped(src.name, UNREADABLE, imaging.short_error(exc)))
-        report("reading", i, len(files))
-    first_by_sha: dict[str, str] = {}
-    unique: list[SourceFile] = []
-    for src in files:
-        sha = shas.get(src.name)
-        if sha is None:
-            continue
-        if sha == _EMPTY_SHA256:
-            skipped.append(Skipped(src.name, imaging.EMPTY))
-            continue
-        if sha in first_by_sha:  # byte-identical copies are one image, whatever the options
-            skipped.append(Skipped(src.name, DUPLICATE, f"same bytes as {first_by_sha[sha]}"))
-            continue
-        first_by_sha[sha] = src.name
-        unique.append(src)
-
+    # Checksum every file (the manifest records it, the cache is addressed by it) and hand each
+    # new one to the decoder at once, so decoding overlaps reading.
     cache = _load_cache(out_dir) if mode == "update" else {}
     images_dir = out_dir / IMAGES
+    shas: dict[str, str] = {}
+    first_by_sha: dict[str, str] = {}
+    unique: list[SourceFile] = []
     results: dict[str, _Decoded] = {}
-    jobs = []
-    for src in unique:
-        key = opts.image_key(shas[src.name])
-        entry = cache.get(key)
-        png_ready = entry is not None and (entry.get("error") or (images_dir / f"{key}.png").is_file())
-        if png_ready:
-            results[src.name] = _Decoded.from_cache(key, entry)
-        else:
-            jobs.append(_Job(key, src, opts.resolution, opts.crop))
-    reused = len(results)
-    for job, res in zip(jobs, _decode_all(jobs, workers, on_progress)):
-        results[job.src.name] = res
+    decoder = _Decoder(workers, on_progress, most_jobs=len(files))
+    try:
+        report("reading", 0, len(files))
+        for i, src in enumerate(files, 1):
+            report("reading", i, len(files))
+            try:
+                sha = _checksum(src)
+            except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
+                skipped.append(Skipped(src.name, UNREADABLE, imaging.short_error(exc)))
+                continue
+            if sha == _EMPTY_SHA256:
+                skipped.append(Skipped(src.name, imaging.EMPTY))
+                continue
+            if sha in first_by_sha:  # byte-identical copies are one image, whatever the options
+                skipped.append(Skipped(src.name, DUPLICATE, f"same bytes as {first_by_sha[sha]}"))
+                continue
+            shas[src.name] = first_by_sha[sha] = sha
+            unique.append(src)
+            key = opts.image_key(sha)
+            entry = cache.get(key)
+            if entry is not None and (entry.get("error") or (images_dir / f"{key}.png").is_file()):
+                results[src.name] = _Decoded.from_cache(key, entry)
+            else:
+                decoder.submit(_Job(key, src, opts.resolution, opts.crop))
+        reused = len(results)
+        for job, res in zip(decoder.jobs, decoder.results()):
+            results[job.src.name] = res
+    finally:
+        decoder.close()
+    jobs = decoder.jobs
 
     # What survives: decodable, big enough, not a duplicate (in source order, first one wins).
     warnings: list[str] = []
