@@ -182,6 +182,9 @@ class OptimArgs(_Group):
                 problems.append(f"{self.flag(name)} must be positive, got {value}")
         if self.lr_warmup_steps < 0:
             problems.append(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps > 0:
+            problems.append("--lr-warmup-steps needs --lr-scheduler constant_with_warmup, cosine or linear "
+                            "(constant ignores warm-up)")
         if self.max_grad_norm < 0:
             problems.append(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
@@ -502,7 +505,7 @@ def read_yaml(source: str | Path) -> dict[str, Any]:
     text: str
     path = Path(source)
     if str(source) in PRESETS and not path.exists():
-        text = resources.files("sdlora.configs").joinpath(f"{source}.yaml").read_text(encoding="utf-8")
+        text = resources.files("sdlora").joinpath("configs", f"{source}.yaml").read_text(encoding="utf-8")
         where = f"preset {source}"
     else:
         if not path.is_file():
