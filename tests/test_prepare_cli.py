@@ -125,3 +125,35 @@ def test_bad_option_is_one_line(tmp_path):
     one_line_error(invoke(photos(tmp_path / "p", 1), "--out", tmp_path / "ds", "--resolution", "500"),
                    "--resolution 500")
     assert not (tmp_path / "ds").exists()
+
+
+def test_yandex_link_through_loopback_api(tmp_path, monkeypatch):
+    # The downloader has its own tests; this checks prepare's side: sources are URLs, a video is
+    # reported and never downloaded, a second run downloads and decodes nothing.
+    from yandex_stub import FakeYandex
+
+    link = "https://disk.yandex.ru/d/prepareTest"
+    pngs = {}
+    for i in range(3):
+        buf = io.BytesIO()
+        blocks = np.random.default_rng(i).integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize((90, 90), Image.Resampling.NEAREST).save(buf, "PNG")
+        pngs[f"IMG_{i}.png"] = buf.getvalue()
+    fake = FakeYandex().start()
+    try:
+        fake.add_folder(link, {**pngs, "IMG_0.MOV": b"\x00" * 64})
+        monkeypatch.setenv("SDLORA_YANDEX_API", fake.base)
+        monkeypatch.setenv("SDLORA_CACHE", str(tmp_path / "cache"))
+        out = tmp_path / "ds"
+        result = invoke(link, "--out", out, "--resolution", "64", "--workers", "1")
+        assert result.exit_code == 0, result.output
+        assert "skipped: video" in result.stdout and fake.count("file", "/IMG_0.MOV") == 0
+        m = load_manifest(out)
+        assert m.source == link and sorted(r.source.rsplit("/", 1)[-1] for r in m.images.values()) == sorted(pngs)
+        assert all(r.source.startswith(link) for r in m.images.values())
+        files_before = fake.count("file")
+        again = invoke(link, "--out", out, "--resolution", "64", "--workers", "1")
+        assert again.exit_code == 0 and "decoded 0, reused 3" in again.stdout
+        assert fake.count("file") == files_before
+    finally:
+        fake.close()
