@@ -610,9 +610,11 @@ def prepare_dataset(
         if png is not None:
             write_bytes(images_dir / rec.file, png)
     captions_path = out_dir / CAPTIONS
-    if mode == "update" and additions_only:
+    if mode == "update" and additions_only:  # keeps the user's comments and line order
         old_caps = read_captions(captions_path)
-        update_captions(captions_path, {n: c for n, c in captions.items() if n not in old_caps})
+        added = {n: c for n, c in captions.items() if n not in old_caps}
+        if added:
+            update_captions(captions_path, added)
     else:
         write_captions(captions_path, captions)
     manifest = Manifest(
