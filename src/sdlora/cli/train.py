@@ -145,7 +145,7 @@ def train(
     else:
         cfg = config_mod.load_config(config, flags, dotted)
     if print_config:
-        console.print(config_mod.config_yaml(cfg), highlight=False, markup=False)
+        typer.echo(config_mod.config_yaml(cfg), nl=False)
         return
     renderer = _Renderer()
     try:

@@ -130,7 +130,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         # SDXL's first text encoder leaves its last layer unused (penultimate hidden states).
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.lora.train_text_encoder)],
     )
-    emit = on_event if (on_event and accelerator.is_main_process) else _noop
+    emit = on_event if (on_event is not None and accelerator.is_main_process) else _noop
     if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; on a CPU use bf16 or no")
 
@@ -359,7 +359,15 @@ def _add_lora(model: Any, targets: list[str], cfg: Config, flag: str, what: str)
     lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora.dropout,
                       init_lora_weights="gaussian", target_modules=list(targets), use_dora=cfg.lora.dora)
     try:
-        model.add_adapter(lora)
+        if hasattr(model, "set_adapters"):  # diffusers models: their own peft integration
+            model.add_adapter(lora)
+        else:
+            # transformers' `add_adapter` insists on a newer peft than it needs; inject directly and
+            # record the config where `get_peft_model_state_dict` (export) looks for it.
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(lora, model, "default")
+            model.peft_config = {"default": lora}
     except ValueError as exc:
         if "not found" in str(exc).lower() or "target modules" in str(exc).lower():
             raise ConfigError(f"{flag} {','.join(targets)}: no such modules in the {what} "
@@ -429,7 +437,8 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
           "effective_batch": effective, "batch_size": cfg.train.batch_size, "num_processes": acc.num_processes,
           "gradient_accumulation": cfg.train.gradient_accumulation, "train_images": len(state.plan.instances),
           "val_images": len(state.val_data) if state.val_data is not None else 0, "arch": state.arch.name,
-          "device": str(state.device), "mixed_precision": cfg.train.mixed_precision})
+          "device": str(state.device), "mixed_precision": cfg.train.mixed_precision,
+          "prediction_type": state.noise_scheduler.config.prediction_type})
     started = time.perf_counter()
     restore = _install_signal_handlers(state)
     monitor.machine_load(state.device)  # primes the CPU counters

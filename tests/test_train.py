@@ -1,0 +1,289 @@
+"""`sdlora train` end to end on the tiny models: run folder, golden losses, caches, SDXL, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from conftest import write_tiny_dataset
+from sdlora.cli import app
+from sdlora.config import load_config
+from sdlora.errors import ConfigError, DataError, RunError
+from sdlora.run import load_run
+from sdlora.train import loop
+from sdlora.train.monitor import read_metrics
+
+# First losses of tiny-sd on the 6-image fixture dataset, seed 0, lr 1e-3 (this machine's numbers).
+GOLDEN_LOSSES = [1.1156493425369263, 1.078417181968689, 1.0732008218765259]
+
+
+def tiny_cfg(tmp_path: Path, dataset: Path, flags: dict[str, Any] | None = None, overrides=(), config_file=None):
+    base = {
+        "model.name": "tiny-sd", "data.dataset": str(dataset), "run.runs_dir": str(tmp_path / "runs"),
+        "train.max_steps": 3, "train.learning_rate": 1e-3, "validation.validate_every": 0,
+        "validation.prompts": [], "validation.steps": 2, "checkpoint.checkpoint_every": 0,
+    }
+    if config_file is not None:
+        base = {}
+    return load_config(config_file, {**base, **(flags or {})}, list(overrides))
+
+
+class Events(list):
+    def __call__(self, event: dict) -> None:
+        self.append(event)
+
+    def of(self, kind: str) -> list[dict]:
+        return [e for e in self if e["event"] == kind]
+
+
+def steps_of(run_dir: Path) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, tiny_dataset: Path):
+    events = Events()
+    cfg = tiny_cfg(tmp_path, tiny_dataset, {
+        "train.max_steps": 4, "validation.validate_every": 2, "validation.prompts": ["a photo of {token} {class}"],
+        "checkpoint.checkpoint_every": 2, "checkpoint.keep_checkpoints": 1, "run.name": "first",
+    })
+    result = loop.run_training(cfg, on_event=events)
+    run = tmp_path / "runs" / "first"
+    assert result.run_dir == run and result.steps == 4 and not result.interrupted
+    assert (tmp_path / "runs" / "latest").resolve() == run
+
+    # The run folder contract.
+    for rel in ("config.yaml", "metrics.jsonl", "lora/pytorch_lora_weights.safetensors", "lora/first.safetensors",
+                "best/pytorch_lora_weights.safetensors", "samples/step-000002/00-00.png",
+                "samples/step-000004/00-00.png", "samples/step-000004/validation.json",
+                "checkpoints/step-000004/sdlora.json", "checkpoints/step-000004/lora_weights_0.safetensors"):
+        assert (run / rel).is_file(), rel
+    assert not (run / "checkpoints" / "step-000002").exists()  # --keep-checkpoints 1
+    info = load_run(run)
+    assert (info.model, info.token, info.class_word, info.resolution) == ("tiny-sd", "sksToy", "toy", 64)
+    assert info.dataset == tiny_dataset.resolve()
+    saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["lora"]["alpha"] == 16.0
+
+    # metrics.jsonl: one line per step with the promised keys, val loss at 2 and 4.
+    records = read_metrics(run / "metrics.jsonl")
+    steps = steps_of(run)
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+    for key in ("loss", "loss_mean", "grad_norm/unet", "grad_norm/total", "lr", "step_time_s", "images_per_s",
+                "cpu_percent", "rss_gb"):
+        assert key in steps[0], key
+    assert steps[0]["grad_norm/unet"] > 0 and steps[0]["grad_norm/total"] == pytest.approx(steps[0]["grad_norm/unet"])
+    vals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in vals] == [2, 4] and all(math.isfinite(r["val_loss"]) for r in vals)
+    assert [r["loss"] for r in steps[:3]] == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
+    start = events.of("start")[0]
+    assert (start["effective_batch"], start["total_steps"]) == (1, 4)
+    assert {e["what"]: e["encoded"] for e in events.of("cache")} == {"latents": 6, "text": 2}
+
+    # The LoRA loads into the base pipeline and changes its images.
+    from sdlora.models import load_pipeline
+
+    pipe, _ = load_pipeline("tiny-sd")
+    pipe.set_progress_bar_config(disable=True)
+
+    def image() -> np.ndarray:
+        return pipe("a photo of sksToy toy", num_inference_steps=2, height=64, width=64, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    before = image()
+    pipe.load_lora_weights(run / "lora")
+    assert np.abs(image() - before).max() > 1e-4
+
+    # config.yaml repeats the run (same losses) and the caches make the second run encode nothing.
+    again = Events()
+    cfg2 = load_config(run / "config.yaml", {"run.name": "again", "train.max_steps": 2, "validation.prompts": [],
+                                            "checkpoint.checkpoint_every": 0})
+    loop.run_training(cfg2, on_event=again)
+    assert {e["what"]: e["encoded"] for e in again.of("cache")} == {"latents": 0, "text": 0}
+    assert [r["loss"] for r in steps_of(tmp_path / "runs" / "again")] == pytest.approx(
+        [r["loss"] for r in steps[:2]], abs=1e-6)
+
+
+def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path):
+    events = Events()
+    cfg = tiny_cfg(tmp_path, tiny_dataset, {"model.name": "tiny-sdxl", "train.max_steps": 2, "data.random_flip": True,
+                                            "validation.prompts": ["{token} {class} on a beach"], "run.name": "xl"})
+    result = loop.run_training(cfg, on_event=events)
+    run = result.run_dir
+    assert events.of("start")[0]["arch"] == "sdxl"
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert (run / "samples" / "step-000002" / "00-00.png").is_file()
+    entries = json.loads((run / "samples" / "step-000002" / "validation.json").read_text(encoding="utf-8"))["images"]
+    assert entries[0]["prompt"] == "sksToy toy on a beach"
+    steps = steps_of(run)
+    assert all(math.isfinite(r["loss"]) for r in steps) and "grad_norm/text_encoder" not in steps[0]
+    assert result.best_val_loss is not None
+
+
+def test_text_encoder_training_logs_both_encoder_grad_norms(tmp_path: Path, tiny_dataset: Path):
+    cfg = tiny_cfg(tmp_path, tiny_dataset, {"model.name": "tiny-sdxl", "train.max_steps": 2,
+                                            "lora.train_text_encoder": True, "train.text_encoder_lr": 5e-4,
+                                            "validation.prompts": ["a photo of {token} {class}"]})
+    events = Events()
+    result = loop.run_training(cfg, on_event=events)
+    steps = steps_of(result.run_dir)
+    for key in ("grad_norm/unet", "grad_norm/text_encoder", "grad_norm/text_encoder_2"):
+        assert steps[0][key] > 0, key
+    total = math.sqrt(sum(steps[0][f"grad_norm/{k}"] ** 2 for k in ("unet", "text_encoder", "text_encoder_2")))
+    assert steps[0]["grad_norm/total"] == pytest.approx(total)
+    assert steps[0]["lr/text_encoder"] == 5e-4 and steps[0]["lr"] == 1e-3
+    assert not [e for e in events.of("cache") if e["what"] == "text"]  # nothing cached: the encoders train
+    lora = load_file(result.run_dir / "lora" / "pytorch_lora_weights.safetensors")
+    assert any(k.startswith("text_encoder.") for k in lora) and any(k.startswith("text_encoder_2.") for k in lora)
+
+
+def test_v_prediction_prior_preservation_and_no_val_images(tmp_path: Path, tiny_dataset: Path):
+    from sdlora.models import load_pipeline
+
+    pipe, _ = load_pipeline("tiny-sd")
+    pipe.scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    model_dir = tmp_path / "vpred-model"
+    pipe.save_pretrained(model_dir)
+    manifest_path = tiny_dataset / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    manifest["train"] += manifest["val"]
+    manifest["val"] = []
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+
+    events = Events()
+    cfg = tiny_cfg(tmp_path, tiny_dataset, {"model.name": str(model_dir), "train.max_steps": 2, "train.snr_gamma": 5.0,
+                                            "train.noise_offset": 0.05, "prior.class_prompt": "a photo of a toy",
+                                            "prior.num_class_images": 2})
+    result = loop.run_training(cfg, on_event=events)
+    assert events.of("start")[0]["prediction_type"] == "v_prediction"
+    assert any("no val images" in e["message"] for e in events.of("warning"))
+    assert result.best_val_loss is None and not (result.run_dir / "best").exists()
+    steps = steps_of(result.run_dir)
+    assert {"loss/instance", "loss/prior"} <= set(steps[0])
+    assert steps[0]["loss"] == pytest.approx(steps[0]["loss/instance"] + steps[0]["loss/prior"], rel=1e-5)
+    assert len(list((tiny_dataset / ".cache" / "class-images").glob("*.png"))) == 2
+
+
+def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path: Path, tiny_dataset: Path):
+    flags = {"train.max_steps": 6, "train.lr_scheduler": "cosine", "train.lr_warmup_steps": 2,
+             "train.gradient_accumulation": 2, "lora.dropout": 0.1, "checkpoint.checkpoint_every": 0}
+    straight = loop.run_training(tiny_cfg(tmp_path, tiny_dataset, {**flags, "run.name": "straight"}))
+
+    state = loop.setup(tiny_cfg(tmp_path, tiny_dataset, {**flags, "run.name": "halves"}))
+
+    def stop_at_3(event: dict) -> None:
+        if event["event"] == "step" and event["step"] == 3:
+            state.request_stop()  # what Ctrl-C does
+
+    try:
+        first = loop.train(state, stop_at_3)
+    finally:
+        loop.cleanup(state)
+    assert first.interrupted and first.steps == 3
+    assert (first.run_dir / "checkpoints" / "step-000003" / "sdlora.json").is_file()
+    assert (first.run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+    run_dir, cfg, warnings = loop.resume_run(first.run_dir, [{}], ("command line",))
+    assert warnings == [] and run_dir == first.run_dir
+    events = Events()
+    second = loop.run_training(cfg, resume=run_dir, on_event=events)
+    assert events.of("resumed")[0]["step"] == 3 and second.steps == 6
+    a = load_file(straight.lora_dir / "pytorch_lora_weights.safetensors")
+    b = load_file(second.lora_dir / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    assert [r["step"] for r in steps_of(run_dir)] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in steps_of(run_dir)] == pytest.approx([r["loss"] for r in steps_of(straight.run_dir)],
+                                                                   abs=1e-5)
+
+
+def test_nan_loss_stops_with_the_step(tmp_path: Path, tiny_dataset: Path, monkeypatch):
+    real = loop.compute_loss
+
+    def poisoned(state, batch):
+        loss, parts = real(state, batch)
+        return loss * float("nan") if state.step == 1 else loss, parts
+
+    monkeypatch.setattr(loop, "compute_loss", poisoned)
+    with pytest.raises(RunError, match=r"step 2: the loss is nan .*Try a lower --learning-rate"):
+        loop.run_training(tiny_cfg(tmp_path, tiny_dataset))
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["train", *args])
+
+
+def test_help_exits_cleanly():
+    result = invoke("--help")
+    assert result.exit_code == 0 and "--max-steps" in result.output and "LoRA rank" in result.output
+
+
+def test_cli_trains_and_prints_the_plan(tmp_path: Path, tiny_dataset: Path):
+    result = invoke("--model", "tiny-sd", "--dataset", str(tiny_dataset), "--runs-dir", str(tmp_path / "runs"),
+                    "--max-steps", "2", "--name", "cli", "--batch-size", "2", "--gradient-accumulation", "2",
+                    "validation.prompts=[]")
+    assert result.exit_code == 0, result.output
+    assert "effective batch 4" in result.output and "2 steps" in result.output
+    assert (tmp_path / "runs" / "cli" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    again = invoke("--model", "tiny-sd", "--dataset", str(tiny_dataset), "--runs-dir", str(tmp_path / "runs"),
+                   "--name", "cli")
+    assert again.exit_code == 1 and "a run with this name exists" in again.output
+
+
+def test_print_config_resolves_without_training(tmp_path: Path):
+    result = invoke("--config", "tiny", "--rank", "2", "lora.dropout=0.1", "--print-config")
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.output)
+    assert printed["lora"]["rank"] == 2 and printed["lora"]["dropout"] == 0.1 and printed["model"]["name"] == "tiny-sd"
+
+
+@pytest.mark.parametrize(
+    "setup_args, message",
+    [
+        (lambda d: ["--dataset", str(d / "nope")], "no such dataset folder"),
+        (lambda d: ["--dataset", str(d), "lora.rnk=3"], "unknown key lora.rnk (did you mean rank?)"),
+        (lambda d: ["--dataset", str(d), "--rank", "0", "--max-steps", "0"], "--rank must be at least 1"),
+        (lambda d: ["--dataset", str(d), "--model", "nobody/no-such-model"], "not in the local cache"),
+        (lambda d: ["--dataset", str(d), "--model", "tiny-sd", "--target-modules", "to_nothing"],
+         "--target-modules to_nothing: no such modules in the UNet"),
+        (lambda d: ["--dataset", str(d), "--resume", str(d / "no-run")], "no such run folder"),
+        (lambda d: ["--dataset", str(d), "--optimizer", "sgd"], "'sgd' is not one of adamw, adamw8bit"),
+    ],
+)
+def test_cli_errors_are_one_line(tmp_path: Path, tiny_dataset: Path, setup_args, message, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*setup_args(tiny_dataset))
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_dataset_problems(tmp_path: Path):
+    bad_token = write_tiny_dataset(tmp_path / "bad-token")
+    (bad_token / "captions.txt").write_text("img_000.png|a photo of a toy\n", encoding="utf-8")
+    with pytest.raises(DataError, match="lack the token 'sksToy'|no caption for"):
+        loop.setup(tiny_cfg(tmp_path, bad_token))
+    empty = write_tiny_dataset(tmp_path / "empty", n=1)
+    manifest = json.loads((empty / "manifest.json").read_text(encoding="utf-8"))
+    manifest["train"] = []
+    (empty / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+    with pytest.raises(DataError, match="no train images"):
+        loop.setup(tiny_cfg(tmp_path, empty))
+    with pytest.raises(ConfigError, match="--token 'other' differs from the dataset's 'sksToy'"):
+        loop.setup(tiny_cfg(tmp_path, empty, {"data.token": "other"}))
