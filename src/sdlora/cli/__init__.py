@@ -22,6 +22,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "caption": ("sdlora.cli.caption", "caption"),
     "prepare": ("sdlora.cli.prepare", "prepare"),
     "train": ("sdlora.cli.train", "train"),
+    "score": ("sdlora.cli.score", "score"),
 }
 
 app = typer.Typer(

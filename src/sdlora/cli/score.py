@@ -1,0 +1,116 @@
+"""`sdlora score`: DINO, CLIP-I and CLIP-T of a run's samples vs the real val photos, LoRA vs baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from sdlora.cli._common import RunOpt, console, err_console, progress_bar
+
+EPILOG = """\
+Examples (the run defaults to ./runs/latest; images come from its samples/samples.json):
+
+  sdlora score
+
+  sdlora score --prompts dreambench                     # the DreamBooth paper's 25 prompts, 4 images each
+
+  sdlora score --prompts "sksToy on a beach" --prompts "a red sksToy toy"
+
+  sdlora score --run runs/20260101-120000 --dino-model facebook/dinov2-small
+
+  sdlora score --clip-model ViT-L-14 --clip-pretrained openai --batch-size 64
+
+  sdlora score --dino-model tiny-dino --clip-model tiny-clip   # random scorers: offline plumbing check
+"""
+
+
+def score(
+    run: RunOpt = Path("runs/latest"),
+    prompts: Annotated[
+        Optional[list[str]],
+        typer.Option("--prompts", "-p", help="Score only these prompts (repeatable), generating LoRA and baseline "
+                     "images for any that have none; 'dreambench' = the paper's 25 object prompts, 4 images each. "
+                     "Default: every image in samples.json (the run's validation prompts if there is none)."),
+    ] = None,
+    samples: Annotated[
+        Optional[Path], typer.Option("--samples", help="samples.json to score (default: RUN/samples/samples.json).")
+    ] = None,
+    dino_model: Annotated[
+        str, typer.Option("--dino-model", help="DINO model: hub id or folder (ViT or DINOv2, e.g. "
+                          "facebook/dinov2-small), or tiny-dino (random, offline).")
+    ] = "facebook/dino-vits16",
+    clip_model: Annotated[
+        str, typer.Option("--clip-model", help="open_clip model name (ViT-B-32, ViT-L-14, hf-hub:org/repo) "
+                          "or tiny-clip (random, offline).")
+    ] = "ViT-B-32",
+    clip_pretrained: Annotated[
+        str, typer.Option("--clip-pretrained", help="open_clip weights tag or file for --clip-model.")
+    ] = "openai",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per scorer forward pass.")] = 32,
+    num_images: Annotated[
+        int, typer.Option("--num-images", min=1, help="Images per prompt when images must be generated.")
+    ] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="First seed when images must be generated.")] = 0,
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", min=1, help="Inference steps when images must be generated.")
+    ] = None,
+    device: Annotated[
+        Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available).")
+    ] = None,
+) -> None:
+    """Score generated images against the dataset's real val photos (DINO, CLIP-I, CLIP-T), LoRA vs base."""
+    from sdlora.evaluate.score import score_run
+    from sdlora.run import SCORES_JSON, load_run
+
+    info = load_run(run)
+    with progress_bar(transient=True) as on_progress:
+        scores = score_run(
+            info, samples_json=samples, prompts=prompts, dino_model=dino_model, clip_model=clip_model,
+            clip_pretrained=clip_pretrained, device=device, batch_size=batch_size, num_images=num_images,
+            seed=seed, steps=steps, on_progress=on_progress,
+        )
+    _render(scores)
+    console.print(f"scores: {info.path / SCORES_JSON}", highlight=False)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _render(scores: dict[str, Any]) -> None:
+    scorers = scores["scorers"]
+    clip = scorers["clip"]
+    title = (f"{scores['real']['count']} real val photos; DINO {scorers['dino']['model']}, "
+             f"CLIP {clip['model']}{' (' + clip['pretrained'] + ')' if clip.get('pretrained') else ''}")
+    table = Table(title=title, title_justify="left", caption="cosine similarity as is (1 = identical embeddings); "
+                  "CLIP-T: token removed from the prompt; +token: prompt as generated", caption_justify="left")
+    table.add_column("prompt", overflow="fold", max_width=48)
+    table.add_column("variant")
+    for name in ("DINO", "CLIP-I", "CLIP-T", "CLIP-T +token", "images"):
+        table.add_column(name, justify="right")
+
+    def add(label: str, variant: str, row: dict[str, Any] | None, **style: Any) -> None:
+        if row is None:
+            table.add_row(label, variant, "-", "-", "-", "-", "0", **style)
+            return
+        table.add_row(label, variant, _fmt(row["dino"]), _fmt(row["clip_i"]), _fmt(row["clip_t"]),
+                      _fmt(row["clip_t_with_token"]), str(row["images"]), **style)
+
+    for entry in scores["prompts"]:
+        add(entry["prompt"], "LoRA", entry["lora"])
+        add("", "baseline", entry["baseline"], end_section=True)
+    add(f"overall ({len(scores['prompts'])} prompts)", "LoRA", scores["overall"]["lora"], style="bold")
+    add("", "baseline", scores["overall"]["baseline"], style="bold")
+    console.print(table)
+    embedded, cached = scores["embedded"], scores["cached"]
+    err_console.print(
+        "embedded now: " + ", ".join(f"{kind} {embedded[kind]} (cached {cached[kind]})" for kind in embedded),
+        highlight=False,
+    )
+    if scores.get("generated_now"):
+        err_console.print(f"generated images for {len(scores['generated_now'])} prompt(s)", highlight=False)
+    if any(scorers[k]["model"].startswith("tiny-") for k in scorers):
+        err_console.print("[yellow]tiny random scorer models: these numbers check the plumbing, not the LoRA[/]")

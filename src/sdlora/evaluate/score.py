@@ -1,0 +1,362 @@
+"""`sdlora score`: DINO, CLIP-I and CLIP-T of generated images, the DreamBooth paper's way.
+
+For each prompt and for the LoRA and the baseline (the base model alone, same seeds):
+  DINO    mean cosine similarity over all (generated, real val photo) pairs of DINO embeddings
+  CLIP-I  the same with CLIP image embeddings
+  CLIP-T  mean cosine between each image and its prompt's CLIP text embedding, with the token
+          removed from the prompt ("a sksToy toy on a beach" -> "a toy on a beach"), and also
+          with the prompt as generated (`clip_t_with_token`)
+The overall figures pool every image of a variant (= the mean of the per-image figures).
+Cosines are reported as they are (range -1..1; 1 = the same embedding), not rescaled.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from sdlora.data.manifest import IMAGES, load_manifest
+from sdlora.errors import ConfigError, DataError, RunError
+from sdlora.evaluate.cache import EmbeddingCache
+from sdlora.evaluate.clip import DEFAULT_CLIP, DEFAULT_PRETRAINED, load_clip
+from sdlora.evaluate.dino import DEFAULT_DINO, load_dino
+from sdlora.evaluate.dreambench import IMAGES_PER_PROMPT, object_prompts
+from sdlora.fsutil import sha256_file, write_json
+from sdlora.run import SAMPLES_DIR, SAMPLES_JSON, SCORES_JSON, RunInfo
+
+ProgressFn = Callable[[str, int, int], None]
+SCHEMA_VERSION = 1
+VARIANTS = ("lora", "baseline")
+METRICS = ("dino", "clip_i", "clip_t", "clip_t_with_token")
+SCALE = ("cosine similarity reported as is (range -1..1, in practice 0..1; 1 = identical embeddings); "
+         "DINO and CLIP-I: mean over all (generated, real val photo) pairs; CLIP-T: mean over images "
+         "of cos(image, prompt text)")
+EMBEDDINGS_CACHE = Path(".cache") / "embeddings"
+DEFAULT_PROMPT = "a photo of {token} {class}"
+DREAMBENCH = "dreambench"
+
+
+def remove_token(prompt: str, token: str) -> str:
+    """The prompt without the identifier token, whitespace tidied: CLIP-T's text (the paper's way)."""
+    text = re.sub(rf"(?<!\w){re.escape(token)}(?!\w)", " ", prompt)
+    text = re.sub(r"\s+([,.;:!?])", r"\1", text)
+    return " ".join(text.split()).strip(" ,;:")
+
+
+def pairwise_mean(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:
+    """Mean cosine similarity over all pairs (row of a, row of b)."""
+    a = _unit(np.asarray(a, dtype=np.float64))
+    b = _unit(np.asarray(b, dtype=np.float64))
+    return float((a @ b.T).mean())
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
+
+
+@dataclass
+class Sample:
+    file: Path
+    prompt: str
+    variant: str
+    prompt_as_written: str | None = None
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+def val_photos(dataset: Path) -> list[Path]:
+    """The dataset's real val photos (the manifest's val list); DataError if there are none."""
+    manifest = load_manifest(dataset)
+    if not manifest.val:
+        raise DataError(f"{Path(dataset) / 'manifest.json'}: no val images to compare against "
+                        f"(prepare the dataset again with --val-fraction above 0)")
+    paths = [Path(dataset) / IMAGES / name for name in manifest.val]
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        raise DataError(f"{missing[0]}: val image listed in manifest.json is missing "
+                        f"({len(missing)} of {len(paths)} missing; run `sdlora prepare` again)")
+    return paths
+
+
+def load_samples(samples_json: Path) -> list[Sample]:
+    """The images listed in samples.json (format in INTERFACES.md); RunError if it is unusable."""
+    try:
+        data = json.loads(Path(samples_json).read_text(encoding="utf-8"))
+        entries = data["images"]
+        samples = [
+            Sample(Path(samples_json).parent / e["file"], e["prompt"], e["variant"], e.get("prompt_as_written"))
+            for e in entries
+        ]
+    except FileNotFoundError:
+        raise RunError(f"{samples_json}: missing (generate images with `sdlora sample PROMPT`)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise RunError(f"{samples_json}: not a samples.json written by `sdlora sample` ({type(exc).__name__}: {exc})") from exc
+    for sample in samples:
+        if sample.variant not in VARIANTS:
+            raise RunError(f"{samples_json}: image {sample.file.name} has variant {sample.variant!r} "
+                           f"(expected 'lora' or 'baseline')")
+        if not sample.file.is_file():
+            raise RunError(f"{sample.file}: listed in {samples_json} but missing (run `sdlora sample` again)")
+    return samples
+
+
+def default_prompts(run: RunInfo) -> list[str]:
+    """The run's validation prompts (config.yaml validation.prompts), token and class filled in."""
+    prompts = (run.config.get("validation") or {}).get("prompts") or [DEFAULT_PROMPT]
+    return [p.replace("{token}", run.token).replace("{class}", run.class_word) for p in prompts]
+
+
+def resolve_prompts(prompts: Sequence[str] | None, run: RunInfo) -> list[str] | None:
+    """`--prompts` values: prompts as written, or `dreambench` for the paper's 25 object prompts."""
+    if prompts is None:
+        return None
+    resolved: list[str] = []
+    for prompt in prompts:
+        if not prompt.strip():
+            raise ConfigError("--prompts: empty prompt; give a prompt such as 'sksToy on a beach' or 'dreambench'")
+        if prompt.strip() == DREAMBENCH:
+            resolved += object_prompts(run.token, run.class_word)
+        else:
+            resolved.append(prompt.strip())
+    if not resolved:
+        raise ConfigError("--prompts: no prompts given")
+    return list(dict.fromkeys(resolved))
+
+
+def _matches(sample: Sample, prompt: str, run: RunInfo) -> bool:
+    if prompt in (sample.prompt, sample.prompt_as_written):
+        return True
+    try:
+        from sdlora.generate import expand_prompt
+    except ImportError:
+        return False
+    return sample.prompt == expand_prompt(prompt, run.token, run.class_word)
+
+
+def _missing_prompts(samples: list[Sample], prompts: list[str], run: RunInfo, min_images: int) -> list[str]:
+    missing = []
+    for prompt in prompts:
+        mine = [s for s in samples if _matches(s, prompt, run)]
+        if any(sum(s.variant == v for s in mine) < min_images for v in VARIANTS):
+            missing.append(prompt)
+    return missing
+
+
+def ensure_samples(run: RunInfo, prompts: list[str], samples_json: Path, *, min_images: int, num_images: int,
+                   seed: int, steps: int | None, device: str | None, on_progress: ProgressFn | None) -> list[str]:
+    """Generate (LoRA and baseline) the prompts that have too few images; returns those prompts."""
+    existing = load_samples(samples_json) if samples_json.is_file() else []
+    missing = _missing_prompts(existing, prompts, run, min_images)
+    if not missing:
+        return []
+    try:
+        from sdlora.generate import generate_samples
+    except ImportError:
+        raise RunError(f"{samples_json}: no images for {missing[0]!r}, and this build cannot generate them "
+                       f"(sdlora.generate is missing); run `sdlora sample` first") from None
+    kwargs: dict[str, Any] = {"out_dir": samples_json.parent, "num_images": num_images, "seed": seed,
+                              "baseline": True, "device": device, "on_progress": on_progress}
+    if steps is not None:
+        kwargs["steps"] = steps
+    generate_samples(run, missing, **kwargs)
+    return missing
+
+
+# ---- embedding ------------------------------------------------------------------------------
+
+def _open_rgb(path: Path):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from exc
+
+
+def embed_files(scorer: Any, paths: Sequence[Path], digests: Sequence[str], cache: EmbeddingCache, *,
+                batch_size: int = 32, on_progress: ProgressFn | None = None) -> tuple[torch.Tensor, int]:
+    """Embeddings of `paths` (rows in order), embedding only files whose sha256 is not cached.
+
+    Returns (embeddings, number of images embedded now). Each distinct file is embedded once.
+    """
+    todo = {d: p for p, d in zip(paths, digests) if d not in cache}
+    items = list(todo.items())
+    label = f"embedding images ({scorer.kind})"
+    for start in range(0, len(items), batch_size):
+        batch = items[start:start + batch_size]
+        vectors = scorer.embed([_open_rgb(p) for _, p in batch])
+        for (digest, _), vector in zip(batch, vectors):
+            cache.put(digest, vector)
+        if on_progress:
+            on_progress(label, min(start + batch_size, len(items)), len(items))
+    cache.save()
+    return cache.stack(list(digests)), len(items)
+
+
+def _scorer_cache(scorer: Any, folder: Path | None) -> EmbeddingCache:
+    return EmbeddingCache(folder, scorer.key, {k: str(v) for k, v in scorer.info().items()})
+
+
+# ---- scoring --------------------------------------------------------------------------------
+
+def _variant_scores(idx: list[int], emb: dict[str, torch.Tensor], real: dict[str, torch.Tensor],
+                    text_cos: dict[str, np.ndarray], n_real: int) -> dict[str, Any] | None:
+    """The four figures over the generated images `idx` (None when there are none)."""
+    if not idx:
+        return None
+    return {
+        "images": len(idx),
+        "real_images": n_real,
+        "dino": pairwise_mean(emb["dino"][idx], real["dino"]),
+        "clip_i": pairwise_mean(emb["clip"][idx], real["clip"]),
+        "clip_t": float(np.mean(text_cos["clip_t"][idx])),
+        "clip_t_with_token": float(np.mean(text_cos["clip_t_with_token"][idx])),
+    }
+
+
+def score_samples(samples: list[Sample], real_paths: list[Path], *, token: str, dino: Any, clip: Any,
+                  cache_dir: Path | None, batch_size: int = 32,
+                  on_progress: ProgressFn | None = None) -> dict[str, Any]:
+    """Per-prompt and overall scores of `samples` against `real_paths` (no files written except the cache)."""
+    paths = [s.file for s in samples]
+    all_paths = paths + list(real_paths)
+    digests = []
+    for i, path in enumerate(all_paths):
+        digests.append(sha256_file(path))
+        if on_progress:
+            on_progress("hashing images", i + 1, len(all_paths))
+    n = len(paths)
+    emb, real, embedded = {}, {}, {}
+    for scorer in (dino, clip):
+        cache = _scorer_cache(scorer, cache_dir)
+        vectors, embedded[scorer.kind] = embed_files(scorer, all_paths, digests, cache,
+                                                     batch_size=batch_size, on_progress=on_progress)
+        emb[scorer.kind], real[scorer.kind] = vectors[:n], vectors[n:]
+    prompts = list(dict.fromkeys(s.prompt for s in samples))
+    texts = {"clip_t": [remove_token(p, token) for p in prompts], "clip_t_with_token": prompts}
+    text_cos: dict[str, np.ndarray] = {}
+    for name, prompt_texts in texts.items():
+        text_emb = dict(zip(prompts, clip.embed_text(prompt_texts).numpy().astype(np.float64)))
+        image_emb = _unit(emb["clip"].numpy().astype(np.float64))
+        text_cos[name] = np.array([image_emb[i] @ _unit(text_emb[s.prompt][None])[0] for i, s in enumerate(samples)])
+
+    def rows(prompt: str | None, variant: str) -> list[int]:
+        return [i for i, s in enumerate(samples) if s.variant == variant and (prompt is None or s.prompt == prompt)]
+
+    per_prompt = []
+    for prompt, without in zip(prompts, texts["clip_t"]):
+        written = next((s.prompt_as_written for s in samples if s.prompt == prompt and s.prompt_as_written), None)
+        entry: dict[str, Any] = {"prompt": prompt, "prompt_as_written": written, "prompt_without_token": without}
+        for variant in VARIANTS:
+            entry[variant] = _variant_scores(rows(prompt, variant), emb, real, text_cos, len(real_paths))
+        per_prompt.append(entry)
+    overall = {v: _variant_scores(rows(None, v), emb, real, text_cos, len(real_paths)) for v in VARIANTS}
+    for variant in VARIANTS:
+        if overall[variant] is not None:
+            overall[variant]["prompts"] = sum(1 for e in per_prompt if e[variant] is not None)
+    return {
+        "overall": overall,
+        "prompts": per_prompt,
+        "embedded": embedded,
+        "cached": {kind: len(set(digests)) - count for kind, count in embedded.items()},
+    }
+
+
+def score_run(
+    run: RunInfo,
+    *,
+    samples_json: Path | None = None,
+    prompts: Sequence[str] | None = None,
+    dino_model: str = DEFAULT_DINO,
+    clip_model: str = DEFAULT_CLIP,
+    clip_pretrained: str | None = DEFAULT_PRETRAINED,
+    device: str | None = None,
+    batch_size: int = 32,
+    num_images: int = IMAGES_PER_PROMPT,
+    seed: int = 0,
+    steps: int | None = None,
+    report: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Score a run's samples (generating missing ones), write scores.json, refresh report.html.
+
+    `prompts`: score only these (each generated with the LoRA and the baseline if it has no
+    images yet); `dreambench` stands for the paper's 25 object prompts, 4 images each.
+    Default: every image in samples.json, or the run's validation prompts when there is none.
+    """
+    wanted = resolve_prompts(prompts, run)
+    lora_dir = run.lora_dir()  # RunError for a run without a LoRA
+    real_paths = val_photos(run.dataset)
+    samples_json = Path(samples_json) if samples_json else run.path / SAMPLES_DIR / SAMPLES_JSON
+    if wanted is None and not samples_json.is_file():
+        wanted = default_prompts(run)
+    # Load the scorers before any generation: an unknown scorer fails in seconds, not after sampling.
+    dino = load_dino(dino_model, device)
+    clip = load_clip(clip_model, clip_pretrained, device)
+    generated: list[str] = []
+    if wanted is not None:
+        dreambench = prompts is not None and DREAMBENCH in [p.strip() for p in prompts]
+        generated = ensure_samples(run, wanted, samples_json, min_images=num_images if dreambench else 1,
+                                   num_images=num_images, seed=seed, steps=steps, device=device,
+                                   on_progress=on_progress)
+    samples = load_samples(samples_json)
+    if wanted is not None:
+        samples = [s for s in samples if any(_matches(s, p, run) for p in wanted)]
+    if not samples:
+        raise RunError(f"{samples_json}: no images to score (generate some with `sdlora sample PROMPT`)")
+    result = score_samples(samples, real_paths, token=run.token, dino=dino, clip=clip,
+                           cache_dir=run.path / EMBEDDINGS_CACHE, batch_size=batch_size, on_progress=on_progress)
+    scores = {
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "run": str(run.path),
+        "samples": str(samples_json),
+        "lora_dir": str(lora_dir),
+        "token": run.token,
+        "class_word": run.class_word,
+        "prompt_set": DREAMBENCH if prompts is not None and DREAMBENCH in prompts else
+                      ("given" if prompts is not None else "all samples"),
+        "scale": SCALE,
+        "scorers": {"dino": dino.info(), "clip": clip.info()},
+        "real": {"dataset": str(run.dataset), "split": "val", "count": len(real_paths),
+                 "files": [p.name for p in real_paths]},
+        "generated_now": generated,
+        **result,
+    }
+    write_json(run.path / SCORES_JSON, scores)
+    if report:
+        _refresh_report(run.path)
+    return scores
+
+
+def _refresh_report(run_dir: Path) -> None:
+    try:
+        from sdlora.report import write_report
+    except ImportError:  # the report module is optional in this build
+        return
+    write_report(run_dir)
+
+
+def dino_similarity_to_val(images: Sequence[Any], dataset: Path, *, dino_model: str = DEFAULT_DINO,
+                           device: str | None = None, cache_dir: Path | None = None, batch_size: int = 32) -> float:
+    """Mean pairwise DINO cosine of `images` (PIL images or paths) vs the dataset's val photos.
+
+    For `train --score-every`: val embeddings are cached by file hash in `cache_dir` if given.
+    """
+    if not images:
+        raise ConfigError("dino_similarity_to_val: no images to score")
+    real_paths = val_photos(dataset)
+    scorer = load_dino(dino_model, device)
+    real, _ = embed_files(scorer, real_paths, [sha256_file(p) for p in real_paths],
+                          _scorer_cache(scorer, cache_dir), batch_size=batch_size)
+    pil = [_open_rgb(Path(im)) if isinstance(im, (str, Path)) else im.convert("RGB") for im in images]
+    generated = torch.cat([scorer.embed(pil[i:i + batch_size]) for i in range(0, len(pil), batch_size)])
+    return pairwise_mean(generated, real)
