@@ -104,7 +104,7 @@ def test_saved_yaml_round_trips(tmp_path: Path):
 
 def test_field_help_comes_from_docstrings():
     assert config_mod.field_help("lora.rank").startswith("LoRA rank: higher learns more detail")
-    assert "[default: 16]" in config_mod.field_help("lora.rank")
+    assert "(default: 16)" in config_mod.field_help("lora.rank")
     assert config_mod.flag_for("validation.prompts") == "--validation-prompt"
     assert config_mod.flag_for("model.name") == "--model"
 

@@ -287,3 +287,40 @@ def test_dataset_problems(tmp_path: Path):
         loop.setup(tiny_cfg(tmp_path, empty))
     with pytest.raises(ConfigError, match="--token 'other' differs from the dataset's 'sksToy'"):
         loop.setup(tiny_cfg(tmp_path, empty, {"data.token": "other"}))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_lora_then_exits(tmp_path: Path, tiny_dataset: Path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "sdlora", "train", "--model", "tiny-sd", "--dataset", str(tiny_dataset),
+           "--runs-dir", str(runs), "--name", "stopped", "--max-steps", "100000", "--validate-every", "0",
+           "--checkpoint-every", "0", "validation.prompts=[]"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    metrics = runs / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text(encoding="utf-8").count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Continue with: sdlora train --resume" in out
+    checkpoints = sorted((runs / "stopped" / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "sdlora.json").is_file()
+    step = json.loads((checkpoints[0] / "sdlora.json").read_text(encoding="utf-8"))["step"]
+    assert step >= 2 and [r["step"] for r in steps_of(runs / "stopped")][-1] == step
+    assert (runs / "stopped" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_missing_tracker_is_a_clear_error(tmp_path: Path, tiny_dataset: Path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed")
+    result = invoke("--dataset", str(tiny_dataset), "--model", "tiny-sd", "--report-to", "tensorboard")
+    assert result.exit_code == 1 and "tensorboard is not installed (pip install tensorboard)" in result.output

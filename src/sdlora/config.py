@@ -157,7 +157,7 @@ class OptimArgs(_Group):
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this value (0 disables clipping)."""
     lr_scheduler: Literal["constant", "cosine", "linear", "constant_with_warmup"] = "constant"
-    """Learning-rate schedule over --max-steps."""
+    """Learning-rate schedule over --max-steps: constant, cosine, linear or constant_with_warmup."""
     lr_warmup_steps: int = 0
     """Steps of linear warm-up at the start."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -221,7 +221,7 @@ class ValidationArgs(_Group):
     validate_every: int = 100
     """Validation loss and sample images every N steps and at the end (0: only at the end)."""
     prompts: list[str] = field(default_factory=lambda: [DEFAULT_VALIDATION_PROMPT], metadata=_flag("--validation-prompt"))
-    """Prompts for the sample images ({token} and {class} are filled in); empty list: no samples."""
+    """Prompts for the sample images, repeatable ({token} and {class} are filled in); validation.prompts=[] for none."""
     num_images: int = 1
     """Sample images per prompt (seeds seed, seed+1, ...): more shows variety, costs time."""
     steps: int = 20
@@ -255,7 +255,7 @@ class LoggingArgs(_Group):
     log_every: int = 1
     """Write a metrics.jsonl line every N steps."""
     report_to: Literal["none", "tensorboard", "wandb", "clearml"] = "none"
-    """Also send metrics to a tracker (installed separately: pip install sdlora[tensorboard])."""
+    """Also send metrics to a tracker: none, tensorboard, wandb or clearml (install it first)."""
 
     def _check(self) -> list[str]:
         return [] if self.log_every >= 1 else [f"--log-every must be at least 1, got {self.log_every}"]
@@ -356,7 +356,7 @@ def field_help(key: str) -> str:
         default = ",".join(default) if default else "none"
     if default is None or isinstance(default, bool):
         return doc
-    return f"{doc} [default: {default}]"
+    return f"{doc} (default: {default})"
 
 
 def flag_for(key: str) -> str:

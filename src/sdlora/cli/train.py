@@ -141,7 +141,7 @@ def train(
         resume_dir, cfg, warnings = loop.resume_run(resume, layers, tuple(sources),
                                                     runs_dir=flags.get("run.runs_dir", "runs"))
         for warning in warnings:
-            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+            err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     else:
         cfg = config_mod.load_config(config, flags, dotted)
     if print_config:
@@ -154,7 +154,7 @@ def train(
         renderer.close()
     if result.interrupted:
         console.print(f"[yellow]stopped at step {result.steps}[/]; checkpoint and LoRA saved. "
-                      f"Continue with: sdlora train --resume {result.run_dir}", highlight=False)
+                      f"Continue with: sdlora train --resume {result.run_dir}", highlight=False, soft_wrap=True)
         raise typer.Exit(130)
 
 
@@ -215,7 +215,7 @@ class _Renderer:
             self.close()
             best = f"{event['best_val_loss']:.4f}" if event.get("best_val_loss") is not None else "n/a"
             console.print(f"[green]done:[/] {event['steps']} steps in {event['elapsed_s']:.0f} s, best val loss {best}\n"
-                          f"  LoRA: {event['lora_dir']}\n  run:  {event['run_dir']}", highlight=False)
+                          f"  LoRA: {event['lora_dir']}\n  run:  {event['run_dir']}", highlight=False, soft_wrap=True)
 
     def _start(self, event: dict[str, Any]) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -226,7 +226,7 @@ class _Renderer:
             f"  effective batch {event['effective_batch']} = {event['batch_size']} x {event['num_processes']} process(es)"
             f" x {event['gradient_accumulation']} accumulation; {event['total_steps']} steps"
             + (f" (from step {event['start_step']})" if event["start_step"] else "")
-            + f"; {event['device']}, precision {event['mixed_precision']}", highlight=False)
+            + f"; {event['device']}, precision {event['mixed_precision']}", highlight=False, soft_wrap=True)
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(),
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[its]} it/s"),
@@ -251,7 +251,7 @@ class _Renderer:
 
     def _print(self, text: str, dim: bool = False) -> None:
         target = self.progress.console if self.progress is not None else err_console
-        target.print(f"[dim]{text}[/]" if dim else text, highlight=False)
+        target.print(f"[dim]{text}[/]" if dim else text, highlight=False, soft_wrap=True)
 
     def close(self) -> None:
         for bar, _ in self.bars.values():

@@ -390,7 +390,7 @@ def _bitsandbytes() -> Any:
     try:
         import bitsandbytes
     except ImportError:
-        raise ConfigError("--optimizer adamw8bit needs bitsandbytes (pip install 'sdlora[bnb]'); "
+        raise ConfigError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); "
                           "or use --optimizer adamw") from None
     return bitsandbytes
 
@@ -401,7 +401,7 @@ def _check_tracker(report_to: str) -> None:
     module = {"tensorboard": "tensorboard", "wandb": "wandb", "clearml": "clearml"}.get(report_to)
     if module and importlib.util.find_spec(module) is None and not (
             module == "tensorboard" and importlib.util.find_spec("tensorboardX")):
-        raise ConfigError(f"--report-to {report_to}: {module} is not installed (pip install 'sdlora[{report_to}]')")
+        raise ConfigError(f"--report-to {report_to}: {module} is not installed (pip install {module})")
 
 
 def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
