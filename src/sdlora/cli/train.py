@@ -122,14 +122,9 @@ def train(
     params = dict(locals())
     flags = {KEYS[k]: v for k, v in params.items() if k in KEYS and v is not None}
     dotted = list(overrides or [])
-    if num_processes > 1 or accelerate_config is not None:
-        from sdlora.train.launch import in_launched_process
-
-        if not in_launched_process():
-            _relaunch(config, resume, flags, dotted, num_processes, accelerate_config)
-            return
     from sdlora.train import loop
 
+    # The config is resolved (and checked) here, once, also when N processes will run it.
     resume_dir = None
     if resume is not None:
         layers, sources = [], []
@@ -147,6 +142,12 @@ def train(
     if print_config:
         typer.echo(config_mod.config_yaml(cfg), nl=False)
         return
+    if num_processes > 1 or accelerate_config is not None:
+        from sdlora.train.launch import in_launched_process
+
+        if not in_launched_process():
+            _relaunch(config, resume, flags, dotted, num_processes, accelerate_config)
+            return
     renderer = _Renderer()
     try:
         result = loop.run_training(cfg, resume=resume_dir, on_event=renderer)
@@ -172,8 +173,8 @@ def _relaunch(config: str | None, resume: str | None, flags: dict[str, Any], dot
         argv += ["--config", str(Path(config).resolve()) if Path(config).exists() else config]
     if resume is not None:
         argv += ["--resume", resume]
-    elif "run.name" not in flags:  # every worker must write to the same folder
-        flags = {**flags, "run.name": time.strftime("%Y%m%d-%H%M%S")}
+    elif "run.name" not in flags and not any(o.startswith("run.name=") for o in dotted):
+        flags = {**flags, "run.name": time.strftime("%Y%m%d-%H%M%S")}  # every worker writes to the same folder
     argv += [f"{key}={json.dumps(value)}" for key, value in flags.items()] + dotted
     code = launch_processes(argv, num_processes, config_file=accelerate_config, cpu=not torch.cuda.is_available())
     if code:

@@ -133,6 +133,9 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     emit = on_event if (on_event is not None and accelerator.is_main_process) else _noop
     if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
         raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    if accelerator.device.type == "cuda":  # TF32 matmuls: free speed for fp32 work on Ampere and newer
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     from sdlora.models.loading import TINY_WARNING, default_resolution, is_tiny, load_pipeline
 
@@ -677,7 +680,31 @@ def _sample_images(state: TrainState) -> Path:
         pipe.vae.to("cpu")
     write_json(folder / "validation.json", {"step": state.step, "steps": cfg.validation.steps,
                                             "guidance": cfg.validation.guidance, "images": entries})
+    if cfg.logging.report_to != "none":
+        _log_images(state, folder, entries)
     return folder
+
+
+def _log_images(state: TrainState, folder: Path, entries: list[dict[str, Any]]) -> None:
+    """The sample images to the trackers (tensorboard, wandb, clearml), one series per prompt."""
+    import numpy as np
+    from PIL import Image
+
+    by_prompt: dict[str, list[np.ndarray]] = {}
+    for entry in entries:
+        with Image.open(folder / entry["file"]) as img:
+            by_prompt.setdefault(f"samples/{entry['prompt']}", []).append(np.asarray(img.convert("RGB")))
+    for tracker in state.accelerator.trackers:
+        try:
+            if tracker.name == "tensorboard":
+                tracker.log_images({k: np.stack(v) for k, v in by_prompt.items()}, step=state.step, dataformats="NHWC")
+            elif tracker.name == "clearml":
+                for k, v in by_prompt.items():
+                    tracker.log_images({k: v[0]}, step=state.step)
+            else:
+                tracker.log_images(by_prompt, step=state.step)
+        except Exception as exc:  # a tracker's hiccup must not stop training
+            state.emit({"event": "warning", "message": f"could not send sample images to {tracker.name}: {exc}"})
 
 
 # ============================================================================ saving
