@@ -1,0 +1,72 @@
+"""Fixtures for the score tests: a run folder following the contract, with samples.json + PNGs.
+
+Written by hand (format from INTERFACES.md) so the scorer is tested without the sampler.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import yaml
+from conftest import write_tiny_dataset
+from PIL import Image
+
+from sdlora.run import DIFFUSERS_LORA
+
+
+def slug(prompt: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+
+
+def write_run(root: Path, *, n_dataset: int = 10, val: bool = True, lora: bool = True, **config) -> Path:
+    """runs/r1 with config.yaml (tiny-sd), a LoRA file and a 64 px dataset (val photos unless val=False)."""
+    dataset = write_tiny_dataset(root / "dataset", n=n_dataset)
+    if not val:
+        manifest = json.loads((dataset / "manifest.json").read_text())
+        manifest["train"] += manifest["val"]
+        manifest["val"] = []
+        (dataset / "manifest.json").write_text(json.dumps(manifest))
+    run = root / "runs" / "r1"
+    run.mkdir(parents=True)
+    cfg = {"model": {"name": "tiny-sd"},
+           "data": {"dataset": str(dataset), "token": "sksToy", "class_word": "toy", "resolution": 64}, **config}
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if lora:
+        # score only checks that the LoRA exists; sampling (not tested here) loads it.
+        (run / "lora").mkdir()
+        (run / "lora" / DIFFUSERS_LORA).write_bytes(b"lora placeholder")
+    return run
+
+
+def random_png(path: Path, seed: int, size: int = 64) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def add_samples(samples_dir: Path, prompts: Sequence[str], *, per_variant: int = 2, seed0: int = 0,
+                token: str = "sksToy", class_word: str = "toy") -> list[dict]:
+    """Write PNGs for each prompt (LoRA + baseline) and merge their entries into samples.json."""
+    path = samples_dir / "samples.json"
+    data = json.loads(path.read_text()) if path.is_file() else {
+        "model": "tiny-sd", "run": str(samples_dir.parent), "lora_dir": str(samples_dir.parent / "lora"),
+        "lora_scale": 1.0, "steps": 2, "guidance": 7.5, "scheduler": "EulerDiscreteScheduler",
+        "height": 64, "width": 64, "negative_prompt": None, "images": []}
+    new = []
+    for p, written in enumerate(prompts):
+        prompt = written if f"{token} {class_word}" in written else written.replace(token, f"{token} {class_word}")
+        for variant, stem in (("lora", "lora"), ("baseline", "base")):  # same seeds, different images
+            for i in range(per_variant):
+                file = f"{slug(prompt)}/{stem}-{i:02d}.png"
+                random_png(samples_dir / file, seed=seed0 * 10_000 + p * 100 + (variant == "lora") * 50 + i)
+                new.append({"file": file, "prompt": prompt, "prompt_as_written": written, "seed": seed0 + i,
+                            "variant": variant, "index": i})
+    files = {e["file"] for e in new}
+    data["images"] = [e for e in data["images"] if e["file"] not in files] + new
+    path.write_text(json.dumps(data, indent=1))
+    return new

@@ -1,0 +1,360 @@
+"""Scorer arithmetic on tiny random DINO/CLIP models: identical images, hand-computed pairwise
+means, the stated preprocessing, projected text embeddings, token removal, the incremental
+embedding cache, the dreambench prompt set, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+from score_helpers import add_samples, random_png, write_run
+
+from sdlora.errors import ConfigError, DataError, ModelError, RunError
+from sdlora.evaluate.cache import EmbeddingCache
+from sdlora.evaluate.clip import load_clip
+from sdlora.evaluate.dino import IMAGENET_MEAN, IMAGENET_STD, load_dino
+from sdlora.evaluate.dreambench import OBJECT_PROMPTS, object_prompts
+from sdlora.evaluate.score import (
+    Sample, dino_similarity_to_val, pairwise_mean, remove_token, score_run, score_samples, val_photos,
+)
+from sdlora.run import load_run
+
+TINY = {"dino_model": "tiny-dino", "clip_model": "tiny-clip", "device": "cpu"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # The tiny scorers do many small tensor ops; on a busy 2-core machine OpenMP threads wait
+    # on each other (40 ms for a 224 px ToTensor instead of 0.5 ms). One thread is faster here.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dino():
+    return load_dino("tiny-dino", "cpu")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_clip("tiny-clip", None, "cpu")
+
+
+def _samples(paths: list[Path], prompt: str, variant: str = "lora") -> list[Sample]:
+    return [Sample(p, prompt, variant) for p in paths]
+
+
+def _cos_matrix(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    a = a.numpy().astype(np.float64)
+    b = b.numpy().astype(np.float64)
+    a /= np.linalg.norm(a, axis=1, keepdims=True)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    return a @ b.T
+
+
+# ---- arithmetic ---------------------------------------------------------------------------------
+
+def test_identical_images_score_one(tmp_path, dino, clip):
+    real = random_png(tmp_path / "real.png", seed=1, size=80)
+    copies = [shutil.copy(real, tmp_path / f"gen{i}.png") for i in range(3)]
+    result = score_samples(_samples([Path(c) for c in copies], "a sksToy toy"), [real], token="sksToy",
+                           dino=dino, clip=clip, cache_dir=None)
+    lora = result["overall"]["lora"]
+    assert lora["dino"] == pytest.approx(1.0, abs=1e-6)
+    assert lora["clip_i"] == pytest.approx(1.0, abs=1e-6)
+    assert (lora["images"], lora["real_images"]) == (3, 1)
+    assert result["overall"]["baseline"] is None
+    # identical files are embedded once per scorer (the cache is keyed by content)
+    assert result["embedded"] == {"dino": 1, "clip": 1}
+
+
+def test_pairwise_mean_equals_hand_computed_3x2(tmp_path, dino, clip):
+    gen = [random_png(tmp_path / f"g{i}.png", seed=10 + i, size=96) for i in range(3)]
+    real = [random_png(tmp_path / f"r{i}.png", seed=20 + i, size=128) for i in range(2)]
+    result = score_samples(_samples(gen, "a sksToy toy"), real, token="sksToy", dino=dino, clip=clip, cache_dir=None)
+    lora = result["overall"]["lora"]
+    for scorer, key in ((dino, "dino"), (clip, "clip_i")):
+        # one image at a time, so batching in the scorer is checked too
+        g = torch.cat([scorer.embed([Image.open(p)]) for p in gen])
+        r = torch.cat([scorer.embed([Image.open(p)]) for p in real])
+        cos = _cos_matrix(g, r)
+        assert cos.shape == (3, 2)
+        assert lora[key] == pytest.approx(float(np.mean(cos)), abs=1e-6)
+        # pairwise mean, not the cosine of mean embeddings
+        centroid = float(_cos_matrix(g.mean(0, keepdim=True), r.mean(0, keepdim=True))[0, 0])
+        assert abs(float(np.mean(cos)) - centroid) > 1e-7
+    assert pairwise_mean(np.eye(2), np.eye(2)) == pytest.approx(0.5)
+
+
+def test_batched_embedding_equals_one_at_a_time(tmp_path, dino, clip):
+    images = [Image.open(random_png(tmp_path / f"i{i}.png", seed=i, size=70 + 10 * i)) for i in range(4)]
+    for scorer in (dino, clip):
+        batched = scorer.embed(images)
+        single = torch.cat([scorer.embed([im]) for im in images])
+        assert torch.allclose(batched, single, atol=1e-5)
+        assert torch.allclose(batched.norm(dim=1), torch.ones(4), atol=1e-5)
+
+
+def _manual_dino_pixels(image: Image.Image) -> torch.Tensor:
+    """The stated recipe by hand: PIL bicubic resize of the shorter side to 256, center crop 224, ImageNet norm."""
+    w, h = image.size
+    size = (256, int(256 * h / w)) if w <= h else (int(256 * w / h), 256)
+    resized = image.convert("RGB").resize(size, Image.BICUBIC)
+    left, top = int(round((size[0] - 224) / 2)), int(round((size[1] - 224) / 2))
+    crop = np.asarray(resized.crop((left, top, left + 224, top + 224)), dtype=np.float32) / 255.0
+    normed = (crop - np.array(IMAGENET_MEAN, dtype=np.float32)) / np.array(IMAGENET_STD, dtype=np.float32)
+    return torch.from_numpy(normed).permute(2, 0, 1)
+
+
+@pytest.mark.parametrize("size", [(300, 400), (512, 384), (64, 64)])
+def test_dino_preprocessing_matches_stated_recipe(tmp_path, dino, size):
+    image = Image.open(random_png(tmp_path / "x.png", seed=3, size=8)).resize(size)
+    manual = _manual_dino_pixels(image)
+    assert manual.shape == (3, 224, 224)
+    assert torch.allclose(dino.transform(image), manual, atol=1e-6)
+    # the embedding is the CLS token of the final-layernormed last layer, no pooler head
+    assert dino.model.pooler is None
+    with torch.no_grad():
+        out = dino.model(pixel_values=manual[None], output_hidden_states=True)
+        by_hand = dino.model.layernorm(out.hidden_states[-1])[:, 0]  # last layer's output, final layernorm, CLS
+    assert torch.allclose(out.last_hidden_state[:, 0], by_hand, atol=1e-5)
+    expected = torch.nn.functional.normalize(by_hand, dim=-1)
+    assert torch.allclose(dino.embed([image]), expected, atol=1e-5)
+
+
+def test_clip_uses_open_clips_own_preprocess(tmp_path, clip):
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    image = Image.open(random_png(tmp_path / "x.png", seed=4, size=8)).resize((333, 250))
+    reference = image_transform_v2(PreprocessCfg(size=224), is_train=False)(image)
+    assert torch.allclose(clip.preprocess(image), reference)
+    assert "bicubic" in clip.info()["preprocess"] and "0.48145466" in clip.info()["preprocess"]
+
+
+def test_clip_t_uses_projected_normalised_text_embedding(tmp_path, dino, clip):
+    gen = [random_png(tmp_path / f"g{i}.png", seed=30 + i) for i in range(2)]
+    real = [random_png(tmp_path / "r.png", seed=40)]
+    prompt = "a photo of sksToy toy on a beach"
+    result = score_samples(_samples(gen, prompt), real, token="sksToy", dino=dino, clip=clip, cache_dir=None)
+    model = clip.model
+    with torch.inference_mode():
+        pixels = torch.stack([clip.preprocess(Image.open(p).convert("RGB")) for p in gen])
+        image = model.encode_image(pixels)
+        image = image / image.norm(dim=-1, keepdim=True)
+
+        @torch.inference_mode()
+        def text_cos(text: str) -> float:
+            tokens = open_clip.tokenize([text])  # the SimpleTokenizer, 77 positions
+            features = model.encode_text(tokens)  # includes text_projection
+            features = features / features.norm(dim=-1, keepdim=True)
+            return float((image @ features.T).mean())
+
+    entry = result["prompts"][0]
+    assert entry["prompt_without_token"] == "a photo of toy on a beach"
+    assert entry["lora"]["clip_t"] == pytest.approx(text_cos("a photo of toy on a beach"), abs=1e-5)
+    assert entry["lora"]["clip_t_with_token"] == pytest.approx(text_cos(prompt), abs=1e-5)
+    assert entry["lora"]["clip_t"] != pytest.approx(entry["lora"]["clip_t_with_token"], abs=1e-6)
+    # the projection matters: the unprojected pooled text features have another width
+    assert model.text_projection.shape[0] != model.text_projection.shape[1]
+
+
+@pytest.mark.parametrize(("prompt", "expected"), [
+    ("a photo of sksToy toy on a beach", "a photo of toy on a beach"),
+    ("sksToy toy in the snow", "toy in the snow"),
+    ("a red sksToy toy", "a red toy"),
+    ("a  sksToy,  on   a beach ", "a, on a beach"),
+    ("sksToy", ""),
+    ("a sksToyish toy", "a sksToyish toy"),  # only the whole token
+])
+def test_remove_token(prompt, expected):
+    assert remove_token(prompt, "sksToy") == expected
+
+
+# ---- the run-level score: scores.json, cache, prompt sets --------------------------------------
+
+def test_score_run_writes_scores_json(tmp_path):
+    run = write_run(tmp_path)
+    add_samples(run / "samples", ["sksToy on a beach", "a red sksToy toy"], per_variant=2)
+    scores = score_run(load_run(run), report=False, **TINY)
+    on_disk = json.loads((run / "scores.json").read_text())
+    assert on_disk["overall"] == scores["overall"]
+    assert [e["prompt"] for e in on_disk["prompts"]] == ["sksToy toy on a beach", "a red sksToy toy"]
+    assert on_disk["prompts"][0]["prompt_as_written"] == "sksToy on a beach"
+    assert on_disk["prompts"][0]["prompt_without_token"] == "toy on a beach"
+    for entry in on_disk["prompts"]:
+        for variant in ("lora", "baseline"):
+            row = entry[variant]
+            assert (row["images"], row["real_images"]) == (2, 2)
+            assert all(-1 <= row[k] <= 1 for k in ("dino", "clip_i", "clip_t", "clip_t_with_token"))
+    overall = on_disk["overall"]["lora"]
+    assert (overall["images"], overall["prompts"]) == (4, 2)
+    # equal image counts per prompt: the pooled figure is the mean of the per-prompt ones
+    assert overall["dino"] == pytest.approx(np.mean([e["lora"]["dino"] for e in on_disk["prompts"]]))
+    assert on_disk["scorers"]["dino"]["model"] == "tiny-dino"
+    assert "resize the shorter side to 256" in on_disk["scorers"]["dino"]["preprocess"]
+    assert "last_hidden_state[:, 0]" in on_disk["scorers"]["dino"]["embedding"]
+    assert on_disk["scorers"]["clip"]["library"].startswith("open_clip ")
+    assert "as is" in on_disk["scale"]
+    assert on_disk["real"]["count"] == 2 and on_disk["real"]["files"] == ["img_008.png", "img_009.png"]
+    assert not list(run.glob(".scores.json*"))  # atomic: no temp file left
+
+
+def test_rescoring_is_incremental(tmp_path):
+    run = write_run(tmp_path)
+    add_samples(run / "samples", ["sksToy on a beach"], per_variant=2)
+    first = score_run(load_run(run), report=False, **TINY)
+    assert first["embedded"] == {"dino": 6, "clip": 6}  # 4 generated + 2 val photos
+    second = score_run(load_run(run), report=False, **TINY)
+    assert second["embedded"] == {"dino": 0, "clip": 0}
+    assert second["overall"] == first["overall"]
+    add_samples(run / "samples", ["a red sksToy toy"], per_variant=1, seed0=7)  # 2 more images
+    third = score_run(load_run(run), report=False, **TINY)
+    assert third["embedded"] == {"dino": 2, "clip": 2}
+    assert third["overall"]["lora"]["images"] == 3
+    caches = sorted(p.name for p in (run / ".cache" / "embeddings").iterdir())
+    assert caches == ["clip--tiny-clip--None--random-seed-0.safetensors", "dino--tiny-dino--random-seed-0.safetensors"]
+
+
+def test_cache_of_another_scorer_setup_is_not_used(tmp_path):
+    cache = EmbeddingCache(tmp_path, "dino--x", {"preprocess": "A"})
+    cache.put("abc", torch.ones(4))
+    cache.save()
+    assert "abc" in EmbeddingCache(tmp_path, "dino--x", {"preprocess": "A"})
+    assert "abc" not in EmbeddingCache(tmp_path, "dino--x", {"preprocess": "B"})
+    (tmp_path / "dino--x.safetensors").write_bytes(b"damaged")
+    assert "abc" not in EmbeddingCache(tmp_path, "dino--x", {"preprocess": "A"})
+
+
+def test_prompts_select_a_subset(tmp_path):
+    run = write_run(tmp_path)
+    add_samples(run / "samples", ["sksToy on a beach", "a red sksToy toy"], per_variant=1)
+    scores = score_run(load_run(run), prompts=["a red sksToy toy"], report=False, **TINY)
+    assert [e["prompt"] for e in scores["prompts"]] == ["a red sksToy toy"]
+    assert scores["generated_now"] == []
+
+
+def test_dreambench_prompts_are_the_papers_25():
+    assert len(OBJECT_PROMPTS) == 25 and len(set(OBJECT_PROMPTS)) == 25
+    prompts = object_prompts("sksToy", "toy")
+    assert prompts[0] == "a sksToy toy in the jungle"
+    assert prompts[-1] == "a cube shaped sksToy toy"
+    assert "a sksToy toy with the Eiffel Tower in the background" in prompts
+    assert all("sksToy toy" in p for p in prompts)
+
+
+@pytest.fixture
+def fake_generate(monkeypatch):
+    """Stand-in for sdlora.generate: writes PNGs + samples.json the way generate_samples does."""
+    calls = []
+
+    def generate_samples(run, prompts, *, out_dir=None, num_images=4, seed=0, baseline=True, **kwargs):
+        calls.append({"prompts": list(prompts), "num_images": num_images, "seed": seed, "baseline": baseline})
+        out_dir = out_dir or run.path / "samples"
+        add_samples(out_dir, prompts, per_variant=num_images, seed0=seed)
+        return out_dir / "samples.json"
+
+    def expand_prompt(prompt, token, class_word):
+        return prompt if f"{token} {class_word}" in prompt else prompt.replace(token, f"{token} {class_word}")
+
+    module = types.ModuleType("sdlora.generate")
+    module.generate_samples = generate_samples
+    module.expand_prompt = expand_prompt
+    monkeypatch.setitem(sys.modules, "sdlora.generate", module)
+    return calls
+
+
+def test_dreambench_generates_missing_prompts_then_scores_them(tmp_path, fake_generate):
+    run = write_run(tmp_path)
+    prompts = object_prompts("sksToy", "toy")
+    add_samples(run / "samples", prompts[:2], per_variant=4)  # two prompts already have their 4 + 4
+    add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)  # not part of the benchmark
+    scores = score_run(load_run(run), prompts=["dreambench"], report=False, **TINY)
+    assert fake_generate == [{"prompts": prompts[2:], "num_images": 4, "seed": 0, "baseline": True}]
+    assert [e["prompt"] for e in scores["prompts"]] == prompts
+    assert scores["overall"]["lora"]["images"] == 100 and scores["overall"]["baseline"]["images"] == 100
+    assert scores["prompt_set"] == "dreambench"
+    score_run(load_run(run), prompts=["dreambench"], report=False, **TINY)
+    assert len(fake_generate) == 1  # everything is there now: nothing generated again
+
+
+def test_run_without_samples_generates_its_validation_prompts(tmp_path, fake_generate):
+    run = write_run(tmp_path, validation={"prompts": ["{token} {class} on a sofa"]})
+    scores = score_run(load_run(run), num_images=2, report=False, **TINY)
+    assert fake_generate[0]["prompts"] == ["sksToy toy on a sofa"]
+    assert scores["overall"]["lora"]["images"] == 2 and scores["overall"]["baseline"]["images"] == 2
+
+
+def test_dino_similarity_to_val(tmp_path):
+    run = write_run(tmp_path)
+    dataset = load_run(run).dataset
+    val = val_photos(dataset)
+    cache = tmp_path / "cache"
+    same = dino_similarity_to_val([Image.open(val[0]), val[1]], dataset, dino_model="tiny-dino", device="cpu",
+                                  cache_dir=cache)
+    dino = load_dino("tiny-dino", "cpu")
+    expected = pairwise_mean(dino.embed([Image.open(p) for p in val]), dino.embed([Image.open(p) for p in val]))
+    assert same == pytest.approx(expected, abs=1e-6)
+    assert len(list(cache.iterdir())) == 1
+
+
+# ---- bad input: one clear error each ----------------------------------------------------------
+
+def test_missing_run(tmp_path):
+    with pytest.raises(RunError, match="no such run folder"):
+        load_run(tmp_path / "runs" / "latest")
+
+
+def test_run_without_lora(tmp_path):
+    run = write_run(tmp_path, lora=False)
+    add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
+    with pytest.raises(RunError, match="no LoRA in lora/"):
+        score_run(load_run(run), report=False, **TINY)
+
+
+def test_dataset_without_val_images(tmp_path):
+    run = write_run(tmp_path, val=False)
+    add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
+    with pytest.raises(DataError, match="no val images"):
+        score_run(load_run(run), report=False, **TINY)
+
+
+@pytest.mark.parametrize("prompts", [[""], ["  "], ["sksToy on a beach", ""]])
+def test_empty_prompts(tmp_path, prompts):
+    run = write_run(tmp_path)
+    with pytest.raises(ConfigError, match="--prompts: empty prompt"):
+        score_run(load_run(run), prompts=prompts, report=False, **TINY)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"dino_model": "facebook/dino-vits16"}, "scorer model facebook/dino-vits16 is not in the local cache"),
+    ({"dino_model": "facebook/dinov2-small"}, "scorer model facebook/dinov2-small is not in the local cache"),
+    ({"clip_model": "ViT-B-32", "clip_pretrained": "openai"}, "scorer model ViT-B-32 (openai) is not in the local cache"),
+    ({"clip_model": "ViT-X-99"}, "--clip-model ViT-X-99: not an open_clip model"),
+    ({"clip_model": "ViT-B-32", "clip_pretrained": "bogus"}, "--clip-pretrained bogus: not a weights tag of ViT-B-32"),
+])
+def test_unknown_scorer_model_offline(tmp_path, monkeypatch, kwargs, message):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = write_run(tmp_path)
+    add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
+    with pytest.raises(ModelError) as info:
+        score_run(load_run(run), report=False, **{**TINY, **kwargs})
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert not (run / "scores.json").exists()
+
+
+def test_missing_sample_file(tmp_path):
+    run = write_run(tmp_path)
+    entries = add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
+    (run / "samples" / entries[0]["file"]).unlink()
+    with pytest.raises(RunError, match="listed in .*samples.json but missing"):
+        score_run(load_run(run), report=False, **TINY)
