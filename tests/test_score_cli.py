@@ -1,0 +1,117 @@
+"""`sdlora score` through the CLI on tiny scorers: the table, scores.json, runs/latest, and
+one-line errors (exit 1) that leave an earlier scores.json as it was."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from score_helpers import add_samples, write_run
+from typer.testing import CliRunner
+
+from sdlora.cli import app
+from sdlora.run import point_latest
+
+runner = CliRunner()
+TINY = ["--dino-model", "tiny-dino", "--clip-model", "tiny-clip", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def wide_terminal(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # keep table cells on one line
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()  # see test_evaluate.py: small ops on a busy 2-core machine
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def invoke(*args: str | Path):
+    return runner.invoke(app, ["score", *map(str, args)])
+
+
+def one_line_error(result, *fragments: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture
+def scored_run(tmp_path) -> Path:
+    run = write_run(tmp_path)
+    add_samples(run / "samples", ["sksToy on a beach", "a red sksToy toy"], per_variant=2)
+    return run
+
+
+def test_score_latest_prints_table_and_writes_scores(scored_run, monkeypatch):
+    point_latest(scored_run)
+    monkeypatch.chdir(scored_run.parent.parent)
+    result = invoke(*TINY)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for text in ("sksToy toy on a beach", "a red sksToy toy", "overall (2 prompts)", "LoRA", "baseline",
+                 "DINO", "CLIP-I", "CLIP-T", "cosine similarity as is", "scores.json"):
+        assert text in out, text
+    assert "embedded now: dino 10 (cached 0), clip 10 (cached 0)" in result.stderr
+    assert "tiny random scorer models" in result.stderr
+    scores = json.loads((scored_run / "scores.json").read_text())
+    lora = scores["overall"]["lora"]
+    assert f"{lora['dino']:.3f}" in out and f"{lora['clip_t']:.3f}" in out
+    again = invoke("--run", "runs/latest", *TINY)
+    assert again.exit_code == 0 and "embedded now: dino 0 (cached 10), clip 0 (cached 10)" in again.stderr
+
+
+def test_prompts_option_scores_a_subset(scored_run):
+    result = invoke("--run", scored_run, "--prompts", "a red sksToy toy", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "overall (1 prompts)" in result.stdout and "on a beach" not in result.stdout
+
+
+def test_missing_run(tmp_path):
+    one_line_error(invoke("--run", tmp_path / "runs" / "latest", *TINY), "no such run folder", "sdlora train")
+
+
+def test_run_without_lora(tmp_path):
+    run = write_run(tmp_path, lora=False)
+    add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
+    one_line_error(invoke("--run", run, *TINY), "no LoRA in lora/")
+
+
+def test_dataset_without_val_images(tmp_path):
+    run = write_run(tmp_path, val=False)
+    add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
+    one_line_error(invoke("--run", run, *TINY), "manifest.json", "no val images", "--val-fraction")
+
+
+def test_empty_prompts_keep_earlier_scores(scored_run):
+    assert invoke("--run", scored_run, *TINY).exit_code == 0
+    before = (scored_run / "scores.json").read_bytes()
+    one_line_error(invoke("--run", scored_run, "--prompts", "", *TINY), "--prompts: empty prompt")
+    assert (scored_run / "scores.json").read_bytes() == before
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--dino-model", "facebook/dino-vits16", "--clip-model", "tiny-clip"],
+     "scorer model facebook/dino-vits16 is not in the local cache"),
+    (["--dino-model", "tiny-dino"], "scorer model ViT-B-32 (openai) is not in the local cache"),
+    (["--dino-model", "tiny-dino", "--clip-model", "ViT-Q-1"], "--clip-model ViT-Q-1: not an open_clip model"),
+])
+def test_unknown_scorer_model_offline(scored_run, args, fragment):
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    one_line_error(invoke("--run", scored_run, *args), fragment, "tiny-")
+    assert not (scored_run / "scores.json").exists()
+
+
+def test_help():
+    result = runner.invoke(app, ["score", "--help"])
+    assert result.exit_code == 0 and not result.stderr
+    assert "--prompts" in result.stdout and "dreambench" in result.stdout
