@@ -92,6 +92,20 @@ def run(source: Path, out: Path, workers: int, resolution: int) -> tuple[float, 
     return time.perf_counter() - start, len(result.records), result.decoded
 
 
+def cpu_per_photo(files: list[Path], resolution: int) -> float:
+    """CPU seconds one decode worker spends per photo (process time, so other load barely matters)."""
+    from sdlora.data import ingest
+
+    from sdlora.data import images
+
+    images.register_heif(decode_threads=1)
+    ingest._warm()
+    start = time.process_time()
+    for path in files:
+        ingest._decode(ingest._Job("bench", ingest.SourceFile(path.name, path), resolution, "center"))
+    return (time.process_time() - start) / len(files)
+
+
 def bench(name: str, source: Path, workers: int, resolution: int) -> None:
     files = sorted(p for p in source.iterdir())
     mb = sum(p.stat().st_size for p in files) / len(files) / 1e6
@@ -106,6 +120,9 @@ def bench(name: str, source: Path, workers: int, resolution: int) -> None:
         serial, n, _ = run(source, Path(tmp) / "serial", 1, resolution)
         parallel, _, _ = run(source, Path(tmp) / "parallel", workers, resolution)
         rerun, _, decoded = run(source, Path(tmp) / "parallel", workers, resolution)
+    cpu = cpu_per_photo(files, resolution)
+    print(f"  CPU per photo    {cpu:6.3f} s  (decode+orient+resize+PNG+hashes, one thread; load-independent)")
+    print(f"  ceiling on {workers} idle cores: {workers / cpu:6.2f} photos/s")
     print(f"  workers=1        {serial:6.2f} s  {n / serial:6.2f} photos/s")
     print(f"  workers={workers:<8d}{parallel:6.2f} s  {n / parallel:6.2f} photos/s  speed-up {serial / parallel:.2f}x")
     print(f"  re-run (re-use)  {rerun:6.2f} s  {n / rerun:6.1f} photos/s  (decoded {decoded})")

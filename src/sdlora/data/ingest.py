@@ -378,6 +378,7 @@ class _Decoder:
         self.jobs: list[_Job] = []
         self._futures: list[Future] = []
         self._pool: ProcessPoolExecutor | None = None
+        self._warmups: list[Future] = []
 
     def submit(self, job: _Job) -> None:
         self.jobs.append(job)
@@ -392,8 +393,7 @@ class _Decoder:
                 context.set_forkserver_preload([__name__, "imagehash", "scipy.fftpack"])
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
                                              initializer=_init_worker)
-            for _ in range(self.workers):
-                self._pool.submit(_warm)
+            self._warmups = [self._pool.submit(_warm) for _ in range(self.workers)]
         self._futures.append(self._pool.submit(_decode, job))
 
     def results(self) -> list[_Decoded]:
@@ -409,12 +409,22 @@ class _Decoder:
                 out.append(_decode(job))
                 self.report("decoding", i, total)
             return out
-        done_count, pending = 0, set(self._futures)
+        # Until the first worker is up (process start and imports take ~0.5 s), the parent
+        # decodes queued jobs itself, from the back, so that start-up time is not lost.
+        imaging.register_heif(decode_threads=1)
+        local: dict[int, _Decoded] = {}
+        pending = set(self._futures)
         while pending:
+            if not any(f.done() for f in self._warmups):
+                stolen = next((i for i in reversed(range(total)) if i not in local and self._futures[i].cancel()), None)
+                if stolen is not None:
+                    local[stolen] = _decode(self.jobs[stolen])
+                    pending.discard(self._futures[stolen])
+                    self.report("decoding", total - len(pending), total)
+                    continue
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            done_count += len(done)
-            self.report("decoding", done_count, total)
-        return [fut.result() for fut in self._futures]
+            self.report("decoding", total - len(pending), total)
+        return [local[i] if i in local else fut.result() for i, fut in enumerate(self._futures)]
 
     def close(self) -> None:
         if self._pool is not None:
