@@ -207,6 +207,24 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path: Path, tiny
                                                                    abs=1e-5)
 
 
+def test_bf16_dora_and_gradient_checkpointing(tmp_path: Path, tiny_dataset: Path):
+    cfg = tiny_cfg(tmp_path, tiny_dataset, {"train.max_steps": 2, "train.mixed_precision": "bf16", "lora.dora": True,
+                                            "train.gradient_checkpointing": True,
+                                            "validation.prompts": ["a photo of {token} {class}"]})
+    state = loop.setup(cfg)
+    try:
+        unet = state.unwrap(state.unet)
+        trainable = [p for p in unet.parameters() if p.requires_grad]
+        assert trainable and all(p.dtype == torch.float32 for p in trainable)  # LoRA (and DoRA magnitudes) in fp32
+        assert unet.conv_in.weight.dtype == torch.bfloat16 and unet.is_gradient_checkpointing
+        assert any("lora_magnitude_vector" in name for name, _ in unet.named_parameters())
+        result = loop.train(state)
+    finally:
+        loop.cleanup(state)
+    assert all(math.isfinite(r["loss"]) for r in steps_of(result.run_dir))
+    assert (result.run_dir / "samples" / "step-000002" / "00-00.png").is_file()
+
+
 def test_nan_loss_stops_with_the_step(tmp_path: Path, tiny_dataset: Path, monkeypatch):
     real = loop.compute_loss
 
@@ -263,6 +281,8 @@ def test_print_config_resolves_without_training(tmp_path: Path):
          "--target-modules to_nothing: no such modules in the UNet"),
         (lambda d: ["--dataset", str(d), "--resume", str(d / "no-run")], "no such run folder"),
         (lambda d: ["--dataset", str(d), "--optimizer", "sgd"], "'sgd' is not one of adamw, adamw8bit"),
+        (lambda d: ["--dataset", str(d), "--model", "tiny-sd", "--mixed-precision", "fp16"],
+         "--mixed-precision fp16 needs a CUDA GPU"),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path: Path, tiny_dataset: Path, setup_args, message, monkeypatch):

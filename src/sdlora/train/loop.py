@@ -124,6 +124,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     if cfg.train.optimizer == "adamw8bit":
         _bitsandbytes()
 
+    _reset_accelerate_state()
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision,
         log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
@@ -255,6 +256,19 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         accelerator.project_configuration.logging_dir = str(run_dir / "logs")
         accelerator.init_trackers("sdlora", config=_flat(cfg.to_dict()), init_kwargs={"wandb": {"name": run_dir.name}})
     return state
+
+
+def _reset_accelerate_state() -> None:
+    """Forget an earlier run's precision and accumulation settings (accelerate keeps them per process).
+
+    accelerate refuses a second `Accelerator` with another mixed precision in the same process;
+    a Python session or test suite that trains twice needs a clean slate. The process group
+    (PartialState) is kept.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
 
 def _run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> Path:
