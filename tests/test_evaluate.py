@@ -358,3 +358,73 @@ def test_missing_sample_file(tmp_path):
     (run / "samples" / entries[0]["file"]).unlink()
     with pytest.raises(RunError, match="listed in .*samples.json but missing"):
         score_run(load_run(run), report=False, **TINY)
+
+
+# ---- loading real-format models from local folders (the hub code path, offline) ---------------
+
+def test_dino_from_a_local_vit_folder_matches_tiny(tmp_path, dino):
+    from sdlora.evaluate.tiny import tiny_dino
+
+    folder = tmp_path / "my-dino"
+    tiny_dino().save_pretrained(folder)
+    scorer = load_dino(str(folder), "cpu")
+    assert scorer.model.pooler is None and scorer.revision.startswith("local-")
+    image = Image.open(random_png(tmp_path / "x.png", seed=5))
+    assert torch.allclose(scorer.embed([image]), dino.embed([image]), atol=1e-6)
+
+
+def test_dinov2_folder_uses_its_cls_token(tmp_path):
+    from transformers import Dinov2Config, Dinov2Model
+
+    folder = tmp_path / "my-dinov2"
+    torch.manual_seed(0)
+    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, image_size=224, patch_size=14)).eval()
+    model.save_pretrained(folder)
+    scorer = load_dino(str(folder), "cpu")
+    image = Image.open(random_png(tmp_path / "x.png", seed=6))
+    with torch.no_grad():
+        cls = model(pixel_values=_manual_dino_pixels(image)[None]).last_hidden_state[:, 0]
+    assert torch.allclose(scorer.embed([image]), torch.nn.functional.normalize(cls, dim=-1), atol=1e-5)
+
+
+def test_dino_model_of_another_kind_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=50)).save_pretrained(tmp_path / "bert")
+    with pytest.raises(ModelError, match="a 'bert' model; use a ViT or DINOv2 model"):
+        load_dino(str(tmp_path / "bert"), "cpu")
+
+
+def test_clip_from_a_local_open_clip_folder_matches_tiny(tmp_path, clip):
+    from safetensors.torch import save_file
+
+    from sdlora.evaluate.tiny import TINY_CLIP_CONFIG
+
+    folder = tmp_path / "my-clip"
+    folder.mkdir()
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
+    save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    scorer = load_clip(f"local-dir:{folder}", None, "cpu")
+    image = Image.open(random_png(tmp_path / "x.png", seed=7))
+    assert torch.allclose(scorer.embed([image]), clip.embed([image]), atol=1e-5)
+    assert torch.allclose(scorer.embed_text(["a toy"]), clip.embed_text(["a toy"]), atol=1e-5)
+    assert scorer.revision.startswith("local-")
+
+
+@pytest.mark.parametrize(("tag", "quick_gelu"), [("openai", True), ("laion2b_s34b_b79k", False)])
+def test_openai_clip_weights_get_quickgelu(monkeypatch, clip, tag, quick_gelu):
+    # OpenAI's CLIP was trained with QuickGELU; open_clip's ViT-B-32 config uses GELU and only warns.
+    seen = {}
+
+    def fake_create(name, pretrained=None, **kwargs):
+        seen.update(name=name, pretrained=pretrained, **kwargs)
+        return clip.model, None, clip.preprocess
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", fake_create)
+    from sdlora.evaluate import clip as clip_module
+
+    scorer = clip_module._load.__wrapped__("ViT-B-32", tag, "cpu")  # past the lru cache: nothing kept
+    assert (seen["name"], seen["pretrained"], seen["force_quick_gelu"]) == ("ViT-B-32", tag, quick_gelu)
+    assert scorer.info()["quick_gelu"] is quick_gelu

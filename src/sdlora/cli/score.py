@@ -15,7 +15,7 @@ Examples (the run defaults to ./runs/latest; images come from its samples/sample
 
   sdlora score
 
-  sdlora score --prompts dreambench                     # the DreamBooth paper's 25 prompts, 4 images each
+  sdlora score --prompts dreambench          # the paper's 25 object prompts, 4 images each
 
   sdlora score --prompts "sksToy on a beach" --prompts "a red sksToy toy"
 
@@ -23,9 +23,8 @@ Examples (the run defaults to ./runs/latest; images come from its samples/sample
 
   sdlora score --clip-model ViT-L-14 --clip-pretrained openai --batch-size 64
 
-  sdlora score --dino-model tiny-dino --clip-model tiny-clip   # random scorers: offline plumbing check
+  sdlora score --dino-model tiny-dino --clip-model tiny-clip    # offline check
 """
-
 
 def score(
     run: RunOpt = Path("runs/latest"),

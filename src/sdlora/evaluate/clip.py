@@ -19,7 +19,7 @@ import torch
 
 from sdlora.errors import ModelError
 from sdlora.evaluate.dino import resolve_device
-from sdlora.evaluate.hub import cached_revision, scorer_error
+from sdlora.evaluate.hub import cached_revision, folder_fingerprint, scorer_error
 from sdlora.evaluate.tiny import SEED, TINY_CLIP, TINY_CLIP_CONFIG, tiny_clip
 
 DEFAULT_CLIP = "ViT-B-32"
@@ -137,7 +137,9 @@ def _load(model_name: str, pretrained: str | None, device: str) -> ClipScorer:
 
 
 def _revision(model_name: str, pretrained: str | None, tag_cfg: dict[str, Any]) -> str | None:
-    """Where the weights came from: hub repo@commit, a file's size+mtime, or None (random)."""
+    """Where the weights came from: hub repo@commit, a local folder's or file's fingerprint, or None."""
+    if model_name.startswith("local-dir:"):
+        return folder_fingerprint(Path(model_name[len("local-dir:"):]))
     repo = tag_cfg.get("hf_hub", "").strip("/")
     if model_name.startswith("hf-hub:"):
         repo = model_name[len("hf-hub:"):]
