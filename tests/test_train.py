@@ -129,6 +129,25 @@ def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path):
     assert result.best_val_loss is not None
 
 
+def test_real_photos_train_sdxl_with_their_original_sizes(tmp_path: Path, dreambench: Path):
+    from sdlora.data.ingest import prepare_dataset
+    from sdlora.data.manifest import load_manifest
+    from sdlora.train.data import load_examples
+
+    dataset = tmp_path / "duck"
+    prepare_dataset(str(dreambench / "duck_toy"), dataset, resolution=64, workers=1, class_word="duck toy")
+    manifest = load_manifest(dataset)
+    examples = load_examples(dataset, manifest, "train", 64, manifest.token)
+    record = manifest.images[examples[0].path.name]
+    w, h = record.original_size
+    assert examples[0].original_size == (h, w)  # SDXL micro-conditioning is (height, width)
+    top, left = examples[0].crop_top_left
+    assert (top > 0) == (h > w) and (left > 0) == (w > h)  # the center crop's offset in the resized photo
+    result = loop.run_training(tiny_cfg(tmp_path, dataset, {"model.name": "tiny-sdxl", "train.max_steps": 2}))
+    assert all(math.isfinite(r["loss"]) for r in steps_of(result.run_dir))
+    assert (result.run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
 def test_text_encoder_training_logs_both_encoder_grad_norms(tmp_path: Path, tiny_dataset: Path):
     cfg = tiny_cfg(tmp_path, tiny_dataset, {"model.name": "tiny-sdxl", "train.max_steps": 2,
                                             "lora.train_text_encoder": True, "train.text_encoder_lr": 5e-4,
