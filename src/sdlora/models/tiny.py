@@ -12,21 +12,32 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import tempfile
+import os
 from pathlib import Path
 
 import torch
 
+from sdlora.fsutil import write_text
+
 TINY_RESOLUTION = 64
+
+
+def cache_dir() -> Path:
+    """sdlora's cache folder: $SDLORA_CACHE, else ~/.cache/sdlora."""
+    return Path(os.environ.get("SDLORA_CACHE") or Path.home() / ".cache" / "sdlora")
 
 
 @functools.lru_cache(maxsize=1)
 def _clip_tokenizer_files() -> tuple[str, str]:
-    """vocab.json and merges.txt of the CLIP tokenizer, rebuilt from open_clip's BPE file."""
+    """vocab.json and merges.txt of the CLIP tokenizer, rebuilt once from open_clip's BPE file."""
     import open_clip
     from open_clip.tokenizer import bytes_to_unicode
 
     bpe_path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    folder = cache_dir() / "clip-tokenizer"
+    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
+    if vocab_path.is_file() and merges_path.is_file():
+        return str(vocab_path), str(merges_path)
     lines = gzip.open(bpe_path, "rt", encoding="utf-8").read().split("\n")
     # Same construction as OpenAI's CLIP SimpleTokenizer: 48,894 merges, 49,408 tokens.
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
@@ -34,12 +45,9 @@ def _clip_tokenizer_files() -> tuple[str, str]:
     vocab += [v + "</w>" for v in vocab]
     vocab += ["".join(m) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder = Path(tempfile.mkdtemp(prefix="sdlora-clip-tokenizer-"))
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text(
-        "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n", encoding="utf-8"
-    )
-    return str(folder / "vocab.json"), str(folder / "merges.txt")
+    write_text(vocab_path, json.dumps({t: i for i, t in enumerate(vocab)}))
+    write_text(merges_path, "#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return str(vocab_path), str(merges_path)
 
 
 def clip_tokenizer(pad_token: str = "<|endoftext|>"):
