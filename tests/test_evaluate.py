@@ -428,3 +428,9 @@ def test_openai_clip_weights_get_quickgelu(monkeypatch, clip, tag, quick_gelu):
     scorer = clip_module._load.__wrapped__("ViT-B-32", tag, "cpu")  # past the lru cache: nothing kept
     assert (seen["name"], seen["pretrained"], seen["force_quick_gelu"]) == ("ViT-B-32", tag, quick_gelu)
     assert scorer.info()["quick_gelu"] is quick_gelu
+
+
+def test_explicit_samples_file_that_is_missing(tmp_path):
+    run = write_run(tmp_path)
+    with pytest.raises(RunError, match="other.json: missing"):
+        score_run(load_run(run), samples_json=run / "other.json", report=False, **TINY)

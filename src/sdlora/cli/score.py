@@ -26,6 +26,7 @@ Examples (the run defaults to ./runs/latest; images come from its samples/sample
   sdlora score --dino-model tiny-dino --clip-model tiny-clip    # offline check
 """
 
+
 def score(
     run: RunOpt = Path("runs/latest"),
     prompts: Annotated[

@@ -150,12 +150,16 @@ def _missing_prompts(samples: list[Sample], prompts: list[str], run: RunInfo, mi
 
 
 def ensure_samples(run: RunInfo, prompts: list[str], samples_json: Path, *, min_images: int, num_images: int,
-                   seed: int, steps: int | None, device: str | None, on_progress: ProgressFn | None) -> list[str]:
-    """Generate (LoRA and baseline) the prompts that have too few images; returns those prompts."""
+                   seed: int, steps: int | None, device: str | None,
+                   on_progress: ProgressFn | None) -> tuple[list[str], Path]:
+    """Generate (LoRA and baseline) the prompts that have too few images.
+
+    Returns the prompts generated now and the samples.json that lists them all.
+    """
     existing = load_samples(samples_json) if samples_json.is_file() else []
     missing = _missing_prompts(existing, prompts, run, min_images)
     if not missing:
-        return []
+        return [], samples_json
     try:
         from sdlora.generate import generate_samples
     except ImportError:
@@ -165,8 +169,7 @@ def ensure_samples(run: RunInfo, prompts: list[str], samples_json: Path, *, min_
                               "baseline": True, "device": device, "on_progress": on_progress}
     if steps is not None:
         kwargs["steps"] = steps
-    generate_samples(run, missing, **kwargs)
-    return missing
+    return missing, Path(generate_samples(run, missing, **kwargs))
 
 
 # ---- embedding ------------------------------------------------------------------------------
@@ -190,6 +193,8 @@ def embed_files(scorer: Any, paths: Sequence[Path], digests: Sequence[str], cach
     todo = {d: p for p, d in zip(paths, digests) if d not in cache}
     items = list(todo.items())
     label = f"embedding images ({scorer.kind})"
+    if on_progress and items:
+        on_progress(label, 0, len(items))
     for start in range(0, len(items), batch_size):
         batch = items[start:start + batch_size]
         vectors = scorer.embed([_open_rgb(p) for _, p in batch])
@@ -242,11 +247,13 @@ def score_samples(samples: list[Sample], real_paths: list[Path], *, token: str, 
         emb[scorer.kind], real[scorer.kind] = vectors[:n], vectors[n:]
     prompts = list(dict.fromkeys(s.prompt for s in samples))
     texts = {"clip_t": [remove_token(p, token) for p in prompts], "clip_t_with_token": prompts}
+    # cos(image, its prompt's text) per image: row i of the image embeddings against its prompt's row
+    image_emb = _unit(emb["clip"].numpy().astype(np.float64))
+    prompt_row = np.array([prompts.index(s.prompt) for s in samples])
     text_cos: dict[str, np.ndarray] = {}
     for name, prompt_texts in texts.items():
-        text_emb = dict(zip(prompts, clip.embed_text(prompt_texts).numpy().astype(np.float64)))
-        image_emb = _unit(emb["clip"].numpy().astype(np.float64))
-        text_cos[name] = np.array([image_emb[i] @ _unit(text_emb[s.prompt][None])[0] for i, s in enumerate(samples)])
+        text_emb = _unit(clip.embed_text(prompt_texts).numpy().astype(np.float64))
+        text_cos[name] = np.einsum("ij,ij->i", image_emb, text_emb[prompt_row])
 
     def rows(prompt: str | None, variant: str) -> list[int]:
         return [i for i, s in enumerate(samples) if s.variant == variant and (prompt is None or s.prompt == prompt)]
@@ -293,20 +300,24 @@ def score_run(
     Default: every image in samples.json, or the run's validation prompts when there is none.
     """
     wanted = resolve_prompts(prompts, run)
+    dreambench = prompts is not None and DREAMBENCH in [p.strip() for p in prompts]
+    prompt_set = DREAMBENCH if dreambench else ("given" if prompts is not None else "all samples")
     lora_dir = run.lora_dir()  # RunError for a run without a LoRA
     real_paths = val_photos(run.dataset)
-    samples_json = Path(samples_json) if samples_json else run.path / SAMPLES_DIR / SAMPLES_JSON
-    if wanted is None and not samples_json.is_file():
-        wanted = default_prompts(run)
+    if samples_json is None:
+        samples_json = run.path / SAMPLES_DIR / SAMPLES_JSON
+        if wanted is None and not samples_json.is_file():
+            wanted = default_prompts(run)  # a fresh run: sample its validation prompts
+            prompt_set = "validation prompts"
+    samples_json = Path(samples_json)
     # Load the scorers before any generation: an unknown scorer fails in seconds, not after sampling.
     dino = load_dino(dino_model, device)
     clip = load_clip(clip_model, clip_pretrained, device)
     generated: list[str] = []
     if wanted is not None:
-        dreambench = prompts is not None and DREAMBENCH in [p.strip() for p in prompts]
-        generated = ensure_samples(run, wanted, samples_json, min_images=num_images if dreambench else 1,
-                                   num_images=num_images, seed=seed, steps=steps, device=device,
-                                   on_progress=on_progress)
+        generated, samples_json = ensure_samples(
+            run, wanted, samples_json, min_images=num_images if dreambench else 1, num_images=num_images,
+            seed=seed, steps=steps, device=device, on_progress=on_progress)
     samples = load_samples(samples_json)
     if wanted is not None:
         samples = [s for s in samples if any(_matches(s, p, run) for p in wanted)]
@@ -322,8 +333,7 @@ def score_run(
         "lora_dir": str(lora_dir),
         "token": run.token,
         "class_word": run.class_word,
-        "prompt_set": DREAMBENCH if prompts is not None and DREAMBENCH in prompts else
-                      ("given" if prompts is not None else "all samples"),
+        "prompt_set": prompt_set,
         "scale": SCALE,
         "scorers": {"dino": dino.info(), "clip": clip.info()},
         "real": {"dataset": str(run.dataset), "split": "val", "count": len(real_paths),
