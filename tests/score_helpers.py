@@ -70,3 +70,20 @@ def add_samples(samples_dir: Path, prompts: Sequence[str], *, per_variant: int =
     data["images"] = [e for e in data["images"] if e["file"] not in files] + new
     path.write_text(json.dumps(data, indent=1))
     return new
+
+
+def write_real_lora(run: Path, model: str = "tiny-sd") -> None:
+    """A real (random) UNet LoRA for a tiny model, saved by diffusers' own save_lora_weights."""
+    import torch
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from sdlora.models import load_pipeline
+
+    pipe, _ = load_pipeline(model)
+    torch.manual_seed(0)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(run / "lora", unet_lora_layers=layers)

@@ -115,3 +115,24 @@ def test_help():
     result = runner.invoke(app, ["score", "--help"])
     assert result.exit_code == 0 and not result.stderr
     assert "--prompts" in result.stdout and "dreambench" in result.stdout
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_score_generates_with_the_real_sampler(tmp_path, model):
+    """End to end with sdlora.generate: a run with a real LoRA and no samples gets its prompt sampled
+    (LoRA + baseline, same seeds) and scored."""
+    pytest.importorskip("sdlora.generate", reason="sdlora.generate (the sampler) has not landed")
+    from score_helpers import write_real_lora
+
+    run = write_run(tmp_path, lora=False, model={"name": model})
+    write_real_lora(run, model)
+    result = invoke("--run", run, "--prompts", "sksToy on a beach", "--num-images", "1", "--steps", "2", *TINY)
+    assert result.exit_code == 0, result.output
+    scores = json.loads((run / "scores.json").read_text())
+    assert scores["generated_now"] == ["sksToy on a beach"]
+    [entry] = scores["prompts"]
+    assert entry["prompt"] == "sksToy toy on a beach" and entry["prompt_without_token"] == "toy on a beach"
+    assert entry["lora"]["images"] == 1 and entry["baseline"]["images"] == 1
+    samples = json.loads((run / "samples" / "samples.json").read_text())
+    seeds = {e["variant"]: e["seed"] for e in samples["images"]}
+    assert seeds["lora"] == seeds["baseline"]
