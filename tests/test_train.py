@@ -281,6 +281,17 @@ def test_cli_trains_and_prints_the_plan(tmp_path: Path, tiny_dataset: Path):
                    "--name", "cli")
     assert again.exit_code == 1 and "a run with this name exists" in again.output
 
+    # --resume latest continues from the end-of-run checkpoint; the LoRA shape stays the checkpoint's.
+    resumed = invoke("--resume", "latest", "--runs-dir", str(tmp_path / "runs"), "--max-steps", "3",
+                     "--rank", "8", "--learning-rate", "5e-4")
+    assert resumed.exit_code == 0, resumed.output
+    assert "using the checkpoint's 16" in resumed.output and "using 0.0005 from the command line" in resumed.output
+    assert "resumed at step 2" in resumed.output
+    run = tmp_path / "runs" / "cli"
+    assert [r["step"] for r in steps_of(run)] == [1, 2, 3] and steps_of(run)[-1]["lr"] == 5e-4
+    saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    assert saved["train"]["max_steps"] == 3 and saved["lora"]["rank"] == 16 and saved["run"]["name"] is None
+
 
 def test_print_config_resolves_without_training(tmp_path: Path):
     result = invoke("--config", "tiny", "--rank", "2", "lora.dropout=0.1", "--print-config")

@@ -157,7 +157,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     )
     run_dir = _run_dir(cfg, accelerator, resume)
     if accelerator.is_main_process:
-        config_mod.save_config(cfg, run_dir / CONFIG)
+        config_mod.save_config(_repeatable(cfg), run_dir / CONFIG)
         point_latest(run_dir)
     weight_dtype = _DTYPES[cfg.train.mixed_precision]
     device = accelerator.device
@@ -256,6 +256,11 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         accelerator.project_configuration.logging_dir = str(run_dir / "logs")
         accelerator.init_trackers("sdlora", config=_flat(cfg.to_dict()), init_kwargs={"wandb": {"name": run_dir.name}})
     return state
+
+
+def _repeatable(cfg: Config) -> Config:
+    """The config as saved in the run: without the run's name, so `--config runs/x/config.yaml` makes a new run."""
+    return config_mod.replace(cfg, run={"name": None})
 
 
 def _reset_accelerate_state() -> None:
@@ -753,7 +758,7 @@ def save_checkpoint(state: TrainState) -> Path:
             "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
             "config_hash": config_mod.config_hash(state.cfg),
             "loss_mean": state.loss_mean.state_dict(),
-        }, state.cfg)
+        }, _repeatable(state.cfg))
         ckpt.prune(state.run_dir, state.cfg.checkpoint.keep_checkpoints)
         state.emit({"event": "checkpoint", "step": state.step, "path": str(folder)})
     state.last_checkpoint = folder
@@ -768,6 +773,7 @@ def _load_checkpoint(state: TrainState) -> None:
         state.emit({"event": "warning", "message": f"{folder}: the config differs from the checkpoint's "
                                                    "(see the warnings above); continuing with the resolved config"})
     state.accelerator.load_state(str(folder))
+    _apply_optimizer_config(state)
     state.step = int(saved["step"])
     state.best_val_loss = saved["best_val_loss"] if saved.get("best_val_loss") is not None else math.inf
     if saved.get("loss_mean"):
@@ -776,6 +782,22 @@ def _load_checkpoint(state: TrainState) -> None:
     if state.is_main:
         _truncate_metrics(state.run_dir / METRICS, state.step)
     state.emit({"event": "resumed", "step": state.step, "path": str(folder)})
+
+
+def _apply_optimizer_config(state: TrainState) -> None:
+    """The config's learning rates and AdamW settings over the checkpoint's (a resume may change them).
+
+    The optimizer's and scheduler's saved states carry the old values; the schedule's position
+    (its step count) and the Adam moments are kept.
+    """
+    cfg, scheduler = state.cfg, state.lr_scheduler
+    te_lr = cfg.train.text_encoder_lr or cfg.train.learning_rate
+    base = [cfg.train.learning_rate if name == "unet" else te_lr for name in state.param_groups]
+    scheduler.base_lrs = list(base)
+    for group, lr, factor in zip(state.optimizer.param_groups, base, scheduler.lr_lambdas):
+        group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch), weight_decay=cfg.train.weight_decay,
+                     betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon)
+    scheduler._last_lr = [group["lr"] for group in state.optimizer.param_groups]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
