@@ -8,6 +8,14 @@ For each prompt and for the LoRA and the baseline (the base model alone, same se
           with the prompt as generated (`clip_t_with_token`)
 The overall figures pool every image of a variant (= the mean of the per-image figures).
 Cosines are reported as they are (range -1..1; 1 = the same embedding), not rescaled.
+
+scores.json (written atomically into the run folder; `report.py` reads it):
+  overall.{lora,baseline}: {dino, clip_i, clip_t, clip_t_with_token, images, real_images, prompts}
+                           (null when that variant has no images)
+  prompts[]: {prompt, prompt_as_written, prompt_without_token, lora: {...}, baseline: {...}}
+  scorers.{dino,clip}: model, revision, library version, embedding, exact preprocessing
+  real: {dataset, split, count, files}; embedded/cached: images embedded now / found in the cache
+  plus schema_version, created, run, samples, lora_dir, token, class_word, prompt_set, scale
 """
 
 from __future__ import annotations
