@@ -11,11 +11,9 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-Crop = Literal["center", "pad"]
 CROPS: tuple[str, ...] = ("center", "pad")
 
 # Room for 200-MP phone photos (16320x12240); Pillow's default refuses anything above ~179 MP.
