@@ -328,12 +328,9 @@ def test_cache_entries_record_failures(tmp_path):
 
 def test_example_photos_prepare_upright(tmp_path):
     # examples/photos ships with the project: all 12 usable, the 3 stored sideways turned upright.
-    import importlib.util
+    from sdlora import example_photos as make_photos
 
     examples = Path(__file__).resolve().parents[1] / "examples"
-    spec = importlib.util.spec_from_file_location("make_photos", examples / "make_photos.py")
-    make_photos = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_photos)
     result = prepare_dataset(str(examples / "photos"), tmp_path / "ds", resolution=64, workers=1)
     assert len(result.records) == 12 and not result.skipped
     for index, orientation in make_photos.SIDEWAYS.items():
@@ -344,3 +341,12 @@ def test_example_photos_prepare_upright(tmp_path):
         want = ImageOps.fit(make_photos.render(index), (64, 64))
         assert rec.original_size == make_photos.SIZE
         assert corr(small_thumb(got), small_thumb(want)) > 0.95
+
+
+def test_example_photos_are_what_the_generator_renders(tmp_path):
+    # The committed examples/photos and the ones `sdlora demo` renders are the same pictures.
+    from sdlora.example_photos import write_example_photos
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "photos"
+    for path in write_example_photos(tmp_path):
+        assert corr(small_thumb(Image.open(path)), small_thumb(Image.open(examples / path.name))) > 0.99
