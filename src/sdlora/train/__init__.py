@@ -1,0 +1,1 @@
+"""Training: the loop, its losses and monitoring, and LoRA export (diffusers and kohya formats)."""

@@ -1,0 +1,156 @@
+"""Writing a trained LoRA: the diffusers file and the kohya file, both with sdlora's metadata.
+
+- `pytorch_lora_weights.safetensors`: written by the pipeline class's own `save_lora_weights`
+  (peft state dicts with `unet.` / `text_encoder.` prefixes, as `save_lora_adapter` writes them,
+  plus each adapter's LoraConfig as diffusers' adapter metadata, so a lora_alpha other than the rank survives loading), so that
+  `pipe.load_lora_weights(out_dir)` loads it.
+- `<kohya_name>.safetensors`: the same weights in kohya's format for AUTOMATIC1111 / ComfyUI
+  (train/kohya.py), with the `ss_*` and `modelspec.*` keys those tools read.
+
+Both files get the `sdlora.*` metadata of `build_metadata`. Nothing is written before both files
+are fully built, and each lands by rename: a failure leaves the previous files as they were.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors.torch import save_file
+
+import sdlora
+from sdlora.errors import ConfigError
+from sdlora.fsutil import atomic_path
+from sdlora.models.arch import Architecture
+from sdlora.train.kohya import UNET, KohyaNames, load_kohya, module_alphas, peft_to_kohya
+
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
+ADAPTER = "default"
+META_PREFIX = "sdlora."
+
+# modelspec (https://github.com/Stability-AI/ModelSpec) architecture and implementation per arch,
+# as sd-scripts' library/sai_model_spec.py writes them for LoRAs.
+MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
+MODELSPEC_IMPL = {"sd1": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
+
+
+def _number(value: float) -> str:
+    """16.0 -> "16", 0.5 -> "0.5": how sd-scripts prints network_alpha."""
+    return f"{float(value):g}"
+
+
+def build_metadata(*, base_model: str, arch: Architecture, rank: int, alpha: float, token: str, class_word: str,
+                   steps: int, resolution: int, **extra: str) -> dict[str, str]:
+    """sdlora's header metadata (all strings, keys `sdlora.<name>`); `extra` adds more keys the same way."""
+    metadata = {
+        "version": sdlora.__version__,
+        "base_model": base_model,
+        "architecture": arch.name,
+        "rank": str(int(rank)),
+        "alpha": _number(alpha),
+        "token": token,
+        "class_word": class_word,
+        "steps": str(int(steps)),
+        "resolution": str(int(resolution)),
+        **{key: str(value) for key, value in extra.items()},
+    }
+    return {META_PREFIX + key: value for key, value in metadata.items()}
+
+
+def kohya_metadata(arch: Architecture, lora_config: Any, metadata: Mapping[str, str], title: str) -> dict[str, str]:
+    """The keys AUTOMATIC1111 / ComfyUI / civitai read from a kohya LoRA (sd-scripts' train_network.py)."""
+    out = {
+        # A1111 files a LoRA as SDXL only by this key.
+        "ss_base_model_version": arch.kohya_base_version,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(int(lora_config.r)),
+        "ss_network_alpha": _number(lora_config.lora_alpha),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCH[arch.name],
+        "modelspec.implementation": MODELSPEC_IMPL[arch.name],
+        "modelspec.title": title,
+    }
+    if lora_config.use_dora:  # dora_scale is LyCORIS's extension of the format
+        out["ss_network_module"] = "lycoris.kohya"
+        out["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
+    if "sdlora.base_model" in metadata:
+        out["ss_sd_model_name"] = metadata["sdlora.base_model"]
+    if "sdlora.steps" in metadata:
+        out["ss_steps"] = metadata["sdlora.steps"]
+    if "sdlora.resolution" in metadata:
+        size = metadata["sdlora.resolution"]
+        out["ss_resolution"] = f"({size}, {size})"
+        out["modelspec.resolution"] = f"{size}x{size}"
+    if "sdlora.token" in metadata:
+        out["modelspec.trigger_phrase"] = metadata["sdlora.token"]
+    out["ss_output_name"] = title
+    return out
+
+
+def _components(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None,
+                arch: Architecture) -> dict[str, torch.nn.Module]:
+    """Pipeline attribute name -> model carrying the LoRA adapter."""
+    models = {UNET: unet}
+    if text_encoders:
+        if len(text_encoders) != len(arch.text_encoders):
+            raise ValueError(f"an {arch.name} LoRA has {len(arch.text_encoders)} text encoder(s), "
+                             f"got {len(text_encoders)}")
+        models.update(zip(arch.text_encoders, text_encoders))
+    for name, model in models.items():
+        if ADAPTER not in getattr(model, "peft_config", {}):
+            raise ValueError(f"the {name} has no LoRA adapter {ADAPTER!r} to save")
+    return models
+
+
+def _diffusers_file(folder: Path, arch: Architecture, lora: Mapping[str, Mapping[str, torch.Tensor]],
+                    configs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header of the file the pipeline's own `save_lora_weights` writes (in a temp folder)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = StableDiffusionXLPipeline if arch.is_sdxl else StableDiffusionPipeline
+    kwargs: dict[str, Any] = {}
+    for name, state_dict in lora.items():
+        # peft keys as they are: `convert_state_dict_to_diffusers` renames only the attention
+        # projections (to_q.lora.down), and diffusers' loader decides the format of the whole UNet
+        # dict from its first key, so a mix (with ff.net / proj_in targets) would load half the LoRA.
+        kwargs[f"{name}_lora_layers"] = dict(state_dict)
+        kwargs[f"{name}_lora_adapter_metadata"] = configs[name].to_dict()
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".diffusers-") as tmp:
+        pipeline_class.save_lora_weights(tmp, **kwargs)
+        return load_kohya(Path(tmp) / LORA_WEIGHTS)  # any safetensors file: tensors + header
+
+
+def save_lora(out_dir: Path, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None,
+              arch: Architecture, *, metadata: dict[str, str], kohya_name: str) -> None:
+    """Write out_dir/pytorch_lora_weights.safetensors (diffusers) and out_dir/<kohya_name>.safetensors (kohya).
+
+    `unet` and `text_encoders` carry a peft adapter named "default" (`add_adapter(LoraConfig(...))`);
+    `text_encoders` (all of the architecture's, in order) only when they were trained.
+    """
+    from peft import get_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    kohya_file = f"{kohya_name}.safetensors"
+    if not kohya_name or Path(kohya_name).name != kohya_name or kohya_name.startswith(".") or kohya_file == LORA_WEIGHTS:
+        raise ConfigError(f"{kohya_name!r} cannot name the kohya LoRA file; use a plain file name such as the run name")
+    bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"safetensors metadata must be strings: {bad}")
+
+    models = _components(unet, text_encoders, arch)
+    lora = {name: get_peft_model_state_dict(model, adapter_name=ADAPTER) for name, model in models.items()}
+    configs = {name: model.peft_config[ADAPTER] for name, model in models.items()}
+    # Build the kohya tensors first: an unmappable module fails before anything is written.
+    names = KohyaNames.for_models(arch, unet.config, text_encoders)
+    kohya = peft_to_kohya(lora, {name: module_alphas(model, ADAPTER) for name, model in models.items()}, names)
+    kohya_meta = {**metadata, **kohya_metadata(arch, configs[UNET], metadata, title=kohya_name)}
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors, header = _diffusers_file(out_dir, arch, lora, configs)
+    diffusers_meta = {**metadata, **header}  # diffusers' own keys (format, lora_adapter_metadata) win
+    with atomic_path(out_dir / LORA_WEIGHTS) as diffusers_tmp, atomic_path(out_dir / kohya_file) as kohya_tmp:
+        save_file(tensors, str(diffusers_tmp), metadata=diffusers_meta)
+        save_file(kohya, str(kohya_tmp), metadata=kohya_meta)

@@ -1,0 +1,332 @@
+"""The kohya LoRA format (sd-scripts, AUTOMATIC1111, ComfyUI): name tables and one converter each way.
+
+A kohya file holds, per adapted module, `<name>.lora_down.weight` (peft's lora_A),
+`<name>.lora_up.weight` (lora_B), a scalar `<name>.alpha` (the update is scaled by alpha / rank)
+and, for DoRA, `<name>.dora_scale`. Module names are the module's path with dots turned into
+underscores, behind a prefix per model:
+
+- UNet, SD 1.x: the diffusers path, because sd-scripts trains SD 1.x on a diffusers-layout UNet
+  (`lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q`).
+- UNet, SDXL: the original SGM path, because sd-scripts trains SDXL on SGM's own UNet
+  (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`); the block numbers follow from
+  the UNet config's `layers_per_block` (sd-scripts' `library/sdxl_model_util.py`; diffusers
+  reverses it in `loaders/lora_conversion_utils.py::_maybe_map_sgm_blocks_to_diffusers`).
+- Text encoders: `lora_te_` (SD 1.x), `lora_te1_` / `lora_te2_` (SDXL), then the transformers
+  path (`lora_te_text_model_encoder_layers_0_self_attn_q_proj`).
+
+Underscores are ambiguous on the way back, so both directions go through the tables below, and a
+module outside them is an error rather than a guess. Supported: every linear/conv layer of the
+UNet's attention blocks and resnets, and the text encoders' attention and MLP projections.
+
+DoRA: peft keeps one magnitude per output feature (`lora_magnitude_vector`, shape (out,), or
+(1, out, 1, 1) for convs). It is written as `dora_scale` of shape (out, 1[, 1, 1]): LyCORIS's
+layout for a decomposition on the output axis (`wd_on_out`), the one ComfyUI and Forge recognise
+by its first dimension. AUTOMATIC1111's built-in loader only knows input-axis DoRA, and
+diffusers' `load_lora_weights` drops `dora_scale` from kohya files with a warning: in diffusers,
+load a DoRA from the diffusers-format file instead.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from sdlora.models.arch import Architecture
+
+UNET = "unet"
+UNET_PREFIX = "lora_unet"
+
+# peft state-dict suffix -> kohya suffix (the alpha is not a peft tensor; see `peft_to_kohya`).
+PEFT_TO_KOHYA_SUFFIX = {
+    ".lora_A.weight": ".lora_down.weight",
+    ".lora_B.weight": ".lora_up.weight",
+    ".lora_magnitude_vector": ".dora_scale",
+}
+KOHYA_TO_PEFT_SUFFIX = {v: k for k, v in PEFT_TO_KOHYA_SUFFIX.items()}
+ALPHA_SUFFIX = ".alpha"
+
+# Module paths inside one block, "{}" standing for a number: (diffusers path, SGM path).
+# A Transformer2DModel has the same inner names in diffusers and in SGM's SpatialTransformer.
+_ATTENTION_INNER = [
+    "proj_in",
+    "proj_out",
+    *(f"transformer_blocks.{{}}.{attn}.{proj}" for attn in ("attn1", "attn2")
+      for proj in ("to_q", "to_k", "to_v", "to_out.0")),
+    "transformer_blocks.{}.ff.net.0.proj",
+    "transformer_blocks.{}.ff.net.2",
+]
+ATTENTION_MODULES: list[tuple[str, str]] = [(p, p) for p in _ATTENTION_INNER]
+RESNET_MODULES: list[tuple[str, str]] = [
+    ("conv1", "in_layers.2"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv2", "out_layers.3"),
+    ("conv_shortcut", "skip_connection"),
+]
+# Inside the CLIP text transformer (kohya names put `text_model_` before these).
+TEXT_ENCODER_MODULES: list[str] = [
+    *(f"encoder.layers.{{}}.self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")),
+    "encoder.layers.{}.mlp.fc1",
+    "encoder.layers.{}.mlp.fc2",
+]
+# SGM's middle block is resnet, attention, resnet.
+SGM_MIDDLE = {("resnets", 0): 0, ("attentions", 0): 1, ("resnets", 1): 2}
+
+_DIFFUSERS_BLOCK = re.compile(r"(down_blocks|up_blocks)\.(\d+)\.(attentions|resnets)\.(\d+)\.(.+)")
+_DIFFUSERS_MID = re.compile(r"mid_block\.(attentions|resnets)\.(\d+)\.(.+)")
+
+
+def _template_regex(template: str, sep: str) -> re.Pattern[str]:
+    parts = [re.escape(p.replace(".", sep)) for p in template.split("{}")]
+    return re.compile(r"(\d+)".join(parts))
+
+
+def _translate(name: str, pairs: Iterable[tuple[str, str]], src_sep: str = ".", dst_sep: str = ".") -> str | None:
+    """`name` matched against the left templates (separator `src_sep`), rendered with the right one."""
+    for left, right in pairs:
+        match = _template_regex(left, src_sep).fullmatch(name)
+        if match:
+            return right.replace(".", dst_sep).format(*match.groups())
+    return None
+
+
+class KohyaKeyError(ValueError):
+    """A module or key that has no place in the kohya format (or in the model)."""
+
+
+@dataclass(frozen=True)
+class KohyaNames:
+    """Module names of one model family: diffusers/transformers paths <-> kohya names."""
+
+    arch: Architecture
+    layers_per_block: int  # the UNet's; SDXL block numbers depend on it
+    # Per text encoder, the path of its CLIP text transformer inside the model: "text_model." for
+    # CLIPTextModelWithProjection (and CLIPTextModel before transformers 5), "" for transformers 5's
+    # CLIPTextModel. kohya names always read `text_model_encoder_...`.
+    text_roots: tuple[str, ...] = ()
+
+    @classmethod
+    def for_models(cls, arch: Architecture, unet_config: Mapping[str, Any],
+                   text_encoders: Sequence[torch.nn.Module] | None = None) -> "KohyaNames":
+        """Names for a UNet config and (optionally) the text encoders paths are read from and written for."""
+        layers = unet_config.get("layers_per_block")
+        if not isinstance(layers, int):
+            raise KohyaKeyError(f"the kohya format needs one layers_per_block for the whole UNet, got {layers!r}")
+        roots = tuple(_text_root(encoder) for encoder in text_encoders or ())
+        return cls(arch, layers, roots)
+
+    @property
+    def prefixes(self) -> dict[str, str]:
+        """Component (pipeline attribute) -> kohya prefix."""
+        return {UNET: UNET_PREFIX, **dict(zip(self.arch.text_encoders, self.arch.kohya_te_prefixes))}
+
+    def _root(self, component: str) -> str:
+        index = self.arch.text_encoders.index(component)
+        return self.text_roots[index] if index < len(self.text_roots) else "text_model."
+
+    # ------------------------------------------------------------------ to kohya
+
+    def to_kohya(self, component: str, path: str) -> str:
+        prefix = self.prefixes.get(component)
+        if prefix is None:
+            raise KohyaKeyError(f"no kohya prefix for model part {component!r} of an {self.arch.name} pipeline")
+        if component == UNET:
+            inner = self._unet_to_kohya(path)
+        else:
+            root = self._root(component)
+            inner = _translate(path[len(root):], [(t, f"text_model.{t}") for t in TEXT_ENCODER_MODULES],
+                               dst_sep="_") if path.startswith(root) else None
+        if inner is None:
+            raise KohyaKeyError(f"{component} module {path!r} has no kohya name (supported: UNet attention and "
+                                "resnet layers, text-encoder attention and MLP projections)")
+        return f"{prefix}_{inner}"
+
+    def _unet_to_kohya(self, path: str) -> str | None:
+        if match := _DIFFUSERS_BLOCK.fullmatch(path):
+            kind, block, part, index, inner = match.groups()
+        elif match := _DIFFUSERS_MID.fullmatch(path):
+            kind, block, (part, index, inner) = "mid_block", "0", match.groups()
+        else:
+            return None
+        table = ATTENTION_MODULES if part == "attentions" else RESNET_MODULES
+        if not self.arch.is_sdxl:
+            return path.replace(".", "_") if _translate(inner, table) is not None else None
+        sgm_inner = _translate(inner, table, dst_sep="_")
+        sgm_block = self._sgm_block(kind, int(block), part, int(index))
+        return None if sgm_inner is None or sgm_block is None else f"{sgm_block}_{sgm_inner}"
+
+    def _sgm_block(self, kind: str, block: int, part: str, index: int) -> str | None:
+        """SGM block of a diffusers block: input_blocks.N.{0 resnet, 1 attention}, middle_block.N, ..."""
+        per = self.layers_per_block
+        sub = 1 if part == "attentions" else 0
+        if kind == "down_blocks" and index < per:  # input_blocks.0 is conv_in; each block ends with a downsampler
+            return f"input_blocks_{1 + block * (per + 1) + index}_{sub}"
+        if kind == "up_blocks" and index <= per:  # up blocks have one layer more
+            return f"output_blocks_{block * (per + 1) + index}_{sub}"
+        if kind == "mid_block" and (part, index) in SGM_MIDDLE:
+            return f"middle_block_{SGM_MIDDLE[part, index]}"
+        return None
+
+    # ------------------------------------------------------------------ from kohya
+
+    def from_kohya(self, name: str) -> tuple[str, str]:
+        """(component, module path) of a kohya module name."""
+        for component, prefix in self.prefixes.items():
+            if name.startswith(prefix + "_"):
+                body = name[len(prefix) + 1 :]
+                path = self._unet_from_kohya(body) if component == UNET else _translate(
+                    body, [(f"text_model.{t}", self._root(component) + t) for t in TEXT_ENCODER_MODULES], src_sep="_")
+                if path is not None:
+                    return component, path
+                break
+        raise KohyaKeyError(f"unrecognised kohya module {name!r} for an {self.arch.name} LoRA")
+
+    def _unet_from_kohya(self, body: str) -> str | None:
+        per = self.layers_per_block
+        if not self.arch.is_sdxl:
+            if match := re.fullmatch(r"(down_blocks|up_blocks)_(\d+)_(attentions|resnets)_(\d+)_(.+)", body):
+                kind, block, part, index, inner = match.groups()
+                prefix = f"{kind}.{block}.{part}.{index}"
+            elif match := re.fullmatch(r"mid_block_(attentions|resnets)_(\d+)_(.+)", body):
+                part, index, inner = match.groups()
+                prefix = f"mid_block.{part}.{index}"
+            else:
+                return None
+            table = ATTENTION_MODULES if part == "attentions" else RESNET_MODULES
+            inner_path = _translate(inner, [(d, d) for d, _ in table], src_sep="_")
+        else:
+            if match := re.fullmatch(r"input_blocks_(\d+)_([01])_(.+)", body):
+                n, sub, inner = int(match[1]), int(match[2]), match[3]
+                block, index = divmod(n - 1, per + 1)
+                if n < 1 or index >= per:
+                    return None
+                kind = "down_blocks"
+            elif match := re.fullmatch(r"output_blocks_(\d+)_([01])_(.+)", body):
+                n, sub, inner = int(match[1]), int(match[2]), match[3]
+                block, index = divmod(n, per + 1)
+                kind = "up_blocks"
+            elif match := re.fullmatch(r"middle_block_([012])_(.+)", body):
+                (part, index), inner = next(k for k, v in SGM_MIDDLE.items() if v == int(match[1])), match[2]
+                sub = 1 if part == "attentions" else 0
+                kind = "mid_block"
+            else:
+                return None
+            part = "attentions" if sub == 1 else "resnets"
+            prefix = f"mid_block.{part}.{index}" if kind == "mid_block" else f"{kind}.{block}.{part}.{index}"
+            table = ATTENTION_MODULES if part == "attentions" else RESNET_MODULES
+            inner_path = _translate(inner, [(s, d) for d, s in table], src_sep="_")
+        return None if inner_path is None else f"{prefix}.{inner_path}"
+
+
+def _text_root(encoder: torch.nn.Module) -> str:
+    return "text_model." if isinstance(getattr(encoder, "text_model", None), torch.nn.Module) else ""
+
+
+# ====================================================================== state dicts
+
+
+def _split_peft_key(key: str) -> tuple[str, str]:
+    for suffix in PEFT_TO_KOHYA_SUFFIX:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    raise KohyaKeyError(f"unrecognised LoRA tensor {key!r} (expected lora_A, lora_B or lora_magnitude_vector)")
+
+
+def peft_to_kohya(
+    lora: Mapping[str, Mapping[str, torch.Tensor]],
+    alphas: Mapping[str, Mapping[str, float]],
+    names: KohyaNames,
+) -> dict[str, torch.Tensor]:
+    """kohya state dict from peft state dicts (component -> `get_peft_model_state_dict`).
+
+    `alphas[component][module path]` is the module's lora_alpha (written as is: never the rank).
+    Raises `KohyaKeyError` on any key it cannot place.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for component, state_dict in lora.items():
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state_dict.items():
+            path, suffix = _split_peft_key(key)
+            modules.setdefault(path, {})[suffix] = tensor
+        for path, tensors in modules.items():
+            if ".lora_A.weight" not in tensors or ".lora_B.weight" not in tensors:
+                raise KohyaKeyError(f"{component} module {path!r} lacks lora_A or lora_B")
+            if path not in alphas.get(component, {}):
+                raise KohyaKeyError(f"no lora_alpha known for {component} module {path!r}")
+            name = names.to_kohya(component, path)
+            up = tensors[".lora_B.weight"]
+            for suffix, tensor in tensors.items():
+                if suffix == ".lora_magnitude_vector":
+                    # (out,) or (1, out, 1, 1) -> (out, 1[, 1, 1]): LyCORIS's output-axis dora_scale.
+                    tensor = tensor.reshape(up.shape[0], *[1] * (up.dim() - 1))
+                out[name + PEFT_TO_KOHYA_SUFFIX[suffix]] = tensor.detach().to("cpu").contiguous()
+            out[name + ALPHA_SUFFIX] = torch.tensor(float(alphas[component][path]), dtype=torch.float32)
+    return out
+
+
+def kohya_to_peft(
+    state_dict: Mapping[str, torch.Tensor], names: KohyaNames
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, float]]]:
+    """The inverse of `peft_to_kohya`: (component -> peft state dict, component -> path -> alpha).
+
+    A module without `.alpha` gets alpha = rank, as sd-scripts reads it.
+    """
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, dict[str, float]] = {}
+    for key, tensor in state_dict.items():
+        name, dot, rest = key.partition(".")
+        suffix = dot + rest
+        if suffix not in KOHYA_TO_PEFT_SUFFIX and suffix != ALPHA_SUFFIX:
+            raise KohyaKeyError(f"unrecognised kohya tensor {key!r}")
+        component, path = names.from_kohya(name)
+        if suffix == ALPHA_SUFFIX:
+            alphas.setdefault(component, {})[path] = float(tensor.item())
+            continue
+        if suffix == ".dora_scale":
+            up = state_dict.get(name + ".lora_up.weight")
+            if up is None or tensor.shape[0] != up.shape[0] or tensor[0].numel() != 1:
+                raise KohyaKeyError(f"{key}: expected an output-axis dora_scale of shape ({'?' if up is None else up.shape[0]}, 1)")
+            tensor = tensor.reshape(-1) if tensor.dim() == 2 else tensor.reshape(1, -1, *[1] * (tensor.dim() - 2))
+        lora.setdefault(component, {})[path + KOHYA_TO_PEFT_SUFFIX[suffix]] = tensor
+    for component, tensors in lora.items():
+        for key, tensor in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                path = key[: -len(".lora_A.weight")]
+                if path + ".lora_B.weight" not in tensors:
+                    raise KohyaKeyError(f"{component} module {path!r} has lora_down but no lora_up")
+                alphas.setdefault(component, {}).setdefault(path, float(tensor.shape[0]))
+    return lora, alphas
+
+
+def load_kohya(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a kohya-format .safetensors file."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+
+
+def module_alphas(model: torch.nn.Module, adapter: str = "default") -> dict[str, float]:
+    """Module path -> the alpha a kohya file needs to reproduce peft's scaling for `adapter`.
+
+    That is peft's lora_alpha, except with rsLoRA (scaling alpha / sqrt(r)), which kohya's
+    alpha / r can only express as alpha * sqrt(r).
+    """
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            alpha = float(module.lora_alpha[adapter])
+            if module.use_rslora.get(adapter, False):
+                alpha *= float(module.r[adapter]) ** 0.5
+            out[path] = alpha
+    return out
+
+
+def kohya_module_names(state_dict: Mapping[str, torch.Tensor]) -> Sequence[str]:
+    """The module names of a kohya state dict, sorted."""
+    return sorted({k.partition(".")[0] for k in state_dict})
