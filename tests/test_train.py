@@ -73,6 +73,7 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
     assert info.dataset == tiny_dataset.resolve()
     saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     assert saved["lora"]["alpha"] == 16.0
+    assert saved["train"]["mixed_precision"] == ("bf16" if torch.cuda.is_available() else "no")  # "auto", resolved
 
     # metrics.jsonl: one line per step with the promised keys, val loss at 2 and 4.
     records = read_metrics(run / "metrics.jsonl")

@@ -35,7 +35,7 @@ PRESETS = ("sd15", "sdxl", "tiny")
 DEFAULT_VALIDATION_PROMPT = "a photo of {token} {class}"
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULERS = ("constant", "cosine", "linear", "constant_with_warmup")
-PRECISIONS = ("no", "fp16", "bf16")
+PRECISIONS = ("auto", "no", "fp16", "bf16")
 TRACKERS = ("none", "tensorboard", "wandb", "clearml")
 
 
@@ -160,8 +160,8 @@ class OptimArgs(_Group):
     """Learning-rate schedule over --max-steps: constant, cosine, linear or constant_with_warmup."""
     lr_warmup_steps: int = 0
     """Steps of linear warm-up at the start."""
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    """no (fp32), fp16 (CUDA) or bf16 (recent GPUs and CPUs): faster, less memory; LoRA weights stay fp32."""
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    """auto (bf16 on GPUs that have it, else fp16; fp32 on a CPU), no (fp32), fp16 (CUDA) or bf16: faster, less memory; LoRA weights stay fp32."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: much less memory, about 30% slower steps."""
     seed: int = 0

@@ -109,6 +109,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
+    cfg = _resolve_precision(cfg)
     dataset_dir = Path(cfg.data.dataset).expanduser().resolve()
     manifest = load_manifest(dataset_dir)  # DataError for a missing or bad dataset, before any model loads
     token = manifest.token
@@ -143,6 +144,13 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     pipe, arch = load_pipeline(cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant,
                                vae=cfg.model.vae, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    from diffusers import DDPMScheduler
+
+    # The training noise schedule and target (epsilon or v-prediction) come from the model's own scheduler.
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if noise_scheduler.config.prediction_type not in losses.PREDICTION_TYPES:
+        raise ConfigError(f"{cfg.model.name}: prediction_type {noise_scheduler.config.prediction_type!r} "
+                          "is not supported (epsilon or v_prediction)")
     if is_tiny(cfg.model.name):
         emit({"event": "warning", "message": TINY_WARNING})
     native = default_resolution(cfg.model.name, arch)
@@ -189,31 +197,8 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             setattr(pipe, name, None)
     _free_memory()
 
-    # The LoRA, on frozen weights in the compute dtype; trainable weights in float32.
-    set_seed(cfg.train.seed)
-    unet = pipe.unet
-    unet.requires_grad_(False)
-    unet.to(device, dtype=weight_dtype)
-    _add_lora(unet, cfg.lora.target_modules, cfg, "--target-modules", "UNet")
-    trained_encoders = []
-    if cfg.lora.train_text_encoder:
-        for name in arch.text_encoders:
-            encoder = getattr(pipe, name)
-            encoder.requires_grad_(False)
-            encoder.to(device, dtype=weight_dtype)
-            _add_lora(encoder, cfg.lora.text_encoder_target_modules, cfg, "lora.text_encoder_target_modules", name)
-            trained_encoders.append(encoder)
-    from diffusers.training_utils import cast_training_params
-
-    cast_training_params([unet, *trained_encoders], dtype=torch.float32)
-    if cfg.train.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        for encoder in trained_encoders:
-            encoder.gradient_checkpointing_enable()
-    unet.train()
-    for encoder in trained_encoders:
-        encoder.train()
-
+    set_seed(cfg.train.seed)  # the LoRA's initial weights
+    unet, trained_encoders = _inject_lora(cfg, pipe, arch, device, weight_dtype)
     groups = {"unet": [p for p in unet.parameters() if p.requires_grad]}
     for name, encoder in zip(arch.text_encoders, trained_encoders):
         groups[name] = [p for p in encoder.parameters() if p.requires_grad]
@@ -222,13 +207,6 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
 
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
                                  num_training_steps=cfg.train.max_steps)
-
-    from diffusers import DDPMScheduler
-
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if noise_scheduler.config.prediction_type not in losses.PREDICTION_TYPES:
-        raise ConfigError(f"{cfg.model.name}: prediction_type {noise_scheduler.config.prediction_type!r} "
-                          "is not supported (epsilon or v_prediction)")
 
     prepared = accelerator.prepare(unet, *trained_encoders, optimizer)
     unet, trained_encoders, optimizer = prepared[0], list(prepared[1:-1]), prepared[-1]
@@ -256,6 +234,17 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         accelerator.project_configuration.logging_dir = str(run_dir / "logs")
         accelerator.init_trackers("sdlora", config=_flat(cfg.to_dict()), init_kwargs={"wandb": {"name": run_dir.name}})
     return state
+
+
+def _resolve_precision(cfg: Config) -> Config:
+    """`--mixed-precision auto`: bf16 on a CUDA GPU that has it, else fp16; fp32 on a CPU (bit-exact, portable)."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg
+    if torch.cuda.is_available():
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        precision = "no"
+    return config_mod.replace(cfg, train={"mixed_precision": precision})
 
 
 def _repeatable(cfg: Config) -> Config:
@@ -373,6 +362,33 @@ def _encode(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.
 
 def _fill(prompt: str, cfg: Config) -> str:
     return prompt.replace("{token}", str(cfg.data.token)).replace("{class}", str(cfg.data.class_word))
+
+
+def _inject_lora(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.dtype) -> tuple[Any, list[Any]]:
+    """LoRA on the UNet (and text encoders): frozen weights in the compute dtype, trainable ones in float32."""
+    from diffusers.training_utils import cast_training_params
+
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    unet.to(device, dtype=weight_dtype)
+    _add_lora(unet, cfg.lora.target_modules, cfg, "--target-modules", "UNet")
+    encoders = []
+    if cfg.lora.train_text_encoder:
+        for name in arch.text_encoders:
+            encoder = getattr(pipe, name)
+            encoder.requires_grad_(False)
+            encoder.to(device, dtype=weight_dtype)
+            _add_lora(encoder, cfg.lora.text_encoder_target_modules, cfg, "lora.text_encoder_target_modules", name)
+            encoders.append(encoder)
+    # fp16/bf16 LoRA weights would underflow their updates ("Attempting to unscale FP16 gradients").
+    cast_training_params([unet, *encoders], dtype=torch.float32)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for encoder in encoders:
+            encoder.gradient_checkpointing_enable()
+    for model in (unet, *encoders):
+        model.train()
+    return unet, encoders
 
 
 def _add_lora(model: Any, targets: list[str], cfg: Config, flag: str, what: str) -> None:
