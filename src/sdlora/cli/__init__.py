@@ -23,6 +23,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("sdlora.cli.prepare", "prepare"),
     "train": ("sdlora.cli.train", "train"),
     "score": ("sdlora.cli.score", "score"),
+    "sample": ("sdlora.cli.sample", "sample"),
+    "report": ("sdlora.cli.report", "report"),
 }
 
 app = typer.Typer(

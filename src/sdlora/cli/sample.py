@@ -1,0 +1,110 @@
+"""`sdlora sample`: images from a run's LoRA beside the base model alone, same prompts and seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from sdlora.cli._common import RunOpt, console, err_console, progress_bar
+
+EPILOG = """\
+Examples (the run defaults to ./runs/latest; the class word is added after the token):
+
+  sdlora sample "sksToy on a beach"
+
+  sdlora sample "sksToy on a beach" "a red sksToy toy" --num-images 8 --seed 42
+
+  sdlora sample --prompts-file prompts.txt --lora best --no-baseline
+
+  sdlora sample "sksToy in the snow" --scheduler dpm++_karras --steps 25 --guidance 6 --lora-scale 0.8
+
+  sdlora sample "sksToy on a beach" --dtype fp16 --attention-slicing --vae-tiling --cpu-offload   # small GPUs
+"""
+
+
+def sample(
+    prompts: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Prompts; the token may stand alone ('sksToy on a beach' becomes 'sksToy toy on a beach')."),
+    ] = None,
+    run: RunOpt = Path("runs/latest"),
+    prompts_file: Annotated[
+        Optional[Path], typer.Option("--prompts-file", help="Text file with one prompt per line (# comments).")
+    ] = None,
+    lora: Annotated[
+        str, typer.Option("--lora", help="Which LoRA: lora (final), best (best validation), or a LoRA folder.")
+    ] = "lora",
+    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")] = 4,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the first image; image i gets seed + i.")] = 0,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 30,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    scheduler: Annotated[
+        Optional[str],
+        typer.Option("--scheduler", help="euler, euler_a, dpm++, dpm++_karras, dpm++_sde, unipc, ddim, pndm, "
+                     "lms, heun, dpm2, dpm2_a (default: the model's own)."),
+    ] = None,
+    lora_scale: Annotated[float, typer.Option("--lora-scale", help="LoRA strength (0 = base model, 1 = as trained).")] = 1.0,
+    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt.")] = None,
+    height: Annotated[Optional[int], typer.Option("--height", help="Image height (default: the run's resolution).")] = None,
+    width: Annotated[Optional[int], typer.Option("--width", help="Image width (default: the run's resolution).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 1,
+    baseline: Annotated[
+        bool, typer.Option("--baseline/--no-baseline", help="Also sample the base model alone with the same seeds.")
+    ] = True,
+    device: Annotated[
+        Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available).")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
+    ] = "auto",
+    attention_slicing: Annotated[
+        bool, typer.Option("--attention-slicing", help="Compute attention in slices: less GPU memory, slower.")
+    ] = False,
+    vae_tiling: Annotated[
+        bool, typer.Option("--vae-tiling", help="Decode images tile by tile: less GPU memory for large images.")
+    ] = False,
+    cpu_offload: Annotated[
+        bool, typer.Option("--cpu-offload", help="Keep models on the CPU and move each to the GPU only while it runs.")
+    ] = False,
+) -> None:
+    """Generate images with the run's LoRA and, beside them, with the base model alone (same seeds)."""
+    from sdlora.generate import check_prompts, generate_samples, read_prompts_file
+    from sdlora.models.loading import TINY_WARNING, is_tiny
+    from sdlora.report import write_report
+    from sdlora.run import load_run
+
+    given = list(prompts or [])
+    if prompts_file is not None:
+        given += read_prompts_file(prompts_file)
+    given = check_prompts(given)
+    info = load_run(run)
+    if is_tiny(info.model):
+        err_console.print(f"[yellow]{TINY_WARNING}[/]", highlight=False)
+    with progress_bar() as on_progress:
+        samples_json = generate_samples(
+            info, given, num_images=num_images, seed=seed, steps=steps, guidance=guidance, baseline=baseline,
+            lora_scale=lora_scale, negative_prompt=negative_prompt, height=height, width=width,
+            batch_size=batch_size, scheduler=scheduler, device=device, lora_dir=lora, dtype=dtype,
+            attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload,
+            on_progress=on_progress,
+        )
+    report = write_report(info.path)
+    _summary(samples_json, given, info)
+    console.print(f"samples: {samples_json}", highlight=False)
+    console.print(f"report:  {report}", highlight=False)
+
+
+def _summary(samples_json: Path, given: list[str], info) -> None:
+    """One line per prompt: its grid."""
+    import json
+
+    from sdlora.generate import expand_prompt
+
+    data = json.loads(samples_json.read_text(encoding="utf-8"))
+    wanted = {expand_prompt(p, info.token, info.class_word) for p in given}
+    grids = dict.fromkeys(str(samples_json.parent / Path(e["file"]).parent / "grid.png")
+                          for e in data["images"] if e["prompt"] in wanted)
+    for grid in grids:
+        console.print(f"grid: {grid}", highlight=False)
