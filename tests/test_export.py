@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 import sdlora
-from sdlora.errors import ConfigError
+from sdlora.errors import ConfigError, RunError
 from sdlora.models import load_pipeline
 from sdlora.models.arch import SD1, SDXL
 from sdlora.train import export
@@ -153,8 +153,6 @@ def test_real_sdxl_unet_names():
     blocks = set()
     for path, module in unet.named_modules():
         if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and (".attentions." in path or ".resnets." in path):
-            if path.endswith(".conv") or "norm" in path:
-                continue
             kohya = names.to_kohya("unet", path)
             assert names.from_kohya(kohya) == ("unet", path)
             if ".attentions." in path:
@@ -227,6 +225,14 @@ def test_metadata_in_both_files(tmp_path: Path):
     assert sd_kohya["ss_network_alpha"] == "8"
 
 
+def test_load_kohya_errors(tmp_path: Path):
+    with pytest.raises(RunError, match="no such LoRA file"):
+        load_kohya(tmp_path / "missing.safetensors")
+    (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(RunError, match="not a readable"):
+        load_kohya(tmp_path / "broken.safetensors")
+
+
 def test_unknown_keys_raise(tmp_path: Path):
     names = KohyaNames(SD1, 2)
     good = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32),
@@ -238,8 +244,12 @@ def test_unknown_keys_raise(tmp_path: Path):
                 "lora_vae_decoder_conv_in.lora_down.weight"):
         with pytest.raises(KohyaKeyError):
             kohya_to_peft({**good, bad: torch.zeros(4, 4)}, names)
-    with pytest.raises(KohyaKeyError):  # an SGM downsampler slot is no attention/resnet
-        KohyaNames(SDXL, 2).from_kohya("lora_unet_input_blocks_3_0_in_layers_2")
+    for sgm in ("lora_unet_input_blocks_3_0_op",                    # a downsampler
+                "lora_unet_input_blocks_0_0",                        # conv_in
+                "lora_unet_output_blocks_8_1_conv",                  # an upsampler
+                "lora_unet_down_blocks_1_attentions_0_proj_in"):     # diffusers names in an SDXL file
+        with pytest.raises(KohyaKeyError):
+            KohyaNames(SDXL, 2).from_kohya(sgm)
 
     # A LoRA on a module the kohya format cannot name fails before anything is written.
     pipe, arch, _ = _lora_pipe("tiny-sd", targets=["to_q", "conv_in"])

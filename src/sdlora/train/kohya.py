@@ -35,6 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
+from sdlora.errors import RunError
 from sdlora.models.arch import Architecture
 
 UNET = "unet"
@@ -185,40 +186,42 @@ class KohyaNames:
         raise KohyaKeyError(f"unrecognised kohya module {name!r} for an {self.arch.name} LoRA")
 
     def _unet_from_kohya(self, body: str) -> str | None:
-        per = self.layers_per_block
-        if not self.arch.is_sdxl:
-            if match := re.fullmatch(r"(down_blocks|up_blocks)_(\d+)_(attentions|resnets)_(\d+)_(.+)", body):
-                kind, block, part, index, inner = match.groups()
-                prefix = f"{kind}.{block}.{part}.{index}"
-            elif match := re.fullmatch(r"mid_block_(attentions|resnets)_(\d+)_(.+)", body):
-                part, index, inner = match.groups()
-                prefix = f"mid_block.{part}.{index}"
-            else:
-                return None
-            table = ATTENTION_MODULES if part == "attentions" else RESNET_MODULES
-            inner_path = _translate(inner, [(d, d) for d, _ in table], src_sep="_")
-        else:
-            if match := re.fullmatch(r"input_blocks_(\d+)_([01])_(.+)", body):
-                n, sub, inner = int(match[1]), int(match[2]), match[3]
-                block, index = divmod(n - 1, per + 1)
-                if n < 1 or index >= per:
-                    return None
-                kind = "down_blocks"
-            elif match := re.fullmatch(r"output_blocks_(\d+)_([01])_(.+)", body):
-                n, sub, inner = int(match[1]), int(match[2]), match[3]
-                block, index = divmod(n, per + 1)
-                kind = "up_blocks"
-            elif match := re.fullmatch(r"middle_block_([012])_(.+)", body):
-                (part, index), inner = next(k for k, v in SGM_MIDDLE.items() if v == int(match[1])), match[2]
-                sub = 1 if part == "attentions" else 0
-                kind = "mid_block"
-            else:
-                return None
-            part = "attentions" if sub == 1 else "resnets"
-            prefix = f"mid_block.{part}.{index}" if kind == "mid_block" else f"{kind}.{block}.{part}.{index}"
-            table = ATTENTION_MODULES if part == "attentions" else RESNET_MODULES
-            inner_path = _translate(inner, [(s, d) for d, s in table], src_sep="_")
+        block = self._parse_sgm(body) if self.arch.is_sdxl else self._parse_diffusers(body)
+        if block is None:
+            return None
+        prefix, part, inner = block
+        table = ATTENTION_MODULES if part == "attentions" else RESNET_MODULES
+        pairs = [(sgm, d) for d, sgm in table] if self.arch.is_sdxl else [(d, d) for d, _ in table]
+        inner_path = _translate(inner, pairs, src_sep="_")
         return None if inner_path is None else f"{prefix}.{inner_path}"
+
+    @staticmethod
+    def _parse_diffusers(body: str) -> tuple[str, str, str] | None:
+        """(diffusers block path, "attentions"/"resnets", rest) of an SD 1.x kohya name."""
+        if match := re.fullmatch(r"(down_blocks|up_blocks)_(\d+)_(attentions|resnets)_(\d+)_(.+)", body):
+            kind, block, part, index, inner = match.groups()
+            return f"{kind}.{block}.{part}.{index}", part, inner
+        if match := re.fullmatch(r"mid_block_(attentions|resnets)_(\d+)_(.+)", body):
+            part, index, inner = match.groups()
+            return f"mid_block.{part}.{index}", part, inner
+        return None
+
+    def _parse_sgm(self, body: str) -> tuple[str, str, str] | None:
+        """The same for an SDXL (SGM) kohya name; None for conv_in, samplers and anything else."""
+        per = self.layers_per_block
+        if match := re.fullmatch(r"(input_blocks|output_blocks)_(\d+)_([01])_(.+)", body):
+            n, part, inner = int(match[2]), ("resnets", "attentions")[int(match[3])], match[4]
+            if match[1] == "output_blocks":
+                block, index = divmod(n, per + 1)
+                return f"up_blocks.{block}.{part}.{index}", part, inner
+            block, index = divmod(n - 1, per + 1)
+            if n < 1 or index >= per:  # conv_in, or a downsampler
+                return None
+            return f"down_blocks.{block}.{part}.{index}", part, inner
+        if match := re.fullmatch(r"middle_block_([012])_(.+)", body):
+            part, index = {v: k for k, v in SGM_MIDDLE.items()}[int(match[1])]
+            return f"mid_block.{part}.{index}", part, match[2]
+        return None
 
 
 def _text_root(encoder: torch.nn.Module) -> str:
@@ -302,11 +305,16 @@ def kohya_to_peft(
 
 
 def load_kohya(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a kohya-format .safetensors file."""
-    from safetensors import safe_open
+    """Tensors and header metadata of a kohya-format (or any) .safetensors file."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    if not Path(path).is_file():
+        raise RunError(f"{path}: no such LoRA file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except SafetensorError as exc:
+        raise RunError(f"{path}: not a readable .safetensors file ({exc})") from None
 
 
 def module_alphas(model: torch.nn.Module, adapter: str = "default") -> dict[str, float]:
@@ -326,7 +334,3 @@ def module_alphas(model: torch.nn.Module, adapter: str = "default") -> dict[str,
             out[path] = alpha
     return out
 
-
-def kohya_module_names(state_dict: Mapping[str, torch.Tensor]) -> Sequence[str]:
-    """The module names of a kohya state dict, sorted."""
-    return sorted({k.partition(".")[0] for k in state_dict})
