@@ -16,11 +16,11 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 
 import sdlora
-from sdlora.errors import ConfigError, RunError
+from sdlora.errors import ConfigError, RunError, SdloraError
 from sdlora.models import load_pipeline
 from sdlora.models.arch import SD1, SDXL
 from sdlora.train import export
-from sdlora.train.export import LORA_WEIGHTS, build_metadata, save_lora
+from sdlora.train.export import LORA_WEIGHTS, build_metadata, check_exportable, save_lora
 from sdlora.train.kohya import KohyaKeyError, KohyaNames, kohya_to_peft, load_kohya
 
 RANK, ALPHA = 4, 2.0
@@ -162,7 +162,8 @@ def test_real_sdxl_unet_names():
                       *(f"lora_unet_output_blocks_{i}_1" for i in range(6))}
     assert names.to_kohya("unet", "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0") == \
         "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_out_0"
-    assert names.to_kohya("unet", "up_blocks.2.resnets.2.conv_shortcut") == "lora_unet_output_blocks_8_0_skip_connection"
+    assert names.to_kohya("unet", "up_blocks.2.resnets.2.conv_shortcut") == \
+        "lora_unet_output_blocks_8_0_skip_connection"
     assert names.to_kohya("unet", "mid_block.resnets.1.time_emb_proj") == "lora_unet_middle_block_2_emb_layers_1"
 
 
@@ -251,9 +252,13 @@ def test_unknown_keys_raise(tmp_path: Path):
         with pytest.raises(KohyaKeyError):
             KohyaNames(SDXL, 2).from_kohya(sgm)
 
-    # A LoRA on a module the kohya format cannot name fails before anything is written.
+    # A LoRA on a module the kohya format cannot name: found before training, and no file is written.
+    pipe, arch, encoders = _lora_pipe("tiny-sd", targets=["to_q", "conv1"], text_encoder=True)
+    check_exportable(pipe.unet, encoders, arch)
     pipe, arch, _ = _lora_pipe("tiny-sd", targets=["to_q", "conv_in"])
     with pytest.raises(KohyaKeyError, match="conv_in"):
+        check_exportable(pipe.unet, None, arch)
+    with pytest.raises(SdloraError, match="conv_in"):  # one line in the CLI
         save_lora(tmp_path, pipe.unet, None, arch, metadata={}, kohya_name="run")
     assert list(tmp_path.iterdir()) == []
 
@@ -308,7 +313,8 @@ def test_dora(tmp_path: Path):
                        ("up_blocks.0.resnets.1.conv1", "lora_unet_up_blocks_0_resnets_1_conv1")]:
         layer = pipe.unet.get_submodule(path)
         base = layer.base_layer.weight
-        up, down, scale = kohya[f"{name}.lora_up.weight"], kohya[f"{name}.lora_down.weight"], kohya[f"{name}.dora_scale"]
+        up, down = kohya[f"{name}.lora_up.weight"], kohya[f"{name}.lora_down.weight"]
+        scale = kohya[f"{name}.dora_scale"]
         assert scale.shape == (base.shape[0], *[1] * (base.dim() - 1))
         merged = base + kohya[f"{name}.alpha"] / RANK * (up.flatten(1) @ down.flatten(1)).reshape(base.shape)
         merged = scale * merged / merged.flatten(1).norm(dim=1).reshape(scale.shape)

@@ -2,8 +2,8 @@
 
 - `pytorch_lora_weights.safetensors`: written by the pipeline class's own `save_lora_weights`
   (peft state dicts with `unet.` / `text_encoder.` prefixes, as `save_lora_adapter` writes them,
-  plus each adapter's LoraConfig as diffusers' adapter metadata, so a lora_alpha other than the rank survives loading), so that
-  `pipe.load_lora_weights(out_dir)` loads it.
+  plus each adapter's LoraConfig as diffusers' adapter metadata, so a lora_alpha other than the
+  rank survives loading), so that `pipe.load_lora_weights(out_dir)` loads it.
 - `<kohya_name>.safetensors`: the same weights in kohya's format for AUTOMATIC1111 / ComfyUI
   (train/kohya.py), with the `ss_*` and `modelspec.*` keys those tools read.
 
@@ -123,6 +123,15 @@ def _diffusers_file(folder: Path, arch: Architecture, lora: Mapping[str, Mapping
         return load_kohya(Path(tmp) / LORA_WEIGHTS)  # any safetensors file: tensors + header
 
 
+def check_exportable(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None,
+                     arch: Architecture) -> None:
+    """Raise `KohyaKeyError` now if `save_lora` could not name a LoRA module: call it before training."""
+    names = KohyaNames.for_models(arch, unet.config, text_encoders)
+    for name, model in _components(unet, text_encoders, arch).items():
+        for path in module_alphas(model, ADAPTER):
+            names.to_kohya(name, path)
+
+
 def save_lora(out_dir: Path, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None,
               arch: Architecture, *, metadata: dict[str, str], kohya_name: str) -> None:
     """Write out_dir/pytorch_lora_weights.safetensors (diffusers) and out_dir/<kohya_name>.safetensors (kohya).
@@ -134,7 +143,8 @@ def save_lora(out_dir: Path, unet: torch.nn.Module, text_encoders: Sequence[torc
 
     out_dir = Path(out_dir)
     kohya_file = f"{kohya_name}.safetensors"
-    if not kohya_name or Path(kohya_name).name != kohya_name or kohya_name.startswith(".") or kohya_file == LORA_WEIGHTS:
+    plain = bool(kohya_name) and Path(kohya_name).name == kohya_name and not kohya_name.startswith(".")
+    if not plain or kohya_file == LORA_WEIGHTS:
         raise ConfigError(f"{kohya_name!r} cannot name the kohya LoRA file; use a plain file name such as the run name")
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:

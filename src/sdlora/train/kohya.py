@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from sdlora.errors import RunError
+from sdlora.errors import RunError, SdloraError
 from sdlora.models.arch import Architecture
 
 UNET = "unet"
@@ -94,7 +94,7 @@ def _translate(name: str, pairs: Iterable[tuple[str, str]], src_sep: str = ".", 
     return None
 
 
-class KohyaKeyError(ValueError):
+class KohyaKeyError(SdloraError, ValueError):
     """A module or key that has no place in the kohya format (or in the model)."""
 
 
@@ -141,8 +141,9 @@ class KohyaNames:
             inner = _translate(path[len(root):], [(t, f"text_model.{t}") for t in TEXT_ENCODER_MODULES],
                                dst_sep="_") if path.startswith(root) else None
         if inner is None:
-            raise KohyaKeyError(f"{component} module {path!r} has no kohya name (supported: UNet attention and "
-                                "resnet layers, text-encoder attention and MLP projections)")
+            raise KohyaKeyError(f"a LoRA on {component} module {path!r} cannot be exported in kohya format; target "
+                                "UNet attention/resnet layers (to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,"
+                                "proj_in,proj_out,conv1,conv2,time_emb_proj) and text-encoder projections only")
         return f"{prefix}_{inner}"
 
     def _unet_to_kohya(self, path: str) -> str | None:
@@ -291,7 +292,8 @@ def kohya_to_peft(
         if suffix == ".dora_scale":
             up = state_dict.get(name + ".lora_up.weight")
             if up is None or tensor.shape[0] != up.shape[0] or tensor[0].numel() != 1:
-                raise KohyaKeyError(f"{key}: expected an output-axis dora_scale of shape ({'?' if up is None else up.shape[0]}, 1)")
+                rows = "?" if up is None else up.shape[0]
+                raise KohyaKeyError(f"{key}: expected an output-axis dora_scale of shape ({rows}, 1)")
             tensor = tensor.reshape(-1) if tensor.dim() == 2 else tensor.reshape(1, -1, *[1] * (tensor.dim() - 2))
         lora.setdefault(component, {})[path + KOHYA_TO_PEFT_SUFFIX[suffix]] = tensor
     for component, tensors in lora.items():
