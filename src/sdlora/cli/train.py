@@ -148,6 +148,7 @@ def train(
         if not in_launched_process():
             _relaunch(config, resume, flags, dotted, num_processes, accelerate_config)
             return
+    _quiet_libraries()
     renderer = _Renderer()
     try:
         result = loop.run_training(cfg, resume=resume_dir, on_event=renderer)
@@ -179,6 +180,19 @@ def _relaunch(config: str | None, resume: str | None, flags: dict[str, Any], dot
     code = launch_processes(argv, num_processes, config_file=accelerate_config, cpu=not torch.cuda.is_available())
     if code:
         raise typer.Exit(code)
+
+
+def _quiet_libraries() -> None:
+    """sdlora reports what matters itself; library chatter (dtype notes, deprecations) only with --debug."""
+    import os
+
+    if os.environ.get("SDLORA_DEBUG"):
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
 
 
 class _Renderer:
