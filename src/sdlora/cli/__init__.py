@@ -13,12 +13,18 @@ from typing import Annotated, Optional
 
 import typer
 
+# Library chatter (dtype-casting notes, deprecations) is not for users; --debug brings it back.
+if not os.environ.get("SDLORA_DEBUG"):
+    for _name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(_name, "error")
+
 from sdlora import __version__
 from sdlora.cli._common import err_console
 from sdlora.errors import SdloraError
 
 # verb name -> (module, function). Add a line here when a verb's module lands.
 VERBS: dict[str, tuple[str, str]] = {
+    "demo": ("sdlora.cli.demo", "demo"),
     "caption": ("sdlora.cli.caption", "caption"),
     "prepare": ("sdlora.cli.prepare", "prepare"),
     "train": ("sdlora.cli.train", "train"),
@@ -55,6 +61,8 @@ def _root(
 ) -> None:
     if debug:
         os.environ["SDLORA_DEBUG"] = "1"
+        for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+            os.environ[name] = "warning"
 
 
 def _one_line_errors(fn):
