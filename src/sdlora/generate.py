@@ -157,7 +157,8 @@ class LoadedLora:
 def load_lora(pipe: Any, arch: Any, lora_dir: Path, token: str) -> LoadedLora:
     """Load the diffusers-format LoRA (and a textual-inversion embedding beside it) into `pipe`."""
     try:
-        pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_LORA, adapter_name=ADAPTER)
+        with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel": expected for a UNet-only LoRA
+            pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_LORA, adapter_name=ADAPTER)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise RunError(f"{lora_dir / DIFFUSERS_LORA}: cannot be loaded into {arch.name} "
                        f"({str(exc).splitlines()[0][:200]}); was it trained on another base model?") from exc
@@ -188,6 +189,18 @@ def load_embeddings(pipe: Any, arch: Any, path: Path, token: str) -> None:
     except (ValueError, KeyError, RuntimeError) as exc:
         raise RunError(f"{path}: not a textual-inversion embedding for {arch.name} "
                        f"({str(exc).splitlines()[0][:200]})") from exc
+
+
+@contextlib.contextmanager
+def _quiet_diffusers() -> Iterator[None]:
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(level)
 
 
 @contextlib.contextmanager

@@ -81,7 +81,7 @@ def sample(
     given = check_prompts(given)
     info = load_run(run)
     if is_tiny(info.model):
-        err_console.print(f"[yellow]{TINY_WARNING}[/]", highlight=False)
+        err_console.print(f"[yellow]{TINY_WARNING}[/]", highlight=False, soft_wrap=True)
     with progress_bar() as on_progress:
         samples_json = generate_samples(
             info, given, num_images=num_images, seed=seed, steps=steps, guidance=guidance, baseline=baseline,
