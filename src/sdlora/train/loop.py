@@ -139,6 +139,10 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
+    named = Path(cfg.run.runs_dir).expanduser() / cfg.run.name if cfg.run.name else None
+    if resume is None and named is not None and named.exists():  # before minutes of loading and encoding
+        raise RunError(f"{named}: a run with this name exists; choose another --name, or continue it with --resume {named}")
+
     from sdlora.models.loading import TINY_WARNING, default_resolution, is_tiny, load_pipeline
 
     pipe, arch = load_pipeline(cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant,
@@ -163,10 +167,6 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
               "class_word": cfg.data.class_word or manifest.class_word},
         lora={"alpha": cfg.effective_alpha},
     )
-    run_dir = _run_dir(cfg, accelerator, resume)
-    if accelerator.is_main_process:
-        config_mod.save_config(_repeatable(cfg), run_dir / CONFIG)
-        point_latest(run_dir)
     weight_dtype = _DTYPES[cfg.train.mixed_precision]
     device = accelerator.device
 
@@ -199,6 +199,15 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
 
     set_seed(cfg.train.seed)  # the LoRA's initial weights
     unet, trained_encoders = _inject_lora(cfg, pipe, arch, device, weight_dtype)
+    from sdlora.train.export import check_exportable
+
+    check_exportable(unet, trained_encoders or None, arch)  # a LoRA that could not be saved fails now, not at the end
+
+    # Everything that can fail on bad input has run: now the run folder.
+    run_dir = _run_dir(cfg, accelerator, resume)
+    if accelerator.is_main_process:
+        config_mod.save_config(_repeatable(cfg), run_dir / CONFIG)
+        point_latest(run_dir)
     groups = {"unet": [p for p in unet.parameters() if p.requires_grad]}
     for name, encoder in zip(arch.text_encoders, trained_encoders):
         groups[name] = [p for p in encoder.parameters() if p.requires_grad]
