@@ -33,10 +33,6 @@ from sdlora.errors import ConfigError
 
 PRESETS = ("sd15", "sdxl", "tiny")
 DEFAULT_VALIDATION_PROMPT = "a photo of {token} {class}"
-OPTIMIZERS = ("adamw", "adamw8bit")
-LR_SCHEDULERS = ("constant", "cosine", "linear", "constant_with_warmup")
-PRECISIONS = ("auto", "no", "fp16", "bf16")
-TRACKERS = ("none", "tensorboard", "wandb", "clearml")
 
 
 def _flag(name: str) -> dict[str, Any]:
