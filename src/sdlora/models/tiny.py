@@ -111,22 +111,25 @@ def _seeded(build):
     return wrapper
 
 
+# The UNet both tiny models share (diffusers' test config); SDXL adds its conditioning on top.
+_UNET = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=2,
+    sample_size=TINY_RESOLUTION // 2,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+)
+
+
 @_seeded
 def tiny_sd():
     """A StableDiffusionPipeline with tiny random weights (about 2 M parameters)."""
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=TINY_RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32,
-    )
+    unet = UNet2DConditionModel(**_UNET, cross_attention_dim=32)
     return StableDiffusionPipeline(
         unet=unet,
         vae=_vae(0.18215),
@@ -146,13 +149,7 @@ def tiny_sdxl():
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     unet = UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=2,
-        sample_size=TINY_RESOLUTION // 2,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        **_UNET,
         attention_head_dim=(2, 4),
         use_linear_projection=True,
         addition_embed_type="text_time",
