@@ -70,7 +70,15 @@ def sample(
     ] = False,
 ) -> None:
     """Generate images with the run's LoRA and, beside them, with the base model alone (same seeds)."""
-    from sdlora.generate import check_prompts, generate_samples, read_prompts_file
+    from sdlora.generate import (
+        check_prompts,
+        generate_samples,
+        read_prompts_file,
+        resolve_device,
+        resolve_dtype,
+        resolve_lora_dir,
+        scheduler_key,
+    )
     from sdlora.models.loading import TINY_WARNING, is_tiny
     from sdlora.report import write_report
     from sdlora.run import load_run
@@ -80,6 +88,11 @@ def sample(
         given += read_prompts_file(prompts_file)
     given = check_prompts(given)
     info = load_run(run)
+    # the cheap checks before the tiny-model warning, so bad input stays one line
+    resolve_lora_dir(info, lora)
+    if scheduler is not None:
+        scheduler_key(scheduler)
+    resolve_dtype(dtype, resolve_device(device))
     if is_tiny(info.model):
         err_console.print(f"[yellow]{TINY_WARNING}[/]", highlight=False, soft_wrap=True)
     with progress_bar() as on_progress:
@@ -92,8 +105,8 @@ def sample(
         )
     report = write_report(info.path)
     _summary(samples_json, given, info)
-    console.print(f"samples: {samples_json}", highlight=False)
-    console.print(f"report:  {report}", highlight=False)
+    console.print(f"samples: {samples_json}", highlight=False, soft_wrap=True)
+    console.print(f"report:  {report}", highlight=False, soft_wrap=True)
 
 
 def _summary(samples_json: Path, given: list[str], info) -> None:
@@ -107,4 +120,4 @@ def _summary(samples_json: Path, given: list[str], info) -> None:
     grids = dict.fromkeys(str(samples_json.parent / Path(e["file"]).parent / "grid.png")
                           for e in data["images"] if e["prompt"] in wanted)
     for grid in grids:
-        console.print(f"grid: {grid}", highlight=False)
+        console.print(f"grid: {grid}", highlight=False, soft_wrap=True)

@@ -1,0 +1,144 @@
+"""`sdlora sample`: options reach the sampler, bad input is one line + exit 1, an end-to-end tiny run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from run_helpers import make_run, one_torch_thread
+from typer.testing import CliRunner
+
+import sdlora.generate
+from sdlora.cli import app
+from sdlora.models.loading import TINY_WARNING
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    yield from one_torch_thread()
+
+
+def invoke(*args):
+    return runner.invoke(app, ["sample", *map(str, args)])
+
+
+def one_line_error(result, fragment: str) -> None:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert fragment in " ".join(result.stderr.split()), result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture
+def run(tmp_path):
+    return make_run(tmp_path)
+
+
+@pytest.fixture
+def fake_sampler(monkeypatch):
+    """Records the core call; writes an empty samples.json like the real one."""
+    calls = []
+
+    def generate_samples(run, prompts, **kwargs):
+        calls.append({"prompts": list(prompts), **kwargs})
+        path = run.path / "samples" / "samples.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"images": []}))
+        return path
+
+    monkeypatch.setattr(sdlora.generate, "generate_samples", generate_samples)
+    return calls
+
+
+def test_options_reach_the_sampler(run, fake_sampler, tmp_path):
+    shutil.copytree(run / "lora", run / "best")
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("# beach and snow\nsksToy in the snow\n\nsksToy on a beach\n")
+    result = invoke("sksToy on a beach", "--run", run, "--prompts-file", prompts_file, "-n", 3, "--seed", 42,
+                    "--steps", 12, "--guidance", 5.5, "--scheduler", "dpm++", "--lora-scale", 0.7,
+                    "--negative-prompt", "blurry", "--height", 72, "--width", 96, "--batch-size", 2,
+                    "--no-baseline", "--lora", "best", "--device", "cpu", "--dtype", "fp32",
+                    "--attention-slicing", "--vae-tiling")
+    assert result.exit_code == 0, result.output
+    [call] = fake_sampler
+    assert call == {
+        "prompts": ["sksToy on a beach", "sksToy in the snow"], "num_images": 3, "seed": 42, "steps": 12,
+        "guidance": 5.5, "baseline": False, "lora_scale": 0.7, "negative_prompt": "blurry", "height": 72,
+        "width": 96, "batch_size": 2, "scheduler": "dpm++", "device": "cpu", "lora_dir": "best", "dtype": "fp32",
+        "attention_slicing": True, "vae_tiling": True, "cpu_offload": False, "on_progress": call["on_progress"],
+    }
+    assert (run / "report.html").is_file()  # refreshed at the end
+    assert f"samples: {run / 'samples' / 'samples.json'}" in " ".join(result.stdout.split())
+
+
+def test_defaults(run, fake_sampler, monkeypatch):
+    monkeypatch.chdir(run.parent.parent)  # runs/latest -> r1
+    result = invoke("sksToy on a beach")
+    assert result.exit_code == 0, result.output
+    [call] = fake_sampler
+    assert {k: call[k] for k in ("num_images", "seed", "steps", "guidance", "baseline", "lora_scale", "height",
+                                 "width", "batch_size", "scheduler", "lora_dir", "dtype", "cpu_offload")} == {
+        "num_images": 4, "seed": 0, "steps": 30, "guidance": 7.5, "baseline": True, "lora_scale": 1.0,
+        "height": None, "width": None, "batch_size": 1, "scheduler": None, "lora_dir": "lora", "dtype": "auto",
+        "cpu_offload": False}
+    assert result.stderr.count(TINY_WARNING.split(":")[0]) == 1  # the tiny-model warning, once
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["sksToy on a beach", "--run", "{root}/runs/nope"], "runs/nope: no such run folder"),
+    (["sksToy on a beach", "--run", "{root}/runs/bare"], "no LoRA in lora/"),
+    (["", "--run", "{root}/runs/r1"], "prompt 1 is empty"),
+    (["--run", "{root}/runs/r1"], "no prompts given"),
+    (["--prompts-file", "{root}/missing.txt", "--run", "{root}/runs/r1"], "--prompts-file"),
+    (["sksToy", "--scheduler", "warp", "--run", "{root}/runs/r1"], "--scheduler warp: unknown scheduler"),
+    (["sksToy", "--dtype", "fp8", "--run", "{root}/runs/r1"], "--dtype fp8: expected one of auto, fp32, fp16, bf16"),
+])
+def test_bad_input_is_one_line(tmp_path, run, args, fragment):
+    make_run(tmp_path, name="bare", lora=False)
+    before = sorted(p.name for p in run.iterdir())
+    result = invoke(*[a.format(root=tmp_path) for a in args])
+    one_line_error(result, fragment)
+    assert sorted(p.name for p in run.iterdir()) == before  # nothing written
+
+
+def test_prompts_file_missing_names_it(tmp_path, run):
+    result = invoke("--prompts-file", tmp_path / "missing.txt", "--run", run)
+    one_line_error(result, f"--prompts-file {tmp_path / 'missing.txt'}: no such file")
+
+
+def test_end_to_end_on_tiny_sd(run):
+    result = invoke("sksToy on a beach", "--run", run, "-n", 2, "--steps", 2, "--batch-size", 2, "--seed", 9)
+    assert result.exit_code == 0, result.output
+    data = json.loads((run / "samples" / "samples.json").read_text())
+    assert sorted((e["variant"], e["seed"]) for e in data["images"]) == [
+        ("baseline", 9), ("baseline", 10), ("lora", 9), ("lora", 10)]
+    grid = run / "samples" / "skstoy-toy-on-a-beach" / "grid.png"
+    assert grid.is_file()
+    out = " ".join(result.stdout.split())
+    assert f"grid: {grid}" in out and f"report: {run / 'report.html'}" in out
+    html = (run / "report.html").read_text()
+    assert "sksToy toy on a beach" in html and html.count("data:image/png;base64,") >= 4
+
+
+def test_help():
+    result = runner.invoke(app, ["sample", "--help"])
+    assert result.exit_code == 0 and not result.stderr
+    out = " ".join(result.stdout.split())
+    for option in ("--prompts-file", "--no-baseline", "--scheduler", "--lora-scale", "--cpu-offload", "--dtype"):
+        assert option in out
+    assert 'sdlora sample "sksToy on a beach"' in out
+    report = runner.invoke(app, ["report", "--help"])
+    assert report.exit_code == 0 and not report.stderr and "--open" in report.stdout
+
+
+def test_prompts_path_is_relative_to_cwd(run, fake_sampler, monkeypatch, tmp_path):
+    (tmp_path / "p.txt").write_text("a photo of sksToy\n")
+    monkeypatch.chdir(tmp_path)
+    result = invoke("--prompts-file", Path("p.txt"), "--run", run)
+    assert result.exit_code == 0, result.output
+    assert fake_sampler[0]["prompts"] == ["a photo of sksToy"]
