@@ -27,6 +27,15 @@ from sdlora.train.monitor import read_metrics
 GOLDEN_LOSSES = [1.1156493425369263, 1.078417181968689, 1.0732008218765259]
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and 2-thread OpenMP stalls badly on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_cfg(tmp_path: Path, dataset: Path, flags: dict[str, Any] | None = None, overrides=(), config_file=None):
     base = {
         "model.name": "tiny-sd", "data.dataset": str(dataset), "run.runs_dir": str(tmp_path / "runs"),
@@ -351,7 +360,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_lora_then_exits(tmp_path: Path, tiny_
            "--runs-dir", str(runs), "--name", "stopped", "--max-steps", "100000", "--validate-every", "0",
            "--checkpoint-every", "0", "validation.prompts=[]"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     metrics = runs / "stopped" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text(encoding="utf-8").count("\n") >= 2):
