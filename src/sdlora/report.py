@@ -152,11 +152,17 @@ def line_plot(series: Sequence[Series], *, title: str, xlabel: str = "step", yla
             continue
         color = s.color or PALETTE[i % len(PALETTE)]
         for segment in _segments(s):
+            if len(segment) == 1 and not s.markers:  # a point between gaps: a dot, since a path of one point is invisible
+                (x, y), = segment
+                out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2" fill="{color}"/>')
+                continue
+            if len(segment) == 1:
+                continue
             path = " ".join(f"{'M' if j == 0 else 'L'}{px(x):.1f},{py(y):.1f}" for j, (x, y) in enumerate(segment))
             dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
             out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="{s.width}" '
                        f'stroke-opacity="{s.opacity}"{dash}><title>{escape(s.label)}</title></path>')
-        if s.markers or len(s.points) == 1:
+        if s.markers:
             for x, y in s.points:
                 out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}">'
                            f'<title>{escape(s.label)}: step {x:g}, {y:.4g}</title></circle>')
@@ -500,7 +506,7 @@ def scores_section(run_dir: Path) -> Section:
             for i, (variant, label) in enumerate((("lora", "LoRA"), ("baseline", "base"))):
                 scores = entry.get(variant) or {}
                 prompt_cell = f'<td rowspan="2">{escape(str(entry.get("prompt", "")))}</td>' if i == 0 else ""
-                body.append(f'<tr class="{variant}">{prompt_cell}<td>{label}</td>'
+                body.append(f'<tr class="{variant}">{prompt_cell}<td class="variant">{label}</td>'
                             + "".join(f"<td>{_fmt(scores.get(k))}</td>" for k, _ in SCORE_METRICS)
                             + f"<td>{escape(str(scores.get('images', 0)))}</td></tr>")
         parts.append(f'<h3>Per prompt</h3><table class="scores per-prompt">{head}{"".join(body)}</table>')
@@ -587,7 +593,7 @@ figure.thumb figcaption{font-size:11px;color:#666}
 figure.missing div{width:128px;height:128px;background:#eee;color:#999;display:flex;align-items:center;justify-content:center}
 table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid #e2e4e8;padding:4px 10px;text-align:right}
 th:first-child,td:first-child{text-align:left}table.per-prompt td:first-child{max-width:360px}
-tr.baseline td{color:#666}.up{color:#17803d}.down{color:#b00020}
+tr.baseline td{color:#666}td.variant{text-align:left}.up{color:#17803d}.down{color:#b00020}
 dl.summary{display:grid;grid-template-columns:max-content auto;gap:2px 16px;margin:0 0 10px}
 dl.summary dt{color:#666}dl.summary dd{margin:0}
 """

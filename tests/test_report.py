@@ -1,0 +1,262 @@
+"""report.html: sections from whatever the run has, inline SVG plots, embedded images, a real browser."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from run_helpers import random_png, write_config, write_metrics, write_validation_samples
+from typer.testing import CliRunner
+
+from sdlora.cli import app
+from sdlora.report import Series, line_plot, nice_ticks, render_report, write_report
+
+CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+PROMPTS = ["sksToy toy on a beach", "a red sksToy toy"]
+
+
+def write_samples(run: Path, prompts=PROMPTS, per_variant: int = 2) -> Path:
+    """samples/samples.json + PNGs in the format generate_samples writes (INTERFACES.md)."""
+    samples = run / "samples"
+    images = []
+    for p, prompt in enumerate(prompts):
+        folder = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+        for variant, stem in (("lora", "lora"), ("baseline", "base")):
+            for i in range(per_variant):
+                file = f"{folder}/{stem}-{i:02d}.png"
+                random_png(samples / file, seed=p * 100 + (variant == "lora") * 10 + i, size=256)
+                images.append({"file": file, "prompt": prompt, "prompt_as_written": prompt.replace(" toy", "", 1),
+                               "seed": 5 + i, "variant": variant, "index": i})
+    data = {"model": "tiny-sd", "run": str(run), "lora_dir": str(run / "lora"), "lora_scale": 1.0, "steps": 2,
+            "guidance": 7.5, "scheduler": "EulerDiscreteScheduler", "height": 256, "width": 256,
+            "negative_prompt": None, "images": images}
+    (samples / "samples.json").write_text(json.dumps(data))
+    return samples / "samples.json"
+
+
+def scores_entry(dino: float, clip_i: float, clip_t: float, images: int = 2) -> dict:
+    return {"images": images, "real_images": 3, "dino": dino, "clip_i": clip_i, "clip_t": clip_t,
+            "clip_t_with_token": clip_t + 0.01}
+
+
+def write_scores(run: Path) -> Path:
+    """scores.json in the layout sdlora.evaluate.score writes."""
+    data = {
+        "schema_version": 1, "created": "2026-01-01T12:00:00+00:00", "run": str(run),
+        "token": "sksToy", "class_word": "toy", "prompt_set": "all samples",
+        "scale": "cosine similarity reported as is",
+        "scorers": {"dino": {"model": "facebook/dino-vits16"}, "clip": {"model": "ViT-B-32", "pretrained": "openai"}},
+        "real": {"dataset": "dataset", "split": "val", "count": 3, "files": ["a.png", "b.png", "c.png"]},
+        "overall": {"lora": {**scores_entry(0.6123, 0.7011, 0.2811, 4), "prompts": 2},
+                    "baseline": {**scores_entry(0.3456, 0.5522, 0.2907, 4), "prompts": 2}},
+        "prompts": [{"prompt": p, "prompt_as_written": p, "prompt_without_token": p.replace("sksToy ", ""),
+                     "lora": scores_entry(0.6 + i / 100, 0.7, 0.28), "baseline": scores_entry(0.34, 0.55, 0.29)}
+                    for i, p in enumerate(PROMPTS)],
+        "embedded": {"dino": 11, "clip": 11}, "cached": {"dino": 0, "clip": 0},
+    }
+    path = run / "scores.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture
+def full_run(tmp_path) -> Path:
+    """A run with every part: config, metrics (two parameter groups, CUDA load), validation samples of
+    three steps, a LoRA file, LoRA-vs-baseline samples and scores."""
+    run = write_config(tmp_path / "runs" / "r1")
+    write_metrics(run, steps=30, validate_every=10, groups=("unet", "text_encoder"), cuda=True)
+    for step in (10, 20, 30):
+        write_validation_samples(run, step, ["a photo of sksToy toy", "sksToy toy in the snow"])
+    (run / "lora").mkdir()
+    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"0" * 2048)
+    write_samples(run)
+    write_scores(run)
+    return run
+
+
+def section(html: str, name: str) -> str:
+    match = re.search(rf'<section id="{name}" class="(\w+)">(.*?)</section>', html, re.S)
+    assert match, f"no section {name}"
+    return match.group(1) + ":" + match.group(2)
+
+
+# ---- content ---------------------------------------------------------------------------------
+
+def test_full_report(full_run):
+    path = write_report(full_run)
+    assert path == full_run / "report.html"
+    html = path.read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>")
+    # plots: loss, gradient norms, learning rate, machine load, memory, throughput
+    assert html.count('<svg xmlns="http://www.w3.org/2000/svg" class="plot"') == 6
+    training = section(html, "training")
+    for label in ("running mean", "validation loss", "text_encoder", "total", "process CPU", "system CPU",
+                  "process RAM (RSS)", "CUDA peak", "peak CUDA memory", "best validation loss"):
+        assert label in training, label
+    assert "0.1246 at step 30" in training  # best val loss: 0.2 exp(-30/20) + 0.08
+    scores = section(html, "scores")
+    assert scores.startswith("ok:")
+    assert re.search(r"<th>DINO</th><td>0\.612</td><td>0\.346</td><td><span class=\"up\">\+0\.267</span>", scores)
+    assert "<th>CLIP-T</th><td>0.281</td><td>0.291</td><td><span class=\"down\">-0.010</span>" in scores
+    assert scores.count("<tr class=\"lora\">") == 2 and "3 real val photos" in scores
+    samples = section(html, "samples")
+    assert samples.count('class="row-label variant-lora"') == 2 and samples.count("variant-baseline") == 2
+    assert "(written as “sksToy on a beach”)" in samples
+    validation = section(html, "validation")
+    assert [int(s) for s in re.findall(r"<th>step (\d+)</th>", validation)] == [10, 20, 30]
+    assert validation.count("<img") == 12
+    assert "pytorch_lora_weights.safetensors" in section(html, "outputs")
+    assert "token: sksToy" in section(html, "config")
+
+
+def test_report_is_self_contained_with_small_decodable_thumbnails(full_run):
+    html = write_report(full_run).read_text()
+    sources = re.findall(r'(?:src|href)="([^"#][^"]*)"', html)
+    assert sources and all(s.startswith("data:image/") for s in sources)  # nothing fetched, nothing linked
+    assert not re.search(r"url\(|@import|<script|<link", html)
+    for uri in sources:
+        mime, data = re.fullmatch(r"data:(image/\w+);base64,(.+)", uri).groups()
+        with Image.open(io.BytesIO(base64.b64decode(data))) as im:
+            assert max(im.size) <= 192 and im.get_format_mimetype() == mime  # 256 px samples downscaled
+    assert len(html) < 600_000
+
+
+def test_a_run_with_nothing_yet(tmp_path):
+    run = write_config(tmp_path / "runs" / "fresh")
+    html = write_report(run).read_text()
+    for name in ("scores", "samples", "training", "validation", "outputs"):
+        assert section(html, name).startswith('missing:<h2>'), name
+        assert "Not yet:" in section(html, name)
+    assert section(html, "config").startswith("ok:")
+    assert "tiny random-weight model" in html
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "Not yet: no config.yaml" in render_report(empty)
+
+
+def test_broken_parts_are_named_and_the_rest_still_shows(full_run):
+    (full_run / "scores.json").write_text("{not json")
+    with open(full_run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 31, "loss": null, "loss_mean": NaN}\n{"step": 32, "loss": 0.1')  # a line being written
+    (full_run / "samples" / "step-000020" / "validation.json").unlink()  # older runs: PNGs only
+    (full_run / "samples" / "skstoy-toy-on-a-beach" / "lora-00.png").write_bytes(b"not a png")
+    html = write_report(full_run).read_text()
+    scores = section(html, "scores")
+    assert scores.startswith("error:") and "Could not be shown: scores.json:" in scores
+    assert section(html, "training").startswith("ok:") and html.count('class="plot"') == 6
+    assert section(html, "validation").count("<img") == 12
+    assert "unreadable" in section(html, "samples")
+
+
+def test_prompts_are_escaped(tmp_path):
+    run = write_config(tmp_path / "runs" / "r1")
+    write_samples(run, prompts=['<script>alert("x")</script> sksToy toy'], per_variant=1)
+    html = write_report(run).read_text()
+    assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_only_some_validation_steps_when_there_are_many(tmp_path):
+    run = write_config(tmp_path / "runs" / "r1")
+    for step in range(10, 210, 10):
+        write_validation_samples(run, step, ["p"], num_images=1, size=16)
+    validation = section(write_report(run).read_text(), "validation")
+    steps = [int(s) for s in re.findall(r"<th>step (\d+)</th>", validation)]
+    assert len(steps) == 8 and steps[0] == 10 and steps[-1] == 200 and "Showing 8 of 20" in validation
+
+
+# ---- plots -----------------------------------------------------------------------------------
+
+def test_nice_ticks():
+    assert nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert nice_ticks(3, 47) == [10, 20, 30, 40]
+    assert nice_ticks(0, 1e-4) == pytest.approx([0, 2e-5, 4e-5, 6e-5, 8e-5, 1e-4])
+    assert nice_ticks(5, 5) == [5]
+
+
+def test_line_plot_gaps_labels_and_empty():
+    svg = line_plot([Series("loss", [1, 2, 3, 4, 5], [1.0, 2.0, None, 4.0, 5.0]),
+                     Series("val", [5], [3.0], markers=True)], title="Loss", ylabel="MSE")
+    assert svg.count("<path") == 2  # the None splits the line in two
+    assert svg.count("<circle") == 1 and ">loss</text>" in svg and ">val</text>" in svg
+    assert re.findall(r'class="plot-tick">([^<]+)<', svg)[:3] == ["1", "2", "3"]
+    lone = line_plot([Series("x", [1, 2, 3], [None, 2.0, None])], title="t")
+    assert "<path" not in lone and lone.count("<circle") == 1  # a point between gaps is still drawn
+    assert "no data yet" in line_plot([Series("x", [], [])], title="t")
+    assert "no data yet" in line_plot([Series("x", [1], [float("nan")])], title="t")
+
+
+# ---- CLI -------------------------------------------------------------------------------------
+
+def test_report_cli(full_run, monkeypatch):
+    opened = []
+    monkeypatch.setattr("webbrowser.open", lambda url: opened.append(url) or True)
+    monkeypatch.chdir(full_run.parent.parent)
+    (full_run.parent / "latest").symlink_to("r1")
+    result = CliRunner().invoke(app, ["report", "--open"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(full_run / "report.html")
+    assert opened == [(full_run / "report.html").as_uri()]
+
+
+@pytest.mark.parametrize(("where", "fragment"), [("runs/nope", "runs/nope: no such run folder"),
+                                                 ("notarun", "not a run folder (no config.yaml)")])
+def test_report_cli_bad_run(tmp_path, monkeypatch, where, fragment):
+    (tmp_path / "notarun").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["report", "--run", where])
+    assert result.exit_code == 1
+    [line] = [line for line in result.stderr.splitlines() if line.strip()]
+    assert line.startswith("error:") and fragment in line
+    assert not (tmp_path / "notarun" / "report.html").exists()
+
+
+# ---- a real browser --------------------------------------------------------------------------
+
+def chromium(url: str, *args: str, profile: Path) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0"]
+    return subprocess.run([CHROMIUM, *flags, *args, url], capture_output=True, text=True, timeout=90)
+
+
+def page_errors(stderr: str) -> list[str]:
+    """Console errors, uncaught exceptions and failed loads that chromium logged."""
+    return [line for line in stderr.splitlines()
+            if re.search(r"Uncaught|CONSOLE.*(error|Error)|Failed to load resource|net::ERR_", line)]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install chromium)")
+def test_report_in_headless_chromium(full_run, tmp_path):
+    # the error detector sees errors (a page with a broken script and a missing image)
+    bad = tmp_path / "bad.html"
+    bad.write_text('<html><body><img src="missing.png"><script>notDefined()</script></body></html>')
+    assert page_errors(chromium(bad.as_uri(), "--dump-dom", profile=tmp_path / "p0").stderr)
+
+    url = write_report(full_run).as_uri()
+    dom = chromium(url, "--dump-dom", profile=tmp_path / "p1")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert page_errors(dom.stderr) == []
+    assert '<table class="scores overall">' in dom.stdout and "<th>DINO</th>" in dom.stdout
+    assert dom.stdout.count('class="plot"') == 6 and dom.stdout.count("<img") >= 20
+
+    shot = tmp_path / "report.png"
+    result = chromium(url, f"--screenshot={shot}", "--window-size=1200,2000", "--hide-scrollbars",
+                      profile=tmp_path / "p2")
+    assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
+    assert page_errors(result.stderr) == []
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2000)
+        colours = im.convert("RGB").resize((60, 100)).getcolors(6000)
+        assert colours is None or len(colours) > 50  # a rendered page, not a blank one
+    if os.environ.get("SDLORA_TEST_ARTIFACTS"):
+        out = Path(os.environ["SDLORA_TEST_ARTIFACTS"])
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, out / "report.png")
