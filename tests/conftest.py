@@ -18,6 +18,17 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 DREAMBENCH = SHARED_DATA / "dreambench"
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models are faster on one thread, and far faster when other jobs share the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def dreambench() -> Path:
     """The shared real photos (../shared/data/dreambench), or skip with the reason."""

@@ -53,6 +53,16 @@ def test_sdlora_error_becomes_one_line_and_exit_code_1(capsys):
     assert err.strip() == "error: photos/x.heic: not an image"
 
 
+def test_error_text_in_square_brackets_is_printed_as_is(capsys):
+    @_one_line_errors
+    def verb():
+        raise DataError("install it: pip install 'sdlora[tensorboard]'")
+
+    with pytest.raises(typer.Exit):
+        verb()
+    assert "sdlora[tensorboard]" in capsys.readouterr().err
+
+
 def test_debug_keeps_the_traceback(monkeypatch):
     monkeypatch.setenv("SDLORA_DEBUG", "1")
 

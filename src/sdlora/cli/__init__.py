@@ -12,6 +12,7 @@ import os
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 # Library chatter (dtype-casting notes, deprecations) is not for users; --debug brings it back.
 if not os.environ.get("SDLORA_DEBUG"):
@@ -75,7 +76,7 @@ def _one_line_errors(fn):
         except SdloraError as exc:
             if os.environ.get("SDLORA_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
