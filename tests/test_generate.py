@@ -260,3 +260,20 @@ def test_sdxl_with_a_token_embedding(tmp_path):
         assert "embeddings.safetensors" in im.text["lora"]
     assert np.array_equal(pixels(folder / "base-00.png"), base_image("tiny-sdxl", "sksToy toy", 4))
     assert np.abs(pixels(folder / "lora-00.png") - pixels(folder / "base-00.png")).mean() > 1.0
+
+
+def test_python_api_example(tmp_path, capsys):
+    """examples/python_api.py runs as documented on a tiny run (sample, score with tiny scorers, report)."""
+    import runpy
+
+    from conftest import write_tiny_dataset
+
+    dataset = write_tiny_dataset(tmp_path / "dataset", n=5)
+    run = make_run(tmp_path, dataset=dataset)
+    script = Path(__file__).resolve().parents[1] / "examples" / "python_api.py"
+    runpy.run_path(str(script), run_name="not_main")["main"](str(run))
+    out = capsys.readouterr().out
+    assert "samples:" in out and "DINO" in out and f"report: {run / 'report.html'}" in out
+    assert (run / "scores.json").is_file()
+    html = (run / "report.html").read_text()
+    assert '<table class="scores overall">' in html and "sksToy toy on a beach" in html

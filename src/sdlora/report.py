@@ -593,7 +593,7 @@ figure.thumb figcaption{font-size:11px;color:#666}
 figure.missing div{width:128px;height:128px;background:#eee;color:#999;display:flex;align-items:center;justify-content:center}
 table{border-collapse:collapse;margin:6px 0}th,td{border:1px solid #e2e4e8;padding:4px 10px;text-align:right}
 th:first-child,td:first-child{text-align:left}table.per-prompt td:first-child{max-width:360px}
-tr.baseline td{color:#666}td.variant{text-align:left}.up{color:#17803d}.down{color:#b00020}
+tr.baseline td{color:#666}td.variant{text-align:left}table.files td{text-align:left}.up{color:#17803d}.down{color:#b00020}
 dl.summary{display:grid;grid-template-columns:max-content auto;gap:2px 16px;margin:0 0 10px}
 dl.summary dt{color:#666}dl.summary dd{margin:0}
 """
