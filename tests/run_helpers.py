@@ -48,7 +48,9 @@ def save_random_lora(folder: Path, model: str = "tiny-sd", *, rank: int = 4, see
     from sdlora.models import load_pipeline
 
     pipe, _ = load_pipeline(model)
-    pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS))
+    with torch.random.fork_rng(devices=[]):  # the same LoRA for a seed (lora_A's init draws from torch's RNG)
+        torch.manual_seed(seed)
+        pipe.unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in pipe.unet.named_parameters():

@@ -277,3 +277,27 @@ def test_python_api_example(tmp_path, capsys):
     assert (run / "scores.json").is_file()
     html = (run / "report.html").read_text()
     assert '<table class="scores overall">' in html and "sksToy toy on a beach" in html
+
+
+def test_memory_options_and_bf16(tmp_path):
+    """Attention slicing and VAE tiling leave the image as it is; bf16 runs (close to fp32);
+    CPU offload and a missing GPU are refused before the model loads."""
+    run = make_run(tmp_path)
+    info = load_run(run)
+
+    def lora_image(name: str, **kwargs) -> np.ndarray:
+        out = generate_samples(info, ["sksToy"], num_images=1, steps=STEPS, baseline=False,
+                               out_dir=tmp_path / name, **kwargs)
+        return pixels(out.parent / "skstoy-toy" / "lora-00.png")
+
+    plain = lora_image("plain")
+    # sliced attention sums in another order than SDPA: the same image up to rounding
+    assert np.abs(lora_image("sliced", attention_slicing=True, vae_tiling=True) - plain).max() <= 2
+    assert np.abs(lora_image("bf16", dtype="bf16") - plain).mean() < 4.0
+    with pytest.raises(ConfigError, match="--cpu-offload needs a GPU"):
+        generate_samples(info, ["sksToy"], cpu_offload=True, device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="--device cuda: no CUDA GPU is available here"):
+            generate_samples(info, ["sksToy"], device="cuda")
+    with pytest.raises(ConfigError, match="--device gpu0: not a device"):
+        generate_samples(info, ["sksToy"], device="gpu0")

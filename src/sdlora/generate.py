@@ -101,8 +101,15 @@ def slug(prompt: str, max_len: int = 60) -> str:
 # ---- pipeline -------------------------------------------------------------------------------
 
 def resolve_device(device: str | None) -> torch.device:
+    """`--device`, or the best available: CUDA, then Apple's MPS, then the CPU."""
     if device:
-        return torch.device(device)
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as exc:
+            raise ConfigError(f"--device {device}: not a device (use cpu, cuda, cuda:1 or mps)") from exc
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: no CUDA GPU is available here (use --device cpu)")
+        return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -231,13 +238,19 @@ class SamplerOptions:
 
 def prepare_pipeline(run: RunInfo, lora_dir: Path, options: SamplerOptions,
                      scheduler: str | None = None) -> tuple[Any, Any, torch.device, LoadedLora]:
-    """The run's base model with its LoRA loaded, on its device: (pipe, arch, device, loaded files)."""
+    """The run's base model with its LoRA loaded, on its device: (pipe, arch, device, loaded files).
+
+    Attention runs through PyTorch's scaled_dot_product_attention (diffusers' default processor),
+    which picks flash / memory-efficient kernels on GPUs.
+    """
     from sdlora.models import load_pipeline
 
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     if scheduler is not None:
-        scheduler_key(scheduler)  # a bad name fails before the model loads
+        scheduler_key(scheduler)  # bad options fail before the model loads
+    if options.cpu_offload and device.type == "cpu":
+        raise ConfigError("--cpu-offload needs a GPU (it moves each model to the GPU only while it runs)")
     pipe, arch = load_pipeline(run.model, revision=run.revision, variant=run.variant, vae=run.vae, dtype=dtype)
     loaded = load_lora(pipe, arch, lora_dir, run.token)
     if scheduler is not None:
@@ -247,8 +260,6 @@ def prepare_pipeline(run: RunInfo, lora_dir: Path, options: SamplerOptions,
     if options.vae_tiling:
         pipe.vae.enable_tiling()
     if options.cpu_offload:
-        if device.type == "cpu":
-            raise ConfigError("--cpu-offload needs a GPU (it moves each model to the GPU only while it runs)")
         pipe.enable_model_cpu_offload(device=device)
     else:
         try:
