@@ -2,9 +2,14 @@
 
 Run by hand (minutes; about 5 GB of disk for the model folder, ~8 GB of RAM):
 
-    .venv/bin/python benchmarks/train.py                       # everything, 256 px, rank 16
-    .venv/bin/python benchmarks/train.py --skip-train          # only the UNet floor
-    .venv/bin/python benchmarks/train.py --train-args "--mixed-precision bf16"
+    .venv/bin/python benchmarks/train_speed.py                       # everything, 256 px, rank 16
+    .venv/bin/python benchmarks/train_speed.py --skip-train          # only the UNet floor
+    .venv/bin/python benchmarks/train_speed.py --train-args "--mixed-precision bf16"
+    .venv/bin/python benchmarks/train_speed.py --diffusers-script /path/to/diffusers/examples/dreambooth/train_dreambooth_lora.py
+
+`--diffusers-script` also times diffusers' DreamBooth LoRA example at the same settings (same
+model folder, photos, resolution, batch, rank, step counts), from a local copy of the diffusers
+repository that is never committed here.
 
 Method (../shared/PERFORMANCE.md): a random-weight model with the real SD 1.5 architecture
 (same compute as the real one) is built from configs and saved once with `save_pretrained`
@@ -224,6 +229,36 @@ def measure_train(model: Path, args: argparse.Namespace) -> dict | str:
             print(f"kept {work}")
 
 
+def diffusers_cmd(script: Path, model: Path, photos: Path, out: Path, args: argparse.Namespace, steps: int,
+                  precision: str) -> list[str]:
+    """diffusers' train_dreambooth_lora.py at our settings (one process, no validation, no checkpoints)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+            "--mixed_precision", precision, "--dynamo_backend", "no", str(script),
+            "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(photos),
+            "--instance_prompt", "a photo of sksToy toy", "--output_dir", str(out),
+            "--resolution", str(args.resolution), "--train_batch_size", "1", "--rank", str(args.rank),
+            "--learning_rate", "1e-4", "--max_train_steps", str(steps), "--checkpointing_steps", "100000",
+            "--seed", "0", "--report_to", "tensorboard", "--mixed_precision", precision]  # needs the tensorboard extra
+
+
+def measure_diffusers(script: Path, model: Path, args: argparse.Namespace, precision: str) -> dict:
+    """Marginal s/step, start-up and peak RSS of the diffusers example, on the images sdlora trains on."""
+    work = Path(tempfile.mkdtemp(prefix="sdlora-bench-diffusers-"))
+    try:
+        photos = prepare_dataset(work, args.resolution) / "images"
+        runs = {}
+        for steps in args.steps:
+            runs[steps] = timed(diffusers_cmd(script, model, photos, work / f"out-{steps}", args, steps, precision))
+            print(f"  diffusers example {precision} {steps} steps: {runs[steps]['wall_s']:.1f} s, "
+                  f"peak RSS {runs[steps]['rss_gb']:.2f} GB", flush=True)
+        small, large = args.steps
+        per_step = (runs[large]["wall_s"] - runs[small]["wall_s"]) / (large - small)
+        return {"s_per_step": per_step, "startup_s": runs[small]["wall_s"] - small * per_step,
+                "rss_gb": max(r["rss_gb"] or 0 for r in runs.values())}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------- report
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -239,6 +274,10 @@ def main() -> None:
     parser.add_argument("--allow-failure", action="store_true",
                         help="keep timing when `sdlora train` exits non-zero (e.g. a stage after the steps is missing)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch datasets and runs")
+    parser.add_argument("--diffusers-script", type=Path, default=None,
+                        help="diffusers' examples/dreambooth/train_dreambooth_lora.py: time it at the same settings")
+    parser.add_argument("--diffusers-precision", default="no", choices=["no", "bf16"],
+                        help="mixed precision for the diffusers example")
     parser.add_argument("--worker-unet", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-gc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -265,6 +304,9 @@ def main() -> None:
     if not args.skip_train:
         label = "sdlora train" + (f" {args.train_args}" if args.train_args else " (defaults)")
         rows.append((label, measure_train(model, args)))
+    if args.diffusers_script:
+        rows.append((f"diffusers train_dreambooth_lora.py ({args.diffusers_precision})",
+                     measure_diffusers(args.diffusers_script, model, args, args.diffusers_precision)))
 
     floor = next((r["s_per_step"] for name, r in rows if name.startswith("UNet") and "fp32" in name
                   and isinstance(r, dict)), None)
