@@ -18,7 +18,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 DREAMBENCH = SHARED_DATA / "dreambench"
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tiny models are faster on one thread, and far faster when other jobs share the cores."""
     import torch

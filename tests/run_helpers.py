@@ -140,19 +140,3 @@ def write_validation_samples(run: Path, step: int, prompts: list[str], num_image
             entries.append({"file": name, "prompt": prompt, "prompt_as_written": prompt, "seed": k, "step": step})
     (folder / "validation.json").write_text(json.dumps({"step": step, "steps": 2, "guidance": 7.5, "images": entries}))
     return folder
-
-
-def one_torch_thread():
-    """Generator for an autouse fixture: torch on one thread while the fixture is active.
-
-    The test machine has 2 cores shared by parallel jobs; with 2 OpenMP threads the tiny models'
-    small kernels spin-wait on a busy core and run up to 10x slower than on one thread.
-    """
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

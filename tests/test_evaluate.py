@@ -30,16 +30,6 @@ from sdlora.run import load_run
 TINY = {"dino_model": "tiny-dino", "clip_model": "tiny-clip", "device": "cpu"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # The tiny scorers do many small tensor ops; on a busy 2-core machine OpenMP threads wait
-    # on each other (40 ms for a 224 px ToTensor instead of 0.5 ms). One thread is faster here.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dino():
     return load_dino("tiny-dino", "cpu")

@@ -30,15 +30,6 @@ TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 PROMPT = "a photo of sks toy"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two-thread CPU inference on a tiny UNet is ~5x slower on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
     for name, param in model.named_parameters():
         if "lora_B" in name:

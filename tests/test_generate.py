@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from run_helpers import make_run, one_torch_thread, save_embedding
+from run_helpers import make_run, save_embedding
 
 from sdlora import __version__
 from sdlora.errors import ConfigError, RunError
@@ -25,11 +25,6 @@ from sdlora.generate import (
 from sdlora.run import load_run
 
 STEPS = 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
 
 
 def pixels(path: Path) -> np.ndarray:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from run_helpers import make_run, one_torch_thread
+from run_helpers import make_run
 from typer.testing import CliRunner
 
 import sdlora.generate
@@ -15,11 +15,6 @@ from sdlora.cli import app
 from sdlora.models.loading import TINY_WARNING
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    yield from one_torch_thread()
 
 
 def invoke(*args):

@@ -8,7 +8,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 from score_helpers import add_samples, write_run
 from typer.testing import CliRunner
 
@@ -23,14 +22,6 @@ TINY = ["--dino-model", "tiny-dino", "--clip-model", "tiny-clip", "--device", "c
 def wide_terminal(monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")  # keep table cells on one line
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()  # see test_evaluate.py: small ops on a busy 2-core machine
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def invoke(*args: str | Path):

@@ -27,15 +27,6 @@ from sdlora.train.monitor import read_metrics
 GOLDEN_LOSSES = [1.1156493425369263, 1.078417181968689, 1.0732008218765259]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and 2-thread OpenMP stalls badly on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_cfg(tmp_path: Path, dataset: Path, flags: dict[str, Any] | None = None, overrides=(), config_file=None):
     base = {
         "model.name": "tiny-sd", "data.dataset": str(dataset), "run.runs_dir": str(tmp_path / "runs"),

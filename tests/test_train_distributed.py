@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -22,14 +21,6 @@ def common_flags(dataset: Path, runs: Path) -> dict:
     return {"model.name": "tiny-sd", "data.dataset": str(dataset), "run.runs_dir": str(runs),
             "train.max_steps": STEPS, "train.learning_rate": 1e-3, "validation.validate_every": 0,
             "validation.prompts": [], "checkpoint.checkpoint_every": 0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: fastest on one thread; 2-thread OpenMP stalls on a busy CPU
-    yield
-    torch.set_num_threads(before)
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, tiny_dataset: Path):
