@@ -228,18 +228,32 @@ class ValidationArgs(_Group):
     """Seed of the sample images and of the fixed validation noise (same across steps and runs)."""
     loss_timesteps: int = 5
     """Fixed timesteps per val image for the validation loss: more is less noisy, costs forwards."""
+    score_every: int = 0
+    """DINO of the sample images vs the val photos every N steps (a multiple of --validate-every); 0: off.
+    It scores the validation samples, so it costs their sampling time: meant for GPUs."""
+    dino_model: str = "facebook/dino-vits16"
+    """DINO scorer for --score-every: a hub id, a local folder, or tiny-dino (random weights, offline)."""
+    best_by: Literal["val_loss", "dino"] = "val_loss"
+    """What picks best/: the lowest validation loss, or the highest DINO (needs --score-every)."""
 
     @classmethod
     def flag(cls, name: str) -> str:
         special = {"validate_every": "--validate-every", "num_images": "--validation-images",
                    "steps": "--validation-steps", "guidance": "--validation-guidance",
-                   "seed": "--validation-seed", "loss_timesteps": "--val-loss-timesteps"}
+                   "seed": "--validation-seed", "loss_timesteps": "--val-loss-timesteps",
+                   "score_every": "--score-every", "dino_model": "--dino-model", "best_by": "--best-by"}
         return special.get(name) or super().flag(name)
 
     def _check(self) -> list[str]:
         problems = []
         if self.validate_every < 0:
             problems.append(f"--validate-every must be >= 0, got {self.validate_every}")
+        if self.score_every < 0:
+            problems.append(f"--score-every must be >= 0, got {self.score_every}")
+        if self.score_every and not self.prompts:
+            problems.append("--score-every scores the validation samples: give at least one --validation-prompt")
+        if self.best_by == "dino" and not self.score_every:
+            problems.append("--best-by dino needs --score-every N (DINO is only computed then)")
         for name in ("num_images", "steps", "loss_timesteps"):
             if getattr(self, name) < 1:
                 problems.append(f"{self.flag(name)} must be at least 1, got {getattr(self, name)}")

@@ -48,6 +48,7 @@ KEYS = {
     "prior_loss_weight": "prior.prior_loss_weight", "class_dir": "prior.class_dir",
     "validate_every": "validation.validate_every", "validation_prompt": "validation.prompts",
     "validation_steps": "validation.steps", "validation_images": "validation.num_images",
+    "score_every": "validation.score_every", "dino_model": "validation.dino_model", "best_by": "validation.best_by",
     "log_every": "logging.log_every", "report_to": "logging.report_to",
     "checkpoint_every": "checkpoint.checkpoint_every", "keep_checkpoints": "checkpoint.keep_checkpoints",
     "runs_dir": "run.runs_dir", "name": "run.name",
@@ -111,6 +112,9 @@ def train(
     validation_prompt: Annotated[Optional[list[str]], _opt("--validation-prompt", key="validation.prompts")] = None,
     validation_steps: Annotated[Optional[int], _opt("--validation-steps", key="validation.steps")] = None,
     validation_images: Annotated[Optional[int], _opt("--validation-images", key="validation.num_images")] = None,
+    score_every: Annotated[Optional[int], _opt("--score-every", key="validation.score_every")] = None,
+    dino_model: Annotated[Optional[str], _opt("--dino-model", key="validation.dino_model")] = None,
+    best_by: Annotated[Optional[str], _opt("--best-by", key="validation.best_by")] = None,
     log_every: Annotated[Optional[int], _opt("--log-every", key="logging.log_every")] = None,
     report_to: Annotated[Optional[str], _opt("--report-to", key="logging.report_to")] = None,
     checkpoint_every: Annotated[Optional[int], _opt("--checkpoint-every", key="checkpoint.checkpoint_every")] = None,
@@ -218,8 +222,10 @@ class _Renderer:
                                  description=f"step {event['step']}/{event['total']}",
                                  loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}", its=f"{event['it_s']:.2f}")
         elif kind == "validation":
-            val = f"val loss {event['val_loss']:.4f}" + (" (best)" if event["best"] else "") \
-                if event["val_loss"] is not None else "validation"
+            parts = [f"val loss {event['val_loss']:.4f}"] if event["val_loss"] is not None else []
+            if event.get("dino") is not None:
+                parts.append(f"DINO {event['dino']:.3f}")
+            val = (", ".join(parts) or "validation") + (" (best)" if event["best"] else "")
             where = f", samples in {event['samples_dir']}" if event.get("samples_dir") else ""
             self._print(f"step {event['step']}: {val}{where}")
         elif kind == "checkpoint":

@@ -79,6 +79,7 @@ class TrainState:
     emit: OnEvent
     step: int = 0
     best_val_loss: float = math.inf
+    best_dino: float = -math.inf  # highest DINO so far (--score-every)
     loss_mean: monitor.RunningMean = field(default_factory=lambda: monitor.RunningMean(window=50))
     metrics: monitor.MetricsWriter | None = None
     last_checkpoint: Path | None = None
@@ -148,6 +149,10 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     pipe, arch = load_pipeline(cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant,
                                vae=cfg.model.vae, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
+    if cfg.validation.score_every:  # an unknown or uncached scorer fails now, not at the first validation
+        from sdlora.evaluate.dino import load_dino
+
+        load_dino(cfg.validation.dino_model, str(accelerator.device))
     from diffusers import DDPMScheduler
 
     # The training noise schedule and target (epsilon or v-prediction) come from the model's own scheduler.
@@ -643,14 +648,34 @@ def validate(state: TrainState) -> float | None:
         finally:
             for model in models:
                 model.train()
-        best = val_loss is not None and val_loss < state.best_val_loss
-        if best:
+        dino = _dino_score(state, samples)
+        lower = val_loss is not None and val_loss < state.best_val_loss
+        higher = dino is not None and dino > state.best_dino
+        if lower:
             state.best_val_loss = val_loss  # type: ignore[assignment]
+        if higher:
+            state.best_dino = dino  # type: ignore[assignment]
+        best = higher if cfg.validation.best_by == "dino" else lower
+        if best:
             export_lora(state, state.run_dir / BEST_DIR, main_only=True)
-        state.emit({"event": "validation", "step": state.step, "val_loss": val_loss, "best": best,
+        state.emit({"event": "validation", "step": state.step, "val_loss": val_loss, "dino": dino, "best": best,
                     "samples_dir": str(samples) if samples else None})
     acc.wait_for_everyone()
     return val_loss
+
+
+def _dino_score(state: TrainState, samples: Path | None) -> float | None:
+    """DINO of this validation's sample images vs the val photos, on --score-every steps (and the last)."""
+    every = state.cfg.validation.score_every
+    if not every or samples is None or not (state.step % every == 0 or state.step == state.cfg.train.max_steps):
+        return None
+    from sdlora.evaluate.score import dino_similarity_to_val
+
+    images = sorted(samples.glob("*.png"))
+    dino = dino_similarity_to_val(images, Path(state.cfg.data.dataset), dino_model=state.cfg.validation.dino_model,
+                                  device=str(state.device), cache_dir=state.run_dir / ".cache" / "embeddings")
+    _log(state, {"step": state.step, "dino": dino})
+    return dino
 
 
 def validation_loss(state: TrainState) -> float:
@@ -781,6 +806,7 @@ def save_checkpoint(state: TrainState) -> Path:
         ckpt.write_state(folder, {
             "step": state.step,
             "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+            "best_dino": state.best_dino if math.isfinite(state.best_dino) else None,
             "config_hash": config_mod.config_hash(state.cfg),
             "loss_mean": state.loss_mean.state_dict(),
         }, _repeatable(state.cfg))
@@ -801,6 +827,7 @@ def _load_checkpoint(state: TrainState) -> None:
     _apply_optimizer_config(state)
     state.step = int(saved["step"])
     state.best_val_loss = saved["best_val_loss"] if saved.get("best_val_loss") is not None else math.inf
+    state.best_dino = saved["best_dino"] if saved.get("best_dino") is not None else -math.inf
     if saved.get("loss_mean"):
         state.loss_mean.load_state_dict(saved["loss_mean"])
     state.last_checkpoint = folder
