@@ -36,6 +36,7 @@ def test_dino_is_logged_and_picks_best(tmp_path, tiny_dataset):
     assert [e["dino"] for e in events.of("validation")] == [dino[2], dino[4], dino[6]]
     best = max(dino, key=lambda step: (dino[step], -step))  # the first step reaching the highest DINO
     assert _best_step(run) == best
+    assert "DINO of the validation samples" in (run / "report.html").read_text(encoding="utf-8")
 
 
 def test_best_by_val_loss_stays_the_default(tmp_path, tiny_dataset):

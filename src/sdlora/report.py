@@ -357,6 +357,10 @@ def training_section(run_dir: Path) -> Section:
     if any("images_per_s" in r for r in steps):
         plots.append(line_plot([_series(steps, "images_per_s", "images/s")], title="Throughput", ylabel="images/s",
                                y_from_zero=True))
+    dino = [r for r in records if "dino" in r]  # `sdlora train --score-every`
+    if dino:
+        plots.append(line_plot([_series(dino, "dino", "DINO vs val photos", color="#2ca02c", width=2, markers=True)],
+                               title="DINO of the validation samples", ylabel="cosine"))
     section.body = _training_summary(steps, vals, records) + '<div class="plots">' + "".join(plots) + "</div>"
     return section
 
