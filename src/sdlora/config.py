@@ -250,6 +250,9 @@ class ValidationArgs(_Group):
             problems.append(f"--validate-every must be >= 0, got {self.validate_every}")
         if self.score_every < 0:
             problems.append(f"--score-every must be >= 0, got {self.score_every}")
+        if self.score_every > 0 and self.validate_every > 0 and self.score_every % self.validate_every:
+            problems.append(f"--score-every {self.score_every} must be a multiple of --validate-every "
+                            f"{self.validate_every} (DINO scores the validation samples)")
         if self.score_every and not self.prompts:
             problems.append("--score-every scores the validation samples: give at least one --validation-prompt")
         if self.best_by == "dino" and not self.score_every:

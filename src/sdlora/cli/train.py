@@ -26,6 +26,8 @@ Examples (the dataset defaults to ./dataset, the run goes to ./runs/<time>):
 
   sdlora train --resume latest --max-steps 2000                # continue the newest run
 
+  sdlora train --score-every 200 --best-by dino                # DINO of the samples; best/ by DINO (GPU)
+
   sdlora train --num-processes 2                               # data parallel on 2 GPUs
 
   sdlora train --model tiny-sd --max-steps 20 lora.rank=4 train.seed=1
@@ -235,6 +237,8 @@ class _Renderer:
         elif kind == "done":
             self.close()
             best = f"{event['best_val_loss']:.4f}" if event.get("best_val_loss") is not None else "n/a"
+            if event.get("best_dino") is not None:
+                best += f", best DINO {event['best_dino']:.3f}"
             console.print(f"[green]done:[/] {event['steps']} steps in {event['elapsed_s']:.0f} s, best val loss {best}\n"
                           f"  LoRA: {event['lora_dir']}\n  run:  {event['run_dir']}", highlight=False, soft_wrap=True)
 

@@ -17,6 +17,7 @@ checkpoint, so a resumed run matches an uninterrupted one and N processes match 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import threading
@@ -52,6 +53,7 @@ class TrainResult:
     steps: int
     best_val_loss: float | None
     lora_dir: Path | None
+    best_dino: float | None = None  # highest DINO of the validation samples (--score-every), else None
     interrupted: bool = False
     elapsed_s: float = 0.0
     checkpoint: Path | None = None
@@ -144,15 +146,21 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     if resume is None and named is not None and named.exists():  # before minutes of loading and encoding
         raise RunError(f"{named}: a run with this name exists; choose another --name, or continue it with --resume {named}")
 
+    if cfg.validation.score_every:
+        if not val_examples:
+            raise DataError(f"{dataset_dir}: --score-every compares samples with the val photos and there are none "
+                            "(re-run `sdlora prepare` with --val-fraction above 0)")
+        # Loaded once per run (load_dino caches it): an unknown or uncached scorer fails now, before the
+        # base model loads, not at the first validation. Only the main process scores; the others keep it on the CPU.
+        from sdlora.evaluate.dino import load_dino
+
+        load_dino(cfg.validation.dino_model, str(accelerator.device) if accelerator.is_main_process else "cpu")
+
     from sdlora.models.loading import TINY_WARNING, default_resolution, is_tiny, load_pipeline
 
     pipe, arch = load_pipeline(cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant,
                                vae=cfg.model.vae, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    if cfg.validation.score_every:  # an unknown or uncached scorer fails now, not at the first validation
-        from sdlora.evaluate.dino import load_dino
-
-        load_dino(cfg.validation.dino_model, str(accelerator.device))
     from diffusers import DDPMScheduler
 
     # The training noise schedule and target (epsilon or v-prediction) come from the model's own scheduler.
@@ -532,7 +540,8 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
     result = TrainResult(
         run_dir=state.run_dir, steps=state.step,
         best_val_loss=state.best_val_loss if math.isfinite(state.best_val_loss) else None,
-        lora_dir=lora_dir, interrupted=interrupted, elapsed_s=time.perf_counter() - started,
+        lora_dir=lora_dir, best_dino=state.best_dino if math.isfinite(state.best_dino) else None,
+        interrupted=interrupted, elapsed_s=time.perf_counter() - started,
         checkpoint=state.last_checkpoint,
     )
     if state.is_main:
@@ -669,11 +678,12 @@ def _dino_score(state: TrainState, samples: Path | None) -> float | None:
     every = state.cfg.validation.score_every
     if not every or samples is None or not (state.step % every == 0 or state.step == state.cfg.train.max_steps):
         return None
-    from sdlora.evaluate.score import dino_similarity_to_val
+    from sdlora.evaluate.score import EMBEDDINGS_CACHE, dino_similarity_to_val
 
-    images = sorted(samples.glob("*.png"))
+    listed = json.loads((samples / "validation.json").read_text(encoding="utf-8"))["images"]
+    images = [samples / entry["file"] for entry in listed]  # this validation's images, not older leftovers
     dino = dino_similarity_to_val(images, Path(state.cfg.data.dataset), dino_model=state.cfg.validation.dino_model,
-                                  device=str(state.device), cache_dir=state.run_dir / ".cache" / "embeddings")
+                                  device=str(state.device), cache_dir=state.run_dir / EMBEDDINGS_CACHE)
     _log(state, {"step": state.step, "dino": dino})
     return dino
 
