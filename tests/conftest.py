@@ -18,6 +18,15 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 DREAMBENCH = SHARED_DATA / "dreambench"
 
 
+def one_line_error(result, *fragments: str) -> None:
+    """A CLI result that failed the way users are promised: exit 1 and one `error: ...` line naming the problem."""
+    assert result.exit_code == 1, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """Tiny models are faster on one thread, and far faster when other jobs share the cores."""

@@ -10,10 +10,9 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import yaml
 from conftest import write_tiny_dataset
-from PIL import Image
+from run_helpers import random_png
 
 from sdlora.run import DIFFUSERS_LORA
 
@@ -42,11 +41,6 @@ def write_run(root: Path, *, n_dataset: int = 10, val: bool = True, lora: bool =
     return run
 
 
-def random_png(path: Path, seed: int, size: int = 64) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
-    return path
 
 
 def add_samples(samples_dir: Path, prompts: Sequence[str], *, per_variant: int = 2, seed0: int = 0,

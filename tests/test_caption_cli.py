@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from sdlora.cli import app
 from sdlora.data.captions import has_token, read_captions, update_captions
+from conftest import one_line_error
 
 runner = CliRunner()
 
@@ -29,14 +30,6 @@ def tiny_blip(tmp_path_factory) -> Path:
 
 def invoke(*args: str | Path):
     return runner.invoke(app, ["caption", *map(str, args)])
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_default_dataset_folder_and_summary(tmp_path, monkeypatch):

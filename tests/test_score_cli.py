@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from sdlora.cli import app
 from sdlora.run import point_latest
+from conftest import one_line_error
 
 runner = CliRunner()
 TINY = ["--dino-model", "tiny-dino", "--clip-model", "tiny-clip", "--device", "cpu"]
@@ -26,14 +27,6 @@ def wide_terminal(monkeypatch):
 
 def invoke(*args: str | Path):
     return runner.invoke(app, ["score", *map(str, args)])
-
-
-def one_line_error(result, *fragments: str) -> None:
-    assert result.exit_code == 1, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture
