@@ -56,6 +56,13 @@ class _Group:
         meta = cls.__dataclass_fields__[name].metadata
         return meta.get("flag") or "--" + name.replace("_", "-")
 
+    def _minimums(self, *, at_least_1: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> list[str]:
+        """One message per field below its minimum, naming the flag."""
+        problems = [f"{self.flag(n)} must be at least 1, got {getattr(self, n)}" for n in at_least_1
+                    if getattr(self, n) < 1]
+        return problems + [f"{self.flag(n)} must be >= 0, got {getattr(self, n)}" for n in non_negative
+                           if getattr(self, n) < 0]
+
 
 @dataclass
 class ModelArgs(_Group):
@@ -116,9 +123,7 @@ class LoraArgs(_Group):
     """DoRA (weight-decomposed LoRA, peft's use_dora): often better at low rank, about 2x slower steps."""
 
     def _check(self) -> list[str]:
-        problems = []
-        if self.rank < 1:
-            problems.append(f"--rank must be at least 1, got {self.rank}")
+        problems = self._minimums(at_least_1=("rank",))
         if self.alpha is not None and self.alpha <= 0:
             problems.append(f"--alpha must be positive, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
@@ -168,25 +173,17 @@ class OptimArgs(_Group):
     """Offset noise (e.g. 0.05): lets the model learn very dark or bright images."""
 
     def _check(self) -> list[str]:
-        problems = []
-        for name in ("max_steps", "batch_size", "gradient_accumulation"):
-            if getattr(self, name) < 1:
-                problems.append(f"{self.flag(name)} must be at least 1, got {getattr(self, name)}")
+        problems = self._minimums(at_least_1=("max_steps", "batch_size", "gradient_accumulation"),
+                                  non_negative=("lr_warmup_steps", "max_grad_norm", "noise_offset"))
         for name in ("learning_rate", "text_encoder_lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{self.flag(name)} must be positive, got {value}")
-        if self.lr_warmup_steps < 0:
-            problems.append(f"--lr-warmup-steps must be >= 0, got {self.lr_warmup_steps}")
         if self.lr_scheduler == "constant" and self.lr_warmup_steps > 0:
             problems.append("--lr-warmup-steps needs --lr-scheduler constant_with_warmup, cosine or linear "
                             "(constant ignores warm-up)")
-        if self.max_grad_norm < 0:
-            problems.append(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             problems.append(f"--snr-gamma must be positive (5.0 is the paper's choice), got {self.snr_gamma}")
-        if self.noise_offset < 0:
-            problems.append(f"--noise-offset must be >= 0, got {self.noise_offset}")
         return problems
 
 
@@ -202,13 +199,9 @@ class PriorArgs(_Group):
     """Folder of class images (yours are used first); default: <dataset>/.cache/class-images."""
 
     def _check(self) -> list[str]:
-        problems = []
+        problems = self._minimums(at_least_1=("num_class_images",), non_negative=("prior_loss_weight",))
         if self.class_prompt is not None and not self.class_prompt.strip():
             problems.append("--class-prompt is empty; give a prompt such as 'a photo of a toy'")
-        if self.num_class_images < 1:
-            problems.append(f"--num-class-images must be at least 1, got {self.num_class_images}")
-        if self.prior_loss_weight < 0:
-            problems.append(f"--prior-loss-weight must be >= 0, got {self.prior_loss_weight}")
         return problems
 
 
@@ -245,11 +238,8 @@ class ValidationArgs(_Group):
         return special.get(name) or super().flag(name)
 
     def _check(self) -> list[str]:
-        problems = []
-        if self.validate_every < 0:
-            problems.append(f"--validate-every must be >= 0, got {self.validate_every}")
-        if self.score_every < 0:
-            problems.append(f"--score-every must be >= 0, got {self.score_every}")
+        problems = self._minimums(at_least_1=("num_images", "steps", "loss_timesteps"),
+                                  non_negative=("validate_every", "score_every"))
         if self.score_every > 0 and self.validate_every > 0 and self.score_every % self.validate_every:
             problems.append(f"--score-every {self.score_every} must be a multiple of --validate-every "
                             f"{self.validate_every} (DINO scores the validation samples)")
@@ -257,9 +247,6 @@ class ValidationArgs(_Group):
             problems.append("--score-every scores the validation samples: give at least one --validation-prompt")
         if self.best_by == "dino" and not self.score_every:
             problems.append("--best-by dino needs --score-every N (DINO is only computed then)")
-        for name in ("num_images", "steps", "loss_timesteps"):
-            if getattr(self, name) < 1:
-                problems.append(f"{self.flag(name)} must be at least 1, got {getattr(self, name)}")
         return problems
 
 
@@ -271,7 +258,7 @@ class LoggingArgs(_Group):
     """Also send metrics to a tracker: none, tensorboard, wandb or clearml (install it first)."""
 
     def _check(self) -> list[str]:
-        return [] if self.log_every >= 1 else [f"--log-every must be at least 1, got {self.log_every}"]
+        return self._minimums(at_least_1=("log_every",))
 
 
 @dataclass
@@ -282,12 +269,7 @@ class CheckpointArgs(_Group):
     """Keep the newest N checkpoints (each holds LoRA, optimizer and RNG states)."""
 
     def _check(self) -> list[str]:
-        problems = []
-        if self.checkpoint_every < 0:
-            problems.append(f"--checkpoint-every must be >= 0, got {self.checkpoint_every}")
-        if self.keep_checkpoints < 1:
-            problems.append(f"--keep-checkpoints must be at least 1, got {self.keep_checkpoints}")
-        return problems
+        return self._minimums(at_least_1=("keep_checkpoints",), non_negative=("checkpoint_every",))
 
 
 @dataclass
