@@ -21,7 +21,7 @@ from sdlora.errors import ConfigError, DataError, ModelError, RunError
 from sdlora.evaluate.cache import EmbeddingCache
 from sdlora.evaluate.clip import load_clip
 from sdlora.evaluate.dino import IMAGENET_MEAN, IMAGENET_STD, load_dino
-from sdlora.evaluate.dreambench import OBJECT_PROMPTS, object_prompts
+from sdlora.evaluate.paper_prompts import OBJECT_PROMPTS, object_prompts
 from sdlora.evaluate.score import (
     Sample, dino_similarity_to_val, pairwise_mean, remove_token, score_run, score_samples, val_photos,
 )

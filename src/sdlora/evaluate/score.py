@@ -35,7 +35,7 @@ from sdlora.errors import ConfigError, DataError, RunError
 from sdlora.evaluate.cache import EmbeddingCache
 from sdlora.evaluate.clip import DEFAULT_CLIP, DEFAULT_PRETRAINED, load_clip
 from sdlora.evaluate.dino import DEFAULT_DINO, load_dino
-from sdlora.evaluate.dreambench import IMAGES_PER_PROMPT, object_prompts
+from sdlora.evaluate.paper_prompts import IMAGES_PER_PROMPT, object_prompts
 from sdlora.fsutil import sha256_file, write_json
 from sdlora.run import SAMPLES_DIR, SAMPLES_JSON, SCORES_JSON, RunInfo
 
