@@ -134,6 +134,28 @@ class LoraArgs(_Group):
 
 
 @dataclass
+class EmbeddingArgs(_Group):
+    train: Optional[bool] = field(default=None, metadata=_flag("--train-token-embedding"))
+    """Pivotal tuning: give the token its own trained embedding (default: on when the tokenizer splits the token, as sksToy; off for a known word such as sks)."""
+    init_token: Optional[str] = field(default=None, metadata=_flag("--init-token"))
+    """Word whose embedding the token's starts from; default: the class word."""
+    learning_rate: float = field(default=5e-3, metadata=_flag("--embedding-lr"))
+    """Learning rate of the token embedding (textual-inversion rates are ~50-100x the LoRA's)."""
+    steps_fraction: float = field(default=0.5, metadata=_flag("--embedding-steps-fraction"))
+    """Train the embedding for this fraction of --max-steps, then freeze it so the LoRA settles on it (1.0: all steps)."""
+
+    def _check(self) -> list[str]:
+        problems = []
+        if self.learning_rate <= 0:
+            problems.append(f"--embedding-lr must be positive, got {self.learning_rate}")
+        if not 0.0 < self.steps_fraction <= 1.0:
+            problems.append(f"--embedding-steps-fraction must be in (0, 1], got {self.steps_fraction}")
+        if self.init_token is not None and not self.init_token.strip():
+            problems.append("--init-token is empty; give a word such as the class word")
+        return problems
+
+
+@dataclass
 class OptimArgs(_Group):
     max_steps: int = 1000
     """Optimizer steps to train; 500-1500 at batch 1 suits 20-200 photos."""
@@ -290,6 +312,7 @@ class Config:
     model: ModelArgs = field(default_factory=ModelArgs)
     data: DataArgs = field(default_factory=DataArgs)
     lora: LoraArgs = field(default_factory=LoraArgs)
+    embedding: EmbeddingArgs = field(default_factory=EmbeddingArgs)
     train: OptimArgs = field(default_factory=OptimArgs)
     prior: PriorArgs = field(default_factory=PriorArgs)
     validation: ValidationArgs = field(default_factory=ValidationArgs)
@@ -563,7 +586,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 # Sections that change what is trained; the others (logging, cadence, run name) may differ on resume.
-TRAINING_SECTIONS = ("model", "data", "lora", "train", "prior")
+TRAINING_SECTIONS = ("model", "data", "lora", "embedding", "train", "prior")
 
 
 def config_hash(cfg: Config | dict[str, Any]) -> str:

@@ -40,6 +40,8 @@ KEYS = {
     "random_flip": "data.random_flip", "cache": "data.cache",
     "rank": "lora.rank", "alpha": "lora.alpha", "dropout": "lora.dropout", "target_modules": "lora.target_modules",
     "train_text_encoder": "lora.train_text_encoder", "dora": "lora.dora",
+    "train_token_embedding": "embedding.train", "init_token": "embedding.init_token",
+    "embedding_lr": "embedding.learning_rate", "embedding_steps_fraction": "embedding.steps_fraction",
     "max_steps": "train.max_steps", "batch_size": "train.batch_size",
     "gradient_accumulation": "train.gradient_accumulation", "learning_rate": "train.learning_rate",
     "text_encoder_lr": "train.text_encoder_lr", "optimizer": "train.optimizer", "lr_scheduler": "train.lr_scheduler",
@@ -90,6 +92,12 @@ def train(
     train_text_encoder: Annotated[Optional[bool], _opt(
         "--train-text-encoder/--no-train-text-encoder", key="lora.train_text_encoder")] = None,
     dora: Annotated[Optional[bool], _opt("--dora/--no-dora", key="lora.dora")] = None,
+    train_token_embedding: Annotated[Optional[bool], _opt(
+        "--train-token-embedding/--no-train-token-embedding", key="embedding.train")] = None,
+    init_token: Annotated[Optional[str], _opt("--init-token", key="embedding.init_token")] = None,
+    embedding_lr: Annotated[Optional[float], _opt("--embedding-lr", key="embedding.learning_rate")] = None,
+    embedding_steps_fraction: Annotated[Optional[float], _opt(
+        "--embedding-steps-fraction", key="embedding.steps_fraction")] = None,
     max_steps: Annotated[Optional[int], _opt("--max-steps", key="train.max_steps")] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", key="train.batch_size")] = None,
     gradient_accumulation: Annotated[Optional[int], _opt(

@@ -31,6 +31,7 @@ STATE_JSON = "sdlora.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys whose checkpoint value must win on resume (changing them would not load, or trains something else).
 LOCKED = ("model.", "data.dataset", "data.resolution", "data.token", "data.random_flip", "lora.",
+          "embedding.train", "embedding.init_token",
           "train.seed", "train.batch_size", "train.gradient_accumulation", "train.optimizer", "prior.")
 
 
