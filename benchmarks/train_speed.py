@@ -5,8 +5,13 @@ Run by hand (minutes; about 5 GB of disk for the model folder, ~8 GB of RAM):
     .venv/bin/python benchmarks/train_speed.py                       # everything, 256 px, rank 16
     .venv/bin/python benchmarks/train_speed.py --skip-train          # only the UNet floor
     .venv/bin/python benchmarks/train_speed.py --train-args "--mixed-precision bf16"
+    .venv/bin/python benchmarks/train_speed.py --skip-unet --train-args "" --train-args "--no-train-token-embedding"
+    .venv/bin/python benchmarks/train_speed.py --skip-unet --photos examples/photos --prepare-args "--keep-aspect"
     .venv/bin/python benchmarks/train_speed.py --diffusers-script /path/to/diffusers/examples/dreambooth/train_dreambooth_lora.py
 
+`--train-args` may be given several times: each is timed as its own row, in one sitting.
+`--photos` and `--prepare-args` choose what `sdlora prepare` makes of which photos (the default
+DreamBench photos are square; examples/photos are 4:3, for aspect-ratio buckets).
 `--diffusers-script` also times diffusers' DreamBooth LoRA example at the same settings (same
 model folder, photos, resolution, batch, rank, step counts), from a local copy of the diffusers
 repository that is never committed here.
@@ -163,16 +168,19 @@ def _first_flag(help_text: str, *candidates: str) -> str | None:
     return next((f for f in candidates if re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", help_text)), None)
 
 
-def prepare_dataset(work: Path, resolution: int) -> Path:
+def prepare_dataset(work: Path, resolution: int, photos: Path = DREAMBENCH, prepare_args: str = "") -> Path:
     """A prepared dataset at `resolution`: real photos through `sdlora prepare`, else synthetic ones."""
     dataset = work / "dataset"
     prepare_help = sdlora_help("prepare")
-    if prepare_help and DREAMBENCH.is_dir():
-        cmd = [sys.executable, "-m", "sdlora", "prepare", str(DREAMBENCH), "--out", str(dataset)]
+    if prepare_help and photos.is_dir():
+        cmd = [sys.executable, "-m", "sdlora", "prepare", str(photos), "--out", str(dataset)]
         if "--resolution" in prepare_help:
             cmd += ["--resolution", str(resolution)]
-        if subprocess.run(cmd, capture_output=True, text=True).returncode == 0:
+        proc = subprocess.run(cmd + shlex.split(prepare_args), capture_output=True, text=True)
+        if proc.returncode == 0:
             return dataset
+        if prepare_args:  # asked-for options that fail must not silently become synthetic photos
+            raise RuntimeError(f"sdlora prepare failed: {proc.stderr.strip().splitlines()[-1:]}")
         shutil.rmtree(dataset, ignore_errors=True)
     spec = importlib.util.spec_from_file_location("sdlora_bench_conftest", REPO / "tests" / "conftest.py")
     conftest = importlib.util.module_from_spec(spec)
@@ -180,7 +188,7 @@ def prepare_dataset(work: Path, resolution: int) -> Path:
     return conftest.write_tiny_dataset(dataset, n=10, resolution=resolution)
 
 
-def train_cmd(help_text: str, model: Path, args: argparse.Namespace, steps: int) -> list[str]:
+def train_cmd(help_text: str, model: Path, args: argparse.Namespace, steps: int, train_args: str) -> list[str]:
     steps_flag = _first_flag(help_text, "--steps", "--max-steps", "--max-train-steps")
     if steps_flag is None:
         raise RuntimeError("`sdlora train --help` shows no --steps / --max-steps option")
@@ -191,23 +199,24 @@ def train_cmd(help_text: str, model: Path, args: argparse.Namespace, steps: int)
                         ("--validation-steps", "1"), ("--validation-images", "1")):
         if _first_flag(help_text, flag):
             cmd += [flag, value]
-    return cmd + shlex.split(args.train_args)
+    return cmd + shlex.split(train_args)
 
 
-def measure_train(model: Path, args: argparse.Namespace) -> dict | str:
+def measure_train(model: Path, args: argparse.Namespace, train_args: str) -> dict | str:
     help_text = sdlora_help("train")
     if help_text is None:
         return "not measured: `sdlora train` does not exist yet"
     work = Path(tempfile.mkdtemp(prefix="sdlora-bench-train-"))
     try:
-        dataset = prepare_dataset(work, args.resolution)
+        dataset = prepare_dataset(work, args.resolution, args.photos, args.prepare_args)
         runs = {}
         # A first run fills the latent/text caches, so both timed runs start equally warm.
         for label, steps in [("prime", 1), *[(str(n), n) for n in args.steps]]:
             cwd = work / f"run-{label}"
             cwd.mkdir()
             (cwd / "dataset").symlink_to(dataset)
-            runs[label] = timed(train_cmd(help_text, model, args, steps), cwd=cwd, allow_failure=args.allow_failure)
+            runs[label] = timed(train_cmd(help_text, model, args, steps, train_args), cwd=cwd,
+                                allow_failure=args.allow_failure)
             failed = f", EXIT CODE {runs[label]['code']}" if runs[label]["code"] else ""
             print(f"  sdlora train {steps} steps: {runs[label]['wall_s']:.1f} s, "
                   f"peak RSS {runs[label]['rss_gb']:.2f} GB{failed}", flush=True)
@@ -267,7 +276,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--iters", type=int, default=3, help="timed UNet steps after one warm-up")
     parser.add_argument("--steps", type=int, nargs=2, default=[2, 7], help="the two sdlora train step counts")
-    parser.add_argument("--train-args", default="", help="extra `sdlora train` options, one string")
+    parser.add_argument("--train-args", action="append", default=None,
+                        help="extra `sdlora train` options, one string; repeat to time several variants")
+    parser.add_argument("--photos", type=Path, default=DREAMBENCH, help="photo folder for `sdlora prepare`")
+    parser.add_argument("--prepare-args", default="", help="extra `sdlora prepare` options, one string")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="also time the UNet floor with it")
     parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
@@ -302,8 +314,10 @@ def main() -> None:
         if args.gradient_checkpointing:
             rows.append(("UNet fwd+bwd, fp32, grad. checkpointing", measure_unet(model, args, "fp32", gc=True)))
     if not args.skip_train:
-        label = "sdlora train" + (f" {args.train_args}" if args.train_args else " (defaults)")
-        rows.append((label, measure_train(model, args)))
+        for train_args in args.train_args or [""]:
+            label = "sdlora train" + (f" {train_args}" if train_args else " (defaults)")
+            print(label, flush=True)
+            rows.append((label, measure_train(model, args, train_args)))
     if args.diffusers_script:
         rows.append((f"diffusers train_dreambooth_lora.py ({args.diffusers_precision})",
                      measure_diffusers(args.diffusers_script, model, args, args.diffusers_precision)))

@@ -15,7 +15,7 @@ from PIL import Image, ImageOps
 
 from sdlora.data import ingest
 from sdlora.data.captions import read_captions, update_captions
-from sdlora.data.images import register_heif
+from sdlora.data.images import prepare_image, register_heif
 from sdlora.data.ingest import NoUsableImages, prepare_dataset, split_train_val
 from sdlora.data.manifest import load_manifest
 from sdlora.errors import ConfigError, DataError
@@ -203,10 +203,122 @@ def test_split_is_deterministic_and_keeps_a_val_image():
     ({"token": "sks toy"}, "--token"),
     ({"crop": "zoom"}, "--crop"),
     ({"workers": 0}, "--workers"),
+    ({"keep_aspect": True, "crop": "pad"}, "--keep-aspect with --crop pad"),
 ])
 def test_bad_options(tmp_path, kw, fragment):
     with pytest.raises(ConfigError, match=fragment):
         prepare_dataset(str(tmp_path), tmp_path / "ds", **kw)
+    assert not (tmp_path / "ds").exists()
+
+
+# ---------------------------------------------------------------------------- --keep-aspect
+
+
+def mixed_photos(folder: Path) -> dict[str, tuple[int, int]]:
+    """4:3, 3:4 and 1:1 photos, one a 4:3 JPEG stored sideways with EXIF orientation 6 (shown
+    3:4): source name -> its bucket at resolution 256."""
+    save(photo(1, (400, 300)), folder / "landscape.png")
+    save(photo(2, (300, 400)), folder / "portrait.png")
+    save(photo(3, (300, 300)), folder / "square.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90 degrees clockwise to show
+    save(photo(4, (1200, 1600)).rotate(90, expand=True), folder / "sideways.jpg", exif=exif.tobytes(), quality=95)
+    return {"landscape.png": (320, 192), "portrait.png": (192, 320), "square.png": (256, 256),
+            "sideways.jpg": (192, 320)}
+
+
+def shown_fit(path: Path, size: tuple[int, int]) -> Image.Image:
+    """The source as a viewer shows it, scaled to cover `size` and center-cropped."""
+    return ImageOps.fit(ImageOps.exif_transpose(Image.open(path)).convert("RGB"), size)
+
+
+def test_keep_aspect_writes_each_photo_at_its_bucket(tmp_path):
+    src = tmp_path / "photos"
+    buckets = mixed_photos(src)
+    out = tmp_path / "ds"
+    result = prepare_dataset(str(src), out, resolution=256, workers=1, keep_aspect=True)
+    m = load_manifest(out)
+    assert m.options.get("keep_aspect", False) is True and m.resolution == 256
+    assert {r.source: r.size for r in m.images.values()} == buckets
+    assert next(r for r in m.images.values() if r.source == "sideways.jpg").original_size == (1200, 1600)
+    for name, rec in m.images.items():
+        img = Image.open(out / "images" / name)
+        assert img.size == rec.size, rec.source  # the manifest tells the real size
+        assert corr(small_thumb(img), small_thumb(shown_fit(src / rec.source, rec.size))) > 0.95, rec.source
+    assert result.keep_aspect and result.size_counts() == [((192, 320), 2), ((256, 256), 1), ((320, 192), 1)]
+
+    square = prepare_dataset(str(src), tmp_path / "square", resolution=256, workers=1)
+    assert {r.size for r in square.records} == {(256, 256)}
+    assert load_manifest(tmp_path / "square").options.get("keep_aspect", False) is False
+
+
+def test_keep_aspect_jpeg_draft_keeps_enough_pixels(tmp_path, monkeypatch):
+    # A 1600x1200 JPEG shown 3:4 is decoded at a quarter of its size (400x300, shown 300x400):
+    # still enough to cover 192x320, and cropped where the full-size decode would be.
+    from PIL import JpegImagePlugin
+
+    drafted = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def spy(self, mode, size):
+        out = real_draft(self, mode, size)
+        drafted.append(self.size)
+        return out
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    src = tmp_path / "photos"
+    mixed_photos(src)
+    prepared = prepare_image(src / "sideways.jpg", 256, keep_aspect=True)
+    assert drafted == [(400, 300)]
+    assert prepared.original_size == (1200, 1600) and prepared.image.size == (192, 320)
+    # Cover: scale 320/1600 = 0.2, so 960 of the 1200 px width is kept, 120 px off each side.
+    full = ImageOps.exif_transpose(Image.open(src / "sideways.jpg")).convert("RGB").resize((192, 320), box=(120, 0, 1080, 1600))
+    diff = np.abs(np.asarray(prepared.image, dtype=np.int16) - np.asarray(full, dtype=np.int16))
+    assert diff.mean() < 3  # the same crop as from the full-size decode, not shifted or squashed
+
+
+def test_keep_aspect_reruns_reuse_and_toggling_redecodes(tmp_path):
+    src = tmp_path / "photos"
+    buckets = mixed_photos(src)
+    out = tmp_path / "ds"
+    square = prepare_dataset(str(src), out, resolution=256, workers=1)
+    name = next(r.file for r in square.records if r.source == "portrait.png")
+    update_captions(out / "captions.txt", {name: "my sksToy toy, upright"})
+
+    aspect = prepare_dataset(str(src), out, resolution=256, workers=1, keep_aspect=True)
+    assert (aspect.decoded, aspect.reused, aspect.removed) == (4, 0, 4)  # no square image re-used
+    assert {r.source: r.size for r in aspect.records} == buckets
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(r.file for r in aspect.records)
+    new_name = next(r.file for r in aspect.records if r.source == "portrait.png")
+    assert read_captions(out / "captions.txt")[new_name] == "my sksToy toy, upright"
+
+    again = prepare_dataset(str(src), out, resolution=256, workers=1, keep_aspect=True)
+    assert (again.decoded, again.reused) == (0, 4)
+    assert {r.source: r.size for r in again.records} == buckets  # sizes known without decoding
+
+    back = prepare_dataset(str(src), out, resolution=256, workers=1)
+    assert (back.decoded, back.reused) == (4, 0)
+    assert {r.size for r in back.records} == {(256, 256)}
+    assert {Image.open(out / "images" / r.file).size for r in back.records} == {(256, 256)}
+
+
+def test_keep_aspect_too_small_and_duplicates(tmp_path):
+    src = tmp_path / "photos"
+    save(photo(1, (400, 300)), src / "a.png")
+    save(photo(1, (400, 300)), src / "a_resaved.png", compress_level=1)  # other bytes, same picture
+    save(photo(1, (1200, 900)), src / "a_bigger.png")  # the same shot at another size
+    save(photo(2, (300, 400)), src / "b.png")
+    save(photo(3, (150, 112)), src / "tiny.png")  # would need 2.1x upscaling to cover 320x192
+    result = prepare_dataset(str(src), tmp_path / "ds", resolution=256, workers=1, keep_aspect=True)
+    assert sorted(r.source for r in result.records) == ["a.png", "b.png"]
+    assert {s.name: s.reason for s in result.skipped} == {
+        "a_resaved.png": "duplicate", "a_bigger.png": "near duplicate", "tiny.png": "too small"}
+    assert "150x112 < half of 320x192 px" in next(s.detail for s in result.skipped if s.name == "tiny.png")
+
+    kept = prepare_dataset(str(src), tmp_path / "small", resolution=256, workers=1, keep_aspect=True, keep_small=True)
+    tiny = next(r for r in kept.records if r.source == "tiny.png")
+    assert tiny.size == (320, 192) and Image.open(kept.out_dir / "images" / tiny.file).size == (320, 192)
+    assert any("tiny.png: 150x112 is upscaled to 320x192 px" in w for w in kept.warnings)
 
 
 # ---------------------------------------------------------------------------- archives

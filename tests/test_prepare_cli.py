@@ -52,9 +52,50 @@ def photos(folder: Path, n: int, first_seed: int = 0) -> Path:
     return folder
 
 
+def shaped_photos(folder: Path) -> Path:
+    """Two 4:3, one 3:4 (a JPEG stored 4:3 with EXIF orientation 6) and one 1:1 photo."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(7)
+    for name, size in [("wide1.png", (400, 300)), ("wide2.png", (800, 600)), ("square.png", (300, 300))]:
+        blocks = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+        Image.fromarray(blocks).resize(size, Image.Resampling.NEAREST).save(folder / name)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    blocks = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    Image.fromarray(blocks).resize((400, 300), Image.Resampling.NEAREST).save(folder / "tall.jpg", exif=exif.tobytes())
+    return folder
+
+
 def test_help():
     result = runner.invoke(app, ["prepare", "--help"])
     assert result.exit_code == 0 and "--resolution" in result.stdout and "--keep-duplicates" in result.stdout
+    assert "--keep-aspect" in result.stdout
+
+
+def test_keep_aspect_sizes_in_summary_and_manifest(tmp_path):
+    src, out = shaped_photos(tmp_path / "photos"), tmp_path / "ds"
+    result = invoke(src, "--out", out, "--resolution", "256", "--keep-aspect", "--workers", "1")
+    assert result.exit_code == 0, result.output
+    assert "sizes: 320x192 x2, 192x320 x1, 256x256 x1" in result.stdout
+    assert "wrote " in result.stdout and "4 images in 3 sizes of about 256x256 px area (train 3, val 1)" in result.stdout
+    m = load_manifest(out)
+    assert m.options.get("keep_aspect", False) is True
+    assert {r.source: r.size for r in m.images.values()} == {
+        "wide1.png": (320, 192), "wide2.png": (320, 192), "square.png": (256, 256), "tall.jpg": (192, 320)}
+    assert all(Image.open(out / "images" / name).size == rec.size for name, rec in m.images.items())
+
+    # Toggled off: square again, nothing of the keep-aspect run re-used.
+    square = invoke(src, "--out", out, "--resolution", "256", "--workers", "1")
+    assert square.exit_code == 0 and "decoded 4, reused 0" in square.stdout and "sizes:" not in square.stdout
+    m = load_manifest(out)
+    assert m.options.get("keep_aspect", False) is False and {r.size for r in m.images.values()} == {(256, 256)}
+    assert {Image.open(p).size for p in (out / "images").iterdir()} == {(256, 256)}
+
+
+def test_keep_aspect_with_pad_is_one_line(tmp_path):
+    result = invoke(shaped_photos(tmp_path / "photos"), "--out", tmp_path / "ds", "--keep-aspect", "--crop", "pad")
+    one_line_error(result, "--keep-aspect with --crop pad")
+    assert not (tmp_path / "ds").exists()
 
 
 def test_rc_car_default_out_table_and_rerun(dreambench, tmp_path, monkeypatch):

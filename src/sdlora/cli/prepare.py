@@ -25,6 +25,8 @@ Examples:
 
   sdlora prepare ./photos --crop pad --val-fraction 0.1 --seed 1
 
+  sdlora prepare ./photos --keep-aspect --resolution 1024
+
   sdlora prepare ./photos --keep-duplicates --force
 """
 
@@ -37,7 +39,7 @@ class Crop(str, enum.Enum):
 def prepare(
     source: Annotated[str, typer.Argument(help="A folder of photos (searched recursively), a .zip, or a Yandex Disk public link.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write.")] = Path("dataset"),
-    resolution: Annotated[int, typer.Option("--resolution", help="Side of the square training images (512 for SD 1.x, 1024 for SDXL).")] = 512,
+    resolution: Annotated[int, typer.Option("--resolution", help="Side of the square training images; with --keep-aspect, of a square of the same area (512 for SD 1.x, 1024 for SDXL).")] = 512,
     crop: Annotated[Crop, typer.Option("--crop", help="center: crop the middle square; pad: keep the whole photo on white.")] = Crop.center,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of images held out for validation.")] = 0.2,
     seed: SeedOpt = 0,
@@ -45,6 +47,7 @@ def prepare(
     class_word: Annotated[str, typer.Option("--class-word", help="What the object is, e.g. toy, car, bowl.")] = DEFAULT_CLASS,
     keep_duplicates: Annotated[bool, typer.Option("--keep-duplicates", help="Keep photos with the same or nearly the same picture.")] = False,
     keep_small: Annotated[bool, typer.Option("--keep-small", help="Keep photos smaller than half the resolution (upscaled, soft).")] = False,
+    keep_aspect: Annotated[bool, typer.Option("--keep-aspect", help="Keep each photo's aspect ratio: use it for 4:3 or 3:4 phone photos whose object a square crop would cut (SDXL also learns the true size).")] = False,
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: all CPU cores).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a different dataset (or write into a non-dataset folder) at --out.")] = False,
 ) -> None:
@@ -55,7 +58,7 @@ def prepare(
             result = prepare_dataset(
                 source, out, resolution=resolution, crop=crop.value, val_fraction=val_fraction, seed=seed,
                 token=token, class_word=class_word, keep_duplicates=keep_duplicates, keep_small=keep_small,
-                workers=workers, force=force, on_progress=on_progress,
+                keep_aspect=keep_aspect, workers=workers, force=force, on_progress=on_progress,
             )
     except NoUsableImages as exc:
         _render(exc.result)
@@ -63,8 +66,11 @@ def prepare(
     _render(result)
     seconds = time.perf_counter() - start
     what = {"new": "wrote", "update": "updated", "replace": "replaced"}[result.mode]
+    at = f"at {resolution} px"
+    if keep_aspect:
+        at = f"in {len(result.size_counts())} sizes of about {resolution}x{resolution} px area"
     console.print(
-        f"{what} {result.out_dir}: {len(result.records)} images at {resolution} px "
+        f"{what} {result.out_dir}: {len(result.records)} images {at} "
         f"(train {len(result.train)}, val {len(result.val)}); decoded {result.decoded}, reused {result.reused} "
         f"in {seconds:.1f}s. Next: sdlora caption {result.out_dir}",
         highlight=False,
@@ -89,6 +95,9 @@ def _render(result: PrepareResult) -> None:
     if result.removed:
         table.add_row("removed (gone from the source)", str(result.removed), "")
     console.print(table)
+    if result.keep_aspect and result.records:
+        sizes = ", ".join(f"{w}x{h} x{n}" for (w, h), n in result.size_counts())
+        console.print(f"sizes: {sizes}", highlight=False)
     for warning in result.warnings:
         err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     if result.records and len(result.records) < 10:

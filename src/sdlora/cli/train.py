@@ -260,6 +260,11 @@ class _Renderer:
             f" x {event['gradient_accumulation']} accumulation; {event['total_steps']} steps"
             + (f" (from step {event['start_step']})" if event["start_step"] else "")
             + f"; {event['device']}, precision {event['mixed_precision']}", highlight=False, soft_wrap=True)
+        embedding = event.get("token_embedding")
+        if embedding:
+            console.print(f"  token {embedding['token']}: its own embedding, from {embedding['init_token']!r}, "
+                          f"trained until step {embedding['until_step']} (saved as lora/embeddings.safetensors)",
+                          highlight=False, soft_wrap=True)
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(),
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[its]} it/s"),

@@ -1,8 +1,11 @@
-"""Decode one photo the way a phone displays it, and make the square training image.
+"""Decode one photo the way a phone displays it, and make its training image.
 
-Runs inside decode worker processes, so it imports only Pillow, pillow-heif and numpy. Every
-problem with a file becomes a `BadImage` with a short reason category (for the summary table)
-and a detail; nothing here knows about datasets, manifests or the CLI.
+The training image is a square (center crop or white pad) or, with `keep_aspect`, the photo's
+aspect-ratio bucket (data/buckets.py): resized to cover it and center-cropped.
+
+Runs inside decode worker processes, so it imports only Pillow, pillow-heif, numpy and the
+bucket arithmetic. Every problem with a file becomes a `BadImage` with a short reason category
+(for the summary table) and a detail; nothing here knows about datasets, manifests or the CLI.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from sdlora.data.buckets import bucket_size, cover_crop
 
 CROPS: tuple[str, ...] = ("center", "pad")
 
@@ -58,7 +63,7 @@ def register_heif(decode_threads: int | None = None) -> None:
 
 @dataclass
 class Prepared:
-    image: Image.Image  # square RGB at the resolution
+    image: Image.Image  # RGB at `target_size`: square, or the photo's bucket with keep_aspect
     original_size: tuple[int, int]  # (width, height) after orientation, before crop/resize
     format: str  # what Pillow called the file ("HEIF", "JPEG", ...)
 
@@ -66,6 +71,19 @@ class Prepared:
 def square_side(size: tuple[int, int], crop: str) -> int:
     """Side of the square region that becomes the training image (before resizing)."""
     return min(size) if crop == "center" else max(size)
+
+
+def target_size(size: tuple[int, int], resolution: int, keep_aspect: bool = False) -> tuple[int, int]:
+    """(width, height) of the training image made from an oriented photo of `size`."""
+    return bucket_size(*size, resolution) if keep_aspect else (resolution, resolution)
+
+
+def scale_factor(size: tuple[int, int], resolution: int, crop: str = "center", keep_aspect: bool = False) -> float:
+    """How much the oriented photo is scaled to make its training image (above 1: upscaled)."""
+    if keep_aspect:
+        tw, th = bucket_size(*size, resolution)
+        return max(tw / size[0], th / size[1])  # cover the bucket, as `cover_crop` does
+    return resolution / square_side(size, crop)
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -83,15 +101,15 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def _draft(img: Image.Image, resolution: int, crop: str) -> None:
-    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while keeping at least `resolution` px."""
-    if img.format != "JPEG":
+def _draft(img: Image.Image, scale: float) -> None:
+    """Let the JPEG decoder scale by 1/2, 1/4 or 1/8 while keeping at least `scale` of each side.
+
+    `scale` is the training image's scale factor; it is the same for both sides, so it holds
+    for the stored (not yet EXIF-rotated) width and height alike.
+    """
+    if img.format != "JPEG" or scale >= 1:
         return
     w, h = img.size
-    side = square_side((w, h), crop)
-    if side <= resolution:
-        return
-    scale = resolution / side
     img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
 
 
@@ -114,11 +132,25 @@ def square(img: Image.Image, resolution: int, crop: str) -> Image.Image:
     raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
 
 
-def prepare_image(source: str | Path | bytes, resolution: int, crop: str = "center") -> Prepared:
-    """Decode, orient (EXIF orientation; libheif applies HEIF transforms), RGB, square, resize.
+def cover(img: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Resize (LANCZOS) to cover `target` and center-crop to exactly it, in one resampling pass."""
+    w, h = img.size
+    (rw, rh), (top, left) = cover_crop(w, h, target)
+    sx, sy = w / rw, h / rh  # the crop box in source pixels: crop and resize at once
+    box = (left * sx, top * sy, (left + target[0]) * sx, (top + target[1]) * sy)
+    return img.resize(target, Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
+
+
+def prepare_image(
+    source: str | Path | bytes, resolution: int, crop: str = "center", keep_aspect: bool = False
+) -> Prepared:
+    """Decode, orient (EXIF orientation; libheif applies HEIF transforms), RGB, then square and
+    resize, or with `keep_aspect` cover and crop to the photo's bucket (`target_size`).
 
     Raises BadImage for anything that is not a readable image.
     """
+    if crop not in CROPS or (keep_aspect and crop != "center"):
+        raise ValueError(f"crop must be one of {CROPS} (center with keep_aspect), got {crop!r}")
     register_heif()
     data = source if isinstance(source, bytes) else Path(source).read_bytes()
     if not data:
@@ -139,11 +171,12 @@ def prepare_image(source: str | Path | bytes, resolution: int, crop: str = "cent
             # pillow-heif has already applied the HEIF rotation/mirror and set EXIF orientation to 1,
             # so exif_transpose only acts on JPEG/PNG/WebP/TIFF orientation tags: nothing turns twice.
             original = _oriented_size(img)
-            _draft(img, resolution, crop)
+            _draft(img, scale_factor(original, resolution, crop, keep_aspect))
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no copy of a 12-MP image when upright
             rgb = _to_rgb(img)
-            out = square(rgb, resolution, crop)
+            # The bucket comes from the full-size photo: drafting rounds its sides slightly.
+            out = cover(rgb, target_size(original, resolution, True)) if keep_aspect else square(rgb, resolution, crop)
     except Image.DecompressionBombError as exc:
         raise BadImage(TOO_LARGE, str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - truncated data, broken EXIF, decoder errors

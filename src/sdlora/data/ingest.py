@@ -13,6 +13,9 @@ and the options that shape it, and `.prepare-cache.json` keeps what decoding lea
 pixel checksum, perceptual hash, or why the file is unusable). A re-run with the same
 source and options decodes nothing. Nothing in the old dataset changes until every input has
 been read and checked; old images are removed only after the new manifest is in place.
+
+With `keep_aspect` each image keeps its photo's shape at its aspect-ratio bucket
+(data/buckets.py) instead of being made square; the manifest records each image's size.
 """
 
 from __future__ import annotations
@@ -90,6 +93,14 @@ class PrepareResult:
     captions_kept: int = 0  # existing captions carried over
     captions_new: int = 0  # template captions written for new images
     mode: str = "new"  # "new", "update" (same source) or "replace" (--force)
+    keep_aspect: bool = False  # images are at their buckets' sizes, not square
+
+    def size_counts(self) -> list[tuple[tuple[int, int], int]]:
+        """((width, height), images) for each prepared size, the most used first."""
+        counts: dict[tuple[int, int], int] = {}
+        for rec in self.records:
+            counts[tuple(rec.size)] = counts.get(tuple(rec.size), 0) + 1
+        return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
 class NoUsableImages(DataError):
@@ -113,12 +124,16 @@ class Options:
     class_word: str = DEFAULT_CLASS
     keep_duplicates: bool = False
     keep_small: bool = False
+    keep_aspect: bool = False
 
     def check(self) -> "Options":
         if not 64 <= self.resolution <= 4096 or self.resolution % 8:
             raise ConfigError(f"--resolution {self.resolution}: use a multiple of 8 from 64 to 4096 (512 for SD 1.x, 1024 for SDXL)")
         if self.crop not in imaging.CROPS:
             raise ConfigError(f"--crop {self.crop!r}: use one of {', '.join(imaging.CROPS)}")
+        if self.keep_aspect and self.crop != "center":
+            raise ConfigError(f"--keep-aspect with --crop {self.crop}: --keep-aspect keeps the photo's shape "
+                              "instead of making a square; use one or the other")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction {self.val_fraction}: use a fraction from 0 to below 1, e.g. 0.2")
         if not re.fullmatch(r"[^\s|{}#]+", self.token or ""):
@@ -128,7 +143,12 @@ class Options:
     def image_key(self, source_sha256: str) -> str:
         """Content address of an output image: same bytes + same options -> same file name."""
         text = f"sdlora-prepare|v{PIPELINE_VERSION}|{source_sha256}|{self.resolution}|{self.crop}"
+        if self.keep_aspect:  # appended only when on, so square datasets keep their names and cache
+            text += "|keep-aspect"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def target_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
+        return imaging.target_size(original_size, self.resolution, self.keep_aspect)
 
 
 # ---------------------------------------------------------------------------- the output folder
@@ -317,6 +337,7 @@ class _Job:
     src: SourceFile
     resolution: int
     crop: str
+    keep_aspect: bool = False
 
 
 @dataclass
@@ -328,15 +349,18 @@ class _Decoded:
     original_size: tuple[int, int] = (0, 0)
     error: str | None = None  # reason category
     detail: str = ""
+    size: tuple[int, int] | None = None  # of the prepared image; None from caches that predate it
 
     def cache_entry(self) -> dict:
         return {"pixels": self.pixels, "phash": self.phash, "original_size": list(self.original_size),
-                "error": self.error, "detail": self.detail}
+                "size": list(self.size) if self.size else None, "error": self.error, "detail": self.detail}
 
     @classmethod
     def from_cache(cls, key: str, entry: dict) -> "_Decoded":
+        size = entry.get("size")
         return cls(key, None, entry.get("pixels", ""), entry.get("phash", ""),
-                   tuple(entry.get("original_size", (0, 0))), entry.get("error"), entry.get("detail", ""))
+                   tuple(entry.get("original_size", (0, 0))), entry.get("error"), entry.get("detail", ""),
+                   tuple(size) if size else None)
 
 
 def _decode(job: _Job) -> _Decoded:
@@ -346,12 +370,12 @@ def _decode(job: _Job) -> _Decoded:
     except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
         return _Decoded(job.key, error=UNREADABLE, detail=imaging.short_error(exc))
     try:
-        prepared = imaging.prepare_image(data, job.resolution, job.crop)
+        prepared = imaging.prepare_image(data, job.resolution, job.crop, job.keep_aspect)
     except imaging.BadImage as exc:
         return _Decoded(job.key, error=exc.reason, detail=exc.detail)
     img = prepared.image
     return _Decoded(job.key, imaging.png_bytes(img), imaging.pixel_digest(img), imaging.perceptual_hash(img),
-                    prepared.original_size)
+                    prepared.original_size, size=img.size)
 
 
 def _init_worker() -> None:
@@ -510,6 +534,7 @@ def prepare_dataset(
     class_word: str = DEFAULT_CLASS,
     keep_duplicates: bool = False,
     keep_small: bool = False,
+    keep_aspect: bool = False,
     workers: int | None = None,
     force: bool = False,
     on_progress: ProgressFn | None = None,
@@ -521,7 +546,8 @@ def prepare_dataset(
     Raises ConfigError for bad options, DataError for a source or output folder that cannot be
     used, NoUsableImages when no photo survives. Never leaves a half-written dataset.
     """
-    opts = Options(resolution, crop, val_fraction, seed, token, class_word, keep_duplicates, keep_small).check()
+    opts = Options(resolution, crop, val_fraction, seed, token, class_word, keep_duplicates, keep_small,
+                   keep_aspect).check()
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ConfigError(f"--workers {workers}: use 1 or more")
@@ -564,7 +590,7 @@ def prepare_dataset(
             if entry is not None and (entry.get("error") or (images_dir / f"{key}.png").is_file()):
                 results[src.name] = _Decoded.from_cache(key, entry)
             else:
-                decoder.submit(_Job(key, src, opts.resolution, opts.crop))
+                decoder.submit(_Job(key, src, opts.resolution, opts.crop, opts.keep_aspect))
         reused = len(results)
         for job, res in zip(decoder.jobs, decoder.results()):
             results[job.src.name] = res
@@ -580,16 +606,20 @@ def prepare_dataset(
         if res.error:
             skipped.append(Skipped(src.name, res.error, res.detail))
             continue
-        side = imaging.square_side(res.original_size, opts.crop)
-        if side < opts.resolution / 2:
+        res.size = res.size or opts.target_size(res.original_size)
+        # Too small: more than 2x upscaling to make the training image (square or bucket alike).
+        if imaging.scale_factor(res.original_size, opts.resolution, opts.crop, opts.keep_aspect) > 2:
             w, h = res.original_size
+            target = f"{res.size[0]}x{res.size[1]}" if opts.keep_aspect else str(opts.resolution)
             if not opts.keep_small:
-                skipped.append(Skipped(src.name, TOO_SMALL, f"{w}x{h} < half of {opts.resolution} px; --keep-small to keep"))
+                skipped.append(Skipped(src.name, TOO_SMALL, f"{w}x{h} < half of {target} px; --keep-small to keep"))
                 continue
-            warnings.append(f"{src.name}: {w}x{h} is upscaled to {opts.resolution} px and will look soft")
+            warnings.append(f"{src.name}: {w}x{h} is upscaled to {target} px and will look soft")
         usable.append(src)
     if not opts.keep_duplicates:
-        cands = [Candidate(s.name, results[s.name].pixels, results[s.name].phash) for s in usable]
+        # The size is part of "same pixels": a flat 4:3 and a flat 3:4 photo have equal bytes.
+        cands = [Candidate(s.name, f"{results[s.name].size}{results[s.name].pixels}", results[s.name].phash)
+                 for s in usable]
         dups = {d.name: d for d in find_duplicates(cands, max_bits=NEAR_DUPLICATE_BITS)}
         for name, dup in dups.items():
             if dup.exact:
@@ -599,11 +629,10 @@ def prepare_dataset(
         usable = [s for s in usable if s.name not in dups]
     skipped.sort(key=lambda s: s.name)
 
-    size = (opts.resolution, opts.resolution)
-    records = [ImageRecord(f"{results[s.name].key}.png", s.name, shas[s.name], tuple(results[s.name].original_size), size)
-               for s in usable]
+    records = [ImageRecord(f"{results[s.name].key}.png", s.name, shas[s.name], tuple(results[s.name].original_size),
+                           tuple(results[s.name].size)) for s in usable]
     result = PrepareResult(out_dir, source_id, records, [], [], skipped, warnings,
-                           decoded=len(jobs), reused=reused, mode=mode)
+                           decoded=len(jobs), reused=reused, mode=mode, keep_aspect=opts.keep_aspect)
     if not records:
         why = _reasons(skipped) or "no files"
         raise NoUsableImages(f"{source}: no usable photos ({why}); nothing was written to {out_dir}", result)
@@ -631,8 +660,9 @@ def prepare_dataset(
         token=opts.token, class_word=opts.class_word, resolution=opts.resolution, seed=opts.seed,
         val_fraction=opts.val_fraction, train=result.train, val=result.val,
         images={r.file: r for r in records}, source=source_id,
-        options={"crop": opts.crop, "keep_duplicates": opts.keep_duplicates, "keep_small": opts.keep_small,
-                 "near_duplicate_bits": NEAR_DUPLICATE_BITS, "pipeline_version": PIPELINE_VERSION},
+        options={"crop": opts.crop, "keep_aspect": opts.keep_aspect, "keep_duplicates": opts.keep_duplicates,
+                 "keep_small": opts.keep_small, "near_duplicate_bits": NEAR_DUPLICATE_BITS,
+                 "pipeline_version": PIPELINE_VERSION},
     )
     manifest.save(out_dir)
     entries = {res.key: res.cache_entry() for res in results.values()}

@@ -29,7 +29,7 @@ class ImageRecord:
     source: str  # source path (relative to the source root) or URL
     source_sha256: str  # checksum of the source bytes
     original_size: tuple[int, int]  # (width, height) after orientation, before crop/resize
-    size: tuple[int, int]  # (width, height) of the prepared image
+    size: tuple[int, int]  # (width, height) of the prepared image: square, or its bucket with keep_aspect
 
 
 @dataclass
@@ -42,7 +42,9 @@ class Manifest:
     train: list[str] = field(default_factory=list)
     val: list[str] = field(default_factory=list)
     images: dict[str, ImageRecord] = field(default_factory=dict)
-    options: dict[str, Any] = field(default_factory=dict)  # prepare options that shaped the images
+    # Prepare options that shaped the images; options.get("keep_aspect", False) tells whether the
+    # images keep their photos' aspect ratios (data/buckets.py) instead of being square.
+    options: dict[str, Any] = field(default_factory=dict)
     source: str = ""
     schema_version: int = SCHEMA_VERSION
 
