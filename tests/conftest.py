@@ -95,3 +95,48 @@ def write_tiny_dataset(
 def tiny_dataset(tmp_path: Path) -> Path:
     """A 6-image, 64 px prepared dataset in tmp_path/dataset."""
     return write_tiny_dataset(tmp_path / "dataset")
+
+
+# Phone-camera shapes: 4:3 landscape, 3:4 portrait, square.
+LANDSCAPE, PORTRAIT, SQUARE = (4032, 3024), (3024, 4032), (3000, 3000)
+
+
+def write_aspect_dataset(
+    folder: Path,
+    originals: list[tuple[int, int]],
+    n_val: int = 1,
+    resolution: int = 256,
+    token: str = "sksToy",
+    class_word: str = "toy",
+) -> Path:
+    """A keep-aspect prepared dataset: each photo of `originals` (width, height) is written at its
+    aspect bucket, as `sdlora prepare --keep-aspect` does; the last `n_val` go to val."""
+    from PIL import Image, ImageDraw
+
+    from sdlora.data.buckets import bucket_size
+    from sdlora.data.captions import write_captions
+    from sdlora.data.manifest import ImageRecord, Manifest
+
+    rng = random.Random(len(originals))
+    images = folder / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records, names = {}, []
+    for i, original in enumerate(originals):
+        w, h = bucket_size(*original, resolution)
+        img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+        r = min(w, h) // 3
+        ImageDraw.Draw(img).ellipse([w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r],
+                                    fill=tuple(rng.randrange(256) for _ in range(3)))
+        name = f"img_{i:03d}.png"
+        img.save(images / name)
+        digest = hashlib.sha256((images / name).read_bytes()).hexdigest()
+        records[name] = ImageRecord(name, f"photos/{name}", digest, original, (w, h))
+        names.append(name)
+    manifest = Manifest(
+        token=token, class_word=class_word, resolution=resolution, seed=0, train=names[: len(names) - n_val],
+        val=names[len(names) - n_val :], images=records, options={"crop": "center", "keep_aspect": True},
+        source="tests",
+    )
+    manifest.save(folder)
+    write_captions(folder / "captions.txt", {name: f"a photo of {token} {class_word}" for name in names})
+    return folder

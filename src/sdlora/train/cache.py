@@ -3,9 +3,9 @@
 Training never runs the VAE or the (frozen) text encoders: every image is encoded once (and
 its mirror image, for `--random-flip`), every distinct caption once, and the tensors are kept
 in `<dataset>/.cache/{latents,text}/<key>.safetensors`. A key covers everything that changes
-the tensor (model, revision, variant, VAE, dtype, resolution, the image's own sha256 or the
-caption), so a changed photo or another model never reuses a stale entry, and a second run on
-the same dataset encodes nothing.
+the tensor (model, revision, variant, VAE, dtype, the image's training size, its own sha256 or
+the caption), so a changed photo, another model or another size (resolution or aspect bucket)
+never reuses a stale entry, and a second run on the same dataset encodes nothing.
 """
 
 from __future__ import annotations
@@ -64,20 +64,22 @@ class CacheStats:
     reused: int = 0
 
 
-def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """An RGB image as a (3, res, res) tensor in [-1, 1]: short side resized, center-cropped."""
+def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """An RGB image as a (3, height, width) tensor in [-1, 1] at `size` (height, width).
+
+    Resized to cover the size and center-cropped; a file already at that size is used as it is.
+    """
     import numpy as np
     from PIL import Image
 
+    from sdlora.data.buckets import cover_crop
+
+    height, width = size
     with Image.open(path) as img:
         img = img.convert("RGB")
-        w, h = img.size
-        if (w, h) != (resolution, resolution):
-            scale = resolution / min(w, h)
-            img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                             Image.Resampling.LANCZOS)
-            left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-            img = img.crop((left, top, left + resolution, top + resolution))
+        if img.size != (width, height):
+            resized, (top, left) = cover_crop(img.width, img.height, (width, height))
+            img = img.resize(resized, Image.Resampling.LANCZOS).crop((left, top, left + width, top + height))
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
@@ -93,7 +95,7 @@ def encode_latents(
     vae: Any,
     images: Sequence[Path],
     *,
-    resolution: int,
+    sizes: Sequence[tuple[int, int]],
     key_parts: Sequence[Any],
     cache: TensorCache,
     flip: bool,
@@ -101,37 +103,43 @@ def encode_latents(
     dtype: torch.dtype = torch.float32,
     batch_size: int = 4,
     on_progress: ProgressFn | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None, CacheStats]:
-    """Scaled latents (N, C, h, w) of `images` (and of their mirror images when `flip`), as float32 on CPU.
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, CacheStats]:
+    """Scaled latents (C, h, w) of `images` at their `sizes` (height, width), and of their mirror
+    images when `flip`, as float32 on CPU, one per image (sizes may differ: aspect buckets).
 
     The latent is the mean of the VAE's posterior: deterministic, so a cached latent equals a
-    fresh one. The VAE is moved to `device` only if something has to be encoded.
+    fresh one. Images of one size are encoded together. The VAE is moved to `device` only if
+    something has to be encoded.
     """
     stats = CacheStats()
-    keys = [cache_key("latent-v1", *key_parts, resolution, str(dtype), flip, sha256_file(p)) for p in images]
+    keys = [cache_key("latent-v1", *key_parts, f"{h}x{w}", str(dtype), flip, sha256_file(p))
+            for p, (h, w) in zip(images, sizes)]
     found: list[dict[str, torch.Tensor] | None] = [cache.get(k) for k in keys]
     todo = [i for i, f in enumerate(found) if f is None]
     stats.reused = len(images) - len(todo)
     if todo:
         vae.to(device=device, dtype=dtype)
-    for start in range(0, len(todo), batch_size):
-        chunk = todo[start : start + batch_size]
-        pixels = torch.stack([load_image(images[i], resolution) for i in chunk])
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i in todo:
+        by_size.setdefault(sizes[i], []).append(i)
+    chunks = [group[s : s + batch_size] for group in by_size.values() for s in range(0, len(group), batch_size)]
+    for chunk in chunks:
+        pixels = torch.stack([load_image(images[i], sizes[i]) for i in chunk])
         batch = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
         mean = vae.encode(batch.to(device=device, dtype=dtype)).latent_dist.mean
         latents = vae_scale(vae, mean.float()).cpu()
         for j, i in enumerate(chunk):
-            entry = {"latent": latents[j]}
+            entry = {"latent": latents[j].clone()}
             if flip:
-                entry["flipped"] = latents[len(chunk) + j]
+                entry["flipped"] = latents[len(chunk) + j].clone()
             cache.put(keys[i], entry)
             found[i] = entry
         stats.encoded += len(chunk)
         if on_progress:
             on_progress("encoding images", stats.encoded, len(todo))
-    latents = torch.stack([f["latent"] for f in found])  # type: ignore[index]
-    flipped = torch.stack([f["flipped"] for f in found]) if flip else None  # type: ignore[index]
-    return latents.float(), (flipped.float() if flipped is not None else None), stats
+    latents = [f["latent"].float() for f in found]  # type: ignore[index]
+    flipped = [f["flipped"].float() for f in found] if flip else None  # type: ignore[index]
+    return latents, flipped, stats
 
 
 @torch.no_grad()

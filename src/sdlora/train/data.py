@@ -1,22 +1,26 @@
 """Training examples and deterministic, sharded batches of cached latents.
 
 The whole dataset lives in memory as cached latents (a few hundred KB per image), so there is
-no DataLoader: a batch is a pure function of (seed, step, micro-batch, process). Sample
-`pos` of the global stream is image `perm_epoch[pos % n]` with one permutation per epoch,
-and its noise, timestep and flip come from a generator seeded by (seed, pos). So the data
-order needs no saved state to resume, and N processes x batch B see exactly the samples,
-noise and timesteps of 1 process x batch N*B: process p takes positions p*B..p*B+B-1 of
-each global micro-batch.
+no DataLoader: a batch is a pure function of (seed, step, micro-batch, process). Images of
+equal size form a bucket (a square dataset is one bucket; `prepare --keep-aspect` makes one
+per aspect ratio). Each epoch shuffles every bucket (seeded by seed and epoch), cuts it into
+global batches of batch_size x processes (the last one filled by wrapping around within the
+bucket), and interleaves the buckets' batches at random, so every batch has one size. Global
+micro-batch g takes the epoch's batch g % K (K batches per epoch), and a sample's noise,
+timestep and flip come from a generator seeded by (seed, position). So the data order needs
+no saved state to resume, and N processes x batch B see exactly the samples, noise and
+timesteps of 1 process x batch N*B: process p takes slots p*B..p*B+B-1 of each global batch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
+from sdlora.data.buckets import bucket_size, cover_crop
 from sdlora.data.captions import has_token, read_captions
 from sdlora.data.manifest import CAPTIONS, IMAGES, Manifest
 from sdlora.errors import DataError
@@ -32,16 +36,24 @@ class Example:
     path: Path
     caption: str
     original_size: tuple[int, int]  # (height, width) of the photo before crop/resize: SDXL's micro-conditioning
-    crop_top_left: tuple[int, int]  # (top, left) of the crop in the resized photo
+    crop_top_left: tuple[int, int]  # (top, left) of the crop in the photo resized to cover `size`
+    size: tuple[int, int]  # (height, width) it is trained at: its aspect bucket, or resolution x resolution
 
 
-def crop_top_left(original_wh: tuple[int, int], resolution: int, crop: str) -> tuple[int, int]:
-    """Where a center crop of the photo (resized so its short side is `resolution`) starts."""
+def geometry(original_wh: tuple[int, int], resolution: int, *, keep_aspect: bool,
+             crop: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The training size (height, width) of a photo and where its crop starts (top, left).
+
+    A keep-aspect dataset's photo goes to its bucket at `resolution` (so training at another
+    resolution than prepare's still buckets it); any other dataset is square. A photo padded to
+    a square (`--crop pad`) lost nothing, so its crop starts at (0, 0).
+    """
     w, h = original_wh
-    if crop != "center" or min(w, h) <= 0:
-        return (0, 0)
-    scale = resolution / min(w, h)
-    return (max(0, round((h * scale - resolution) / 2)), max(0, round((w * scale - resolution) / 2)))
+    if w <= 0 or h <= 0:  # no usable record of the photo: treat it as already square
+        w = h = resolution
+    tw, th = bucket_size(w, h, resolution) if keep_aspect else (resolution, resolution)
+    top_left = cover_crop(w, h, (tw, th))[1] if keep_aspect or crop == "center" else (0, 0)
+    return (th, tw), top_left
 
 
 def load_examples(
@@ -54,6 +66,7 @@ def load_examples(
     captions = read_captions(captions_path)
     names = list(getattr(manifest, split))
     crop = str(manifest.options.get("crop", "center"))
+    keep_aspect = bool(manifest.options.get("keep_aspect", False))
     examples, missing_caption, missing_token, missing_file = [], [], [], []
     for name in names:
         path = dataset_dir / IMAGES / name
@@ -68,13 +81,9 @@ def load_examples(
             missing_token.append(name)
             continue
         record = manifest.images.get(name)
-        orig_wh = tuple(record.original_size) if record is not None else (resolution, resolution)
-        examples.append(Example(
-            path=path,
-            caption=caption,
-            original_size=(int(orig_wh[1]), int(orig_wh[0])),
-            crop_top_left=crop_top_left(orig_wh, resolution, crop),  # type: ignore[arg-type]
-        ))
+        w, h = (int(v) for v in record.original_size) if record is not None else (resolution, resolution)
+        size, top_left = geometry((w, h), resolution, keep_aspect=keep_aspect, crop=crop)
+        examples.append(Example(path=path, caption=caption, original_size=(h, w), crop_top_left=top_left, size=size))
     if missing_file:
         raise DataError(f"{dataset_dir / IMAGES}: {len(missing_file)} image(s) listed in the manifest are missing, "
                         f"e.g. {missing_file[0]} (re-run `sdlora prepare`)")
@@ -115,28 +124,40 @@ class Conditioning:
 
 @dataclass
 class LatentSet:
-    """Cached latents of a set of examples, with their conditioning and SDXL time ids."""
+    """Cached latents of a set of examples, with their conditioning and SDXL time ids.
 
-    latents: torch.Tensor  # (N, C, h, w) scaled, float32
-    flipped: torch.Tensor | None  # mirror images' latents, or None without --random-flip
+    Latents are kept per example because aspect buckets give them different sizes.
+    """
+
+    latents: list[torch.Tensor]  # per example (C, h, w), scaled, float32
+    flipped: list[torch.Tensor] | None  # mirror images' latents, or None without --random-flip
     cond: Conditioning
     time_ids: torch.Tensor  # (N, 6): original (h, w), crop (top, left), target (h, w)
     time_ids_flipped: torch.Tensor  # the same with the crop mirrored
 
     def __len__(self) -> int:
-        return self.latents.shape[0]
+        return len(self.latents)
+
+    def buckets(self) -> list[list[int]]:
+        """The example indices of each latent size, in a fixed order (by size, then index)."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, latent in enumerate(self.latents):
+            groups.setdefault(tuple(latent.shape), []).append(i)
+        return [groups[shape] for shape in sorted(groups)]
 
 
-def time_ids_for(examples: Sequence[Example], resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+def time_ids_for(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL time ids (N, 6) of each example as trained, and with the crop mirrored (for --random-flip)."""
     plain, mirrored = [], []
     for ex in examples:
         h, w = ex.original_size
         top, left = ex.crop_top_left
-        scale = resolution / max(1, min(h, w))
-        mirrored_left = max(0, round(w * scale) - resolution - left)
-        plain.append([h, w, top, left, resolution, resolution])
-        mirrored.append([h, w, top, mirrored_left, resolution, resolution])
-    return torch.tensor(plain, dtype=torch.float32), torch.tensor(mirrored, dtype=torch.float32)
+        th, tw = ex.size
+        resized_w = cover_crop(w, h, (tw, th))[0][0]
+        plain.append([h, w, top, left, th, tw])
+        mirrored.append([h, w, top, max(0, resized_w - tw - left), th, tw])
+    return (torch.tensor(plain, dtype=torch.float32).reshape(-1, 6),
+            torch.tensor(mirrored, dtype=torch.float32).reshape(-1, 6))
 
 
 @dataclass
@@ -146,13 +167,37 @@ class Batch:
     timesteps: torch.Tensor
     cond: Conditioning
     time_ids: torch.Tensor
-    num_instance: int  # the first num_instance rows are the object; the rest are class images
+    prior: "Batch | None" = None  # class images for prior preservation: square, maybe not the bucket's size
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def with_prior(self) -> "Batch | None":
+        """Instances then class images as one batch (one UNet forward), or None when their sizes differ."""
+        prior = self.prior
+        if prior is None or prior.latents.shape[1:] != self.latents.shape[1:]:
+            return None
+        return Batch(
+            latents=torch.cat([self.latents, prior.latents]), noise=torch.cat([self.noise, prior.noise]),
+            timesteps=torch.cat([self.timesteps, prior.timesteps]), cond=Conditioning.cat([self.cond, prior.cond]),
+            time_ids=torch.cat([self.time_ids, prior.time_ids]),
+        )
 
 
 def sample_generator(seed: int, stream: int, position: int) -> torch.Generator:
     """A CPU generator for one sample, independent of process count, batch size and resume."""
     value = (seed * _MIX + stream * 1_000_003 + position) % (2**63 - 1)
     return torch.Generator().manual_seed(value)
+
+
+def _epoch_generator(seed: int, stream: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 7919 + stream * 104729 + epoch) % (2**63 - 1))
+
+
+def cut_batches(order: Sequence[int], size: int) -> list[list[int]]:
+    """`order` in batches of `size`; the last one is filled by wrapping around to the start."""
+    n = len(order)
+    return [[order[(start + j) % n] for j in range(size)] for start in range(0, n, size)]
 
 
 class BatchPlan:
@@ -179,7 +224,10 @@ class BatchPlan:
         self.accum = gradient_accumulation
         self.noise_offset = noise_offset
         self.noise_scheduler = noise_scheduler
+        self.buckets = instances.buckets()
+        self.batches_per_epoch = sum(len(cut_batches(b, self.global_batch)) for b in self.buckets)
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
+        self._epochs: dict[int, list[list[int]]] = {}
 
     @property
     def global_batch(self) -> int:
@@ -190,20 +238,40 @@ class BatchPlan:
         if key not in self._perms:
             if len(self._perms) > 8:
                 self._perms.clear()
-            gen = torch.Generator().manual_seed((self.seed * 7919 + stream * 104729 + epoch) % (2**63 - 1))
-            self._perms[key] = torch.randperm(n, generator=gen)
+            self._perms[key] = torch.randperm(n, generator=_epoch_generator(self.seed, stream, epoch))
         return self._perms[key]
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """The global batches (instance indices, each from one bucket) of one epoch, in training order."""
+        if epoch not in self._epochs:
+            if len(self._epochs) > 8:
+                self._epochs.clear()
+            gen = _epoch_generator(self.seed, 0, epoch)
+            per_bucket = []
+            for members in self.buckets:
+                order = [members[int(i)] for i in torch.randperm(len(members), generator=gen)]
+                per_bucket.append(cut_batches(order, self.global_batch))
+            # A random interleaving of the buckets' batch sequences: with each bucket already shuffled,
+            # this is a uniformly shuffled batch order, and a single bucket keeps its order.
+            labels = [b for b, batches in enumerate(per_bucket) for _ in batches]
+            queues = [iter(batches) for batches in per_bucket]
+            self._epochs[epoch] = [next(queues[labels[int(i)]]) for i in torch.randperm(len(labels), generator=gen)]
+        return self._epochs[epoch]
 
     def positions(self, step: int, micro: int) -> list[int]:
         """Global stream positions of this process's samples (step counts from 0)."""
         first = ((step * self.accum) + micro) * self.global_batch + self.process_index * self.batch_size
         return list(range(first, first + self.batch_size))
 
-    def _draw(self, data: LatentSet, stream: int, positions: list[int]):
-        n = len(data)
-        index, latents, noise, timesteps, time_ids = [], [], [], [], []
-        for pos in positions:
-            i = int(self._perm(stream, pos // n, n)[pos % n])
+    def indices(self, step: int, micro: int) -> list[int]:
+        """The instance indices of this process's samples: its slots of the global batch."""
+        epoch, k = divmod(step * self.accum + micro, self.batches_per_epoch)
+        first = self.process_index * self.batch_size
+        return self.epoch_batches(epoch)[k][first : first + self.batch_size]
+
+    def _draw(self, data: LatentSet, stream: int, index: list[int], positions: list[int]) -> Batch:
+        latents, noise, timesteps, time_ids = [], [], [], []
+        for i, pos in zip(index, positions):
             gen = sample_generator(self.seed, stream, pos)
             flip = data.flipped is not None and bool(torch.randint(0, 2, (1,), generator=gen).item())
             latent = (data.flipped if flip else data.latents)[i]  # type: ignore[index]
@@ -211,23 +279,20 @@ class BatchPlan:
             noise.append(losses.offset_noise(latent[None], self.noise_offset, generator=gen)[0])
             latents.append(latent)
             time_ids.append((data.time_ids_flipped if flip else data.time_ids)[i])
-            index.append(i)
-        cond = data.cond.take(torch.tensor(index))
-        return torch.stack(latents), torch.stack(noise), torch.cat(timesteps), cond, torch.stack(time_ids)
+        return Batch(latents=torch.stack(latents), noise=torch.stack(noise), timesteps=torch.cat(timesteps),
+                     cond=data.cond.take(torch.tensor(index)), time_ids=torch.stack(time_ids))
 
     def batch(self, step: int, micro: int) -> Batch:
         positions = self.positions(step, micro)
-        parts = [self._draw(self.instances, 0, positions)]
-        if self.classes is not None:
-            parts.append(self._draw(self.classes, 1, positions))
-        latents, noise, timesteps, conds, time_ids = zip(*parts)
-        return Batch(
-            latents=torch.cat(latents), noise=torch.cat(noise), timesteps=torch.cat(timesteps),
-            cond=Conditioning.cat(conds), time_ids=torch.cat(time_ids), num_instance=len(positions),
-        )
+        batch = self._draw(self.instances, 0, self.indices(step, micro), positions)
+        if self.classes is not None:  # class images: a stream of their own, one per instance sample
+            n = len(self.classes)
+            index = [int(self._perm(1, pos // n, n)[pos % n]) for pos in positions]
+            batch = replace(batch, prior=self._draw(self.classes, 1, index, positions))
+        return batch
 
     def epoch(self, step: int) -> float:
-        return (step * self.accum * self.global_batch) / max(1, len(self.instances))
+        return (step * self.accum) / max(1, self.batches_per_epoch)
 
 
 def validation_batches(
@@ -235,20 +300,22 @@ def validation_batches(
 ):
     """The fixed validation set: each val image at `loss_timesteps` evenly spaced timesteps, fixed noise.
 
-    Same tensors at every call (generators seeded here), so val losses are comparable across steps.
+    Same tensors at every call (generators seeded here), so val losses are comparable across steps;
+    a batch holds images of one size.
     """
-    items = []
-    for i in range(len(data)):
-        for k in range(loss_timesteps):
-            t = int((k + 0.5) * num_train_timesteps / loss_timesteps)
-            gen = sample_generator(seed, 2, i * loss_timesteps + k)
-            noise = torch.randn(data.latents[i].shape, generator=gen)
-            items.append((i, t, noise))
-    for start in range(0, len(items), batch_size):
-        chunk = items[start : start + batch_size]
-        index = torch.tensor([i for i, _, _ in chunk])
-        yield Batch(
-            latents=data.latents[index], noise=torch.stack([n for _, _, n in chunk]),
-            timesteps=torch.tensor([t for _, t, _ in chunk], dtype=torch.long),
-            cond=data.cond.take(index), time_ids=data.time_ids[index], num_instance=len(chunk),
-        )
+    for bucket in data.buckets():
+        items = []
+        for i in bucket:
+            for k in range(loss_timesteps):
+                t = int((k + 0.5) * num_train_timesteps / loss_timesteps)
+                gen = sample_generator(seed, 2, i * loss_timesteps + k)
+                items.append((i, t, torch.randn(data.latents[i].shape, generator=gen)))
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            index = torch.tensor([i for i, _, _ in chunk])
+            yield Batch(
+                latents=torch.stack([data.latents[i] for i, _, _ in chunk]),
+                noise=torch.stack([n for _, _, n in chunk]),
+                timesteps=torch.tensor([t for _, t, _ in chunk], dtype=torch.long),
+                cond=data.cond.take(index), time_ids=data.time_ids[index],
+            )

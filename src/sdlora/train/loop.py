@@ -326,13 +326,12 @@ def _class_examples(cfg: Config, pipe: Any, arch: Any, dataset_dir: Path, resolu
     accelerator.wait_for_everyone()
     paths = ensure_class_images(pipe, arch, **common)  # all there now: generates nothing
     return [Example(path=p, caption=str(cfg.prior.class_prompt), original_size=(resolution, resolution),
-                    crop_top_left=(0, 0)) for p in paths]
+                    crop_top_left=(0, 0), size=(resolution, resolution)) for p in paths]
 
 
 def _encode(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.dtype, cache_root: Path | None,
             example_sets: list[list[Example]], emit: OnEvent):
-    """Latent sets for each example list; cached text embeddings for the sample prompts."""
-    resolution = int(cfg.data.resolution)  # type: ignore[arg-type]
+    """Latent sets for each example list (each image at its size); cached text embeddings for the sample prompts."""
 
     def progress(what: str, done: int, total: int) -> None:
         emit({"event": "progress", "what": what, "done": done, "total": total})
@@ -344,8 +343,9 @@ def _encode(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.
     text_cache = cache_mod.TensorCache(cache_root / "text" if cache_root else None)
     everything = [ex for examples in example_sets for ex in examples]
     latents, flipped, stats = cache_mod.encode_latents(
-        pipe.vae, [ex.path for ex in everything], resolution=resolution, key_parts=(*model_key, cfg.model.vae),
-        cache=latent_cache, flip=cfg.data.random_flip, device=device, dtype=vae_dtype, on_progress=progress,
+        pipe.vae, [ex.path for ex in everything], sizes=[ex.size for ex in everything],
+        key_parts=(*model_key, cfg.model.vae), cache=latent_cache, flip=cfg.data.random_flip, device=device,
+        dtype=vae_dtype, on_progress=progress,
     )
     emit({"event": "cache", "what": "latents", "encoded": stats.encoded, "reused": stats.reused})
 
@@ -374,7 +374,7 @@ def _encode(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.
             )
         else:
             cond = Conditioning()
-        plain, mirrored = time_ids_for(examples, resolution) if examples else (torch.zeros(0, 6), torch.zeros(0, 6))
+        plain, mirrored = time_ids_for(examples)
         sets.append(LatentSet(latents=latents[index], flipped=flipped[index] if flipped is not None else None,
                               cond=cond, time_ids=plain, time_ids_flipped=mirrored))
     sample_conds = [embeds[p] for p in sample_prompts] if embeds else None
@@ -592,22 +592,33 @@ def _train_step(state: TrainState) -> dict[str, Any]:
 
 
 def compute_loss(state: TrainState, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Noise-prediction loss of one batch (instance part + weighted class part for prior preservation)."""
+    """Noise-prediction loss of one batch (instance part + weighted class part for prior preservation).
+
+    Class images are square: beside an aspect bucket of another size they take a forward of their own.
+    """
     cfg, device, scheduler = state.cfg, state.device, state.noise_scheduler
-    latents = batch.latents.to(device)
-    noise = batch.noise.to(device)
-    timesteps = batch.timesteps.to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
-    embeds, pooled = condition(state, batch.cond)
-    kwargs = state.arch.unet_kwargs(pooled, batch.time_ids.to(device) if state.arch.is_sdxl else None)
-    pred = state.unet(noisy, timesteps, embeds, return_dict=False, **kwargs)[0]
-    target = losses.prediction_target(scheduler, latents, noise, timesteps)
-    weights = losses.min_snr_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
-    n = batch.num_instance
-    loss = losses.diffusion_loss(pred[:n], target[:n], None if weights is None else weights[:n])
-    if n == pred.shape[0]:
-        return loss, {}
-    prior = losses.diffusion_loss(pred[n:], target[n:], None if weights is None else weights[n:])
+
+    def predict(part: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        latents, noise, timesteps = part.latents.to(device), part.noise.to(device), part.timesteps.to(device)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        embeds, pooled = condition(state, part.cond)
+        kwargs = state.arch.unet_kwargs(pooled, part.time_ids.to(device) if state.arch.is_sdxl else None)
+        pred = state.unet(noisy, timesteps, embeds, return_dict=False, **kwargs)[0]
+        target = losses.prediction_target(scheduler, latents, noise, timesteps)
+        weights = losses.min_snr_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
+        return pred, target, weights
+
+    if batch.prior is None:
+        return losses.diffusion_loss(*predict(batch)), {}
+    joined = batch.with_prior()
+    if joined is not None:
+        n = len(batch)
+        pred, target, weights = predict(joined)
+        loss = losses.diffusion_loss(pred[:n], target[:n], None if weights is None else weights[:n])
+        prior = losses.diffusion_loss(pred[n:], target[n:], None if weights is None else weights[n:])
+    else:
+        loss = losses.diffusion_loss(*predict(batch))
+        prior = losses.diffusion_loss(*predict(batch.prior))
     return loss + cfg.prior.prior_loss_weight * prior, {"loss/instance": loss, "loss/prior": prior}
 
 
