@@ -55,6 +55,7 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
     cfg = tiny_cfg(tmp_path, tiny_dataset, {
         "train.max_steps": 4, "validation.validate_every": 2, "validation.prompts": ["a photo of {token} {class}"],
         "checkpoint.checkpoint_every": 2, "checkpoint.keep_checkpoints": 1, "run.name": "first",
+        "embedding.train": False,  # the LoRA-only path, with cached text embeddings (test_train_embeddings: the other)
     })
     result = loop.run_training(cfg, on_event=events)
     run = tmp_path / "runs" / "first"
@@ -149,16 +150,17 @@ def test_real_photos_train_sdxl_with_their_original_sizes(tmp_path: Path, dreamb
     assert (result.run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_text_encoder_training_logs_both_encoder_grad_norms(tmp_path: Path, tiny_dataset: Path):
+def test_text_encoder_training_logs_each_group_grad_norm(tmp_path: Path, tiny_dataset: Path):
     cfg = tiny_cfg(tmp_path, tiny_dataset, {"model.name": "tiny-sdxl", "train.max_steps": 2,
                                             "lora.train_text_encoder": True, "train.text_encoder_lr": 5e-4,
                                             "validation.prompts": ["a photo of {token} {class}"]})
     events = Events()
     result = loop.run_training(cfg, on_event=events)
     steps = steps_of(result.run_dir)
-    for key in ("grad_norm/unet", "grad_norm/text_encoder", "grad_norm/text_encoder_2"):
-        assert steps[0][key] > 0, key
-    total = math.sqrt(sum(steps[0][f"grad_norm/{k}"] ** 2 for k in ("unet", "text_encoder", "text_encoder_2")))
+    groups = ("unet", "text_encoder", "text_encoder_2", "embeddings")  # the token's own embedding: its own group
+    for key in groups:
+        assert steps[0][f"grad_norm/{key}"] > 0, key
+    total = math.sqrt(sum(steps[0][f"grad_norm/{k}"] ** 2 for k in groups))
     assert steps[0]["grad_norm/total"] == pytest.approx(total)
     assert steps[0]["lr/text_encoder"] == 5e-4 and steps[0]["lr"] == 1e-3
     assert not [e for e in events.of("cache") if e["what"] == "text"]  # nothing cached: the encoders train

@@ -276,3 +276,54 @@ def test_prior_preservation_with_square_class_images_beside_buckets(tmp_path: Pa
     assert len(steps) == 4
     for record in steps:
         assert record["loss"] == pytest.approx(record["loss/instance"] + record["loss/prior"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- end to end, from the CLI
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_cli_keep_aspect_photos_to_samples_with_the_token_embedding(tmp_path: Path, models_8x: dict, model):
+    """Phone-shaped photos -> prepare --keep-aspect -> train from YAML (buckets + pivotal tuning) -> sample."""
+    import numpy as np
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from sdlora.cli import app
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i, (w, h) in enumerate([(640, 480)] * 3 + [(480, 640)] * 2 + [(500, 500)] * 2):
+        blocks = rng.integers(0, 256, (h // 40, w // 40, 3), dtype=np.uint8)  # coarse noise: no near duplicates
+        Image.fromarray(blocks).resize((w, h), Image.Resampling.NEAREST).save(photos / f"IMG_{i:04d}.jpg", quality=90)
+    runner = CliRunner()
+    dataset = tmp_path / "dataset"
+    result = runner.invoke(app, ["prepare", str(photos), "--out", str(dataset), "--keep-aspect", "--resolution", "256",
+                                 "--val-fraction", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "320x192 x3" in result.output and "192x320 x2" in result.output and "256x256 x2" in result.output
+
+    config = tmp_path / "train.yaml"
+    config.write_text(f"""
+model: {{name: {models_8x[model]}}}
+data: {{dataset: {dataset}}}
+embedding: {{init_token: toy, learning_rate: 1.0e-2, steps_fraction: 1.0}}
+train: {{max_steps: 3, batch_size: 2, learning_rate: 1.0e-3}}
+validation: {{validate_every: 0, prompts: []}}
+checkpoint: {{checkpoint_every: 0}}
+run: {{runs_dir: {tmp_path / 'runs'}, name: r}}
+""", encoding="utf-8")
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "token sksToy: its own embedding, from 'toy', trained until step 3" in result.output
+    run = tmp_path / "runs" / "r"
+    assert (run / "lora" / "embeddings.safetensors").is_file()
+    assert all(r["grad_norm/embeddings"] > 0 for r in steps_of(run))
+
+    result = runner.invoke(app, ["sample", "sksToy on a beach", "--run", str(run), "--num-images", "1", "--steps", "2",
+                                 "--height", "256", "--width", "256"])
+    assert result.exit_code == 0, result.output
+    samples = json.loads((run / "samples" / "samples.json").read_text(encoding="utf-8"))
+    lora_image = next(e for e in samples["images"] if e["variant"] == "lora")
+    with Image.open(run / "samples" / lora_image["file"]) as png:
+        assert "embeddings.safetensors" in png.info["lora"]  # `sample` loaded the token's embedding by itself

@@ -33,7 +33,7 @@ from sdlora import config as config_mod
 from sdlora.config import Config
 from sdlora.data.manifest import load_manifest
 from sdlora.errors import ConfigError, DataError, RunError
-from sdlora.run import BEST_DIR, CONFIG, LORA_DIR, METRICS, SAMPLES_DIR, point_latest
+from sdlora.run import BEST_DIR, CONFIG, EMBEDDINGS, LORA_DIR, METRICS, SAMPLES_DIR, point_latest
 from sdlora.train import cache as cache_mod
 from sdlora.train import checkpoint as ckpt
 from sdlora.train import losses, monitor
@@ -68,7 +68,7 @@ class TrainState:
     pipe: Any
     arch: Any
     unet: Any  # prepared (maybe DDP-wrapped)
-    text_encoders: list[Any]  # prepared, only those being trained
+    text_encoders: list[Any]  # prepared, only those with a LoRA being trained
     noise_scheduler: Any
     optimizer: Any
     lr_scheduler: Any
@@ -87,10 +87,17 @@ class TrainState:
     last_checkpoint: Path | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     param_groups: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
+    tokens: Any = None  # TokenEmbeddings (train/embeddings.py) when the token's own embedding trains
+    frozen_text_encoders: list[Any] = field(default_factory=list)  # run (not trained) for that embedding
 
     def request_stop(self) -> None:
         """Stop after the current step, save a checkpoint and the LoRA (what Ctrl-C does)."""
         self.stop.set()
+
+    @property
+    def live_text_encoders(self) -> list[Any]:
+        """The text encoders the loss runs through (none when all text embeddings are cached)."""
+        return self.text_encoders or self.frozen_text_encoders
 
     @property
     def device(self) -> torch.device:
@@ -183,6 +190,14 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     weight_dtype = _DTYPES[cfg.train.mixed_precision]
     device = accelerator.device
 
+    # Pivotal tuning: the token joins the tokenizers now, before any caption is tokenized.
+    cfg = _resolve_token_embedding(cfg, pipe, arch)
+    tokens = None
+    if cfg.embedding.train:
+        from sdlora.train.embeddings import add_token
+
+        tokens = add_token(pipe, arch, str(cfg.data.token), str(cfg.embedding.init_token))
+
     # Prior preservation: class images from the base model, before the LoRA exists.
     class_examples: list[Example] = []
     if cfg.prior.class_prompt:
@@ -205,13 +220,18 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         pipe.vae.to("cpu")
     else:
         pipe.vae = None
-    if not cfg.lora.train_text_encoder:
+    if not _encodes_text(cfg):
         for name in arch.text_encoders:
             setattr(pipe, name, None)
     _free_memory()
 
     set_seed(cfg.train.seed)  # the LoRA's initial weights
     unet, trained_encoders = _inject_lora(cfg, pipe, arch, device, weight_dtype)
+    frozen_encoders = []
+    if tokens is not None:
+        tokens.to(device)
+        if not trained_encoders:
+            frozen_encoders = _frozen_text_encoders(pipe, arch, device, weight_dtype)
     from sdlora.train.export import check_exportable
 
     check_exportable(unet, trained_encoders or None, arch)  # a LoRA that could not be saved fails now, not at the end
@@ -224,6 +244,8 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     groups = {"unet": [p for p in unet.parameters() if p.requires_grad]}
     for name, encoder in zip(arch.text_encoders, trained_encoders):
         groups[name] = [p for p in encoder.parameters() if p.requires_grad]
+    if tokens is not None:
+        groups["embeddings"] = list(tokens.parameters())
     optimizer = _optimizer(cfg, groups)
     from diffusers.optimization import get_scheduler
 
@@ -233,6 +255,8 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     prepared = accelerator.prepare(unet, *trained_encoders, optimizer)
     unet, trained_encoders, optimizer = prepared[0], list(prepared[1:-1]), prepared[-1]
     accelerator.register_for_checkpointing(lr_scheduler)
+    if tokens is not None:
+        accelerator.register_for_checkpointing(tokens)  # the vectors, in the checkpoint beside the LoRA
     ckpt.register_hooks(accelerator, accelerator.unwrap_model)
 
     plan = BatchPlan(
@@ -245,7 +269,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         cfg=cfg, accelerator=accelerator, pipe=pipe, arch=arch, unet=unet, text_encoders=trained_encoders,
         noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan,
         val_data=val_set, sample_conds=sample_conds, negative_cond=negative_cond, run_dir=run_dir,
-        weight_dtype=weight_dtype, emit=emit, param_groups=groups,
+        weight_dtype=weight_dtype, emit=emit, param_groups=groups, tokens=tokens, frozen_text_encoders=frozen_encoders,
     )
     if resume is not None:
         _load_checkpoint(state)
@@ -267,6 +291,31 @@ def _resolve_precision(cfg: Config) -> Config:
     else:
         precision = "no"
     return config_mod.replace(cfg, train={"mixed_precision": precision})
+
+
+def _resolve_token_embedding(cfg: Config, pipe: Any, arch: Any) -> Config:
+    """`embedding.train` unset: on when the tokenizer splits the token (sksToy), off for a known word (sks).
+
+    The init token defaults to the class word. Both land resolved in the run's config.yaml.
+    """
+    from sdlora.train.embeddings import is_new_token
+
+    train = cfg.embedding.train
+    if train is None:
+        train = is_new_token(getattr(pipe, arch.tokenizers[0]), str(cfg.data.token))
+    return config_mod.replace(cfg, embedding={"train": bool(train),
+                                              "init_token": cfg.embedding.init_token or cfg.data.class_word})
+
+
+def _encodes_text(cfg: Config) -> bool:
+    """Whether the loss runs the text encoders (a text-encoder LoRA or the token's embedding trains),
+    rather than reading cached text embeddings."""
+    return bool(cfg.lora.train_text_encoder or cfg.embedding.train)
+
+
+def _embedding_steps(cfg: Config) -> int:
+    """Steps during which the token's embedding trains (--embedding-steps-fraction of --max-steps)."""
+    return max(1, math.ceil(cfg.embedding.steps_fraction * cfg.train.max_steps))
 
 
 def _repeatable(cfg: Config) -> Config:
@@ -351,7 +400,7 @@ def _encode(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.
 
     sample_prompts = [_fill(p, cfg) for p in cfg.validation.prompts]
     embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    if not cfg.lora.train_text_encoder:
+    if not _encodes_text(cfg):
         texts = [ex.caption for ex in everything] + sample_prompts + [""]
         embeds, tstats = cache_mod.encode_texts(arch, pipe, texts, key_parts=model_key, cache=text_cache,
                                                 device=device, on_progress=progress)
@@ -365,7 +414,7 @@ def _encode(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.
         index = slice(start, start + len(examples))
         start += len(examples)
         captions = [ex.caption for ex in examples]
-        if cfg.lora.train_text_encoder:
+        if _encodes_text(cfg):
             cond = Conditioning(token_ids=[ids for ids in arch.tokenize(pipe, captions)] if examples else None)
         elif examples:
             cond = Conditioning(
@@ -413,6 +462,17 @@ def _inject_lora(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: t
     return unet, encoders
 
 
+def _frozen_text_encoders(pipe: Any, arch: Any, device: Any, weight_dtype: torch.dtype) -> list[Any]:
+    """The text encoders, frozen on the device: the token's embedding trains through them."""
+    encoders = []
+    for name in arch.text_encoders:
+        encoder = getattr(pipe, name)
+        encoder.requires_grad_(False)
+        encoder.to(device, dtype=weight_dtype)
+        encoders.append(encoder)
+    return encoders
+
+
 def _add_lora(model: Any, targets: list[str], cfg: Config, flag: str, what: str) -> None:
     from peft import LoraConfig
 
@@ -435,12 +495,17 @@ def _add_lora(model: Any, targets: list[str], cfg: Config, flag: str, what: str)
         raise
 
 
+def _group_settings(cfg: Config, name: str) -> dict[str, float]:
+    """Learning rate and weight decay of one optimizer group (unet, text_encoder[_2], embeddings)."""
+    if name == "embeddings":  # weight decay would pull the token's embedding towards zero
+        return {"lr": cfg.embedding.learning_rate, "weight_decay": 0.0}
+    lr = cfg.train.learning_rate if name == "unet" else (cfg.train.text_encoder_lr or cfg.train.learning_rate)
+    return {"lr": lr, "weight_decay": cfg.train.weight_decay}
+
+
 def _optimizer(cfg: Config, groups: dict[str, list[torch.nn.Parameter]]) -> torch.optim.Optimizer:
-    te_lr = cfg.train.text_encoder_lr or cfg.train.learning_rate
-    param_groups = [{"params": params, "lr": cfg.train.learning_rate if name == "unet" else te_lr}
-                    for name, params in groups.items()]
-    kwargs = dict(betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), weight_decay=cfg.train.weight_decay,
-                  eps=cfg.train.adam_epsilon)
+    param_groups = [{"params": params, **_group_settings(cfg, name)} for name, params in groups.items()]
+    kwargs = dict(betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon)
     if cfg.train.optimizer == "adamw8bit":
         return _bitsandbytes().optim.AdamW8bit(param_groups, **kwargs)
     return torch.optim.AdamW(param_groups, **kwargs)
@@ -498,7 +563,9 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
           "gradient_accumulation": cfg.train.gradient_accumulation, "train_images": len(state.plan.instances),
           "val_images": len(state.val_data) if state.val_data is not None else 0, "arch": state.arch.name,
           "device": str(state.device), "mixed_precision": cfg.train.mixed_precision,
-          "prediction_type": state.noise_scheduler.config.prediction_type})
+          "prediction_type": state.noise_scheduler.config.prediction_type,
+          "token_embedding": None if state.tokens is None else {
+              "token": state.tokens.token, "init_token": cfg.embedding.init_token, "until_step": _embedding_steps(cfg)}})
     started = time.perf_counter()
     restore = _install_signal_handlers(state)
     monitor.machine_load(state.device)  # primes the CPU counters
@@ -556,6 +623,8 @@ def _train_step(state: TrainState) -> dict[str, Any]:
     """One optimizer step over `--gradient-accumulation` micro-batches; the metrics of the step."""
     cfg, acc = state.cfg, state.accelerator
     accum = cfg.train.gradient_accumulation
+    if state.tokens is not None:  # frozen after --embedding-steps-fraction: no gradient through the encoders
+        state.tokens.set_trainable(state.step < _embedding_steps(cfg))
     models = [state.unet, *state.text_encoders]
     total = torch.zeros((), device=state.device)
     parts_sum: dict[str, torch.Tensor] = {}
@@ -572,6 +641,10 @@ def _train_step(state: TrainState) -> dict[str, Any]:
             parts_sum[key] = parts_sum.get(key, 0) + value.detach() / accum
     if acc.num_processes > 1:
         total = acc.reduce(total, reduction="mean")
+        if state.tokens is not None:  # outside any DDP module: average its gradients by hand
+            for vector in state.tokens.parameters():
+                if vector.grad is not None:
+                    vector.grad = acc.reduce(vector.grad, reduction="mean")
     acc.unscale_gradients()  # fp16: true gradient norms, and clipping in real units
     record: dict[str, Any] = {"loss": total.item()}
     record.update({k: v.item() for k, v in parts_sum.items()})
@@ -588,6 +661,8 @@ def _train_step(state: TrainState) -> dict[str, Any]:
     state.optimizer.step()
     state.lr_scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
+    if state.tokens is not None:
+        record.update({f"embedding_norm/{name}": norm for name, norm in state.tokens.norms().items()})
     return record
 
 
@@ -637,7 +712,7 @@ def condition(state: TrainState, cond: Conditioning) -> tuple[torch.Tensor, torc
     device = state.device
     if cond.embeds is not None:
         return cond.embeds.to(device), None if cond.pooled is None else cond.pooled.to(device)
-    encoders = [_OnDevice(e, device) for e in state.text_encoders]
+    encoders = [_OnDevice(e, device) for e in state.live_text_encoders]
     return state.arch.encode_tokens(encoders, [ids.to(device) for ids in cond.token_ids])  # type: ignore[union-attr]
 
 
@@ -726,7 +801,7 @@ def validation_loss(state: TrainState) -> float:
 def _eval_condition(state: TrainState, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
     if cond.embeds is not None:
         return condition(state, cond)
-    encoders = [state.unwrap(e) for e in state.text_encoders]
+    encoders = [state.unwrap(e) for e in state.live_text_encoders]
     with state.accelerator.autocast():
         return state.arch.encode_tokens(encoders, [ids.to(state.device) for ids in cond.token_ids])  # type: ignore[union-attr]
 
@@ -804,7 +879,8 @@ def export_lora(state: TrainState, out_dir: Path, *, main_only: bool = False) ->
     """The LoRA in diffusers and kohya format (train/export.py), with metadata."""
     if not state.is_main:
         return out_dir
-    from sdlora.train.export import build_metadata, save_lora
+    from sdlora.train.embeddings import save_embeddings
+    from sdlora.train.export import META_PREFIX, build_metadata, save_lora
 
     cfg = state.cfg
     metadata = build_metadata(
@@ -815,7 +891,12 @@ def export_lora(state: TrainState, out_dir: Path, *, main_only: bool = False) ->
         run=state.run_dir.name,
     )
     encoders = [state.unwrap(e) for e in state.text_encoders] if state.text_encoders else None
+    if state.tokens is not None:
+        metadata[f"{META_PREFIX}token_embedding"] = EMBEDDINGS  # the LoRA expects the token's embedding beside it
     save_lora(out_dir, state.unwrap(state.unet), encoders, state.arch, metadata=metadata, kohya_name=state.run_dir.name)
+    if state.tokens is not None:
+        save_embeddings(out_dir / EMBEDDINGS, state.tokens, state.arch,
+                        {**metadata, f"{META_PREFIX}init_token": str(cfg.embedding.init_token)})
     return out_dir
 
 
@@ -864,12 +945,12 @@ def _apply_optimizer_config(state: TrainState) -> None:
     (its step count) and the Adam moments are kept.
     """
     cfg, scheduler = state.cfg, state.lr_scheduler
-    te_lr = cfg.train.text_encoder_lr or cfg.train.learning_rate
-    base = [cfg.train.learning_rate if name == "unet" else te_lr for name in state.param_groups]
-    scheduler.base_lrs = list(base)
-    for group, lr, factor in zip(state.optimizer.param_groups, base, scheduler.lr_lambdas):
-        group.update(initial_lr=lr, lr=lr * factor(scheduler.last_epoch), weight_decay=cfg.train.weight_decay,
-                     betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_epsilon)
+    settings = [_group_settings(cfg, name) for name in state.param_groups]
+    scheduler.base_lrs = [s["lr"] for s in settings]
+    for group, setting, factor in zip(state.optimizer.param_groups, settings, scheduler.lr_lambdas):
+        group.update(initial_lr=setting["lr"], lr=setting["lr"] * factor(scheduler.last_epoch),
+                     weight_decay=setting["weight_decay"], betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+                     eps=cfg.train.adam_epsilon)
     scheduler._last_lr = [group["lr"] for group in state.optimizer.param_groups]
 
 
