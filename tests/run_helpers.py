@@ -108,6 +108,8 @@ def write_metrics(run: Path, *, steps: int = 40, validate_every: int = 10, group
         lr = 1e-4 * min(1.0, step / 5)
         for group in groups:
             record["lr" if group == "unet" else f"lr/{group}"] = lr if group == "unet" else lr / 2
+        if "embeddings" in groups:  # the token's own embedding: its norm grows, then freezes halfway
+            record["embedding_norm/text_encoder"] = 0.4 + 0.01 * min(step, steps // 2)
         record.update(step_time_s=0.2, images_per_s=5.0, epoch=step // 10)
         if step % log_every == 0:
             record.update(cpu_percent=150 + float(rng.normal(0, 10)), system_cpu_percent=80.0,

@@ -117,6 +117,13 @@ def test_full_report(full_run):
     assert "token: sksToy" in section(html, "config")
 
 
+def test_token_embedding_norm_is_plotted(tmp_path):
+    run = write_config(tmp_path / "runs" / "r1")
+    write_metrics(run, steps=20, groups=("unet", "embeddings"))
+    training = section(render_report(run), "training")
+    assert "Token embedding norm" in training and "embeddings" in training  # its grad-norm group too
+
+
 def test_report_is_self_contained_with_small_decodable_thumbnails(full_run):
     html = write_report(full_run).read_text()
     sources = re.findall(r'(?:src|href)="([^"#][^"]*)"', html)

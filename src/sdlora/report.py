@@ -357,6 +357,10 @@ def training_section(run_dir: Path) -> Section:
     if any("images_per_s" in r for r in steps):
         plots.append(line_plot([_series(steps, "images_per_s", "images/s")], title="Throughput", ylabel="images/s",
                                y_from_zero=True))
+    norms = _keys(steps, "embedding_norm/")  # the token's own embedding (pivotal tuning)
+    if norms:
+        plots.append(line_plot([_series(steps, k, k.split("/", 1)[1]) for k in norms],
+                               title="Token embedding norm", ylabel="L2 norm"))
     dino = [r for r in records if "dino" in r]  # `sdlora train --score-every`
     if dino:
         plots.append(line_plot([_series(dino, "dino", "DINO vs val photos", color="#2ca02c", width=2, markers=True)],
