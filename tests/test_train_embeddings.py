@@ -75,7 +75,17 @@ def test_embedding_trains_alone_and_loads_back_as_training_saw_it(tmp_path: Path
 def test_embedding_freezes_after_its_fraction_of_the_steps(tmp_path: Path, tiny_dataset: Path):
     cfg = tiny_cfg(tmp_path, tiny_dataset, {"train.max_steps": 4, "embedding.steps_fraction": 0.5,
                                             "embedding.init_token": "ball"})
-    result = loop.run_training(cfg)
+    state = loop.setup(cfg)
+    try:
+        result = loop.train(state)
+        # Frozen, the one distinct caption was encoded once and kept: what the live encoders give.
+        assert len(state.frozen_text_cache) == 1
+        (cached, _), = state.frozen_text_cache.values()
+        with torch.no_grad():
+            live, _ = state.arch.encode_prompts(state.pipe, [PROMPT])
+        assert torch.allclose(cached, live[0], atol=1e-6)
+    finally:
+        loop.cleanup(state)
     steps = steps_of(result.run_dir)
     norms = [r["embedding_norm/text_encoder"] for r in steps]
     assert [r["grad_norm/embeddings"] > 0 for r in steps] == [True, True, False, False]

@@ -53,6 +53,7 @@ class TokenEmbeddings(torch.nn.Module):
         self.vectors = torch.nn.ParameterDict(
             {name: torch.nn.Parameter(vector.detach().float().clone()) for name, vector in initial.items()})
         self._handles: list[Any] = []
+        self.trainable = True
 
     def attach(self, encoders: dict[str, torch.nn.Module]) -> None:
         """Hook each encoder's input-embedding layer: the token's id gets the trained vector."""
@@ -80,6 +81,7 @@ class TokenEmbeddings(torch.nn.Module):
 
     def set_trainable(self, trainable: bool) -> None:
         """Freeze (after --embedding-steps-fraction) or unfreeze; frozen, no gradient flows through the encoders."""
+        self.trainable = trainable
         for vector in self.vectors.values():
             vector.requires_grad_(trainable)
             if not trainable:
