@@ -149,3 +149,15 @@ def test_cli_flags_and_yaml(tmp_path: Path, tiny_dataset: Path):
 
     result = invoke(*common, "--embedding-steps-fraction", "0")
     assert result.exit_code == 1 and "--embedding-steps-fraction must be in (0, 1]" in result.output
+
+
+def test_a_run_from_before_pivotal_tuning_resumes_without_an_embedding(tmp_path: Path, tiny_dataset: Path):
+    first = loop.run_training(tiny_cfg(tmp_path, tiny_dataset, {"train.max_steps": 2, "embedding.train": False,
+                                                                "checkpoint.checkpoint_every": 2}))
+    config = first.run_dir / "config.yaml"
+    saved = yaml.safe_load(config.read_text(encoding="utf-8"))
+    del saved["embedding"]  # as config.yaml was written before the section existed
+    config.write_text(yaml.safe_dump(saved), encoding="utf-8")
+    run_dir, cfg, warnings = loop.resume_run(first.run_dir, [{"train": {"max_steps": 3}}], ("command line",))
+    assert cfg.embedding.train is False
+    assert loop.run_training(cfg, resume=run_dir).steps == 3

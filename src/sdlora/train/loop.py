@@ -1072,6 +1072,7 @@ def resume_run(
         raise RunError(f"{run_dir}: not a run folder (no {CONFIG})")
     ckpt.latest_checkpoint(run_dir)  # a clear error now if there is nothing to resume
     saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    saved.setdefault("embedding", {"train": False})  # a run from before pivotal tuning trained no embedding
     cfg, warnings = ckpt.resume_config(saved, layers, sources)
     cfg = config_mod.replace(cfg, run={"runs_dir": str(run_dir.parent), "name": run_dir.name})
     return run_dir, cfg, warnings
