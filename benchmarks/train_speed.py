@@ -4,9 +4,9 @@ Run by hand (minutes; about 5 GB of disk for the model folder, ~8 GB of RAM):
 
     .venv/bin/python benchmarks/train_speed.py                       # everything, 256 px, rank 16
     .venv/bin/python benchmarks/train_speed.py --skip-train          # only the UNet floor
-    .venv/bin/python benchmarks/train_speed.py --train-args "--mixed-precision bf16"
-    .venv/bin/python benchmarks/train_speed.py --skip-unet --train-args "" --train-args "--no-train-token-embedding"
-    .venv/bin/python benchmarks/train_speed.py --skip-unet --photos examples/photos --prepare-args "--keep-aspect"
+    .venv/bin/python benchmarks/train_speed.py --train-args="--mixed-precision bf16"
+    .venv/bin/python benchmarks/train_speed.py --skip-unet --train-args="" --train-args="--no-train-token-embedding"
+    .venv/bin/python benchmarks/train_speed.py --skip-unet --photos examples/photos --prepare-args="--keep-aspect"
     .venv/bin/python benchmarks/train_speed.py --diffusers-script /path/to/diffusers/examples/dreambooth/train_dreambooth_lora.py
 
 `--train-args` may be given several times: each is timed as its own row, in one sitting.
