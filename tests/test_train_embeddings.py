@@ -78,12 +78,13 @@ def test_embedding_freezes_after_its_fraction_of_the_steps(tmp_path: Path, tiny_
     state = loop.setup(cfg)
     try:
         result = loop.train(state)
-        # Frozen, the one distinct caption was encoded once and kept: what the live encoders give.
-        assert len(state.frozen_text_cache) == 1
-        (cached, _), = state.frozen_text_cache.values()
+        # Frozen, the captions were encoded once (train and val) and read from then on: what the live
+        # encoders give for them.
         with torch.no_grad():
             live, _ = state.arch.encode_prompts(state.pipe, [PROMPT])
-        assert torch.allclose(cached, live[0], atol=1e-6)
+        for data in (state.plan.instances, state.val_data):
+            assert data.cond.token_ids is None and data.cond.embeds.shape[0] == len(data)
+            assert torch.allclose(data.cond.embeds, live.expand_as(data.cond.embeds), atol=1e-6)
     finally:
         loop.cleanup(state)
     steps = steps_of(result.run_dir)

@@ -72,14 +72,13 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    from sdlora.data.buckets import cover_crop
+    from sdlora.data.images import cover
 
     height, width = size
     with Image.open(path) as img:
         img = img.convert("RGB")
         if img.size != (width, height):
-            resized, (top, left) = cover_crop(img.width, img.height, (width, height))
-            img = img.resize(resized, Image.Resampling.LANCZOS).crop((left, top, left + width, top + height))
+            img = cover(img, (width, height))  # what `sdlora prepare --keep-aspect` does
         array = np.asarray(img, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 

@@ -52,14 +52,13 @@ class TokenEmbeddings(torch.nn.Module):
         self.token_ids = dict(token_ids)
         self.vectors = torch.nn.ParameterDict(
             {name: torch.nn.Parameter(vector.detach().float().clone()) for name, vector in initial.items()})
-        self._handles: list[Any] = []
         self.trainable = True
 
     def attach(self, encoders: dict[str, torch.nn.Module]) -> None:
         """Hook each encoder's input-embedding layer: the token's id gets the trained vector."""
         for name, encoder in encoders.items():
             layer = encoder.get_input_embeddings()
-            self._handles.append(layer.register_forward_hook(self._hook(name)))
+            layer.register_forward_hook(self._hook(name))
 
     def _hook(self, name: str):
         token_id = self.token_ids[name]
@@ -71,21 +70,15 @@ class TokenEmbeddings(torch.nn.Module):
 
         return substitute
 
-    def detach_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
     def norms(self) -> dict[str, float]:
         return {name: float(vector.detach().norm()) for name, vector in self.vectors.items()}
 
-    def set_trainable(self, trainable: bool) -> None:
-        """Freeze (after --embedding-steps-fraction) or unfreeze; frozen, no gradient flows through the encoders."""
-        self.trainable = trainable
+    def freeze(self) -> None:
+        """Stop training (after --embedding-steps-fraction): no gradient flows through the encoders any more."""
+        self.trainable = False
         for vector in self.vectors.values():
-            vector.requires_grad_(trainable)
-            if not trainable:
-                vector.grad = None
+            vector.requires_grad_(False)
+            vector.grad = None
 
 
 def _init_vector(tokenizer: Any, encoder: torch.nn.Module, init_token: str) -> torch.Tensor:

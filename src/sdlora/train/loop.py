@@ -89,7 +89,6 @@ class TrainState:
     param_groups: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
     tokens: Any = None  # TokenEmbeddings (train/embeddings.py) when the token's own embedding trains
     frozen_text_encoders: list[Any] = field(default_factory=list)  # run (not trained) for that embedding
-    frozen_text_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=dict)
 
     def request_stop(self) -> None:
         """Stop after the current step, save a checkpoint and the LoRA (what Ctrl-C does)."""
@@ -624,8 +623,8 @@ def _train_step(state: TrainState) -> dict[str, Any]:
     """One optimizer step over `--gradient-accumulation` micro-batches; the metrics of the step."""
     cfg, acc = state.cfg, state.accelerator
     accum = cfg.train.gradient_accumulation
-    if state.tokens is not None:  # frozen after --embedding-steps-fraction: no gradient through the encoders
-        state.tokens.set_trainable(state.step < _embedding_steps(cfg))
+    if state.tokens is not None and state.tokens.trainable and state.step >= _embedding_steps(cfg):
+        _freeze_token_embedding(state)  # once, at --embedding-steps-fraction (or on a resume past it)
     models = [state.unet, *state.text_encoders]
     total = torch.zeros((), device=state.device)
     parts_sum: dict[str, torch.Tensor] = {}
@@ -713,27 +712,22 @@ def condition(state: TrainState, cond: Conditioning) -> tuple[torch.Tensor, torc
     device = state.device
     if cond.embeds is not None:
         return cond.embeds.to(device), None if cond.pooled is None else cond.pooled.to(device)
-    if state.tokens is not None and not state.tokens.trainable and not state.text_encoders:
-        return _after_freeze(state, cond)
     encoders = [_OnDevice(e, device) for e in state.live_text_encoders]
     return state.arch.encode_tokens(encoders, [ids.to(device) for ids in cond.token_ids])  # type: ignore[union-attr]
 
 
 @torch.no_grad()
-def _after_freeze(state: TrainState, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Once the token's embedding froze (and no text-encoder LoRA trains), a caption's embeddings are
-    fixed: each distinct caption runs the text encoders once, and later steps cost no text encoding."""
-    ids = [t.cpu() for t in cond.token_ids]  # type: ignore[union-attr]
-    keys = [b"".join(t[row].numpy().tobytes() for t in ids) for row in range(ids[0].shape[0])]
-    missing = [row for row, key in enumerate(keys) if key not in state.frozen_text_cache]
-    if missing:
-        index = torch.tensor(missing)
-        embeds, pooled = state.arch.encode_tokens(state.frozen_text_encoders, [t[index].to(state.device) for t in ids])
-        for j, row in enumerate(missing):
-            state.frozen_text_cache[keys[row]] = (embeds[j], None if pooled is None else pooled[j])
-    rows = [state.frozen_text_cache[key] for key in keys]
-    pooled = None if rows[0][1] is None else torch.stack([r[1] for r in rows])  # type: ignore[misc]
-    return torch.stack([r[0] for r in rows]), pooled
+def _freeze_token_embedding(state: TrainState) -> None:
+    """Stop training the token's embedding; without a text-encoder LoRA the captions' embeddings are
+    final then, so each set's captions are encoded once and later steps read them like a cached run."""
+    state.tokens.freeze()
+    if state.text_encoders:
+        return
+    for data in (state.plan.instances, state.plan.classes, state.val_data):
+        if data is not None and data.cond.token_ids is not None:
+            ids = [t.to(state.device) for t in data.cond.token_ids]
+            embeds, pooled = state.arch.encode_tokens(state.frozen_text_encoders, ids)
+            data.cond = Conditioning(embeds=embeds.float().cpu(), pooled=None if pooled is None else pooled.float().cpu())
 
 
 def _log(state: TrainState, record: dict[str, Any]) -> None:
