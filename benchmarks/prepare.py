@@ -94,9 +94,7 @@ def run(source: Path, out: Path, workers: int, resolution: int) -> tuple[float, 
 
 def cpu_per_photo(files: list[Path], resolution: int) -> float:
     """CPU seconds one decode worker spends per photo (process time, so other load barely matters)."""
-    from sdlora.data import ingest
-
-    from sdlora.data import images
+    from sdlora.data import images, ingest
 
     images.register_heif(decode_threads=1)
     ingest._warm()

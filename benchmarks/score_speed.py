@@ -58,8 +58,15 @@ def build_scorers(names: list[str], device: str):
         elif name == "tiny-clip":
             scorers[name] = load_clip("tiny-clip", None, device)
         elif name == "dino-vits16":
-            config = ViTConfig(image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=12,
-                               num_attention_heads=6, intermediate_size=1536, qkv_bias=True)
+            config = ViTConfig(
+                image_size=224,
+                patch_size=16,
+                hidden_size=384,
+                num_hidden_layers=12,
+                num_attention_heads=6,
+                intermediate_size=1536,
+                qkv_bias=True,
+            )
             model = ViTModel(config, add_pooling_layer=False).eval().to(device)
             scorers[name] = DinoScorer("dino-vits16 (random)", model, torch.device(device), revision="random")
         elif name == "clip-vit-b-32":
@@ -67,9 +74,17 @@ def build_scorers(names: list[str], device: str):
 
             with _quiet_logging():  # "no pretrained weights loaded": intended here
                 model, _, preprocess = open_clip.create_model_and_transforms(
-                    "ViT-B-32", pretrained=None, device=device, force_quick_gelu=True)
-            scorers[name] = ClipScorer("ViT-B-32 (random)", None, model.eval(), preprocess,
-                                       open_clip.get_tokenizer("ViT-B-32"), torch.device(device), revision="random")
+                    "ViT-B-32", pretrained=None, device=device, force_quick_gelu=True
+                )
+            scorers[name] = ClipScorer(
+                "ViT-B-32 (random)",
+                None,
+                model.eval(),
+                preprocess,
+                open_clip.get_tokenizer("ViT-B-32"),
+                torch.device(device),
+                revision="random",
+            )
         else:
             raise SystemExit(f"unknown scorer {name}")
     return scorers
@@ -80,7 +95,7 @@ def images_per_second(scorer, paths: list[Path], batch_size: int, device: str) -
     from sdlora.evaluate.score import embed_files
 
     digests = [str(i) for i in range(len(paths))]
-    scorer.embed(_open(paths[:min(batch_size, 4)]))  # warm-up: first-call allocations, kernels
+    scorer.embed(_open(paths[: min(batch_size, 4)]))  # warm-up: first-call allocations, kernels
     _sync(device)
     start = time.perf_counter()
     _, embedded = embed_files(scorer, paths, digests, EmbeddingCache(None, scorer.key, {}), batch_size=batch_size)
@@ -102,11 +117,15 @@ def _sync(device: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scorers", default="all", help="all, tiny, real, or a comma list of "
-                        "tiny-dino,tiny-clip,dino-vits16,clip-vit-b-32")
+    parser.add_argument(
+        "--scorers",
+        default="all",
+        help="all, tiny, real, or a comma list of tiny-dino,tiny-clip,dino-vits16,clip-vit-b-32",
+    )
     parser.add_argument("--images", type=int, default=64, help="images per timing")
-    parser.add_argument("--single-images", type=int, default=None,
-                        help="images for the one-at-a-time timing (default: --images)")
+    parser.add_argument(
+        "--single-images", type=int, default=None, help="images for the one-at-a-time timing (default: --images)"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--size", type=int, default=512, help="PNG side in pixels")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -114,8 +133,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    groups = {"all": "tiny-dino,tiny-clip,dino-vits16,clip-vit-b-32", "tiny": "tiny-dino,tiny-clip",
-              "real": "dino-vits16,clip-vit-b-32"}
+    groups = {
+        "all": "tiny-dino,tiny-clip,dino-vits16,clip-vit-b-32",
+        "tiny": "tiny-dino,tiny-clip",
+        "real": "dino-vits16,clip-vit-b-32",
+    }
     names = groups.get(args.scorers, args.scorers).split(",")
 
     from rich.console import Console
@@ -125,9 +147,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = write_images(Path(tmp), args.images, args.size)
         scorers = build_scorers(names, args.device)
-        table = Table(title=f"images/s embedded on {args.device} ({torch.get_num_threads()} torch threads, "
-                            f"{args.images} x {args.size} px PNGs, load avg {os.getloadavg()[0]:.1f})",
-                      title_justify="left")
+        table = Table(
+            title=f"images/s embedded on {args.device} ({torch.get_num_threads()} torch threads, "
+            f"{args.images} x {args.size} px PNGs, load avg {os.getloadavg()[0]:.1f})",
+            title_justify="left",
+        )
         for column in ("scorer", "image params", f"batch {args.batch_size}", "one at a time", "speed-up"):
             table.add_column(column, justify="left" if column == "scorer" else "right")
         for name, scorer in scorers.items():

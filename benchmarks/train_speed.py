@@ -65,26 +65,53 @@ def build_sd15_random(folder: Path) -> Path:
     print(f"building a random-weight SD 1.5-size model in {folder} (once) ...", flush=True)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(  # diffusers' defaults are SD 1.5's blocks and layers
-        sample_size=64, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+        sample_size=64,
+        block_out_channels=(320, 640, 1280, 1280),
+        cross_attention_dim=768,
+        attention_head_dim=8,
     )
     vae = AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
-        layers_per_block=2, latent_channels=4, sample_size=512, scaling_factor=0.18215,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+        scaling_factor=0.18215,
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-        max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-        vocab_size=49408, bos_token_id=49406, eos_token_id=49407, pad_token_id=1,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+            vocab_size=49408,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=1,
+        )
+    )
     scheduler = PNDMScheduler(  # SD 1.5's scheduler_config.json
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        skip_prk_steps=True,
+        steps_offset=1,
+        set_alpha_to_one=False,
     )
     pipe = StableDiffusionPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -148,8 +175,20 @@ def timed(cmd: list[str], cwd: Path | None = None, allow_failure: bool = False) 
 
 
 def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool = False) -> dict:
-    cmd = [sys.executable, __file__, "--worker-unet", precision, "--model-dir", str(model),
-           "--resolution", str(args.resolution), "--rank", str(args.rank), "--iters", str(args.iters)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker-unet",
+        precision,
+        "--model-dir",
+        str(model),
+        "--resolution",
+        str(args.resolution),
+        "--rank",
+        str(args.rank),
+        "--iters",
+        str(args.iters),
+    ]
     if gc:
         cmd.append("--worker-gc")
     run = timed(cmd)
@@ -159,8 +198,12 @@ def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool
 
 # ----------------------------------------------------------------------------- sdlora train
 def sdlora_help(verb: str) -> str | None:
-    proc = subprocess.run([sys.executable, "-m", "sdlora", verb, "--help"], capture_output=True, text=True,
-                          env={**os.environ, "COLUMNS": "200"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdlora", verb, "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
     return proc.stdout if proc.returncode == 0 else None
 
 
@@ -192,11 +235,27 @@ def train_cmd(help_text: str, model: Path, args: argparse.Namespace, steps: int,
     steps_flag = _first_flag(help_text, "--steps", "--max-steps", "--max-train-steps")
     if steps_flag is None:
         raise RuntimeError("`sdlora train --help` shows no --steps / --max-steps option")
-    cmd = [sys.executable, "-m", "sdlora", "train", "--model", str(model), steps_flag, str(steps),
-           "--resolution", str(args.resolution), "--rank", str(args.rank)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sdlora",
+        "train",
+        "--model",
+        str(model),
+        steps_flag,
+        str(steps),
+        "--resolution",
+        str(args.resolution),
+        "--rank",
+        str(args.rank),
+    ]
     # Keep evaluation, samples and checkpoints off the clock (the end-of-run ones cancel in the difference).
-    for flag, value in (("--validate-every", "100000"), ("--checkpoint-every", "100000"),
-                        ("--validation-steps", "1"), ("--validation-images", "1")):
+    for flag, value in (
+        ("--validate-every", "100000"),
+        ("--checkpoint-every", "100000"),
+        ("--validation-steps", "1"),
+        ("--validation-images", "1"),
+    ):
         if _first_flag(help_text, flag):
             cmd += [flag, value]
     return cmd + shlex.split(train_args)
@@ -215,11 +274,15 @@ def measure_train(model: Path, args: argparse.Namespace, train_args: str) -> dic
             cwd = work / f"run-{label}"
             cwd.mkdir()
             (cwd / "dataset").symlink_to(dataset)
-            runs[label] = timed(train_cmd(help_text, model, args, steps, train_args), cwd=cwd,
-                                allow_failure=args.allow_failure)
+            runs[label] = timed(
+                train_cmd(help_text, model, args, steps, train_args), cwd=cwd, allow_failure=args.allow_failure
+            )
             failed = f", EXIT CODE {runs[label]['code']}" if runs[label]["code"] else ""
-            print(f"  sdlora train {steps} steps: {runs[label]['wall_s']:.1f} s, "
-                  f"peak RSS {runs[label]['rss_gb']:.2f} GB{failed}", flush=True)
+            print(
+                f"  sdlora train {steps} steps: {runs[label]['wall_s']:.1f} s, "
+                f"peak RSS {runs[label]['rss_gb']:.2f} GB{failed}",
+                flush=True,
+            )
             if failed:
                 own = runs[label]["stderr"].split("\tCommand being timed:")[0]  # drop /usr/bin/time's report
                 print("    " + "\n    ".join(own.strip().splitlines()[-2:]), flush=True)
@@ -238,16 +301,50 @@ def measure_train(model: Path, args: argparse.Namespace, train_args: str) -> dic
             print(f"kept {work}")
 
 
-def diffusers_cmd(script: Path, model: Path, photos: Path, out: Path, args: argparse.Namespace, steps: int,
-                  precision: str) -> list[str]:
+def diffusers_cmd(
+    script: Path, model: Path, photos: Path, out: Path, args: argparse.Namespace, steps: int, precision: str
+) -> list[str]:
     """diffusers' train_dreambooth_lora.py at our settings (one process, no validation, no checkpoints)."""
-    return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
-            "--mixed_precision", precision, "--dynamo_backend", "no", str(script),
-            "--pretrained_model_name_or_path", str(model), "--instance_data_dir", str(photos),
-            "--instance_prompt", "a photo of sksToy toy", "--output_dir", str(out),
-            "--resolution", str(args.resolution), "--train_batch_size", "1", "--rank", str(args.rank),
-            "--learning_rate", "1e-4", "--max_train_steps", str(steps), "--checkpointing_steps", "100000",
-            "--seed", "0", "--report_to", "tensorboard", "--mixed_precision", precision]  # needs the tensorboard extra
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        precision,
+        "--dynamo_backend",
+        "no",
+        str(script),
+        "--pretrained_model_name_or_path",
+        str(model),
+        "--instance_data_dir",
+        str(photos),
+        "--instance_prompt",
+        "a photo of sksToy toy",
+        "--output_dir",
+        str(out),
+        "--resolution",
+        str(args.resolution),
+        "--train_batch_size",
+        "1",
+        "--rank",
+        str(args.rank),
+        "--learning_rate",
+        "1e-4",
+        "--max_train_steps",
+        str(steps),
+        "--checkpointing_steps",
+        "100000",
+        "--seed",
+        "0",
+        "--report_to",
+        "tensorboard",
+        "--mixed_precision",
+        precision,
+    ]  # needs the tensorboard extra
 
 
 def measure_diffusers(script: Path, model: Path, args: argparse.Namespace, precision: str) -> dict:
@@ -258,12 +355,18 @@ def measure_diffusers(script: Path, model: Path, args: argparse.Namespace, preci
         runs = {}
         for steps in args.steps:
             runs[steps] = timed(diffusers_cmd(script, model, photos, work / f"out-{steps}", args, steps, precision))
-            print(f"  diffusers example {precision} {steps} steps: {runs[steps]['wall_s']:.1f} s, "
-                  f"peak RSS {runs[steps]['rss_gb']:.2f} GB", flush=True)
+            print(
+                f"  diffusers example {precision} {steps} steps: {runs[steps]['wall_s']:.1f} s, "
+                f"peak RSS {runs[steps]['rss_gb']:.2f} GB",
+                flush=True,
+            )
         small, large = args.steps
         per_step = (runs[large]["wall_s"] - runs[small]["wall_s"]) / (large - small)
-        return {"s_per_step": per_step, "startup_s": runs[small]["wall_s"] - small * per_step,
-                "rss_gb": max(r["rss_gb"] or 0 for r in runs.values())}
+        return {
+            "s_per_step": per_step,
+            "startup_s": runs[small]["wall_s"] - small * per_step,
+            "rss_gb": max(r["rss_gb"] or 0 for r in runs.values()),
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -276,20 +379,32 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--iters", type=int, default=3, help="timed UNet steps after one warm-up")
     parser.add_argument("--steps", type=int, nargs=2, default=[2, 7], help="the two sdlora train step counts")
-    parser.add_argument("--train-args", action="append", default=None,
-                        help="extra `sdlora train` options, one string; repeat to time several variants")
+    parser.add_argument(
+        "--train-args",
+        action="append",
+        default=None,
+        help="extra `sdlora train` options, one string; repeat to time several variants",
+    )
     parser.add_argument("--photos", type=Path, default=DREAMBENCH, help="photo folder for `sdlora prepare`")
     parser.add_argument("--prepare-args", default="", help="extra `sdlora prepare` options, one string")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="also time the UNet floor with it")
     parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
-    parser.add_argument("--allow-failure", action="store_true",
-                        help="keep timing when `sdlora train` exits non-zero (e.g. a stage after the steps is missing)")
+    parser.add_argument(
+        "--allow-failure",
+        action="store_true",
+        help="keep timing when `sdlora train` exits non-zero (e.g. a stage after the steps is missing)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the scratch datasets and runs")
-    parser.add_argument("--diffusers-script", type=Path, default=None,
-                        help="diffusers' examples/dreambooth/train_dreambooth_lora.py: time it at the same settings")
-    parser.add_argument("--diffusers-precision", default="no", choices=["no", "bf16"],
-                        help="mixed precision for the diffusers example")
+    parser.add_argument(
+        "--diffusers-script",
+        type=Path,
+        default=None,
+        help="diffusers' examples/dreambooth/train_dreambooth_lora.py: time it at the same settings",
+    )
+    parser.add_argument(
+        "--diffusers-precision", default="no", choices=["no", "bf16"], help="mixed precision for the diffusers example"
+    )
     parser.add_argument("--worker-unet", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-gc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -303,13 +418,20 @@ def main() -> None:
 
     model.parent.mkdir(parents=True, exist_ok=True)
     build_sd15_random(model)
-    print(f"model {model}; {args.resolution} px, batch 1, LoRA rank {args.rank} on {', '.join(LORA_TARGETS)}; "
-          f"{os.cpu_count()} CPUs", flush=True)
+    print(
+        f"model {model}; {args.resolution} px, batch 1, LoRA rank {args.rank} on {', '.join(LORA_TARGETS)}; "
+        f"{os.cpu_count()} CPUs",
+        flush=True,
+    )
     rows: list[tuple[str, dict | str]] = []
     if not args.skip_unet:
         for precision in ("fp32", "bf16"):
-            rows.append((f"UNet fwd+bwd, {precision}" + (" autocast" if precision == "bf16" else ""),
-                         measure_unet(model, args, precision)))
+            rows.append(
+                (
+                    f"UNet fwd+bwd, {precision}" + (" autocast" if precision == "bf16" else ""),
+                    measure_unet(model, args, precision),
+                )
+            )
             print(f"  {rows[-1][0]}: {rows[-1][1]['s_per_step']:.2f} s", flush=True)
         if args.gradient_checkpointing:
             rows.append(("UNet fwd+bwd, fp32, grad. checkpointing", measure_unet(model, args, "fp32", gc=True)))
@@ -319,11 +441,17 @@ def main() -> None:
             print(label, flush=True)
             rows.append((label, measure_train(model, args, train_args)))
     if args.diffusers_script:
-        rows.append((f"diffusers train_dreambooth_lora.py ({args.diffusers_precision})",
-                     measure_diffusers(args.diffusers_script, model, args, args.diffusers_precision)))
+        rows.append(
+            (
+                f"diffusers train_dreambooth_lora.py ({args.diffusers_precision})",
+                measure_diffusers(args.diffusers_script, model, args, args.diffusers_precision),
+            )
+        )
 
-    floor = next((r["s_per_step"] for name, r in rows if name.startswith("UNet") and "fp32" in name
-                  and isinstance(r, dict)), None)
+    floor = next(
+        (r["s_per_step"] for name, r in rows if name.startswith("UNet") and "fp32" in name and isinstance(r, dict)),
+        None,
+    )
     print()
     print(f"| {'what':<44} | s/step | x fp32 floor | start-up | peak RSS |")
     print(f"|{'-' * 46}|--------|--------------|----------|----------|")

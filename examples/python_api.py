@@ -27,14 +27,21 @@ def main(run_path: str = "runs/latest") -> None:
     # after the token ("sksToy on a beach" -> "sksToy toy on a beach").
     prompts = [f"{run.token} on a beach", f"a red {run.token} {run.class_word}"]
     samples_json = generate_samples(
-        run, prompts, num_images=2, seed=0, steps=4 if tiny else 30, guidance=7.5, baseline=True,
+        run,
+        prompts,
+        num_images=2,
+        seed=0,
+        steps=4 if tiny else 30,
+        guidance=7.5,
+        baseline=True,
         on_progress=lambda what, done, total: print(f"\r{what}: {done}/{total}", end="", flush=True),
     )
     print(f"\nsamples: {samples_json}")
 
     # DINO / CLIP-I against the dataset's real val photos, CLIP-T against the prompts.
     scores = score_run(
-        run, samples_json=samples_json,
+        run,
+        samples_json=samples_json,
         dino_model="tiny-dino" if tiny else "facebook/dino-vits16",
         clip_model="tiny-clip" if tiny else "ViT-B-32",
     )

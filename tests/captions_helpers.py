@@ -8,7 +8,6 @@ from pathlib import Path
 from urllib.parse import unquote
 
 from conftest import write_tiny_dataset
-
 from sdlora.data.captions import write_captions
 
 # What a phone export looks like: mixed case, HEIC and JPEG, a Yandex Disk URL.
@@ -62,11 +61,21 @@ def write_tiny_blip(folder: Path) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", *TINY_WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
     tokenizer = BertTokenizer(vocab=str(folder / "vocab.txt"), bos_token="[DEC]")
-    text = dict(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                intermediate_size=37, max_position_embeddings=64, pad_token_id=0,
-                bos_token_id=vocab.index("[DEC]"), sep_token_id=vocab.index("[SEP]"), eos_token_id=vocab.index("[SEP]"))
-    vision = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                  intermediate_size=37)
+    text = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=vocab.index("[DEC]"),
+        sep_token_id=vocab.index("[SEP]"),
+        eos_token_id=vocab.index("[SEP]"),
+    )
+    vision = dict(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37
+    )
     torch.manual_seed(0)
     model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=vision, projection_dim=32)).eval()
     processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer)

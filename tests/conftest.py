@@ -83,8 +83,14 @@ def write_tiny_dataset(
         names.append(name)
     n_val = max(1, n // 5)
     manifest = Manifest(
-        token=token, class_word=class_word, resolution=resolution, seed=seed,
-        train=names[:-n_val], val=names[-n_val:], images=records, source="tests",
+        token=token,
+        class_word=class_word,
+        resolution=resolution,
+        seed=seed,
+        train=names[:-n_val],
+        val=names[-n_val:],
+        images=records,
+        source="tests",
     )
     manifest.save(folder)
     write_captions(folder / "captions.txt", {name: f"a photo of {token} {class_word}" for name in names})
@@ -125,16 +131,23 @@ def write_aspect_dataset(
         w, h = bucket_size(*original, resolution)
         img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
         r = min(w, h) // 3
-        ImageDraw.Draw(img).ellipse([w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r],
-                                    fill=tuple(rng.randrange(256) for _ in range(3)))
+        ImageDraw.Draw(img).ellipse(
+            [w // 2 - r, h // 2 - r, w // 2 + r, h // 2 + r], fill=tuple(rng.randrange(256) for _ in range(3))
+        )
         name = f"img_{i:03d}.png"
         img.save(images / name)
         digest = hashlib.sha256((images / name).read_bytes()).hexdigest()
         records[name] = ImageRecord(name, f"photos/{name}", digest, original, (w, h))
         names.append(name)
     manifest = Manifest(
-        token=token, class_word=class_word, resolution=resolution, seed=0, train=names[: len(names) - n_val],
-        val=names[len(names) - n_val :], images=records, options={"crop": "center", "keep_aspect": True},
+        token=token,
+        class_word=class_word,
+        resolution=resolution,
+        seed=0,
+        train=names[: len(names) - n_val],
+        val=names[len(names) - n_val :],
+        images=records,
+        options={"crop": "center", "keep_aspect": True},
         source="tests",
     )
     manifest.save(folder)

@@ -23,14 +23,19 @@ TOKEN, CLASS_WORD = "sksToy", "toy"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def write_config(run: Path, *, model: str = "tiny-sd", dataset: Path | None = None, resolution: int = 64,
-                 **sections: Any) -> Path:
+def write_config(
+    run: Path, *, model: str = "tiny-sd", dataset: Path | None = None, resolution: int = 64, **sections: Any
+) -> Path:
     """run/config.yaml with the sections later stages read (plus any extra `sections`)."""
     run.mkdir(parents=True, exist_ok=True)
     config = {
         "model": {"name": model, "revision": None, "variant": None, "vae": None},
-        "data": {"dataset": str(dataset or run.parent.parent / "dataset"), "resolution": resolution,
-                 "token": TOKEN, "class_word": CLASS_WORD},
+        "data": {
+            "dataset": str(dataset or run.parent.parent / "dataset"),
+            "resolution": resolution,
+            "token": TOKEN,
+            "class_word": CLASS_WORD,
+        },
         "lora": {"rank": 4, "alpha": 4},
         **sections,
     }
@@ -68,8 +73,10 @@ def save_embedding(folder: Path, model: str = "tiny-sd", *, vectors: int = 1, se
 
     generator = torch.Generator().manual_seed(seed)
     if model == "tiny-sdxl":
-        state = {"clip_l": torch.randn(vectors, 32, generator=generator),
-                 "clip_g": torch.randn(vectors, 32, generator=generator)}
+        state = {
+            "clip_l": torch.randn(vectors, 32, generator=generator),
+            "clip_g": torch.randn(vectors, 32, generator=generator),
+        }
     else:
         state = {"emb_params": torch.randn(vectors, 32, generator=generator)}
     folder.mkdir(parents=True, exist_ok=True)
@@ -77,8 +84,9 @@ def save_embedding(folder: Path, model: str = "tiny-sd", *, vectors: int = 1, se
     return folder / EMBEDDINGS
 
 
-def make_run(root: Path, *, name: str = "r1", model: str = "tiny-sd", lora: bool = True, best: bool = False,
-             **config: Any) -> Path:
+def make_run(
+    root: Path, *, name: str = "r1", model: str = "tiny-sd", lora: bool = True, best: bool = False, **config: Any
+) -> Path:
     """root/runs/<name>: config.yaml, lora/ (and best/) with a real random LoRA, runs/latest -> it."""
     from sdlora.run import point_latest
 
@@ -91,8 +99,15 @@ def make_run(root: Path, *, name: str = "r1", model: str = "tiny-sd", lora: bool
     return run
 
 
-def write_metrics(run: Path, *, steps: int = 40, validate_every: int = 10, groups: tuple[str, ...] = ("unet",),
-                  cuda: bool = False, log_every: int = 1) -> Path:
+def write_metrics(
+    run: Path,
+    *,
+    steps: int = 40,
+    validate_every: int = 10,
+    groups: tuple[str, ...] = ("unet",),
+    cuda: bool = False,
+    log_every: int = 1,
+) -> Path:
     """metrics.jsonl as the training loop writes it: step records (loss, running mean, grad norms per
     group, learning rates, machine load) and validation records (val_loss)."""
     rng = np.random.default_rng(0)
@@ -112,8 +127,7 @@ def write_metrics(run: Path, *, steps: int = 40, validate_every: int = 10, group
             record["embedding_norm/text_encoder"] = 0.4 + 0.01 * min(step, steps // 2)
         record.update(step_time_s=0.2, images_per_s=5.0, epoch=step // 10)
         if step % log_every == 0:
-            record.update(cpu_percent=150 + float(rng.normal(0, 10)), system_cpu_percent=80.0,
-                          rss_gb=2.0 + step / 100)
+            record.update(cpu_percent=150 + float(rng.normal(0, 10)), system_cpu_percent=80.0, rss_gb=2.0 + step / 100)
             if cuda:
                 record.update(cuda_allocated_gb=3.0, cuda_peak_gb=3.5 + step / 400)
         lines.append(record)

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Sequence
 
 import yaml
+
 from conftest import write_tiny_dataset
 from run_helpers import random_png
-
 from sdlora.run import DIFFUSERS_LORA
 
 
@@ -31,8 +31,11 @@ def write_run(root: Path, *, n_dataset: int = 10, val: bool = True, lora: bool =
         (dataset / "manifest.json").write_text(json.dumps(manifest))
     run = root / "runs" / "r1"
     run.mkdir(parents=True)
-    cfg = {"model": {"name": "tiny-sd"},
-           "data": {"dataset": str(dataset), "token": "sksToy", "class_word": "toy", "resolution": 64}, **config}
+    cfg = {
+        "model": {"name": "tiny-sd"},
+        "data": {"dataset": str(dataset), "token": "sksToy", "class_word": "toy", "resolution": 64},
+        **config,
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     if lora:
         # score only checks that the LoRA exists; sampling (not tested here) loads it.
@@ -41,16 +44,34 @@ def write_run(root: Path, *, n_dataset: int = 10, val: bool = True, lora: bool =
     return run
 
 
-
-
-def add_samples(samples_dir: Path, prompts: Sequence[str], *, per_variant: int = 2, seed0: int = 0,
-                token: str = "sksToy", class_word: str = "toy") -> list[dict]:
+def add_samples(
+    samples_dir: Path,
+    prompts: Sequence[str],
+    *,
+    per_variant: int = 2,
+    seed0: int = 0,
+    token: str = "sksToy",
+    class_word: str = "toy",
+) -> list[dict]:
     """Write PNGs for each prompt (LoRA + baseline) and merge their entries into samples.json."""
     path = samples_dir / "samples.json"
-    data = json.loads(path.read_text()) if path.is_file() else {
-        "model": "tiny-sd", "run": str(samples_dir.parent), "lora_dir": str(samples_dir.parent / "lora"),
-        "lora_scale": 1.0, "steps": 2, "guidance": 7.5, "scheduler": "EulerDiscreteScheduler",
-        "height": 64, "width": 64, "negative_prompt": None, "images": []}
+    data = (
+        json.loads(path.read_text())
+        if path.is_file()
+        else {
+            "model": "tiny-sd",
+            "run": str(samples_dir.parent),
+            "lora_dir": str(samples_dir.parent / "lora"),
+            "lora_scale": 1.0,
+            "steps": 2,
+            "guidance": 7.5,
+            "scheduler": "EulerDiscreteScheduler",
+            "height": 64,
+            "width": 64,
+            "negative_prompt": None,
+            "images": [],
+        }
+    )
     new = []
     for p, written in enumerate(prompts):
         prompt = written if f"{token} {class_word}" in written else written.replace(token, f"{token} {class_word}")
@@ -58,8 +79,16 @@ def add_samples(samples_dir: Path, prompts: Sequence[str], *, per_variant: int =
             for i in range(per_variant):
                 file = f"{slug(prompt)}/{stem}-{i:02d}.png"
                 random_png(samples_dir / file, seed=seed0 * 10_000 + p * 100 + (variant == "lora") * 50 + i)
-                new.append({"file": file, "prompt": prompt, "prompt_as_written": written, "seed": seed0 + i,
-                            "variant": variant, "index": i})
+                new.append(
+                    {
+                        "file": file,
+                        "prompt": prompt,
+                        "prompt_as_written": written,
+                        "seed": seed0 + i,
+                        "variant": variant,
+                        "index": i,
+                    }
+                )
     files = {e["file"] for e in new}
     data["images"] = [e for e in data["images"] if e["file"] not in files] + new
     path.write_text(json.dumps(data, indent=1))
@@ -77,7 +106,8 @@ def write_real_lora(run: Path, model: str = "tiny-sd") -> None:
 
     pipe, _ = load_pipeline(model)
     torch.manual_seed(0)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
-                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    pipe.unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
     layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
     type(pipe).save_lora_weights(run / "lora", unet_lora_layers=layers)

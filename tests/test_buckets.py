@@ -10,16 +10,19 @@ import pytest
 from sdlora.data.buckets import bucket_size, bucket_sizes, cover_crop
 
 
-@pytest.mark.parametrize("resolution, photo, bucket", [
-    (512, (4032, 3024), (576, 448)),  # a 4:3 phone photo
-    (512, (3024, 4032), (448, 576)),  # the same held upright
-    (512, (3000, 3000), (512, 512)),
-    (256, (4000, 3000), (320, 192)),
-    (256, (3000, 4000), (192, 320)),
-    (256, (900, 900), (256, 256)),
-    (1024, (4032, 3024), (1152, 896)),  # SDXL's 4:3 bucket
-    (1024, (3024, 4032), (896, 1152)),
-])
+@pytest.mark.parametrize(
+    "resolution, photo, bucket",
+    [
+        (512, (4032, 3024), (576, 448)),  # a 4:3 phone photo
+        (512, (3024, 4032), (448, 576)),  # the same held upright
+        (512, (3000, 3000), (512, 512)),
+        (256, (4000, 3000), (320, 192)),
+        (256, (3000, 4000), (192, 320)),
+        (256, (900, 900), (256, 256)),
+        (1024, (4032, 3024), (1152, 896)),  # SDXL's 4:3 bucket
+        (1024, (3024, 4032), (896, 1152)),
+    ],
+)
 def test_phone_photos_get_their_bucket(resolution, photo, bucket):
     assert bucket_size(*photo, resolution) == bucket
 
@@ -65,13 +68,16 @@ def test_bad_sizes_are_refused():
         bucket_size(0, 100, 512)
 
 
-@pytest.mark.parametrize("photo, target", [
-    ((4032, 3024), (576, 448)),
-    ((3024, 4032), (448, 576)),
-    ((1000, 1000), (576, 448)),
-    ((300, 200), (576, 448)),  # upscaled: still covers
-    ((576, 448), (576, 448)),
-])
+@pytest.mark.parametrize(
+    "photo, target",
+    [
+        ((4032, 3024), (576, 448)),
+        ((3024, 4032), (448, 576)),
+        ((1000, 1000), (576, 448)),
+        ((300, 200), (576, 448)),  # upscaled: still covers
+        ((576, 448), (576, 448)),
+    ],
+)
 def test_cover_crop_covers_the_target_and_centres_the_crop(photo, target):
     (rw, rh), (top, left) = cover_crop(*photo, target)
     tw, th = target

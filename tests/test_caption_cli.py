@@ -6,13 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from captions_helpers import write_phone_dataset, write_tiny_blip
-from conftest import write_tiny_dataset
 from typer.testing import CliRunner
 
+from captions_helpers import write_phone_dataset, write_tiny_blip
+from conftest import one_line_error, write_tiny_dataset
 from sdlora.cli import app
 from sdlora.data.captions import has_token, read_captions, update_captions
-from conftest import one_line_error
 
 runner = CliRunner()
 
@@ -72,8 +71,12 @@ def test_from_each_layout_matches_original_photo_names(tmp_path, layout):
         sep = "|" if layout == "pipe" else ": "
         names = {"IMG_4651": "IMG_4651.HEIC", "IMG_4653": "img_4653.jpg", "DSC_0001": "DSC_0001.jpeg"}
         source = tmp_path / "mine.txt"
-        source.write_text("# from my phone\n" + "".join(f"{names[s]}{sep}{t}\n" for s, t in wanted.items())
-                          + f"IMG_0042.HEIC{sep}a lost toy\n", encoding="utf-8")
+        source.write_text(
+            "# from my phone\n"
+            + "".join(f"{names[s]}{sep}{t}\n" for s, t in wanted.items())
+            + f"IMG_0042.HEIC{sep}a lost toy\n",
+            encoding="utf-8",
+        )
     result = invoke(ds, "--from", source)
     assert result.exit_code == 0, result.output
     captions = read_captions(ds / "captions.txt")
@@ -109,7 +112,8 @@ def test_check_prints_a_table_and_exits_1(tmp_path):
     ds = write_tiny_dataset(tmp_path / "ds", n=4)
     (ds / "captions.txt").write_text(
         "img_000.png|a photo of a toy\nimg_001.png|\nimg_001.png|sksToy twice\nghost.png|sksToy\nhello\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     before = (ds / "captions.txt").read_bytes()
     result = invoke(ds, "--check")
     one_line_error(result, "7 problems")

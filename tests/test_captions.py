@@ -7,15 +7,15 @@ import json
 from pathlib import Path
 
 import pytest
+
 from captions_helpers import TINY_WORDS, write_phone_dataset, write_tiny_blip
 from conftest import write_tiny_dataset
-
 from sdlora.data.captions import (
     DEFAULT_TEMPLATE,
     StemIndex,
     caption_dataset,
-    has_token,
     check_captions,
+    has_token,
     import_captions,
     insert_token,
     parse_captions,
@@ -35,10 +35,15 @@ from sdlora.errors import ConfigError, DataError, ModelError
 
 def test_parse_read_write_round_trip_with_comments_bom_and_duplicates(tmp_path):
     path = tmp_path / "captions.txt"
-    path.write_bytes("\ufeff# mine\n\na.png|a photo of sksToy toy\n  b.png | sksToy on a table | outside \na.png|second\n".encode())
+    path.write_bytes(
+        "\ufeff# mine\n\na.png|a photo of sksToy toy\n  b.png | sksToy on a table | outside \na.png|second\n".encode()
+    )
     lines = parse_captions(path)
-    assert [(l.file, l.caption, l.line_no) for l in lines] == [
-        ("a.png", "a photo of sksToy toy", 3), ("b.png", "sksToy on a table | outside", 4), ("a.png", "second", 5)]
+    assert [(line.file, line.caption, line.line_no) for line in lines] == [
+        ("a.png", "a photo of sksToy toy", 3),
+        ("b.png", "sksToy on a table | outside", 4),
+        ("a.png", "second", 5),
+    ]
     assert read_captions(path) == {"a.png": "second", "b.png": "sksToy on a table | outside"}
     write_captions(path, {"b.png": "y", "a.png": "x"})
     assert path.read_text(encoding="utf-8").splitlines()[1:] == ["a.png|x", "b.png|y"]
@@ -48,7 +53,7 @@ def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
     path = tmp_path / "captions.txt"
     path.write_text("# c\na.png|ok sksToy\njust text\n|no name\n", encoding="utf-8")
     lines, bad = scan_captions(path)
-    assert [l.file for l in lines] == ["a.png"]
+    assert [line.file for line in lines] == ["a.png"]
     assert [(m.line_no, m.text) for m in bad] == [(3, "just text"), (4, "|no name")]
     with pytest.raises(DataError, match=r"captions.txt:3: expected '<file name>\|<caption>', got 'just text'"):
         parse_captions(path)
@@ -69,7 +74,8 @@ def test_update_keeps_comments_order_and_other_lines(tmp_path):
     path.write_text("# my notes\nb.png|mine sksToy\n# about a\na.png|old\n", encoding="utf-8")
     update_captions(path, {"a.png": "new sksToy", "c.png": "added sksToy"})
     assert path.read_text(encoding="utf-8") == (
-        "# my notes\nb.png|mine sksToy\n# about a\na.png|new sksToy\nc.png|added sksToy\n")
+        "# my notes\nb.png|mine sksToy\n# about a\na.png|new sksToy\nc.png|added sksToy\n"
+    )
 
 
 # ---------------------------------------------------------------------------- token and template
@@ -126,9 +132,15 @@ def test_stem_index_finds_hash_named_images_by_source_stem(tmp_path):
     stems = write_phone_dataset(tmp_path / "ds")
     manifest = load_manifest(tmp_path / "ds")
     index = StemIndex(list(manifest.images), manifest)
-    for key, stem in [("IMG_4651.HEIC", "IMG_4651"), ("img_4651.png", "IMG_4651"), ("IMG_4652", "IMG_4652"),
-                      ("DCIM/img_4653.jpg", "IMG_4653"), ("IMG_4654.txt", "IMG_4654"),
-                      ("МОЯ ИГРУШКА.heic", "моя игрушка"), ("dsc_0001.JPEG", "DSC_0001")]:
+    for key, stem in [
+        ("IMG_4651.HEIC", "IMG_4651"),
+        ("img_4651.png", "IMG_4651"),
+        ("IMG_4652", "IMG_4652"),
+        ("DCIM/img_4653.jpg", "IMG_4653"),
+        ("IMG_4654.txt", "IMG_4654"),
+        ("МОЯ ИГРУШКА.heic", "моя игрушка"),
+        ("dsc_0001.JPEG", "DSC_0001"),
+    ]:
         assert index.lookup(key) == (stems[stem], ""), key
     hashed = stems["IMG_4651"]
     assert index.lookup(hashed) == (hashed, "")  # the prepared name itself works too
@@ -152,7 +164,9 @@ def test_read_list_file_with_pipe_and_colon_lines(tmp_path):
     path = tmp_path / "mine.txt"
     path.write_text(
         "# exported\nIMG_4651.HEIC|a red toy: shiny\nIMG_4652.png: a toy | on grass\nIMG_4653: no extension\n\n"
-        "what is this\n", encoding="utf-8")
+        "what is this\n",
+        encoding="utf-8",
+    )
     entries, bad = read_caption_source(path)
     assert [(e.key, e.caption, e.where) for e in entries] == [
         ("IMG_4651.HEIC", "a red toy: shiny", "mine.txt:2"),
@@ -170,7 +184,10 @@ def test_read_folder_of_txt_files(tmp_path):
     (folder / "captions.txt").write_text("IMG_4653.HEIC|from the list\n", encoding="utf-8")
     entries, bad = read_caption_source(folder)
     assert sorted((e.key, e.caption) for e in entries) == [
-        ("IMG_4651", "a red toy on a table"), ("IMG_4652", "a toy"), ("IMG_4653.HEIC", "from the list")]
+        ("IMG_4651", "a red toy on a table"),
+        ("IMG_4652", "a toy"),
+        ("IMG_4653.HEIC", "from the list"),
+    ]
     assert bad == []
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no caption files"):
@@ -183,8 +200,11 @@ def test_import_matches_stems_inserts_token_and_reports_the_rest(tmp_path):
     stems = write_phone_dataset(tmp_path / "ds")
     manifest = load_manifest(tmp_path / "ds")
     src = tmp_path / "mine.txt"
-    src.write_text("IMG_4651.HEIC|a red toy car\nimg_4652.heic: a green dragon\nIMG_0000.HEIC|nobody\n"
-                   "IMG_4653.JPG|\nIMG_4654.png|a sksToy toy on sand\nIMG_4651|a blue toy\n", encoding="utf-8")
+    src.write_text(
+        "IMG_4651.HEIC|a red toy car\nimg_4652.heic: a green dragon\nIMG_0000.HEIC|nobody\n"
+        "IMG_4653.JPG|\nIMG_4654.png|a sksToy toy on sand\nIMG_4651|a blue toy\n",
+        encoding="utf-8",
+    )
     result = import_captions(src, list(manifest.images), manifest, class_word="toy")
     assert result.matched == {
         stems["IMG_4651"]: "a blue sksToy toy",  # the later line wins
@@ -209,7 +229,8 @@ def test_default_writes_templates_only_where_missing_and_keeps_user_captions(tmp
     names = sorted(_lines(ds))
     (ds / "captions.txt").write_text(
         f"# my comment\n{names[0]}|my sksToy on the sofa\n{names[1]}|a photo of sksToy toy\n{names[2]}|\n",
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     result = caption_dataset(ds)
     captions = _lines(ds)
     assert captions[names[0]] == "my sksToy on the sofa"
@@ -241,8 +262,11 @@ def test_class_word_replaces_templates_not_user_words_and_updates_the_manifest(t
     (ds / "manifest.json").write_text(json.dumps(data))
     update_captions(ds / "captions.txt", {"img_000.png": "my toy on a car", "img_001.png": "sksToy in the snow"})
     result = caption_dataset(ds, class_word="car")
-    assert _lines(ds) == {"img_000.png": "my toy on a sksToy car", "img_001.png": "sksToy in the snow",
-                          "img_002.png": "a photo of sksToy car"}
+    assert _lines(ds) == {
+        "img_000.png": "my toy on a sksToy car",
+        "img_001.png": "sksToy in the snow",
+        "img_002.png": "a photo of sksToy car",
+    }
     assert result.written == {"img_000.png": "token added", "img_002.png": "template"}
     assert result.kept == ["img_001.png"] and result.class_word_changed_from == "toy"
     saved = json.loads((ds / "manifest.json").read_text())
@@ -291,8 +315,12 @@ def test_captioner_output_gets_the_token_before_the_class_word(tmp_path):
 
     result = caption_dataset(ds, captioner=fake_model, on_progress=lambda *a: progress.append(a))
     assert seen == ["img_000.png", "img_002.png", "img_003.png"]  # the user's caption is not re-done
-    assert _lines(ds) == {"img_000.png": "a yellow sksToy toy duck", "img_001.png": "mine, sksToy",
-                          "img_002.png": "a photo of sksToy toy", "img_003.png": "sksToy a duck in a bath"}
+    assert _lines(ds) == {
+        "img_000.png": "a yellow sksToy toy duck",
+        "img_001.png": "mine, sksToy",
+        "img_002.png": "a photo of sksToy toy",
+        "img_003.png": "sksToy a duck in a bath",
+    }
     assert result.written == {"img_000.png": "auto", "img_003.png": "auto"}
     assert progress == [("captioning", 3, 3)]
 
@@ -336,7 +364,8 @@ def test_check_finds_every_kind_of_problem(tmp_path):
         "ghost.png|sksToy ghost\n"  # 6: not in the dataset
         "img_005.png|sksToy gone\n"  # 7: file deleted
         "broken line\n",  # 8: malformed
-        encoding="utf-8")
+        encoding="utf-8",
+    )
     problems = [(p.kind, p.line_no, p.file) for p in check_captions(ds).problems]
     assert problems == [
         ("malformed line", 8, ""),
@@ -364,8 +393,7 @@ def test_tiny_blip_captions_in_batches_with_progress(tmp_path, tiny_blip):
     ds = write_tiny_dataset(tmp_path / "ds", n=5)
     paths = sorted((ds / "images").iterdir())
     progress = []
-    captions = load_captioner(str(tiny_blip), batch_size=2, max_new_tokens=6)(
-        paths, lambda *a: progress.append(a))
+    captions = load_captioner(str(tiny_blip), batch_size=2, max_new_tokens=6)(paths, lambda *a: progress.append(a))
     assert len(captions) == 5
     assert all(set(c.split()) <= set(TINY_WORDS) for c in captions)
     assert progress == [("captioning", 0, 5), ("captioning", 2, 5), ("captioning", 4, 5), ("captioning", 5, 5)]

@@ -37,13 +37,21 @@ def test_precedence_yaml_then_flags_then_dotted(tmp_path: Path):
 
 def test_every_problem_reported_at_once():
     with pytest.raises(ConfigError) as err:
-        load_config(None, {"lora.rank": 0, "train.max_steps": 0},
-                    ["lora.rnak=3", "data.resolution=abc", "train.optimizer=sgd", "nosection.x=1"])
+        load_config(
+            None,
+            {"lora.rank": 0, "train.max_steps": 0},
+            ["lora.rnak=3", "data.resolution=abc", "train.optimizer=sgd", "nosection.x=1"],
+        )
     message = str(err.value)
     assert "\n" not in message
-    for part in ("--rank must be at least 1", "--max-steps must be at least 1", "unknown key lora.rnak (did you mean rank?)",
-                 "--resolution (data.resolution): expected a whole number", "'sgd' is not one of adamw, adamw8bit",
-                 "unknown section 'nosection'"):
+    for part in (
+        "--rank must be at least 1",
+        "--max-steps must be at least 1",
+        "unknown key lora.rnak (did you mean rank?)",
+        "--resolution (data.resolution): expected a whole number",
+        "'sgd' is not one of adamw, adamw8bit",
+        "unknown section 'nosection'",
+    ):
         assert part in message, part
 
 
@@ -88,8 +96,7 @@ def test_examples_match_the_presets():
 
 
 def test_saved_yaml_round_trips(tmp_path: Path):
-    cfg = load_config("sdxl", {"lora.rank": 4, "data.dataset": "/abs/dataset"},
-                      ["validation.prompts=[a, b]"])
+    cfg = load_config("sdxl", {"lora.rank": 4, "data.dataset": "/abs/dataset"}, ["validation.prompts=[a, b]"])
     path = tmp_path / "config.yaml"
     config_mod.save_config(cfg, path)
     text = path.read_text(encoding="utf-8")
@@ -111,8 +118,9 @@ def test_field_help_comes_from_docstrings():
 
 def test_resume_policy_checkpoint_wins_for_what_is_trained():
     saved = load_config(None, {"lora.rank": 8, "train.learning_rate": 1e-4, "train.max_steps": 10}).to_dict()
-    cfg, warnings = resume_config(saved, [{"lora": {"rank": 4}, "train": {"learning_rate": 5e-5, "max_steps": 20}}],
-                                  ("command line",))
+    cfg, warnings = resume_config(
+        saved, [{"lora": {"rank": 4}, "train": {"learning_rate": 5e-5, "max_steps": 20}}], ("command line",)
+    )
     assert cfg.lora.rank == 8  # would not load into the checkpoint's LoRA
     assert cfg.train.learning_rate == 5e-5 and cfg.train.max_steps == 20
     text = " | ".join(warnings)

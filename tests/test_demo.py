@@ -29,6 +29,8 @@ def test_demo_runs_every_stage_offline(tmp_path):
 
 
 def test_demo_refuses_a_real_model_with_one_line(tmp_path):
-    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--model", "stable-diffusion-v1-5/stable-diffusion-v1-5"])
+    result = CliRunner().invoke(
+        app, ["demo", "--out", str(tmp_path), "--model", "stable-diffusion-v1-5/stable-diffusion-v1-5"]
+    )
     assert result.exit_code != 0
     assert "tiny-sd" in result.output

@@ -26,8 +26,13 @@ def table(pipe, arch) -> list[torch.Tensor]:
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
 def test_token_is_one_new_token_starting_at_the_init_word(model):
     pipe, arch = load_pipeline(model)
-    toy = {name: getattr(pipe, name).get_input_embeddings().weight[getattr(pipe, tok)("toy", add_special_tokens=False).input_ids[0]].clone()
-           for tok, name in zip(arch.tokenizers, arch.text_encoders)}
+    toy = {
+        name: getattr(pipe, name)
+        .get_input_embeddings()
+        .weight[getattr(pipe, tok)("toy", add_special_tokens=False).input_ids[0]]
+        .clone()
+        for tok, name in zip(arch.tokenizers, arch.text_encoders)
+    }
     tokens = add_token(pipe, arch, TOKEN, "toy")
     for tok_name, enc_name in zip(arch.tokenizers, arch.text_encoders):
         tokenizer = getattr(pipe, tok_name)

@@ -15,15 +15,21 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
-from score_helpers import add_samples, random_png, write_run
 
+from score_helpers import add_samples, random_png, write_run
 from sdlora.errors import ConfigError, DataError, ModelError, RunError
 from sdlora.evaluate.cache import EmbeddingCache
 from sdlora.evaluate.clip import load_clip
 from sdlora.evaluate.dino import IMAGENET_MEAN, IMAGENET_STD, load_dino
 from sdlora.evaluate.paper_prompts import OBJECT_PROMPTS, object_prompts
 from sdlora.evaluate.score import (
-    Sample, dino_similarity_to_val, pairwise_mean, remove_token, score_run, score_samples, val_photos,
+    Sample,
+    dino_similarity_to_val,
+    pairwise_mean,
+    remove_token,
+    score_run,
+    score_samples,
+    val_photos,
 )
 from sdlora.run import load_run
 
@@ -54,11 +60,18 @@ def _cos_matrix(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
 
 # ---- arithmetic ---------------------------------------------------------------------------------
 
+
 def test_identical_images_score_one(tmp_path, dino, clip):
     real = random_png(tmp_path / "real.png", seed=1, size=80)
     copies = [shutil.copy(real, tmp_path / f"gen{i}.png") for i in range(3)]
-    result = score_samples(_samples([Path(c) for c in copies], "a sksToy toy"), [real], token="sksToy",
-                           dino=dino, clip=clip, cache_dir=None)
+    result = score_samples(
+        _samples([Path(c) for c in copies], "a sksToy toy"),
+        [real],
+        token="sksToy",
+        dino=dino,
+        clip=clip,
+        cache_dir=None,
+    )
     lora = result["overall"]["lora"]
     assert lora["dino"] == pytest.approx(1.0, abs=1e-6)
     assert lora["clip_i"] == pytest.approx(1.0, abs=1e-6)
@@ -158,19 +171,23 @@ def test_clip_t_uses_projected_normalised_text_embedding(tmp_path, dino, clip):
     assert model.text_projection.shape[0] != model.text_projection.shape[1]
 
 
-@pytest.mark.parametrize(("prompt", "expected"), [
-    ("a photo of sksToy toy on a beach", "a photo of toy on a beach"),
-    ("sksToy toy in the snow", "toy in the snow"),
-    ("a red sksToy toy", "a red toy"),
-    ("a  sksToy,  on   a beach ", "a, on a beach"),
-    ("sksToy", ""),
-    ("a sksToyish toy", "a sksToyish toy"),  # only the whole token
-])
+@pytest.mark.parametrize(
+    ("prompt", "expected"),
+    [
+        ("a photo of sksToy toy on a beach", "a photo of toy on a beach"),
+        ("sksToy toy in the snow", "toy in the snow"),
+        ("a red sksToy toy", "a red toy"),
+        ("a  sksToy,  on   a beach ", "a, on a beach"),
+        ("sksToy", ""),
+        ("a sksToyish toy", "a sksToyish toy"),  # only the whole token
+    ],
+)
 def test_remove_token(prompt, expected):
     assert remove_token(prompt, "sksToy") == expected
 
 
 # ---- the run-level score: scores.json, cache, prompt sets --------------------------------------
+
 
 def test_score_run_writes_scores_json(tmp_path):
     run = write_run(tmp_path)
@@ -289,8 +306,9 @@ def test_dino_similarity_to_val(tmp_path):
     dataset = load_run(run).dataset
     val = val_photos(dataset)
     cache = tmp_path / "cache"
-    same = dino_similarity_to_val([Image.open(val[0]), val[1]], dataset, dino_model="tiny-dino", device="cpu",
-                                  cache_dir=cache)
+    same = dino_similarity_to_val(
+        [Image.open(val[0]), val[1]], dataset, dino_model="tiny-dino", device="cpu", cache_dir=cache
+    )
     dino = load_dino("tiny-dino", "cpu")
     expected = pairwise_mean(dino.embed([Image.open(p) for p in val]), dino.embed([Image.open(p) for p in val]))
     assert same == pytest.approx(expected, abs=1e-6)
@@ -298,6 +316,7 @@ def test_dino_similarity_to_val(tmp_path):
 
 
 # ---- bad input: one clear error each ----------------------------------------------------------
+
 
 def test_missing_run(tmp_path):
     with pytest.raises(RunError, match="no such run folder"):
@@ -325,13 +344,22 @@ def test_empty_prompts(tmp_path, prompts):
         score_run(load_run(run), prompts=prompts, report=False, **TINY)
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"dino_model": "facebook/dino-vits16"}, "scorer model facebook/dino-vits16 is not in the local cache"),
-    ({"dino_model": "facebook/dinov2-small"}, "scorer model facebook/dinov2-small is not in the local cache"),
-    ({"clip_model": "ViT-B-32", "clip_pretrained": "openai"}, "scorer model ViT-B-32 (openai) is not in the local cache"),
-    ({"clip_model": "ViT-X-99"}, "--clip-model ViT-X-99: not an open_clip model"),
-    ({"clip_model": "ViT-B-32", "clip_pretrained": "bogus"}, "--clip-pretrained bogus: not a weights tag of ViT-B-32"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dino_model": "facebook/dino-vits16"}, "scorer model facebook/dino-vits16 is not in the local cache"),
+        ({"dino_model": "facebook/dinov2-small"}, "scorer model facebook/dinov2-small is not in the local cache"),
+        (
+            {"clip_model": "ViT-B-32", "clip_pretrained": "openai"},
+            "scorer model ViT-B-32 (openai) is not in the local cache",
+        ),
+        ({"clip_model": "ViT-X-99"}, "--clip-model ViT-X-99: not an open_clip model"),
+        (
+            {"clip_model": "ViT-B-32", "clip_pretrained": "bogus"},
+            "--clip-pretrained bogus: not a weights tag of ViT-B-32",
+        ),
+    ],
+)
 def test_unknown_scorer_model_offline(tmp_path, monkeypatch, kwargs, message):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     run = write_run(tmp_path)
@@ -352,6 +380,7 @@ def test_missing_sample_file(tmp_path):
 
 # ---- loading real-format models from local folders (the hub code path, offline) ---------------
 
+
 def test_dino_from_a_local_vit_folder_matches_tiny(tmp_path, dino):
     from sdlora.evaluate.tiny import tiny_dino
 
@@ -368,8 +397,16 @@ def test_dinov2_folder_uses_its_cls_token(tmp_path):
 
     folder = tmp_path / "my-dinov2"
     torch.manual_seed(0)
-    model = Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=64, image_size=224, patch_size=14)).eval()
+    model = Dinov2Model(
+        Dinov2Config(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=224,
+            patch_size=14,
+        )
+    ).eval()
     model.save_pretrained(folder)
     scorer = load_dino(str(folder), "cpu")
     image = Image.open(random_png(tmp_path / "x.png", seed=6))
@@ -381,8 +418,9 @@ def test_dinov2_folder_uses_its_cls_token(tmp_path):
 def test_dino_model_of_another_kind_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 
-    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                         vocab_size=50)).save_pretrained(tmp_path / "bert")
+    BertModel(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=50)
+    ).save_pretrained(tmp_path / "bert")
     with pytest.raises(ModelError, match="a 'bert' model; use a ViT or DINOv2 model"):
         load_dino(str(tmp_path / "bert"), "cpu")
 
@@ -395,7 +433,9 @@ def test_clip_from_a_local_open_clip_folder_matches_tiny(tmp_path, clip):
     folder = tmp_path / "my-clip"
     folder.mkdir()
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CLIP_CONFIG, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in clip.model.state_dict().items()}, str(folder / "open_clip_model.safetensors")
+    )
     scorer = load_clip(f"local-dir:{folder}", None, "cpu")
     image = Image.open(random_png(tmp_path / "x.png", seed=7))
     assert torch.allclose(scorer.embed([image]), clip.embed([image]), atol=1e-5)

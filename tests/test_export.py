@@ -24,8 +24,20 @@ from sdlora.train.export import LORA_WEIGHTS, build_metadata, check_exportable, 
 from sdlora.train.kohya import KohyaKeyError, KohyaNames, kohya_to_peft, load_kohya
 
 RANK, ALPHA = 4, 2.0
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out",
-                "conv1", "conv2", "time_emb_proj", "conv_shortcut"]
+UNET_TARGETS = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+    "conv1",
+    "conv2",
+    "time_emb_proj",
+    "conv_shortcut",
+]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 PROMPT = "a photo of sks toy"
 
@@ -43,16 +55,18 @@ def _lora_pipe(model: str, *, text_encoder: bool = False, dora: bool = False, ta
     pipe, arch = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(7)
-    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(targets),
-                                     init_lora_weights="gaussian", use_dora=dora))
+    pipe.unet.add_adapter(
+        LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=list(targets), init_lora_weights="gaussian", use_dora=dora)
+    )
     _randomize(pipe.unet, generator)
     encoders = None
     if text_encoder:
         encoders = []
         for name in arch.text_encoders:
             encoder = getattr(pipe, name)
-            config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TE_TARGETS, init_lora_weights="gaussian",
-                                use_dora=dora)
+            config = LoraConfig(
+                r=RANK, lora_alpha=ALPHA, target_modules=TE_TARGETS, init_lora_weights="gaussian", use_dora=dora
+            )
             inject_adapter_in_model(config, encoder, "default")
             encoder.peft_config = {"default": config}
             _randomize(encoder, generator)
@@ -61,13 +75,23 @@ def _lora_pipe(model: str, *, text_encoder: bool = False, dora: bool = False, ta
 
 
 def _metadata(model: str, arch) -> dict[str, str]:
-    return build_metadata(base_model=model, arch=arch, rank=RANK, alpha=ALPHA, token="sks", class_word="toy",
-                          steps=12, resolution=64, seed="3")
+    return build_metadata(
+        base_model=model,
+        arch=arch,
+        rank=RANK,
+        alpha=ALPHA,
+        token="sks",
+        class_word="toy",
+        steps=12,
+        resolution=64,
+        seed="3",
+    )
 
 
 def _images(pipe) -> np.ndarray:
-    return pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
-                generator=torch.Generator().manual_seed(0)).images
+    return pipe(
+        PROMPT, num_inference_steps=2, height=64, width=64, output_type="np", generator=torch.Generator().manual_seed(0)
+    ).images
 
 
 def _prompt_embeds(pipe, arch) -> torch.Tensor:
@@ -107,22 +131,26 @@ def test_kohya_names_follow_sd_scripts(tmp_path: Path):
         save_lora(tmp_path / model, pipe.unet, encoders, arch, metadata=_metadata(model, arch), kohya_name="run")
         names[model] = {k.partition(".")[0] for k in load_kohya(tmp_path / model / "run.safetensors")[0]}
     # SD 1.x: diffusers block names
-    assert {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
-            "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2",
-            "lora_unet_up_blocks_1_resnets_2_conv1",
-            "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
-            "lora_te_text_model_encoder_layers_4_mlp_fc1"} <= names["tiny-sd"]
+    assert {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+        "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_2",
+        "lora_unet_up_blocks_1_resnets_2_conv1",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te_text_model_encoder_layers_4_mlp_fc1",
+    } <= names["tiny-sd"]
     # SDXL: SGM block names (tiny UNet: layers_per_block 2, attention in the second down block)
-    assert {"lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
-            "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_q",
-            "lora_unet_input_blocks_1_0_in_layers_2",
-            "lora_unet_middle_block_1_transformer_blocks_0_ff_net_2",
-            "lora_unet_middle_block_2_in_layers_2",
-            "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q",
-            "lora_unet_output_blocks_2_1_transformer_blocks_1_ff_net_2",
-            "lora_unet_output_blocks_5_0_in_layers_2",
-            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
-            "lora_te2_text_model_encoder_layers_4_mlp_fc1"} <= names["tiny-sdxl"]
+    assert {
+        "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q",
+        "lora_unet_input_blocks_5_1_transformer_blocks_1_attn2_to_q",
+        "lora_unet_input_blocks_1_0_in_layers_2",
+        "lora_unet_middle_block_1_transformer_blocks_0_ff_net_2",
+        "lora_unet_middle_block_2_in_layers_2",
+        "lora_unet_output_blocks_0_1_transformer_blocks_0_attn1_to_q",
+        "lora_unet_output_blocks_2_1_transformer_blocks_1_ff_net_2",
+        "lora_unet_output_blocks_5_0_in_layers_2",
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+        "lora_te2_text_model_encoder_layers_4_mlp_fc1",
+    } <= names["tiny-sdxl"]
     assert not any("down_blocks" in n or "up_blocks" in n or "mid_block" in n for n in names["tiny-sdxl"])
 
 
@@ -131,11 +159,19 @@ def test_real_sdxl_unet_names():
     from diffusers import UNet2DConditionModel
 
     config = dict(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+        sample_size=128,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-        cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        cross_attention_dim=2048,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=2816,
     )
     with torch.device("meta"):
@@ -148,13 +184,21 @@ def test_real_sdxl_unet_names():
             assert names.from_kohya(kohya) == ("unet", path)
             if ".attentions." in path:
                 blocks.add(kohya.split("_transformer_blocks_")[0].split("_proj_")[0])
-    assert blocks == {"lora_unet_input_blocks_4_1", "lora_unet_input_blocks_5_1", "lora_unet_input_blocks_7_1",
-                      "lora_unet_input_blocks_8_1", "lora_unet_middle_block_1",
-                      *(f"lora_unet_output_blocks_{i}_1" for i in range(6))}
-    assert names.to_kohya("unet", "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0") == \
-        "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_out_0"
-    assert names.to_kohya("unet", "up_blocks.2.resnets.2.conv_shortcut") == \
-        "lora_unet_output_blocks_8_0_skip_connection"
+    assert blocks == {
+        "lora_unet_input_blocks_4_1",
+        "lora_unet_input_blocks_5_1",
+        "lora_unet_input_blocks_7_1",
+        "lora_unet_input_blocks_8_1",
+        "lora_unet_middle_block_1",
+        *(f"lora_unet_output_blocks_{i}_1" for i in range(6)),
+    }
+    assert (
+        names.to_kohya("unet", "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_out.0")
+        == "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_out_0"
+    )
+    assert (
+        names.to_kohya("unet", "up_blocks.2.resnets.2.conv_shortcut") == "lora_unet_output_blocks_8_0_skip_connection"
+    )
     assert names.to_kohya("unet", "mid_block.resnets.1.time_emb_proj") == "lora_unet_middle_block_2_emb_layers_1"
 
 
@@ -192,9 +236,18 @@ def test_metadata_in_both_files(tmp_path: Path):
     save_lora(tmp_path, pipe.unet, encoders, arch, metadata=_metadata("tiny-sdxl", arch), kohya_name="toy-run")
     _, diffusers_meta = load_kohya(tmp_path / LORA_WEIGHTS)
     _, kohya_meta = load_kohya(tmp_path / "toy-run.safetensors")
-    ours = {"sdlora.version": sdlora.__version__, "sdlora.base_model": "tiny-sdxl", "sdlora.architecture": "sdxl",
-            "sdlora.rank": "4", "sdlora.alpha": "2", "sdlora.token": "sks", "sdlora.class_word": "toy",
-            "sdlora.steps": "12", "sdlora.resolution": "64", "sdlora.seed": "3"}
+    ours = {
+        "sdlora.version": sdlora.__version__,
+        "sdlora.base_model": "tiny-sdxl",
+        "sdlora.architecture": "sdxl",
+        "sdlora.rank": "4",
+        "sdlora.alpha": "2",
+        "sdlora.token": "sks",
+        "sdlora.class_word": "toy",
+        "sdlora.steps": "12",
+        "sdlora.resolution": "64",
+        "sdlora.seed": "3",
+    }
     for meta in (diffusers_meta, kohya_meta):
         assert ours.items() <= meta.items()
     # diffusers keeps its own keys, and its adapter config carries lora_alpha != rank
@@ -202,13 +255,20 @@ def test_metadata_in_both_files(tmp_path: Path):
     assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (RANK, ALPHA)
     assert diffusers_meta["format"] == "pt"
     assert "lora_adapter_metadata" not in kohya_meta
-    assert {"ss_base_model_version": "sdxl_base_v1-0", "ss_network_module": "networks.lora",
-            "ss_network_dim": "4", "ss_network_alpha": "2",
-            "modelspec.architecture": "stable-diffusion-xl-v1-base/lora", "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.title": "toy-run", "modelspec.resolution": "64x64"}.items() <= kohya_meta.items()
+    assert {
+        "ss_base_model_version": "sdxl_base_v1-0",
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": "4",
+        "ss_network_alpha": "2",
+        "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.title": "toy-run",
+        "modelspec.resolution": "64x64",
+    }.items() <= kohya_meta.items()
 
-    sd_meta = build_metadata(base_model="tiny-sd", arch=SD1, rank=16, alpha=16.0, token="t", class_word="c",
-                             steps=1, resolution=512)
+    sd_meta = build_metadata(
+        base_model="tiny-sd", arch=SD1, rank=16, alpha=16.0, token="t", class_word="c", steps=1, resolution=512
+    )
     assert sd_meta["sdlora.alpha"] == "16" and sd_meta["sdlora.architecture"] == "sd1"
     assert all(isinstance(v, str) for v in sd_meta.values())
     sd_kohya = export.kohya_metadata(SD1, LoraConfig(r=16, lora_alpha=8), sd_meta, "t")
@@ -227,19 +287,25 @@ def test_load_kohya_errors(tmp_path: Path):
 
 def test_unknown_keys_raise(tmp_path: Path):
     names = KohyaNames(SD1, 2)
-    good = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32),
-            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(32, 4)}
+    good = {
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 32),
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(32, 4),
+    }
     kohya_to_peft(good, names)
-    for bad in ("lora_unet_conv_in.lora_down.weight",                       # outside the tables
-                "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.hada_w1_a",  # LoHa
-                "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",  # no 2nd encoder in SD 1.x
-                "lora_vae_decoder_conv_in.lora_down.weight"):
+    for bad in (
+        "lora_unet_conv_in.lora_down.weight",  # outside the tables
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.hada_w1_a",  # LoHa
+        "lora_te2_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",  # no 2nd encoder in SD 1.x
+        "lora_vae_decoder_conv_in.lora_down.weight",
+    ):
         with pytest.raises(KohyaKeyError):
             kohya_to_peft({**good, bad: torch.zeros(4, 4)}, names)
-    for sgm in ("lora_unet_input_blocks_3_0_op",                    # a downsampler
-                "lora_unet_input_blocks_0_0",                        # conv_in
-                "lora_unet_output_blocks_8_1_conv",                  # an upsampler
-                "lora_unet_down_blocks_1_attentions_0_proj_in"):     # diffusers names in an SDXL file
+    for sgm in (
+        "lora_unet_input_blocks_3_0_op",  # a downsampler
+        "lora_unet_input_blocks_0_0",  # conv_in
+        "lora_unet_output_blocks_8_1_conv",  # an upsampler
+        "lora_unet_down_blocks_1_attentions_0_proj_in",
+    ):  # diffusers names in an SDXL file
         with pytest.raises(KohyaKeyError):
             KohyaNames(SDXL, 2).from_kohya(sgm)
 
@@ -299,9 +365,13 @@ def test_dora(tmp_path: Path):
 
     # Merging by the LyCORIS rule (W + alpha/r up@down, rescaled per output row to dora_scale)
     # reproduces peft's DoRA layer.
-    for path, name in [("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
-                        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"),
-                       ("up_blocks.0.resnets.1.conv1", "lora_unet_up_blocks_0_resnets_1_conv1")]:
+    for path, name in [
+        (
+            "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+            "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q",
+        ),
+        ("up_blocks.0.resnets.1.conv1", "lora_unet_up_blocks_0_resnets_1_conv1"),
+    ]:
         layer = pipe.unet.get_submodule(path)
         base = layer.base_layer.weight
         up, down = kohya[f"{name}.lora_up.weight"], kohya[f"{name}.lora_down.weight"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from run_helpers import make_run, save_embedding
 
+from run_helpers import make_run, save_embedding
 from sdlora import __version__
 from sdlora.errors import ConfigError, RunError
 from sdlora.generate import (
@@ -38,30 +38,42 @@ def base_image(model: str, prompt: str, seed: int) -> np.ndarray:
 
     pipe, _ = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
-    image = pipe(prompt=[prompt], num_inference_steps=STEPS, height=64, width=64, guidance_scale=7.5,
-                 generator=[torch.Generator("cpu").manual_seed(seed)]).images[0]
+    image = pipe(
+        prompt=[prompt],
+        num_inference_steps=STEPS,
+        height=64,
+        width=64,
+        guidance_scale=7.5,
+        generator=[torch.Generator("cpu").manual_seed(seed)],
+    ).images[0]
     return np.asarray(image, dtype=np.int16)
 
 
 # ---- prompts ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("written", "expected"), [
-    ("sksToy on a beach", "sksToy toy on a beach"),
-    ("a sksToy toy on a beach", "a sksToy toy on a beach"),
-    ("a photo of sksToy", "a photo of sksToy toy"),
-    ("sksToy, in the snow", "sksToy toy, in the snow"),
-    ("sksToy toys on a shelf", "sksToy toy toys on a shelf"),  # "toys" is not the class word
-    ("a red toy", "a red toy"),
-    ("  sksToy   on  a beach ", "sksToy toy on a beach"),
-    ("sksToyBox on a beach", "sksToyBox on a beach"),  # another word that starts with the token
-])
+
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("sksToy on a beach", "sksToy toy on a beach"),
+        ("a sksToy toy on a beach", "a sksToy toy on a beach"),
+        ("a photo of sksToy", "a photo of sksToy toy"),
+        ("sksToy, in the snow", "sksToy toy, in the snow"),
+        ("sksToy toys on a shelf", "sksToy toy toys on a shelf"),  # "toys" is not the class word
+        ("a red toy", "a red toy"),
+        ("  sksToy   on  a beach ", "sksToy toy on a beach"),
+        ("sksToyBox on a beach", "sksToyBox on a beach"),  # another word that starts with the token
+    ],
+)
 def test_expand_prompt(written, expected):
     assert expand_prompt(written, "sksToy", "toy") == expected
 
 
 def test_read_prompts_file(tmp_path):
     path = tmp_path / "prompts.txt"
-    path.write_text("# my prompts\nsksToy on a beach\n\n  a red sksToy toy  \n   # indented comment\n", encoding="utf-8")
+    path.write_text(
+        "# my prompts\nsksToy on a beach\n\n  a red sksToy toy  \n   # indented comment\n", encoding="utf-8"
+    )
     assert read_prompts_file(path) == ["sksToy on a beach", "a red sksToy toy"]
     with pytest.raises(ConfigError, match="--prompts-file .*missing.txt: no such file"):
         read_prompts_file(tmp_path / "missing.txt")
@@ -97,6 +109,7 @@ def test_every_scheduler_builds_from_the_model_config():
 
 # ---- sampling --------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory):
     """One tiny-sd run sampled once (2 prompts x 2 images, batch 2, LoRA + baseline); tests read it.
@@ -105,8 +118,15 @@ def sampled(tmp_path_factory):
     run = make_run(root)
     save_embedding(run / "lora", "tiny-sd")
     calls = []
-    path = generate_samples(load_run(run), ["sksToy on a beach", "a red sksToy toy"], num_images=2, seed=7,
-                            steps=STEPS, batch_size=2, on_progress=lambda *a: calls.append(a))
+    path = generate_samples(
+        load_run(run),
+        ["sksToy on a beach", "a red sksToy toy"],
+        num_images=2,
+        seed=7,
+        steps=STEPS,
+        batch_size=2,
+        on_progress=lambda *a: calls.append(a),
+    )
     return run, path, calls
 
 
@@ -114,10 +134,19 @@ def test_samples_json_lists_lora_and_baseline_with_the_same_seeds(sampled):
     run, path, _ = sampled
     assert path == run / "samples" / "samples.json"
     data = json.loads(path.read_text())
-    assert {k: data[k] for k in ("model", "lora_scale", "steps", "guidance", "scheduler", "height", "width",
-                                 "negative_prompt")} == {
-        "model": "tiny-sd", "lora_scale": 1.0, "steps": STEPS, "guidance": 7.5,
-        "scheduler": "EulerDiscreteScheduler", "height": 64, "width": 64, "negative_prompt": None}
+    assert {
+        k: data[k]
+        for k in ("model", "lora_scale", "steps", "guidance", "scheduler", "height", "width", "negative_prompt")
+    } == {
+        "model": "tiny-sd",
+        "lora_scale": 1.0,
+        "steps": STEPS,
+        "guidance": 7.5,
+        "scheduler": "EulerDiscreteScheduler",
+        "height": 64,
+        "width": 64,
+        "negative_prompt": None,
+    }
     assert Path(data["lora_dir"]) == run / "lora" and Path(data["run"]) == run
     images = data["images"]
     assert len(images) == 8
@@ -148,7 +177,9 @@ def test_png_metadata_records_what_made_the_image(sampled):
         meta = dict(im.text)
     assert meta["prompt"] == "sksToy toy on a beach"
     assert meta["seed"] == "8" and meta["model"] == "tiny-sd" and meta["variant"] == "lora"
-    assert meta["lora"].endswith("lora/pytorch_lora_weights.safetensors, " + str(run / "lora" / "embeddings.safetensors"))
+    assert meta["lora"].endswith(
+        "lora/pytorch_lora_weights.safetensors, " + str(run / "lora" / "embeddings.safetensors")
+    )
     assert meta["lora_scale"] == "1.0" and meta["steps"] == str(STEPS) and meta["guidance"] == "7.5"
     assert meta["sdlora_version"] == __version__
     with Image.open(path.parent / "skstoy-toy-on-a-beach" / "base-01.png") as im:
@@ -160,15 +191,20 @@ def test_grid_has_a_lora_row_above_a_baseline_row(sampled):
     folder = path.parent / "skstoy-toy-on-a-beach"
     with Image.open(folder / "grid.png") as im:
         grid = np.asarray(im.convert("RGB"), dtype=np.int16)
+
     # the 64 px images are shown at 128 px: find each one (nearest-neighbour upscaled) in the grid
     def find(file: str) -> tuple[int, int]:
-        cell = np.asarray(Image.open(folder / file).convert("RGB").resize((128, 128), Image.Resampling.NEAREST),
-                          dtype=np.int16)
+        cell = np.asarray(
+            Image.open(folder / file).convert("RGB").resize((128, 128), Image.Resampling.NEAREST), dtype=np.int16
+        )
         for y in range(grid.shape[0] - 127):
             for x in range(0, grid.shape[1] - 127, 2):
-                if np.array_equal(grid[y, x:x + 128], cell[0]) and np.array_equal(grid[y:y + 128, x:x + 128], cell):
+                if np.array_equal(grid[y, x : x + 128], cell[0]) and np.array_equal(
+                    grid[y : y + 128, x : x + 128], cell
+                ):
                     return y, x
         raise AssertionError(f"{file} not in grid.png")
+
     (y_lora, x0), (y_base, x0b), (_, x1) = find("lora-00.png"), find("base-00.png"), find("lora-01.png")
     assert y_lora < y_base and x0 == x0b < x1
 
@@ -182,13 +218,15 @@ def test_progress_is_reported_per_image(sampled):
 def test_more_prompts_merge_and_a_resample_replaces(sampled):
     run, path, _ = sampled
     info = load_run(run)
-    generate_samples(info, ["sksToy in the snow"], num_images=1, steps=1, baseline=False,
-                     scheduler="euler_a", lora_scale=0.5)
+    generate_samples(
+        info, ["sksToy in the snow"], num_images=1, steps=1, baseline=False, scheduler="euler_a", lora_scale=0.5
+    )
     data = json.loads(path.read_text())
     assert len(data["images"]) == 9 and data["scheduler"] == "EulerAncestralDiscreteScheduler"
     snow = [e for e in data["images"] if e["prompt"] == "sksToy toy in the snow"]
     assert [(e["variant"], e["lora_scale"], e["scheduler"]) for e in snow] == [
-        ("lora", 0.5, "EulerAncestralDiscreteScheduler")]
+        ("lora", 0.5, "EulerAncestralDiscreteScheduler")
+    ]
     # the beach prompt again with 1 image: its 2-image entries and the stale second images go
     generate_samples(info, ["sksToy toy on a beach"], num_images=1, seed=3, steps=1)
     data = json.loads(path.read_text())
@@ -208,11 +246,19 @@ def test_lora_scale_zero_is_the_base_model(tmp_path):
 def test_best_lora_and_a_lora_folder(tmp_path):
     run = make_run(tmp_path, best=True)
     info = load_run(run)
-    out = generate_samples(info, ["sksToy"], num_images=1, steps=STEPS, baseline=False, lora_dir="best",
-                           out_dir=tmp_path / "best-samples")
+    out = generate_samples(
+        info, ["sksToy"], num_images=1, steps=STEPS, baseline=False, lora_dir="best", out_dir=tmp_path / "best-samples"
+    )
     assert Path(json.loads(out.read_text())["lora_dir"]) == run / "best"
-    out2 = generate_samples(info, ["sksToy"], num_images=1, steps=STEPS, baseline=False, lora_dir=run / "lora",
-                            out_dir=tmp_path / "lora-samples")
+    out2 = generate_samples(
+        info,
+        ["sksToy"],
+        num_images=1,
+        steps=STEPS,
+        baseline=False,
+        lora_dir=run / "lora",
+        out_dir=tmp_path / "lora-samples",
+    )
     a, b = (pixels(o.parent / "skstoy-toy" / "lora-00.png") for o in (out, out2))
     assert not np.array_equal(a, b)  # two different LoRAs
     with pytest.raises(RunError, match="--lora .*nowhere: no pytorch_lora_weights.safetensors there"):
@@ -281,8 +327,9 @@ def test_memory_options_and_bf16(tmp_path):
     info = load_run(run)
 
     def lora_image(name: str, **kwargs) -> np.ndarray:
-        out = generate_samples(info, ["sksToy"], num_images=1, steps=STEPS, baseline=False,
-                               out_dir=tmp_path / name, **kwargs)
+        out = generate_samples(
+            info, ["sksToy"], num_images=1, steps=STEPS, baseline=False, out_dir=tmp_path / name, **kwargs
+        )
         return pixels(out.parent / "skstoy-toy" / "lora-00.png")
 
     plain = lora_image("plain")

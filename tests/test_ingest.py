@@ -38,8 +38,11 @@ def save(img: Image.Image, path: Path, **kw) -> Path:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def small_thumb(img: Image.Image) -> np.ndarray:
@@ -159,9 +162,16 @@ def test_bad_files_reported_and_skipped(tmp_path):
     assert sorted(r.source for r in result.records) == ["good0.png", "good1.png", "good2.png"]
     reasons = {s.name: s.reason for s in result.skipped}
     assert reasons == {
-        "sub/same_pixels.png": "duplicate", "z_copy_of_good1.png": "duplicate", "z_near.jpg": "near duplicate",
-        "empty.HEIC": "empty file", "truncated.jpg": "corrupt or truncated", "notes.txt": "not an image",
-        "IMG_0001.MOV": "video", ".DS_Store": "system file", "._good0.png": "system file", "tiny.png": "too small",
+        "sub/same_pixels.png": "duplicate",
+        "z_copy_of_good1.png": "duplicate",
+        "z_near.jpg": "near duplicate",
+        "empty.HEIC": "empty file",
+        "truncated.jpg": "corrupt or truncated",
+        "notes.txt": "not an image",
+        "IMG_0001.MOV": "video",
+        ".DS_Store": "system file",
+        "._good0.png": "system file",
+        "tiny.png": "too small",
     }
     details = {s.name: s.detail for s in result.skipped}
     assert "good0.png" in details["sub/same_pixels.png"] and "good2.png" in details["z_near.jpg"]
@@ -177,7 +187,10 @@ def test_nothing_usable_writes_nothing(tmp_path):
     src.mkdir()
     (src / "a.txt").write_text("x")
     (src / "b.jpg").write_bytes(b"")
-    with pytest.raises(NoUsableImages, match=r"no usable photos \(1 (empty file|not an image), 1 (empty file|not an image)\); nothing was written") as exc:
+    with pytest.raises(
+        NoUsableImages,
+        match=r"no usable photos \(1 (empty file|not an image), 1 (empty file|not an image)\); nothing was written",
+    ) as exc:
         prepare_dataset(str(src), tmp_path / "ds", workers=1)
     assert len(str(exc.value).splitlines()) == 1 and len(exc.value.result.skipped) == 2
     assert not (tmp_path / "ds").exists()
@@ -197,14 +210,17 @@ def test_split_is_deterministic_and_keeps_a_val_image():
     assert len(set(val) - set(val2)) <= 1
 
 
-@pytest.mark.parametrize("kw, fragment", [
-    ({"resolution": 100}, "--resolution 100"),
-    ({"val_fraction": 1.0}, "--val-fraction"),
-    ({"token": "sks toy"}, "--token"),
-    ({"crop": "zoom"}, "--crop"),
-    ({"workers": 0}, "--workers"),
-    ({"keep_aspect": True, "crop": "pad"}, "--keep-aspect with --crop pad"),
-])
+@pytest.mark.parametrize(
+    "kw, fragment",
+    [
+        ({"resolution": 100}, "--resolution 100"),
+        ({"val_fraction": 1.0}, "--val-fraction"),
+        ({"token": "sks toy"}, "--token"),
+        ({"crop": "zoom"}, "--crop"),
+        ({"workers": 0}, "--workers"),
+        ({"keep_aspect": True, "crop": "pad"}, "--keep-aspect with --crop pad"),
+    ],
+)
 def test_bad_options(tmp_path, kw, fragment):
     with pytest.raises(ConfigError, match=fragment):
         prepare_dataset(str(tmp_path), tmp_path / "ds", **kw)
@@ -223,8 +239,12 @@ def mixed_photos(folder: Path) -> dict[str, tuple[int, int]]:
     exif = Image.Exif()
     exif[0x0112] = 6  # turn 90 degrees clockwise to show
     save(photo(4, (1200, 1600)).rotate(90, expand=True), folder / "sideways.jpg", exif=exif.tobytes(), quality=95)
-    return {"landscape.png": (320, 192), "portrait.png": (192, 320), "square.png": (256, 256),
-            "sideways.jpg": (192, 320)}
+    return {
+        "landscape.png": (320, 192),
+        "portrait.png": (192, 320),
+        "square.png": (256, 256),
+        "sideways.jpg": (192, 320),
+    }
 
 
 def shown_fit(path: Path, size: tuple[int, int]) -> Image.Image:
@@ -272,7 +292,11 @@ def test_keep_aspect_jpeg_draft_keeps_enough_pixels(tmp_path, monkeypatch):
     assert drafted == [(400, 300)]
     assert prepared.original_size == (1200, 1600) and prepared.image.size == (192, 320)
     # Cover: scale 320/1600 = 0.2, so 960 of the 1200 px width is kept, 120 px off each side.
-    full = ImageOps.exif_transpose(Image.open(src / "sideways.jpg")).convert("RGB").resize((192, 320), box=(120, 0, 1080, 1600))
+    full = (
+        ImageOps.exif_transpose(Image.open(src / "sideways.jpg"))
+        .convert("RGB")
+        .resize((192, 320), box=(120, 0, 1080, 1600))
+    )
     diff = np.abs(np.asarray(prepared.image, dtype=np.int16) - np.asarray(full, dtype=np.int16))
     assert diff.mean() < 3  # the same crop as from the full-size decode, not shifted or squashed
 
@@ -312,7 +336,10 @@ def test_keep_aspect_too_small_and_duplicates(tmp_path):
     result = prepare_dataset(str(src), tmp_path / "ds", resolution=256, workers=1, keep_aspect=True)
     assert sorted(r.source for r in result.records) == ["a.png", "b.png"]
     assert {s.name: s.reason for s in result.skipped} == {
-        "a_resaved.png": "duplicate", "a_bigger.png": "near duplicate", "tiny.png": "too small"}
+        "a_resaved.png": "duplicate",
+        "a_bigger.png": "near duplicate",
+        "tiny.png": "too small",
+    }
     assert "150x112 < half of 320x192 px" in next(s.detail for s in result.skipped if s.name == "tiny.png")
 
     kept = prepare_dataset(str(src), tmp_path / "small", resolution=256, workers=1, keep_aspect=True, keep_small=True)
@@ -334,8 +361,10 @@ def test_zip_source_unsafe_names_never_escape(tmp_path):
     result = prepare_dataset(str(archive), tmp_path / "out" / "ds", resolution=64, workers=1)
     assert sorted(r.source for r in result.records) == ["a/one.png", "two.png"]
     assert {s.name: s.reason for s in result.skipped} == {
-        "../evil.png": "unsafe name in archive", "/abs.png": "unsafe name in archive",
-        "__MACOSX/a/._one.png": "system file"}
+        "../evil.png": "unsafe name in archive",
+        "/abs.png": "unsafe name in archive",
+        "__MACOSX/a/._one.png": "system file",
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "photos.zip"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ds"]
     rec = result.records[0]
@@ -375,8 +404,9 @@ def test_rerun_reuses_and_update_keeps_captions(tmp_path):
     again = prepare_dataset(str(src), out, resolution=64, workers=1)
     assert (again.decoded, again.reused, again.mode) == (0, 4, "update")
     assert snapshot(out)["captions.txt"] == before["captions.txt"]
-    assert {k: v for k, v in snapshot(out).items() if k.startswith("images/")} == \
-        {k: v for k, v in before.items() if k.startswith("images/")}
+    assert {k: v for k, v in snapshot(out).items() if k.startswith("images/")} == {
+        k: v for k, v in before.items() if k.startswith("images/")
+    }
 
     save(photo(10), src / "p9.png")
     (src / "p3.png").unlink()

@@ -34,8 +34,11 @@ def _snr(t: int) -> float:
 
 def sd_scheduler(prediction_type: str = "epsilon") -> DDPMScheduler:
     return DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        num_train_timesteps=1000, prediction_type=prediction_type,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
     )
 
 

@@ -40,8 +40,11 @@ def one_line_error(result, *fragments: str) -> str:
 
 
 def snapshot(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def photos(folder: Path, n: int, first_seed: int = 0) -> Path:
@@ -77,11 +80,17 @@ def test_keep_aspect_sizes_in_summary_and_manifest(tmp_path):
     result = invoke(src, "--out", out, "--resolution", "256", "--keep-aspect", "--workers", "1")
     assert result.exit_code == 0, result.output
     assert "sizes: 320x192 x2, 192x320 x1, 256x256 x1" in result.stdout
-    assert "wrote " in result.stdout and "4 images in 3 sizes of about 256x256 px area (train 3, val 1)" in result.stdout
+    assert (
+        "wrote " in result.stdout and "4 images in 3 sizes of about 256x256 px area (train 3, val 1)" in result.stdout
+    )
     m = load_manifest(out)
     assert m.options.get("keep_aspect", False) is True
     assert {r.source: r.size for r in m.images.values()} == {
-        "wide1.png": (320, 192), "wide2.png": (320, 192), "square.png": (256, 256), "tall.jpg": (192, 320)}
+        "wide1.png": (320, 192),
+        "wide2.png": (320, 192),
+        "square.png": (256, 256),
+        "tall.jpg": (192, 320),
+    }
     assert all(Image.open(out / "images" / name).size == rec.size for name, rec in m.images.items())
 
     # Toggled off: square again, nothing of the keep-aspect run re-used.
@@ -107,7 +116,9 @@ def test_rc_car_default_out_table_and_rerun(dreambench, tmp_path, monkeypatch):
     m = load_manifest(tmp_path / "dataset")
     assert len(m.images) == 5 and m.resolution == 64
     again = invoke(dreambench / "rc_car", "--resolution", "64")
-    assert again.exit_code == 0 and "updated dataset: 5 images" in again.stdout and "decoded 0, reused 5" in again.stdout
+    assert (
+        again.exit_code == 0 and "updated dataset: 5 images" in again.stdout and "decoded 0, reused 5" in again.stdout
+    )
 
 
 def test_skips_shown_in_table(tmp_path):
@@ -125,11 +136,14 @@ def test_skips_shown_in_table(tmp_path):
     assert "a photo of zwx plush" in (tmp_path / "ds" / "captions.txt").read_text()
 
 
-@pytest.mark.parametrize("source, fragment", [
-    ("no/such/folder", "no/such/folder: no such folder or file"),
-    ("https://example.com/photos.zip", "unsupported link"),
-    ("https://disk.yandex.ru/x", "not a Yandex Disk public link"),
-])
+@pytest.mark.parametrize(
+    "source, fragment",
+    [
+        ("no/such/folder", "no/such/folder: no such folder or file"),
+        ("https://example.com/photos.zip", "unsupported link"),
+        ("https://disk.yandex.ru/x", "not a Yandex Disk public link"),
+    ],
+)
 def test_unknown_or_malformed_source(tmp_path, source, fragment):
     result = invoke(source, "--out", tmp_path / "ds")
     one_line_error(result, fragment)
@@ -163,8 +177,9 @@ def test_refuses_to_overwrite_another_dataset(tmp_path):
 
 
 def test_bad_option_is_one_line(tmp_path):
-    one_line_error(invoke(photos(tmp_path / "p", 1), "--out", tmp_path / "ds", "--resolution", "500"),
-                   "--resolution 500")
+    one_line_error(
+        invoke(photos(tmp_path / "p", 1), "--out", tmp_path / "ds", "--resolution", "500"), "--resolution 500"
+    )
     assert not (tmp_path / "ds").exists()
 
 

@@ -20,8 +20,16 @@ def tiny_sd():
 
 def _ensure(pipe_arch, folder, **overrides):
     pipe, arch = pipe_arch
-    kwargs = dict(class_prompt="a photo of a toy", num_images=2, folder=folder, resolution=64, seed=11,
-                  device="cpu", model_id="tiny-sd", num_inference_steps=STEPS)
+    kwargs = dict(
+        class_prompt="a photo of a toy",
+        num_images=2,
+        folder=folder,
+        resolution=64,
+        seed=11,
+        device="cpu",
+        model_id="tiny-sd",
+        num_inference_steps=STEPS,
+    )
     kwargs.update(overrides)
     return ensure_class_images(pipe, arch, **kwargs)
 

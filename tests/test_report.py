@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from run_helpers import random_png, write_config, write_metrics, write_validation_samples
 from typer.testing import CliRunner
 
+from run_helpers import random_png, write_config, write_metrics, write_validation_samples
 from sdlora.cli import app
 from sdlora.report import Series, line_plot, nice_ticks, render_report, write_report
 
@@ -33,34 +33,72 @@ def write_samples(run: Path, prompts=PROMPTS, per_variant: int = 2) -> Path:
             for i in range(per_variant):
                 file = f"{folder}/{stem}-{i:02d}.png"
                 random_png(samples / file, seed=p * 100 + (variant == "lora") * 10 + i, size=256)
-                images.append({"file": file, "prompt": prompt, "prompt_as_written": prompt.replace(" toy", "", 1),
-                               "seed": 5 + i, "variant": variant, "index": i})
-    data = {"model": "tiny-sd", "run": str(run), "lora_dir": str(run / "lora"), "lora_scale": 1.0, "steps": 2,
-            "guidance": 7.5, "scheduler": "EulerDiscreteScheduler", "height": 256, "width": 256,
-            "negative_prompt": None, "images": images}
+                images.append(
+                    {
+                        "file": file,
+                        "prompt": prompt,
+                        "prompt_as_written": prompt.replace(" toy", "", 1),
+                        "seed": 5 + i,
+                        "variant": variant,
+                        "index": i,
+                    }
+                )
+    data = {
+        "model": "tiny-sd",
+        "run": str(run),
+        "lora_dir": str(run / "lora"),
+        "lora_scale": 1.0,
+        "steps": 2,
+        "guidance": 7.5,
+        "scheduler": "EulerDiscreteScheduler",
+        "height": 256,
+        "width": 256,
+        "negative_prompt": None,
+        "images": images,
+    }
     (samples / "samples.json").write_text(json.dumps(data))
     return samples / "samples.json"
 
 
 def scores_entry(dino: float, clip_i: float, clip_t: float, images: int = 2) -> dict:
-    return {"images": images, "real_images": 3, "dino": dino, "clip_i": clip_i, "clip_t": clip_t,
-            "clip_t_with_token": clip_t + 0.01}
+    return {
+        "images": images,
+        "real_images": 3,
+        "dino": dino,
+        "clip_i": clip_i,
+        "clip_t": clip_t,
+        "clip_t_with_token": clip_t + 0.01,
+    }
 
 
 def write_scores(run: Path) -> Path:
     """scores.json in the layout sdlora.evaluate.score writes."""
     data = {
-        "schema_version": 1, "created": "2026-01-01T12:00:00+00:00", "run": str(run),
-        "token": "sksToy", "class_word": "toy", "prompt_set": "all samples",
+        "schema_version": 1,
+        "created": "2026-01-01T12:00:00+00:00",
+        "run": str(run),
+        "token": "sksToy",
+        "class_word": "toy",
+        "prompt_set": "all samples",
         "scale": "cosine similarity reported as is",
         "scorers": {"dino": {"model": "facebook/dino-vits16"}, "clip": {"model": "ViT-B-32", "pretrained": "openai"}},
         "real": {"dataset": "dataset", "split": "val", "count": 3, "files": ["a.png", "b.png", "c.png"]},
-        "overall": {"lora": {**scores_entry(0.6123, 0.7011, 0.2811, 4), "prompts": 2},
-                    "baseline": {**scores_entry(0.3456, 0.5522, 0.2907, 4), "prompts": 2}},
-        "prompts": [{"prompt": p, "prompt_as_written": p, "prompt_without_token": p.replace("sksToy ", ""),
-                     "lora": scores_entry(0.6 + i / 100, 0.7, 0.28), "baseline": scores_entry(0.34, 0.55, 0.29)}
-                    for i, p in enumerate(PROMPTS)],
-        "embedded": {"dino": 11, "clip": 11}, "cached": {"dino": 0, "clip": 0},
+        "overall": {
+            "lora": {**scores_entry(0.6123, 0.7011, 0.2811, 4), "prompts": 2},
+            "baseline": {**scores_entry(0.3456, 0.5522, 0.2907, 4), "prompts": 2},
+        },
+        "prompts": [
+            {
+                "prompt": p,
+                "prompt_as_written": p,
+                "prompt_without_token": p.replace("sksToy ", ""),
+                "lora": scores_entry(0.6 + i / 100, 0.7, 0.28),
+                "baseline": scores_entry(0.34, 0.55, 0.29),
+            }
+            for i, p in enumerate(PROMPTS)
+        ],
+        "embedded": {"dino": 11, "clip": 11},
+        "cached": {"dino": 0, "clip": 0},
     }
     path = run / "scores.json"
     path.write_text(json.dumps(data))
@@ -90,6 +128,7 @@ def section(html: str, name: str) -> str:
 
 # ---- content ---------------------------------------------------------------------------------
 
+
 def test_full_report(full_run):
     path = write_report(full_run)
     assert path == full_run / "report.html"
@@ -98,15 +137,25 @@ def test_full_report(full_run):
     # plots: loss, gradient norms, learning rate, machine load, memory, throughput
     assert html.count('<svg xmlns="http://www.w3.org/2000/svg" class="plot"') == 6
     training = section(html, "training")
-    for label in ("running mean", "validation loss", "text_encoder", "total", "process CPU", "system CPU",
-                  "process RAM (RSS)", "CUDA peak", "peak CUDA memory", "best validation loss"):
+    for label in (
+        "running mean",
+        "validation loss",
+        "text_encoder",
+        "total",
+        "process CPU",
+        "system CPU",
+        "process RAM (RSS)",
+        "CUDA peak",
+        "peak CUDA memory",
+        "best validation loss",
+    ):
         assert label in training, label
     assert "0.1246 at step 30" in training  # best val loss: 0.2 exp(-30/20) + 0.08
     scores = section(html, "scores")
     assert scores.startswith("ok:")
     assert re.search(r"<th>DINO</th><td>0\.612</td><td>0\.346</td><td><span class=\"up\">\+0\.267</span>", scores)
-    assert "<th>CLIP-T</th><td>0.281</td><td>0.291</td><td><span class=\"down\">-0.010</span>" in scores
-    assert scores.count("<tr class=\"lora\">") == 2 and "3 real val photos" in scores
+    assert '<th>CLIP-T</th><td>0.281</td><td>0.291</td><td><span class="down">-0.010</span>' in scores
+    assert scores.count('<tr class="lora">') == 2 and "3 real val photos" in scores
     samples = section(html, "samples")
     assert samples.count('class="row-label variant-lora"') == 2 and samples.count("variant-baseline") == 2
     assert "(written as “sksToy on a beach”)" in samples
@@ -140,7 +189,7 @@ def test_a_run_with_nothing_yet(tmp_path):
     run = write_config(tmp_path / "runs" / "fresh")
     html = write_report(run).read_text()
     for name in ("scores", "samples", "training", "validation", "outputs"):
-        assert section(html, name).startswith('missing:<h2>'), name
+        assert section(html, name).startswith("missing:<h2>"), name
         assert "Not yet:" in section(html, name)
     assert section(html, "config").startswith("ok:")
     assert "tiny random-weight model" in html
@@ -181,6 +230,7 @@ def test_only_some_validation_steps_when_there_are_many(tmp_path):
 
 # ---- plots -----------------------------------------------------------------------------------
 
+
 def test_nice_ticks():
     assert nice_ticks(0, 1) == [0, 0.2, 0.4, 0.6, 0.8, 1.0]
     assert nice_ticks(3, 47) == [10, 20, 30, 40]
@@ -189,8 +239,11 @@ def test_nice_ticks():
 
 
 def test_line_plot_gaps_labels_and_empty():
-    svg = line_plot([Series("loss", [1, 2, 3, 4, 5], [1.0, 2.0, None, 4.0, 5.0]),
-                     Series("val", [5], [3.0], markers=True)], title="Loss", ylabel="MSE")
+    svg = line_plot(
+        [Series("loss", [1, 2, 3, 4, 5], [1.0, 2.0, None, 4.0, 5.0]), Series("val", [5], [3.0], markers=True)],
+        title="Loss",
+        ylabel="MSE",
+    )
     assert svg.count("<path") == 2  # the None splits the line in two
     assert svg.count("<circle") == 1 and ">loss</text>" in svg and ">val</text>" in svg
     assert re.findall(r'class="plot-tick">([^<]+)<', svg)[:3] == ["1", "2", "3"]
@@ -201,6 +254,7 @@ def test_line_plot_gaps_labels_and_empty():
 
 
 # ---- CLI -------------------------------------------------------------------------------------
+
 
 def test_report_cli(full_run, monkeypatch):
     opened = []
@@ -213,8 +267,10 @@ def test_report_cli(full_run, monkeypatch):
     assert opened == [(full_run / "report.html").as_uri()]
 
 
-@pytest.mark.parametrize(("where", "fragment"), [("runs/nope", "runs/nope: no such run folder"),
-                                                 ("notarun", "not a run folder (no config.yaml)")])
+@pytest.mark.parametrize(
+    ("where", "fragment"),
+    [("runs/nope", "runs/nope: no such run folder"), ("notarun", "not a run folder (no config.yaml)")],
+)
 def test_report_cli_bad_run(tmp_path, monkeypatch, where, fragment):
     (tmp_path / "notarun").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -227,17 +283,31 @@ def test_report_cli_bad_run(tmp_path, monkeypatch, where, fragment):
 
 # ---- a real browser --------------------------------------------------------------------------
 
+
 def chromium(url: str, *args: str, profile: Path) -> subprocess.CompletedProcess:
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+    ]
     return subprocess.run([CHROMIUM, *flags, *args, url], capture_output=True, text=True, timeout=90)
 
 
 def page_errors(stderr: str) -> list[str]:
     """Console errors, uncaught exceptions and failed loads that chromium logged."""
-    return [line for line in stderr.splitlines()
-            if re.search(r"Uncaught|CONSOLE.*(error|Error)|Failed to load resource|net::ERR_", line)]
+    return [
+        line
+        for line in stderr.splitlines()
+        if re.search(r"Uncaught|CONSOLE.*(error|Error)|Failed to load resource|net::ERR_", line)
+    ]
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (Debian: apt-get install chromium)")
@@ -255,8 +325,9 @@ def test_report_in_headless_chromium(full_run, tmp_path):
     assert dom.stdout.count('class="plot"') == 6 and dom.stdout.count("<img") >= 20
 
     shot = tmp_path / "report.png"
-    result = chromium(url, f"--screenshot={shot}", "--window-size=1200,2000", "--hide-scrollbars",
-                      profile=tmp_path / "p2")
+    result = chromium(
+        url, f"--screenshot={shot}", "--window-size=1200,2000", "--hide-scrollbars", profile=tmp_path / "p2"
+    )
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     assert page_errors(result.stderr) == []
     with Image.open(shot) as im:

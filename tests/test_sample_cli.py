@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-from run_helpers import make_run
 from typer.testing import CliRunner
 
 import sdlora.generate
+from run_helpers import make_run
 from sdlora.cli import app
 from sdlora.models.loading import TINY_WARNING
 
@@ -54,18 +54,64 @@ def test_options_reach_the_sampler(run, fake_sampler, tmp_path):
     shutil.copytree(run / "lora", run / "best")
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("# beach and snow\nsksToy in the snow\n\nsksToy on a beach\n")
-    result = invoke("sksToy on a beach", "--run", run, "--prompts-file", prompts_file, "-n", 3, "--seed", 42,
-                    "--steps", 12, "--guidance", 5.5, "--scheduler", "dpm++", "--lora-scale", 0.7,
-                    "--negative-prompt", "blurry", "--height", 72, "--width", 96, "--batch-size", 2,
-                    "--no-baseline", "--lora", "best", "--device", "cpu", "--dtype", "fp32",
-                    "--attention-slicing", "--vae-tiling")
+    result = invoke(
+        "sksToy on a beach",
+        "--run",
+        run,
+        "--prompts-file",
+        prompts_file,
+        "-n",
+        3,
+        "--seed",
+        42,
+        "--steps",
+        12,
+        "--guidance",
+        5.5,
+        "--scheduler",
+        "dpm++",
+        "--lora-scale",
+        0.7,
+        "--negative-prompt",
+        "blurry",
+        "--height",
+        72,
+        "--width",
+        96,
+        "--batch-size",
+        2,
+        "--no-baseline",
+        "--lora",
+        "best",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--attention-slicing",
+        "--vae-tiling",
+    )
     assert result.exit_code == 0, result.output
     [call] = fake_sampler
     assert call == {
-        "prompts": ["sksToy on a beach", "sksToy in the snow"], "num_images": 3, "seed": 42, "steps": 12,
-        "guidance": 5.5, "baseline": False, "lora_scale": 0.7, "negative_prompt": "blurry", "height": 72,
-        "width": 96, "batch_size": 2, "scheduler": "dpm++", "device": "cpu", "lora_dir": "best", "dtype": "fp32",
-        "attention_slicing": True, "vae_tiling": True, "cpu_offload": False, "on_progress": call["on_progress"],
+        "prompts": ["sksToy on a beach", "sksToy in the snow"],
+        "num_images": 3,
+        "seed": 42,
+        "steps": 12,
+        "guidance": 5.5,
+        "baseline": False,
+        "lora_scale": 0.7,
+        "negative_prompt": "blurry",
+        "height": 72,
+        "width": 96,
+        "batch_size": 2,
+        "scheduler": "dpm++",
+        "device": "cpu",
+        "lora_dir": "best",
+        "dtype": "fp32",
+        "attention_slicing": True,
+        "vae_tiling": True,
+        "cpu_offload": False,
+        "on_progress": call["on_progress"],
     }
     assert (run / "report.html").is_file()  # refreshed at the end
     assert f"samples: {run / 'samples' / 'samples.json'}" in " ".join(result.stdout.split())
@@ -76,23 +122,56 @@ def test_defaults(run, fake_sampler, monkeypatch):
     result = invoke("sksToy on a beach")
     assert result.exit_code == 0, result.output
     [call] = fake_sampler
-    assert {k: call[k] for k in ("num_images", "seed", "steps", "guidance", "baseline", "lora_scale", "height",
-                                 "width", "batch_size", "scheduler", "lora_dir", "dtype", "cpu_offload")} == {
-        "num_images": 4, "seed": 0, "steps": 30, "guidance": 7.5, "baseline": True, "lora_scale": 1.0,
-        "height": None, "width": None, "batch_size": 1, "scheduler": None, "lora_dir": "lora", "dtype": "auto",
-        "cpu_offload": False}
+    assert {
+        k: call[k]
+        for k in (
+            "num_images",
+            "seed",
+            "steps",
+            "guidance",
+            "baseline",
+            "lora_scale",
+            "height",
+            "width",
+            "batch_size",
+            "scheduler",
+            "lora_dir",
+            "dtype",
+            "cpu_offload",
+        )
+    } == {
+        "num_images": 4,
+        "seed": 0,
+        "steps": 30,
+        "guidance": 7.5,
+        "baseline": True,
+        "lora_scale": 1.0,
+        "height": None,
+        "width": None,
+        "batch_size": 1,
+        "scheduler": None,
+        "lora_dir": "lora",
+        "dtype": "auto",
+        "cpu_offload": False,
+    }
     assert result.stderr.count(TINY_WARNING.split(":")[0]) == 1  # the tiny-model warning, once
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["sksToy on a beach", "--run", "{root}/runs/nope"], "runs/nope: no such run folder"),
-    (["sksToy on a beach", "--run", "{root}/runs/bare"], "no LoRA in lora/"),
-    (["", "--run", "{root}/runs/r1"], "prompt 1 is empty"),
-    (["--run", "{root}/runs/r1"], "no prompts given"),
-    (["--prompts-file", "{root}/missing.txt", "--run", "{root}/runs/r1"], "--prompts-file"),
-    (["sksToy", "--scheduler", "warp", "--run", "{root}/runs/r1"], "--scheduler warp: unknown scheduler"),
-    (["sksToy", "--dtype", "fp8", "--run", "{root}/runs/r1"], "--dtype fp8: expected one of auto, fp32, fp16, bf16"),
-])
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["sksToy on a beach", "--run", "{root}/runs/nope"], "runs/nope: no such run folder"),
+        (["sksToy on a beach", "--run", "{root}/runs/bare"], "no LoRA in lora/"),
+        (["", "--run", "{root}/runs/r1"], "prompt 1 is empty"),
+        (["--run", "{root}/runs/r1"], "no prompts given"),
+        (["--prompts-file", "{root}/missing.txt", "--run", "{root}/runs/r1"], "--prompts-file"),
+        (["sksToy", "--scheduler", "warp", "--run", "{root}/runs/r1"], "--scheduler warp: unknown scheduler"),
+        (
+            ["sksToy", "--dtype", "fp8", "--run", "{root}/runs/r1"],
+            "--dtype fp8: expected one of auto, fp32, fp16, bf16",
+        ),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, run, args, fragment):
     make_run(tmp_path, name="bare", lora=False)
     before = sorted(p.name for p in run.iterdir())
@@ -111,7 +190,11 @@ def test_end_to_end_on_tiny_sd(run):
     assert result.exit_code == 0, result.output
     data = json.loads((run / "samples" / "samples.json").read_text())
     assert sorted((e["variant"], e["seed"]) for e in data["images"]) == [
-        ("baseline", 9), ("baseline", 10), ("lora", 9), ("lora", 10)]
+        ("baseline", 9),
+        ("baseline", 10),
+        ("lora", 9),
+        ("lora", 10),
+    ]
     grid = run / "samples" / "skstoy-toy-on-a-beach" / "grid.png"
     assert grid.is_file()
     out = " ".join(result.stdout.split())

@@ -8,12 +8,12 @@ import os
 from pathlib import Path
 
 import pytest
-from score_helpers import add_samples, write_run
 from typer.testing import CliRunner
 
+from conftest import one_line_error
+from score_helpers import add_samples, write_run
 from sdlora.cli import app
 from sdlora.run import point_latest
-from conftest import one_line_error
 
 runner = CliRunner()
 TINY = ["--dino-model", "tiny-dino", "--clip-model", "tiny-clip", "--device", "cpu"]
@@ -42,8 +42,18 @@ def test_score_latest_prints_table_and_writes_scores(scored_run, monkeypatch):
     result = invoke(*TINY)
     assert result.exit_code == 0, result.output
     out = result.stdout
-    for text in ("sksToy toy on a beach", "a red sksToy toy", "overall (2 prompts)", "LoRA", "baseline",
-                 "DINO", "CLIP-I", "CLIP-T", "cosine similarity as is", "scores.json"):
+    for text in (
+        "sksToy toy on a beach",
+        "a red sksToy toy",
+        "overall (2 prompts)",
+        "LoRA",
+        "baseline",
+        "DINO",
+        "CLIP-I",
+        "CLIP-T",
+        "cosine similarity as is",
+        "scores.json",
+    ):
         assert text in out, text
     assert "embedded now: dino 10 (cached 0), clip 10 (cached 0)" in result.stderr
     assert "tiny random scorer models" in result.stderr
@@ -83,12 +93,17 @@ def test_empty_prompts_keep_earlier_scores(scored_run):
     assert (scored_run / "scores.json").read_bytes() == before
 
 
-@pytest.mark.parametrize(("args", "fragment"), [
-    (["--dino-model", "facebook/dino-vits16", "--clip-model", "tiny-clip"],
-     "scorer model facebook/dino-vits16 is not in the local cache"),
-    (["--dino-model", "tiny-dino"], "scorer model ViT-B-32 (openai) is not in the local cache"),
-    (["--dino-model", "tiny-dino", "--clip-model", "ViT-Q-1"], "--clip-model ViT-Q-1: not an open_clip model"),
-])
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (
+            ["--dino-model", "facebook/dino-vits16", "--clip-model", "tiny-clip"],
+            "scorer model facebook/dino-vits16 is not in the local cache",
+        ),
+        (["--dino-model", "tiny-dino"], "scorer model ViT-B-32 (openai) is not in the local cache"),
+        (["--dino-model", "tiny-dino", "--clip-model", "ViT-Q-1"], "--clip-model ViT-Q-1: not an open_clip model"),
+    ],
+)
 def test_unknown_scorer_model_offline(scored_run, args, fragment):
     assert os.environ["HF_HUB_OFFLINE"] == "1"
     one_line_error(invoke("--run", scored_run, *args), fragment, "tiny-")

@@ -29,9 +29,15 @@ GOLDEN_LOSSES = [1.1156493425369263, 1.078417181968689, 1.0732008218765259]
 
 def tiny_cfg(tmp_path: Path, dataset: Path, flags: dict[str, Any] | None = None, overrides=(), config_file=None):
     base = {
-        "model.name": "tiny-sd", "data.dataset": str(dataset), "run.runs_dir": str(tmp_path / "runs"),
-        "train.max_steps": 3, "train.learning_rate": 1e-3, "validation.validate_every": 0,
-        "validation.prompts": [], "validation.steps": 2, "checkpoint.checkpoint_every": 0,
+        "model.name": "tiny-sd",
+        "data.dataset": str(dataset),
+        "run.runs_dir": str(tmp_path / "runs"),
+        "train.max_steps": 3,
+        "train.learning_rate": 1e-3,
+        "validation.validate_every": 0,
+        "validation.prompts": [],
+        "validation.steps": 2,
+        "checkpoint.checkpoint_every": 0,
     }
     if config_file is not None:
         base = {}
@@ -52,21 +58,37 @@ def steps_of(run_dir: Path) -> list[dict]:
 
 def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, tiny_dataset: Path):
     events = Events()
-    cfg = tiny_cfg(tmp_path, tiny_dataset, {
-        "train.max_steps": 4, "validation.validate_every": 2, "validation.prompts": ["a photo of {token} {class}"],
-        "checkpoint.checkpoint_every": 2, "checkpoint.keep_checkpoints": 1, "run.name": "first",
-        "embedding.train": False,  # the LoRA-only path, with cached text embeddings (test_train_embeddings: the other)
-    })
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_dataset,
+        {
+            "train.max_steps": 4,
+            "validation.validate_every": 2,
+            "validation.prompts": ["a photo of {token} {class}"],
+            "checkpoint.checkpoint_every": 2,
+            "checkpoint.keep_checkpoints": 1,
+            "run.name": "first",
+            "embedding.train": False,  # the LoRA-only path, with cached text embeddings (test_train_embeddings: the other)
+        },
+    )
     result = loop.run_training(cfg, on_event=events)
     run = tmp_path / "runs" / "first"
     assert result.run_dir == run and result.steps == 4 and not result.interrupted
     assert (tmp_path / "runs" / "latest").resolve() == run
 
     # The run folder contract.
-    for rel in ("config.yaml", "metrics.jsonl", "lora/pytorch_lora_weights.safetensors", "lora/first.safetensors",
-                "best/pytorch_lora_weights.safetensors", "samples/step-000002/00-00.png",
-                "samples/step-000004/00-00.png", "samples/step-000004/validation.json",
-                "checkpoints/step-000004/sdlora.json", "checkpoints/step-000004/lora_weights_0.safetensors"):
+    for rel in (
+        "config.yaml",
+        "metrics.jsonl",
+        "lora/pytorch_lora_weights.safetensors",
+        "lora/first.safetensors",
+        "best/pytorch_lora_weights.safetensors",
+        "samples/step-000002/00-00.png",
+        "samples/step-000004/00-00.png",
+        "samples/step-000004/validation.json",
+        "checkpoints/step-000004/sdlora.json",
+        "checkpoints/step-000004/lora_weights_0.safetensors",
+    ):
         assert (run / rel).is_file(), rel
     assert not (run / "checkpoints" / "step-000002").exists()  # --keep-checkpoints 1
     info = load_run(run)
@@ -80,8 +102,17 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
     records = read_metrics(run / "metrics.jsonl")
     steps = steps_of(run)
     assert [r["step"] for r in steps] == [1, 2, 3, 4]
-    for key in ("loss", "loss_mean", "grad_norm/unet", "grad_norm/total", "lr", "step_time_s", "images_per_s",
-                "cpu_percent", "rss_gb"):
+    for key in (
+        "loss",
+        "loss_mean",
+        "grad_norm/unet",
+        "grad_norm/total",
+        "lr",
+        "step_time_s",
+        "images_per_s",
+        "cpu_percent",
+        "rss_gb",
+    ):
         assert key in steps[0], key
     assert steps[0]["grad_norm/unet"] > 0 and steps[0]["grad_norm/total"] == pytest.approx(steps[0]["grad_norm/unet"])
     vals = [r for r in records if "val_loss" in r]
@@ -98,8 +129,14 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
     pipe.set_progress_bar_config(disable=True)
 
     def image() -> np.ndarray:
-        return pipe("a photo of sksToy toy", num_inference_steps=2, height=64, width=64, output_type="np",
-                    generator=torch.Generator().manual_seed(0)).images[0]
+        return pipe(
+            "a photo of sksToy toy",
+            num_inference_steps=2,
+            height=64,
+            width=64,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
 
     before = image()
     pipe.load_lora_weights(run / "lora")
@@ -107,18 +144,30 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
 
     # config.yaml repeats the run (same losses) and the caches make the second run encode nothing.
     again = Events()
-    cfg2 = load_config(run / "config.yaml", {"run.name": "again", "train.max_steps": 2, "validation.prompts": [],
-                                            "checkpoint.checkpoint_every": 0})
+    cfg2 = load_config(
+        run / "config.yaml",
+        {"run.name": "again", "train.max_steps": 2, "validation.prompts": [], "checkpoint.checkpoint_every": 0},
+    )
     loop.run_training(cfg2, on_event=again)
     assert {e["what"]: e["encoded"] for e in again.of("cache")} == {"latents": 0, "text": 0}
     assert [r["loss"] for r in steps_of(tmp_path / "runs" / "again")] == pytest.approx(
-        [r["loss"] for r in steps[:2]], abs=1e-6)
+        [r["loss"] for r in steps[:2]], abs=1e-6
+    )
 
 
 def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path):
     events = Events()
-    cfg = tiny_cfg(tmp_path, tiny_dataset, {"model.name": "tiny-sdxl", "train.max_steps": 2, "data.random_flip": True,
-                                            "validation.prompts": ["{token} {class} on a beach"], "run.name": "xl"})
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_dataset,
+        {
+            "model.name": "tiny-sdxl",
+            "train.max_steps": 2,
+            "data.random_flip": True,
+            "validation.prompts": ["{token} {class} on a beach"],
+            "run.name": "xl",
+        },
+    )
     result = loop.run_training(cfg, on_event=events)
     run = result.run_dir
     assert events.of("start")[0]["arch"] == "sdxl"
@@ -151,9 +200,17 @@ def test_real_photos_train_sdxl_with_their_original_sizes(tmp_path: Path, dreamb
 
 
 def test_text_encoder_training_logs_each_group_grad_norm(tmp_path: Path, tiny_dataset: Path):
-    cfg = tiny_cfg(tmp_path, tiny_dataset, {"model.name": "tiny-sdxl", "train.max_steps": 2,
-                                            "lora.train_text_encoder": True, "train.text_encoder_lr": 5e-4,
-                                            "validation.prompts": ["a photo of {token} {class}"]})
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_dataset,
+        {
+            "model.name": "tiny-sdxl",
+            "train.max_steps": 2,
+            "lora.train_text_encoder": True,
+            "train.text_encoder_lr": 5e-4,
+            "validation.prompts": ["a photo of {token} {class}"],
+        },
+    )
     events = Events()
     result = loop.run_training(cfg, on_event=events)
     steps = steps_of(result.run_dir)
@@ -182,9 +239,18 @@ def test_v_prediction_prior_preservation_and_no_val_images(tmp_path: Path, tiny_
     manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
 
     events = Events()
-    cfg = tiny_cfg(tmp_path, tiny_dataset, {"model.name": str(model_dir), "train.max_steps": 2, "train.snr_gamma": 5.0,
-                                            "train.noise_offset": 0.05, "prior.class_prompt": "a photo of a toy",
-                                            "prior.num_class_images": 2})
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_dataset,
+        {
+            "model.name": str(model_dir),
+            "train.max_steps": 2,
+            "train.snr_gamma": 5.0,
+            "train.noise_offset": 0.05,
+            "prior.class_prompt": "a photo of a toy",
+            "prior.num_class_images": 2,
+        },
+    )
     result = loop.run_training(cfg, on_event=events)
     assert events.of("start")[0]["prediction_type"] == "v_prediction"
     assert any("no val images" in e["message"] for e in events.of("warning"))
@@ -196,8 +262,14 @@ def test_v_prediction_prior_preservation_and_no_val_images(tmp_path: Path, tiny_
 
 
 def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path: Path, tiny_dataset: Path):
-    flags = {"train.max_steps": 6, "train.lr_scheduler": "cosine", "train.lr_warmup_steps": 2,
-             "train.gradient_accumulation": 2, "lora.dropout": 0.1, "checkpoint.checkpoint_every": 0}
+    flags = {
+        "train.max_steps": 6,
+        "train.lr_scheduler": "cosine",
+        "train.lr_warmup_steps": 2,
+        "train.gradient_accumulation": 2,
+        "lora.dropout": 0.1,
+        "checkpoint.checkpoint_every": 0,
+    }
     straight = loop.run_training(tiny_cfg(tmp_path, tiny_dataset, {**flags, "run.name": "straight"}))
 
     state = loop.setup(tiny_cfg(tmp_path, tiny_dataset, {**flags, "run.name": "halves"}))
@@ -225,14 +297,23 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path: Path, tiny
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     assert [r["step"] for r in steps_of(run_dir)] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in steps_of(run_dir)] == pytest.approx([r["loss"] for r in steps_of(straight.run_dir)],
-                                                                   abs=1e-5)
+    assert [r["loss"] for r in steps_of(run_dir)] == pytest.approx(
+        [r["loss"] for r in steps_of(straight.run_dir)], abs=1e-5
+    )
 
 
 def test_bf16_dora_and_gradient_checkpointing(tmp_path: Path, tiny_dataset: Path):
-    cfg = tiny_cfg(tmp_path, tiny_dataset, {"train.max_steps": 2, "train.mixed_precision": "bf16", "lora.dora": True,
-                                            "train.gradient_checkpointing": True,
-                                            "validation.prompts": ["a photo of {token} {class}"]})
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_dataset,
+        {
+            "train.max_steps": 2,
+            "train.mixed_precision": "bf16",
+            "lora.dora": True,
+            "train.gradient_checkpointing": True,
+            "validation.prompts": ["a photo of {token} {class}"],
+        },
+    )
     state = loop.setup(cfg)
     try:
         unet = state.unwrap(state.unet)
@@ -274,19 +355,44 @@ def test_help_exits_cleanly():
 
 
 def test_cli_trains_and_prints_the_plan(tmp_path: Path, tiny_dataset: Path):
-    result = invoke("--model", "tiny-sd", "--dataset", str(tiny_dataset), "--runs-dir", str(tmp_path / "runs"),
-                    "--max-steps", "2", "--name", "cli", "--batch-size", "2", "--gradient-accumulation", "2",
-                    "validation.prompts=[]")
+    result = invoke(
+        "--model",
+        "tiny-sd",
+        "--dataset",
+        str(tiny_dataset),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--max-steps",
+        "2",
+        "--name",
+        "cli",
+        "--batch-size",
+        "2",
+        "--gradient-accumulation",
+        "2",
+        "validation.prompts=[]",
+    )
     assert result.exit_code == 0, result.output
     assert "effective batch 4" in result.output and "2 steps" in result.output
     assert (tmp_path / "runs" / "cli" / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    again = invoke("--model", "tiny-sd", "--dataset", str(tiny_dataset), "--runs-dir", str(tmp_path / "runs"),
-                   "--name", "cli")
+    again = invoke(
+        "--model", "tiny-sd", "--dataset", str(tiny_dataset), "--runs-dir", str(tmp_path / "runs"), "--name", "cli"
+    )
     assert again.exit_code == 1 and "a run with this name exists" in again.output
 
     # --resume latest continues from the end-of-run checkpoint; the LoRA shape stays the checkpoint's.
-    resumed = invoke("--resume", "latest", "--runs-dir", str(tmp_path / "runs"), "--max-steps", "3",
-                     "--rank", "8", "--learning-rate", "5e-4")
+    resumed = invoke(
+        "--resume",
+        "latest",
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--max-steps",
+        "3",
+        "--rank",
+        "8",
+        "--learning-rate",
+        "5e-4",
+    )
     assert resumed.exit_code == 0, resumed.output
     assert "using the checkpoint's 16" in resumed.output and "using 0.0005 from the command line" in resumed.output
     assert "resumed at step 2" in resumed.output
@@ -310,12 +416,16 @@ def test_print_config_resolves_without_training(tmp_path: Path):
         (lambda d: ["--dataset", str(d), "lora.rnk=3"], "unknown key lora.rnk (did you mean rank?)"),
         (lambda d: ["--dataset", str(d), "--rank", "0", "--max-steps", "0"], "--rank must be at least 1"),
         (lambda d: ["--dataset", str(d), "--model", "nobody/no-such-model"], "not in the local cache"),
-        (lambda d: ["--dataset", str(d), "--model", "tiny-sd", "--target-modules", "to_nothing"],
-         "--target-modules to_nothing: no such modules in the UNet"),
+        (
+            lambda d: ["--dataset", str(d), "--model", "tiny-sd", "--target-modules", "to_nothing"],
+            "--target-modules to_nothing: no such modules in the UNet",
+        ),
         (lambda d: ["--dataset", str(d), "--resume", str(d / "no-run")], "no such run folder"),
         (lambda d: ["--dataset", str(d), "--optimizer", "sgd"], "'sgd' is not one of adamw, adamw8bit"),
-        (lambda d: ["--dataset", str(d), "--model", "tiny-sd", "--mixed-precision", "fp16"],
-         "--mixed-precision fp16 needs a CUDA GPU"),
+        (
+            lambda d: ["--dataset", str(d), "--model", "tiny-sd", "--mixed-precision", "fp16"],
+            "--mixed-precision fp16 needs a CUDA GPU",
+        ),
     ],
 )
 def test_cli_errors_are_one_line(tmp_path: Path, tiny_dataset: Path, setup_args, message, monkeypatch):
@@ -349,11 +459,35 @@ def test_ctrl_c_saves_a_checkpoint_and_the_lora_then_exits(tmp_path: Path, tiny_
     import time
 
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "sdlora", "train", "--model", "tiny-sd", "--dataset", str(tiny_dataset),
-           "--runs-dir", str(runs), "--name", "stopped", "--max-steps", "100000", "--validate-every", "0",
-           "--checkpoint-every", "0", "validation.prompts=[]"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "sdlora",
+        "train",
+        "--model",
+        "tiny-sd",
+        "--dataset",
+        str(tiny_dataset),
+        "--runs-dir",
+        str(runs),
+        "--name",
+        "stopped",
+        "--max-steps",
+        "100000",
+        "--validate-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "validation.prompts=[]",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     metrics = runs / "stopped" / "metrics.jsonl"
     deadline = time.monotonic() + 120
     while not (metrics.is_file() and metrics.read_text(encoding="utf-8").count("\n") >= 2):
@@ -387,9 +521,24 @@ def test_overfitting_one_image_lowers_its_loss(tmp_path: Path):
     dataset = write_tiny_dataset(tmp_path / "dataset", n=2)
     manifest = json.loads((dataset / "manifest.json").read_text(encoding="utf-8"))
     shutil.copy(dataset / "images" / manifest["train"][0], dataset / "images" / manifest["val"][0])
-    cfg = tiny_cfg(tmp_path, dataset, {"train.max_steps": 100, "train.learning_rate": 3e-3,
-                                       "lora.target_modules": ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj",
-                                                               "ff.net.2", "proj_in", "proj_out"]})
+    cfg = tiny_cfg(
+        tmp_path,
+        dataset,
+        {
+            "train.max_steps": 100,
+            "train.learning_rate": 3e-3,
+            "lora.target_modules": [
+                "to_q",
+                "to_k",
+                "to_v",
+                "to_out.0",
+                "ff.net.0.proj",
+                "ff.net.2",
+                "proj_in",
+                "proj_out",
+            ],
+        },
+    )
     state = loop.setup(cfg)
     try:
         before = loop.validation_loss(state)

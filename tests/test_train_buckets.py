@@ -23,8 +23,11 @@ from test_train import Events, steps_of, tiny_cfg
 TRAIN = [LANDSCAPE] * 3 + [PORTRAIT] * 2 + [SQUARE] * 2
 VAL = [LANDSCAPE, SQUARE]
 # SDXL time ids (orig_h, orig_w, crop_top, crop_left, target_h, target_w) of each shape at 256.
-TIME_IDS = {LANDSCAPE: [3024, 4032, 24, 0, 192, 320], PORTRAIT: [4032, 3024, 0, 24, 320, 192],
-            SQUARE: [3000, 3000, 0, 0, 256, 256]}
+TIME_IDS = {
+    LANDSCAPE: [3024, 4032, 24, 0, 192, 320],
+    PORTRAIT: [4032, 3024, 0, 24, 320, 192],
+    SQUARE: [3000, 3000, 0, 0, 256, 256],
+}
 BUCKET_FLAGS = {"data.resolution": 256, "train.batch_size": 2, "train.max_steps": 4}  # 4 steps = one epoch
 WIDE, TALL, SQ = (4, 24, 40), (4, 40, 24), (4, 32, 32)  # the buckets' latents (channels, h, w)
 
@@ -41,9 +44,13 @@ def models_8x(tmp_path_factory) -> dict[str, str]:
         pipe, _ = load_pipeline(name)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            pipe.vae = AutoencoderKL(block_out_channels=[32] * 4, down_block_types=["DownEncoderBlock2D"] * 4,
-                                     up_block_types=["UpDecoderBlock2D"] * 4, latent_channels=4,
-                                     scaling_factor=pipe.vae.config.scaling_factor)
+            pipe.vae = AutoencoderKL(
+                block_out_channels=[32] * 4,
+                down_block_types=["DownEncoderBlock2D"] * 4,
+                up_block_types=["UpDecoderBlock2D"] * 4,
+                latent_channels=4,
+                scaling_factor=pipe.vae.config.scaling_factor,
+            )
         folders[name] = str(tmp_path_factory.mktemp(f"{name}-8x"))
         pipe.save_pretrained(folders[name])
     return folders
@@ -67,17 +74,31 @@ def fake_set(sizes: list[tuple[int, int]]) -> LatentSet:
     """Latents filled with their image's number (1-based; mirror images negated), so a batch names its images."""
     latents = [torch.full((4, h // 2, w // 2), float(i + 1)) for i, (h, w) in enumerate(sizes)]
     ids = torch.tensor([[h, w, 0, 0, h, w] for h, w in sizes], dtype=torch.float32)
-    return LatentSet(latents=latents, flipped=[-x for x in latents], time_ids=ids, time_ids_flipped=ids.clone(),
-                     cond=Conditioning(embeds=torch.zeros(len(sizes), 77, 8)))
+    return LatentSet(
+        latents=latents,
+        flipped=[-x for x in latents],
+        time_ids=ids,
+        time_ids_flipped=ids.clone(),
+        cond=Conditioning(embeds=torch.zeros(len(sizes), 77, 8)),
+    )
 
 
-def make_plan(data: LatentSet, batch_size: int = 2, num_processes: int = 1, process_index: int = 0,
-              accumulation: int = 1) -> BatchPlan:
+def make_plan(
+    data: LatentSet, batch_size: int = 2, num_processes: int = 1, process_index: int = 0, accumulation: int = 1
+) -> BatchPlan:
     from diffusers import DDPMScheduler
 
-    return BatchPlan(data, None, seed=3, batch_size=batch_size, num_processes=num_processes,
-                     process_index=process_index, gradient_accumulation=accumulation, noise_offset=0.05,
-                     noise_scheduler=DDPMScheduler())
+    return BatchPlan(
+        data,
+        None,
+        seed=3,
+        batch_size=batch_size,
+        num_processes=num_processes,
+        process_index=process_index,
+        gradient_accumulation=accumulation,
+        noise_offset=0.05,
+        noise_scheduler=DDPMScheduler(),
+    )
 
 
 def images_of(batch) -> list[int]:
@@ -170,10 +191,17 @@ def train_state(state):
         loop.cleanup(state)
 
 
-def test_mixed_aspect_dataset_trains_in_uniform_batches(tmp_path: Path, aspect_dataset: Path, models_8x: dict,
-                                                        monkeypatch):
-    state = loop.setup(bucket_cfg(tmp_path, aspect_dataset, models_8x, {
-        "validation.validate_every": 2, "validation.prompts": ["a photo of {token} {class}"]}))
+def test_mixed_aspect_dataset_trains_in_uniform_batches(
+    tmp_path: Path, aspect_dataset: Path, models_8x: dict, monkeypatch
+):
+    state = loop.setup(
+        bucket_cfg(
+            tmp_path,
+            aspect_dataset,
+            models_8x,
+            {"validation.validate_every": 2, "validation.prompts": ["a photo of {token} {class}"]},
+        )
+    )
     calls = spy_unet(monkeypatch, state)
     batches: list[tuple[list[int], tuple[int, ...]]] = []
     real_loss = loop.compute_loss
@@ -227,8 +255,9 @@ def test_latent_cache_is_reused_per_image_and_size(tmp_path: Path, aspect_datase
     assert len(list(entries.iterdir())) == 3 * n - squares  # one entry per (image, size)
 
 
-def test_sdxl_time_ids_carry_the_real_sizes_and_crops(tmp_path: Path, aspect_dataset: Path, models_8x: dict,
-                                                       monkeypatch):
+def test_sdxl_time_ids_carry_the_real_sizes_and_crops(
+    tmp_path: Path, aspect_dataset: Path, models_8x: dict, monkeypatch
+):
     state = loop.setup(bucket_cfg(tmp_path, aspect_dataset, models_8x, model="tiny-sdxl"))
     calls = spy_unet(monkeypatch, state)
     result = train_state(state)
@@ -243,16 +272,23 @@ def test_sdxl_time_ids_carry_the_real_sizes_and_crops(tmp_path: Path, aspect_dat
     assert rows_seen == {tuple(v) for v in TIME_IDS.values()}
 
 
-def test_prior_preservation_with_square_class_images_beside_buckets(tmp_path: Path, aspect_dataset: Path,
-                                                                    models_8x: dict, monkeypatch):
+def test_prior_preservation_with_square_class_images_beside_buckets(
+    tmp_path: Path, aspect_dataset: Path, models_8x: dict, monkeypatch
+):
     from PIL import Image
 
     class_dir = tmp_path / "class"
     class_dir.mkdir()
     for i, color in enumerate(("red", "blue")):  # the user's own class images: nothing to generate
         Image.new("RGB", (300, 260), color).save(class_dir / f"toy{i}.png")
-    state = loop.setup(bucket_cfg(tmp_path, aspect_dataset, models_8x, {
-        "prior.class_prompt": "a photo of a toy", "prior.num_class_images": 2, "prior.class_dir": str(class_dir)}))
+    state = loop.setup(
+        bucket_cfg(
+            tmp_path,
+            aspect_dataset,
+            models_8x,
+            {"prior.class_prompt": "a photo of a toy", "prior.num_class_images": 2, "prior.class_dir": str(class_dir)},
+        )
+    )
     calls = spy_unet(monkeypatch, state)
 
     # A square batch beside the square class images takes one forward; split in two, the loss is the same.
@@ -298,21 +334,36 @@ def test_cli_keep_aspect_photos_to_samples_with_the_token_embedding(tmp_path: Pa
         Image.fromarray(blocks).resize((w, h), Image.Resampling.NEAREST).save(photos / f"IMG_{i:04d}.jpg", quality=90)
     runner = CliRunner()
     dataset = tmp_path / "dataset"
-    result = runner.invoke(app, ["prepare", str(photos), "--out", str(dataset), "--keep-aspect", "--resolution", "256",
-                                 "--val-fraction", "0.3"])
+    result = runner.invoke(
+        app,
+        [
+            "prepare",
+            str(photos),
+            "--out",
+            str(dataset),
+            "--keep-aspect",
+            "--resolution",
+            "256",
+            "--val-fraction",
+            "0.3",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "320x192 x3" in result.output and "192x320 x2" in result.output and "256x256 x2" in result.output
 
     config = tmp_path / "train.yaml"
-    config.write_text(f"""
+    config.write_text(
+        f"""
 model: {{name: {models_8x[model]}}}
 data: {{dataset: {dataset}}}
 embedding: {{init_token: toy, learning_rate: 1.0e-2, steps_fraction: 1.0}}
 train: {{max_steps: 3, batch_size: 2, learning_rate: 1.0e-3}}
 validation: {{validate_every: 0, prompts: []}}
 checkpoint: {{checkpoint_every: 0}}
-run: {{runs_dir: {tmp_path / 'runs'}, name: r}}
-""", encoding="utf-8")
+run: {{runs_dir: {tmp_path / "runs"}, name: r}}
+""",
+        encoding="utf-8",
+    )
     result = runner.invoke(app, ["train", "--config", str(config)])
     assert result.exit_code == 0, result.output
     assert "token sksToy: its own embedding, from 'toy', trained until step 3" in result.output
@@ -320,8 +371,23 @@ run: {{runs_dir: {tmp_path / 'runs'}, name: r}}
     assert (run / "lora" / "embeddings.safetensors").is_file()
     assert all(r["grad_norm/embeddings"] > 0 for r in steps_of(run))
 
-    result = runner.invoke(app, ["sample", "sksToy on a beach", "--run", str(run), "--num-images", "1", "--steps", "2",
-                                 "--height", "256", "--width", "256"])
+    result = runner.invoke(
+        app,
+        [
+            "sample",
+            "sksToy on a beach",
+            "--run",
+            str(run),
+            "--num-images",
+            "1",
+            "--steps",
+            "2",
+            "--height",
+            "256",
+            "--width",
+            "256",
+        ],
+    )
     assert result.exit_code == 0, result.output
     samples = json.loads((run / "samples" / "samples.json").read_text(encoding="utf-8"))
     lora_image = next(e for e in samples["images"] if e["variant"] == "lora")

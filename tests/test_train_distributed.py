@@ -18,21 +18,52 @@ STEPS = 3
 
 
 def common_flags(dataset: Path, runs: Path) -> dict:
-    return {"model.name": "tiny-sd", "data.dataset": str(dataset), "run.runs_dir": str(runs),
-            "train.max_steps": STEPS, "train.learning_rate": 1e-3, "validation.validate_every": 0,
-            "validation.prompts": [], "checkpoint.checkpoint_every": 0}
+    return {
+        "model.name": "tiny-sd",
+        "data.dataset": str(dataset),
+        "run.runs_dir": str(runs),
+        "train.max_steps": STEPS,
+        "train.learning_rate": 1e-3,
+        "validation.validate_every": 0,
+        "validation.prompts": [],
+        "checkpoint.checkpoint_every": 0,
+    }
 
 
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, tiny_dataset: Path):
     runs = tmp_path / "runs"
-    single = loop.run_training(load_config(None, {**common_flags(tiny_dataset, runs), "train.batch_size": 2,
-                                                  "run.name": "single"}))
+    single = loop.run_training(
+        load_config(None, {**common_flags(tiny_dataset, runs), "train.batch_size": 2, "run.name": "single"})
+    )
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sdlora", "train", "--num-processes", "2", "--batch-size", "1", "--name", "ddp",
-           "--model", "tiny-sd", "--dataset", str(tiny_dataset), "--runs-dir", str(runs),
-           "--max-steps", str(STEPS), "--learning-rate", "1e-3", "--validate-every", "0",
-           "--checkpoint-every", "0", "validation.prompts=[]"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "sdlora",
+        "train",
+        "--num-processes",
+        "2",
+        "--batch-size",
+        "1",
+        "--name",
+        "ddp",
+        "--model",
+        "tiny-sd",
+        "--dataset",
+        str(tiny_dataset),
+        "--runs-dir",
+        str(runs),
+        "--max-steps",
+        str(STEPS),
+        "--learning-rate",
+        "1e-3",
+        "--validate-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+        "validation.prompts=[]",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "effective batch 2 = 1 x 2 process(es)" in proc.stdout

@@ -8,12 +8,12 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from test_train import Events, invoke, steps_of, tiny_cfg
 
 from sdlora.generate import load_embeddings
 from sdlora.models import load_pipeline
 from sdlora.train import loop
 from sdlora.train.monitor import read_metrics
+from test_train import Events, invoke, steps_of, tiny_cfg
 
 PROMPT = "a photo of sksToy toy"
 
@@ -26,8 +26,11 @@ def text_encoder_state(model: str) -> list[dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
 def test_embedding_trains_alone_and_loads_back_as_training_saw_it(tmp_path: Path, tiny_dataset: Path, model):
     events = Events()
-    cfg = tiny_cfg(tmp_path, tiny_dataset, {"model.name": model, "train.max_steps": 4, "run.name": "r",
-                                            "embedding.steps_fraction": 1.0})
+    cfg = tiny_cfg(
+        tmp_path,
+        tiny_dataset,
+        {"model.name": model, "train.max_steps": 4, "run.name": "r", "embedding.steps_fraction": 1.0},
+    )
     state = loop.setup(cfg, on_event=events)
     try:
         assert state.cfg.embedding.train is True  # sksToy is split by the tokenizer: on by default
@@ -73,8 +76,9 @@ def test_embedding_trains_alone_and_loads_back_as_training_saw_it(tmp_path: Path
 
 
 def test_embedding_freezes_after_its_fraction_of_the_steps(tmp_path: Path, tiny_dataset: Path):
-    cfg = tiny_cfg(tmp_path, tiny_dataset, {"train.max_steps": 4, "embedding.steps_fraction": 0.5,
-                                            "embedding.init_token": "ball"})
+    cfg = tiny_cfg(
+        tmp_path, tiny_dataset, {"train.max_steps": 4, "embedding.steps_fraction": 0.5, "embedding.init_token": "ball"}
+    )
     state = loop.setup(cfg)
     try:
         result = loop.train(state)
@@ -129,14 +133,27 @@ def test_a_known_word_token_trains_no_embedding(tmp_path: Path):
 
 
 def test_cli_flags_and_yaml(tmp_path: Path, tiny_dataset: Path):
-    common = ["--model", "tiny-sd", "--dataset", str(tiny_dataset), "--runs-dir", str(tmp_path / "runs"),
-              "--max-steps", "2", "--validate-every", "0", "--checkpoint-every", "0"]
+    common = [
+        "--model",
+        "tiny-sd",
+        "--dataset",
+        str(tiny_dataset),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--max-steps",
+        "2",
+        "--validate-every",
+        "0",
+        "--checkpoint-every",
+        "0",
+    ]
     result = invoke(*common, "--no-train-token-embedding", "--name", "off")
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "runs" / "off" / "lora" / "embeddings.safetensors").exists()
 
-    result = invoke(*common, "--init-token", "ball", "--embedding-lr", "0.01", "--embedding-steps-fraction", "1",
-                    "--name", "on")
+    result = invoke(
+        *common, "--init-token", "ball", "--embedding-lr", "0.01", "--embedding-steps-fraction", "1", "--name", "on"
+    )
     assert result.exit_code == 0, result.output
     assert "token sksToy: its own embedding, from 'ball', trained until step 2" in result.output
     assert (tmp_path / "runs" / "on" / "lora" / "embeddings.safetensors").is_file()
@@ -153,8 +170,11 @@ def test_cli_flags_and_yaml(tmp_path: Path, tiny_dataset: Path):
 
 
 def test_a_run_from_before_pivotal_tuning_resumes_without_an_embedding(tmp_path: Path, tiny_dataset: Path):
-    first = loop.run_training(tiny_cfg(tmp_path, tiny_dataset, {"train.max_steps": 2, "embedding.train": False,
-                                                                "checkpoint.checkpoint_every": 2}))
+    first = loop.run_training(
+        tiny_cfg(
+            tmp_path, tiny_dataset, {"train.max_steps": 2, "embedding.train": False, "checkpoint.checkpoint_every": 2}
+        )
+    )
     config = first.run_dir / "config.yaml"
     saved = yaml.safe_load(config.read_text(encoding="utf-8"))
     del saved["embedding"]  # as config.yaml was written before the section existed

@@ -16,9 +16,15 @@ from sdlora.train import loop
 from sdlora.train.monitor import read_metrics
 from test_train import Events, tiny_cfg
 
-SCORED = {"validation.validate_every": 2, "validation.score_every": 2, "validation.dino_model": "tiny-dino",
-          "validation.prompts": ["a photo of {token} {class}"], "validation.num_images": 2,
-          "train.max_steps": 6, "run.name": "scored"}
+SCORED = {
+    "validation.validate_every": 2,
+    "validation.score_every": 2,
+    "validation.dino_model": "tiny-dino",
+    "validation.prompts": ["a photo of {token} {class}"],
+    "validation.num_images": 2,
+    "train.max_steps": 6,
+    "run.name": "scored",
+}
 
 
 def _best_step(run: Path) -> int:
@@ -63,7 +69,9 @@ def test_best_by_val_loss_stays_the_default(tmp_path, tiny_dataset):
 def test_best_by_dino_without_score_every_is_one_config_error(tmp_path, tiny_dataset):
     with pytest.raises(ConfigError, match="--best-by dino needs --score-every"):
         tiny_cfg(tmp_path, tiny_dataset, {"validation.best_by": "dino"})
-    result = CliRunner().invoke(app, ["train", "--model", "tiny-sd", "--dataset", str(tiny_dataset), "--best-by", "dino"])
+    result = CliRunner().invoke(
+        app, ["train", "--model", "tiny-sd", "--dataset", str(tiny_dataset), "--best-by", "dino"]
+    )
     assert result.exit_code == 1
     assert "--best-by dino needs --score-every" in result.stderr
 
@@ -83,8 +91,13 @@ def test_unknown_dino_model_fails_before_training(tmp_path, tiny_dataset):
 
 
 def test_resume_keeps_the_best_dino(tmp_path, tiny_dataset):
-    flags = {**SCORED, "validation.best_by": "dino", "train.learning_rate": 5e-3, "train.max_steps": 4,
-             "checkpoint.checkpoint_every": 2}
+    flags = {
+        **SCORED,
+        "validation.best_by": "dino",
+        "train.learning_rate": 5e-3,
+        "train.max_steps": 4,
+        "checkpoint.checkpoint_every": 2,
+    }
     first = loop.run_training(tiny_cfg(tmp_path, tiny_dataset, flags))
     run_dir, cfg, _ = loop.resume_run(first.run_dir, [{"train": {"max_steps": 6}}], ("command line",))
     events = Events()

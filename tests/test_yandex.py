@@ -58,37 +58,58 @@ def one_line(exc: pytest.ExceptionInfo[DownloadError]) -> str:
 
 # ---- links and names ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("source", [
-    "https://disk.yandex.ru/d/d_2ADwdTPRPs8A",
-    "https://disk.360.yandex.ru/d/a2_bgE1W3E_rqA",
-    "http://disk.yandex.com/d/abc/sub",
-    "https://yadi.sk/d/abc",
-    "yadi.sk/d/abc",
-    "disk.yandex.ru/i/abc",
-    "https://disk.yandex.ru/client/disk",  # a Yandex URL, but private: routed here for a clear error
-])
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "https://disk.yandex.ru/d/d_2ADwdTPRPs8A",
+        "https://disk.360.yandex.ru/d/a2_bgE1W3E_rqA",
+        "http://disk.yandex.com/d/abc/sub",
+        "https://yadi.sk/d/abc",
+        "yadi.sk/d/abc",
+        "disk.yandex.ru/i/abc",
+        "https://disk.yandex.ru/client/disk",  # a Yandex URL, but private: routed here for a clear error
+    ],
+)
 def test_is_yandex_link_true(source: str) -> None:
     assert is_yandex_link(source)
 
 
-@pytest.mark.parametrize("source", [
-    "./photos", "photos.zip", "/home/me/yadi.sk", "https://example.com/d/abc",
-    "https://yandex.ru/d/abc", "C:\\photos", "https://disk.yandex.ru.evil.com/d/abc", "",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "./photos",
+        "photos.zip",
+        "/home/me/yadi.sk",
+        "https://example.com/d/abc",
+        "https://yandex.ru/d/abc",
+        "C:\\photos",
+        "https://disk.yandex.ru.evil.com/d/abc",
+        "",
+    ],
+)
 def test_is_yandex_link_false(source: str) -> None:
     assert not is_yandex_link(source)
 
 
 def test_parse_public_link_forms() -> None:
     assert parse_public_link("https://disk.360.yandex.ru/d/a2_bgE1W3E_rqA?w=1#x") == yandex.PublicLink(
-        "https://disk.360.yandex.ru/d/a2_bgE1W3E_rqA", "")
+        "https://disk.360.yandex.ru/d/a2_bgE1W3E_rqA", ""
+    )
     assert parse_public_link("yadi.sk/d/abc/Sub%20dir/x") == yandex.PublicLink("https://yadi.sk/d/abc", "/Sub dir/x")
     assert parse_public_link("https://disk.yandex.ru/i/xyz").path == ""
     assert parse_public_link("https://yadi.sk/public/?hash=K3y%3D").public_key == "K3y="
 
 
-@pytest.mark.parametrize("link", ["https://disk.yandex.ru/client/disk/photos", "https://disk.yandex.ru/d/",
-                                  "https://example.com/d/abc", "not a link"])
+@pytest.mark.parametrize(
+    "link",
+    [
+        "https://disk.yandex.ru/client/disk/photos",
+        "https://disk.yandex.ru/d/",
+        "https://example.com/d/abc",
+        "not a link",
+    ],
+)
 def test_malformed_link_is_one_clear_line(link: str, tmp_path: Path) -> None:
     with pytest.raises(DownloadError) as exc:
         download_public(link, tmp_path, api_base="http://127.0.0.1:9")
@@ -103,12 +124,23 @@ def test_bad_api_address_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert "SDLORA_YANDEX_API" in one_line(exc) and "http://" in one_line(exc)
 
 
-@pytest.mark.parametrize("name, safe", [
-    ("IMG_4651.HEIC", "IMG_4651.HEIC"), ("../../evil.png", ".._.._evil.png"), ("a/b.png", "a_b.png"),
-    ("..", "_"), (".", "_"), ("", "_"), ("x\\..\\y.png", "x_.._y.png"), ("nul\x00.png", "nul_.png"),
-    ("bell\x07\x1b[31m.png", "bell__[31m.png"), ("CON.png", "_CON.png"), ("trail. ", "trail"),
-    ("фото.jpg", "фото.jpg"),
-])
+@pytest.mark.parametrize(
+    "name, safe",
+    [
+        ("IMG_4651.HEIC", "IMG_4651.HEIC"),
+        ("../../evil.png", ".._.._evil.png"),
+        ("a/b.png", "a_b.png"),
+        ("..", "_"),
+        (".", "_"),
+        ("", "_"),
+        ("x\\..\\y.png", "x_.._y.png"),
+        ("nul\x00.png", "nul_.png"),
+        ("bell\x07\x1b[31m.png", "bell__[31m.png"),
+        ("CON.png", "_CON.png"),
+        ("trail. ", "trail"),
+        ("фото.jpg", "фото.jpg"),
+    ],
+)
 def test_safe_component(name: str, safe: str) -> None:
     assert safe_component(name) == safe
 
@@ -120,11 +152,14 @@ def test_safe_component_truncates_long_names_keeping_the_suffix() -> None:
 
 # ---- folders, paging, progress, cache ------------------------------------------------------
 
-def test_folder_with_paging_and_nested_subfolders(fake: FakeYandex, big_folder: dict[str, bytes],
-                                                  tmp_path: Path) -> None:
+
+def test_folder_with_paging_and_nested_subfolders(
+    fake: FakeYandex, big_folder: dict[str, bytes], tmp_path: Path
+) -> None:
     events: list[tuple[str, int, int]] = []
-    files = download_public(FOLDER, tmp_path, api_base=fake.base, page_size=20,
-                            on_progress=lambda *e: events.append(e), **FAST)
+    files = download_public(
+        FOLDER, tmp_path, api_base=fake.base, page_size=20, on_progress=lambda *e: events.append(e), **FAST
+    )
 
     assert sorted(f.remote_path for f in files) == sorted(big_folder)
     root = tmp_path / cache_key(FOLDER)
@@ -147,12 +182,16 @@ def test_folder_with_paging_and_nested_subfolders(fake: FakeYandex, big_folder: 
     assert events[-1] == ("download", total, total)
     # Nothing half-written is left behind.
     assert not (tmp_path / f"{cache_key(FOLDER)}.partial").exists()
-    assert not [p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix()
-                not in {k.lstrip("/") for k in big_folder}]
+    assert not [
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.relative_to(root).as_posix() not in {k.lstrip("/") for k in big_folder}
+    ]
 
 
 def test_second_call_reuses_the_cache_and_redownloads_a_damaged_file(
-        fake: FakeYandex, big_folder: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake: FakeYandex, big_folder: dict[str, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = download_public(FOLDER, tmp_path, api_base=fake.base, **FAST)
     assert fake.count("file") == len(big_folder)
     fake.hits.clear()
@@ -184,15 +223,13 @@ def test_second_call_reuses_the_cache_and_redownloads_a_damaged_file(
     assert third == first
 
 
-def test_subfolder_link_shares_the_cache_layout(fake: FakeYandex, big_folder: dict[str, bytes],
-                                                tmp_path: Path) -> None:
+def test_subfolder_link_shares_the_cache_layout(fake: FakeYandex, big_folder: dict[str, bytes], tmp_path: Path) -> None:
     files = download_public(FOLDER + "/sub", tmp_path, api_base=fake.base, **FAST)
     assert sorted(f.remote_path for f in files) == ["/sub/a.jpg", "/sub/deeper/b.png"]
     assert files[0].local_path == tmp_path / cache_key(FOLDER) / "sub" / "a.jpg"
 
 
-def test_single_file_link_via_env_api_base(fake: FakeYandex, tmp_path: Path,
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_single_file_link_via_env_api_base(fake: FakeYandex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     key = "https://disk.360.yandex.ru/i/0neFile"
     fake.add_file(key, "IMG_4651.HEIC", blob(7, 5000))
     monkeypatch.setenv("SDLORA_YANDEX_API", fake.base)
@@ -224,6 +261,7 @@ def test_include_filter_skips_unwanted_files_before_download(fake: FakeYandex, t
 
 
 # ---- flaky network --------------------------------------------------------------------------
+
 
 def test_429_with_retry_after_then_success(fake: FakeYandex, big_folder: dict[str, bytes], tmp_path: Path) -> None:
     fake.list_429_once["/"] = 1  # Retry-After: 1 s, honoured by urllib3's Retry
@@ -269,8 +307,9 @@ def test_file_host_unreachable_gives_up_quickly(fake: FakeYandex, tmp_path: Path
     assert fake.count("href", "/a.png") == 2  # two GETs without a byte, not MAX_RESUMES of them
 
 
-def test_listing_without_total_pages_until_a_short_page(fake: FakeYandex, big_folder: dict[str, bytes],
-                                                        tmp_path: Path) -> None:
+def test_listing_without_total_pages_until_a_short_page(
+    fake: FakeYandex, big_folder: dict[str, bytes], tmp_path: Path
+) -> None:
     fake.omit_total = True
     files = download_public(FOLDER, tmp_path, api_base=fake.base, page_size=10, **FAST)
     assert sorted(f.remote_path for f in files) == sorted(big_folder)
@@ -312,11 +351,15 @@ def test_wrong_md5_is_retried_once_then_an_error_naming_the_file(fake: FakeYande
 
 # ---- errors ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("status, words", [
-    (404, "not found or deleted"),
-    (403, "password-protected or its downloads are disabled"),
-    (429, "download limit exceeded"),
-])
+
+@pytest.mark.parametrize(
+    "status, words",
+    [
+        (404, "not found or deleted"),
+        (403, "password-protected or its downloads are disabled"),
+        (429, "download limit exceeded"),
+    ],
+)
 def test_error_statuses_are_one_clear_line(fake: FakeYandex, tmp_path: Path, status: int, words: str) -> None:
     fake.add_folder(FOLDER, {"a.png": blob(1)})
     fake.status[FOLDER] = status
@@ -353,11 +396,17 @@ def test_unreachable_network_suggests_a_local_folder(tmp_path: Path) -> None:
 
 # ---- untrusted names --------------------------------------------------------------------------
 
+
 def test_traversal_names_stay_inside_the_cache(fake: FakeYandex, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     spec = {
-        "../../evil.png": blob(1), "a/b.png": blob(2), "a_b.png": blob(3), "x\\..\\y.png": blob(4),
-        "nul\x00.png": blob(5), "bell\x07.png": blob(6), "..": {"z.png": blob(7), "../up.png": blob(8)},
+        "../../evil.png": blob(1),
+        "a/b.png": blob(2),
+        "a_b.png": blob(3),
+        "x\\..\\y.png": blob(4),
+        "nul\x00.png": blob(5),
+        "bell\x07.png": blob(6),
+        "..": {"z.png": blob(7), "../up.png": blob(8)},
         "/abs.png": blob(9),
     }
     fake.add_folder(FOLDER, spec)

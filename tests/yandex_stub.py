@@ -88,8 +88,7 @@ class FakeYandex:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self.base = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     # ---- set-up ---------------------------------------------------------------------------
     def add_folder(self, public_key: str, spec: Spec) -> None:
@@ -121,9 +120,12 @@ class FakeYandex:
         if not node.is_dir:
             assert node.content is not None
             md5 = hashlib.md5(node.content).hexdigest()
-            item.update(size=len(node.content), mime_type="image/png",
-                        md5="0" * 32 if node.path in self.wrong_md5 else md5,
-                        sha256=hashlib.sha256(node.content).hexdigest())
+            item.update(
+                size=len(node.content),
+                mime_type="image/png",
+                md5="0" * 32 if node.path in self.wrong_md5 else md5,
+                sha256=hashlib.sha256(node.content).hexdigest(),
+            )
         return item
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -172,8 +174,11 @@ class FakeYandex:
                 key = q.get("public_key", "")
                 if key in fake.status:
                     code = fake.status[key]
-                    names = {404: "DiskNotFoundError", 403: "DiskResourceDownloadDisabledError",
-                             429: "TooManyRequestsError"}
+                    names = {
+                        404: "DiskNotFoundError",
+                        403: "DiskResourceDownloadDisabledError",
+                        429: "TooManyRequestsError",
+                    }
                     self._error(code, names.get(code, "Error"), {"Retry-After": "0"} if code == 429 else None)
                     return None
                 res = fake.resources.get(key)
@@ -188,8 +193,7 @@ class FakeYandex:
                 hit = self._hit("list", path)
                 if path in fake.list_429_once:
                     hit.status = 429
-                    self._error(429, "TooManyRequestsError",
-                                {"Retry-After": str(fake.list_429_once.pop(path))})
+                    self._error(429, "TooManyRequestsError", {"Retry-After": str(fake.list_429_once.pop(path))})
                     return
                 found = self._resource(q)
                 if found is None:
@@ -198,9 +202,14 @@ class FakeYandex:
                 body = fake._item(node)
                 if node.is_dir:
                     limit, offset = int(q.get("limit", 20)), int(q.get("offset", 0))
-                    items = [fake._item(c) for c in node.children[offset:offset + limit]]
-                    body["_embedded"] = {"items": items, "limit": limit, "offset": offset,
-                                         "total": len(node.children), "path": node.path}
+                    items = [fake._item(c) for c in node.children[offset : offset + limit]]
+                    body["_embedded"] = {
+                        "items": items,
+                        "limit": limit,
+                        "offset": offset,
+                        "total": len(node.children),
+                        "path": node.path,
+                    }
                     if fake.omit_total:
                         del body["_embedded"]["total"]
                 hit.status = 200
@@ -242,7 +251,7 @@ class FakeYandex:
                 start = 0
                 rng = self.headers.get("Range")
                 if rng and path not in fake.ignore_range and rng.startswith("bytes="):
-                    start = int(rng[len("bytes="):].split("-")[0])
+                    start = int(rng[len("bytes=") :].split("-")[0])
                 status = 206 if start else 200
                 hit.status = status
                 self.send_response(status)

@@ -58,10 +58,12 @@ class _Group:
 
     def _minimums(self, *, at_least_1: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> list[str]:
         """One message per field below its minimum, naming the flag."""
-        problems = [f"{self.flag(n)} must be at least 1, got {getattr(self, n)}" for n in at_least_1
-                    if getattr(self, n) < 1]
-        return problems + [f"{self.flag(n)} must be >= 0, got {getattr(self, n)}" for n in non_negative
-                           if getattr(self, n) < 0]
+        problems = [
+            f"{self.flag(n)} must be at least 1, got {getattr(self, n)}" for n in at_least_1 if getattr(self, n) < 1
+        ]
+        return problems + [
+            f"{self.flag(n)} must be >= 0, got {getattr(self, n)}" for n in non_negative if getattr(self, n) < 0
+        ]
 
 
 @dataclass
@@ -113,9 +115,7 @@ class LoraArgs(_Group):
     """Dropout on the LoRA input: a little (0.05-0.1) can reduce overfitting on few photos."""
     target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     """UNet modules that get a LoRA; add ff.net.0.proj,ff.net.2 (feed-forward) for more capacity."""
-    text_encoder_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"]
-    )
+    text_encoder_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
     """Text-encoder modules that get a LoRA with --train-text-encoder."""
     train_text_encoder: bool = False
     """Also train a LoRA on the text encoder(s) (both for SDXL): better identity, more memory, no text cache."""
@@ -195,15 +195,19 @@ class OptimArgs(_Group):
     """Offset noise (e.g. 0.05): lets the model learn very dark or bright images."""
 
     def _check(self) -> list[str]:
-        problems = self._minimums(at_least_1=("max_steps", "batch_size", "gradient_accumulation"),
-                                  non_negative=("lr_warmup_steps", "max_grad_norm", "noise_offset"))
+        problems = self._minimums(
+            at_least_1=("max_steps", "batch_size", "gradient_accumulation"),
+            non_negative=("lr_warmup_steps", "max_grad_norm", "noise_offset"),
+        )
         for name in ("learning_rate", "text_encoder_lr"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 problems.append(f"{self.flag(name)} must be positive, got {value}")
         if self.lr_scheduler == "constant" and self.lr_warmup_steps > 0:
-            problems.append("--lr-warmup-steps needs --lr-scheduler constant_with_warmup, cosine or linear "
-                            "(constant ignores warm-up)")
+            problems.append(
+                "--lr-warmup-steps needs --lr-scheduler constant_with_warmup, cosine or linear "
+                "(constant ignores warm-up)"
+            )
         if self.snr_gamma is not None and self.snr_gamma <= 0:
             problems.append(f"--snr-gamma must be positive (5.0 is the paper's choice), got {self.snr_gamma}")
         return problems
@@ -231,7 +235,9 @@ class PriorArgs(_Group):
 class ValidationArgs(_Group):
     validate_every: int = 100
     """Validation loss and sample images every N steps and at the end (0: only at the end)."""
-    prompts: list[str] = field(default_factory=lambda: [DEFAULT_VALIDATION_PROMPT], metadata=_flag("--validation-prompt"))
+    prompts: list[str] = field(
+        default_factory=lambda: [DEFAULT_VALIDATION_PROMPT], metadata=_flag("--validation-prompt")
+    )
     """Prompts for the sample images, repeatable ({token} and {class} are filled in); validation.prompts=[] for none."""
     num_images: int = 1
     """Sample images per prompt (seeds seed, seed+1, ...): more shows variety, costs time."""
@@ -253,18 +259,28 @@ class ValidationArgs(_Group):
 
     @classmethod
     def flag(cls, name: str) -> str:
-        special = {"validate_every": "--validate-every", "num_images": "--validation-images",
-                   "steps": "--validation-steps", "guidance": "--validation-guidance",
-                   "seed": "--validation-seed", "loss_timesteps": "--val-loss-timesteps",
-                   "score_every": "--score-every", "dino_model": "--dino-model", "best_by": "--best-by"}
+        special = {
+            "validate_every": "--validate-every",
+            "num_images": "--validation-images",
+            "steps": "--validation-steps",
+            "guidance": "--validation-guidance",
+            "seed": "--validation-seed",
+            "loss_timesteps": "--val-loss-timesteps",
+            "score_every": "--score-every",
+            "dino_model": "--dino-model",
+            "best_by": "--best-by",
+        }
         return special.get(name) or super().flag(name)
 
     def _check(self) -> list[str]:
-        problems = self._minimums(at_least_1=("num_images", "steps", "loss_timesteps"),
-                                  non_negative=("validate_every", "score_every"))
+        problems = self._minimums(
+            at_least_1=("num_images", "steps", "loss_timesteps"), non_negative=("validate_every", "score_every")
+        )
         if self.score_every > 0 and self.validate_every > 0 and self.score_every % self.validate_every:
-            problems.append(f"--score-every {self.score_every} must be a multiple of --validate-every "
-                            f"{self.validate_every} (DINO scores the validation samples)")
+            problems.append(
+                f"--score-every {self.score_every} must be a multiple of --validate-every "
+                f"{self.validate_every} (DINO scores the validation samples)"
+            )
         if self.score_every and not self.prompts:
             problems.append("--score-every scores the validation samples: give at least one --validation-prompt")
         if self.best_by == "dino" and not self.score_every:
@@ -352,9 +368,13 @@ def _field_docs(cls: type) -> dict[str, str]:
         return {}
     docs, body = {}, tree.body[0].body  # type: ignore[attr-defined]
     for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 

@@ -61,7 +61,9 @@ def run_demo(
     phase("caption check")
     check = check_captions(dataset)
     if not check.ok:
-        raise DataError(f"{dataset / 'captions.txt'}: {len(check.problems)} caption problem(s); run `sdlora caption --check {dataset}`")
+        raise DataError(
+            f"{dataset / 'captions.txt'}: {len(check.problems)} caption problem(s); run `sdlora caption --check {dataset}`"
+        )
 
     phase("train")
     cfg = config_mod.load_config(
@@ -82,8 +84,14 @@ def run_demo(
     samples_json = generate_samples(run, list(DEMO_PROMPTS), num_images=2, steps=10, on_progress=on_progress)
 
     phase("score")
-    scores = score_run(run, samples_json=samples_json, dino_model="tiny-dino", clip_model="tiny-clip",
-                       clip_pretrained=None, on_progress=on_progress)
+    scores = score_run(
+        run,
+        samples_json=samples_json,
+        dino_model="tiny-dino",
+        clip_model="tiny-clip",
+        clip_pretrained=None,
+        on_progress=on_progress,
+    )
 
     phase("report")
     report = write_report(run.path)

@@ -38,7 +38,10 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "dpm++": ("DPMSolverMultistepScheduler", {}),
     "dpm++_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
     "dpm++_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "dpm++_sde_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++_sde_karras": (
+        "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
+    ),
     "unipc": ("UniPCMultistepScheduler", {}),
     "ddim": ("DDIMScheduler", {}),
     "pndm": ("PNDMScheduler", {}),
@@ -51,6 +54,7 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ---- prompts --------------------------------------------------------------------------------
+
 
 def expand_prompt(prompt: str, token: str, class_word: str) -> str:
     """Put the class word after the token where the prompt omits it.
@@ -94,11 +98,12 @@ def slug(prompt: str, max_len: int = 60) -> str:
     base = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
     if not base or len(base) > max_len:
         digest = hashlib.sha1(prompt.encode("utf-8")).hexdigest()[:8]
-        base = f"{base[:max_len - 9].rstrip('-')}-{digest}".strip("-")
+        base = f"{base[: max_len - 9].rstrip('-')}-{digest}".strip("-")
     return base
 
 
 # ---- pipeline -------------------------------------------------------------------------------
+
 
 def resolve_device(device: str | None) -> torch.device:
     """`--device`, or the best available: CUDA, then Apple's MPS, then the CPU."""
@@ -167,8 +172,10 @@ def load_lora(pipe: Any, arch: Any, lora_dir: Path, token: str) -> LoadedLora:
         with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel": expected for a UNet-only LoRA
             pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_LORA, adapter_name=ADAPTER)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise RunError(f"{lora_dir / DIFFUSERS_LORA}: cannot be loaded into {arch.name} "
-                       f"({str(exc).splitlines()[0][:200]}); was it trained on another base model?") from exc
+        raise RunError(
+            f"{lora_dir / DIFFUSERS_LORA}: cannot be loaded into {arch.name} "
+            f"({str(exc).splitlines()[0][:200]}); was it trained on another base model?"
+        ) from exc
     loaded = LoadedLora(files=[str(lora_dir / DIFFUSERS_LORA)])
     embeddings = lora_dir / EMBEDDINGS
     if embeddings.is_file():
@@ -187,15 +194,18 @@ def load_embeddings(pipe: Any, arch: Any, path: Path, token: str) -> None:
     state = load_file(str(path))
     try:
         if arch.is_sdxl and {"clip_l", "clip_g"} <= set(state):
-            pipe.load_textual_inversion(state["clip_l"], token=token, text_encoder=pipe.text_encoder,
-                                        tokenizer=pipe.tokenizer)
-            pipe.load_textual_inversion(state["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
-                                        tokenizer=pipe.tokenizer_2)
+            pipe.load_textual_inversion(
+                state["clip_l"], token=token, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer
+            )
+            pipe.load_textual_inversion(
+                state["clip_g"], token=token, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2
+            )
         else:
             pipe.load_textual_inversion(str(path), token=token)
     except (ValueError, KeyError, RuntimeError) as exc:
-        raise RunError(f"{path}: not a textual-inversion embedding for {arch.name} "
-                       f"({str(exc).splitlines()[0][:200]})") from exc
+        raise RunError(
+            f"{path}: not a textual-inversion embedding for {arch.name} ({str(exc).splitlines()[0][:200]})"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -236,8 +246,9 @@ class SamplerOptions:
     cpu_offload: bool = False
 
 
-def prepare_pipeline(run: RunInfo, lora_dir: Path, options: SamplerOptions,
-                     scheduler: str | None = None) -> tuple[Any, Any, torch.device, LoadedLora]:
+def prepare_pipeline(
+    run: RunInfo, lora_dir: Path, options: SamplerOptions, scheduler: str | None = None
+) -> tuple[Any, Any, torch.device, LoadedLora]:
     """The run's base model with its LoRA loaded, on its device: (pipe, arch, device, loaded files).
 
     Attention runs through PyTorch's scaled_dot_product_attention (diffusers' default processor),
@@ -272,6 +283,7 @@ def prepare_pipeline(run: RunInfo, lora_dir: Path, options: SamplerOptions,
 
 # ---- images ---------------------------------------------------------------------------------
 
+
 def png_metadata(fields: dict[str, Any]) -> Any:
     from PIL.PngImagePlugin import PngInfo
 
@@ -297,8 +309,9 @@ def make_grid(rows: list[tuple[str, list[Any]]], captions: list[str], title: str
     font = ImageFont.load_default(size=14)
     label_w, title_h, caption_h, pad = 84, 28, 20, 4
     columns = max(len(images) for _, images in rows)
-    grid = Image.new("RGB", (label_w + columns * (cell_w + pad), title_h + len(rows) * (cell_h + pad) + caption_h),
-                     "white")
+    grid = Image.new(
+        "RGB", (label_w + columns * (cell_w + pad), title_h + len(rows) * (cell_h + pad) + caption_h), "white"
+    )
     draw = ImageDraw.Draw(grid)
     draw.text((6, 6), title if len(title) < 110 else title[:107] + "...", fill="black", font=font)
     for r, (label, images) in enumerate(rows):
@@ -315,6 +328,7 @@ def make_grid(rows: list[tuple[str, list[Any]]], captions: list[str], title: str
 
 # ---- samples.json ---------------------------------------------------------------------------
 
+
 def read_samples_json(path: Path) -> dict[str, Any]:
     """An existing samples.json to merge into; an unreadable one is an error (never silently dropped)."""
     if not path.is_file():
@@ -324,7 +338,9 @@ def read_samples_json(path: Path) -> dict[str, Any]:
         if not isinstance(data, dict) or not isinstance(data.get("images", []), list):
             raise ValueError("no 'images' list")
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path}: not a samples.json written by `sdlora sample` ({exc}); move it away and sample again") from exc
+        raise RunError(
+            f"{path}: not a samples.json written by `sdlora sample` ({exc}); move it away and sample again"
+        ) from exc
     data.setdefault("images", [])
     return data
 
@@ -410,16 +426,28 @@ def generate_samples(
     samples_path = out_dir / SAMPLES_JSON
     existing = read_samples_json(samples_path)  # fail on a broken file before minutes of sampling
 
-    options = SamplerOptions(device=device, dtype=dtype, attention_slicing=attention_slicing,
-                             vae_tiling=vae_tiling, cpu_offload=cpu_offload)
+    options = SamplerOptions(
+        device=device, dtype=dtype, attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload
+    )
     pipe, _, _, loaded = prepare_pipeline(run, folder, options, scheduler)
     pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
-    s = Settings(num_images=num_images, seed=seed, steps=steps, guidance=guidance, lora_scale=lora_scale,
-                 negative_prompt=negative_prompt, height=height or run.resolution, width=width or run.resolution,
-                 batch_size=batch_size, variants=("lora", "baseline") if baseline else ("lora",))
+    s = Settings(
+        num_images=num_images,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        lora_scale=lora_scale,
+        negative_prompt=negative_prompt,
+        height=height or run.resolution,
+        width=width or run.resolution,
+        batch_size=batch_size,
+        variants=("lora", "baseline") if baseline else ("lora",),
+    )
     scheduler_name = type(pipe.scheduler).__name__
 
-    taken = {Path(e["file"]).parent.as_posix(): e["prompt"] for e in existing["images"] if "file" in e and "prompt" in e}
+    taken = {
+        Path(e["file"]).parent.as_posix(): e["prompt"] for e in existing["images"] if "file" in e and "prompt" in e
+    }
     expanded: dict[str, str] = {}  # as written -> as generated; two spellings of one prompt are sampled once
     for written in prompts:
         prompt = expand_prompt(written, run.token, run.class_word)
@@ -444,31 +472,72 @@ def generate_samples(
             for written, prompt in expanded.items():
                 for i, image in _generate(pipe, prompt, s, tick):
                     rel = f"{subdirs[written]}/{VARIANT_STEM[variant]}-{i:02d}.png"
-                    entry = {"file": rel, "prompt": prompt, "prompt_as_written": written, "seed": seed + i,
-                             "variant": variant, "index": i, "steps": steps, "guidance": guidance,
-                             "lora_scale": lora_scale if variant == "lora" else 0.0, "scheduler": scheduler_name,
-                             "height": s.height, "width": s.width, "negative_prompt": negative_prompt}
-                    save_png(image, out_dir / rel, {
-                        "prompt": prompt, "negative_prompt": negative_prompt, "seed": seed + i, "model": run.model,
-                        "lora": ", ".join(loaded.files) if variant == "lora" else "none (baseline: base model alone)",
-                        "lora_scale": entry["lora_scale"], "steps": steps, "guidance": guidance,
-                        "scheduler": scheduler_name, "variant": variant, "size": f"{s.width}x{s.height}",
-                        "sdlora_version": __version__, "Software": f"sdlora {__version__}",
-                    })
+                    entry = {
+                        "file": rel,
+                        "prompt": prompt,
+                        "prompt_as_written": written,
+                        "seed": seed + i,
+                        "variant": variant,
+                        "index": i,
+                        "steps": steps,
+                        "guidance": guidance,
+                        "lora_scale": lora_scale if variant == "lora" else 0.0,
+                        "scheduler": scheduler_name,
+                        "height": s.height,
+                        "width": s.width,
+                        "negative_prompt": negative_prompt,
+                    }
+                    save_png(
+                        image,
+                        out_dir / rel,
+                        {
+                            "prompt": prompt,
+                            "negative_prompt": negative_prompt,
+                            "seed": seed + i,
+                            "model": run.model,
+                            "lora": ", ".join(loaded.files)
+                            if variant == "lora"
+                            else "none (baseline: base model alone)",
+                            "lora_scale": entry["lora_scale"],
+                            "steps": steps,
+                            "guidance": guidance,
+                            "scheduler": scheduler_name,
+                            "variant": variant,
+                            "size": f"{s.width}x{s.height}",
+                            "sdlora_version": __version__,
+                            "Software": f"sdlora {__version__}",
+                        },
+                    )
                     new_entries.append(entry)
 
     written_files = {e["file"] for e in new_entries}
     for written, prompt in expanded.items():
         _remove_stale(out_dir, existing, prompt, s.variants, written_files)
-        write_grid(out_dir, subdirs[written], prompt, [e for e in new_entries if e["prompt"] == prompt],
-                   {"model": run.model, "lora": loaded.files[0]})
+        write_grid(
+            out_dir,
+            subdirs[written],
+            prompt,
+            [e for e in new_entries if e["prompt"] == prompt],
+            {"model": run.model, "lora": loaded.files[0]},
+        )
 
     regenerated = {(e["prompt"], e["variant"]) for e in new_entries}
     kept = [e for e in existing["images"] if (e.get("prompt"), e.get("variant")) not in regenerated]
-    data = {**{k: v for k, v in existing.items() if k != "images"},
-            "model": run.model, "run": str(run.path), "lora_dir": str(folder), "lora_scale": lora_scale,
-            "steps": steps, "guidance": guidance, "scheduler": scheduler_name, "height": s.height, "width": s.width,
-            "negative_prompt": negative_prompt, "sdlora_version": __version__, "images": kept + new_entries}
+    data = {
+        **{k: v for k, v in existing.items() if k != "images"},
+        "model": run.model,
+        "run": str(run.path),
+        "lora_dir": str(folder),
+        "lora_scale": lora_scale,
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": scheduler_name,
+        "height": s.height,
+        "width": s.width,
+        "negative_prompt": negative_prompt,
+        "sdlora_version": __version__,
+        "images": kept + new_entries,
+    }
     write_json(samples_path, data)
     return samples_path
 

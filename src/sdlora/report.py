@@ -54,8 +54,11 @@ class Series:
     points: list[tuple[float, float]] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.points = [(float(x), float(y)) for x, y in zip(self.xs, self.ys)
-                       if y is not None and x is not None and math.isfinite(y) and math.isfinite(x)]
+        self.points = [
+            (float(x), float(y))
+            for x, y in zip(self.xs, self.ys)
+            if y is not None and x is not None and math.isfinite(y) and math.isfinite(x)
+        ]
 
 
 def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
@@ -97,21 +100,33 @@ def _range(values: list[float]) -> tuple[float, float]:
     return lo - pad, hi + pad
 
 
-def line_plot(series: Sequence[Series], *, title: str, xlabel: str = "step", ylabel: str = "",
-              width: int = 560, height: int = 280, y_from_zero: bool = False) -> str:
+def line_plot(
+    series: Sequence[Series],
+    *,
+    title: str,
+    xlabel: str = "step",
+    ylabel: str = "",
+    width: int = 560,
+    height: int = 280,
+    y_from_zero: bool = False,
+) -> str:
     """An <svg> element with one line per series; an empty-state message when nothing has points."""
     left, right, top, bottom = 74, 16, 30, 44
     legend_rows = _legend_rows(series, width - left - right)
     top += 16 * len(legend_rows)
     plot_w, plot_h = width - left - right, height - top - bottom
     total_h = height
-    out = [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" role="img" viewBox="0 0 {width} {total_h}" '
-           f'width="{width}" height="{total_h}" aria-label="{escape(title)}">',
-           f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" class="plot-title">{escape(title)}</text>']
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" role="img" viewBox="0 0 {width} {total_h}" '
+        f'width="{width}" height="{total_h}" aria-label="{escape(title)}">',
+        f'<text x="{width / 2:.1f}" y="18" text-anchor="middle" class="plot-title">{escape(title)}</text>',
+    ]
     drawn = [s for s in series if s.points]
     if not drawn:
-        out.append(f'<text x="{width / 2:.1f}" y="{total_h / 2:.1f}" text-anchor="middle" class="plot-empty">'
-                   f'no data yet</text></svg>')
+        out.append(
+            f'<text x="{width / 2:.1f}" y="{total_h / 2:.1f}" text-anchor="middle" class="plot-empty">'
+            f"no data yet</text></svg>"
+        )
         return "".join(out)
     xs = [x for s in drawn for x, _ in s.points]
     ys = [y for s in drawn for _, y in s.points]
@@ -133,39 +148,53 @@ def line_plot(series: Sequence[Series], *, title: str, xlabel: str = "step", yla
     for t in yticks:
         y = py(t)
         out.append(f'<line x1="{left}" x2="{left + plot_w}" y1="{y:.1f}" y2="{y:.1f}" class="plot-grid"/>')
-        out.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="plot-tick">{fmt_tick(t, ystep)}</text>')
+        out.append(
+            f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end" class="plot-tick">{fmt_tick(t, ystep)}</text>'
+        )
     xticks = [t for t in nice_ticks(x_lo, x_hi, 6) if x_lo <= t <= x_hi]
     xstep = xticks[1] - xticks[0] if len(xticks) > 1 else 1.0
     for t in xticks:
         x = px(t)
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" class="plot-axis"/>')
-        out.append(f'<text x="{x:.1f}" y="{top + plot_h + 17}" text-anchor="middle" class="plot-tick">'
-                   f'{fmt_tick(t, xstep)}</text>')
-    out.append(f'<text x="{left + plot_w / 2:.1f}" y="{total_h - 8}" text-anchor="middle" class="plot-label">'
-               f'{escape(xlabel)}</text>')
+        out.append(
+            f'<text x="{x:.1f}" y="{top + plot_h + 17}" text-anchor="middle" class="plot-tick">'
+            f"{fmt_tick(t, xstep)}</text>"
+        )
+    out.append(
+        f'<text x="{left + plot_w / 2:.1f}" y="{total_h - 8}" text-anchor="middle" class="plot-label">'
+        f"{escape(xlabel)}</text>"
+    )
     if ylabel:
-        out.append(f'<text transform="translate(14 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle" '
-                   f'class="plot-label">{escape(ylabel)}</text>')
+        out.append(
+            f'<text transform="translate(14 {top + plot_h / 2:.1f}) rotate(-90)" text-anchor="middle" '
+            f'class="plot-label">{escape(ylabel)}</text>'
+        )
     # lines
     for i, s in enumerate(series):
         if not s.points:
             continue
         color = s.color or PALETTE[i % len(PALETTE)]
         for segment in _segments(s):
-            if len(segment) == 1 and not s.markers:  # a point between gaps: a dot, since a path of one point is invisible
-                (x, y), = segment
+            if (
+                len(segment) == 1 and not s.markers
+            ):  # a point between gaps: a dot, since a path of one point is invisible
+                ((x, y),) = segment
                 out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2" fill="{color}"/>')
                 continue
             if len(segment) == 1:
                 continue
             path = " ".join(f"{'M' if j == 0 else 'L'}{px(x):.1f},{py(y):.1f}" for j, (x, y) in enumerate(segment))
             dash = f' stroke-dasharray="{s.dash}"' if s.dash else ""
-            out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="{s.width}" '
-                       f'stroke-opacity="{s.opacity}"{dash}><title>{escape(s.label)}</title></path>')
+            out.append(
+                f'<path d="{path}" fill="none" stroke="{color}" stroke-width="{s.width}" '
+                f'stroke-opacity="{s.opacity}"{dash}><title>{escape(s.label)}</title></path>'
+            )
         if s.markers:
             for x, y in s.points:
-                out.append(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}">'
-                           f'<title>{escape(s.label)}: step {x:g}, {y:.4g}</title></circle>')
+                out.append(
+                    f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}">'
+                    f"<title>{escape(s.label)}: step {x:g}, {y:.4g}</title></circle>"
+                )
     # legend
     y = 34
     for row in legend_rows:
@@ -293,8 +322,10 @@ def _not_yet(text: str) -> str:
 def _img(uri: str | None, alt: str, caption: str) -> str:
     if uri is None:
         return f'<figure class="thumb missing"><div>unreadable</div><figcaption>{escape(caption)}</figcaption></figure>'
-    return (f'<figure class="thumb"><img src="{uri}" alt="{escape(alt)}" title="{escape(alt)}">'
-            f'<figcaption>{escape(caption)}</figcaption></figure>')
+    return (
+        f'<figure class="thumb"><img src="{uri}" alt="{escape(alt)}" title="{escape(alt)}">'
+        f"<figcaption>{escape(caption)}</figcaption></figure>"
+    )
 
 
 def config_section(run_dir: Path) -> Section:
@@ -304,9 +335,11 @@ def config_section(run_dir: Path) -> Section:
         section.body, section.status = _not_yet(f"no {CONFIG} in this run folder"), "missing"
         return section
     text = path.read_text(encoding="utf-8", errors="replace")
-    section.body = (f'<p class="muted">The fully resolved config ({escape(CONFIG)}): '
-                    f'<code>sdlora train --config {escape(str(path))}</code> repeats the run.</p>'
-                    f"<pre>{escape(text)}</pre>")
+    section.body = (
+        f'<p class="muted">The fully resolved config ({escape(CONFIG)}): '
+        f"<code>sdlora train --config {escape(str(path))}</code> repeats the run.</p>"
+        f"<pre>{escape(text)}</pre>"
+    )
     return section
 
 
@@ -332,39 +365,76 @@ def training_section(run_dir: Path) -> Section:
         section.body, section.status = _not_yet(f"{METRICS} has no records yet"), "missing"
         return section
     plots = []
-    loss = [_series(steps, "loss", "loss", color="#1f77b4", width=1, opacity=0.35),
-            _series(steps, "loss_mean", "running mean", color="#1f77b4", width=2.2),
-            _series(vals, "val_loss", "validation loss", color="#d62728", width=2, markers=True)]
+    loss = [
+        _series(steps, "loss", "loss", color="#1f77b4", width=1, opacity=0.35),
+        _series(steps, "loss_mean", "running mean", color="#1f77b4", width=2.2),
+        _series(vals, "val_loss", "validation loss", color="#d62728", width=2, markers=True),
+    ]
     loss += [_series(steps, k, k.split("/", 1)[1] + " loss", width=1, dash="4 3") for k in _keys(steps, "loss/")]
     plots.append(line_plot(loss, title="Loss", ylabel="MSE"))
     grads = _keys(steps, "grad_norm/")
     if len(grads) == 2 and "grad_norm/total" in grads:
         grads.remove("grad_norm/total")  # one group: its norm is the total
     grads.sort(key=lambda k: (k == "grad_norm/total", k))  # groups first, the total last (dashed)
-    plots.append(line_plot([_series(steps, k, k.split("/", 1)[1], dash="5 3" if k.endswith("/total") else None)
-                            for k in grads], title="Gradient norm (before clipping)", ylabel="L2 norm"))
+    plots.append(
+        line_plot(
+            [_series(steps, k, k.split("/", 1)[1], dash="5 3" if k.endswith("/total") else None) for k in grads],
+            title="Gradient norm (before clipping)",
+            ylabel="L2 norm",
+        )
+    )
     lrs = ["lr", *_keys(steps, "lr/")]
-    plots.append(line_plot([_series(steps, k, "unet" if k == "lr" else k.split("/", 1)[1]) for k in lrs],
-                           title="Learning rate", ylabel="lr", y_from_zero=True))
-    percent = [("cpu_percent", "process CPU"), ("system_cpu_percent", "system CPU"),
-               ("cuda_utilization_percent", "GPU utilisation")]
-    plots.append(line_plot([_series(records, k, label) for k, label in percent if any(k in r for r in records)],
-                           title="Machine load", ylabel="%", y_from_zero=True))
-    memory = [("rss_gb", "process RAM (RSS)")] + [(k, k.removesuffix("_gb").replace("_", " ") .replace("cuda", "CUDA"))
-                                                  for k in _keys(records, "cuda_") if k.endswith("_gb")]
-    plots.append(line_plot([_series(records, k, label) for k, label in memory], title="Memory", ylabel="GiB",
-                           y_from_zero=True))
+    plots.append(
+        line_plot(
+            [_series(steps, k, "unet" if k == "lr" else k.split("/", 1)[1]) for k in lrs],
+            title="Learning rate",
+            ylabel="lr",
+            y_from_zero=True,
+        )
+    )
+    percent = [
+        ("cpu_percent", "process CPU"),
+        ("system_cpu_percent", "system CPU"),
+        ("cuda_utilization_percent", "GPU utilisation"),
+    ]
+    plots.append(
+        line_plot(
+            [_series(records, k, label) for k, label in percent if any(k in r for r in records)],
+            title="Machine load",
+            ylabel="%",
+            y_from_zero=True,
+        )
+    )
+    memory = [("rss_gb", "process RAM (RSS)")] + [
+        (k, k.removesuffix("_gb").replace("_", " ").replace("cuda", "CUDA"))
+        for k in _keys(records, "cuda_")
+        if k.endswith("_gb")
+    ]
+    plots.append(
+        line_plot([_series(records, k, label) for k, label in memory], title="Memory", ylabel="GiB", y_from_zero=True)
+    )
     if any("images_per_s" in r for r in steps):
-        plots.append(line_plot([_series(steps, "images_per_s", "images/s")], title="Throughput", ylabel="images/s",
-                               y_from_zero=True))
+        plots.append(
+            line_plot(
+                [_series(steps, "images_per_s", "images/s")], title="Throughput", ylabel="images/s", y_from_zero=True
+            )
+        )
     norms = _keys(steps, "embedding_norm/")  # the token's own embedding (pivotal tuning)
     if norms:
-        plots.append(line_plot([_series(steps, k, k.split("/", 1)[1]) for k in norms],
-                               title="Token embedding norm", ylabel="L2 norm"))
+        plots.append(
+            line_plot(
+                [_series(steps, k, k.split("/", 1)[1]) for k in norms], title="Token embedding norm", ylabel="L2 norm"
+            )
+        )
     dino = [r for r in records if "dino" in r]  # `sdlora train --score-every`
     if dino:
-        plots.append(line_plot([_series(dino, "dino", "DINO vs val photos", color="#2ca02c", width=2, markers=True)],
-                               title="DINO of the validation samples", ylabel="cosine"))
+        plots.append(
+            line_plot(
+                [_series(dino, "dino", "DINO vs val photos", color="#2ca02c", width=2, markers=True)],
+                title="DINO of the validation samples",
+                ylabel="cosine",
+            )
+        )
     section.body = _training_summary(steps, vals, records) + '<div class="plots">' + "".join(plots) + "</div>"
     return section
 
@@ -394,8 +464,11 @@ def _training_summary(steps: list[dict], vals: list[dict], records: list[dict]) 
 def validation_section(run_dir: Path) -> Section:
     section = Section("validation", "Samples during training")
     root = run_dir / SAMPLES_DIR
-    folders = sorted((f for f in root.glob("step-*") if f.is_dir() and _step_of(f) is not None), key=_step_of) \
-        if root.is_dir() else []
+    folders = (
+        sorted((f for f in root.glob("step-*") if f.is_dir() and _step_of(f) is not None), key=_step_of)
+        if root.is_dir()
+        else []
+    )
     if not folders:
         section.body, section.status = _not_yet("no samples/step-N folders (train with validation prompts)"), "missing"
         return section
@@ -405,15 +478,20 @@ def validation_section(run_dir: Path) -> Section:
         parts.append(f'<p class="muted">Showing {len(shown)} of {len(folders)} validation steps.</p>')
     steps = [(folder, _validation_entries(folder)) for folder in shown]
     prompts = list(dict.fromkeys(str(e.get("prompt") or "") for _, entries in steps for e in entries))
-    head = "".join(f'<th>{escape(p) or "images"}</th>' for p in prompts)
+    head = "".join(f"<th>{escape(p) or 'images'}</th>" for p in prompts)
     rows = []
     for folder, entries in steps:
         cells = []
         for prompt in prompts:
             figures = "".join(
-                _img(thumbnail(folder / e["file"], VALIDATION_THUMB_PX), f"step {_step_of(folder)}: {prompt} (seed {e.get('seed')})",
-                     f"seed {e['seed']}" if "seed" in e else Path(e["file"]).stem)
-                for e in entries if str(e.get("prompt") or "") == prompt)
+                _img(
+                    thumbnail(folder / e["file"], VALIDATION_THUMB_PX),
+                    f"step {_step_of(folder)}: {prompt} (seed {e.get('seed')})",
+                    f"seed {e['seed']}" if "seed" in e else Path(e["file"]).stem,
+                )
+                for e in entries
+                if str(e.get("prompt") or "") == prompt
+            )
             cells.append(f'<td><div class="thumbs">{figures}</div></td>')
         rows.append(f"<tr><th>step {_step_of(folder)}</th>{''.join(cells)}</tr>")
     parts.append(f'<table class="val-steps"><tr><th></th>{head}</tr>{"".join(rows)}</table>')
@@ -446,22 +524,28 @@ def comparison_section(run_dir: Path) -> Section:
     section = Section("samples", "LoRA vs base model")
     path = run_dir / SAMPLES_DIR / SAMPLES_JSON
     if not path.is_file():
-        section.body = _not_yet("no samples.json (run `sdlora sample \"sksToy on a beach\"`)")
+        section.body = _not_yet('no samples.json (run `sdlora sample "sksToy on a beach"`)')
         section.status = "missing"
         return section
     data = read_json(path)
-    images = [e for e in (data.get("images") or []) if isinstance(e, dict) and "file" in e] \
-        if isinstance(data, dict) else []
+    images = (
+        [e for e in (data.get("images") or []) if isinstance(e, dict) and "file" in e] if isinstance(data, dict) else []
+    )
     if not images:
         section.body, section.status = _not_yet(f"{SAMPLES_JSON} lists no images"), "missing"
         return section
     prompts: dict[str, list[dict[str, Any]]] = {}
     for entry in images:
         prompts.setdefault(str(entry.get("prompt", "")), []).append(entry)
-    settings = ", ".join(f"{k} {escape(str(data[k]))}" for k in ("model", "steps", "guidance", "scheduler", "lora_scale")
-                         if data.get(k) is not None)
-    parts = [f'<p class="muted">Same prompts and seeds; the base row is the base model with the LoRA switched off. '
-             f'Last sampling: {settings}.</p>']
+    settings = ", ".join(
+        f"{k} {escape(str(data[k]))}"
+        for k in ("model", "steps", "guidance", "scheduler", "lora_scale")
+        if data.get(k) is not None
+    )
+    parts = [
+        f'<p class="muted">Same prompts and seeds; the base row is the base model with the LoRA switched off. '
+        f"Last sampling: {settings}.</p>"
+    ]
     names = list(prompts)
     if len(names) > MAX_PROMPTS:
         parts.append(f'<p class="muted">Showing the first {MAX_PROMPTS} of {len(names)} prompts.</p>')
@@ -469,13 +553,23 @@ def comparison_section(run_dir: Path) -> Section:
         mine = prompts[prompt]
         rows = []
         for variant, label in (("lora", "LoRA"), ("baseline", "base")):
-            chosen = sorted((e for e in mine if e.get("variant") == variant), key=lambda e: (e.get("index", 0), e["file"]))
+            chosen = sorted(
+                (e for e in mine if e.get("variant") == variant), key=lambda e: (e.get("index", 0), e["file"])
+            )
             if not chosen:
                 continue
-            figures = "".join(_img(thumbnail(path.parent / e["file"]), f"{label}: {prompt} (seed {e.get('seed')})",
-                                   f"seed {e.get('seed')}") for e in chosen)
-            rows.append(f'<div class="prompt-row"><div class="row-label variant-{variant}">{label}</div>'
-                        f'<div class="thumbs">{figures}</div></div>')
+            figures = "".join(
+                _img(
+                    thumbnail(path.parent / e["file"]),
+                    f"{label}: {prompt} (seed {e.get('seed')})",
+                    f"seed {e.get('seed')}",
+                )
+                for e in chosen
+            )
+            rows.append(
+                f'<div class="prompt-row"><div class="row-label variant-{variant}">{label}</div>'
+                f'<div class="thumbs">{figures}</div></div>'
+            )
         written = mine[0].get("prompt_as_written")
         note = f' <span class="muted">(written as “{escape(written)}”)</span>' if written and written != prompt else ""
         parts.append(f'<div class="comparison"><h3>{escape(prompt)}{note}</h3>{"".join(rows)}</div>')
@@ -500,23 +594,32 @@ def scores_section(run_dir: Path) -> Section:
         a, b = _num(lora.get(key)), _num(base.get(key))
         if a is None and b is None:
             continue
-        delta = "&ndash;" if a is None or b is None else f'<span class="{"up" if a >= b else "down"}">{a - b:+.3f}</span>'
+        delta = (
+            "&ndash;" if a is None or b is None else f'<span class="{"up" if a >= b else "down"}">{a - b:+.3f}</span>'
+        )
         rows.append(f"<tr><th>{label}</th><td>{_fmt(a)}</td><td>{_fmt(b)}</td><td>{delta}</td></tr>")
-    rows.append(f"<tr><th>images</th><td>{escape(str(lora.get('images', '–')))}</td>"
-                f"<td>{escape(str(base.get('images', '–')))}</td><td></td></tr>")
+    rows.append(
+        f"<tr><th>images</th><td>{escape(str(lora.get('images', '–')))}</td>"
+        f"<td>{escape(str(base.get('images', '–')))}</td><td></td></tr>"
+    )
     parts = [_scorers_note(data), f'<table class="scores overall">{head}{"".join(rows)}</table>']
     per_prompt = [p for p in (data.get("prompts") or []) if isinstance(p, dict)]
     if per_prompt:
-        head = ("<tr><th>prompt</th><th>variant</th>" + "".join(f"<th>{label}</th>" for _, label in SCORE_METRICS)
-                + "<th>images</th></tr>")
+        head = (
+            "<tr><th>prompt</th><th>variant</th>"
+            + "".join(f"<th>{label}</th>" for _, label in SCORE_METRICS)
+            + "<th>images</th></tr>"
+        )
         body = []
         for entry in per_prompt:
             for i, (variant, label) in enumerate((("lora", "LoRA"), ("baseline", "base"))):
                 scores = entry.get(variant) or {}
                 prompt_cell = f'<td rowspan="2">{escape(str(entry.get("prompt", "")))}</td>' if i == 0 else ""
-                body.append(f'<tr class="{variant}">{prompt_cell}<td class="variant">{label}</td>'
-                            + "".join(f"<td>{_fmt(scores.get(k))}</td>" for k, _ in SCORE_METRICS)
-                            + f"<td>{escape(str(scores.get('images', 0)))}</td></tr>")
+                body.append(
+                    f'<tr class="{variant}">{prompt_cell}<td class="variant">{label}</td>'
+                    + "".join(f"<td>{_fmt(scores.get(k))}</td>" for k, _ in SCORE_METRICS)
+                    + f"<td>{escape(str(scores.get('images', 0)))}</td></tr>"
+                )
         parts.append(f'<h3>Per prompt</h3><table class="scores per-prompt">{head}{"".join(body)}</table>')
     if data.get("scale"):
         parts.append(f'<p class="muted">{escape(str(data["scale"]))}</p>')
@@ -539,8 +642,9 @@ def _scorers_note(data: dict[str, Any]) -> str:
     if data.get("created"):
         bits.append(f"scored {escape(str(data['created']))}")
     tiny = any(str(s.get("model", "")).startswith("tiny-") for s in (dino, clip))
-    warn = ('<p class="warn">Tiny random scorer models: these numbers check the plumbing, not the LoRA.</p>'
-            if tiny else "")
+    warn = (
+        '<p class="warn">Tiny random scorer models: these numbers check the plumbing, not the LoRA.</p>' if tiny else ""
+    )
     return (f'<p class="muted">{"; ".join(bits)}.</p>' if bits else "") + warn
 
 
@@ -549,13 +653,16 @@ def outputs_section(run_dir: Path) -> Section:
     rows = []
     for folder in (LORA_DIR, BEST_DIR):
         for file in sorted((run_dir / folder).glob("*.safetensors")) if (run_dir / folder).is_dir() else []:
-            rows.append(f"<tr><td><code>{escape(folder)}/{escape(file.name)}</code></td>"
-                        f"<td>{file.stat().st_size / 2**20:.2f} MiB</td><td>{escape(_lora_kind(file))}</td></tr>")
+            rows.append(
+                f"<tr><td><code>{escape(folder)}/{escape(file.name)}</code></td>"
+                f"<td>{file.stat().st_size / 2**20:.2f} MiB</td><td>{escape(_lora_kind(file))}</td></tr>"
+            )
     if not rows:
         section.body, section.status = _not_yet("no LoRA written (training not finished)"), "missing"
         return section
-    section.body = ('<table class="files"><tr><th>file</th><th>size</th><th>format</th></tr>' + "".join(rows)
-                    + "</table>")
+    section.body = (
+        '<table class="files"><tr><th>file</th><th>size</th><th>format</th></tr>' + "".join(rows) + "</table>"
+    )
     return section
 
 
@@ -570,7 +677,12 @@ def _lora_kind(file: Path) -> str:
 # ============================================================================ page
 
 SECTIONS: tuple[Callable[[Path], Section], ...] = (
-    scores_section, comparison_section, training_section, validation_section, outputs_section, config_section,
+    scores_section,
+    comparison_section,
+    training_section,
+    validation_section,
+    outputs_section,
+    config_section,
 )
 
 CSS = """
@@ -619,16 +731,19 @@ def render_report(run_dir: Path) -> str:
             section = Section(name, name.capitalize(), status="error")
             section.body = f'<p class="error">Could not be shown: {escape(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)}</p>'
             sections.append(section)
-    nav = "".join(f'<a href="#{s.id}" class="{"missing" if s.status == "missing" else ""}">{escape(s.title)}</a>'
-                  for s in sections)
-    body = "".join(f'<section id="{s.id}" class="{s.status}"><h2>{escape(s.title)}</h2>{s.body}</section>'
-                   for s in sections)
+    nav = "".join(
+        f'<a href="#{s.id}" class="{"missing" if s.status == "missing" else ""}">{escape(s.title)}</a>'
+        for s in sections
+    )
+    body = "".join(
+        f'<section id="{s.id}" class="{s.status}"><h2>{escape(s.title)}</h2>{s.body}</section>' for s in sections
+    )
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>sdlora report: {escape(run_dir.name)}</title><style>{CSS}</style></head><body>"
-        f"<header><h1>sdlora run {escape(run_dir.name)}</h1><div class=\"meta\">{_run_meta(run_dir)}"
+        f'<header><h1>sdlora run {escape(run_dir.name)}</h1><div class="meta">{_run_meta(run_dir)}'
         f" &middot; report written {escape(now)} by sdlora {escape(__version__)}</div><nav>{nav}</nav></header>"
         f"<main>{body}</main></body></html>\n"
     )

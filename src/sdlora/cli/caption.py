@@ -59,14 +59,26 @@ def caption(
     ] = None,
     template: Annotated[
         Optional[str],
-        typer.Option("--template", help=f"Caption for images with none; fields {{token}} and {{class}}. Default: '{DEFAULT_TEMPLATE}'."),
+        typer.Option(
+            "--template",
+            help=f"Caption for images with none; fields {{token}} and {{class}}. Default: '{DEFAULT_TEMPLATE}'.",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per --auto model call.")] = 8,
 ) -> None:
     """Give every image a caption that carries the token, or check captions.txt (--check)."""
     if check:
-        used = [flag for flag, value in (("--from", source), ("--auto", auto), ("--overwrite", overwrite),
-                                          ("--class-word", class_word), ("--template", template)) if value]
+        used = [
+            flag
+            for flag, value in (
+                ("--from", source),
+                ("--auto", auto),
+                ("--overwrite", overwrite),
+                ("--class-word", class_word),
+                ("--template", template),
+            )
+            if value
+        ]
         if used:
             raise ConfigError(f"--check only validates; run it without {', '.join(used)}")
         _render_check(check_captions(dataset))
@@ -81,8 +93,13 @@ def caption(
             captioner = load_captioner(auto, batch_size=batch_size)
     with progress_bar(transient=True) as on_progress:
         result = caption_dataset(
-            dataset, class_word=class_word, template=template, source=source, captioner=captioner,
-            overwrite=overwrite, on_progress=on_progress,
+            dataset,
+            class_word=class_word,
+            template=template,
+            source=source,
+            captioner=captioner,
+            overwrite=overwrite,
+            on_progress=on_progress,
         )
     _render_result(result)
 
@@ -94,8 +111,12 @@ def _render_result(result: CaptionResult) -> None:
     counts: dict[str, int] = {}
     for how in result.written.values():
         counts[how] = counts.get(how, 0) + 1
-    labels = {"imported": "written: imported (--from)", "auto": "written: by the model (--auto)",
-              "template": "written: template", "token added": "token added to your caption"}
+    labels = {
+        "imported": "written: imported (--from)",
+        "auto": "written: by the model (--auto)",
+        "template": "written: template",
+        "token added": "token added to your caption",
+    }
     for how, label in labels.items():
         if counts.get(how):
             table.add_row(label, str(counts[how]))
@@ -119,7 +140,9 @@ def _render_result(result: CaptionResult) -> None:
     if result.stray:
         err_console.print(
             f"[yellow]warning:[/] {len(result.stray)} caption lines name images not in the dataset "
-            f"(e.g. {result.stray[0]}); kept, see `sdlora caption --check`", highlight=False, soft_wrap=True,
+            f"(e.g. {result.stray[0]}); kept, see `sdlora caption --check`",
+            highlight=False,
+            soft_wrap=True,
         )
     total = len(result.written) + len(result.kept) + len(result.unchanged)
     console.print(f"{total} images captioned with {result.token!r}; {len(result.written)} written", highlight=False)
@@ -139,6 +162,8 @@ def _render_check(result: CheckResult) -> None:
     console.print(table)
     err_console.print(
         f"[bold red]error:[/] {result.captions_path}: {len(result.problems)} problems "
-        f"({result.n_captions} caption lines, {result.n_images} images)", highlight=False, soft_wrap=True,
+        f"({result.n_captions} caption lines, {result.n_images} images)",
+        highlight=False,
+        soft_wrap=True,
     )
     raise typer.Exit(1)

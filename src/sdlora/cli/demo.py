@@ -21,9 +21,12 @@ Examples:
 
 
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for photos/, dataset/ and runs/.")] = Path("sdlora-demo"),
-    photos: Annotated[Optional[Path], typer.Option(
-        "--photos", help="Use these photos instead of the rendered example toy.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for photos/, dataset/ and runs/.")] = Path(
+        "sdlora-demo"
+    ),
+    photos: Annotated[
+        Optional[Path], typer.Option("--photos", help="Use these photos instead of the rendered example toy.")
+    ] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="tiny-sd or tiny-sdxl.")] = "tiny-sd",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Training steps.")] = 30,
 ) -> None:
@@ -33,15 +36,20 @@ def demo(
     from sdlora.models.loading import TINY_WARNING, is_tiny
 
     if not is_tiny(model):
-        raise typer.BadParameter("the demo runs offline on tiny-sd or tiny-sdxl; use the five verbs for a real model",
-                                 param_hint="--model")
+        raise typer.BadParameter(
+            "the demo runs offline on tiny-sd or tiny-sdxl; use the five verbs for a real model", param_hint="--model"
+        )
     err_console.print(f"[yellow]note:[/] {TINY_WARNING}", highlight=False, soft_wrap=True)
     renderer = _Renderer()
     with progress_bar(transient=True) as on_progress:
         result = run_demo(
-            out, photos=photos, model=model, steps=steps,
+            out,
+            photos=photos,
+            model=model,
+            steps=steps,
             on_phase=lambda name: err_console.print(f"[bold]== {name}[/]"),
-            on_progress=on_progress, on_event=renderer,
+            on_progress=on_progress,
+            on_event=renderer,
         )
     renderer.close()
     overall = result.scores.get("overall", {})
@@ -49,7 +57,10 @@ def demo(
         numbers = overall.get(variant) or {}
         shown = ", ".join(f"{k} {numbers[k]:.3f}" for k in ("dino", "clip_i", "clip_t") if k in numbers)
         console.print(f"{variant:>8}: {shown}", highlight=False)
-    console.print(f"[green]demo finished.[/] Report: {result.report}\n"
-                  f"Next: real photos and a real model (needs a GPU and a download): "
-                  f"sdlora prepare ./photos && sdlora train && sdlora sample \"sksToy on a beach\" && sdlora score",
-                  highlight=False, soft_wrap=True)
+    console.print(
+        f"[green]demo finished.[/] Report: {result.report}\n"
+        f"Next: real photos and a real model (needs a GPU and a download): "
+        f'sdlora prepare ./photos && sdlora train && sdlora sample "sksToy on a beach" && sdlora score',
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -37,28 +37,69 @@ class Crop(str, enum.Enum):
 
 
 def prepare(
-    source: Annotated[str, typer.Argument(help="A folder of photos (searched recursively), a .zip, or a Yandex Disk public link.")],
+    source: Annotated[
+        str, typer.Argument(help="A folder of photos (searched recursively), a .zip, or a Yandex Disk public link.")
+    ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write.")] = Path("dataset"),
-    resolution: Annotated[int, typer.Option("--resolution", help="Side of the square training images; with --keep-aspect, of a square of the same area (512 for SD 1.x, 1024 for SDXL).")] = 512,
-    crop: Annotated[Crop, typer.Option("--crop", help="center: crop the middle square; pad: keep the whole photo on white.")] = Crop.center,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of images held out for validation.")] = 0.2,
+    resolution: Annotated[
+        int,
+        typer.Option(
+            "--resolution",
+            help="Side of the square training images; with --keep-aspect, of a square of the same area (512 for SD 1.x, 1024 for SDXL).",
+        ),
+    ] = 512,
+    crop: Annotated[
+        Crop, typer.Option("--crop", help="center: crop the middle square; pad: keep the whole photo on white.")
+    ] = Crop.center,
+    val_fraction: Annotated[
+        float, typer.Option("--val-fraction", help="Share of images held out for validation.")
+    ] = 0.2,
     seed: SeedOpt = 0,
-    token: Annotated[str, typer.Option("--token", help="Rare word that will mean your object in prompts.")] = DEFAULT_TOKEN,
-    class_word: Annotated[str, typer.Option("--class-word", help="What the object is, e.g. toy, car, bowl.")] = DEFAULT_CLASS,
-    keep_duplicates: Annotated[bool, typer.Option("--keep-duplicates", help="Keep photos with the same or nearly the same picture.")] = False,
-    keep_small: Annotated[bool, typer.Option("--keep-small", help="Keep photos smaller than half the resolution (upscaled, soft).")] = False,
-    keep_aspect: Annotated[bool, typer.Option("--keep-aspect", help="Keep each photo's aspect ratio: use it for 4:3 or 3:4 phone photos whose object a square crop would cut (SDXL also learns the true size).")] = False,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: all CPU cores).")] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace a different dataset (or write into a non-dataset folder) at --out.")] = False,
+    token: Annotated[
+        str, typer.Option("--token", help="Rare word that will mean your object in prompts.")
+    ] = DEFAULT_TOKEN,
+    class_word: Annotated[
+        str, typer.Option("--class-word", help="What the object is, e.g. toy, car, bowl.")
+    ] = DEFAULT_CLASS,
+    keep_duplicates: Annotated[
+        bool, typer.Option("--keep-duplicates", help="Keep photos with the same or nearly the same picture.")
+    ] = False,
+    keep_small: Annotated[
+        bool, typer.Option("--keep-small", help="Keep photos smaller than half the resolution (upscaled, soft).")
+    ] = False,
+    keep_aspect: Annotated[
+        bool,
+        typer.Option(
+            "--keep-aspect",
+            help="Keep each photo's aspect ratio: use it for 4:3 or 3:4 phone photos whose object a square crop would cut (SDXL also learns the true size).",
+        ),
+    ] = False,
+    workers: Annotated[
+        Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: all CPU cores).")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace a different dataset (or write into a non-dataset folder) at --out.")
+    ] = False,
 ) -> None:
     """Decode, orient, crop and de-duplicate photos into a dataset: images/, captions.txt, manifest.json."""
     start = time.perf_counter()
     try:
         with progress_bar() as on_progress:
             result = prepare_dataset(
-                source, out, resolution=resolution, crop=crop.value, val_fraction=val_fraction, seed=seed,
-                token=token, class_word=class_word, keep_duplicates=keep_duplicates, keep_small=keep_small,
-                keep_aspect=keep_aspect, workers=workers, force=force, on_progress=on_progress,
+                source,
+                out,
+                resolution=resolution,
+                crop=crop.value,
+                val_fraction=val_fraction,
+                seed=seed,
+                token=token,
+                class_word=class_word,
+                keep_duplicates=keep_duplicates,
+                keep_small=keep_small,
+                keep_aspect=keep_aspect,
+                workers=workers,
+                force=force,
+                on_progress=on_progress,
             )
     except NoUsableImages as exc:
         _render(exc.result)

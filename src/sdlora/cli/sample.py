@@ -27,7 +27,9 @@ Examples (the run defaults to ./runs/latest; the class word is added after the t
 def sample(
     prompts: Annotated[
         Optional[list[str]],
-        typer.Argument(help="Prompts; the token may stand alone ('sksToy on a beach' becomes 'sksToy toy on a beach')."),
+        typer.Argument(
+            help="Prompts; the token may stand alone ('sksToy on a beach' becomes 'sksToy toy on a beach')."
+        ),
     ] = None,
     run: RunOpt = Path("runs/latest"),
     prompts_file: Annotated[
@@ -42,13 +44,22 @@ def sample(
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
     scheduler: Annotated[
         Optional[str],
-        typer.Option("--scheduler", help="euler, euler_a, dpm++, dpm++_karras, dpm++_sde, unipc, ddim, pndm, "
-                     "lms, heun, dpm2, dpm2_a (default: the model's own)."),
+        typer.Option(
+            "--scheduler",
+            help="euler, euler_a, dpm++, dpm++_karras, dpm++_sde, unipc, ddim, pndm, "
+            "lms, heun, dpm2, dpm2_a (default: the model's own).",
+        ),
     ] = None,
-    lora_scale: Annotated[float, typer.Option("--lora-scale", help="LoRA strength (0 = base model, 1 = as trained).")] = 1.0,
+    lora_scale: Annotated[
+        float, typer.Option("--lora-scale", help="LoRA strength (0 = base model, 1 = as trained).")
+    ] = 1.0,
     negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt.")] = None,
-    height: Annotated[Optional[int], typer.Option("--height", help="Image height (default: the run's resolution).")] = None,
-    width: Annotated[Optional[int], typer.Option("--width", help="Image width (default: the run's resolution).")] = None,
+    height: Annotated[
+        Optional[int], typer.Option("--height", help="Image height (default: the run's resolution).")
+    ] = None,
+    width: Annotated[
+        Optional[int], typer.Option("--width", help="Image width (default: the run's resolution).")
+    ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 1,
     baseline: Annotated[
         bool, typer.Option("--baseline/--no-baseline", help="Also sample the base model alone with the same seeds.")
@@ -97,10 +108,25 @@ def sample(
         err_console.print(f"[yellow]{TINY_WARNING}[/]", highlight=False, soft_wrap=True)
     with progress_bar() as on_progress:
         samples_json = generate_samples(
-            info, given, num_images=num_images, seed=seed, steps=steps, guidance=guidance, baseline=baseline,
-            lora_scale=lora_scale, negative_prompt=negative_prompt, height=height, width=width,
-            batch_size=batch_size, scheduler=scheduler, device=device, lora_dir=lora, dtype=dtype,
-            attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload,
+            info,
+            given,
+            num_images=num_images,
+            seed=seed,
+            steps=steps,
+            guidance=guidance,
+            baseline=baseline,
+            lora_scale=lora_scale,
+            negative_prompt=negative_prompt,
+            height=height,
+            width=width,
+            batch_size=batch_size,
+            scheduler=scheduler,
+            device=device,
+            lora_dir=lora,
+            dtype=dtype,
+            attention_slicing=attention_slicing,
+            vae_tiling=vae_tiling,
+            cpu_offload=cpu_offload,
             on_progress=on_progress,
         )
     report = write_report(info.path)
@@ -117,7 +143,8 @@ def _summary(samples_json: Path, given: list[str], info) -> None:
 
     data = json.loads(samples_json.read_text(encoding="utf-8"))
     wanted = {expand_prompt(p, info.token, info.class_word) for p in given}
-    grids = dict.fromkeys(str(samples_json.parent / Path(e["file"]).parent / "grid.png")
-                          for e in data["images"] if e["prompt"] in wanted)
+    grids = dict.fromkeys(
+        str(samples_json.parent / Path(e["file"]).parent / "grid.png") for e in data["images"] if e["prompt"] in wanted
+    )
     for grid in grids:
         console.print(f"grid: {grid}", highlight=False, soft_wrap=True)

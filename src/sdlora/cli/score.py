@@ -31,20 +31,31 @@ def score(
     run: RunOpt = Path("runs/latest"),
     prompts: Annotated[
         Optional[list[str]],
-        typer.Option("--prompts", "-p", help="Score only these prompts (repeatable), generating LoRA and baseline "
-                     "images for any that have none; 'dreambench' = the paper's 25 object prompts, 4 images each. "
-                     "Default: every image in samples.json (the run's validation prompts if there is none)."),
+        typer.Option(
+            "--prompts",
+            "-p",
+            help="Score only these prompts (repeatable), generating LoRA and baseline "
+            "images for any that have none; 'dreambench' = the paper's 25 object prompts, 4 images each. "
+            "Default: every image in samples.json (the run's validation prompts if there is none).",
+        ),
     ] = None,
     samples: Annotated[
         Optional[Path], typer.Option("--samples", help="samples.json to score (default: RUN/samples/samples.json).")
     ] = None,
     dino_model: Annotated[
-        str, typer.Option("--dino-model", help="DINO model: hub id or folder (ViT or DINOv2, e.g. "
-                          "facebook/dinov2-small), or tiny-dino (random, offline).")
+        str,
+        typer.Option(
+            "--dino-model",
+            help="DINO model: hub id or folder (ViT or DINOv2, e.g. "
+            "facebook/dinov2-small), or tiny-dino (random, offline).",
+        ),
     ] = "facebook/dino-vits16",
     clip_model: Annotated[
-        str, typer.Option("--clip-model", help="open_clip model name (ViT-B-32, ViT-L-14, hf-hub:org/repo) "
-                          "or tiny-clip (random, offline).")
+        str,
+        typer.Option(
+            "--clip-model",
+            help="open_clip model name (ViT-B-32, ViT-L-14, hf-hub:org/repo) or tiny-clip (random, offline).",
+        ),
     ] = "ViT-B-32",
     clip_pretrained: Annotated[
         str, typer.Option("--clip-pretrained", help="open_clip weights tag or file for --clip-model.")
@@ -68,9 +79,18 @@ def score(
     info = load_run(run)
     with progress_bar(transient=True) as on_progress:
         scores = score_run(
-            info, samples_json=samples, prompts=prompts, dino_model=dino_model, clip_model=clip_model,
-            clip_pretrained=clip_pretrained, device=device, batch_size=batch_size, num_images=num_images,
-            seed=seed, steps=steps, on_progress=on_progress,
+            info,
+            samples_json=samples,
+            prompts=prompts,
+            dino_model=dino_model,
+            clip_model=clip_model,
+            clip_pretrained=clip_pretrained,
+            device=device,
+            batch_size=batch_size,
+            num_images=num_images,
+            seed=seed,
+            steps=steps,
+            on_progress=on_progress,
         )
     _render(scores)
     console.print(f"scores: {info.path / SCORES_JSON}", highlight=False)
@@ -83,10 +103,17 @@ def _fmt(value: float | None) -> str:
 def _render(scores: dict[str, Any]) -> None:
     scorers = scores["scorers"]
     clip = scorers["clip"]
-    title = (f"{scores['real']['count']} real val photos; DINO {scorers['dino']['model']}, "
-             f"CLIP {clip['model']}{' (' + clip['pretrained'] + ')' if clip.get('pretrained') else ''}")
-    table = Table(title=title, title_justify="left", caption="cosine similarity as is (1 = identical embeddings); "
-                  "CLIP-T: token removed from the prompt; +token: prompt as generated", caption_justify="left")
+    title = (
+        f"{scores['real']['count']} real val photos; DINO {scorers['dino']['model']}, "
+        f"CLIP {clip['model']}{' (' + clip['pretrained'] + ')' if clip.get('pretrained') else ''}"
+    )
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption="cosine similarity as is (1 = identical embeddings); "
+        "CLIP-T: token removed from the prompt; +token: prompt as generated",
+        caption_justify="left",
+    )
     table.add_column("prompt", overflow="fold", max_width=48)
     table.add_column("variant")
     for name in ("DINO", "CLIP-I", "CLIP-T", "CLIP-T +token", "images"):
@@ -96,8 +123,16 @@ def _render(scores: dict[str, Any]) -> None:
         if row is None:
             table.add_row(label, variant, "-", "-", "-", "-", "0", **style)
             return
-        table.add_row(label, variant, _fmt(row["dino"]), _fmt(row["clip_i"]), _fmt(row["clip_t"]),
-                      _fmt(row["clip_t_with_token"]), str(row["images"]), **style)
+        table.add_row(
+            label,
+            variant,
+            _fmt(row["dino"]),
+            _fmt(row["clip_i"]),
+            _fmt(row["clip_t"]),
+            _fmt(row["clip_t_with_token"]),
+            str(row["images"]),
+            **style,
+        )
 
     for entry in scores["prompts"]:
         add(entry["prompt"], "LoRA", entry["lora"])

@@ -35,27 +35,56 @@ Examples (the dataset defaults to ./dataset, the run goes to ./runs/<time>):
 
 # CLI parameter -> config key. Defaults live in config.py only: an option left out is `None` here.
 KEYS = {
-    "model": "model.name", "revision": "model.revision", "variant": "model.variant", "vae": "model.vae",
-    "dataset": "data.dataset", "resolution": "data.resolution", "class_word": "data.class_word",
-    "random_flip": "data.random_flip", "cache": "data.cache",
-    "rank": "lora.rank", "alpha": "lora.alpha", "dropout": "lora.dropout", "target_modules": "lora.target_modules",
-    "train_text_encoder": "lora.train_text_encoder", "dora": "lora.dora",
-    "train_token_embedding": "embedding.train", "init_token": "embedding.init_token",
-    "embedding_lr": "embedding.learning_rate", "embedding_steps_fraction": "embedding.steps_fraction",
-    "max_steps": "train.max_steps", "batch_size": "train.batch_size",
-    "gradient_accumulation": "train.gradient_accumulation", "learning_rate": "train.learning_rate",
-    "text_encoder_lr": "train.text_encoder_lr", "optimizer": "train.optimizer", "lr_scheduler": "train.lr_scheduler",
-    "lr_warmup_steps": "train.lr_warmup_steps", "max_grad_norm": "train.max_grad_norm",
-    "mixed_precision": "train.mixed_precision", "gradient_checkpointing": "train.gradient_checkpointing",
-    "seed": "train.seed", "snr_gamma": "train.snr_gamma", "noise_offset": "train.noise_offset",
-    "class_prompt": "prior.class_prompt", "num_class_images": "prior.num_class_images",
-    "prior_loss_weight": "prior.prior_loss_weight", "class_dir": "prior.class_dir",
-    "validate_every": "validation.validate_every", "validation_prompt": "validation.prompts",
-    "validation_steps": "validation.steps", "validation_images": "validation.num_images",
-    "score_every": "validation.score_every", "dino_model": "validation.dino_model", "best_by": "validation.best_by",
-    "log_every": "logging.log_every", "report_to": "logging.report_to",
-    "checkpoint_every": "checkpoint.checkpoint_every", "keep_checkpoints": "checkpoint.keep_checkpoints",
-    "runs_dir": "run.runs_dir", "name": "run.name",
+    "model": "model.name",
+    "revision": "model.revision",
+    "variant": "model.variant",
+    "vae": "model.vae",
+    "dataset": "data.dataset",
+    "resolution": "data.resolution",
+    "class_word": "data.class_word",
+    "random_flip": "data.random_flip",
+    "cache": "data.cache",
+    "rank": "lora.rank",
+    "alpha": "lora.alpha",
+    "dropout": "lora.dropout",
+    "target_modules": "lora.target_modules",
+    "train_text_encoder": "lora.train_text_encoder",
+    "dora": "lora.dora",
+    "train_token_embedding": "embedding.train",
+    "init_token": "embedding.init_token",
+    "embedding_lr": "embedding.learning_rate",
+    "embedding_steps_fraction": "embedding.steps_fraction",
+    "max_steps": "train.max_steps",
+    "batch_size": "train.batch_size",
+    "gradient_accumulation": "train.gradient_accumulation",
+    "learning_rate": "train.learning_rate",
+    "text_encoder_lr": "train.text_encoder_lr",
+    "optimizer": "train.optimizer",
+    "lr_scheduler": "train.lr_scheduler",
+    "lr_warmup_steps": "train.lr_warmup_steps",
+    "max_grad_norm": "train.max_grad_norm",
+    "mixed_precision": "train.mixed_precision",
+    "gradient_checkpointing": "train.gradient_checkpointing",
+    "seed": "train.seed",
+    "snr_gamma": "train.snr_gamma",
+    "noise_offset": "train.noise_offset",
+    "class_prompt": "prior.class_prompt",
+    "num_class_images": "prior.num_class_images",
+    "prior_loss_weight": "prior.prior_loss_weight",
+    "class_dir": "prior.class_dir",
+    "validate_every": "validation.validate_every",
+    "validation_prompt": "validation.prompts",
+    "validation_steps": "validation.steps",
+    "validation_images": "validation.num_images",
+    "score_every": "validation.score_every",
+    "dino_model": "validation.dino_model",
+    "best_by": "validation.best_by",
+    "log_every": "logging.log_every",
+    "report_to": "logging.report_to",
+    "checkpoint_every": "checkpoint.checkpoint_every",
+    "keep_checkpoints": "checkpoint.keep_checkpoints",
+    "runs_dir": "run.runs_dir",
+    "name": "run.name",
 }
 
 
@@ -64,18 +93,36 @@ def _opt(*names: str, key: str, **kwargs: Any) -> Any:
 
 
 def train(
-    overrides: Annotated[Optional[list[str]], typer.Argument(
-        metavar="[KEY=VALUE]...", help="Config overrides in dotted form, e.g. lora.rank=8 train.seed=1.")] = None,
-    config: Annotated[Optional[str], typer.Option(
-        "--config", "-c", help="YAML config (e.g. a run's config.yaml) or a preset: sd15, sdxl, tiny. Flags override it.")] = None,
-    resume: Annotated[Optional[str], typer.Option(
-        "--resume", help="Continue a run from its newest checkpoint: a run folder or 'latest'.")] = None,
-    num_processes: Annotated[int, typer.Option(
-        "--num-processes", min=1, help="Data-parallel processes (one per GPU; gloo on a CPU).")] = 1,
-    accelerate_config: Annotated[Optional[Path], typer.Option(
-        "--accelerate-config", help="accelerate config file (FSDP, DeepSpeed, multi-node); implies a launch.")] = None,
-    print_config: Annotated[bool, typer.Option(
-        "--print-config", help="Print the resolved config and exit (checks it; trains nothing).")] = False,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            metavar="[KEY=VALUE]...", help="Config overrides in dotted form, e.g. lora.rank=8 train.seed=1."
+        ),
+    ] = None,
+    config: Annotated[
+        Optional[str],
+        typer.Option(
+            "--config",
+            "-c",
+            help="YAML config (e.g. a run's config.yaml) or a preset: sd15, sdxl, tiny. Flags override it.",
+        ),
+    ] = None,
+    resume: Annotated[
+        Optional[str],
+        typer.Option("--resume", help="Continue a run from its newest checkpoint: a run folder or 'latest'."),
+    ] = None,
+    num_processes: Annotated[
+        int, typer.Option("--num-processes", min=1, help="Data-parallel processes (one per GPU; gloo on a CPU).")
+    ] = 1,
+    accelerate_config: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--accelerate-config", help="accelerate config file (FSDP, DeepSpeed, multi-node); implies a launch."
+        ),
+    ] = None,
+    print_config: Annotated[
+        bool, typer.Option("--print-config", help="Print the resolved config and exit (checks it; trains nothing).")
+    ] = False,
     model: Annotated[Optional[str], _opt("--model", "-m", key="model.name")] = None,
     revision: Annotated[Optional[str], _opt("--revision", key="model.revision")] = None,
     variant: Annotated[Optional[str], _opt("--variant", key="model.variant")] = None,
@@ -89,19 +136,23 @@ def train(
     alpha: Annotated[Optional[float], _opt("--alpha", key="lora.alpha")] = None,
     dropout: Annotated[Optional[float], _opt("--dropout", key="lora.dropout")] = None,
     target_modules: Annotated[Optional[str], _opt("--target-modules", key="lora.target_modules")] = None,
-    train_text_encoder: Annotated[Optional[bool], _opt(
-        "--train-text-encoder/--no-train-text-encoder", key="lora.train_text_encoder")] = None,
+    train_text_encoder: Annotated[
+        Optional[bool], _opt("--train-text-encoder/--no-train-text-encoder", key="lora.train_text_encoder")
+    ] = None,
     dora: Annotated[Optional[bool], _opt("--dora/--no-dora", key="lora.dora")] = None,
-    train_token_embedding: Annotated[Optional[bool], _opt(
-        "--train-token-embedding/--no-train-token-embedding", key="embedding.train")] = None,
+    train_token_embedding: Annotated[
+        Optional[bool], _opt("--train-token-embedding/--no-train-token-embedding", key="embedding.train")
+    ] = None,
     init_token: Annotated[Optional[str], _opt("--init-token", key="embedding.init_token")] = None,
     embedding_lr: Annotated[Optional[float], _opt("--embedding-lr", key="embedding.learning_rate")] = None,
-    embedding_steps_fraction: Annotated[Optional[float], _opt(
-        "--embedding-steps-fraction", key="embedding.steps_fraction")] = None,
+    embedding_steps_fraction: Annotated[
+        Optional[float], _opt("--embedding-steps-fraction", key="embedding.steps_fraction")
+    ] = None,
     max_steps: Annotated[Optional[int], _opt("--max-steps", key="train.max_steps")] = None,
     batch_size: Annotated[Optional[int], _opt("--batch-size", key="train.batch_size")] = None,
-    gradient_accumulation: Annotated[Optional[int], _opt(
-        "--gradient-accumulation", key="train.gradient_accumulation")] = None,
+    gradient_accumulation: Annotated[
+        Optional[int], _opt("--gradient-accumulation", key="train.gradient_accumulation")
+    ] = None,
     learning_rate: Annotated[Optional[float], _opt("--learning-rate", "--lr", key="train.learning_rate")] = None,
     text_encoder_lr: Annotated[Optional[float], _opt("--text-encoder-lr", key="train.text_encoder_lr")] = None,
     optimizer: Annotated[Optional[str], _opt("--optimizer", key="train.optimizer")] = None,
@@ -109,8 +160,9 @@ def train(
     lr_warmup_steps: Annotated[Optional[int], _opt("--lr-warmup-steps", key="train.lr_warmup_steps")] = None,
     max_grad_norm: Annotated[Optional[float], _opt("--max-grad-norm", key="train.max_grad_norm")] = None,
     mixed_precision: Annotated[Optional[str], _opt("--mixed-precision", key="train.mixed_precision")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], _opt(
-        "--gradient-checkpointing/--no-gradient-checkpointing", key="train.gradient_checkpointing")] = None,
+    gradient_checkpointing: Annotated[
+        Optional[bool], _opt("--gradient-checkpointing/--no-gradient-checkpointing", key="train.gradient_checkpointing")
+    ] = None,
     seed: Annotated[Optional[int], _opt("--seed", key="train.seed")] = None,
     snr_gamma: Annotated[Optional[float], _opt("--snr-gamma", key="train.snr_gamma")] = None,
     noise_offset: Annotated[Optional[float], _opt("--noise-offset", key="train.noise_offset")] = None,
@@ -147,8 +199,9 @@ def train(
             sources.append(config)
         layers += [config_mod.flat_to_nested(flags), config_mod.parse_dotted(dotted)]
         sources += ["command line", "overrides"]
-        resume_dir, cfg, warnings = loop.resume_run(resume, layers, tuple(sources),
-                                                    runs_dir=flags.get("run.runs_dir", "runs"))
+        resume_dir, cfg, warnings = loop.resume_run(
+            resume, layers, tuple(sources), runs_dir=flags.get("run.runs_dir", "runs")
+        )
         for warning in warnings:
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     else:
@@ -169,13 +222,23 @@ def train(
     finally:
         renderer.close()
     if result.interrupted:
-        console.print(f"[yellow]stopped at step {result.steps}[/]; checkpoint and LoRA saved. "
-                      f"Continue with: sdlora train --resume {result.run_dir}", highlight=False, soft_wrap=True)
+        console.print(
+            f"[yellow]stopped at step {result.steps}[/]; checkpoint and LoRA saved. "
+            f"Continue with: sdlora train --resume {result.run_dir}",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(130)
 
 
-def _relaunch(config: str | None, resume: str | None, flags: dict[str, Any], dotted: list[str],
-              num_processes: int, accelerate_config: Path | None) -> None:
+def _relaunch(
+    config: str | None,
+    resume: str | None,
+    flags: dict[str, Any],
+    dotted: list[str],
+    num_processes: int,
+    accelerate_config: Path | None,
+) -> None:
     """Run this same command as N processes (accelerate's launcher); the run name is fixed here first."""
     import json
 
@@ -228,9 +291,14 @@ class _Renderer:
         elif kind == "start":
             self._start(event)
         elif kind == "step" and self.progress is not None:
-            self.progress.update(self.task, completed=event["step"],
-                                 description=f"step {event['step']}/{event['total']}",
-                                 loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}", its=f"{event['it_s']:.2f}")
+            self.progress.update(
+                self.task,
+                completed=event["step"],
+                description=f"step {event['step']}/{event['total']}",
+                loss=f"{event['loss']:.4f}",
+                lr=f"{event['lr']:.2e}",
+                its=f"{event['it_s']:.2f}",
+            )
         elif kind == "validation":
             parts = [f"val loss {event['val_loss']:.4f}"] if event["val_loss"] is not None else []
             if event.get("dino") is not None:
@@ -247,8 +315,12 @@ class _Renderer:
             best = f"{event['best_val_loss']:.4f}" if event.get("best_val_loss") is not None else "n/a"
             if event.get("best_dino") is not None:
                 best += f", best DINO {event['best_dino']:.3f}"
-            console.print(f"[green]done:[/] {event['steps']} steps in {event['elapsed_s']:.0f} s, best val loss {best}\n"
-                          f"  LoRA: {event['lora_dir']}\n  run:  {event['run_dir']}", highlight=False, soft_wrap=True)
+            console.print(
+                f"[green]done:[/] {event['steps']} steps in {event['elapsed_s']:.0f} s, best val loss {best}\n"
+                f"  LoRA: {event['lora_dir']}\n  run:  {event['run_dir']}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def _start(self, event: dict[str, Any]) -> None:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -259,21 +331,35 @@ class _Renderer:
             f"  effective batch {event['effective_batch']} = {event['batch_size']} x {event['num_processes']} process(es)"
             f" x {event['gradient_accumulation']} accumulation; {event['total_steps']} steps"
             + (f" (from step {event['start_step']})" if event["start_step"] else "")
-            + f"; {event['device']}, precision {event['mixed_precision']}", highlight=False, soft_wrap=True)
+            + f"; {event['device']}, precision {event['mixed_precision']}",
+            highlight=False,
+            soft_wrap=True,
+        )
         embedding = event.get("token_embedding")
         if embedding:
-            console.print(f"  token {embedding['token']}: its own embedding, from {embedding['init_token']!r}, "
-                          f"trained until step {embedding['until_step']} (saved as lora/embeddings.safetensors)",
-                          highlight=False, soft_wrap=True)
+            console.print(
+                f"  token {embedding['token']}: its own embedding, from {embedding['init_token']!r}, "
+                f"trained until step {embedding['until_step']} (saved as lora/embeddings.safetensors)",
+                highlight=False,
+                soft_wrap=True,
+            )
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
             TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[its]} it/s"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=err_console,
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
         )
         self.progress.start()
-        self.task = self.progress.add_task(f"step {event['start_step']}/{event['total_steps']}",
-                                           total=event["total_steps"], completed=event["start_step"],
-                                           loss="-", lr="-", its="-")
+        self.task = self.progress.add_task(
+            f"step {event['start_step']}/{event['total_steps']}",
+            total=event["total_steps"],
+            completed=event["start_step"],
+            loss="-",
+            lr="-",
+            its="-",
+        )
 
     def _bar(self, what: str, done: int, total: int) -> None:
         from rich.progress import Progress

@@ -70,8 +70,10 @@ class ImageCaptioner:
             if local.is_dir():
                 hint = "; the folder needs a processor and an image-to-text model, as saved by save_pretrained"
             elif offline:
-                hint = ("; it is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): "
-                        "download it once with network access or pass a local folder")
+                hint = (
+                    "; it is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): "
+                    "download it once with network access or pass a local folder"
+                )
             elif "connect" in str(exc).lower():
                 hint = "; the Hugging Face Hub cannot be reached: check the network or pass a local folder"
             else:

@@ -40,7 +40,9 @@ def bucket_size(width: int, height: int, resolution: int) -> tuple[int, int]:
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     aspect = math.log(width / height)
-    return min(bucket_sizes(resolution), key=lambda wh: (round(abs(math.log(wh[0] / wh[1]) - aspect), 9), -wh[0] * wh[1]))
+    return min(
+        bucket_sizes(resolution), key=lambda wh: (round(abs(math.log(wh[0] / wh[1]) - aspect), 9), -wh[0] * wh[1])
+    )
 
 
 def cover_crop(width: int, height: int, target: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:

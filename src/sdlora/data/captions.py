@@ -144,7 +144,7 @@ def insert_token(caption: str, token: str, class_word: str) -> str:
         return caption
     found = _word(class_word).search(caption) if class_word else None
     if found:
-        return f"{caption[: found.start()]}{token} {caption[found.start():]}"
+        return f"{caption[: found.start()]}{token} {caption[found.start() :]}"
     return f"{token} {caption}".strip()
 
 
@@ -181,7 +181,8 @@ def dataset_images(dataset_dir: str | Path, manifest: Manifest) -> list[str]:
     if not folder.is_dir():
         return []
     return sorted(
-        p.name for p in folder.iterdir()
+        p.name
+        for p in folder.iterdir()
         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
     )
 
@@ -314,7 +315,7 @@ def import_captions(source: str | Path, images: Sequence[str], manifest: Manifes
 
 
 def _where_order(where: str) -> tuple[str, int]:
-    """"mine.txt:12" -> ("mine.txt", 12), so reports follow the user's file."""
+    """ "mine.txt:12" -> ("mine.txt", 12), so reports follow the user's file."""
     name, _, line = where.rpartition(":")
     return (name, int(line)) if line.isdigit() else (where, 0)
 
@@ -367,7 +368,9 @@ def check_captions(dataset_dir: str | Path) -> CheckResult:
         if not line.caption:
             problems.append(Problem("empty caption", line.file, line.line_no, "nothing after '|'"))
         elif not has_token(line.caption, manifest.token):
-            problems.append(Problem("no token", line.file, line.line_no, f"{manifest.token!r} not in {line.caption[:60]!r}"))
+            problems.append(
+                Problem("no token", line.file, line.line_no, f"{manifest.token!r} not in {line.caption[:60]!r}")
+            )
     for name in images:
         if name in on_disk and name not in first:
             problems.append(Problem("no caption", name, None, "run `sdlora caption` to add one"))
@@ -421,7 +424,9 @@ def caption_dataset(
     manifest = load_manifest(dataset_dir)
     images = dataset_images(dataset_dir, manifest)
     if not images:
-        raise DataError(f"{dataset_dir / IMAGES}: no images to caption (run `sdlora prepare PHOTOS --out {dataset_dir}`)")
+        raise DataError(
+            f"{dataset_dir / IMAGES}: no images to caption (run `sdlora prepare PHOTOS --out {dataset_dir}`)"
+        )
     token = manifest.token
     word = check_class_word(class_word) if class_word is not None else manifest.class_word
     fill = render_template(template or DEFAULT_TEMPLATE, token, word)
@@ -436,7 +441,8 @@ def caption_dataset(
     }
     result = CaptionResult(path, token, word, stray=sorted(set(existing) - set(images)))
     own = {  # captions the user wrote (not empty, not a template)
-        name: existing[name] for name in images
+        name: existing[name]
+        for name in images
         if clean_caption(existing.get(name, "")) and clean_caption(existing[name]).lower() not in placeholders
     }
 
@@ -495,7 +501,9 @@ def _auto_caption(
     paths = [dataset_dir / IMAGES / name for name in names]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"{missing[0]}: image listed in {MANIFEST} is missing ({len(missing)} missing); re-run `sdlora prepare`")
+        raise DataError(
+            f"{missing[0]}: image listed in {MANIFEST} is missing ({len(missing)} missing); re-run `sdlora prepare`"
+        )
     raw = captioner(paths, on_progress)
     if len(raw) != len(paths):
         raise RuntimeError(f"captioner returned {len(raw)} captions for {len(paths)} images")

@@ -33,11 +33,25 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterable, Sequence
 
 from sdlora.data import images as imaging
-from sdlora.data.captions import DEFAULT_TEMPLATE, check_class_word, read_captions, render_template
-from sdlora.data.captions import update_captions, write_captions
+from sdlora.data.captions import (
+    DEFAULT_TEMPLATE,
+    check_class_word,
+    read_captions,
+    render_template,
+    update_captions,
+    write_captions,
+)
 from sdlora.data.dedupe import NEAR_DUPLICATE_BITS, Candidate, find_duplicates
-from sdlora.data.manifest import CAPTIONS, DEFAULT_CLASS, DEFAULT_TOKEN, IMAGES, MANIFEST
-from sdlora.data.manifest import ImageRecord, Manifest, load_manifest
+from sdlora.data.manifest import (
+    CAPTIONS,
+    DEFAULT_CLASS,
+    DEFAULT_TOKEN,
+    IMAGES,
+    MANIFEST,
+    ImageRecord,
+    Manifest,
+    load_manifest,
+)
 from sdlora.errors import ConfigError, DataError
 from sdlora.fsutil import write_bytes, write_json
 
@@ -128,12 +142,16 @@ class Options:
 
     def check(self) -> "Options":
         if not 64 <= self.resolution <= 4096 or self.resolution % 8:
-            raise ConfigError(f"--resolution {self.resolution}: use a multiple of 8 from 64 to 4096 (512 for SD 1.x, 1024 for SDXL)")
+            raise ConfigError(
+                f"--resolution {self.resolution}: use a multiple of 8 from 64 to 4096 (512 for SD 1.x, 1024 for SDXL)"
+            )
         if self.crop not in imaging.CROPS:
             raise ConfigError(f"--crop {self.crop!r}: use one of {', '.join(imaging.CROPS)}")
         if self.keep_aspect and self.crop != "center":
-            raise ConfigError(f"--keep-aspect with --crop {self.crop}: --keep-aspect keeps the photo's shape "
-                              "instead of making a square; use one or the other")
+            raise ConfigError(
+                f"--keep-aspect with --crop {self.crop}: --keep-aspect keeps the photo's shape "
+                "instead of making a square; use one or the other"
+            )
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction {self.val_fraction}: use a fraction from 0 to below 1, e.g. 0.2")
         if not re.fullmatch(r"[^\s|{}#]+", self.token or ""):
@@ -171,8 +189,10 @@ def _check_out_dir(out_dir: Path, source_id: str, force: bool) -> tuple[str, Man
     if not (out_dir / MANIFEST).is_file():
         if force:
             return "replace", None
-        raise DataError(f"--out {out_dir}: folder exists and is not an sdlora dataset (no {MANIFEST}); "
-                        "choose another --out, or --force to write into it")
+        raise DataError(
+            f"--out {out_dir}: folder exists and is not an sdlora dataset (no {MANIFEST}); "
+            "choose another --out, or --force to write into it"
+        )
     try:
         old = load_manifest(out_dir)
     except DataError as exc:
@@ -183,8 +203,10 @@ def _check_out_dir(out_dir: Path, source_id: str, force: bool) -> tuple[str, Man
         return "update", old
     if force:
         return "replace", old
-    raise DataError(f"--out {out_dir}: already holds a dataset prepared from {old.source or 'another source'}; "
-                    "choose another --out, or --force to replace it")
+    raise DataError(
+        f"--out {out_dir}: already holds a dataset prepared from {old.source or 'another source'}; "
+        "choose another --out, or --force to replace it"
+    )
 
 
 # ---------------------------------------------------------------------------- listing the source
@@ -232,12 +254,16 @@ def _list_zip(path: Path, max_total: int, max_ratio: float) -> tuple[list[Source
         raise DataError(f"{path}: not a readable zip archive ({exc})") from None
     total = sum(info.file_size for info in infos)
     if total > max_total:
-        raise DataError(f"{path}: refusing archive that unpacks to {total / 2**30:.1f} GiB (limit {max_total / 2**30:.1f} GiB); "
-                        "unpack it yourself and pass the folder")
+        raise DataError(
+            f"{path}: refusing archive that unpacks to {total / 2**30:.1f} GiB (limit {max_total / 2**30:.1f} GiB); "
+            "unpack it yourself and pass the folder"
+        )
     for info in infos:
         if info.file_size > (1 << 20) and info.file_size > max_ratio * max(info.compress_size, 1):
-            raise DataError(f"{path}: refusing archive entry {info.filename!r} that expands {info.file_size / max(info.compress_size, 1):.0f}x "
-                            "(a zip bomb?); unpack it yourself and pass the folder")
+            raise DataError(
+                f"{path}: refusing archive entry {info.filename!r} that expands {info.file_size / max(info.compress_size, 1):.0f}x "
+                "(a zip bomb?); unpack it yourself and pass the folder"
+            )
     files, skipped = [], []
     for info in infos:
         if info.is_dir():
@@ -280,8 +306,12 @@ def _list_link(link: str, on_progress: ProgressFn | None) -> tuple[list[SourceFi
 
 
 def list_source(
-    source: str, *, exclude: Path | None = None, on_progress: ProgressFn | None = None,
-    max_zip_total: int = MAX_ZIP_TOTAL, max_zip_ratio: float = MAX_ZIP_RATIO,
+    source: str,
+    *,
+    exclude: Path | None = None,
+    on_progress: ProgressFn | None = None,
+    max_zip_total: int = MAX_ZIP_TOTAL,
+    max_zip_ratio: float = MAX_ZIP_RATIO,
 ) -> tuple[list[SourceFile], list[Skipped]]:
     """The candidate files of a folder (recursive), zip archive or Yandex Disk link, by name."""
     from sdlora.data.yandex import is_yandex_link
@@ -295,14 +325,20 @@ def list_source(
         elif path.is_file():
             if not zipfile.is_zipfile(path):
                 kind = "a broken zip archive" if path.suffix.lower() == ".zip" else "not a folder or a .zip archive"
-                raise DataError(f"{source}: {kind}; pass a folder of photos, a .zip of them, or a Yandex Disk public link")
+                raise DataError(
+                    f"{source}: {kind}; pass a folder of photos, a .zip of them, or a Yandex Disk public link"
+                )
             files, skipped = _list_zip(path, max_zip_total, max_zip_ratio)
         elif re.match(r"^[a-z][a-z0-9+.-]*://", source, re.IGNORECASE):
-            raise DataError(f"{source}: unsupported link; pass a folder, a .zip, or a Yandex Disk public link "
-                            "(https://disk.yandex.ru/d/...)")
+            raise DataError(
+                f"{source}: unsupported link; pass a folder, a .zip, or a Yandex Disk public link "
+                "(https://disk.yandex.ru/d/...)"
+            )
         else:
-            raise DataError(f"{source}: no such folder or file; pass a folder of photos, a .zip of them, "
-                            "or a Yandex Disk public link")
+            raise DataError(
+                f"{source}: no such folder or file; pass a folder of photos, a .zip of them, "
+                "or a Yandex Disk public link"
+            )
     files.sort(key=lambda f: f.name)
     skipped.sort(key=lambda s: s.name)
     return files, skipped
@@ -352,15 +388,28 @@ class _Decoded:
     size: tuple[int, int] | None = None  # of the prepared image; None from caches that predate it
 
     def cache_entry(self) -> dict:
-        return {"pixels": self.pixels, "phash": self.phash, "original_size": list(self.original_size),
-                "size": list(self.size) if self.size else None, "error": self.error, "detail": self.detail}
+        return {
+            "pixels": self.pixels,
+            "phash": self.phash,
+            "original_size": list(self.original_size),
+            "size": list(self.size) if self.size else None,
+            "error": self.error,
+            "detail": self.detail,
+        }
 
     @classmethod
     def from_cache(cls, key: str, entry: dict) -> "_Decoded":
         size = entry.get("size")
-        return cls(key, None, entry.get("pixels", ""), entry.get("phash", ""),
-                   tuple(entry.get("original_size", (0, 0))), entry.get("error"), entry.get("detail", ""),
-                   tuple(size) if size else None)
+        return cls(
+            key,
+            None,
+            entry.get("pixels", ""),
+            entry.get("phash", ""),
+            tuple(entry.get("original_size", (0, 0))),
+            entry.get("error"),
+            entry.get("detail", ""),
+            tuple(size) if size else None,
+        )
 
 
 def _decode(job: _Job) -> _Decoded:
@@ -374,8 +423,14 @@ def _decode(job: _Job) -> _Decoded:
     except imaging.BadImage as exc:
         return _Decoded(job.key, error=exc.reason, detail=exc.detail)
     img = prepared.image
-    return _Decoded(job.key, imaging.png_bytes(img), imaging.pixel_digest(img), imaging.perceptual_hash(img),
-                    prepared.original_size, size=img.size)
+    return _Decoded(
+        job.key,
+        imaging.png_bytes(img),
+        imaging.pixel_digest(img),
+        imaging.perceptual_hash(img),
+        prepared.original_size,
+        size=img.size,
+    )
 
 
 def _init_worker() -> None:
@@ -415,8 +470,7 @@ class _Decoder:
             if method == "forkserver":
                 # Import once in the server; each worker forks from it ready to decode.
                 context.set_forkserver_preload([__name__, "imagehash", "scipy.fftpack"])
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context,
-                                             initializer=_init_worker)
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_init_worker)
             self._warmups = [self._pool.submit(_warm) for _ in range(self.workers)]
         self._futures.append(self._pool.submit(_decode, job))
 
@@ -546,8 +600,9 @@ def prepare_dataset(
     Raises ConfigError for bad options, DataError for a source or output folder that cannot be
     used, NoUsableImages when no photo survives. Never leaves a half-written dataset.
     """
-    opts = Options(resolution, crop, val_fraction, seed, token, class_word, keep_duplicates, keep_small,
-                   keep_aspect).check()
+    opts = Options(
+        resolution, crop, val_fraction, seed, token, class_word, keep_duplicates, keep_small, keep_aspect
+    ).check()
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
         raise ConfigError(f"--workers {workers}: use 1 or more")
@@ -556,8 +611,9 @@ def prepare_dataset(
     mode, old = _check_out_dir(out_dir, source_id, force)
     report = on_progress or (lambda *_: None)
 
-    files, skipped = list_source(source, exclude=out_dir, on_progress=on_progress,
-                                 max_zip_total=max_zip_total, max_zip_ratio=max_zip_ratio)
+    files, skipped = list_source(
+        source, exclude=out_dir, on_progress=on_progress, max_zip_total=max_zip_total, max_zip_ratio=max_zip_ratio
+    )
 
     # Checksum every file (the manifest records it, the cache is addressed by it) and hand each
     # new one to the decoder at once, so decoding overlaps reading.
@@ -618,8 +674,9 @@ def prepare_dataset(
         usable.append(src)
     if not opts.keep_duplicates:
         # The size is part of "same pixels": a flat 4:3 and a flat 3:4 photo have equal bytes.
-        cands = [Candidate(s.name, f"{results[s.name].size}{results[s.name].pixels}", results[s.name].phash)
-                 for s in usable]
+        cands = [
+            Candidate(s.name, f"{results[s.name].size}{results[s.name].pixels}", results[s.name].phash) for s in usable
+        ]
         dups = {d.name: d for d in find_duplicates(cands, max_bits=NEAR_DUPLICATE_BITS)}
         for name, dup in dups.items():
             if dup.exact:
@@ -629,10 +686,29 @@ def prepare_dataset(
         usable = [s for s in usable if s.name not in dups]
     skipped.sort(key=lambda s: s.name)
 
-    records = [ImageRecord(f"{results[s.name].key}.png", s.name, shas[s.name], tuple(results[s.name].original_size),
-                           tuple(results[s.name].size)) for s in usable]
-    result = PrepareResult(out_dir, source_id, records, [], [], skipped, warnings,
-                           decoded=len(jobs), reused=reused, mode=mode, keep_aspect=opts.keep_aspect)
+    records = [
+        ImageRecord(
+            f"{results[s.name].key}.png",
+            s.name,
+            shas[s.name],
+            tuple(results[s.name].original_size),
+            tuple(results[s.name].size),
+        )
+        for s in usable
+    ]
+    result = PrepareResult(
+        out_dir,
+        source_id,
+        records,
+        [],
+        [],
+        skipped,
+        warnings,
+        decoded=len(jobs),
+        reused=reused,
+        mode=mode,
+        keep_aspect=opts.keep_aspect,
+    )
     if not records:
         why = _reasons(skipped) or "no files"
         raise NoUsableImages(f"{source}: no usable photos ({why}); nothing was written to {out_dir}", result)
@@ -641,7 +717,8 @@ def prepare_dataset(
         raise RuntimeError("two source files map to the same image name")
     result.train, result.val = split_train_val(names, opts.val_fraction, opts.seed)
     captions, result.captions_kept, result.captions_new, additions_only = _merge_captions(
-        out_dir, records, old if mode == "update" else None, opts)
+        out_dir, records, old if mode == "update" else None, opts
+    )
 
     # Write: new images, captions, manifest (the switch), cache; then remove what is gone.
     for src, rec in zip(usable, records):
@@ -657,12 +734,23 @@ def prepare_dataset(
     else:
         write_captions(captions_path, captions)
     manifest = Manifest(
-        token=opts.token, class_word=opts.class_word, resolution=opts.resolution, seed=opts.seed,
-        val_fraction=opts.val_fraction, train=result.train, val=result.val,
-        images={r.file: r for r in records}, source=source_id,
-        options={"crop": opts.crop, "keep_aspect": opts.keep_aspect, "keep_duplicates": opts.keep_duplicates,
-                 "keep_small": opts.keep_small, "near_duplicate_bits": NEAR_DUPLICATE_BITS,
-                 "pipeline_version": PIPELINE_VERSION},
+        token=opts.token,
+        class_word=opts.class_word,
+        resolution=opts.resolution,
+        seed=opts.seed,
+        val_fraction=opts.val_fraction,
+        train=result.train,
+        val=result.val,
+        images={r.file: r for r in records},
+        source=source_id,
+        options={
+            "crop": opts.crop,
+            "keep_aspect": opts.keep_aspect,
+            "keep_duplicates": opts.keep_duplicates,
+            "keep_small": opts.keep_small,
+            "near_duplicate_bits": NEAR_DUPLICATE_BITS,
+            "pipeline_version": PIPELINE_VERSION,
+        },
     )
     manifest.save(out_dir)
     entries = {res.key: res.cache_entry() for res in results.values()}

@@ -85,7 +85,9 @@ def load_manifest(dataset_dir: str | Path) -> Manifest:
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / MANIFEST
     if not dataset_dir.is_dir():
-        raise DataError(f"{dataset_dir}: no such dataset folder (run `sdlora prepare PHOTOS --out {dataset_dir}` first)")
+        raise DataError(
+            f"{dataset_dir}: no such dataset folder (run `sdlora prepare PHOTOS --out {dataset_dir}` first)"
+        )
     if not path.is_file():
         raise DataError(f"{path}: missing; {dataset_dir} is not a prepared dataset (run `sdlora prepare` first)")
     try:

@@ -65,8 +65,7 @@ CHUNK = 1 << 16
 _HOST_RE = re.compile(r"^(www\.)?(disk\.(360\.)?yandex\.[a-z]{2,3}(\.[a-z]{2})?|yadi\.sk)$")
 # Control characters (C0, DEL, C1), both slashes, and what Windows forbids in a file name.
 _UNSAFE_RE = re.compile(r'[\x00-\x1f\x7f-\x9f/\\:*?"<>|]')
-_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)),
-                     *(f"lpt{i}" for i in range(1, 10))}
+_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
 _MAX_NAME_BYTES = 200
 
 
@@ -117,8 +116,10 @@ def is_yandex_link(source: str) -> bool:
 def parse_public_link(link: str) -> PublicLink:
     """Parse a public link; DownloadError with the expected form if it is not one."""
     found = _split_host(link)
-    expected = (f"not a Yandex Disk public link: {link!r} (expected https://disk.yandex.ru/d/<id>, "
-                "https://disk.360.yandex.ru/d/<id> or https://yadi.sk/d/<id>, as copied from 'Share')")
+    expected = (
+        f"not a Yandex Disk public link: {link!r} (expected https://disk.yandex.ru/d/<id>, "
+        "https://disk.360.yandex.ru/d/<id> or https://yadi.sk/d/<id>, as copied from 'Share')"
+    )
     if found is None:
         raise DownloadError(expected)
     host, url = found
@@ -183,7 +184,11 @@ class _CappedRetry(Retry):
 
 def _make_session(retries: int, backoff_factor: float, pool: int) -> requests.Session:
     retry = _CappedRetry(
-        total=retries, connect=retries, read=retries, status=retries, other=0,
+        total=retries,
+        connect=retries,
+        read=retries,
+        status=retries,
+        other=0,
         backoff_factor=backoff_factor,
         status_forcelist=(429, 500, 502, 503, 504),
         allowed_methods=frozenset({"GET"}),
@@ -219,8 +224,9 @@ def _status_error(resp: requests.Response, link: str, what: str) -> DownloadErro
     if code == 404 or code == 410:
         return DownloadError(f"Yandex Disk {what} not found or deleted ({code}): {link}")
     if code == 403:
-        return DownloadError(f"Yandex Disk {what} is password-protected or its downloads are disabled "
-                             f"(403): {link}; {local}")
+        return DownloadError(
+            f"Yandex Disk {what} is password-protected or its downloads are disabled (403): {link}; {local}"
+        )
     if code >= 500:
         return DownloadError(f"Yandex Disk server error {code} for {link} (after retries); try later")
     extra = f": {detail}" if detail else ""
@@ -229,9 +235,11 @@ def _status_error(resp: requests.Response, link: str, what: str) -> DownloadErro
 
 def _unreachable(api: str, exc: BaseException) -> DownloadError:
     reason = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
-    return DownloadError(f"cannot reach Yandex Disk at {api} ({reason}; network unreachable or blocked); "
-                         "check the connection, or download the photos yourself and pass the local folder "
-                         "or .zip to `sdlora prepare`")
+    return DownloadError(
+        f"cannot reach Yandex Disk at {api} ({reason}; network unreachable or blocked); "
+        "check the connection, or download the photos yourself and pass the local folder "
+        "or .zip to `sdlora prepare`"
+    )
 
 
 def _verify(path: Path, remote: RemoteFile) -> str | None:
@@ -256,10 +264,21 @@ def _verify(path: Path, remote: RemoteFile) -> str | None:
 class _Downloader:
     """One download_public call: a session, the cache folder, the listing, the workers."""
 
-    def __init__(self, link: PublicLink, original: str, cache_dir: Path, api: str, *,
-                 on_progress: Callable[[str, int, int], None] | None, retries: int,
-                 backoff_factor: float, timeout: float | tuple[float, float], page_size: int,
-                 workers: int, include: Callable[[str], bool] | None) -> None:
+    def __init__(
+        self,
+        link: PublicLink,
+        original: str,
+        cache_dir: Path,
+        api: str,
+        *,
+        on_progress: Callable[[str, int, int], None] | None,
+        retries: int,
+        backoff_factor: float,
+        timeout: float | tuple[float, float],
+        page_size: int,
+        workers: int,
+        include: Callable[[str], bool] | None,
+    ) -> None:
         self.link, self.original, self.api = link, original, api.rstrip("/")
         self.timeout, self.page_size, self.workers = timeout, max(1, page_size), max(1, workers)
         self.backoff_factor = backoff_factor
@@ -280,8 +299,7 @@ class _Downloader:
     def _get(self, endpoint: str, params: dict[str, Any], what: str) -> dict[str, Any]:
         url = f"{self.api}/v1/disk/public/resources{endpoint}"
         try:
-            resp = self.session.get(url, params={"public_key": self.link.public_key, **params},
-                                    timeout=self.timeout)
+            resp = self.session.get(url, params={"public_key": self.link.public_key, **params}, timeout=self.timeout)
         except requests.RequestException as exc:
             raise _unreachable(self.api, exc) from None
         if resp.status_code != 200:
@@ -291,8 +309,10 @@ class _Downloader:
         except ValueError:
             body = None
         if not isinstance(body, dict):
-            raise DownloadError(f"Yandex Disk API at {self.api} sent an unreadable answer for {self.original}; "
-                                f"check {API_ENV} or try later")
+            raise DownloadError(
+                f"Yandex Disk API at {self.api} sent an unreadable answer for {self.original}; "
+                f"check {API_ENV} or try later"
+            )
         return body
 
     def list_files(self) -> list[_Planned]:
@@ -307,11 +327,11 @@ class _Downloader:
         self._walk(meta, self.link.path or "/", prefix, files, depth=0, seen=set())
         return files
 
-    def _walk(self, meta: dict[str, Any], path: str, rel: list[str], out: list[_Planned], *,
-              depth: int, seen: set[str]) -> None:
+    def _walk(
+        self, meta: dict[str, Any], path: str, rel: list[str], out: list[_Planned], *, depth: int, seen: set[str]
+    ) -> None:
         seen.add(path)
-        items = [it for it in self._page_items(meta, path)
-                 if isinstance(it, dict) and isinstance(it.get("path"), str)]
+        items = [it for it in self._page_items(meta, path) if isinstance(it, dict) and isinstance(it.get("path"), str)]
         taken: set[str] = set()
         # Sorted so that clashing names get the same ~N suffix on every run.
         for item in sorted(items, key=lambda it: (str(it.get("name")), it["path"])):
@@ -347,14 +367,21 @@ class _Downloader:
         partial = (self.partial_root / rel).resolve()
         # Defence in depth: sanitised components cannot escape, and this proves it.
         if not local.is_relative_to(self.root) or not partial.is_relative_to(self.partial_root):
-            raise DownloadError(f"refusing remote name {item.get('name')!r} from {self.original}: "
-                                "it would be written outside the download cache")
+            raise DownloadError(
+                f"refusing remote name {item.get('name')!r} from {self.original}: "
+                "it would be written outside the download cache"
+            )
         remote_path = "" if api_path is None else api_path
         url = self.link.public_key + (quote(remote_path, safe="/") if remote_path else "")
         size = item.get("size")
-        remote = RemoteFile(local_path=local, remote_path=remote_path, url=url,
-                            size=int(size) if isinstance(size, int) else -1,
-                            md5=item.get("md5") or None, sha256=item.get("sha256") or None)
+        remote = RemoteFile(
+            local_path=local,
+            remote_path=remote_path,
+            url=url,
+            size=int(size) if isinstance(size, int) else -1,
+            md5=item.get("md5") or None,
+            sha256=item.get("sha256") or None,
+        )
         return _Planned(remote, rel, api_path, partial)
 
     def _href(self, planned: _Planned) -> str:
@@ -362,8 +389,10 @@ class _Downloader:
         body = self._get("/download", params, f"file {planned.remote.remote_path or 'of the link'}")
         href = body.get("href")
         if not isinstance(href, str) or not href.startswith(("http://", "https://")):
-            raise DownloadError(f"Yandex Disk gave no download address for {planned.remote.url}; "
-                                "downloads may be disabled for this link")
+            raise DownloadError(
+                f"Yandex Disk gave no download address for {planned.remote.url}; "
+                "downloads may be disabled for this link"
+            )
         return href
 
     # ---- cache ----------------------------------------------------------------------------
@@ -409,7 +438,7 @@ class _Downloader:
     def fetch(self, planned: _Planned, index: dict[str, dict[str, Any]]) -> None:
         """Download, verify (one retry on a checksum mismatch), rename into place, record."""
         problem = ""
-        for attempt in (1, 2):
+        for _attempt in (1, 2):
             self._download_partial(planned)
             problem = _verify(planned.partial, planned.remote) or ""
             if not problem:
@@ -421,8 +450,10 @@ class _Downloader:
                 return
             planned.partial.unlink(missing_ok=True)
             self._progress(planned.rel, 0)
-        raise DownloadError(f"{planned.remote.url}: downloaded file does not match the listing ({problem}) "
-                            "twice; the file may be changing or damaged on Yandex Disk, try again later")
+        raise DownloadError(
+            f"{planned.remote.url}: downloaded file does not match the listing ({problem}) "
+            "twice; the file may be changing or damaged on Yandex Disk, try again later"
+        )
 
     def _download_partial(self, planned: _Planned) -> None:
         """Make planned.partial hold all bytes, resuming with Range after a dropped connection."""
@@ -442,15 +473,16 @@ class _Downloader:
             headers = {"Range": f"bytes={have}-"} if have else {}
             try:
                 complete = self._stream(href, headers, have, planned)
-            except (requests.ConnectionError, requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError) as exc:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
                 drops += 1
                 # Each GET already had urllib3's retries; two in a row without a byte = the network is gone.
                 stalls = 0 if part.exists() and part.stat().st_size > have else stalls + 1
                 if drops > MAX_RESUMES or stalls >= 2:
-                    raise DownloadError(f"download of {remote.url} kept breaking off ({drops} times, "
-                                        f"last: {type(exc).__name__}); check the network and run the same "
-                                        "command again to resume it") from None
+                    raise DownloadError(
+                        f"download of {remote.url} kept breaking off ({drops} times, "
+                        f"last: {type(exc).__name__}); check the network and run the same "
+                        "command again to resume it"
+                    ) from None
                 time.sleep(self.backoff_factor * drops)
                 continue
             if complete:
@@ -492,8 +524,10 @@ class _Downloader:
         planned = self.list_files()
         if not planned and self.skipped:
             shown = ", ".join(repr(n) for n in sorted(self.skipped)[:3])
-            raise DownloadError(f"Yandex Disk folder {self.original} has no files sdlora can use "
-                                f"({len(self.skipped)} other files, e.g. {shown})")
+            raise DownloadError(
+                f"Yandex Disk folder {self.original} has no files sdlora can use "
+                f"({len(self.skipped)} other files, e.g. {shown})"
+            )
         if not planned:
             raise DownloadError(f"Yandex Disk folder {self.original} has no files (it and its sub-folders are empty)")
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -530,8 +564,10 @@ class _Downloader:
         need = sum(max(p.remote.size, 0) for p in todo)
         free = shutil.disk_usage(cache_dir).free
         if need > free:
-            raise DownloadError(f"not enough disk space in {cache_dir} for {self.original}: need "
-                                f"{need / 1e6:.0f} MB, {free / 1e6:.0f} MB free; set SDLORA_CACHE to another disk")
+            raise DownloadError(
+                f"not enough disk space in {cache_dir} for {self.original}: need "
+                f"{need / 1e6:.0f} MB, {free / 1e6:.0f} MB free; set SDLORA_CACHE to another disk"
+            )
 
 
 def _content_range_start(value: str | None) -> int | None:
@@ -565,11 +601,22 @@ def download_public(
     parsed = parse_public_link(link)
     api = api_base or os.environ.get(API_ENV) or DEFAULT_API
     if not re.match(r"^https?://[^/]", api):
-        raise DownloadError(f"Yandex Disk API address {api!r} (from {API_ENV} or the option) must start with "
-                            "http:// or https://")
-    downloader = _Downloader(parsed, link.strip(), Path(cache_dir), api, on_progress=on_progress,
-                             retries=retries, backoff_factor=backoff_factor, timeout=timeout,
-                             page_size=page_size, workers=workers, include=include)
+        raise DownloadError(
+            f"Yandex Disk API address {api!r} (from {API_ENV} or the option) must start with http:// or https://"
+        )
+    downloader = _Downloader(
+        parsed,
+        link.strip(),
+        Path(cache_dir),
+        api,
+        on_progress=on_progress,
+        retries=retries,
+        backoff_factor=backoff_factor,
+        timeout=timeout,
+        page_size=page_size,
+        workers=workers,
+        include=include,
+    )
     try:
         return downloader.run(Path(cache_dir))
     finally:

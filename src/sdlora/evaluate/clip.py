@@ -93,8 +93,11 @@ class ClipScorer:
         return self.model.encode_text(tokens, normalize=True).float().cpu()
 
 
-def load_clip(model_name: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_PRETRAINED,
-              device: str | torch.device | None = None) -> ClipScorer:
+def load_clip(
+    model_name: str = DEFAULT_CLIP,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    device: str | torch.device | None = None,
+) -> ClipScorer:
     """Load an open_clip scorer (`ViT-B-32`, `hf-hub:org/repo`, ..., or `tiny-clip`); ModelError if it can't."""
     return _load(model_name, pretrained or None, str(resolve_device(device)))
 
@@ -103,8 +106,15 @@ def load_clip(model_name: str = DEFAULT_CLIP, pretrained: str | None = DEFAULT_P
 def _load(model_name: str, pretrained: str | None, device: str) -> ClipScorer:
     if model_name == TINY_CLIP:
         model, preprocess, tokenizer = tiny_clip()
-        return ClipScorer(TINY_CLIP, None, model.to(device), preprocess, tokenizer, torch.device(device),
-                          revision=f"random-seed-{SEED}")
+        return ClipScorer(
+            TINY_CLIP,
+            None,
+            model.to(device),
+            preprocess,
+            tokenizer,
+            torch.device(device),
+            revision=f"random-seed-{SEED}",
+        )
     import open_clip
     from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
@@ -113,36 +123,50 @@ def _load(model_name: str, pretrained: str | None, device: str) -> ClipScorer:
     tag_cfg: dict[str, Any] = {}
     if not has_schema:
         if model_name not in open_clip.list_models():
-            raise ModelError(f"--clip-model {model_name}: not an open_clip model (e.g. ViT-B-32, ViT-L-14, "
-                             f"hf-hub:org/repo; or {TINY_CLIP} offline)")
+            raise ModelError(
+                f"--clip-model {model_name}: not an open_clip model (e.g. ViT-B-32, ViT-L-14, "
+                f"hf-hub:org/repo; or {TINY_CLIP} offline)"
+            )
         if pretrained and not os.path.isfile(pretrained):
             tag_cfg = get_pretrained_cfg(model_name, pretrained)
             if not tag_cfg:
                 tags = list_pretrained_tags_by_model(model_name)
-                raise ModelError(f"--clip-pretrained {pretrained}: not a weights tag of {model_name} "
-                                 f"(known: {', '.join(tags[:8])}{', ...' if len(tags) > 8 else ''})")
+                raise ModelError(
+                    f"--clip-pretrained {pretrained}: not a weights tag of {model_name} "
+                    f"(known: {', '.join(tags[:8])}{', ...' if len(tags) > 8 else ''})"
+                )
     # OpenAI's weights were trained with QuickGELU; open_clip only warns when the config differs.
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     try:
         with _quiet_logging():
             model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name, pretrained=None if has_schema else pretrained, device=device,
+                model_name,
+                pretrained=None if has_schema else pretrained,
+                device=device,
                 force_quick_gelu=quick_gelu,
             )
             tokenizer = open_clip.get_tokenizer(model_name)
     except (RuntimeError, OSError, ValueError) as exc:
         raise scorer_error(label, exc, f"--clip-model {TINY_CLIP}") from exc
-    return ClipScorer(model_name, pretrained, model.eval(), preprocess, tokenizer, torch.device(device),
-                      revision=_revision(model_name, pretrained, tag_cfg), quick_gelu=quick_gelu)
+    return ClipScorer(
+        model_name,
+        pretrained,
+        model.eval(),
+        preprocess,
+        tokenizer,
+        torch.device(device),
+        revision=_revision(model_name, pretrained, tag_cfg),
+        quick_gelu=quick_gelu,
+    )
 
 
 def _revision(model_name: str, pretrained: str | None, tag_cfg: dict[str, Any]) -> str | None:
     """Where the weights came from: hub repo@commit, a local folder's or file's fingerprint, or None."""
     if model_name.startswith("local-dir:"):
-        return folder_fingerprint(Path(model_name[len("local-dir:"):]))
+        return folder_fingerprint(Path(model_name[len("local-dir:") :]))
     repo = tag_cfg.get("hf_hub", "").strip("/")
     if model_name.startswith("hf-hub:"):
-        repo = model_name[len("hf-hub:"):]
+        repo = model_name[len("hf-hub:") :]
     if repo:
         commit = cached_revision(repo, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
         return f"{repo}@{commit}" if commit else repo

@@ -39,13 +39,15 @@ def dino_transform():
     """The DINO evaluation preprocessing as a torchvision transform (PIL image -> 3x224x224 tensor)."""
     from torchvision import transforms
 
-    return transforms.Compose([
-        transforms.Lambda(lambda im: im.convert("RGB")),
-        transforms.Resize(RESIZE, interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.CenterCrop(CROP),
-        transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ])
+    return transforms.Compose(
+        [
+            transforms.Lambda(lambda im: im.convert("RGB")),
+            transforms.Resize(RESIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(CROP),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -81,8 +83,8 @@ class DinoScorer:
             "model": self.model_id,
             "revision": self.revision,
             "architecture": f"{type(self.model).__name__} ({self.model.config.model_type}, "
-                            f"{self.model.config.num_hidden_layers} layers, hidden {self.dim}, "
-                            f"patch {self.model.config.patch_size})",
+            f"{self.model.config.num_hidden_layers} layers, hidden {self.dim}, "
+            f"patch {self.model.config.patch_size})",
             "library": f"transformers {transformers.__version__}",
             "embedding": EMBEDDING,
             "preprocess": PREPROCESS,
@@ -123,5 +125,7 @@ def _load(model_id: str, device: str) -> DinoScorer:
             model = AutoModel.from_pretrained(model_id)
     except (OSError, ValueError) as exc:
         raise scorer_error(model_id, exc, f"--dino-model {TINY_DINO}") from exc
-    revision = folder_fingerprint(Path(model_id)) if Path(model_id).is_dir() else cached_revision(model_id, ("config.json",))
+    revision = (
+        folder_fingerprint(Path(model_id)) if Path(model_id).is_dir() else cached_revision(model_id, ("config.json",))
+    )
     return DinoScorer(model_id, model.eval().to(device), torch.device(device), revision=revision)

@@ -43,9 +43,11 @@ ProgressFn = Callable[[str, int, int], None]
 SCHEMA_VERSION = 1
 VARIANTS = ("lora", "baseline")
 METRICS = ("dino", "clip_i", "clip_t", "clip_t_with_token")
-SCALE = ("cosine similarity reported as is (range -1..1, in practice 0..1; 1 = identical embeddings); "
-         "DINO and CLIP-I: mean over all (generated, real val photo) pairs; CLIP-T: mean over images "
-         "of cos(image, prompt text)")
+SCALE = (
+    "cosine similarity reported as is (range -1..1, in practice 0..1; 1 = identical embeddings); "
+    "DINO and CLIP-I: mean over all (generated, real val photo) pairs; CLIP-T: mean over images "
+    "of cos(image, prompt text)"
+)
 EMBEDDINGS_CACHE = Path(".cache") / "embeddings"
 DEFAULT_PROMPT = "a photo of {token} {class}"
 DREAMBENCH = "dreambench"
@@ -79,17 +81,22 @@ class Sample:
 
 # ---- inputs ---------------------------------------------------------------------------------
 
+
 def val_photos(dataset: Path) -> list[Path]:
     """The dataset's real val photos (the manifest's val list); DataError if there are none."""
     manifest = load_manifest(dataset)
     if not manifest.val:
-        raise DataError(f"{Path(dataset) / 'manifest.json'}: no val images to compare against "
-                        f"(prepare the dataset again with --val-fraction above 0)")
+        raise DataError(
+            f"{Path(dataset) / 'manifest.json'}: no val images to compare against "
+            f"(prepare the dataset again with --val-fraction above 0)"
+        )
     paths = [Path(dataset) / IMAGES / name for name in manifest.val]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise DataError(f"{missing[0]}: val image listed in manifest.json is missing "
-                        f"({len(missing)} of {len(paths)} missing; run `sdlora prepare` again)")
+        raise DataError(
+            f"{missing[0]}: val image listed in manifest.json is missing "
+            f"({len(missing)} of {len(paths)} missing; run `sdlora prepare` again)"
+        )
     return paths
 
 
@@ -105,11 +112,15 @@ def load_samples(samples_json: Path) -> list[Sample]:
     except FileNotFoundError:
         raise RunError(f"{samples_json}: missing (generate images with `sdlora sample PROMPT`)") from None
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise RunError(f"{samples_json}: not a samples.json written by `sdlora sample` ({type(exc).__name__}: {exc})") from exc
+        raise RunError(
+            f"{samples_json}: not a samples.json written by `sdlora sample` ({type(exc).__name__}: {exc})"
+        ) from exc
     for sample in samples:
         if sample.variant not in VARIANTS:
-            raise RunError(f"{samples_json}: image {sample.file.name} has variant {sample.variant!r} "
-                           f"(expected 'lora' or 'baseline')")
+            raise RunError(
+                f"{samples_json}: image {sample.file.name} has variant {sample.variant!r} "
+                f"(expected 'lora' or 'baseline')"
+            )
         if not sample.file.is_file():
             raise RunError(f"{sample.file}: listed in {samples_json} but missing (run `sdlora sample` again)")
     return samples
@@ -157,9 +168,18 @@ def _missing_prompts(samples: list[Sample], prompts: list[str], run: RunInfo, mi
     return missing
 
 
-def ensure_samples(run: RunInfo, prompts: list[str], samples_json: Path, *, min_images: int, num_images: int,
-                   seed: int, steps: int | None, device: str | None,
-                   on_progress: ProgressFn | None) -> tuple[list[str], Path]:
+def ensure_samples(
+    run: RunInfo,
+    prompts: list[str],
+    samples_json: Path,
+    *,
+    min_images: int,
+    num_images: int,
+    seed: int,
+    steps: int | None,
+    device: str | None,
+    on_progress: ProgressFn | None,
+) -> tuple[list[str], Path]:
     """Generate (LoRA and baseline) the prompts that have too few images.
 
     Returns the prompts generated now and the samples.json that lists them all.
@@ -171,16 +191,25 @@ def ensure_samples(run: RunInfo, prompts: list[str], samples_json: Path, *, min_
     try:
         from sdlora.generate import generate_samples
     except ImportError:
-        raise RunError(f"{samples_json}: no images for {missing[0]!r}, and this build cannot generate them "
-                       f"(sdlora.generate is missing); run `sdlora sample` first") from None
-    kwargs: dict[str, Any] = {"out_dir": samples_json.parent, "num_images": num_images, "seed": seed,
-                              "baseline": True, "device": device, "on_progress": on_progress}
+        raise RunError(
+            f"{samples_json}: no images for {missing[0]!r}, and this build cannot generate them "
+            f"(sdlora.generate is missing); run `sdlora sample` first"
+        ) from None
+    kwargs: dict[str, Any] = {
+        "out_dir": samples_json.parent,
+        "num_images": num_images,
+        "seed": seed,
+        "baseline": True,
+        "device": device,
+        "on_progress": on_progress,
+    }
     if steps is not None:
         kwargs["steps"] = steps
     return missing, Path(generate_samples(run, missing, **kwargs))
 
 
 # ---- embedding ------------------------------------------------------------------------------
+
 
 def _open_rgb(path: Path):
     from PIL import Image, UnidentifiedImageError
@@ -192,8 +221,15 @@ def _open_rgb(path: Path):
         raise DataError(f"{path}: not a readable image ({exc})") from exc
 
 
-def embed_files(scorer: Any, paths: Sequence[Path], digests: Sequence[str], cache: EmbeddingCache, *,
-                batch_size: int = 32, on_progress: ProgressFn | None = None) -> tuple[torch.Tensor, int]:
+def embed_files(
+    scorer: Any,
+    paths: Sequence[Path],
+    digests: Sequence[str],
+    cache: EmbeddingCache,
+    *,
+    batch_size: int = 32,
+    on_progress: ProgressFn | None = None,
+) -> tuple[torch.Tensor, int]:
     """Embeddings of `paths` (rows in order), embedding only files whose sha256 is not cached.
 
     Returns (embeddings, number of images embedded now). Each distinct file is embedded once.
@@ -204,7 +240,7 @@ def embed_files(scorer: Any, paths: Sequence[Path], digests: Sequence[str], cach
     if on_progress and items:
         on_progress(label, 0, len(items))
     for start in range(0, len(items), batch_size):
-        batch = items[start:start + batch_size]
+        batch = items[start : start + batch_size]
         vectors = scorer.embed([_open_rgb(p) for _, p in batch])
         for (digest, _), vector in zip(batch, vectors):
             cache.put(digest, vector)
@@ -220,8 +256,14 @@ def _scorer_cache(scorer: Any, folder: Path | None) -> EmbeddingCache:
 
 # ---- scoring --------------------------------------------------------------------------------
 
-def _variant_scores(idx: list[int], emb: dict[str, torch.Tensor], real: dict[str, torch.Tensor],
-                    text_cos: dict[str, np.ndarray], n_real: int) -> dict[str, Any] | None:
+
+def _variant_scores(
+    idx: list[int],
+    emb: dict[str, torch.Tensor],
+    real: dict[str, torch.Tensor],
+    text_cos: dict[str, np.ndarray],
+    n_real: int,
+) -> dict[str, Any] | None:
     """The four figures over the generated images `idx` (None when there are none)."""
     if not idx:
         return None
@@ -235,9 +277,17 @@ def _variant_scores(idx: list[int], emb: dict[str, torch.Tensor], real: dict[str
     }
 
 
-def score_samples(samples: list[Sample], real_paths: list[Path], *, token: str, dino: Any, clip: Any,
-                  cache_dir: Path | None, batch_size: int = 32,
-                  on_progress: ProgressFn | None = None) -> dict[str, Any]:
+def score_samples(
+    samples: list[Sample],
+    real_paths: list[Path],
+    *,
+    token: str,
+    dino: Any,
+    clip: Any,
+    cache_dir: Path | None,
+    batch_size: int = 32,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any]:
     """Per-prompt and overall scores of `samples` against `real_paths` (no files written except the cache)."""
     paths = [s.file for s in samples]
     all_paths = paths + list(real_paths)
@@ -250,8 +300,9 @@ def score_samples(samples: list[Sample], real_paths: list[Path], *, token: str, 
     emb, real, embedded = {}, {}, {}
     for scorer in (dino, clip):
         cache = _scorer_cache(scorer, cache_dir)
-        vectors, embedded[scorer.kind] = embed_files(scorer, all_paths, digests, cache,
-                                                     batch_size=batch_size, on_progress=on_progress)
+        vectors, embedded[scorer.kind] = embed_files(
+            scorer, all_paths, digests, cache, batch_size=batch_size, on_progress=on_progress
+        )
         emb[scorer.kind], real[scorer.kind] = vectors[:n], vectors[n:]
     prompts = list(dict.fromkeys(s.prompt for s in samples))
     texts = {"clip_t": [remove_token(p, token) for p in prompts], "clip_t_with_token": prompts}
@@ -324,15 +375,31 @@ def score_run(
     generated: list[str] = []
     if wanted is not None:
         generated, samples_json = ensure_samples(
-            run, wanted, samples_json, min_images=num_images if dreambench else 1, num_images=num_images,
-            seed=seed, steps=steps, device=device, on_progress=on_progress)
+            run,
+            wanted,
+            samples_json,
+            min_images=num_images if dreambench else 1,
+            num_images=num_images,
+            seed=seed,
+            steps=steps,
+            device=device,
+            on_progress=on_progress,
+        )
     samples = load_samples(samples_json)
     if wanted is not None:
         samples = [s for s in samples if any(_matches(s, p, run) for p in wanted)]
     if not samples:
         raise RunError(f"{samples_json}: no images to score (generate some with `sdlora sample PROMPT`)")
-    result = score_samples(samples, real_paths, token=run.token, dino=dino, clip=clip,
-                           cache_dir=run.path / EMBEDDINGS_CACHE, batch_size=batch_size, on_progress=on_progress)
+    result = score_samples(
+        samples,
+        real_paths,
+        token=run.token,
+        dino=dino,
+        clip=clip,
+        cache_dir=run.path / EMBEDDINGS_CACHE,
+        batch_size=batch_size,
+        on_progress=on_progress,
+    )
     scores = {
         "schema_version": SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -344,8 +411,12 @@ def score_run(
         "prompt_set": prompt_set,
         "scale": SCALE,
         "scorers": {"dino": dino.info(), "clip": clip.info()},
-        "real": {"dataset": str(run.dataset), "split": "val", "count": len(real_paths),
-                 "files": [p.name for p in real_paths]},
+        "real": {
+            "dataset": str(run.dataset),
+            "split": "val",
+            "count": len(real_paths),
+            "files": [p.name for p in real_paths],
+        },
         "generated_now": generated,
         **result,
     }
@@ -363,8 +434,15 @@ def _refresh_report(run_dir: Path) -> None:
     write_report(run_dir)
 
 
-def dino_similarity_to_val(images: Sequence[Any], dataset: Path, *, dino_model: str = DEFAULT_DINO,
-                           device: str | None = None, cache_dir: Path | None = None, batch_size: int = 32) -> float:
+def dino_similarity_to_val(
+    images: Sequence[Any],
+    dataset: Path,
+    *,
+    dino_model: str = DEFAULT_DINO,
+    device: str | None = None,
+    cache_dir: Path | None = None,
+    batch_size: int = 32,
+) -> float:
     """Mean pairwise DINO cosine of `images` (PIL images or paths) vs the dataset's val photos.
 
     For `train --score-every`: val embeddings are cached by file hash in `cache_dir` if given.
@@ -373,8 +451,13 @@ def dino_similarity_to_val(images: Sequence[Any], dataset: Path, *, dino_model: 
         raise ConfigError("dino_similarity_to_val: no images to score")
     real_paths = val_photos(dataset)
     scorer = load_dino(dino_model, device)
-    real, _ = embed_files(scorer, real_paths, [sha256_file(p) for p in real_paths],
-                          _scorer_cache(scorer, cache_dir), batch_size=batch_size)
+    real, _ = embed_files(
+        scorer,
+        real_paths,
+        [sha256_file(p) for p in real_paths],
+        _scorer_cache(scorer, cache_dir),
+        batch_size=batch_size,
+    )
     pil = [_open_rgb(Path(im)) if isinstance(im, (str, Path)) else im.convert("RGB") for im in images]
-    generated = torch.cat([scorer.embed(pil[i:i + batch_size]) for i in range(0, len(pil), batch_size)])
+    generated = torch.cat([scorer.embed(pil[i : i + batch_size]) for i in range(0, len(pil), batch_size)])
     return pairwise_mean(generated, real)

@@ -28,8 +28,14 @@ def tiny_dino_config():
     from transformers import ViTConfig
 
     return ViTConfig(
-        image_size=224, patch_size=16, num_channels=3, hidden_size=32, num_hidden_layers=2,
-        num_attention_heads=2, intermediate_size=64, qkv_bias=True,
+        image_size=224,
+        patch_size=16,
+        num_channels=3,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        qkv_bias=True,
     )
 
 

@@ -49,9 +49,7 @@ def _read_model_index(model: str, revision: str | None) -> dict[str, Any]:
             raise ModelError(f"{folder}: not a diffusers model folder (no model_index.json)")
         return json.loads(path.read_text(encoding="utf-8"))
     if folder.suffix in {".safetensors", ".ckpt"}:
-        raise ModelError(
-            f"{model}: single-file checkpoints are not supported; use a diffusers folder or hub id"
-        )
+        raise ModelError(f"{model}: single-file checkpoints are not supported; use a diffusers folder or hub id")
     from huggingface_hub import hf_hub_download
 
     try:

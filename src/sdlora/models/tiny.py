@@ -96,8 +96,13 @@ def _scheduler():
 
     # The real SD 1.5 / SDXL training noise schedule.
     return EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type="epsilon",
+        timestep_spacing="leading",
+        steps_offset=1,
     )
 
 

@@ -111,8 +111,10 @@ def encode_latents(
     something has to be encoded.
     """
     stats = CacheStats()
-    keys = [cache_key("latent-v1", *key_parts, f"{h}x{w}", str(dtype), flip, sha256_file(p))
-            for p, (h, w) in zip(images, sizes)]
+    keys = [
+        cache_key("latent-v1", *key_parts, f"{h}x{w}", str(dtype), flip, sha256_file(p))
+        for p, (h, w) in zip(images, sizes)
+    ]
     found: list[dict[str, torch.Tensor] | None] = [cache.get(k) for k in keys]
     todo = [i for i, f in enumerate(found) if f is None]
     stats.reused = len(images) - len(todo)

@@ -30,9 +30,21 @@ CHECKPOINTS = "checkpoints"
 STATE_JSON = "sdlora.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Keys whose checkpoint value must win on resume (changing them would not load, or trains something else).
-LOCKED = ("model.", "data.dataset", "data.resolution", "data.token", "data.random_flip", "lora.",
-          "embedding.train", "embedding.init_token",
-          "train.seed", "train.batch_size", "train.gradient_accumulation", "train.optimizer", "prior.")
+LOCKED = (
+    "model.",
+    "data.dataset",
+    "data.resolution",
+    "data.token",
+    "data.random_flip",
+    "lora.",
+    "embedding.train",
+    "embedding.init_token",
+    "train.seed",
+    "train.batch_size",
+    "train.gradient_accumulation",
+    "train.optimizer",
+    "prior.",
+)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -114,8 +126,10 @@ def resume_config(
     for key, (old, new) in config_mod.diff_configs(base, wanted).items():
         flag = config_mod.flag_for(key)
         if key.startswith(LOCKED) or key in LOCKED:
-            warnings.append(f"{flag} ({key}): the checkpoint has {old!r}, the command line {new!r}; "
-                            f"using the checkpoint's {old!r} (it defines what is being trained)")
+            warnings.append(
+                f"{flag} ({key}): the checkpoint has {old!r}, the command line {new!r}; "
+                f"using the checkpoint's {old!r} (it defines what is being trained)"
+            )
             section, name = key.split(".", 1)
             keep.setdefault(section, {})[name] = old
         elif key not in ("run.name", "run.runs_dir"):

@@ -40,8 +40,9 @@ class Example:
     size: tuple[int, int]  # (height, width) it is trained at: its aspect bucket, or resolution x resolution
 
 
-def geometry(original_wh: tuple[int, int], resolution: int, *, keep_aspect: bool,
-             crop: str) -> tuple[tuple[int, int], tuple[int, int]]:
+def geometry(
+    original_wh: tuple[int, int], resolution: int, *, keep_aspect: bool, crop: str
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """The training size (height, width) of a photo and where its crop starts (top, left).
 
     A keep-aspect dataset's photo goes to its bucket at `resolution` (so training at another
@@ -56,9 +57,7 @@ def geometry(original_wh: tuple[int, int], resolution: int, *, keep_aspect: bool
     return (th, tw), top_left
 
 
-def load_examples(
-    dataset_dir: Path, manifest: Manifest, split: str, resolution: int, token: str
-) -> list[Example]:
+def load_examples(dataset_dir: Path, manifest: Manifest, split: str, resolution: int, token: str) -> list[Example]:
     """The examples of one split (`train` or `val`), with their captions; DataError naming problems."""
     captions_path = dataset_dir / CAPTIONS
     if not captions_path.is_file():
@@ -85,14 +84,20 @@ def load_examples(
         size, top_left = geometry((w, h), resolution, keep_aspect=keep_aspect, crop=crop)
         examples.append(Example(path=path, caption=caption, original_size=(h, w), crop_top_left=top_left, size=size))
     if missing_file:
-        raise DataError(f"{dataset_dir / IMAGES}: {len(missing_file)} image(s) listed in the manifest are missing, "
-                        f"e.g. {missing_file[0]} (re-run `sdlora prepare`)")
+        raise DataError(
+            f"{dataset_dir / IMAGES}: {len(missing_file)} image(s) listed in the manifest are missing, "
+            f"e.g. {missing_file[0]} (re-run `sdlora prepare`)"
+        )
     if missing_caption:
-        raise DataError(f"{captions_path}: no caption for {len(missing_caption)} image(s), e.g. {missing_caption[0]} "
-                        f"(run `sdlora caption {dataset_dir}`)")
+        raise DataError(
+            f"{captions_path}: no caption for {len(missing_caption)} image(s), e.g. {missing_caption[0]} "
+            f"(run `sdlora caption {dataset_dir}`)"
+        )
     if missing_token:
-        raise DataError(f"{captions_path}: {len(missing_token)} caption(s) lack the token {token!r}, "
-                        f"e.g. {missing_token[0]} (run `sdlora caption {dataset_dir} --check`)")
+        raise DataError(
+            f"{captions_path}: {len(missing_token)} caption(s) lack the token {token!r}, "
+            f"e.g. {missing_token[0]} (run `sdlora caption {dataset_dir} --check`)"
+        )
     return examples
 
 
@@ -117,7 +122,8 @@ class Conditioning:
         return Conditioning(
             embeds=None if first.embeds is None else torch.cat([p.embeds for p in parts]),  # type: ignore[misc]
             pooled=None if first.pooled is None else torch.cat([p.pooled for p in parts]),  # type: ignore[misc]
-            token_ids=None if first.token_ids is None
+            token_ids=None
+            if first.token_ids is None
             else [torch.cat(ids) for ids in zip(*[p.token_ids for p in parts])],  # type: ignore[misc]
         )
 
@@ -156,8 +162,10 @@ def time_ids_for(examples: Sequence[Example]) -> tuple[torch.Tensor, torch.Tenso
         resized_w = cover_crop(w, h, (tw, th))[0][0]
         plain.append([h, w, top, left, th, tw])
         mirrored.append([h, w, top, max(0, resized_w - tw - left), th, tw])
-    return (torch.tensor(plain, dtype=torch.float32).reshape(-1, 6),
-            torch.tensor(mirrored, dtype=torch.float32).reshape(-1, 6))
+    return (
+        torch.tensor(plain, dtype=torch.float32).reshape(-1, 6),
+        torch.tensor(mirrored, dtype=torch.float32).reshape(-1, 6),
+    )
 
 
 @dataclass
@@ -178,8 +186,10 @@ class Batch:
         if prior is None or prior.latents.shape[1:] != self.latents.shape[1:]:
             return None
         return Batch(
-            latents=torch.cat([self.latents, prior.latents]), noise=torch.cat([self.noise, prior.noise]),
-            timesteps=torch.cat([self.timesteps, prior.timesteps]), cond=Conditioning.cat([self.cond, prior.cond]),
+            latents=torch.cat([self.latents, prior.latents]),
+            noise=torch.cat([self.noise, prior.noise]),
+            timesteps=torch.cat([self.timesteps, prior.timesteps]),
+            cond=Conditioning.cat([self.cond, prior.cond]),
             time_ids=torch.cat([self.time_ids, prior.time_ids]),
         )
 
@@ -279,8 +289,13 @@ class BatchPlan:
             noise.append(losses.offset_noise(latent[None], self.noise_offset, generator=gen)[0])
             latents.append(latent)
             time_ids.append((data.time_ids_flipped if flip else data.time_ids)[i])
-        return Batch(latents=torch.stack(latents), noise=torch.stack(noise), timesteps=torch.cat(timesteps),
-                     cond=data.cond.take(torch.tensor(index)), time_ids=torch.stack(time_ids))
+        return Batch(
+            latents=torch.stack(latents),
+            noise=torch.stack(noise),
+            timesteps=torch.cat(timesteps),
+            cond=data.cond.take(torch.tensor(index)),
+            time_ids=torch.stack(time_ids),
+        )
 
     def batch(self, step: int, micro: int) -> Batch:
         positions = self.positions(step, micro)
@@ -295,9 +310,7 @@ class BatchPlan:
         return (step * self.accum) / max(1, self.batches_per_epoch)
 
 
-def validation_batches(
-    data: LatentSet, *, seed: int, loss_timesteps: int, num_train_timesteps: int, batch_size: int
-):
+def validation_batches(data: LatentSet, *, seed: int, loss_timesteps: int, num_train_timesteps: int, batch_size: int):
     """The fixed validation set: each val image at `loss_timesteps` evenly spaced timesteps, fixed noise.
 
     Same tensors at every call (generators seeded here), so val losses are comparable across steps;
@@ -317,5 +330,6 @@ def validation_batches(
                 latents=torch.stack([data.latents[i] for i, _, _ in chunk]),
                 noise=torch.stack([n for _, _, n in chunk]),
                 timesteps=torch.tensor([t for _, t, _ in chunk], dtype=torch.long),
-                cond=data.cond.take(index), time_ids=data.time_ids[index],
+                cond=data.cond.take(index),
+                time_ids=data.time_ids[index],
             )

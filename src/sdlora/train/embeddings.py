@@ -51,7 +51,8 @@ class TokenEmbeddings(torch.nn.Module):
         self.token = token
         self.token_ids = dict(token_ids)
         self.vectors = torch.nn.ParameterDict(
-            {name: torch.nn.Parameter(vector.detach().float().clone()) for name, vector in initial.items()})
+            {name: torch.nn.Parameter(vector.detach().float().clone()) for name, vector in initial.items()}
+        )
         self.trainable = True
 
     def attach(self, encoders: dict[str, torch.nn.Module]) -> None:
@@ -84,7 +85,9 @@ class TokenEmbeddings(torch.nn.Module):
 def _init_vector(tokenizer: Any, encoder: torch.nn.Module, init_token: str) -> torch.Tensor:
     ids = tokenizer(init_token, add_special_tokens=False).input_ids
     if not ids:
-        raise ConfigError(f"--init-token {init_token!r}: the tokenizer finds no tokens in it; give a word such as the class word")
+        raise ConfigError(
+            f"--init-token {init_token!r}: the tokenizer finds no tokens in it; give a word such as the class word"
+        )
     rows = encoder.get_input_embeddings().weight.detach()
     return rows[torch.tensor(ids, device=rows.device)].float().mean(dim=0)  # several pieces: their mean
 
@@ -101,8 +104,10 @@ def add_token(pipe: Any, arch: Any, token: str, init_token: str) -> TokenEmbeddi
     for tokenizer_name, encoder_name in zip(arch.tokenizers, arch.text_encoders):
         tokenizer, encoder = getattr(pipe, tokenizer_name), getattr(pipe, encoder_name)
         if token in tokenizer.get_vocab():
-            raise ConfigError(f"the token {token!r} is already in the {tokenizer_name}'s vocabulary; "
-                              "use --no-train-token-embedding, or another token")
+            raise ConfigError(
+                f"the token {token!r} is already in the {tokenizer_name}'s vocabulary; "
+                "use --no-train-token-embedding, or another token"
+            )
         initial[encoder_name] = _init_vector(tokenizer, encoder, init_token)
         tokenizer.add_tokens(token)
         encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # the row is set just below
@@ -119,7 +124,8 @@ def save_embeddings(path: Path, tokens: TokenEmbeddings, arch: Any, metadata: di
     """embeddings.safetensors for diffusers' load_textual_inversion, A1111 and ComfyUI (atomic)."""
     from safetensors.torch import save_file
 
-    tensors = {key: tokens.vectors[name].detach().float().cpu()[None].contiguous()
-               for name, key in file_keys(arch).items()}
+    tensors = {
+        key: tokens.vectors[name].detach().float().cpu()[None].contiguous() for name, key in file_keys(arch).items()
+    }
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

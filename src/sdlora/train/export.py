@@ -42,8 +42,18 @@ def _number(value: float) -> str:
     return f"{float(value):g}"
 
 
-def build_metadata(*, base_model: str, arch: Architecture, rank: int, alpha: float, token: str, class_word: str,
-                   steps: int, resolution: int, **extra: str) -> dict[str, str]:
+def build_metadata(
+    *,
+    base_model: str,
+    arch: Architecture,
+    rank: int,
+    alpha: float,
+    token: str,
+    class_word: str,
+    steps: int,
+    resolution: int,
+    **extra: str,
+) -> dict[str, str]:
     """sdlora's header metadata (all strings, keys `sdlora.<name>`); `extra` adds more keys the same way."""
     metadata = {
         "version": sdlora.__version__,
@@ -90,14 +100,16 @@ def kohya_metadata(arch: Architecture, lora_config: Any, metadata: Mapping[str, 
     return out
 
 
-def _components(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None,
-                arch: Architecture) -> dict[str, torch.nn.Module]:
+def _components(
+    unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Architecture
+) -> dict[str, torch.nn.Module]:
     """Pipeline attribute name -> model carrying the LoRA adapter."""
     models = {UNET: unet}
     if text_encoders:
         if len(text_encoders) != len(arch.text_encoders):
-            raise ValueError(f"an {arch.name} LoRA has {len(arch.text_encoders)} text encoder(s), "
-                             f"got {len(text_encoders)}")
+            raise ValueError(
+                f"an {arch.name} LoRA has {len(arch.text_encoders)} text encoder(s), got {len(text_encoders)}"
+            )
         models.update(zip(arch.text_encoders, text_encoders))
     for name, model in models.items():
         if ADAPTER not in getattr(model, "peft_config", {}):
@@ -105,8 +117,9 @@ def _components(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] 
     return models
 
 
-def _diffusers_file(folder: Path, arch: Architecture, lora: Mapping[str, Mapping[str, torch.Tensor]],
-                    configs: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _diffusers_file(
+    folder: Path, arch: Architecture, lora: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header of the file the pipeline's own `save_lora_weights` writes (in a temp folder)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -123,8 +136,9 @@ def _diffusers_file(folder: Path, arch: Architecture, lora: Mapping[str, Mapping
         return load_kohya(Path(tmp) / LORA_WEIGHTS)  # any safetensors file: tensors + header
 
 
-def check_exportable(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None,
-                     arch: Architecture) -> None:
+def check_exportable(
+    unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Architecture
+) -> None:
     """Raise `KohyaKeyError` now if `save_lora` could not name a LoRA module: call it before training."""
     names = KohyaNames.for_models(arch, unet.config, text_encoders)
     for name, model in _components(unet, text_encoders, arch).items():
@@ -132,8 +146,15 @@ def check_exportable(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Mod
             names.to_kohya(name, path)
 
 
-def save_lora(out_dir: Path, unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None,
-              arch: Architecture, *, metadata: dict[str, str], kohya_name: str) -> None:
+def save_lora(
+    out_dir: Path,
+    unet: torch.nn.Module,
+    text_encoders: Sequence[torch.nn.Module] | None,
+    arch: Architecture,
+    *,
+    metadata: dict[str, str],
+    kohya_name: str,
+) -> None:
     """Write out_dir/pytorch_lora_weights.safetensors (diffusers) and out_dir/<kohya_name>.safetensors (kohya).
 
     `unet` and `text_encoders` carry a peft adapter named "default" (`add_adapter(LoraConfig(...))`);

@@ -55,8 +55,11 @@ ALPHA_SUFFIX = ".alpha"
 _ATTENTION_INNER = [
     "proj_in",
     "proj_out",
-    *(f"transformer_blocks.{{}}.{attn}.{proj}" for attn in ("attn1", "attn2")
-      for proj in ("to_q", "to_k", "to_v", "to_out.0")),
+    *(
+        f"transformer_blocks.{{}}.{attn}.{proj}"
+        for attn in ("attn1", "attn2")
+        for proj in ("to_q", "to_k", "to_v", "to_out.0")
+    ),
     "transformer_blocks.{}.ff.net.0.proj",
     "transformer_blocks.{}.ff.net.2",
 ]
@@ -110,8 +113,9 @@ class KohyaNames:
     text_roots: tuple[str, ...] = ()
 
     @classmethod
-    def for_models(cls, arch: Architecture, unet_config: Mapping[str, Any],
-                   text_encoders: Sequence[torch.nn.Module] | None = None) -> "KohyaNames":
+    def for_models(
+        cls, arch: Architecture, unet_config: Mapping[str, Any], text_encoders: Sequence[torch.nn.Module] | None = None
+    ) -> "KohyaNames":
         """Names for a UNet config and (optionally) the text encoders paths are read from and written for."""
         layers = unet_config.get("layers_per_block")
         if not isinstance(layers, int):
@@ -138,12 +142,17 @@ class KohyaNames:
             inner = self._unet_to_kohya(path)
         else:
             root = self._root(component)
-            inner = _translate(path[len(root):], [(t, f"text_model.{t}") for t in TEXT_ENCODER_MODULES],
-                               dst_sep="_") if path.startswith(root) else None
+            inner = (
+                _translate(path[len(root) :], [(t, f"text_model.{t}") for t in TEXT_ENCODER_MODULES], dst_sep="_")
+                if path.startswith(root)
+                else None
+            )
         if inner is None:
-            raise KohyaKeyError(f"a LoRA on {component} module {path!r} cannot be exported in kohya format; target "
-                                "UNet attention/resnet layers (to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,"
-                                "proj_in,proj_out,conv1,conv2,time_emb_proj) and text-encoder projections only")
+            raise KohyaKeyError(
+                f"a LoRA on {component} module {path!r} cannot be exported in kohya format; target "
+                "UNet attention/resnet layers (to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2,"
+                "proj_in,proj_out,conv1,conv2,time_emb_proj) and text-encoder projections only"
+            )
         return f"{prefix}_{inner}"
 
     def _unet_to_kohya(self, path: str) -> str | None:
@@ -179,8 +188,15 @@ class KohyaNames:
         for component, prefix in self.prefixes.items():
             if name.startswith(prefix + "_"):
                 body = name[len(prefix) + 1 :]
-                path = self._unet_from_kohya(body) if component == UNET else _translate(
-                    body, [(f"text_model.{t}", self._root(component) + t) for t in TEXT_ENCODER_MODULES], src_sep="_")
+                path = (
+                    self._unet_from_kohya(body)
+                    if component == UNET
+                    else _translate(
+                        body,
+                        [(f"text_model.{t}", self._root(component) + t) for t in TEXT_ENCODER_MODULES],
+                        src_sep="_",
+                    )
+                )
                 if path is not None:
                     return component, path
                 break
@@ -335,4 +351,3 @@ def module_alphas(model: torch.nn.Module, adapter: str = "default") -> dict[str,
                 alpha *= float(module.r[adapter]) ** 0.5
             out[path] = alpha
     return out
-

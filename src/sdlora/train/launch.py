@@ -124,7 +124,8 @@ def accelerate_launch_main(args: Sequence[str] | None = None) -> None:
     The worker has already printed its own error; torchrun's ChildFailedError report would
     bury it under a launcher traceback.
     """
-    from accelerate.commands.launch import launch_command as accelerate_launch, launch_command_parser
+    from accelerate.commands.launch import launch_command as accelerate_launch
+    from accelerate.commands.launch import launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     parsed = launch_command_parser().parse_args(sys.argv[1:] if args is None else list(args))
@@ -134,8 +135,10 @@ def accelerate_launch_main(args: Sequence[str] | None = None) -> None:
         rank, failure = exc.get_first_failure()
         code = failure.exitcode if failure.exitcode > 0 else 128 - failure.exitcode  # -N: killed by signal N
         how = f"exit code {failure.exitcode}" if failure.exitcode > 0 else f"signal {-failure.exitcode}"
-        print(f"sdlora: process {rank} of {parsed.num_processes} failed ({how}); its error is printed above",
-              file=sys.stderr)
+        print(
+            f"sdlora: process {rank} of {parsed.num_processes} failed ({how}); its error is printed above",
+            file=sys.stderr,
+        )
         sys.exit(code)
     except subprocess.CalledProcessError as exc:  # the single-process launcher
         sys.exit(exc.returncode if exc.returncode > 0 else 128 - exc.returncode)

@@ -37,7 +37,15 @@ from sdlora.run import BEST_DIR, CONFIG, EMBEDDINGS, LORA_DIR, METRICS, SAMPLES_
 from sdlora.train import cache as cache_mod
 from sdlora.train import checkpoint as ckpt
 from sdlora.train import losses, monitor
-from sdlora.train.data import BatchPlan, Conditioning, Example, LatentSet, load_examples, time_ids_for, validation_batches
+from sdlora.train.data import (
+    BatchPlan,
+    Conditioning,
+    Example,
+    LatentSet,
+    load_examples,
+    time_ids_for,
+    validation_batches,
+)
 
 OnEvent = Callable[[dict[str, Any]], None]
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -124,8 +132,10 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     manifest = load_manifest(dataset_dir)  # DataError for a missing or bad dataset, before any model loads
     token = manifest.token
     if cfg.data.token is not None and cfg.data.token != token:
-        raise ConfigError(f"--token {cfg.data.token!r} differs from the dataset's {token!r} (its captions carry "
-                          f"{token!r}); leave --token out, or prepare the dataset with --token {cfg.data.token}")
+        raise ConfigError(
+            f"--token {cfg.data.token!r} differs from the dataset's {token!r} (its captions carry "
+            f"{token!r}); leave --token out, or prepare the dataset with --token {cfg.data.token}"
+        )
     resolution = cfg.data.resolution or manifest.resolution
     train_examples = load_examples(dataset_dir, manifest, "train", resolution, token)
     if not train_examples:
@@ -151,12 +161,16 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
 
     named = Path(cfg.run.runs_dir).expanduser() / cfg.run.name if cfg.run.name else None
     if resume is None and named is not None and named.exists():  # before minutes of loading and encoding
-        raise RunError(f"{named}: a run with this name exists; choose another --name, or continue it with --resume {named}")
+        raise RunError(
+            f"{named}: a run with this name exists; choose another --name, or continue it with --resume {named}"
+        )
 
     if cfg.validation.score_every:
         if not val_examples:
-            raise DataError(f"{dataset_dir}: --score-every compares samples with the val photos and there are none "
-                            "(re-run `sdlora prepare` with --val-fraction above 0)")
+            raise DataError(
+                f"{dataset_dir}: --score-every compares samples with the val photos and there are none "
+                "(re-run `sdlora prepare` with --val-fraction above 0)"
+            )
         # Loaded once per run (load_dino caches it): an unknown or uncached scorer fails now, before the
         # base model loads, not at the first validation. Only the main process scores; the others keep it on the CPU.
         from sdlora.evaluate.dino import load_dino
@@ -165,16 +179,19 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
 
     from sdlora.models.loading import TINY_WARNING, default_resolution, is_tiny, load_pipeline
 
-    pipe, arch = load_pipeline(cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant,
-                               vae=cfg.model.vae, dtype=torch.float32)
+    pipe, arch = load_pipeline(
+        cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant, vae=cfg.model.vae, dtype=torch.float32
+    )
     pipe.set_progress_bar_config(disable=True)
     from diffusers import DDPMScheduler
 
     # The training noise schedule and target (epsilon or v-prediction) come from the model's own scheduler.
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     if noise_scheduler.config.prediction_type not in losses.PREDICTION_TYPES:
-        raise ConfigError(f"{cfg.model.name}: prediction_type {noise_scheduler.config.prediction_type!r} "
-                          "is not supported (epsilon or v_prediction)")
+        raise ConfigError(
+            f"{cfg.model.name}: prediction_type {noise_scheduler.config.prediction_type!r} "
+            "is not supported (epsilon or v_prediction)"
+        )
     if is_tiny(cfg.model.name):
         emit({"event": "warning", "message": TINY_WARNING})
     native = default_resolution(cfg.model.name, arch)
@@ -183,8 +200,12 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
 
     cfg = config_mod.replace(
         cfg,
-        data={"dataset": str(dataset_dir), "resolution": resolution, "token": token,
-              "class_word": cfg.data.class_word or manifest.class_word},
+        data={
+            "dataset": str(dataset_dir),
+            "resolution": resolution,
+            "token": token,
+            "class_word": cfg.data.class_word or manifest.class_word,
+        },
         lora={"alpha": cfg.effective_alpha},
     )
     weight_dtype = _DTYPES[cfg.train.mixed_precision]
@@ -207,12 +228,18 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     cache_root = dataset_dir / cache_mod.CACHE_DIR if cfg.data.cache else None
     want_samples = bool(cfg.validation.prompts)
     with accelerator.main_process_first():  # the main process fills the cache, the others read it
-        sets, sample_conds, negative_cond = _encode(cfg, pipe, arch, device, weight_dtype, cache_root,
-                                                    [train_examples, val_examples, class_examples], emit)
+        sets, sample_conds, negative_cond = _encode(
+            cfg, pipe, arch, device, weight_dtype, cache_root, [train_examples, val_examples, class_examples], emit
+        )
     train_set, val_set, class_set = sets
     if not val_examples:
-        emit({"event": "warning", "message": f"{dataset_dir}: no val images in manifest.json; "
-                                             "no validation loss and no best/ LoRA (re-run `sdlora prepare` with --val-fraction)"})
+        emit(
+            {
+                "event": "warning",
+                "message": f"{dataset_dir}: no val images in manifest.json; "
+                "no validation loss and no best/ LoRA (re-run `sdlora prepare` with --val-fraction)",
+            }
+        )
         val_set = None
 
     # The encoders leave the accelerator: the VAE stays on the CPU for sample images, frozen text encoders go.
@@ -249,8 +276,12 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     optimizer = _optimizer(cfg, groups)
     from diffusers.optimization import get_scheduler
 
-    lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.lr_warmup_steps,
-                                 num_training_steps=cfg.train.max_steps)
+    lr_scheduler = get_scheduler(
+        cfg.train.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.train.lr_warmup_steps,
+        num_training_steps=cfg.train.max_steps,
+    )
 
     prepared = accelerator.prepare(unet, *trained_encoders, optimizer)
     unet, trained_encoders, optimizer = prepared[0], list(prepared[1:-1]), prepared[-1]
@@ -260,16 +291,36 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     ckpt.register_hooks(accelerator, accelerator.unwrap_model)
 
     plan = BatchPlan(
-        train_set, class_set if class_examples else None,
-        seed=cfg.train.seed, batch_size=cfg.train.batch_size, num_processes=accelerator.num_processes,
-        process_index=accelerator.process_index, gradient_accumulation=cfg.train.gradient_accumulation,
-        noise_offset=cfg.train.noise_offset, noise_scheduler=noise_scheduler,
+        train_set,
+        class_set if class_examples else None,
+        seed=cfg.train.seed,
+        batch_size=cfg.train.batch_size,
+        num_processes=accelerator.num_processes,
+        process_index=accelerator.process_index,
+        gradient_accumulation=cfg.train.gradient_accumulation,
+        noise_offset=cfg.train.noise_offset,
+        noise_scheduler=noise_scheduler,
     )
     state = TrainState(
-        cfg=cfg, accelerator=accelerator, pipe=pipe, arch=arch, unet=unet, text_encoders=trained_encoders,
-        noise_scheduler=noise_scheduler, optimizer=optimizer, lr_scheduler=lr_scheduler, plan=plan,
-        val_data=val_set, sample_conds=sample_conds, negative_cond=negative_cond, run_dir=run_dir,
-        weight_dtype=weight_dtype, emit=emit, param_groups=groups, tokens=tokens, frozen_text_encoders=frozen_encoders,
+        cfg=cfg,
+        accelerator=accelerator,
+        pipe=pipe,
+        arch=arch,
+        unet=unet,
+        text_encoders=trained_encoders,
+        noise_scheduler=noise_scheduler,
+        optimizer=optimizer,
+        lr_scheduler=lr_scheduler,
+        plan=plan,
+        val_data=val_set,
+        sample_conds=sample_conds,
+        negative_cond=negative_cond,
+        run_dir=run_dir,
+        weight_dtype=weight_dtype,
+        emit=emit,
+        param_groups=groups,
+        tokens=tokens,
+        frozen_text_encoders=frozen_encoders,
     )
     if resume is not None:
         _load_checkpoint(state)
@@ -303,8 +354,9 @@ def _resolve_token_embedding(cfg: Config, pipe: Any, arch: Any) -> Config:
     train = cfg.embedding.train
     if train is None:
         train = is_new_token(getattr(pipe, arch.tokenizers[0]), str(cfg.data.token))
-    return config_mod.replace(cfg, embedding={"train": bool(train),
-                                              "init_token": cfg.embedding.init_token or cfg.data.class_word})
+    return config_mod.replace(
+        cfg, embedding={"train": bool(train), "init_token": cfg.embedding.init_token or cfg.data.class_word}
+    )
 
 
 def _encodes_text(cfg: Config) -> bool:
@@ -348,7 +400,9 @@ def _run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> Path:
         name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
         folder = runs / name
         if folder.exists() and cfg.run.name:
-            message[1] = f"{folder}: a run with this name exists; choose another --name, or continue it with --resume {folder}"
+            message[1] = (
+                f"{folder}: a run with this name exists; choose another --name, or continue it with --resume {folder}"
+            )
         else:
             n = 2
             while folder.exists():
@@ -362,24 +416,57 @@ def _run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> Path:
     return Path(message[0])
 
 
-def _class_examples(cfg: Config, pipe: Any, arch: Any, dataset_dir: Path, resolution: int,
-                    accelerator: Any, emit: OnEvent) -> list[Example]:
+def _class_examples(
+    cfg: Config, pipe: Any, arch: Any, dataset_dir: Path, resolution: int, accelerator: Any, emit: OnEvent
+) -> list[Example]:
     from sdlora.train.prior import ensure_class_images
 
-    folder = Path(cfg.prior.class_dir).expanduser() if cfg.prior.class_dir else dataset_dir / cache_mod.CACHE_DIR / "class-images"
-    common = dict(class_prompt=cfg.prior.class_prompt, num_images=cfg.prior.num_class_images, folder=folder,
-                  resolution=resolution, seed=cfg.train.seed, device=accelerator.device, model_id=cfg.model.name)
-    ensure_class_images(pipe, arch, **common, process_index=accelerator.process_index,
-                        num_processes=accelerator.num_processes,
-                        on_progress=lambda what, done, total: emit({"event": "progress", "what": what, "done": done, "total": total}))
+    folder = (
+        Path(cfg.prior.class_dir).expanduser()
+        if cfg.prior.class_dir
+        else dataset_dir / cache_mod.CACHE_DIR / "class-images"
+    )
+    common = dict(
+        class_prompt=cfg.prior.class_prompt,
+        num_images=cfg.prior.num_class_images,
+        folder=folder,
+        resolution=resolution,
+        seed=cfg.train.seed,
+        device=accelerator.device,
+        model_id=cfg.model.name,
+    )
+    ensure_class_images(
+        pipe,
+        arch,
+        **common,
+        process_index=accelerator.process_index,
+        num_processes=accelerator.num_processes,
+        on_progress=lambda what, done, total: emit({"event": "progress", "what": what, "done": done, "total": total}),
+    )
     accelerator.wait_for_everyone()
     paths = ensure_class_images(pipe, arch, **common)  # all there now: generates nothing
-    return [Example(path=p, caption=str(cfg.prior.class_prompt), original_size=(resolution, resolution),
-                    crop_top_left=(0, 0), size=(resolution, resolution)) for p in paths]
+    return [
+        Example(
+            path=p,
+            caption=str(cfg.prior.class_prompt),
+            original_size=(resolution, resolution),
+            crop_top_left=(0, 0),
+            size=(resolution, resolution),
+        )
+        for p in paths
+    ]
 
 
-def _encode(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.dtype, cache_root: Path | None,
-            example_sets: list[list[Example]], emit: OnEvent):
+def _encode(
+    cfg: Config,
+    pipe: Any,
+    arch: Any,
+    device: Any,
+    weight_dtype: torch.dtype,
+    cache_root: Path | None,
+    example_sets: list[list[Example]],
+    emit: OnEvent,
+):
     """Latent sets for each example list (each image at its size); cached text embeddings for the sample prompts."""
 
     def progress(what: str, done: int, total: int) -> None:
@@ -392,9 +479,15 @@ def _encode(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.
     text_cache = cache_mod.TensorCache(cache_root / "text" if cache_root else None)
     everything = [ex for examples in example_sets for ex in examples]
     latents, flipped, stats = cache_mod.encode_latents(
-        pipe.vae, [ex.path for ex in everything], sizes=[ex.size for ex in everything],
-        key_parts=(*model_key, cfg.model.vae), cache=latent_cache, flip=cfg.data.random_flip, device=device,
-        dtype=vae_dtype, on_progress=progress,
+        pipe.vae,
+        [ex.path for ex in everything],
+        sizes=[ex.size for ex in everything],
+        key_parts=(*model_key, cfg.model.vae),
+        cache=latent_cache,
+        flip=cfg.data.random_flip,
+        device=device,
+        dtype=vae_dtype,
+        on_progress=progress,
     )
     emit({"event": "cache", "what": "latents", "encoded": stats.encoded, "reused": stats.reused})
 
@@ -402,8 +495,9 @@ def _encode(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.
     embeds: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     if not _encodes_text(cfg):
         texts = [ex.caption for ex in everything] + sample_prompts + [""]
-        embeds, tstats = cache_mod.encode_texts(arch, pipe, texts, key_parts=model_key, cache=text_cache,
-                                                device=device, on_progress=progress)
+        embeds, tstats = cache_mod.encode_texts(
+            arch, pipe, texts, key_parts=model_key, cache=text_cache, device=device, on_progress=progress
+        )
         emit({"event": "cache", "what": "text", "encoded": tstats.encoded, "reused": tstats.reused})
     for name in arch.text_encoders:
         if getattr(pipe, name) is not None:
@@ -424,8 +518,15 @@ def _encode(cfg: Config, pipe: Any, arch: Any, device: Any, weight_dtype: torch.
         else:
             cond = Conditioning()
         plain, mirrored = time_ids_for(examples)
-        sets.append(LatentSet(latents=latents[index], flipped=flipped[index] if flipped is not None else None,
-                              cond=cond, time_ids=plain, time_ids_flipped=mirrored))
+        sets.append(
+            LatentSet(
+                latents=latents[index],
+                flipped=flipped[index] if flipped is not None else None,
+                cond=cond,
+                time_ids=plain,
+                time_ids_flipped=mirrored,
+            )
+        )
     sample_conds = [embeds[p] for p in sample_prompts] if embeds else None
     negative = embeds.get("") if embeds else None
     return sets, sample_conds, negative
@@ -476,8 +577,14 @@ def _frozen_text_encoders(pipe: Any, arch: Any, device: Any, weight_dtype: torch
 def _add_lora(model: Any, targets: list[str], cfg: Config, flag: str, what: str) -> None:
     from peft import LoraConfig
 
-    lora = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.effective_alpha, lora_dropout=cfg.lora.dropout,
-                      init_lora_weights="gaussian", target_modules=list(targets), use_dora=cfg.lora.dora)
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.effective_alpha,
+        lora_dropout=cfg.lora.dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(targets),
+        use_dora=cfg.lora.dora,
+    )
     try:
         if hasattr(model, "set_adapters"):  # diffusers models: their own peft integration
             model.add_adapter(lora)
@@ -490,8 +597,10 @@ def _add_lora(model: Any, targets: list[str], cfg: Config, flag: str, what: str)
             model.peft_config = {"default": lora}
     except ValueError as exc:
         if "not found" in str(exc).lower() or "target modules" in str(exc).lower():
-            raise ConfigError(f"{flag} {','.join(targets)}: no such modules in the {what} "
-                              f"(UNet attention: to_q,to_k,to_v,to_out.0; feed-forward: ff.net.0.proj,ff.net.2)") from None
+            raise ConfigError(
+                f"{flag} {','.join(targets)}: no such modules in the {what} "
+                f"(UNet attention: to_q,to_k,to_v,to_out.0; feed-forward: ff.net.0.proj,ff.net.2)"
+            ) from None
         raise
 
 
@@ -515,8 +624,9 @@ def _bitsandbytes() -> Any:
     try:
         import bitsandbytes
     except ImportError:
-        raise ConfigError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); "
-                          "or use --optimizer adamw") from None
+        raise ConfigError(
+            "--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes, CUDA only); or use --optimizer adamw"
+        ) from None
     return bitsandbytes
 
 
@@ -524,8 +634,11 @@ def _check_tracker(report_to: str) -> None:
     import importlib.util
 
     module = {"tensorboard": "tensorboard", "wandb": "wandb", "clearml": "clearml"}.get(report_to)
-    if module and importlib.util.find_spec(module) is None and not (
-            module == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+    if (
+        module
+        and importlib.util.find_spec(module) is None
+        and not (module == "tensorboard" and importlib.util.find_spec("tensorboardX"))
+    ):
         raise ConfigError(f"--report-to {report_to}: {module} is not installed (pip install {module})")
 
 
@@ -558,14 +671,31 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
     emit = state.emit
     total = cfg.train.max_steps
     effective = cfg.train.batch_size * acc.num_processes * cfg.train.gradient_accumulation
-    emit({"event": "start", "run_dir": str(state.run_dir), "total_steps": total, "start_step": state.step,
-          "effective_batch": effective, "batch_size": cfg.train.batch_size, "num_processes": acc.num_processes,
-          "gradient_accumulation": cfg.train.gradient_accumulation, "train_images": len(state.plan.instances),
-          "val_images": len(state.val_data) if state.val_data is not None else 0, "arch": state.arch.name,
-          "device": str(state.device), "mixed_precision": cfg.train.mixed_precision,
-          "prediction_type": state.noise_scheduler.config.prediction_type,
-          "token_embedding": None if state.tokens is None else {
-              "token": state.tokens.token, "init_token": cfg.embedding.init_token, "until_step": _embedding_steps(cfg)}})
+    emit(
+        {
+            "event": "start",
+            "run_dir": str(state.run_dir),
+            "total_steps": total,
+            "start_step": state.step,
+            "effective_batch": effective,
+            "batch_size": cfg.train.batch_size,
+            "num_processes": acc.num_processes,
+            "gradient_accumulation": cfg.train.gradient_accumulation,
+            "train_images": len(state.plan.instances),
+            "val_images": len(state.val_data) if state.val_data is not None else 0,
+            "arch": state.arch.name,
+            "device": str(state.device),
+            "mixed_precision": cfg.train.mixed_precision,
+            "prediction_type": state.noise_scheduler.config.prediction_type,
+            "token_embedding": None
+            if state.tokens is None
+            else {
+                "token": state.tokens.token,
+                "init_token": cfg.embedding.init_token,
+                "until_step": _embedding_steps(cfg),
+            },
+        }
+    )
     started = time.perf_counter()
     restore = _install_signal_handlers(state)
     monitor.machine_load(state.device)  # primes the CPU counters
@@ -579,17 +709,31 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
             if not math.isfinite(record["loss"]):
                 where = state.last_checkpoint or "none written yet"
                 hint = "; or --mixed-precision bf16/no" if cfg.train.mixed_precision == "fp16" else ""
-                raise RunError(f"step {step}: the loss is {record['loss']} (training diverged); stopped. "
-                               f"Last good checkpoint: {where}. Try a lower --learning-rate{hint}")
+                raise RunError(
+                    f"step {step}: the loss is {record['loss']} (training diverged); stopped. "
+                    f"Last good checkpoint: {where}. Try a lower --learning-rate{hint}"
+                )
             record["loss_mean"] = state.loss_mean.update(record["loss"])
             elapsed = time.perf_counter() - t0
-            record.update(step_time_s=elapsed, images_per_s=effective / elapsed if elapsed > 0 else 0.0,
-                          epoch=state.plan.epoch(step))
+            record.update(
+                step_time_s=elapsed,
+                images_per_s=effective / elapsed if elapsed > 0 else 0.0,
+                epoch=state.plan.epoch(step),
+            )
             if step % cfg.logging.log_every == 0 or step == total:
                 record.update(monitor.machine_load(state.device))
                 _log(state, {"step": step, **record})
-            emit({"event": "step", "step": step, "total": total, "loss": record["loss"],
-                  "loss_mean": record["loss_mean"], "lr": record["lr"], "it_s": 1.0 / elapsed if elapsed > 0 else 0.0})
+            emit(
+                {
+                    "event": "step",
+                    "step": step,
+                    "total": total,
+                    "loss": record["loss"],
+                    "loss_mean": record["loss_mean"],
+                    "lr": record["lr"],
+                    "it_s": 1.0 / elapsed if elapsed > 0 else 0.0,
+                }
+            )
             if step == total or (cfg.validation.validate_every and step % cfg.validation.validate_every == 0):
                 validate(state)
             if cfg.checkpoint.checkpoint_every and (step % cfg.checkpoint.checkpoint_every == 0 or step == total):
@@ -605,17 +749,24 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
     lora_dir = export_lora(state, state.run_dir / LORA_DIR)
     acc.wait_for_everyone()
     result = TrainResult(
-        run_dir=state.run_dir, steps=state.step,
+        run_dir=state.run_dir,
+        steps=state.step,
         best_val_loss=state.best_val_loss if math.isfinite(state.best_val_loss) else None,
-        lora_dir=lora_dir, best_dino=state.best_dino if math.isfinite(state.best_dino) else None,
-        interrupted=interrupted, elapsed_s=time.perf_counter() - started,
+        lora_dir=lora_dir,
+        best_dino=state.best_dino if math.isfinite(state.best_dino) else None,
+        interrupted=interrupted,
+        elapsed_s=time.perf_counter() - started,
         checkpoint=state.last_checkpoint,
     )
     if state.is_main:
         _write_report(state)
-    emit({"event": "interrupted" if interrupted else "done", **{k: (str(v) if isinstance(v, Path) else v)
-                                                                for k, v in result.__dict__.items()},
-          "resume_command": f"sdlora train --resume {state.run_dir}"})
+    emit(
+        {
+            "event": "interrupted" if interrupted else "done",
+            **{k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()},
+            "resume_command": f"sdlora train --resume {state.run_dir}",
+        }
+    )
     return result
 
 
@@ -727,7 +878,9 @@ def _freeze_token_embedding(state: TrainState) -> None:
         if data is not None and data.cond.token_ids is not None:
             ids = [t.to(state.device) for t in data.cond.token_ids]
             embeds, pooled = state.arch.encode_tokens(state.frozen_text_encoders, ids)
-            data.cond = Conditioning(embeds=embeds.float().cpu(), pooled=None if pooled is None else pooled.float().cpu())
+            data.cond = Conditioning(
+                embeds=embeds.float().cpu(), pooled=None if pooled is None else pooled.float().cpu()
+            )
 
 
 def _log(state: TrainState, record: dict[str, Any]) -> None:
@@ -767,8 +920,16 @@ def validate(state: TrainState) -> float | None:
         best = higher if cfg.validation.best_by == "dino" else lower
         if best:
             export_lora(state, state.run_dir / BEST_DIR, main_only=True)
-        state.emit({"event": "validation", "step": state.step, "val_loss": val_loss, "dino": dino, "best": best,
-                    "samples_dir": str(samples) if samples else None})
+        state.emit(
+            {
+                "event": "validation",
+                "step": state.step,
+                "val_loss": val_loss,
+                "dino": dino,
+                "best": best,
+                "samples_dir": str(samples) if samples else None,
+            }
+        )
     acc.wait_for_everyone()
     return val_loss
 
@@ -782,8 +943,13 @@ def _dino_score(state: TrainState, samples: Path | None) -> float | None:
 
     listed = json.loads((samples / "validation.json").read_text(encoding="utf-8"))["images"]
     images = [samples / entry["file"] for entry in listed]  # this validation's images, not older leftovers
-    dino = dino_similarity_to_val(images, Path(state.cfg.data.dataset), dino_model=state.cfg.validation.dino_model,
-                                  device=str(state.device), cache_dir=state.run_dir / EMBEDDINGS_CACHE)
+    dino = dino_similarity_to_val(
+        images,
+        Path(state.cfg.data.dataset),
+        dino_model=state.cfg.validation.dino_model,
+        device=str(state.device),
+        cache_dir=state.run_dir / EMBEDDINGS_CACHE,
+    )
     _log(state, {"step": state.step, "dino": dino})
     return dino
 
@@ -794,7 +960,9 @@ def validation_loss(state: TrainState) -> float:
     total, count = 0.0, 0
     assert state.val_data is not None
     batches = validation_batches(
-        state.val_data, seed=state.cfg.validation.seed, loss_timesteps=state.cfg.validation.loss_timesteps,
+        state.val_data,
+        seed=state.cfg.validation.seed,
+        loss_timesteps=state.cfg.validation.loss_timesteps,
         num_train_timesteps=int(state.noise_scheduler.config.num_train_timesteps),
         batch_size=max(4, state.cfg.train.batch_size),
     )
@@ -804,7 +972,9 @@ def validation_loss(state: TrainState) -> float:
         embeds, pooled = _eval_condition(state, batch.cond)
         kwargs = state.arch.unet_kwargs(pooled, batch.time_ids.to(device) if state.arch.is_sdxl else None)
         with state.accelerator.autocast():
-            pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds, return_dict=False, **kwargs)[0]
+            pred = unet(scheduler.add_noise(latents, noise, timesteps), timesteps, embeds, return_dict=False, **kwargs)[
+                0
+            ]
         target = losses.prediction_target(scheduler, latents, noise, timesteps)
         per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         total += per_sample.sum().item()
@@ -840,25 +1010,35 @@ def _sample_images(state: TrainState) -> Path:
                     neg, neg_pooled = torch.zeros_like(neg), torch.zeros_like(neg_pooled)  # as the pipeline does
                 kwargs.update(prompt_embeds=embeds[None].to(device), negative_prompt_embeds=neg[None].to(device))
                 if state.arch.is_sdxl:
-                    kwargs.update(pooled_prompt_embeds=pooled[None].to(device),  # type: ignore[index]
-                                  negative_pooled_prompt_embeds=neg_pooled[None].to(device))  # type: ignore[index]
+                    kwargs.update(
+                        pooled_prompt_embeds=pooled[None].to(device),  # type: ignore[index]
+                        negative_pooled_prompt_embeds=neg_pooled[None].to(device),
+                    )  # type: ignore[index]
             else:
                 kwargs["prompt"] = text
             for k in range(cfg.validation.num_images):
                 seed = cfg.validation.seed + k
                 with state.accelerator.autocast():
-                    image = pipe(num_inference_steps=cfg.validation.steps, guidance_scale=cfg.validation.guidance,
-                                 height=cfg.data.resolution, width=cfg.data.resolution,
-                                 generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images[0]
+                    image = pipe(
+                        num_inference_steps=cfg.validation.steps,
+                        guidance_scale=cfg.validation.guidance,
+                        height=cfg.data.resolution,
+                        width=cfg.data.resolution,
+                        generator=torch.Generator("cpu").manual_seed(seed),
+                        **kwargs,
+                    ).images[0]
                 name = f"{i:02d}-{k:02d}.png"
                 with atomic_path(folder / name) as tmp:
                     image.save(tmp, format="PNG")
-                entries.append({"file": name, "prompt": text, "prompt_as_written": prompt, "seed": seed,
-                                "step": state.step})
+                entries.append(
+                    {"file": name, "prompt": text, "prompt_as_written": prompt, "seed": seed, "step": state.step}
+                )
     finally:
         pipe.vae.to("cpu")
-    write_json(folder / "validation.json", {"step": state.step, "steps": cfg.validation.steps,
-                                            "guidance": cfg.validation.guidance, "images": entries})
+    write_json(
+        folder / "validation.json",
+        {"step": state.step, "steps": cfg.validation.steps, "guidance": cfg.validation.guidance, "images": entries},
+    )
     if cfg.logging.report_to != "none":
         _log_images(state, folder, entries)
     return folder
@@ -898,10 +1078,17 @@ def export_lora(state: TrainState, out_dir: Path, *, main_only: bool = False) ->
 
     cfg = state.cfg
     metadata = build_metadata(
-        base_model=cfg.model.name, arch=state.arch, rank=cfg.lora.rank, alpha=cfg.effective_alpha,
-        token=str(cfg.data.token), class_word=str(cfg.data.class_word), steps=state.step,
+        base_model=cfg.model.name,
+        arch=state.arch,
+        rank=cfg.lora.rank,
+        alpha=cfg.effective_alpha,
+        token=str(cfg.data.token),
+        class_word=str(cfg.data.class_word),
+        steps=state.step,
         resolution=int(cfg.data.resolution),  # type: ignore[arg-type]
-        seed=str(cfg.train.seed), learning_rate=str(cfg.train.learning_rate), dora=str(cfg.lora.dora).lower(),
+        seed=str(cfg.train.seed),
+        learning_rate=str(cfg.train.learning_rate),
+        dora=str(cfg.lora.dora).lower(),
         run=state.run_dir.name,
     )
     encoders = [state.unwrap(e) for e in state.text_encoders] if state.text_encoders else None
@@ -909,8 +1096,12 @@ def export_lora(state: TrainState, out_dir: Path, *, main_only: bool = False) ->
         metadata[f"{META_PREFIX}token_embedding"] = EMBEDDINGS  # the LoRA expects the token's embedding beside it
     save_lora(out_dir, state.unwrap(state.unet), encoders, state.arch, metadata=metadata, kohya_name=state.run_dir.name)
     if state.tokens is not None:
-        save_embeddings(out_dir / EMBEDDINGS, state.tokens, state.arch,
-                        {**metadata, f"{META_PREFIX}init_token": str(cfg.embedding.init_token)})
+        save_embeddings(
+            out_dir / EMBEDDINGS,
+            state.tokens,
+            state.arch,
+            {**metadata, f"{META_PREFIX}init_token": str(cfg.embedding.init_token)},
+        )
     return out_dir
 
 
@@ -919,13 +1110,17 @@ def save_checkpoint(state: TrainState) -> Path:
     folder = ckpt.step_dir(state.run_dir, state.step)
     state.accelerator.save_state(str(folder))
     if state.is_main:
-        ckpt.write_state(folder, {
-            "step": state.step,
-            "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
-            "best_dino": state.best_dino if math.isfinite(state.best_dino) else None,
-            "config_hash": config_mod.config_hash(state.cfg),
-            "loss_mean": state.loss_mean.state_dict(),
-        }, _repeatable(state.cfg))
+        ckpt.write_state(
+            folder,
+            {
+                "step": state.step,
+                "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+                "best_dino": state.best_dino if math.isfinite(state.best_dino) else None,
+                "config_hash": config_mod.config_hash(state.cfg),
+                "loss_mean": state.loss_mean.state_dict(),
+            },
+            _repeatable(state.cfg),
+        )
         ckpt.prune(state.run_dir, state.cfg.checkpoint.keep_checkpoints)
         state.emit({"event": "checkpoint", "step": state.step, "path": str(folder)})
     state.last_checkpoint = folder
@@ -937,8 +1132,13 @@ def _load_checkpoint(state: TrainState) -> None:
     step, folder = ckpt.latest_checkpoint(state.run_dir)
     saved = ckpt.read_state(folder)
     if saved.get("config_hash") != config_mod.config_hash(state.cfg):
-        state.emit({"event": "warning", "message": f"{folder}: the config differs from the checkpoint's "
-                                                   "(see the warnings above); continuing with the resolved config"})
+        state.emit(
+            {
+                "event": "warning",
+                "message": f"{folder}: the config differs from the checkpoint's "
+                "(see the warnings above); continuing with the resolved config",
+            }
+        )
     state.accelerator.load_state(str(folder))
     _apply_optimizer_config(state)
     state.step = int(saved["step"])
@@ -962,9 +1162,13 @@ def _apply_optimizer_config(state: TrainState) -> None:
     settings = [_group_settings(cfg, name) for name in state.param_groups]
     scheduler.base_lrs = [s["lr"] for s in settings]
     for group, setting, factor in zip(state.optimizer.param_groups, settings, scheduler.lr_lambdas):
-        group.update(initial_lr=setting["lr"], lr=setting["lr"] * factor(scheduler.last_epoch),
-                     weight_decay=setting["weight_decay"], betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
-                     eps=cfg.train.adam_epsilon)
+        group.update(
+            initial_lr=setting["lr"],
+            lr=setting["lr"] * factor(scheduler.last_epoch),
+            weight_decay=setting["weight_decay"],
+            betas=(cfg.train.adam_beta1, cfg.train.adam_beta2),
+            eps=cfg.train.adam_epsilon,
+        )
     scheduler._last_lr = [group["lr"] for group in state.optimizer.param_groups]
 
 

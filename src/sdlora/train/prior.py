@@ -68,7 +68,8 @@ def ensure_class_images(
     folder.mkdir(parents=True, exist_ok=True)
 
     user_images = sorted(
-        p for p in folder.iterdir()
+        p
+        for p in folder.iterdir()
         if p.suffix.lower() in _IMAGE_SUFFIXES and not _GENERATED.match(p.name) and not p.name.startswith(".")
     )[:num_images]
     model_id = model_id or getattr(pipe, "name_or_path", None) or arch.name
@@ -76,15 +77,35 @@ def ensure_class_images(
     wanted = [folder / f"class-{key}-{i:04d}.png" for i in range(num_images - len(user_images))]
     missing = [i for i, path in enumerate(wanted) if not path.is_file() and i % num_processes == process_index]
     if missing:
-        _generate(pipe, missing, wanted, class_prompt=class_prompt, resolution=resolution, seed=seed,
-                  device=device, steps=num_inference_steps, guidance=guidance_scale,
-                  batch_size=max(1, batch_size), on_progress=on_progress)
+        _generate(
+            pipe,
+            missing,
+            wanted,
+            class_prompt=class_prompt,
+            resolution=resolution,
+            seed=seed,
+            device=device,
+            steps=num_inference_steps,
+            guidance=guidance_scale,
+            batch_size=max(1, batch_size),
+            on_progress=on_progress,
+        )
     return user_images + wanted
 
 
 def _generate(
-    pipe: Any, indices: list[int], paths: list[Path], *, class_prompt: str, resolution: int, seed: int,
-    device: Any, steps: int, guidance: float, batch_size: int, on_progress: ProgressFn | None,
+    pipe: Any,
+    indices: list[int],
+    paths: list[Path],
+    *,
+    class_prompt: str,
+    resolution: int,
+    seed: int,
+    device: Any,
+    steps: int,
+    guidance: float,
+    batch_size: int,
+    on_progress: ProgressFn | None,
 ) -> None:
     from PIL.PngImagePlugin import PngInfo
 
