@@ -49,3 +49,9 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """sdlora's own cache folder (tiny models' tokenizer, Yandex downloads, benchmarks): $SDLORA_CACHE,
+    else ~/.cache/sdlora. Model weights stay in the Hugging Face cache."""
+    return Path(os.environ.get("SDLORA_CACHE") or Path.home() / ".cache" / "sdlora")

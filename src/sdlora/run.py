@@ -40,6 +40,64 @@ REPORT = "report.html"
 DEFAULT_RUNS = Path("runs")
 
 
+class Metric:
+    """Key names in metrics.jsonl: the loop writes them; the report, the scorer and the tests read them."""
+
+    STEP = "step"
+    EPOCH = "epoch"
+    LOSS = "loss"  # the step's training loss (instance + weighted prior)
+    LOSS_MEAN = "loss_mean"  # its running mean
+    LOSS_PREFIX = "loss/"  # parts of the loss: loss/instance, loss/prior
+    LOSS_INSTANCE = "loss/instance"
+    LOSS_PRIOR = "loss/prior"
+    LR = "lr"  # the UNet group's learning rate; the other groups' are lr/<group>
+    LR_PREFIX = "lr/"
+    GRAD_NORM_PREFIX = "grad_norm/"  # grad_norm/<group> and grad_norm/total
+    GRAD_NORM_TOTAL = "grad_norm/total"
+    EMBEDDING_NORM_PREFIX = "embedding_norm/"  # embedding_norm/<text encoder>: the token's own vector
+    VAL_LOSS = "val_loss"
+    DINO = "dino"  # DINO of the validation samples vs the val photos (--score-every)
+    STEP_TIME = "step_time_s"
+    IMAGES_PER_S = "images_per_s"
+    RSS_GB = "rss_gb"
+    CUDA_PREFIX = "cuda_"
+    CUDA_PEAK_GB = "cuda_peak_gb"
+
+    @staticmethod
+    def lr(group: str) -> str:
+        return Metric.LR if group == "unet" else Metric.LR_PREFIX + group
+
+    @staticmethod
+    def grad_norm(group: str) -> str:
+        return Metric.GRAD_NORM_PREFIX + group
+
+    @staticmethod
+    def embedding_norm(encoder: str) -> str:
+        return Metric.EMBEDDING_NORM_PREFIX + encoder
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a metrics.jsonl: a last line still being written (or cut by a crash) and
+    lines that are not JSON objects are skipped, so a reader works while training runs."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.endswith("\n") or not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
 def resolve_run_dir(run: str | Path) -> Path:
     """Follow `runs/latest` (a symlink, or a file naming the run) to the real run folder."""
     run = Path(run)
