@@ -12,7 +12,7 @@ import yaml
 from sdlora import config as config_mod
 from sdlora.config import Config, build_config, load_config, parse_dotted
 from sdlora.errors import ConfigError
-from sdlora.train.checkpoint import resume_config
+from sdlora.train.resolve import resume_config
 
 
 def test_defaults_live_in_the_dataclasses():

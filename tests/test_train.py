@@ -20,7 +20,7 @@ from sdlora.cli import app
 from sdlora.config import load_config
 from sdlora.errors import ConfigError, DataError, RunError
 from sdlora.run import load_run
-from sdlora.train import loop
+from sdlora.train import loop, resolve
 from sdlora.train.monitor import read_metrics
 
 # First losses of tiny-sd on the 6-image fixture dataset, seed 0, lr 1e-3 (this machine's numbers).
@@ -286,7 +286,7 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path: Path, tiny
     assert (first.run_dir / "checkpoints" / "step-000003" / "sdlora.json").is_file()
     assert (first.run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
-    run_dir, cfg, warnings = loop.resume_run(first.run_dir, [{}], ("command line",))
+    run_dir, cfg, warnings = resolve.resume_run(first.run_dir, [{}], ("command line",))
     assert warnings == [] and run_dir == first.run_dir
     events = Events()
     second = loop.run_training(cfg, resume=run_dir, on_event=events)

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from sdlora.generate import load_embeddings
 from sdlora.models import load_pipeline
-from sdlora.train import loop
+from sdlora.train import loop, resolve
 from sdlora.train.monitor import read_metrics
 from test_train import Events, invoke, steps_of, tiny_cfg
 
@@ -112,7 +112,7 @@ def test_with_text_encoder_lora_and_resume_the_embedding_continues(tmp_path: Pat
         loop.train(state, stop_at_2)
     finally:
         loop.cleanup(state)
-    run_dir, cfg, warnings = loop.resume_run(state.run_dir, [{}], ("command line",))
+    run_dir, cfg, warnings = resolve.resume_run(state.run_dir, [{}], ("command line",))
     assert warnings == []
     resumed = loop.run_training(cfg, resume=run_dir)
     assert resumed.steps == 4
@@ -179,6 +179,6 @@ def test_a_run_from_before_pivotal_tuning_resumes_without_an_embedding(tmp_path:
     saved = yaml.safe_load(config.read_text(encoding="utf-8"))
     del saved["embedding"]  # as config.yaml was written before the section existed
     config.write_text(yaml.safe_dump(saved), encoding="utf-8")
-    run_dir, cfg, warnings = loop.resume_run(first.run_dir, [{"train": {"max_steps": 3}}], ("command line",))
+    run_dir, cfg, warnings = resolve.resume_run(first.run_dir, [{"train": {"max_steps": 3}}], ("command line",))
     assert cfg.embedding.train is False
     assert loop.run_training(cfg, resume=run_dir).steps == 3

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from sdlora.cli import app
 from sdlora.errors import ConfigError, DataError, ModelError
 from sdlora.evaluate import dino as dino_mod
-from sdlora.train import loop
+from sdlora.train import loop, resolve
 from sdlora.train.monitor import read_metrics
 from test_train import Events, tiny_cfg
 
@@ -99,7 +99,7 @@ def test_resume_keeps_the_best_dino(tmp_path, tiny_dataset):
         "checkpoint.checkpoint_every": 2,
     }
     first = loop.run_training(tiny_cfg(tmp_path, tiny_dataset, flags))
-    run_dir, cfg, _ = loop.resume_run(first.run_dir, [{"train": {"max_steps": 6}}], ("command line",))
+    run_dir, cfg, _ = resolve.resume_run(first.run_dir, [{"train": {"max_steps": 6}}], ("command line",))
     events = Events()
     second = loop.run_training(cfg, resume=run_dir, on_event=events)
     dino = {r["step"]: r["dino"] for r in read_metrics(run_dir / "metrics.jsonl") if "dino" in r}

@@ -188,7 +188,7 @@ def train(
     params = dict(locals())
     flags = {KEYS[k]: v for k, v in params.items() if k in KEYS and v is not None}
     dotted = list(overrides or [])
-    from sdlora.train import loop
+    from sdlora.train import loop, resolve
 
     # The config is resolved (and checked) here, once, also when N processes will run it.
     resume_dir = None
@@ -199,7 +199,7 @@ def train(
             sources.append(config)
         layers += [config_mod.flat_to_nested(flags), config_mod.parse_dotted(dotted)]
         sources += ["command line", "overrides"]
-        resume_dir, cfg, warnings = loop.resume_run(
+        resume_dir, cfg, warnings = resolve.resume_run(
             resume, layers, tuple(sources), runs_dir=flags.get("run.runs_dir", "runs")
         )
         for warning in warnings:

@@ -29,22 +29,6 @@ from sdlora.run import CONFIG
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "sdlora.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Keys whose checkpoint value must win on resume (changing them would not load, or trains something else).
-LOCKED = (
-    "model.",
-    "data.dataset",
-    "data.resolution",
-    "data.token",
-    "data.random_flip",
-    "lora.",
-    "embedding.train",
-    "embedding.init_token",
-    "train.seed",
-    "train.batch_size",
-    "train.gradient_accumulation",
-    "train.optimizer",
-    "prior.",
-)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -114,25 +98,3 @@ def register_hooks(accelerator: Any, unwrap: Callable[[Any], torch.nn.Module]) -
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
-
-
-def resume_config(
-    saved: dict[str, Any], layers: list[dict[str, Any]], sources: tuple[str, ...]
-) -> tuple[config_mod.Config, list[str]]:
-    """The config of a resumed run: saved config.yaml, then the command line; and the warnings."""
-    wanted = config_mod.build_config(saved, *layers, sources=("config.yaml", *sources))
-    base = config_mod.build_config(saved, sources=("config.yaml",))
-    warnings, keep = [], {}
-    for key, (old, new) in config_mod.diff_configs(base, wanted).items():
-        flag = config_mod.flag_for(key)
-        if key.startswith(LOCKED) or key in LOCKED:
-            warnings.append(
-                f"{flag} ({key}): the checkpoint has {old!r}, the command line {new!r}; "
-                f"using the checkpoint's {old!r} (it defines what is being trained)"
-            )
-            section, name = key.split(".", 1)
-            keep.setdefault(section, {})[name] = old
-        elif key not in ("run.name", "run.runs_dir"):
-            warnings.append(f"{flag} ({key}): the checkpoint's run used {old!r}; using {new!r} from the command line")
-    cfg = config_mod.replace(wanted, **keep) if keep else wanted
-    return cfg, warnings

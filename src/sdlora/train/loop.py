@@ -36,7 +36,7 @@ from sdlora.errors import ConfigError, DataError, RunError
 from sdlora.run import BEST_DIR, CONFIG, EMBEDDINGS, LORA_DIR, METRICS, SAMPLES_DIR, point_latest
 from sdlora.train import cache as cache_mod
 from sdlora.train import checkpoint as ckpt
-from sdlora.train import losses, monitor
+from sdlora.train import losses, monitor, resolve
 from sdlora.train.data import (
     BatchPlan,
     Conditioning,
@@ -127,7 +127,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-    cfg = _resolve_precision(cfg)
+    cfg = resolve.resolve_precision(cfg)
     dataset_dir = Path(cfg.data.dataset).expanduser().resolve()
     manifest = load_manifest(dataset_dir)  # DataError for a missing or bad dataset, before any model loads
     token = manifest.token
@@ -212,7 +212,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     device = accelerator.device
 
     # Pivotal tuning: the token joins the tokenizers now, before any caption is tokenized.
-    cfg = _resolve_token_embedding(cfg, pipe, arch)
+    cfg = resolve.resolve_token_embedding(cfg, pipe, arch)
     tokens = None
     if cfg.embedding.train:
         from sdlora.train.embeddings import add_token
@@ -331,32 +331,6 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         accelerator.project_configuration.logging_dir = str(run_dir / "logs")
         accelerator.init_trackers("sdlora", config=_flat(cfg.to_dict()), init_kwargs={"wandb": {"name": run_dir.name}})
     return state
-
-
-def _resolve_precision(cfg: Config) -> Config:
-    """`--mixed-precision auto`: bf16 on a CUDA GPU that has it, else fp16; fp32 on a CPU (bit-exact, portable)."""
-    if cfg.train.mixed_precision != "auto":
-        return cfg
-    if torch.cuda.is_available():
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        precision = "no"
-    return config_mod.replace(cfg, train={"mixed_precision": precision})
-
-
-def _resolve_token_embedding(cfg: Config, pipe: Any, arch: Any) -> Config:
-    """`embedding.train` unset: on when the tokenizer splits the token (sksToy), off for a known word (sks).
-
-    The init token defaults to the class word. Both land resolved in the run's config.yaml.
-    """
-    from sdlora.train.embeddings import is_new_token
-
-    train = cfg.embedding.train
-    if train is None:
-        train = is_new_token(getattr(pipe, arch.tokenizers[0]), str(cfg.data.token))
-    return config_mod.replace(
-        cfg, embedding={"train": bool(train), "init_token": cfg.embedding.init_token or cfg.data.class_word}
-    )
 
 
 def _encodes_text(cfg: Config) -> bool:
@@ -1253,24 +1227,3 @@ def run_training(cfg: Config, *, resume: Path | None = None, on_event: OnEvent |
         return train(state, on_event)
     finally:
         cleanup(state)
-
-
-def resume_run(
-    run: str | Path, layers: list[dict[str, Any]], sources: tuple[str, ...], runs_dir: str | Path = "runs"
-) -> tuple[Path, Config, list[str]]:
-    """The run folder to continue (`latest` = the newest run) and its config with the command line applied."""
-    import yaml
-
-    from sdlora.run import resolve_run_dir
-
-    run_path = Path(runs_dir) / "latest" if str(run) == "latest" else Path(run)
-    run_dir = resolve_run_dir(run_path)
-    config_path = run_dir / CONFIG
-    if not config_path.is_file():
-        raise RunError(f"{run_dir}: not a run folder (no {CONFIG})")
-    ckpt.latest_checkpoint(run_dir)  # a clear error now if there is nothing to resume
-    saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    saved.setdefault("embedding", {"train": False})  # a run from before pivotal tuning trained no embedding
-    cfg, warnings = ckpt.resume_config(saved, layers, sources)
-    cfg = config_mod.replace(cfg, run={"runs_dir": str(run_dir.parent), "name": run_dir.name})
-    return run_dir, cfg, warnings

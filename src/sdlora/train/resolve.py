@@ -1,0 +1,101 @@
+"""What a run's config resolves to before training starts: precision, the token's embedding, and
+the config of a resumed run (its saved config.yaml, then the command line, with a stated policy)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdlora import config as config_mod
+from sdlora.config import Config
+from sdlora.errors import RunError
+from sdlora.run import CONFIG
+from sdlora.train.checkpoint import latest_checkpoint
+
+# Keys whose checkpoint value must win on resume (changing them would not load, or trains something else).
+LOCKED = (
+    "model.",
+    "data.dataset",
+    "data.resolution",
+    "data.token",
+    "data.random_flip",
+    "lora.",
+    "embedding.train",
+    "embedding.init_token",
+    "train.seed",
+    "train.batch_size",
+    "train.gradient_accumulation",
+    "train.optimizer",
+    "prior.",
+)
+
+
+def resolve_precision(cfg: Config) -> Config:
+    """`--mixed-precision auto`: bf16 on a CUDA GPU that has it, else fp16; fp32 on a CPU (bit-exact, portable)."""
+    if cfg.train.mixed_precision != "auto":
+        return cfg
+    if torch.cuda.is_available():
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    else:
+        precision = "no"
+    return config_mod.replace(cfg, train={"mixed_precision": precision})
+
+
+def resolve_token_embedding(cfg: Config, pipe: Any, arch: Any) -> Config:
+    """`embedding.train` unset: on when the tokenizer splits the token (sksToy), off for a known word (sks).
+
+    The init token defaults to the class word. Both land resolved in the run's config.yaml.
+    """
+    from sdlora.train.embeddings import is_new_token
+
+    train = cfg.embedding.train
+    if train is None:
+        train = is_new_token(getattr(pipe, arch.tokenizers[0]), str(cfg.data.token))
+    return config_mod.replace(
+        cfg, embedding={"train": bool(train), "init_token": cfg.embedding.init_token or cfg.data.class_word}
+    )
+
+
+def resume_config(
+    saved: dict[str, Any], layers: list[dict[str, Any]], sources: tuple[str, ...]
+) -> tuple[config_mod.Config, list[str]]:
+    """The config of a resumed run: saved config.yaml, then the command line; and the warnings."""
+    wanted = config_mod.build_config(saved, *layers, sources=("config.yaml", *sources))
+    base = config_mod.build_config(saved, sources=("config.yaml",))
+    warnings, keep = [], {}
+    for key, (old, new) in config_mod.diff_configs(base, wanted).items():
+        flag = config_mod.flag_for(key)
+        if key.startswith(LOCKED) or key in LOCKED:
+            warnings.append(
+                f"{flag} ({key}): the checkpoint has {old!r}, the command line {new!r}; "
+                f"using the checkpoint's {old!r} (it defines what is being trained)"
+            )
+            section, name = key.split(".", 1)
+            keep.setdefault(section, {})[name] = old
+        elif key not in ("run.name", "run.runs_dir"):
+            warnings.append(f"{flag} ({key}): the checkpoint's run used {old!r}; using {new!r} from the command line")
+    cfg = config_mod.replace(wanted, **keep) if keep else wanted
+    return cfg, warnings
+
+
+def resume_run(
+    run: str | Path, layers: list[dict[str, Any]], sources: tuple[str, ...], runs_dir: str | Path = "runs"
+) -> tuple[Path, Config, list[str]]:
+    """The run folder to continue (`latest` = the newest run) and its config with the command line applied."""
+    import yaml
+
+    from sdlora.run import resolve_run_dir
+
+    run_path = Path(runs_dir) / "latest" if str(run) == "latest" else Path(run)
+    run_dir = resolve_run_dir(run_path)
+    config_path = run_dir / CONFIG
+    if not config_path.is_file():
+        raise RunError(f"{run_dir}: not a run folder (no {CONFIG})")
+    latest_checkpoint(run_dir)  # a clear error now if there is nothing to resume
+    saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    saved.setdefault("embedding", {"train": False})  # a run from before pivotal tuning trained no embedding
+    cfg, warnings = resume_config(saved, layers, sources)
+    cfg = config_mod.replace(cfg, run={"runs_dir": str(run_dir.parent), "name": run_dir.name})
+    return run_dir, cfg, warnings
