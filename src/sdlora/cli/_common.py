@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Callable, Iterator
+from typing import Annotated, Iterator
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from sdlora.events import ProgressFn
 
 console = Console()
 err_console = Console(stderr=True)
@@ -26,8 +28,23 @@ ModelOpt = Annotated[
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
 
-# A core progress callback: (what, done, total). Core modules call it; the CLI draws it.
-ProgressFn = Callable[[str, int, int], None]
+
+def refresh_report(run_dir: Path, *, strict: bool = False) -> Path | None:
+    """(Re)write the run's report.html: the one place a verb refreshes it, after its own stage is done.
+
+    A verb whose job is something else (train, sample, score, demo) gets a warning line if the report
+    cannot be written, never a failure; `sdlora report` itself passes strict=True and fails.
+    """
+    from sdlora.report import write_report
+
+    try:
+        return write_report(run_dir)
+    except Exception as exc:
+        if strict:
+            raise
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        err_console.print(f"[yellow]warning:[/] report.html not written: {reason}", highlight=False, soft_wrap=True)
+        return None
 
 
 @contextlib.contextmanager
