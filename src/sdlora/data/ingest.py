@@ -257,7 +257,8 @@ def prepare_dataset(
     results: dict[str, Decoded] = {}
     decoder = Decoder(workers, on_progress, most_jobs=len(files))
     try:
-        report("reading", 0, len(files))
+        if files:  # an empty source shows no progress bar, only its error
+            report("reading", 0, len(files))
         for i, src in enumerate(files, 1):
             report("reading", i, len(files))
             try:
@@ -333,7 +334,7 @@ def prepare_dataset(
         keep_aspect=opts.keep_aspect,
     )
     if not records:
-        why = _reasons(skipped) or "no files"
+        why = _reasons(skipped) or "no files in it"
         raise NoUsableImages(f"{source}: no usable photos ({why}); nothing was written to {out_dir}", result)
     names = [r.file for r in records]
     if len(set(names)) != len(names):  # same options + distinct bytes cannot collide; guard anyway
