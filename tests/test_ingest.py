@@ -515,9 +515,18 @@ def test_example_photos_prepare_upright(tmp_path):
 
 
 def test_example_photos_are_what_the_generator_renders(tmp_path):
-    # The committed examples/photos and the ones `sdlora demo` renders are the same pictures.
-    from sdlora.example_photos import write_example_photos
+    # The committed examples/photos and the ones `sdlora demo` renders are the same pictures:
+    # every one as drawn, and the writer's files (one upright, one stored sideways) as shown.
+    from sdlora import example_photos as make_photos
 
     examples = Path(__file__).resolve().parents[1] / "examples" / "photos"
-    for path in write_example_photos(tmp_path):
+    committed = sorted(examples.glob("toy_*.heic"))
+    assert len(committed) == make_photos.COUNT
+    for index, path in enumerate(committed):
+        assert corr(small_thumb(make_photos.render(index)), small_thumb(Image.open(path))) > 0.99, path.name
+    sideways = min(make_photos.SIDEWAYS)
+    written = make_photos.write_example_photos(tmp_path, indices=[0, sideways])
+    assert [p.name for p in written] == ["toy_01.heic", f"toy_{sideways + 1:02d}.heic"]
+    for path in written:
         assert corr(small_thumb(Image.open(path)), small_thumb(Image.open(examples / path.name))) > 0.99
+    assert Image.open(written[1]).info.get("original_orientation") == make_photos.SIDEWAYS[sideways]
