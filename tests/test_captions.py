@@ -1,5 +1,5 @@
-"""data/captions.py and data/autocaption.py: the captions.txt format, token insertion, imports
-matched by source stem, checks, and filling a dataset's captions."""
+"""data/captions.py, caption_import.py, captioning.py and autocaption.py: the captions.txt format,
+token insertion, imports matched by source stem, checks, and filling a dataset's captions."""
 
 from __future__ import annotations
 
@@ -10,20 +10,17 @@ import pytest
 
 from captions_helpers import TINY_WORDS, write_phone_dataset, write_tiny_blip
 from conftest import write_tiny_dataset
+from sdlora.data.caption_import import StemIndex, import_captions, read_caption_source, source_name
+from sdlora.data.captioning import caption_dataset
 from sdlora.data.captions import (
     DEFAULT_TEMPLATE,
-    StemIndex,
-    caption_dataset,
     check_captions,
     has_token,
-    import_captions,
     insert_token,
     parse_captions,
-    read_caption_source,
     read_captions,
     render_template,
     scan_captions,
-    source_name,
     update_captions,
     write_captions,
 )
@@ -107,8 +104,18 @@ def test_render_template():
     assert render_template("{token} {class}, studio light", "sksToy", "car") == "sksToy car, studio light"
     with pytest.raises(ConfigError, match="has no {token}"):
         render_template("a photo of a {class}", "sksToy", "toy")
-    with pytest.raises(ConfigError, match="bad field"):
-        render_template("a photo of {tok}", "sksToy", "toy")
+    for bad in ("a photo of {tok}", "{token} {class_word}", "{token} {class", "{token} }", "{token} {}"):
+        with pytest.raises(ConfigError, match="bad field") as err:
+            render_template(bad, "sksToy", "toy")
+        assert "\n" not in str(err.value) and repr(bad) in str(err.value)
+
+
+def test_templates_and_prompts_fill_the_same_way():
+    # A caption template and a validation prompt with the same text give the same words.
+    from sdlora.prompts import DEFAULT_PROMPT, fill_prompt
+
+    for template in (DEFAULT_PROMPT, "{token} {class}, studio light", "a {class} called {token}"):
+        assert render_template(template, "sksToy", "rc car") == fill_prompt(template, "sksToy", "rc car")
 
 
 # ---------------------------------------------------------------------------- stem matching

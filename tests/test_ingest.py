@@ -97,16 +97,45 @@ def test_rc_car_upright_square_manifest_split(dreambench, tmp_path):
     assert (again.train, again.val) == (m.train, m.val)
 
 
+def _irot(data: bytes) -> tuple[int, int]:
+    """(offset of the angle byte, angle) of the one HEIF `irot` property in `data`.
+
+    ISO/IEC 23008-12 ImageRotation: a 9-byte box (size 9, type 'irot') whose last byte's low two
+    bits are the angle in 90-degree steps, anticlockwise, applied to the decoded image.
+    """
+    at = data.find(b"\x00\x00\x00\x09irot")
+    assert at > 0 and data.find(b"irot", at + 8) < 0, "expected exactly one irot box"
+    return at + 8, data[at + 8] & 3
+
+
 def test_heic_rotation_transform_applied(dreambench, tmp_path):
-    # IMG_4651.HEIC is stored sideways with a HEIF rotation; libheif must turn it upright.
+    # IMG_4651.HEIC is stored sideways: its pixels are coded as the sensor saw them and a HEIF
+    # rotation (irot) turns them upright. The reference is independent of that decode: the
+    # stored pixels (the same file with the rotation set to 0) rotated by hand by the angle the
+    # file declares.
     src = dreambench / "duck_toy"
+    data = (src / "IMG_4651.HEIC").read_bytes()
+    where, angle = _irot(data)
+    assert angle == 3  # 270 degrees anticlockwise = 90 clockwise ...
+    assert Image.open(src / "IMG_4651.HEIC").info["original_orientation"] == 6  # ... as its EXIF says
+    unrotated = bytearray(data)
+    unrotated[where] &= 0xFC
+    stored = np.asarray(Image.open(io.BytesIO(bytes(unrotated))).convert("RGB"))
+
     prepare_dataset(str(src), tmp_path / "ds", resolution=64, workers=1, val_fraction=0)
     m = load_manifest(tmp_path / "ds")
     rec = next(r for r in m.images.values() if r.source == "IMG_4651.HEIC")
-    img = Image.open(tmp_path / "ds" / "images" / rec.file)
-    ref = reference(src / "IMG_4651.HEIC")
-    assert corr(small_thumb(img), small_thumb(ref)) > 0.95
-    assert corr(small_thumb(img), small_thumb(ref.rotate(90))) < 0.8
+    got = np.asarray(Image.open(tmp_path / "ds" / "images" / rec.file), dtype=np.float64)
+
+    def error(turns: int) -> float:
+        """Mean absolute pixel error against the stored pixels turned `turns` x 90 degrees anticlockwise."""
+        turned = Image.fromarray(np.ascontiguousarray(np.rot90(stored, k=turns)))
+        want = np.asarray(ImageOps.fit(turned, (64, 64), Image.Resampling.LANCZOS), dtype=np.float64)
+        return float(np.abs(got - want).mean())
+
+    errors = {turns: error(turns) for turns in range(4)}
+    assert errors[angle] < 3, errors  # resampling differences only
+    assert min(e for t, e in errors.items() if t != angle) > 10 * errors[angle], errors
 
 
 # ---------------------------------------------------------------------------- decoding rules
@@ -486,9 +515,18 @@ def test_example_photos_prepare_upright(tmp_path):
 
 
 def test_example_photos_are_what_the_generator_renders(tmp_path):
-    # The committed examples/photos and the ones `sdlora demo` renders are the same pictures.
-    from sdlora.example_photos import write_example_photos
+    # The committed examples/photos and the ones `sdlora demo` renders are the same pictures:
+    # every one as drawn, and the writer's files (one upright, one stored sideways) as shown.
+    from sdlora import example_photos as make_photos
 
     examples = Path(__file__).resolve().parents[1] / "examples" / "photos"
-    for path in write_example_photos(tmp_path):
+    committed = sorted(examples.glob("toy_*.heic"))
+    assert len(committed) == make_photos.COUNT
+    for index, path in enumerate(committed):
+        assert corr(small_thumb(make_photos.render(index)), small_thumb(Image.open(path))) > 0.99, path.name
+    sideways = min(make_photos.SIDEWAYS)
+    written = make_photos.write_example_photos(tmp_path, indices=[0, sideways])
+    assert [p.name for p in written] == ["toy_01.heic", f"toy_{sideways + 1:02d}.heic"]
+    for path in written:
         assert corr(small_thumb(Image.open(path)), small_thumb(Image.open(examples / path.name))) > 0.99
+    assert Image.open(written[1]).info.get("original_orientation") == make_photos.SIDEWAYS[sideways]

@@ -163,6 +163,19 @@ def test_nothing_usable_one_line_and_earlier_dataset_kept(tmp_path):
     assert snapshot(out) == before
 
 
+def test_empty_folder_is_its_error_line_alone(tmp_path):
+    (tmp_path / "photos").mkdir()
+    result = invoke(tmp_path / "photos", "--out", tmp_path / "ds")
+    line = one_line_error(result, "no usable photos (no files in it)", "nothing was written")
+    assert result.stderr.strip() == line and result.stdout == ""  # no empty summary table
+    assert not (tmp_path / "ds").exists()
+    # Only skipped files: the table says what was skipped and why, then the error line.
+    (tmp_path / "photos" / "IMG_0001.MOV").write_bytes(b"video")
+    result = invoke(tmp_path / "photos", "--out", tmp_path / "ds")
+    one_line_error(result, "no usable photos (1 video)")
+    assert "skipped: video" in result.stdout and "IMG_0001.MOV" in result.stdout
+
+
 def test_refuses_to_overwrite_another_dataset(tmp_path):
     out = tmp_path / "ds"
     assert invoke(photos(tmp_path / "a", 2), "--out", out, "--resolution", "64").exit_code == 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pillow_heif
@@ -94,15 +95,16 @@ def stored_sideways(img: Image.Image, orientation: int) -> Image.Image:
     return img.rotate(90 if orientation == 6 else -90, expand=True)
 
 
-def write_example_photos(out: str | Path) -> list[Path]:
-    """Write toy_01.heic ... toy_12.heic into `out` (atomically, each) and return their paths."""
+def write_example_photos(out: str | Path, indices: Iterable[int] | None = None) -> list[Path]:
+    """Write toy_01.heic ... toy_12.heic (or only those of `indices`, 0-based) into `out`
+    (atomically, each) and return their paths."""
     from sdlora.fsutil import atomic_path
 
     pillow_heif.register_heif_opener()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i in range(COUNT):
+    for i in range(COUNT) if indices is None else sorted(set(indices)):
         img = render(i)
         path = out / f"toy_{i + 1:02d}.heic"
         with atomic_path(path) as tmp:

@@ -9,7 +9,8 @@ import typer
 from rich.table import Table
 
 from sdlora.cli._common import console, err_console, progress_bar
-from sdlora.data.captions import DEFAULT_TEMPLATE, CaptionResult, CheckResult, caption_dataset, check_captions
+from sdlora.data.captioning import CaptionResult, caption_dataset
+from sdlora.data.captions import DEFAULT_TEMPLATE, CheckResult, check_captions
 from sdlora.errors import ConfigError
 
 EPILOG = """\

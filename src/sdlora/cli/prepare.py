@@ -102,7 +102,8 @@ def prepare(
                 on_progress=on_progress,
             )
     except NoUsableImages as exc:
-        _render(exc.result)
+        if exc.result.skipped:  # what was skipped, and why; an empty source has only its error line
+            _render(exc.result)
         raise
     _render(result)
     seconds = time.perf_counter() - start

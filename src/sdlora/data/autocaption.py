@@ -12,11 +12,11 @@ import contextlib
 import os
 import re
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from sdlora.errors import ConfigError, DataError, ModelError
+from sdlora.events import ProgressFn
 
-ProgressFn = Callable[[str, int, int], None]
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
 
 # BLIP's well-known artefact words ("arafed", "araffe", ...) are not English; drop them.

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from sdlora.data.buckets import bucket_size, cover_crop
+from sdlora.data.buckets import bucket_size, cover_crop, geometry
 
 CROPS: tuple[str, ...] = ("center", "pad")
 
@@ -74,8 +74,10 @@ def square_side(size: tuple[int, int], crop: str) -> int:
 
 
 def target_size(size: tuple[int, int], resolution: int, keep_aspect: bool = False) -> tuple[int, int]:
-    """(width, height) of the training image made from an oriented photo of `size`."""
-    return bucket_size(*size, resolution) if keep_aspect else (resolution, resolution)
+    """(width, height) of the training image made from an oriented photo of `size` (data/buckets.py
+    `geometry`, which gives train the same size)."""
+    (height, width), _crop_top_left = geometry(size, resolution, keep_aspect=keep_aspect, crop="center")
+    return width, height
 
 
 def scale_factor(size: tuple[int, int], resolution: int, crop: str = "center", keep_aspect: bool = False) -> float:

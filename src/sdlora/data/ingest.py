@@ -1,10 +1,11 @@
 """`sdlora prepare`: photos (folder, .zip, Yandex Disk link) -> a prepared dataset folder.
 
 Steps, each reported through `on_progress(description, done, total)`:
-  1. check the output folder (refuse to overwrite a different dataset unless `force`);
-  2. list the source files, skipping system files, videos and unsafe archive names by name;
+  1. check the output folder (refuse to overwrite a different dataset unless `force`: data/outdir.py);
+  2. list the source files, skipping system files, videos and unsafe archive names by name
+     (data/sources.py);
   3. read and checksum every file (sha256 of the bytes, for the manifest and the cache);
-  4. decode the files not decoded before, in parallel processes (data/images.py);
+  4. decode the files not decoded before, in parallel processes (data/decode.py, data/images.py);
   5. drop what is unusable: unreadable, too small, duplicates (data/dedupe.py);
   6. split train/val, merge captions, write images, captions.txt, manifest.json atomically.
 
@@ -15,7 +16,8 @@ source and options decodes nothing. Nothing in the old dataset changes until eve
 been read and checked; old images are removed only after the new manifest is in place.
 
 With `keep_aspect` each image keeps its photo's shape at its aspect-ratio bucket
-(data/buckets.py) instead of being made square; the manifest records each image's size.
+(data/buckets.py) instead of being made square. The manifest records each image's training
+geometry (size and crop, data/buckets.py `geometry`) so `train` need not compute it again.
 """
 
 from __future__ import annotations
@@ -24,15 +26,13 @@ import hashlib
 import json
 import os
 import re
-import signal
 import zipfile
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from multiprocessing import get_context
-from pathlib import Path, PurePosixPath
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Iterable, Sequence
 
 from sdlora.data import images as imaging
+from sdlora.data.buckets import check_resolution, geometry
 from sdlora.data.captions import (
     DEFAULT_TEMPLATE,
     check_class_word,
@@ -41,55 +41,37 @@ from sdlora.data.captions import (
     update_captions,
     write_captions,
 )
+from sdlora.data.decode import Decoded, Decoder, Job, decode, warm
 from sdlora.data.dedupe import NEAR_DUPLICATE_BITS, Candidate, find_duplicates
-from sdlora.data.manifest import (
-    CAPTIONS,
-    DEFAULT_CLASS,
-    DEFAULT_TOKEN,
-    IMAGES,
-    MANIFEST,
-    ImageRecord,
-    Manifest,
-    load_manifest,
+from sdlora.data.manifest import CAPTIONS, DEFAULT_CLASS, DEFAULT_TOKEN, IMAGES, ImageRecord, Manifest
+from sdlora.data.outdir import check_out_dir, dataset_source_id, remove_stale
+from sdlora.data.sources import (
+    MAX_ZIP_RATIO,
+    MAX_ZIP_TOTAL,
+    UNREADABLE,
+    Skipped,
+    SourceFile,
+    checksum,
+    list_source,
 )
 from sdlora.errors import ConfigError, DataError
+from sdlora.events import ProgressFn, no_progress
 from sdlora.fsutil import write_bytes, write_json
 
-ProgressFn = Callable[[str, int, int], None]
+__all__ = ["NoUsableImages", "Options", "PrepareResult", "SourceFile", "Skipped", "list_source", "prepare_dataset"]
+
+# benchmarks/prepare.py times one worker's decode through these names.
+_Job, _decode, _warm = Job, decode, warm
 
 CACHE_FILE = ".prepare-cache.json"
 PIPELINE_VERSION = 1  # bump when decoding/cropping changes what an image looks like
-# Zip-bomb guards: a phone export is JPEG/HEIC, which barely compresses.
-MAX_ZIP_TOTAL = 16 << 30  # bytes, all entries uncompressed
-MAX_ZIP_RATIO = 100  # uncompressed/compressed of one entry (checked for entries over 1 MiB)
 
-# Reason categories for files skipped by name (images.py has the decoding ones).
-SYSTEM_FILE = "system file"
-VIDEO = "video"
-UNSAFE_NAME = "unsafe name in archive"
+# Reason categories for files dropped after reading (sources.py and images.py have the others).
 TOO_SMALL = "too small"
 DUPLICATE = "duplicate"
 NEAR_DUPLICATE = "near duplicate"
-UNREADABLE = "unreadable"
 
-_SYSTEM_NAMES = {".ds_store", "thumbs.db", "desktop.ini", ".localized", "icon\r"}
-_VIDEO_SUFFIXES = {".mov", ".mp4", ".m4v", ".avi", ".3gp", ".mkv", ".webm", ".mts"}
 _EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-_OUR_IMAGE = re.compile(r"^[0-9a-f]{16}\.png$")
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    name: str  # manifest `source`: path relative to the source root, zip entry, or URL
-    path: Path  # the local file (the archive itself for a zip entry)
-    member: str | None = None  # entry name inside the zip
-
-
-@dataclass(frozen=True)
-class Skipped:
-    name: str
-    reason: str  # category for the summary table
-    detail: str = ""
 
 
 @dataclass
@@ -141,10 +123,7 @@ class Options:
     keep_aspect: bool = False
 
     def check(self) -> "Options":
-        if not 64 <= self.resolution <= 4096 or self.resolution % 8:
-            raise ConfigError(
-                f"--resolution {self.resolution}: use a multiple of 8 from 64 to 4096 (512 for SD 1.x, 1024 for SDXL)"
-            )
+        check_resolution(self.resolution, "--resolution")
         if self.crop not in imaging.CROPS:
             raise ConfigError(f"--crop {self.crop!r}: use one of {', '.join(imaging.CROPS)}")
         if self.keep_aspect and self.crop != "center":
@@ -167,353 +146,6 @@ class Options:
 
     def target_size(self, original_size: tuple[int, int]) -> tuple[int, int]:
         return imaging.target_size(original_size, self.resolution, self.keep_aspect)
-
-
-# ---------------------------------------------------------------------------- the output folder
-
-
-def _source_id(source: str) -> str:
-    from sdlora.data.yandex import is_yandex_link
-
-    if is_yandex_link(source):
-        return source.strip()
-    return str(Path(source).expanduser().resolve())
-
-
-def _check_out_dir(out_dir: Path, source_id: str, force: bool) -> tuple[str, Manifest | None]:
-    """("new" | "update" | "replace", the earlier manifest when it is ours to update or replace)."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise DataError(f"--out {out_dir}: exists and is a file, not a folder; choose another --out")
-    if not out_dir.exists() or not any(out_dir.iterdir()):
-        return "new", None
-    if not (out_dir / MANIFEST).is_file():
-        if force:
-            return "replace", None
-        raise DataError(
-            f"--out {out_dir}: folder exists and is not an sdlora dataset (no {MANIFEST}); "
-            "choose another --out, or --force to write into it"
-        )
-    try:
-        old = load_manifest(out_dir)
-    except DataError as exc:
-        if force:
-            return "replace", None
-        raise DataError(f"--out {out_dir}: existing dataset is unreadable ({exc}); --force to replace it") from None
-    if old.source == source_id:
-        return "update", old
-    if force:
-        return "replace", old
-    raise DataError(
-        f"--out {out_dir}: already holds a dataset prepared from {old.source or 'another source'}; "
-        "choose another --out, or --force to replace it"
-    )
-
-
-# ---------------------------------------------------------------------------- listing the source
-
-
-def _skip_by_name(name: str) -> str | None:
-    """Reason to skip a file by its name alone (no need to read it), else None."""
-    parts = PurePosixPath(name).parts
-    base = parts[-1] if parts else name
-    if base.lower() in _SYSTEM_NAMES or base.startswith("._") or "__MACOSX" in parts:
-        return SYSTEM_FILE  # Finder / Explorer metadata, AppleDouble resource forks
-    if PurePosixPath(base).suffix.lower() in _VIDEO_SUFFIXES:
-        return VIDEO  # e.g. the .MOV half of a live photo
-    return None
-
-
-def _list_folder(root: Path, exclude: Path) -> tuple[list[SourceFile], list[Skipped]]:
-    files, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        here = Path(dirpath)
-        # Never ingest our own output (`sdlora prepare . --out dataset`) or hidden folders (.git).
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != exclude)
-        for fname in filenames:
-            path = here / fname
-            name = path.relative_to(root).as_posix()
-            reason = _skip_by_name(name)
-            if reason:
-                skipped.append(Skipped(name, reason))
-            elif path.is_file():
-                files.append(SourceFile(name, path))
-    return files, skipped
-
-
-def _unsafe_member(name: str) -> bool:
-    """An entry that would escape a folder it was extracted to (we never extract, but say so)."""
-    posix = name.replace("\\", "/")
-    return posix.startswith("/") or bool(re.match(r"^[A-Za-z]:", posix)) or ".." in posix.split("/") or "\x00" in posix
-
-
-def _list_zip(path: Path, max_total: int, max_ratio: float) -> tuple[list[SourceFile], list[Skipped]]:
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError) as exc:
-        raise DataError(f"{path}: not a readable zip archive ({exc})") from None
-    total = sum(info.file_size for info in infos)
-    if total > max_total:
-        raise DataError(
-            f"{path}: refusing archive that unpacks to {total / 2**30:.1f} GiB (limit {max_total / 2**30:.1f} GiB); "
-            "unpack it yourself and pass the folder"
-        )
-    for info in infos:
-        if info.file_size > (1 << 20) and info.file_size > max_ratio * max(info.compress_size, 1):
-            raise DataError(
-                f"{path}: refusing archive entry {info.filename!r} that expands {info.file_size / max(info.compress_size, 1):.0f}x "
-                "(a zip bomb?); unpack it yourself and pass the folder"
-            )
-    files, skipped = [], []
-    for info in infos:
-        if info.is_dir():
-            continue
-        name = info.filename
-        if _unsafe_member(name):
-            skipped.append(Skipped(name, UNSAFE_NAME, "absolute path or '..'; not used"))
-            continue
-        reason = _skip_by_name(name.replace("\\", "/"))
-        if reason:
-            skipped.append(Skipped(name, reason))
-        elif info.flag_bits & 0x1:
-            skipped.append(Skipped(name, UNREADABLE, "encrypted entry"))
-        else:
-            files.append(SourceFile(name, path, member=name))
-    return files, skipped
-
-
-def _list_link(link: str, on_progress: ProgressFn | None) -> tuple[list[SourceFile], list[Skipped]]:
-    from sdlora.data.yandex import download_public
-
-    skipped: list[Skipped] = []
-
-    def include(name: str) -> bool:
-        reason = _skip_by_name(name)
-        if reason:
-            skipped.append(Skipped(name, reason))
-        return reason is None
-
-    cache = Path(os.environ.get("SDLORA_CACHE") or Path.home() / ".cache" / "sdlora") / "yandex"
-    remote = download_public(link, cache, on_progress=on_progress, include=include)
-    files = []
-    for rf in remote:
-        reason = _skip_by_name(PurePosixPath(rf.remote_path or rf.local_path.name).name)
-        if reason:
-            skipped.append(Skipped(rf.url, reason))
-        else:
-            files.append(SourceFile(rf.url, rf.local_path))
-    return files, skipped
-
-
-def list_source(
-    source: str,
-    *,
-    exclude: Path | None = None,
-    on_progress: ProgressFn | None = None,
-    max_zip_total: int = MAX_ZIP_TOTAL,
-    max_zip_ratio: float = MAX_ZIP_RATIO,
-) -> tuple[list[SourceFile], list[Skipped]]:
-    """The candidate files of a folder (recursive), zip archive or Yandex Disk link, by name."""
-    from sdlora.data.yandex import is_yandex_link
-
-    if is_yandex_link(source):
-        files, skipped = _list_link(source, on_progress)
-    else:
-        path = Path(source).expanduser()
-        if path.is_dir():
-            files, skipped = _list_folder(path, (exclude or path / "\0").resolve())
-        elif path.is_file():
-            if not zipfile.is_zipfile(path):
-                kind = "a broken zip archive" if path.suffix.lower() == ".zip" else "not a folder or a .zip archive"
-                raise DataError(
-                    f"{source}: {kind}; pass a folder of photos, a .zip of them, or a Yandex Disk public link"
-                )
-            files, skipped = _list_zip(path, max_zip_total, max_zip_ratio)
-        elif re.match(r"^[a-z][a-z0-9+.-]*://", source, re.IGNORECASE):
-            raise DataError(
-                f"{source}: unsupported link; pass a folder, a .zip, or a Yandex Disk public link "
-                "(https://disk.yandex.ru/d/...)"
-            )
-        else:
-            raise DataError(
-                f"{source}: no such folder or file; pass a folder of photos, a .zip of them, "
-                "or a Yandex Disk public link"
-            )
-    files.sort(key=lambda f: f.name)
-    skipped.sort(key=lambda s: s.name)
-    return files, skipped
-
-
-def _read(src: SourceFile) -> bytes:
-    if src.member is None:
-        return src.path.read_bytes()
-    with zipfile.ZipFile(src.path) as zf:
-        return zf.read(src.member)  # bounded by the entry's checked size; CRC checked
-
-
-def _checksum(src: SourceFile) -> str:
-    digest = hashlib.sha256()
-    if src.member is None:
-        with open(src.path, "rb") as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    else:
-        with zipfile.ZipFile(src.path) as zf, zf.open(src.member) as f:
-            while block := f.read(1 << 20):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------- decoding
-
-
-@dataclass(frozen=True)
-class _Job:
-    key: str
-    src: SourceFile
-    resolution: int
-    crop: str
-    keep_aspect: bool = False
-
-
-@dataclass
-class _Decoded:
-    key: str
-    png: bytes | None = None
-    pixels: str = ""
-    phash: str = ""
-    original_size: tuple[int, int] = (0, 0)
-    error: str | None = None  # reason category
-    detail: str = ""
-    size: tuple[int, int] | None = None  # of the prepared image; None from caches that predate it
-
-    def cache_entry(self) -> dict:
-        return {
-            "pixels": self.pixels,
-            "phash": self.phash,
-            "original_size": list(self.original_size),
-            "size": list(self.size) if self.size else None,
-            "error": self.error,
-            "detail": self.detail,
-        }
-
-    @classmethod
-    def from_cache(cls, key: str, entry: dict) -> "_Decoded":
-        size = entry.get("size")
-        return cls(
-            key,
-            None,
-            entry.get("pixels", ""),
-            entry.get("phash", ""),
-            tuple(entry.get("original_size", (0, 0))),
-            entry.get("error"),
-            entry.get("detail", ""),
-            tuple(size) if size else None,
-        )
-
-
-def _decode(job: _Job) -> _Decoded:
-    """Worker: one file -> PNG bytes and its checksums, or why it is unusable. Never raises."""
-    try:
-        data = _read(job.src)
-    except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
-        return _Decoded(job.key, error=UNREADABLE, detail=imaging.short_error(exc))
-    try:
-        prepared = imaging.prepare_image(data, job.resolution, job.crop, job.keep_aspect)
-    except imaging.BadImage as exc:
-        return _Decoded(job.key, error=exc.reason, detail=exc.detail)
-    img = prepared.image
-    return _Decoded(
-        job.key,
-        imaging.png_bytes(img),
-        imaging.pixel_digest(img),
-        imaging.perceptual_hash(img),
-        prepared.original_size,
-        size=img.size,
-    )
-
-
-def _init_worker() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
-    imaging.register_heif(decode_threads=1)
-
-
-def _warm() -> None:
-    """Pay a worker's one-off import costs while the parent is still reading files."""
-    imaging.perceptual_hash(imaging.Image.new("RGB", (8, 8)))
-
-
-class _Decoder:
-    """Decodes jobs as they are found: in `workers` processes, or in this process for 1.
-
-    The pool starts with the first job, so its start-up overlaps the parent's checksumming
-    of the remaining files, and a re-run with nothing to decode starts no processes at all.
-    Every worker uses one libheif thread: the parallelism comes from the processes.
-    """
-
-    def __init__(self, workers: int, on_progress: ProgressFn | None, most_jobs: int):
-        self.workers = max(1, min(workers, most_jobs))
-        self.report = on_progress or (lambda *_: None)
-        self.jobs: list[_Job] = []
-        self._futures: list[Future] = []
-        self._pool: ProcessPoolExecutor | None = None
-        self._warmups: list[Future] = []
-
-    def submit(self, job: _Job) -> None:
-        self.jobs.append(job)
-        if self.workers <= 1:
-            return  # decoded in `results`, after reading
-        if self._pool is None:
-            # forkserver: never fork a parent that runs threads (the CLI's progress bar does).
-            method = "forkserver" if "forkserver" in _start_methods() else "spawn"
-            context = get_context(method)
-            if method == "forkserver":
-                # Import once in the server; each worker forks from it ready to decode.
-                context.set_forkserver_preload([__name__, "imagehash", "scipy.fftpack"])
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=context, initializer=_init_worker)
-            self._warmups = [self._pool.submit(_warm) for _ in range(self.workers)]
-        self._futures.append(self._pool.submit(_decode, job))
-
-    def results(self) -> list[_Decoded]:
-        """All results, in submission order, reporting ("decoding", done, total)."""
-        total = len(self.jobs)
-        if not total:
-            return []
-        self.report("decoding", 0, total)
-        if self._pool is None:
-            imaging.register_heif(decode_threads=1)
-            out = []
-            for i, job in enumerate(self.jobs, 1):
-                out.append(_decode(job))
-                self.report("decoding", i, total)
-            return out
-        # Until the first worker is up (process start and imports take ~0.5 s), the parent
-        # decodes queued jobs itself, from the back, so that start-up time is not lost.
-        imaging.register_heif(decode_threads=1)
-        local: dict[int, _Decoded] = {}
-        pending = set(self._futures)
-        while pending:
-            if not any(f.done() for f in self._warmups):
-                stolen = next((i for i in reversed(range(total)) if i not in local and self._futures[i].cancel()), None)
-                if stolen is not None:
-                    local[stolen] = _decode(self.jobs[stolen])
-                    pending.discard(self._futures[stolen])
-                    self.report("decoding", total - len(pending), total)
-                    continue
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            self.report("decoding", total - len(pending), total)
-        return [local[i] if i in local else fut.result() for i, fut in enumerate(self._futures)]
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-
-
-def _start_methods() -> list[str]:
-    import multiprocessing
-
-    return multiprocessing.get_all_start_methods()
 
 
 # ---------------------------------------------------------------------------- split and captions
@@ -607,9 +239,9 @@ def prepare_dataset(
     if workers < 1:
         raise ConfigError(f"--workers {workers}: use 1 or more")
     out_dir = Path(out_dir).expanduser()
-    source_id = _source_id(source)
-    mode, old = _check_out_dir(out_dir, source_id, force)
-    report = on_progress or (lambda *_: None)
+    source_id = dataset_source_id(source)
+    mode, old = check_out_dir(out_dir, source_id, force)
+    report = on_progress or no_progress
 
     files, skipped = list_source(
         source, exclude=out_dir, on_progress=on_progress, max_zip_total=max_zip_total, max_zip_ratio=max_zip_ratio
@@ -622,14 +254,15 @@ def prepare_dataset(
     shas: dict[str, str] = {}
     first_by_sha: dict[str, str] = {}
     unique: list[SourceFile] = []
-    results: dict[str, _Decoded] = {}
-    decoder = _Decoder(workers, on_progress, most_jobs=len(files))
+    results: dict[str, Decoded] = {}
+    decoder = Decoder(workers, on_progress, most_jobs=len(files))
     try:
-        report("reading", 0, len(files))
+        if files:  # an empty source shows no progress bar, only its error
+            report("reading", 0, len(files))
         for i, src in enumerate(files, 1):
             report("reading", i, len(files))
             try:
-                sha = _checksum(src)
+                sha = checksum(src)
             except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
                 skipped.append(Skipped(src.name, UNREADABLE, imaging.short_error(exc)))
                 continue
@@ -644,9 +277,9 @@ def prepare_dataset(
             key = opts.image_key(sha)
             entry = cache.get(key)
             if entry is not None and (entry.get("error") or (images_dir / f"{key}.png").is_file()):
-                results[src.name] = _Decoded.from_cache(key, entry)
+                results[src.name] = Decoded.from_cache(key, entry)
             else:
-                decoder.submit(_Job(key, src, opts.resolution, opts.crop, opts.keep_aspect))
+                decoder.submit(Job(key, src, opts.resolution, opts.crop, opts.keep_aspect))
         reused = len(results)
         for job, res in zip(decoder.jobs, decoder.results()):
             results[job.src.name] = res
@@ -686,16 +319,7 @@ def prepare_dataset(
         usable = [s for s in usable if s.name not in dups]
     skipped.sort(key=lambda s: s.name)
 
-    records = [
-        ImageRecord(
-            f"{results[s.name].key}.png",
-            s.name,
-            shas[s.name],
-            tuple(results[s.name].original_size),
-            tuple(results[s.name].size),
-        )
-        for s in usable
-    ]
+    records = [_record(results[s.name], s.name, shas[s.name], opts) for s in usable]
     result = PrepareResult(
         out_dir,
         source_id,
@@ -710,7 +334,7 @@ def prepare_dataset(
         keep_aspect=opts.keep_aspect,
     )
     if not records:
-        why = _reasons(skipped) or "no files"
+        why = _reasons(skipped) or "no files in it"
         raise NoUsableImages(f"{source}: no usable photos ({why}); nothing was written to {out_dir}", result)
     names = [r.file for r in records]
     if len(set(names)) != len(names):  # same options + distinct bytes cannot collide; guard anyway
@@ -755,23 +379,16 @@ def prepare_dataset(
     manifest.save(out_dir)
     entries = {res.key: res.cache_entry() for res in results.values()}
     write_json(out_dir / CACHE_FILE, {"version": PIPELINE_VERSION, "entries": entries})
-    result.removed = _remove_stale(images_dir, old, set(names), mode)
+    result.removed = remove_stale(images_dir, old, set(names), mode)
     return result
 
 
-def _remove_stale(images_dir: Path, old: Manifest | None, keep: set[str], mode: str) -> int:
-    """Delete images of the earlier dataset (and leftovers named like ours) no longer listed."""
-    if mode == "new" or not images_dir.is_dir():
-        return 0
-    listed = set(old.images) if old is not None else set()
-    removed = 0
-    for path in images_dir.iterdir():
-        if path.name in keep or not path.is_file():
-            continue
-        if path.name in listed or (old is not None and _OUR_IMAGE.match(path.name)):
-            path.unlink(missing_ok=True)
-            removed += path.name in listed
-    return removed
+def _record(res: Decoded, source: str, sha: str, opts: Options) -> ImageRecord:
+    """The manifest's record of a kept image, with its training geometry at the dataset's resolution
+    (`Manifest.geometry` reads it back for `train`)."""
+    original = tuple(res.original_size)
+    _size_hw, crop_top_left = geometry(original, opts.resolution, keep_aspect=opts.keep_aspect, crop=opts.crop)
+    return ImageRecord(f"{res.key}.png", source, sha, original, tuple(res.size), crop_top_left)
 
 
 def _reasons(skipped: Sequence[Skipped]) -> str:

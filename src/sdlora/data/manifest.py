@@ -1,15 +1,20 @@
-"""The prepared dataset contract (see DESIGN.md): images/, captions.txt, manifest.json.
+"""The prepared dataset contract: images/, captions.txt (data/captions.py), manifest.json (here).
 
-`prepare` writes it, `caption` edits captions.txt, `train` and `score` read it through
-`load_dataset_info`. Keep this module free of heavy imports: every stage reads it.
+`prepare` (data/ingest.py) writes it, `caption` edits captions.txt, `train` and `score` read it
+through `load_manifest`, which checks every field's shape so a damaged manifest.json is one
+DataError line naming the file and the field. Each image's training geometry (its size and
+crop) is computed once, by `prepare`, and read back with `Manifest.geometry`. Keep this module
+free of heavy imports: every stage reads it.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+from sdlora.data.buckets import geometry
 from sdlora.errors import DataError
 from sdlora.fsutil import write_json
 
@@ -30,6 +35,17 @@ class ImageRecord:
     source_sha256: str  # checksum of the source bytes
     original_size: tuple[int, int]  # (width, height) after orientation, before crop/resize
     size: tuple[int, int]  # (width, height) of the prepared image: square, or its bucket with keep_aspect
+    # (top, left) of the crop in the photo resized to cover `size` (SDXL's crop time ids), at the
+    # dataset's resolution; None in manifests written before prepare recorded it.
+    crop_top_left: tuple[int, int] | None = None
+
+
+class Geometry(NamedTuple):
+    """How an image is trained, in SDXL's time-id order: (height, width) and (top, left)."""
+
+    original_hw: tuple[int, int]  # the photo after orientation, before crop/resize
+    size_hw: tuple[int, int]  # the training image: square, or the photo's aspect bucket
+    crop_top_left: tuple[int, int]  # where the crop starts in the photo resized to cover `size_hw`
 
 
 @dataclass
@@ -54,25 +70,42 @@ class Manifest:
         return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: str = MANIFEST) -> "Manifest":
-        version = data.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise DataError(f"{where}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-        try:
-            images = {
-                name: ImageRecord(
-                    file=rec["file"],
-                    source=rec["source"],
-                    source_sha256=rec["source_sha256"],
-                    original_size=tuple(rec["original_size"]),
-                    size=tuple(rec["size"]),
-                )
-                for name, rec in data.get("images", {}).items()
-            }
-            known = {f for f in cls.__dataclass_fields__ if f != "images"}
-            return cls(images=images, **{k: v for k, v in data.items() if k in known})
-        except (KeyError, TypeError) as exc:
-            raise DataError(f"{where}: malformed manifest ({exc})") from exc
+    def from_json(cls, data: Any, where: str = MANIFEST) -> "Manifest":
+        """A Manifest from parsed JSON; DataError naming `where` and the field for any wrong shape."""
+        _check_shape(data, where)
+        images = {
+            name: ImageRecord(
+                file=rec["file"],
+                source=rec["source"],
+                source_sha256=rec["source_sha256"],
+                original_size=tuple(rec["original_size"]),
+                size=tuple(rec["size"]),
+                crop_top_left=tuple(rec["crop_top_left"]) if rec.get("crop_top_left") is not None else None,
+            )
+            for name, rec in data.get("images", {}).items()
+        }
+        known = {f for f in cls.__dataclass_fields__ if f != "images"}
+        return cls(images=images, **{k: v for k, v in data.items() if k in known})
+
+    def geometry(self, name: str, resolution: int | None = None) -> Geometry:
+        """Image `name`'s training geometry at `resolution` (default: the dataset's).
+
+        At the dataset's resolution, the size and crop `prepare` stored; at another one (`train
+        --resolution`), or for a manifest that predates the stored crop, the same computation
+        (data/buckets.py `geometry`) from the photo's original size. An image without a record
+        is taken as an upright square photo at `resolution`.
+        """
+        resolution = self.resolution if resolution is None else resolution
+        record = self.images.get(name)
+        w, h = (int(v) for v in record.original_size) if record is not None else (resolution, resolution)
+        if record is not None and record.crop_top_left is not None and resolution == self.resolution:
+            sw, sh = (int(v) for v in record.size)
+            top, left = (int(v) for v in record.crop_top_left)
+            return Geometry((h, w), (sh, sw), (top, left))
+        crop = str(self.options.get("crop", "center"))
+        keep_aspect = bool(self.options.get("keep_aspect", False))
+        size, top_left = geometry((w, h), resolution, keep_aspect=keep_aspect, crop=crop)
+        return Geometry((h, w), size, top_left)
 
     def save(self, dataset_dir: Path) -> None:
         write_json(Path(dataset_dir) / MANIFEST, self.to_json())
@@ -80,8 +113,6 @@ class Manifest:
 
 def load_manifest(dataset_dir: str | Path) -> Manifest:
     """Read and check `dataset_dir/manifest.json`; one clear error if it is missing or bad."""
-    import json
-
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / MANIFEST
     if not dataset_dir.is_dir():
@@ -95,3 +126,68 @@ def load_manifest(dataset_dir: str | Path) -> Manifest:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
     return Manifest.from_json(data, where=str(path))
+
+
+# ---------------------------------------------------------------------------- the shape check
+
+_FIX = "re-run `sdlora prepare` to rewrite it"
+
+
+def _kind(value: Any) -> str:
+    return (
+        "null"
+        if value is None
+        else {dict: "an object", list: "a list", str: "a string"}.get(type(value), type(value).__name__)
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_pair(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == 2 and all(_is_int(v) for v in value)
+
+
+_TOP_FIELDS: dict[str, tuple[str, Any]] = {  # field -> (what it must be, check)
+    "token": ("a string", lambda v: isinstance(v, str)),
+    "class_word": ("a string", lambda v: isinstance(v, str)),
+    "resolution": ("a whole number", _is_int),
+    "seed": ("a whole number", _is_int),
+    "val_fraction": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "train": ("a list of image names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+    "val": ("a list of image names", lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v)),
+    "images": ("an object of image records", lambda v: isinstance(v, dict)),
+    "options": ("an object", lambda v: isinstance(v, dict)),
+    "source": ("a string", lambda v: isinstance(v, str)),
+}
+_RECORD_FIELDS: dict[str, tuple[str, Any]] = {
+    "file": ("a string", lambda v: isinstance(v, str)),
+    "source": ("a string", lambda v: isinstance(v, str)),
+    "source_sha256": ("a string", lambda v: isinstance(v, str)),
+    "original_size": ("[width, height]", _is_pair),
+    "size": ("[width, height]", _is_pair),
+}
+
+
+def _check_shape(data: Any, where: str) -> None:
+    """DataError (one line: the file, the field, what it must be) unless `data` has a manifest's shape."""
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: expected a JSON object of dataset fields, got {_kind(data)}; {_FIX}")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise DataError(f"{where}: schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    for key, (want, ok) in _TOP_FIELDS.items():
+        if key in data and not ok(data[key]):
+            raise DataError(f"{where}: field {key!r} must be {want}, got {_kind(data[key])}; {_FIX}")
+    for name, rec in data.get("images", {}).items():
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: field 'images.{name}' must be an image record object, got {_kind(rec)}; {_FIX}")
+        for key, (want, ok) in _RECORD_FIELDS.items():
+            if key not in rec:
+                raise DataError(f"{where}: field 'images.{name}.{key}' is missing; {_FIX}")
+            if not ok(rec[key]):
+                raise DataError(f"{where}: field 'images.{name}.{key}' must be {want}, got {rec[key]!r}; {_FIX}")
+        crop = rec.get("crop_top_left")
+        if crop is not None and not _is_pair(crop):
+            raise DataError(f"{where}: field 'images.{name}.crop_top_left' must be [top, left], got {crop!r}; {_FIX}")

@@ -1,12 +1,6 @@
 """Download a Yandex Disk public link (folder or single file) into a verified local cache.
 
-Uses the public resources REST API, which needs no token:
-
-    GET {api}/v1/disk/public/resources?public_key=<link>&path=<p>&limit=&offset=
-        -> the resource; for a folder its children are in `_embedded.items`
-           (`name`, `path`, `type` "file"/"dir", `size`, `md5`, `sha256`), paged by offset/limit/total
-    GET {api}/v1/disk/public/resources/download?public_key=<link>&path=<p>
-        -> {"href": ...}; GET href streams the bytes
+The API (links, session, errors, listing) is data/yandex_api.py; this module is the cache.
 
 Cache layout: `<cache_dir>/<sha256(public key)[:16]>/<safe relative path>`. Every file is
 streamed to `<cache_dir>/<key>.partial/<safe relative path>`, checked against the listing's size,
@@ -14,11 +8,8 @@ md5 and sha256, and only then renamed into place, so a file in the cache folder 
 verified one. `<cache_dir>/<key>.json` records what was verified (size, mtime, checksums) so a
 second run re-uses the cache without hashing or downloading anything. A dropped download is
 resumed with a Range request (a leftover `.partial` file from an earlier, interrupted run too);
-a server that answers 200 instead of 206 gets a full download.
-
-Remote names are untrusted: each path component is sanitised on its own (`/`, `\\`, NUL,
-control characters and characters Windows forbids become `_`; `.`/`..` and empty names become
-`_`; clashing names get a `~2` suffix), and every local path is checked to stay inside the cache.
+a server that answers 200 instead of 206 gets a full download. Every local path is checked to
+stay inside the cache.
 
 Progress: `on_progress("download", bytes_done, bytes_total)` summed over all files of the link;
 files already in the cache count as done at the first call. It is called from worker threads
@@ -34,39 +25,39 @@ import re
 import shutil
 import threading
 import time
-import unicodedata
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import parse_qs, quote, unquote, urlsplit
+from urllib.parse import quote
 
 import requests
-from requests.adapters import HTTPAdapter
-from urllib3.util.retry import Retry
 
+from sdlora.data.yandex_api import (
+    API_ENV,
+    DEFAULT_API,
+    DEFAULT_BACKOFF_FACTOR,
+    DEFAULT_PAGE_SIZE,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    ApiClient,
+    PublicLink,
+    is_yandex_link,
+    make_session,
+    parse_public_link,
+    safe_component,
+    status_error,
+)
 from sdlora.errors import DownloadError
+from sdlora.events import ProgressFn
 from sdlora.fsutil import write_json
 
-DEFAULT_API = "https://cloud-api.yandex.net"
-API_ENV = "SDLORA_YANDEX_API"
+__all__ = ["PublicLink", "RemoteFile", "download_public", "is_yandex_link", "parse_public_link", "safe_component"]
 
 PROGRESS_DESCRIPTION = "download"
-DEFAULT_RETRIES = 5  # per request, for connection/read errors, 429 and 5xx
-DEFAULT_BACKOFF_FACTOR = 0.5  # seconds; urllib3 sleeps factor * 2**(n-1) between retries
-MAX_RETRY_AFTER = 30.0  # a longer Retry-After means "come back later": don't hang for hours
-DEFAULT_TIMEOUT = (10.0, 60.0)  # (connect, read) seconds
-DEFAULT_PAGE_SIZE = 100  # items per listing request (the API's own default is 20)
 DEFAULT_WORKERS = 4  # parallel file downloads; Yandex is slow per connection, fast in parallel
 MAX_RESUMES = 5  # dropped connections tolerated per file before giving up
-MAX_DEPTH = 32  # sub-folder nesting we follow (guards against a looping listing)
 CHUNK = 1 << 16
-
-_HOST_RE = re.compile(r"^(www\.)?(disk\.(360\.)?yandex\.[a-z]{2,3}(\.[a-z]{2})?|yadi\.sk)$")
-# Control characters (C0, DEL, C1), both slashes, and what Windows forbids in a file name.
-_UNSAFE_RE = re.compile(r'[\x00-\x1f\x7f-\x9f/\\:*?"<>|]')
-_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-_MAX_NAME_BYTES = 200
 
 
 @dataclass
@@ -79,167 +70,12 @@ class RemoteFile:
     sha256: str | None
 
 
-@dataclass(frozen=True)
-class PublicLink:
-    """A parsed public link: what the API calls `public_key`, plus a sub-folder opened in it."""
-
-    public_key: str
-    path: str  # "" for the resource root, else "/sub/folder"
-
-
-def _split_host(source: str) -> tuple[str, str] | None:
-    """(lower-case host, url with scheme) for a Yandex Disk URL, else None."""
-    text = source.strip()
-    if not re.match(r"^https?://", text, re.IGNORECASE):
-        # Scheme-less "disk.yandex.ru/d/..." or "yadi.sk/d/...": only when it starts with a host.
-        head = text.split("/", 1)[0].lower()
-        if "/" not in text or not _HOST_RE.match(head):
-            return None
-        text = "https://" + text
-    try:
-        host = (urlsplit(text).hostname or "").lower()
-    except ValueError:
-        return None
-    return (host, text) if _HOST_RE.match(host) else None
-
-
-def is_yandex_link(source: str) -> bool:
-    """True when `source` is meant as a Yandex Disk link (a URL on a Yandex Disk host).
-
-    Covers disk.yandex.ru/d/..., disk.360.yandex.ru/d/..., yadi.sk/d/..., /i/ single-file links and
-    other Yandex Disk URLs; `download_public` then checks that it really is a public link and
-    says so in one line if not, instead of the source being mistaken for a missing local path.
-    """
-    return isinstance(source, str) and _split_host(source) is not None
-
-
-def parse_public_link(link: str) -> PublicLink:
-    """Parse a public link; DownloadError with the expected form if it is not one."""
-    found = _split_host(link)
-    expected = (
-        f"not a Yandex Disk public link: {link!r} (expected https://disk.yandex.ru/d/<id>, "
-        "https://disk.360.yandex.ru/d/<id> or https://yadi.sk/d/<id>, as copied from 'Share')"
-    )
-    if found is None:
-        raise DownloadError(expected)
-    host, url = found
-    parts = urlsplit(url)
-    segments = [unquote(s) for s in parts.path.split("/") if s]
-    if len(segments) >= 2 and segments[0] in ("d", "i"):
-        key = f"https://{host}/{segments[0]}/{quote(segments[1], safe='')}"
-        sub = "/".join(segments[2:]) if segments[0] == "d" else ""
-        return PublicLink(key, "/" + sub if sub else "")
-    # The old form https://yadi.sk/public/?hash=<key>
-    if segments[:1] == ["public"] and parse_qs(parts.query).get("hash"):
-        return PublicLink(parse_qs(parts.query)["hash"][0], "")
-    raise DownloadError(expected)
-
-
-def safe_component(name: str) -> str:
-    """One remote file or folder name as a local name that cannot leave its folder."""
-    text = _UNSAFE_RE.sub("_", unicodedata.normalize("NFC", str(name)))
-    text = text.strip().rstrip(". ")  # Windows drops trailing dots and spaces
-    if not text or set(text) == {"."}:
-        text = "_"
-    if text.split(".", 1)[0].lower() in _WINDOWS_RESERVED:
-        text = "_" + text
-    if len(text.encode("utf-8")) > _MAX_NAME_BYTES:
-        _, dot, ext = text.rpartition(".")
-        suffix = dot + ext if dot and 0 < len(ext) <= 16 else ""
-        stem = text[: len(text) - len(suffix)]
-        while len((stem + suffix).encode("utf-8")) > _MAX_NAME_BYTES:
-            stem = stem[:-1]
-        text = stem + suffix
-    return text
-
-
-def _dedupe(name: str, taken: set[str]) -> str:
-    """`name`, or `name~2.ext`, ... so that no two files share a (case-insensitive) local name."""
-    candidate, n = name, 1
-    stem, dot, suffix = name.rpartition(".")
-    if not dot or not stem:
-        stem, dot, suffix = name, "", ""
-    while candidate.lower() in taken:
-        n += 1
-        candidate = f"{stem}~{n}{dot}{suffix}"
-    taken.add(candidate.lower())
-    return candidate
-
-
 @dataclass
 class _Planned:
     remote: RemoteFile
     rel: str  # safe relative path inside the resource's cache folder (posix separators)
     api_path: str | None  # `path` for the download call; None for a single-file link
     partial: Path
-
-
-class _CappedRetry(Retry):
-    """urllib3 Retry whose Retry-After wait is capped at MAX_RETRY_AFTER seconds."""
-
-    def get_retry_after(self, response: Any) -> float | None:
-        seconds = super().get_retry_after(response)
-        return None if seconds is None else min(seconds, MAX_RETRY_AFTER)
-
-
-def _make_session(retries: int, backoff_factor: float, pool: int) -> requests.Session:
-    retry = _CappedRetry(
-        total=retries,
-        connect=retries,
-        read=retries,
-        status=retries,
-        other=0,
-        backoff_factor=backoff_factor,
-        status_forcelist=(429, 500, 502, 503, 504),
-        allowed_methods=frozenset({"GET"}),
-        respect_retry_after_header=True,
-        raise_on_status=False,  # we map the final status to a clear message ourselves
-    )
-    session = requests.Session()
-    adapter = HTTPAdapter(max_retries=retry, pool_connections=pool, pool_maxsize=pool)
-    session.mount("http://", adapter)
-    session.mount("https://", adapter)
-    session.headers["User-Agent"] = "sdlora (https://github.com/sdlora/sdlora)"
-    return session
-
-
-def _api_error(resp: requests.Response) -> str:
-    """The `error`/`description` fields of a Yandex API error body, if any."""
-    try:
-        body = resp.json()
-    except ValueError:
-        return ""
-    if not isinstance(body, dict):
-        return ""
-    return " ".join(str(body[k]) for k in ("error", "description", "message") if body.get(k))
-
-
-def _status_error(resp: requests.Response, link: str, what: str) -> DownloadError:
-    """One-line DownloadError for a failed API or file response."""
-    code = resp.status_code
-    detail = _api_error(resp)
-    local = "download it in a browser and pass the local folder or .zip to `sdlora prepare`"
-    if code == 429 or (code == 403 and "limit" in detail.lower()):
-        return DownloadError(f"Yandex Disk download limit exceeded for {link} ({code}); try later, or {local}")
-    if code == 404 or code == 410:
-        return DownloadError(f"Yandex Disk {what} not found or deleted ({code}): {link}")
-    if code == 403:
-        return DownloadError(
-            f"Yandex Disk {what} is password-protected or its downloads are disabled (403): {link}; {local}"
-        )
-    if code >= 500:
-        return DownloadError(f"Yandex Disk server error {code} for {link} (after retries); try later")
-    extra = f": {detail}" if detail else ""
-    return DownloadError(f"Yandex Disk refused the {what} ({code}{extra}): {link}")
-
-
-def _unreachable(api: str, exc: BaseException) -> DownloadError:
-    reason = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
-    return DownloadError(
-        f"cannot reach Yandex Disk at {api} ({reason}; network unreachable or blocked); "
-        "check the connection, or download the photos yourself and pass the local folder "
-        "or .zip to `sdlora prepare`"
-    )
 
 
 def _verify(path: Path, remote: RemoteFile) -> str | None:
@@ -271,7 +107,7 @@ class _Downloader:
         cache_dir: Path,
         api: str,
         *,
-        on_progress: Callable[[str, int, int], None] | None,
+        on_progress: ProgressFn | None,
         retries: int,
         backoff_factor: float,
         timeout: float | tuple[float, float],
@@ -279,88 +115,21 @@ class _Downloader:
         workers: int,
         include: Callable[[str], bool] | None,
     ) -> None:
-        self.link, self.original, self.api = link, original, api.rstrip("/")
-        self.timeout, self.page_size, self.workers = timeout, max(1, page_size), max(1, workers)
-        self.backoff_factor = backoff_factor
-        self.session = _make_session(retries, backoff_factor, self.workers + 2)
+        self.link, self.original, self.workers = link, original, max(1, workers)
+        self.timeout, self.backoff_factor = timeout, backoff_factor
+        self.session = make_session(retries, backoff_factor, self.workers + 2)
+        self.client = ApiClient(
+            link, original, api, self.session, timeout=timeout, page_size=page_size, include=include
+        )
         key = hashlib.sha256(link.public_key.encode("utf-8")).hexdigest()[:16]
         self.root = (cache_dir / key).resolve()
         self.partial_root = (cache_dir / f"{key}.partial").resolve()
         self.index_path = cache_dir / f"{key}.json"
         self.on_progress = on_progress
-        self.include = include
-        self.skipped: list[str] = []  # remote names `include` turned down
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.done: dict[str, int] = {}
         self.total = 0
-
-    # ---- API ------------------------------------------------------------------------------
-    def _get(self, endpoint: str, params: dict[str, Any], what: str) -> dict[str, Any]:
-        url = f"{self.api}/v1/disk/public/resources{endpoint}"
-        try:
-            resp = self.session.get(url, params={"public_key": self.link.public_key, **params}, timeout=self.timeout)
-        except requests.RequestException as exc:
-            raise _unreachable(self.api, exc) from None
-        if resp.status_code != 200:
-            raise _status_error(resp, self.original, what)
-        try:
-            body = resp.json()
-        except ValueError:
-            body = None
-        if not isinstance(body, dict):
-            raise DownloadError(
-                f"Yandex Disk API at {self.api} sent an unreadable answer for {self.original}; "
-                f"check {API_ENV} or try later"
-            )
-        return body
-
-    def list_files(self) -> list[_Planned]:
-        params = {"path": self.link.path} if self.link.path else {}
-        meta = self._get("", {**params, "limit": self.page_size, "offset": 0}, "link")
-        # A sub-path opened in the link keeps its place in the cache, so the same file is shared.
-        prefix = [safe_component(p) for p in self.link.path.split("/") if p]
-        if meta.get("type") == "file":
-            rel = "/".join(prefix) or safe_component(meta.get("name") or "file")
-            return [self._plan(meta, rel, self.link.path or None)]
-        files: list[_Planned] = []
-        self._walk(meta, self.link.path or "/", prefix, files, depth=0, seen=set())
-        return files
-
-    def _walk(
-        self, meta: dict[str, Any], path: str, rel: list[str], out: list[_Planned], *, depth: int, seen: set[str]
-    ) -> None:
-        seen.add(path)
-        items = [it for it in self._page_items(meta, path) if isinstance(it, dict) and isinstance(it.get("path"), str)]
-        taken: set[str] = set()
-        # Sorted so that clashing names get the same ~N suffix on every run.
-        for item in sorted(items, key=lambda it: (str(it.get("name")), it["path"])):
-            local = _dedupe(safe_component(item.get("name") or item["path"].rsplit("/", 1)[-1]), taken)
-            if item.get("type") == "dir":
-                if depth + 1 > MAX_DEPTH or item["path"] in seen:
-                    continue
-                sub = self._get("", {"path": item["path"], "limit": self.page_size, "offset": 0}, "folder")
-                self._walk(sub, item["path"], rel + [local], out, depth=depth + 1, seen=seen)
-            elif item.get("type") == "file":
-                if self.include is not None and not self.include(str(item.get("name", ""))):
-                    self.skipped.append(str(item.get("name", "")))
-                    continue
-                out.append(self._plan(item, "/".join(rel + [local]), item["path"]))
-
-    def _page_items(self, meta: dict[str, Any], path: str) -> list[dict[str, Any]]:
-        embedded = meta.get("_embedded") or {}
-        items = list(embedded.get("items") or [])
-        total = embedded.get("total")
-        last = len(items)
-        # Page on while `total` says there is more, or (without `total`) while pages come back full.
-        while (len(items) < total) if isinstance(total, int) else (last >= self.page_size):
-            page = self._get("", {"path": path, "limit": self.page_size, "offset": len(items)}, "folder")
-            more = (page.get("_embedded") or {}).get("items") or []
-            if not more:  # the folder shrank while we listed it
-                break
-            items.extend(more)
-            last = len(more)
-        return items
 
     def _plan(self, item: dict[str, Any], rel: str, api_path: str | None) -> _Planned:
         local = (self.root / rel).resolve()
@@ -383,17 +152,6 @@ class _Downloader:
             sha256=item.get("sha256") or None,
         )
         return _Planned(remote, rel, api_path, partial)
-
-    def _href(self, planned: _Planned) -> str:
-        params = {} if planned.api_path is None else {"path": planned.api_path}
-        body = self._get("/download", params, f"file {planned.remote.remote_path or 'of the link'}")
-        href = body.get("href")
-        if not isinstance(href, str) or not href.startswith(("http://", "https://")):
-            raise DownloadError(
-                f"Yandex Disk gave no download address for {planned.remote.url}; "
-                "downloads may be disabled for this link"
-            )
-        return href
 
     # ---- cache ----------------------------------------------------------------------------
     def load_index(self) -> dict[str, dict[str, Any]]:
@@ -469,7 +227,7 @@ class _Downloader:
                 have = 0
             if remote.size >= 0 and have == remote.size and have > 0:
                 return  # complete (e.g. left by an earlier run that stopped before verifying)
-            href = self._href(planned)
+            href = self.client.href(planned.api_path, remote.remote_path, remote.url)
             headers = {"Range": f"bytes={have}-"} if have else {}
             try:
                 complete = self._stream(href, headers, have, planned)
@@ -499,7 +257,7 @@ class _Downloader:
                 part.unlink(missing_ok=True)
                 return False
             if resp.status_code not in (200, 206):
-                raise _status_error(resp, self.original, f"file {remote.remote_path or 'of the link'}")
+                raise status_error(resp, self.original, f"file {remote.remote_path or 'of the link'}")
             start = _content_range_start(resp.headers.get("Content-Range"))
             if resp.status_code == 206 and have and start == have:
                 mode, written = "ab", have
@@ -521,12 +279,13 @@ class _Downloader:
         return remote.size < 0 or written >= remote.size
 
     def run(self, cache_dir: Path) -> list[RemoteFile]:
-        planned = self.list_files()
-        if not planned and self.skipped:
-            shown = ", ".join(repr(n) for n in sorted(self.skipped)[:3])
+        planned = [self._plan(f.item, f.rel, f.api_path) for f in self.client.list_files()]
+        skipped = self.client.skipped
+        if not planned and skipped:
+            shown = ", ".join(repr(n) for n in sorted(skipped)[:3])
             raise DownloadError(
                 f"Yandex Disk folder {self.original} has no files sdlora can use "
-                f"({len(self.skipped)} other files, e.g. {shown})"
+                f"({len(skipped)} other files, e.g. {shown})"
             )
         if not planned:
             raise DownloadError(f"Yandex Disk folder {self.original} has no files (it and its sub-folders are empty)")
@@ -580,7 +339,7 @@ def download_public(
     cache_dir: Path,
     *,
     api_base: str | None = None,
-    on_progress: Callable[[str, int, int], None] | None = None,
+    on_progress: ProgressFn | None = None,
     retries: int = DEFAULT_RETRIES,
     backoff_factor: float = DEFAULT_BACKOFF_FACTOR,
     timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,

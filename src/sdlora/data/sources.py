@@ -1,0 +1,197 @@
+"""Listing a source (folder, .zip, Yandex Disk link) and reading its files' bytes.
+
+Files are judged by name first (system files, videos and unsafe archive names are skipped
+without being read), and archives are checked against zip bombs before anything is read.
+Nothing is ever extracted: a zip entry is read from the archive when it is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from sdlora.errors import DataError
+from sdlora.events import ProgressFn
+from sdlora.fsutil import cache_dir
+
+# Zip-bomb guards: a phone export is JPEG/HEIC, which barely compresses.
+MAX_ZIP_TOTAL = 16 << 30  # bytes, all entries uncompressed
+MAX_ZIP_RATIO = 100  # uncompressed/compressed of one entry (checked for entries over 1 MiB)
+
+# Reason categories for files skipped by name or unreadable (images.py has the decoding ones).
+SYSTEM_FILE = "system file"
+VIDEO = "video"
+UNSAFE_NAME = "unsafe name in archive"
+UNREADABLE = "unreadable"
+
+_SYSTEM_NAMES = {".ds_store", "thumbs.db", "desktop.ini", ".localized", "icon\r"}
+_VIDEO_SUFFIXES = {".mov", ".mp4", ".m4v", ".avi", ".3gp", ".mkv", ".webm", ".mts"}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    name: str  # manifest `source`: path relative to the source root, zip entry, or URL
+    path: Path  # the local file (the archive itself for a zip entry)
+    member: str | None = None  # entry name inside the zip
+
+
+@dataclass(frozen=True)
+class Skipped:
+    name: str
+    reason: str  # category for the summary table
+    detail: str = ""
+
+
+def _skip_by_name(name: str) -> str | None:
+    """Reason to skip a file by its name alone (no need to read it), else None."""
+    parts = PurePosixPath(name).parts
+    base = parts[-1] if parts else name
+    if base.lower() in _SYSTEM_NAMES or base.startswith("._") or "__MACOSX" in parts:
+        return SYSTEM_FILE  # Finder / Explorer metadata, AppleDouble resource forks
+    if PurePosixPath(base).suffix.lower() in _VIDEO_SUFFIXES:
+        return VIDEO  # e.g. the .MOV half of a live photo
+    return None
+
+
+def _list_folder(root: Path, exclude: Path) -> tuple[list[SourceFile], list[Skipped]]:
+    files, skipped = [], []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        # Never ingest our own output (`sdlora prepare . --out dataset`) or hidden folders (.git).
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != exclude)
+        for fname in filenames:
+            path = here / fname
+            name = path.relative_to(root).as_posix()
+            reason = _skip_by_name(name)
+            if reason:
+                skipped.append(Skipped(name, reason))
+            elif path.is_file():
+                files.append(SourceFile(name, path))
+    return files, skipped
+
+
+def _unsafe_member(name: str) -> bool:
+    """An entry that would escape a folder it was extracted to (we never extract, but say so)."""
+    posix = name.replace("\\", "/")
+    return posix.startswith("/") or bool(re.match(r"^[A-Za-z]:", posix)) or ".." in posix.split("/") or "\x00" in posix
+
+
+def _list_zip(path: Path, max_total: int, max_ratio: float) -> tuple[list[SourceFile], list[Skipped]]:
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise DataError(f"{path}: not a readable zip archive ({exc})") from None
+    total = sum(info.file_size for info in infos)
+    if total > max_total:
+        raise DataError(
+            f"{path}: refusing archive that unpacks to {total / 2**30:.1f} GiB (limit {max_total / 2**30:.1f} GiB); "
+            "unpack it yourself and pass the folder"
+        )
+    for info in infos:
+        if info.file_size > (1 << 20) and info.file_size > max_ratio * max(info.compress_size, 1):
+            raise DataError(
+                f"{path}: refusing archive entry {info.filename!r} that expands {info.file_size / max(info.compress_size, 1):.0f}x "
+                "(a zip bomb?); unpack it yourself and pass the folder"
+            )
+    files, skipped = [], []
+    for info in infos:
+        if info.is_dir():
+            continue
+        name = info.filename
+        if _unsafe_member(name):
+            skipped.append(Skipped(name, UNSAFE_NAME, "absolute path or '..'; not used"))
+            continue
+        reason = _skip_by_name(name.replace("\\", "/"))
+        if reason:
+            skipped.append(Skipped(name, reason))
+        elif info.flag_bits & 0x1:
+            skipped.append(Skipped(name, UNREADABLE, "encrypted entry"))
+        else:
+            files.append(SourceFile(name, path, member=name))
+    return files, skipped
+
+
+def _list_link(link: str, on_progress: ProgressFn | None) -> tuple[list[SourceFile], list[Skipped]]:
+    from sdlora.data.yandex import download_public
+
+    skipped: list[Skipped] = []
+
+    def include(name: str) -> bool:
+        reason = _skip_by_name(name)
+        if reason:
+            skipped.append(Skipped(name, reason))
+        return reason is None
+
+    remote = download_public(link, cache_dir() / "yandex", on_progress=on_progress, include=include)
+    files = []
+    for rf in remote:
+        reason = _skip_by_name(PurePosixPath(rf.remote_path or rf.local_path.name).name)
+        if reason:
+            skipped.append(Skipped(rf.url, reason))
+        else:
+            files.append(SourceFile(rf.url, rf.local_path))
+    return files, skipped
+
+
+def list_source(
+    source: str,
+    *,
+    exclude: Path | None = None,
+    on_progress: ProgressFn | None = None,
+    max_zip_total: int = MAX_ZIP_TOTAL,
+    max_zip_ratio: float = MAX_ZIP_RATIO,
+) -> tuple[list[SourceFile], list[Skipped]]:
+    """The candidate files of a folder (recursive), zip archive or Yandex Disk link, by name."""
+    from sdlora.data.yandex import is_yandex_link
+
+    if is_yandex_link(source):
+        files, skipped = _list_link(source, on_progress)
+    else:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            files, skipped = _list_folder(path, (exclude or path / "\0").resolve())
+        elif path.is_file():
+            if not zipfile.is_zipfile(path):
+                kind = "a broken zip archive" if path.suffix.lower() == ".zip" else "not a folder or a .zip archive"
+                raise DataError(
+                    f"{source}: {kind}; pass a folder of photos, a .zip of them, or a Yandex Disk public link"
+                )
+            files, skipped = _list_zip(path, max_zip_total, max_zip_ratio)
+        elif re.match(r"^[a-z][a-z0-9+.-]*://", source, re.IGNORECASE):
+            raise DataError(
+                f"{source}: unsupported link; pass a folder, a .zip, or a Yandex Disk public link "
+                "(https://disk.yandex.ru/d/...)"
+            )
+        else:
+            raise DataError(
+                f"{source}: no such folder or file; pass a folder of photos, a .zip of them, "
+                "or a Yandex Disk public link"
+            )
+    files.sort(key=lambda f: f.name)
+    skipped.sort(key=lambda s: s.name)
+    return files, skipped
+
+
+def read_bytes(src: SourceFile) -> bytes:
+    if src.member is None:
+        return src.path.read_bytes()
+    with zipfile.ZipFile(src.path) as zf:
+        return zf.read(src.member)  # bounded by the entry's checked size; CRC checked
+
+
+def checksum(src: SourceFile) -> str:
+    digest = hashlib.sha256()
+    if src.member is None:
+        with open(src.path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    else:
+        with zipfile.ZipFile(src.path) as zf, zf.open(src.member) as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+    return digest.hexdigest()
