@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from sdlora.data.buckets import bucket_size, cover_crop
+from sdlora.data.buckets import cover_crop
 from sdlora.data.captions import has_token, read_captions
 from sdlora.data.manifest import CAPTIONS, IMAGES, Manifest
 from sdlora.errors import DataError
@@ -40,23 +40,6 @@ class Example:
     size: tuple[int, int]  # (height, width) it is trained at: its aspect bucket, or resolution x resolution
 
 
-def geometry(
-    original_wh: tuple[int, int], resolution: int, *, keep_aspect: bool, crop: str
-) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The training size (height, width) of a photo and where its crop starts (top, left).
-
-    A keep-aspect dataset's photo goes to its bucket at `resolution` (so training at another
-    resolution than prepare's still buckets it); any other dataset is square. A photo padded to
-    a square (`--crop pad`) lost nothing, so its crop starts at (0, 0).
-    """
-    w, h = original_wh
-    if w <= 0 or h <= 0:  # no usable record of the photo: treat it as already square
-        w = h = resolution
-    tw, th = bucket_size(w, h, resolution) if keep_aspect else (resolution, resolution)
-    top_left = cover_crop(w, h, (tw, th))[1] if keep_aspect or crop == "center" else (0, 0)
-    return (th, tw), top_left
-
-
 def load_examples(dataset_dir: Path, manifest: Manifest, split: str, resolution: int, token: str) -> list[Example]:
     """The examples of one split (`train` or `val`), with their captions; DataError naming problems."""
     captions_path = dataset_dir / CAPTIONS
@@ -64,8 +47,6 @@ def load_examples(dataset_dir: Path, manifest: Manifest, split: str, resolution:
         raise DataError(f"{captions_path}: missing (run `sdlora caption {dataset_dir}` to write template captions)")
     captions = read_captions(captions_path)
     names = list(getattr(manifest, split))
-    crop = str(manifest.options.get("crop", "center"))
-    keep_aspect = bool(manifest.options.get("keep_aspect", False))
     examples, missing_caption, missing_token, missing_file = [], [], [], []
     for name in names:
         path = dataset_dir / IMAGES / name
@@ -79,10 +60,12 @@ def load_examples(dataset_dir: Path, manifest: Manifest, split: str, resolution:
         if not has_token(caption, token):
             missing_token.append(name)
             continue
-        record = manifest.images.get(name)
-        w, h = (int(v) for v in record.original_size) if record is not None else (resolution, resolution)
-        size, top_left = geometry((w, h), resolution, keep_aspect=keep_aspect, crop=crop)
-        examples.append(Example(path=path, caption=caption, original_size=(h, w), crop_top_left=top_left, size=size))
+        g = manifest.geometry(name, resolution)  # computed by prepare; at another resolution, the same rule
+        examples.append(
+            Example(
+                path=path, caption=caption, original_size=g.original_hw, crop_top_left=g.crop_top_left, size=g.size_hw
+            )
+        )
     if missing_file:
         raise DataError(
             f"{dataset_dir / IMAGES}: {len(missing_file)} image(s) listed in the manifest are missing, "
