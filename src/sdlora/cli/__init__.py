@@ -77,11 +77,20 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         Optional[bool],
-        typer.Option("--version", callback=_version, is_eager=True, metavar="", help="Print the version and exit."),
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            metavar="",
+            show_default=False,
+            help="Print the version and exit.",
+        ),
     ] = None,
     debug: Annotated[
         bool,
-        typer.Option("--debug", metavar="", help="Show full tracebacks for errors (or set SDLORA_DEBUG=1)."),
+        typer.Option(
+            "--debug", metavar="", show_default=False, help="Show full tracebacks for errors (or set SDLORA_DEBUG=1)."
+        ),
     ] = False,
     help_: HelpOpt = None,
 ) -> None:

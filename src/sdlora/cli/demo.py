@@ -10,7 +10,7 @@ import typer
 from sdlora.cli._common import console, err_console, progress_bar, refresh_report
 
 EPILOG = """\
-Examples (each writes photos/, dataset/ and runs/ under --out and prints where report.html is):
+Examples (photos/, dataset/ and runs/ go under --out):
 
   sdlora demo
 
@@ -29,6 +29,7 @@ def demo(
         typer.Option(
             "--photos",
             metavar="DIR",
+            show_default=False,
             help="Use these photos instead of the rendered example toy (a dry run of your data on tiny models).",
         ),
     ] = None,

@@ -39,19 +39,26 @@ def _options(
             "--config",
             "-c",
             metavar="FILE",
+            show_default=False,
             help="YAML config (e.g. a run's config.yaml) or a preset: sd15, sdxl, tiny. Flags override it.",
         ),
     ] = None,
     resume: Annotated[
         Optional[str],
         typer.Option(
-            "--resume", metavar="RUN", help="Continue a run from its newest checkpoint: a run folder or 'latest'."
+            "--resume",
+            metavar="RUN",
+            show_default=False,
+            help="Continue a run from its newest checkpoint: a run folder or 'latest'.",
         ),
     ] = None,
     print_config: Annotated[
         bool,
         typer.Option(
-            "--print-config", metavar="", help="Print the resolved config and exit (checks it; trains nothing)."
+            "--print-config",
+            metavar="",
+            show_default=False,
+            help="Print the resolved config and exit (checks it; trains nothing).",
         ),
     ] = False,
     num_processes: Annotated[
@@ -69,6 +76,7 @@ def _options(
         typer.Option(
             "--accelerate-config",
             metavar="FILE",
+            show_default=False,
             rich_help_panel=DISTRIBUTED,
             help="accelerate config file (FSDP, DeepSpeed, multi-node); implies a launch.",
         ),

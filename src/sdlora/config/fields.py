@@ -71,7 +71,7 @@ class FieldOption:
     key: str  # dotted: "lora.rank"
     flags: tuple[str, ...]  # "--learning-rate", "--lr"
     panel: str
-    kind: Literal["value", "flag", "list", "repeat"]  # flag: --x/--no-x; list: a,b,c; repeat: --x a --x b
+    kind: Literal["value", "flag", "list", "repeat"]  # flag: an on/off switch pair; list: a,b,c; repeat: the flag given again per item
     type: type  # int, float, str or bool: what the command line parses (choices are checked by the config)
     metavar: str
     help: str
