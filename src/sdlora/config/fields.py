@@ -71,7 +71,8 @@ class FieldOption:
     key: str  # dotted: "lora.rank"
     flags: tuple[str, ...]  # "--learning-rate", "--lr"
     panel: str
-    kind: Literal["value", "flag", "list", "repeat"]  # flag: an on/off switch pair; list: a,b,c; repeat: the flag given again per item
+    # flag: an on/off switch pair; list: one comma-separated value; repeat: the flag given again per item
+    kind: Literal["value", "flag", "list", "repeat"]
     type: type  # int, float, str or bool: what the command line parses (choices are checked by the config)
     metavar: str
     help: str
