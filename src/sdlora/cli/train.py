@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -86,6 +87,7 @@ def _options(
 
 
 FIELDS = config_mod.options()
+_OFF = "__off"  # suffix of the parameter behind a bool field's --no- flag
 
 
 def _param_name(option: config_mod.FieldOption) -> str:
@@ -112,9 +114,6 @@ def _field_parameters(option: config_mod.FieldOption) -> list[inspect.Parameter]
     return params
 
 
-_OFF = "__off"
-
-
 def _negative(option: config_mod.FieldOption) -> str:
     return "--no-" + option.flags[0][2:]
 
@@ -129,7 +128,7 @@ def _signature() -> inspect.Signature:
         p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
         for p in inspect.signature(_options, eval_str=True).parameters.values()
     ]
-    launch = [p for p in own if p.name in ("num_processes", "accelerate_config")]
+    launch = [p for p in own if getattr(typing.get_args(p.annotation)[1], "rich_help_panel", None) == DISTRIBUTED]
     fields = [param for option in FIELDS for param in _field_parameters(option)]
     return inspect.Signature([*(p for p in own if p not in launch), *fields, *launch])
 
