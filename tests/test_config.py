@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib import resources
 from pathlib import Path
 
 import pytest
@@ -81,7 +82,7 @@ def test_presets_load_and_document_themselves():
     for preset in config_mod.PRESETS:
         cfg = load_config(preset)
         assert isinstance(cfg, Config)
-        text = (Path(config_mod.__file__).parent / "configs" / f"{preset}.yaml").read_text(encoding="utf-8")
+        text = resources.files("sdlora").joinpath("configs", f"{preset}.yaml").read_text(encoding="utf-8")
         assert text.startswith("#") and "sdlora train --config" in text
     assert load_config("tiny").model.name == "tiny-sd"
     assert load_config("sdxl").train.gradient_checkpointing is True

@@ -1,7 +1,8 @@
 """The offline demo: the whole pipeline on rendered example photos and tiny random models.
 
 prepare -> caption check -> train (tiny-sd) -> sample (LoRA and baseline) -> score (tiny
-scorers) -> report. It needs no network and about a minute of a laptop CPU. The numbers it
+scorers); the `sdlora demo` command then refreshes the report (`sdlora.cli._common.refresh_report`,
+as after every verb). It needs no network and about a minute of a laptop CPU. The numbers it
 prints show that every stage works, not quality: tiny random models draw noise.
 """
 
@@ -23,7 +24,6 @@ class DemoResult:
     run_dir: Path
     samples_json: Path
     scores: dict[str, Any]
-    report: Path
 
 
 def run_demo(
@@ -36,14 +36,13 @@ def run_demo(
     on_progress: Callable[[str, int, int], None] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
 ) -> DemoResult:
-    """Run every stage into `out_dir`: photos/, dataset/, runs/<demo>/ with report.html."""
+    """Run every stage into `out_dir`: photos/, dataset/, runs/<demo>/ (the caller writes report.html)."""
     from sdlora import config as config_mod
     from sdlora.data.captions import check_captions
     from sdlora.data.ingest import prepare_dataset
     from sdlora.evaluate.score import score_run
     from sdlora.example_photos import write_example_photos
     from sdlora.generate import generate_samples
-    from sdlora.report import write_report
     from sdlora.run import load_run
     from sdlora.train.loop import run_training
 
@@ -92,7 +91,4 @@ def run_demo(
         clip_pretrained=None,
         on_progress=on_progress,
     )
-
-    phase("report")
-    report = write_report(run.path)
-    return DemoResult(Path(photos), dataset, run.path, samples_json, scores, report)
+    return DemoResult(Path(photos), dataset, run.path, samples_json, scores)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import os
 from typing import Annotated, Optional
 
@@ -23,15 +24,16 @@ from sdlora import __version__
 from sdlora.cli._common import err_console
 from sdlora.errors import SdloraError
 
-# verb name -> (module, function). Add a line here when a verb's module lands.
+# verb name -> (module, function), in pipeline order: `sdlora --help` lists them so (Typer keeps
+# the order commands are registered in). Add a line here when a verb's module lands.
 VERBS: dict[str, tuple[str, str]] = {
-    "demo": ("sdlora.cli.demo", "demo"),
-    "caption": ("sdlora.cli.caption", "caption"),
     "prepare": ("sdlora.cli.prepare", "prepare"),
+    "caption": ("sdlora.cli.caption", "caption"),
     "train": ("sdlora.cli.train", "train"),
-    "score": ("sdlora.cli.score", "score"),
     "sample": ("sdlora.cli.sample", "sample"),
+    "score": ("sdlora.cli.score", "score"),
     "report": ("sdlora.cli.report", "report"),
+    "demo": ("sdlora.cli.demo", "demo"),
 }
 
 app = typer.Typer(
@@ -44,6 +46,27 @@ app = typer.Typer(
 )
 
 
+def _show_help(ctx: typer.Context, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        typer.echo(ctx.get_help(), color=ctx.color)
+        raise typer.Exit()
+
+
+# Typer's own --help shows a `<bool>` type beside it; this one (on the root and every verb) shows none.
+HelpOpt = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--help",
+        is_eager=True,
+        expose_value=False,
+        callback=_show_help,
+        metavar="",
+        show_default=False,
+        help="Show this message and exit.",
+    ),
+]
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"sdlora {__version__}")
@@ -54,11 +77,22 @@ def _version(value: bool) -> None:
 def _root(
     version: Annotated[
         Optional[bool],
-        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+        typer.Option(
+            "--version",
+            callback=_version,
+            is_eager=True,
+            metavar="",
+            show_default=False,
+            help="Print the version and exit.",
+        ),
     ] = None,
     debug: Annotated[
-        bool, typer.Option("--debug", help="Show full tracebacks for errors (or set SDLORA_DEBUG=1).")
+        bool,
+        typer.Option(
+            "--debug", metavar="", show_default=False, help="Show full tracebacks for errors (or set SDLORA_DEBUG=1)."
+        ),
     ] = False,
+    help_: HelpOpt = None,
 ) -> None:
     if debug:
         os.environ["SDLORA_DEBUG"] = "1"
@@ -82,11 +116,25 @@ def _one_line_errors(fn):
     return wrapper
 
 
+def _with_help_option(fn):
+    """`fn` with the --help option above added to its signature (Typer reads the signature)."""
+
+    @functools.wraps(fn)
+    def verb(*args, help_=None, **kwargs):
+        return fn(*args, **kwargs)
+
+    signature = inspect.signature(fn, eval_str=True)
+    help_param = inspect.Parameter("help_", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=HelpOpt)
+    verb.__signature__ = signature.replace(parameters=[*signature.parameters.values(), help_param])
+    return verb
+
+
 def _register() -> None:
     for name, (module, func) in VERBS.items():
         mod = importlib.import_module(module)
         fn = getattr(mod, func)
-        app.command(name=name, epilog=getattr(mod, "EPILOG", None), help=fn.__doc__)(_one_line_errors(fn))
+        verb = _with_help_option(_one_line_errors(fn))
+        app.command(name=name, epilog=getattr(mod, "EPILOG", None), help=fn.__doc__)(verb)
 
 
 _register()

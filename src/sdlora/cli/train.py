@@ -2,192 +2,163 @@
 
 from __future__ import annotations
 
+import inspect
+import os
 import time
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from sdlora import config as config_mod
-from sdlora.cli._common import console, err_console
-from sdlora.config import field_help as _h
+from sdlora.cli._common import console, err_console, refresh_report
 from sdlora.errors import ConfigError
 
 EPILOG = """\
 Examples (the dataset defaults to ./dataset, the run goes to ./runs/<time>):
 
-  sdlora train
+  sdlora train --config sdxl --max-steps 1500 --rank 32
 
-  sdlora train --model stabilityai/stable-diffusion-xl-base-1.0 --config sdxl --mixed-precision bf16
+  sdlora train --resume latest --max-steps 2000
 
-  sdlora train --max-steps 1500 --rank 32 --validation-prompt "{token} {class} on a beach"
-
-  sdlora train --config runs/20260101-120000/config.yaml        # repeat a run
-
-  sdlora train --resume latest --max-steps 2000                # continue the newest run
-
-  sdlora train --score-every 200 --best-by dino                # DINO of the samples; best/ by DINO (GPU)
-
-  sdlora train --num-processes 2                               # data parallel on 2 GPUs
-
-  sdlora train --model tiny-sd --max-steps 20 lora.rank=4 train.seed=1
+  sdlora train --model tiny-sd --print-config lora.rank=4 train.seed=1
 """
 
-# CLI parameter -> config key. Defaults live in config.py only: an option left out is `None` here.
-KEYS = {
-    "model": "model.name",
-    "revision": "model.revision",
-    "variant": "model.variant",
-    "vae": "model.vae",
-    "dataset": "data.dataset",
-    "resolution": "data.resolution",
-    "class_word": "data.class_word",
-    "random_flip": "data.random_flip",
-    "cache": "data.cache",
-    "rank": "lora.rank",
-    "alpha": "lora.alpha",
-    "dropout": "lora.dropout",
-    "target_modules": "lora.target_modules",
-    "train_text_encoder": "lora.train_text_encoder",
-    "dora": "lora.dora",
-    "train_token_embedding": "embedding.train",
-    "init_token": "embedding.init_token",
-    "embedding_lr": "embedding.learning_rate",
-    "embedding_steps_fraction": "embedding.steps_fraction",
-    "max_steps": "train.max_steps",
-    "batch_size": "train.batch_size",
-    "gradient_accumulation": "train.gradient_accumulation",
-    "learning_rate": "train.learning_rate",
-    "text_encoder_lr": "train.text_encoder_lr",
-    "optimizer": "train.optimizer",
-    "lr_scheduler": "train.lr_scheduler",
-    "lr_warmup_steps": "train.lr_warmup_steps",
-    "max_grad_norm": "train.max_grad_norm",
-    "mixed_precision": "train.mixed_precision",
-    "gradient_checkpointing": "train.gradient_checkpointing",
-    "seed": "train.seed",
-    "snr_gamma": "train.snr_gamma",
-    "noise_offset": "train.noise_offset",
-    "class_prompt": "prior.class_prompt",
-    "num_class_images": "prior.num_class_images",
-    "prior_loss_weight": "prior.prior_loss_weight",
-    "class_dir": "prior.class_dir",
-    "validate_every": "validation.validate_every",
-    "validation_prompt": "validation.prompts",
-    "validation_steps": "validation.steps",
-    "validation_images": "validation.num_images",
-    "score_every": "validation.score_every",
-    "dino_model": "validation.dino_model",
-    "best_by": "validation.best_by",
-    "log_every": "logging.log_every",
-    "report_to": "logging.report_to",
-    "checkpoint_every": "checkpoint.checkpoint_every",
-    "keep_checkpoints": "checkpoint.keep_checkpoints",
-    "runs_dir": "run.runs_dir",
-    "name": "run.name",
-}
+# The Distributed panel holds the verb's launch options; the config fields bring the other panels.
+DISTRIBUTED = "Distributed"
 
 
-def _opt(*names: str, key: str, **kwargs: Any) -> Any:
-    return typer.Option(*names, help=_h(key), **kwargs)
-
-
-def train(
+def _options(
     overrides: Annotated[
         Optional[list[str]],
-        typer.Argument(
-            metavar="[KEY=VALUE]...", help="Config overrides in dotted form, e.g. lora.rank=8 train.seed=1."
-        ),
+        typer.Argument(metavar="KEY=VALUE", hidden=True, show_default=False),  # in the verb's help text
     ] = None,
     config: Annotated[
         Optional[str],
         typer.Option(
             "--config",
             "-c",
+            metavar="FILE",
+            show_default=False,
             help="YAML config (e.g. a run's config.yaml) or a preset: sd15, sdxl, tiny. Flags override it.",
         ),
     ] = None,
     resume: Annotated[
         Optional[str],
-        typer.Option("--resume", help="Continue a run from its newest checkpoint: a run folder or 'latest'."),
+        typer.Option(
+            "--resume",
+            metavar="RUN",
+            show_default=False,
+            help="Continue a run from its newest checkpoint: a run folder or 'latest'.",
+        ),
     ] = None,
+    print_config: Annotated[
+        bool,
+        typer.Option(
+            "--print-config",
+            metavar="",
+            show_default=False,
+            help="Print the resolved config and exit (checks it; trains nothing).",
+        ),
+    ] = False,
     num_processes: Annotated[
-        int, typer.Option("--num-processes", min=1, help="Data-parallel processes (one per GPU; gloo on a CPU).")
+        int,
+        typer.Option(
+            "--num-processes",
+            metavar="N",
+            rich_help_panel=DISTRIBUTED,
+            show_default=False,
+            help="Data-parallel processes (one per GPU; gloo on a CPU). (default: 1)",
+        ),
     ] = 1,
     accelerate_config: Annotated[
         Optional[Path],
         typer.Option(
-            "--accelerate-config", help="accelerate config file (FSDP, DeepSpeed, multi-node); implies a launch."
+            "--accelerate-config",
+            metavar="FILE",
+            show_default=False,
+            rich_help_panel=DISTRIBUTED,
+            help="accelerate config file (FSDP, DeepSpeed, multi-node); implies a launch.",
         ),
     ] = None,
-    print_config: Annotated[
-        bool, typer.Option("--print-config", help="Print the resolved config and exit (checks it; trains nothing).")
-    ] = False,
-    model: Annotated[Optional[str], _opt("--model", "-m", key="model.name")] = None,
-    revision: Annotated[Optional[str], _opt("--revision", key="model.revision")] = None,
-    variant: Annotated[Optional[str], _opt("--variant", key="model.variant")] = None,
-    vae: Annotated[Optional[str], _opt("--vae", key="model.vae")] = None,
-    dataset: Annotated[Optional[str], _opt("--dataset", "-d", key="data.dataset")] = None,
-    resolution: Annotated[Optional[int], _opt("--resolution", key="data.resolution")] = None,
-    class_word: Annotated[Optional[str], _opt("--class-word", key="data.class_word")] = None,
-    random_flip: Annotated[Optional[bool], _opt("--random-flip/--no-random-flip", key="data.random_flip")] = None,
-    cache: Annotated[Optional[bool], _opt("--cache/--no-cache", key="data.cache")] = None,
-    rank: Annotated[Optional[int], _opt("--rank", key="lora.rank")] = None,
-    alpha: Annotated[Optional[float], _opt("--alpha", key="lora.alpha")] = None,
-    dropout: Annotated[Optional[float], _opt("--dropout", key="lora.dropout")] = None,
-    target_modules: Annotated[Optional[str], _opt("--target-modules", key="lora.target_modules")] = None,
-    train_text_encoder: Annotated[
-        Optional[bool], _opt("--train-text-encoder/--no-train-text-encoder", key="lora.train_text_encoder")
-    ] = None,
-    dora: Annotated[Optional[bool], _opt("--dora/--no-dora", key="lora.dora")] = None,
-    train_token_embedding: Annotated[
-        Optional[bool], _opt("--train-token-embedding/--no-train-token-embedding", key="embedding.train")
-    ] = None,
-    init_token: Annotated[Optional[str], _opt("--init-token", key="embedding.init_token")] = None,
-    embedding_lr: Annotated[Optional[float], _opt("--embedding-lr", key="embedding.learning_rate")] = None,
-    embedding_steps_fraction: Annotated[
-        Optional[float], _opt("--embedding-steps-fraction", key="embedding.steps_fraction")
-    ] = None,
-    max_steps: Annotated[Optional[int], _opt("--max-steps", key="train.max_steps")] = None,
-    batch_size: Annotated[Optional[int], _opt("--batch-size", key="train.batch_size")] = None,
-    gradient_accumulation: Annotated[
-        Optional[int], _opt("--gradient-accumulation", key="train.gradient_accumulation")
-    ] = None,
-    learning_rate: Annotated[Optional[float], _opt("--learning-rate", "--lr", key="train.learning_rate")] = None,
-    text_encoder_lr: Annotated[Optional[float], _opt("--text-encoder-lr", key="train.text_encoder_lr")] = None,
-    optimizer: Annotated[Optional[str], _opt("--optimizer", key="train.optimizer")] = None,
-    lr_scheduler: Annotated[Optional[str], _opt("--lr-scheduler", key="train.lr_scheduler")] = None,
-    lr_warmup_steps: Annotated[Optional[int], _opt("--lr-warmup-steps", key="train.lr_warmup_steps")] = None,
-    max_grad_norm: Annotated[Optional[float], _opt("--max-grad-norm", key="train.max_grad_norm")] = None,
-    mixed_precision: Annotated[Optional[str], _opt("--mixed-precision", key="train.mixed_precision")] = None,
-    gradient_checkpointing: Annotated[
-        Optional[bool], _opt("--gradient-checkpointing/--no-gradient-checkpointing", key="train.gradient_checkpointing")
-    ] = None,
-    seed: Annotated[Optional[int], _opt("--seed", key="train.seed")] = None,
-    snr_gamma: Annotated[Optional[float], _opt("--snr-gamma", key="train.snr_gamma")] = None,
-    noise_offset: Annotated[Optional[float], _opt("--noise-offset", key="train.noise_offset")] = None,
-    class_prompt: Annotated[Optional[str], _opt("--class-prompt", key="prior.class_prompt")] = None,
-    num_class_images: Annotated[Optional[int], _opt("--num-class-images", key="prior.num_class_images")] = None,
-    prior_loss_weight: Annotated[Optional[float], _opt("--prior-loss-weight", key="prior.prior_loss_weight")] = None,
-    class_dir: Annotated[Optional[str], _opt("--class-dir", key="prior.class_dir")] = None,
-    validate_every: Annotated[Optional[int], _opt("--validate-every", key="validation.validate_every")] = None,
-    validation_prompt: Annotated[Optional[list[str]], _opt("--validation-prompt", key="validation.prompts")] = None,
-    validation_steps: Annotated[Optional[int], _opt("--validation-steps", key="validation.steps")] = None,
-    validation_images: Annotated[Optional[int], _opt("--validation-images", key="validation.num_images")] = None,
-    score_every: Annotated[Optional[int], _opt("--score-every", key="validation.score_every")] = None,
-    dino_model: Annotated[Optional[str], _opt("--dino-model", key="validation.dino_model")] = None,
-    best_by: Annotated[Optional[str], _opt("--best-by", key="validation.best_by")] = None,
-    log_every: Annotated[Optional[int], _opt("--log-every", key="logging.log_every")] = None,
-    report_to: Annotated[Optional[str], _opt("--report-to", key="logging.report_to")] = None,
-    checkpoint_every: Annotated[Optional[int], _opt("--checkpoint-every", key="checkpoint.checkpoint_every")] = None,
-    keep_checkpoints: Annotated[Optional[int], _opt("--keep-checkpoints", key="checkpoint.keep_checkpoints")] = None,
-    runs_dir: Annotated[Optional[str], _opt("--runs-dir", key="run.runs_dir")] = None,
-    name: Annotated[Optional[str], _opt("--name", key="run.name")] = None,
 ) -> None:
-    """Train a LoRA on a prepared dataset (SD 1.x or SDXL) and write a run folder."""
-    params = dict(locals())
-    flags = {KEYS[k]: v for k, v in params.items() if k in KEYS and v is not None}
-    dotted = list(overrides or [])
+    """The options of `sdlora train` that are not config fields (declared once, here; `train` takes them)."""
+
+
+FIELDS = config_mod.options()
+_OFF = "__off"  # suffix of the parameter behind a bool field's --no- flag
+
+
+def _param_name(option: config_mod.FieldOption) -> str:
+    return option.key.replace(".", "__")  # lora.rank -> lora__rank: never one of the verb's own names
+
+
+def _field_parameters(option: config_mod.FieldOption) -> list[inspect.Parameter]:
+    """A config field as Typer option(s); left out, it is None, so the config's default (or YAML) stands.
+
+    A bool field is `--x` plus `--no-x`; the help lists `--x` and names `--no-x` in its text (a second
+    column of `--no-...` names would not fit 80 columns beside the help).
+    """
+    typ: Any = list[str] if option.kind == "repeat" else option.type
+    help_text = option.help
+    if option.kind == "flag":
+        help_text += f" ({'on by default; ' if option.default is True else ''}{_negative(option)}: off)"
+    info = typer.Option(
+        *option.flags, help=help_text, metavar=option.metavar, rich_help_panel=option.panel, show_default=False
+    )
+    params = [_keyword(_param_name(option), Annotated[Optional[typ], info])]
+    if option.kind == "flag":
+        off = typer.Option(_negative(option), hidden=True, rich_help_panel=option.panel, show_default=False)
+        params.append(_keyword(_param_name(option) + _OFF, Annotated[Optional[bool], off]))
+    return params
+
+
+def _negative(option: config_mod.FieldOption) -> str:
+    return "--no-" + option.flags[0][2:]
+
+
+def _keyword(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _signature() -> inspect.Signature:
+    """The verb's own options, the config fields by panel, then the Distributed panel."""
+    own = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for p in inspect.signature(_options, eval_str=True).parameters.values()
+    ]
+    launch = [p for p in own if getattr(typing.get_args(p.annotation)[1], "rich_help_panel", None) == DISTRIBUTED]
+    fields = [param for option in FIELDS for param in _field_parameters(option)]
+    return inspect.Signature([*(p for p in own if p not in launch), *fields, *launch])
+
+
+def _flags(params: dict[str, Any]) -> dict[str, Any]:
+    """The config fields given on the command line, by dotted key ({"lora.rank": 8})."""
+    given = {}
+    for option in FIELDS:
+        value = params.get(_param_name(option))
+        if option.kind == "flag" and params.get(_param_name(option) + _OFF):
+            if value:
+                raise ConfigError(f"{option.flags[0]} and {_negative(option)} contradict each other: give one")
+            value = False
+        if value is None or (option.kind == "repeat" and not value):
+            continue
+        given[option.key] = list(value) if option.kind == "repeat" else value
+    return given
+
+
+def train(**params: Any) -> None:
+    """Train a LoRA on a prepared dataset (SD 1.x or SDXL) and write a run folder.
+
+    Flags override --config; dotted KEY=VALUE overrides after them (lora.rank=8 train.seed=1) override both.
+    """
+    config, resume, num_processes = params["config"], params["resume"], params["num_processes"]
+    accelerate_config = params["accelerate_config"]
+    flags = _flags(params)
+    dotted = list(params["overrides"] or [])
+    if num_processes < 1:
+        raise ConfigError(f"--num-processes must be at least 1, got {num_processes}")
     from sdlora.train import loop, resolve
 
     # The config is resolved (and checked) here, once, also when N processes will run it.
@@ -206,7 +177,7 @@ def train(
             err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     else:
         cfg = config_mod.load_config(config, flags, dotted)
-    if print_config:
+    if params["print_config"]:
         typer.echo(config_mod.config_yaml(cfg), nl=False)
         return
     if num_processes > 1 or accelerate_config is not None:
@@ -221,6 +192,8 @@ def train(
         result = loop.run_training(cfg, resume=resume_dir, on_event=renderer)
     finally:
         renderer.close()
+    if os.environ.get("RANK", "0") == "0":  # one report per run: the main process's (also when stopped)
+        refresh_report(result.run_dir)
     if result.interrupted:
         console.print(
             f"[yellow]stopped at step {result.steps}[/]; checkpoint and LoRA saved. "
@@ -229,6 +202,9 @@ def train(
             soft_wrap=True,
         )
         raise typer.Exit(130)
+
+
+train.__signature__ = _signature()  # type: ignore[attr-defined]
 
 
 def _relaunch(
@@ -384,14 +360,3 @@ class _Renderer:
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
-
-
-def _check_flags_cover_config() -> None:
-    """Drift guard: every CLI parameter maps to a real config key."""
-    known = set(config_mod.all_keys())
-    stray = [key for key in KEYS.values() if key not in known]
-    if stray:
-        raise ConfigError(f"sdlora.cli.train maps flags to unknown config keys: {stray}")
-
-
-_check_flags_cover_config()
