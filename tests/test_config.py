@@ -61,7 +61,7 @@ def test_cross_field_and_value_checks_name_the_flag():
         load_config(None, {"train.max_steps": 10, "train.lr_warmup_steps": 50, "train.lr_scheduler": "cosine"})
     with pytest.raises(ConfigError, match="constant_with_warmup"):
         load_config(None, {"train.lr_warmup_steps": 5})
-    with pytest.raises(ConfigError, match="--resolution must be a positive multiple of 8"):
+    with pytest.raises(ConfigError, match="--resolution 100: must be a positive multiple of 8"):
         load_config(None, {"data.resolution": 100})
     with pytest.raises(ConfigError, match="--name 'latest'"):
         load_config(None, {"run.name": "latest"})

@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from sdlora.data.buckets import resolution_problem
 from sdlora.errors import ConfigError
 
 PRESETS = ("sd15", "sdxl", "tiny")
@@ -120,8 +121,8 @@ class DataArgs(_Group):
 
     def _check(self) -> list[str]:
         problems = []
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            problems.append(f"{self.flag('resolution')} must be a positive multiple of 8, got {self.resolution}")
+        if self.resolution is not None and (problem := resolution_problem(self.resolution, self.flag("resolution"))):
+            problems.append(problem)
         if not str(self.dataset).strip():
             problems.append(f"{self.flag('dataset')} is empty")
         return problems
