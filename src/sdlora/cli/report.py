@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sdlora.cli._common import RunOpt, console
+from sdlora.cli._common import RunOpt, console, refresh_report
 
 EPILOG = """\
 Examples (the run defaults to ./runs/latest):
@@ -26,13 +26,13 @@ def report(
 ) -> None:
     """Write the run's HTML report (config, curves, samples, scores) and print its path."""
     from sdlora.errors import RunError
-    from sdlora.report import write_report
     from sdlora.run import CONFIG, resolve_run_dir
 
     folder = resolve_run_dir(run)
     if not (folder / CONFIG).is_file():
         raise RunError(f"{folder}: not a run folder (no {CONFIG}); give --run runs/<name>")
-    path = write_report(folder)
+    path = refresh_report(folder, strict=True)
+    assert path is not None  # strict: a failure raises
     console.print(str(path), highlight=False, soft_wrap=True)
     if open_:
         import webbrowser
