@@ -12,13 +12,9 @@ Cosines are reported as they are (range -1..1; 1 = the same embedding), not resc
 Images come from samples.json (`sdlora sample` writes it); this module never samples: a wanted
 prompt without images is an error naming the command, and `sdlora score` runs that first.
 
-scores.json (`sdlora.run.write_scores`, schema-checked; the report reads it with `read_scores`):
-  overall.{lora,baseline}: {dino, clip_i, clip_t, clip_t_with_token, images, real_images, prompts}
-                           (null when that variant has no images)
-  prompts[]: {prompt, prompt_as_written, prompt_without_token, lora: {...}, baseline: {...}}
-  scorers.{dino,clip}: model, revision, library version, embedding, exact preprocessing
-  real: {dataset, split, count, files}; embedded/cached: images embedded now / found in the cache
-  plus schema_version, created, run, samples, lora_dir, token, class_word, prompt_set, scale
+Writes scores.json through `sdlora.run.write_scores` (its fields are listed in `sdlora.run`): the
+figures per prompt and overall for both variants, the scorers' models, revisions and exact
+preprocessing, the real photos compared against, and how many images were embedded or cached.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from sdlora.events import ProgressFn
 from sdlora.generate.images import save_png, write_grid
 from sdlora.generate.pipeline import ADAPTER, SamplerOptions, base_model_only, prepare_pipeline, resolve_lora_dir
 from sdlora.generate.prompts import check_prompts, expand_prompt, prompt_dir
-from sdlora.run import SAMPLES_DIR, SAMPLES_JSON, RunInfo, read_samples, write_samples
+from sdlora.run import SAMPLES_DIR, SAMPLES_JSON, VARIANTS, RunInfo, read_samples, write_samples
 
 VARIANT_STEM = {"lora": "lora", "baseline": "base"}
 
@@ -115,7 +115,7 @@ def generate_samples(
         height=height or run.resolution,
         width=width or run.resolution,
         batch_size=batch_size,
-        variants=("lora", "baseline") if baseline else ("lora",),
+        variants=VARIANTS if baseline else VARIANTS[:1],
     )
     scheduler_name = type(pipe.scheduler).__name__
 
