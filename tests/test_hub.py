@@ -129,6 +129,7 @@ def test_a_reachable_hub_is_probed_once(online, monkeypatch):
 
 
 def test_offline_set_by_the_user_is_not_probed(monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)  # restored afterwards
     monkeypatch.setattr(hub, "_probed", {})
     monkeypatch.setattr(hub, "_went_offline", False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
