@@ -1,6 +1,7 @@
 """Fixtures for the score tests: a run folder following the contract, with samples.json + PNGs.
 
-Written by hand (format from INTERFACES.md) so the scorer is tested without the sampler.
+Written with random PNGs through the run-folder contract (`sdlora.run.write_samples`, the prompts
+expanded by the sampler's own `expand_prompt`), so the scorer is tested without sampling.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import yaml
 
 from conftest import write_tiny_dataset
 from run_helpers import random_png
-from sdlora.run import DIFFUSERS_LORA
+from sdlora.generate import expand_prompt
+from sdlora.run import DIFFUSERS_LORA, read_samples, write_samples
 
 
 def slug(prompt: str) -> str:
@@ -56,7 +58,7 @@ def add_samples(
     """Write PNGs for each prompt (LoRA + baseline) and merge their entries into samples.json."""
     path = samples_dir / "samples.json"
     data = (
-        json.loads(path.read_text())
+        read_samples(path)
         if path.is_file()
         else {
             "model": "tiny-sd",
@@ -74,7 +76,7 @@ def add_samples(
     )
     new = []
     for p, written in enumerate(prompts):
-        prompt = written if f"{token} {class_word}" in written else written.replace(token, f"{token} {class_word}")
+        prompt = expand_prompt(written, token, class_word)
         for variant, stem in (("lora", "lora"), ("baseline", "base")):  # same seeds, different images
             for i in range(per_variant):
                 file = f"{slug(prompt)}/{stem}-{i:02d}.png"
@@ -91,7 +93,7 @@ def add_samples(
                 )
     files = {e["file"] for e in new}
     data["images"] = [e for e in data["images"] if e["file"] not in files] + new
-    path.write_text(json.dumps(data, indent=1))
+    write_samples(path, data)
     return new
 
 

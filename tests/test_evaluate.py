@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,9 @@ from sdlora.evaluate.paper_prompts import OBJECT_PROMPTS, object_prompts
 from sdlora.evaluate.score import (
     Sample,
     dino_similarity_to_val,
+    missing_prompts,
     pairwise_mean,
+    plan_scoring,
     remove_token,
     score_run,
     score_samples,
@@ -192,7 +192,7 @@ def test_remove_token(prompt, expected):
 def test_score_run_writes_scores_json(tmp_path):
     run = write_run(tmp_path)
     add_samples(run / "samples", ["sksToy on a beach", "a red sksToy toy"], per_variant=2)
-    scores = score_run(load_run(run), report=False, **TINY)
+    scores = score_run(load_run(run), **TINY)
     on_disk = json.loads((run / "scores.json").read_text())
     assert on_disk["overall"] == scores["overall"]
     assert [e["prompt"] for e in on_disk["prompts"]] == ["sksToy toy on a beach", "a red sksToy toy"]
@@ -219,13 +219,13 @@ def test_score_run_writes_scores_json(tmp_path):
 def test_rescoring_is_incremental(tmp_path):
     run = write_run(tmp_path)
     add_samples(run / "samples", ["sksToy on a beach"], per_variant=2)
-    first = score_run(load_run(run), report=False, **TINY)
+    first = score_run(load_run(run), **TINY)
     assert first["embedded"] == {"dino": 6, "clip": 6}  # 4 generated + 2 val photos
-    second = score_run(load_run(run), report=False, **TINY)
+    second = score_run(load_run(run), **TINY)
     assert second["embedded"] == {"dino": 0, "clip": 0}
     assert second["overall"] == first["overall"]
     add_samples(run / "samples", ["a red sksToy toy"], per_variant=1, seed0=7)  # 2 more images
-    third = score_run(load_run(run), report=False, **TINY)
+    third = score_run(load_run(run), **TINY)
     assert third["embedded"] == {"dino": 2, "clip": 2}
     assert third["overall"]["lora"]["images"] == 3
     caches = sorted(p.name for p in (run / ".cache" / "embeddings").iterdir())
@@ -245,9 +245,8 @@ def test_cache_of_another_scorer_setup_is_not_used(tmp_path):
 def test_prompts_select_a_subset(tmp_path):
     run = write_run(tmp_path)
     add_samples(run / "samples", ["sksToy on a beach", "a red sksToy toy"], per_variant=1)
-    scores = score_run(load_run(run), prompts=["a red sksToy toy"], report=False, **TINY)
+    scores = score_run(load_run(run), prompts=["a red sksToy toy"], **TINY)
     assert [e["prompt"] for e in scores["prompts"]] == ["a red sksToy toy"]
-    assert scores["generated_now"] == []
 
 
 def test_dreambench_prompts_are_the_papers_25():
@@ -259,46 +258,49 @@ def test_dreambench_prompts_are_the_papers_25():
     assert all("sksToy toy" in p for p in prompts)
 
 
-@pytest.fixture
-def fake_generate(monkeypatch):
-    """Stand-in for sdlora.generate: writes PNGs + samples.json the way generate_samples does."""
-    calls = []
-
-    def generate_samples(run, prompts, *, out_dir=None, num_images=4, seed=0, baseline=True, **kwargs):
-        calls.append({"prompts": list(prompts), "num_images": num_images, "seed": seed, "baseline": baseline})
-        out_dir = out_dir or run.path / "samples"
-        add_samples(out_dir, prompts, per_variant=num_images, seed0=seed)
-        return out_dir / "samples.json"
-
-    def expand_prompt(prompt, token, class_word):
-        return prompt if f"{token} {class_word}" in prompt else prompt.replace(token, f"{token} {class_word}")
-
-    module = types.ModuleType("sdlora.generate")
-    module.generate_samples = generate_samples
-    module.expand_prompt = expand_prompt
-    monkeypatch.setitem(sys.modules, "sdlora.generate", module)
-    return calls
-
-
-def test_dreambench_generates_missing_prompts_then_scores_them(tmp_path, fake_generate):
+def test_dreambench_scores_the_papers_prompts_and_names_the_missing_ones(tmp_path):
+    """The scorer never samples: dreambench needs 4 LoRA + 4 baseline images of each of the 25 prompts,
+    matched through the real prompt expansion; the error names the `sdlora sample` command to run."""
     run = write_run(tmp_path)
     prompts = object_prompts("sksToy", "toy")
     add_samples(run / "samples", prompts[:2], per_variant=4)  # two prompts already have their 4 + 4
+    add_samples(run / "samples", prompts[2:3], per_variant=3)  # one short of the paper's 4
     add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)  # not part of the benchmark
-    scores = score_run(load_run(run), prompts=["dreambench"], report=False, **TINY)
-    assert fake_generate == [{"prompts": prompts[2:], "num_images": 4, "seed": 0, "baseline": True}]
+    plan = plan_scoring(load_run(run), ["dreambench"])
+    assert (plan.prompt_set, plan.min_images, plan.wanted) == ("dreambench", 4, prompts)
+    assert missing_prompts(load_run(run), plan) == prompts[2:]
+    with pytest.raises(RunError) as info:
+        score_run(load_run(run), prompts=["dreambench"], **TINY)
+    message = str(info.value)
+    assert "no samples for 23 prompt(s)" in message and "\n" not in message
+    assert f"sdlora sample --run {run.resolve()} --num-images 4 'a sksToy toy on the beach'" in message
+    add_samples(run / "samples", prompts[2:], per_variant=4)
+    scores = score_run(load_run(run), prompts=["dreambench"], **TINY)
     assert [e["prompt"] for e in scores["prompts"]] == prompts
     assert scores["overall"]["lora"]["images"] == 100 and scores["overall"]["baseline"]["images"] == 100
     assert scores["prompt_set"] == "dreambench"
-    score_run(load_run(run), prompts=["dreambench"], report=False, **TINY)
-    assert len(fake_generate) == 1  # everything is there now: nothing generated again
 
 
-def test_run_without_samples_generates_its_validation_prompts(tmp_path, fake_generate):
+def test_prompts_as_typed_match_their_expanded_samples(tmp_path):
+    """`--prompts 'sksToy on a beach'` finds the images `sdlora sample` made for 'sksToy toy on a beach'."""
+    run = write_run(tmp_path)
+    add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
+    (run / "samples" / "samples.json").write_text(
+        (run / "samples" / "samples.json")
+        .read_text()
+        .replace('"prompt_as_written": "sksToy on a beach"', '"prompt_as_written": null')
+    )
+    plan = plan_scoring(load_run(run), ["sksToy  on a beach"])
+    assert missing_prompts(load_run(run), plan) == []
+
+
+def test_run_without_samples_wants_its_validation_prompts(tmp_path):
     run = write_run(tmp_path, validation={"prompts": ["{token} {class} on a sofa"]})
-    scores = score_run(load_run(run), num_images=2, report=False, **TINY)
-    assert fake_generate[0]["prompts"] == ["sksToy toy on a sofa"]
-    assert scores["overall"]["lora"]["images"] == 2 and scores["overall"]["baseline"]["images"] == 2
+    plan = plan_scoring(load_run(run))
+    assert (plan.wanted, plan.prompt_set, plan.min_images) == (["sksToy toy on a sofa"], "validation prompts", 1)
+    assert missing_prompts(load_run(run), plan) == ["sksToy toy on a sofa"]
+    with pytest.raises(RunError, match="no samples for 1 prompt"):
+        score_run(load_run(run), **TINY)
 
 
 def test_dino_similarity_to_val(tmp_path):
@@ -327,31 +329,31 @@ def test_run_without_lora(tmp_path):
     run = write_run(tmp_path, lora=False)
     add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
     with pytest.raises(RunError, match="no LoRA in lora/"):
-        score_run(load_run(run), report=False, **TINY)
+        score_run(load_run(run), **TINY)
 
 
 def test_dataset_without_val_images(tmp_path):
     run = write_run(tmp_path, val=False)
     add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
     with pytest.raises(DataError, match="no val images"):
-        score_run(load_run(run), report=False, **TINY)
+        score_run(load_run(run), **TINY)
 
 
 @pytest.mark.parametrize("prompts", [[""], ["  "], ["sksToy on a beach", ""]])
 def test_empty_prompts(tmp_path, prompts):
     run = write_run(tmp_path)
     with pytest.raises(ConfigError, match="--prompts: empty prompt"):
-        score_run(load_run(run), prompts=prompts, report=False, **TINY)
+        score_run(load_run(run), prompts=prompts, **TINY)
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"dino_model": "facebook/dino-vits16"}, "scorer model facebook/dino-vits16 is not in the local cache"),
-        ({"dino_model": "facebook/dinov2-small"}, "scorer model facebook/dinov2-small is not in the local cache"),
+        ({"dino_model": "facebook/dino-vits16"}, "scorer model facebook/dino-vits16: not in the local cache"),
+        ({"dino_model": "facebook/dinov2-small"}, "scorer model facebook/dinov2-small: not in the local cache"),
         (
             {"clip_model": "ViT-B-32", "clip_pretrained": "openai"},
-            "scorer model ViT-B-32 (openai) is not in the local cache",
+            "scorer model ViT-B-32 (openai): not in the local cache",
         ),
         ({"clip_model": "ViT-X-99"}, "--clip-model ViT-X-99: not an open_clip model"),
         (
@@ -365,7 +367,7 @@ def test_unknown_scorer_model_offline(tmp_path, monkeypatch, kwargs, message):
     run = write_run(tmp_path)
     add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
     with pytest.raises(ModelError) as info:
-        score_run(load_run(run), report=False, **{**TINY, **kwargs})
+        score_run(load_run(run), **{**TINY, **kwargs})
     assert message in str(info.value) and "\n" not in str(info.value)
     assert not (run / "scores.json").exists()
 
@@ -375,7 +377,7 @@ def test_missing_sample_file(tmp_path):
     entries = add_samples(run / "samples", ["sksToy on a beach"], per_variant=1)
     (run / "samples" / entries[0]["file"]).unlink()
     with pytest.raises(RunError, match="listed in .*samples.json but missing"):
-        score_run(load_run(run), report=False, **TINY)
+        score_run(load_run(run), **TINY)
 
 
 # ---- loading real-format models from local folders (the hub code path, offline) ---------------
@@ -463,4 +465,4 @@ def test_openai_clip_weights_get_quickgelu(monkeypatch, clip, tag, quick_gelu):
 def test_explicit_samples_file_that_is_missing(tmp_path):
     run = write_run(tmp_path)
     with pytest.raises(RunError, match="other.json: missing"):
-        score_run(load_run(run), samples_json=run / "other.json", report=False, **TINY)
+        score_run(load_run(run), samples_json=run / "other.json", **TINY)

@@ -32,8 +32,24 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"), dtype=np.int16)
 
 
+# Two renders of the same model, prompt and seed agree only up to float rounding: batch size and thread
+# count change the order of sums (measured: under 0.001 of a level), and the 8-bit PNG rounding then
+# adds up to 0.5, so one pixel can be a level off. 1 level (of 255) allows both with a wide margin;
+# the LoRA moves pixels by more than that on average (the `mean() > 1.0` checks), so "equal up to
+# RENDER_TOL" still tells the base model from the LoRA.
+RENDER_TOL = 1.0
+
+
+def assert_same_render(png: np.ndarray, render: np.ndarray) -> None:
+    """`png` (0..255) is `render` (float, 0..255) up to RENDER_TOL levels in every pixel."""
+    assert png.shape == render.shape
+    worst = float(np.abs(png - render).max())
+    assert worst <= RENDER_TOL, f"largest difference {worst:.2f} levels (tolerance {RENDER_TOL})"
+
+
 def base_image(model: str, prompt: str, seed: int) -> np.ndarray:
-    """What the base model alone makes for this prompt and seed (the baseline must equal it)."""
+    """What the base model alone makes for this prompt and seed, before 8-bit rounding (0..255 floats):
+    the baseline must equal it."""
     from sdlora.models import load_pipeline
 
     pipe, _ = load_pipeline(model)
@@ -45,8 +61,9 @@ def base_image(model: str, prompt: str, seed: int) -> np.ndarray:
         width=64,
         guidance_scale=7.5,
         generator=[torch.Generator("cpu").manual_seed(seed)],
+        output_type="np",
     ).images[0]
-    return np.asarray(image, dtype=np.int16)
+    return image.astype(np.float64) * 255
 
 
 # ---- prompts ---------------------------------------------------------------------------------
@@ -166,7 +183,7 @@ def test_baseline_is_exactly_the_base_model_and_lora_changes_the_image(sampled):
     run, path, _ = sampled
     folder = path.parent / "skstoy-toy-on-a-beach"
     # image 1 was made in a batch of 2: its own seeded generator makes it batch-independent
-    assert np.array_equal(pixels(folder / "base-01.png"), base_image("tiny-sd", "sksToy toy on a beach", 8))
+    assert_same_render(pixels(folder / "base-01.png"), base_image("tiny-sd", "sksToy toy on a beach", 8))
     assert np.abs(pixels(folder / "lora-01.png") - pixels(folder / "base-01.png")).mean() > 1.0
     assert np.abs(pixels(folder / "lora-00.png") - pixels(folder / "lora-01.png")).mean() > 1.0  # seeds differ
 
@@ -240,7 +257,7 @@ def test_lora_scale_zero_is_the_base_model(tmp_path):
     run = make_run(tmp_path)
     path = generate_samples(load_run(run), ["sksToy"], num_images=1, steps=STEPS, lora_scale=0.0, seed=2)
     folder = path.parent / "skstoy-toy"
-    assert np.array_equal(pixels(folder / "lora-00.png"), pixels(folder / "base-00.png"))
+    assert_same_render(pixels(folder / "lora-00.png"), pixels(folder / "base-00.png"))
 
 
 def test_best_lora_and_a_lora_folder(tmp_path):
@@ -260,7 +277,7 @@ def test_best_lora_and_a_lora_folder(tmp_path):
         out_dir=tmp_path / "lora-samples",
     )
     a, b = (pixels(o.parent / "skstoy-toy" / "lora-00.png") for o in (out, out2))
-    assert not np.array_equal(a, b)  # two different LoRAs
+    assert np.abs(a - b).mean() > 1.0  # two different LoRAs
     with pytest.raises(RunError, match="--lora .*nowhere: no pytorch_lora_weights.safetensors there"):
         generate_samples(info, ["sksToy"], lora_dir=tmp_path / "nowhere")
 
@@ -299,7 +316,7 @@ def test_sdxl_with_a_token_embedding(tmp_path):
     folder = path.parent / "skstoy-toy"
     with Image.open(folder / "lora-00.png") as im:
         assert "embeddings.safetensors" in im.text["lora"]
-    assert np.array_equal(pixels(folder / "base-00.png"), base_image("tiny-sdxl", "sksToy toy", 4))
+    assert_same_render(pixels(folder / "base-00.png"), base_image("tiny-sdxl", "sksToy toy", 4))
     assert np.abs(pixels(folder / "lora-00.png") - pixels(folder / "base-00.png")).mean() > 1.0
 
 

@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+from html import escape
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from run_helpers import random_png, write_config, write_metrics, write_validation_samples
+from sdlora import run as run_contract
 from sdlora.cli import app
 from sdlora.report import Series, line_plot, nice_ticks, render_report, write_report
 
@@ -24,7 +26,7 @@ PROMPTS = ["sksToy toy on a beach", "a red sksToy toy"]
 
 
 def write_samples(run: Path, prompts=PROMPTS, per_variant: int = 2) -> Path:
-    """samples/samples.json + PNGs in the format generate_samples writes (INTERFACES.md)."""
+    """samples/samples.json + PNGs, written through the contract's writer (`sdlora.run.write_samples`)."""
     samples = run / "samples"
     images = []
     for p, prompt in enumerate(prompts):
@@ -56,8 +58,7 @@ def write_samples(run: Path, prompts=PROMPTS, per_variant: int = 2) -> Path:
         "negative_prompt": None,
         "images": images,
     }
-    (samples / "samples.json").write_text(json.dumps(data))
-    return samples / "samples.json"
+    return run_contract.write_samples(samples / "samples.json", data)
 
 
 def scores_entry(dino: float, clip_i: float, clip_t: float, images: int = 2) -> dict:
@@ -72,7 +73,7 @@ def scores_entry(dino: float, clip_i: float, clip_t: float, images: int = 2) -> 
 
 
 def write_scores(run: Path) -> Path:
-    """scores.json in the layout sdlora.evaluate.score writes."""
+    """scores.json through the contract's writer (`sdlora.run.write_scores`), as `sdlora score` writes it."""
     data = {
         "schema_version": 1,
         "created": "2026-01-01T12:00:00+00:00",
@@ -100,9 +101,7 @@ def write_scores(run: Path) -> Path:
         "embedded": {"dino": 11, "clip": 11},
         "cached": {"dino": 0, "clip": 0},
     }
-    path = run / "scores.json"
-    path.write_text(json.dumps(data))
-    return path
+    return run_contract.write_scores(run / "scores.json", data)
 
 
 @pytest.fixture
@@ -210,6 +209,28 @@ def test_broken_parts_are_named_and_the_rest_still_shows(full_run):
     assert section(html, "training").startswith("ok:") and html.count('class="plot"') == 6
     assert section(html, "validation").count("<img") == 12
     assert "unreadable" in section(html, "samples")
+
+
+@pytest.mark.parametrize(
+    ("file", "edit", "fragment"),
+    [
+        ("scores.json", lambda d: d["overall"]["lora"].pop("dino"), "scores.json: overall.lora.dino is missing"),
+        ("scores.json", lambda d: d.update(schema_version=2), "scores.json: schema_version is 2, this sdlora reads 1"),
+        ("scores.json", lambda d: d["prompts"][1].update(prompt=None), "scores.json: prompts[1].prompt is None"),
+        ("samples/samples.json", lambda d: d["images"][2].pop("variant"), "images[2].variant is missing"),
+        ("samples/samples.json", lambda d: d["images"][0].update(variant="x"), "images[0].variant is 'x', expected"),
+    ],
+)
+def test_a_file_off_the_contract_names_the_field(full_run, file, edit, fragment):
+    """The report reads samples.json and scores.json through `sdlora.run`'s checked readers: a renamed
+    or missing field shows as an error naming it, never as a silently empty table."""
+    data = json.loads((full_run / file).read_text())
+    edit(data)
+    (full_run / file).write_text(json.dumps(data))
+    html = render_report(full_run)
+    broken = section(html, "scores" if file == "scores.json" else "samples")
+    assert broken.startswith("error:") and f"Could not be shown: {file}: " in broken and escape(fragment) in broken
+    assert section(html, "training").startswith("ok:")
 
 
 def test_prompts_are_escaped(tmp_path):

@@ -60,6 +60,7 @@ def test_score_latest_prints_table_and_writes_scores(scored_run, monkeypatch):
     scores = json.loads((scored_run / "scores.json").read_text())
     lora = scores["overall"]["lora"]
     assert f"{lora['dino']:.3f}" in out and f"{lora['clip_t']:.3f}" in out
+    assert "report.html" not in result.stderr and (scored_run / "report.html").is_file()  # refreshed
     again = invoke("--run", "runs/latest", *TINY)
     assert again.exit_code == 0 and "embedded now: dino 0 (cached 10), clip 0 (cached 10)" in again.stderr
 
@@ -98,9 +99,9 @@ def test_empty_prompts_keep_earlier_scores(scored_run):
     [
         (
             ["--dino-model", "facebook/dino-vits16", "--clip-model", "tiny-clip"],
-            "scorer model facebook/dino-vits16 is not in the local cache",
+            "scorer model facebook/dino-vits16: not in the local cache",
         ),
-        (["--dino-model", "tiny-dino"], "scorer model ViT-B-32 (openai) is not in the local cache"),
+        (["--dino-model", "tiny-dino"], "scorer model ViT-B-32 (openai): not in the local cache"),
         (["--dino-model", "tiny-dino", "--clip-model", "ViT-Q-1"], "--clip-model ViT-Q-1: not an open_clip model"),
     ],
 )
@@ -117,21 +118,69 @@ def test_help():
 
 
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
-def test_score_generates_with_the_real_sampler(tmp_path, model):
+def test_score_samples_missing_prompts_first_with_the_real_sampler(tmp_path, model):
     """End to end with sdlora.generate: a run with a real LoRA and no samples gets its prompt sampled
-    (LoRA + baseline, same seeds) and scored."""
-    pytest.importorskip("sdlora.generate", reason="sdlora.generate (the sampler) has not landed")
+    (LoRA + baseline, same seeds) by the CLI, says so in one line, and is scored."""
     from score_helpers import write_real_lora
 
     run = write_run(tmp_path, lora=False, model={"name": model})
     write_real_lora(run, model)
     result = invoke("--run", run, "--prompts", "sksToy on a beach", "--num-images", "1", "--steps", "2", *TINY)
     assert result.exit_code == 0, result.output
+    assert "no samples for 1 prompt(s): running `sdlora sample` first" in result.stderr
     scores = json.loads((run / "scores.json").read_text())
-    assert scores["generated_now"] == ["sksToy on a beach"]
     [entry] = scores["prompts"]
     assert entry["prompt"] == "sksToy toy on a beach" and entry["prompt_without_token"] == "toy on a beach"
     assert entry["lora"]["images"] == 1 and entry["baseline"]["images"] == 1
     samples = json.loads((run / "samples" / "samples.json").read_text())
     seeds = {e["variant"]: e["seed"] for e in samples["images"]}
     assert seeds["lora"] == seeds["baseline"]
+
+
+@pytest.fixture
+def fake_sampler(monkeypatch):
+    """sdlora.generate.generate_samples replaced by PNG writing (the prompts expanded by the real
+    `expand_prompt`, see score_helpers); records each call."""
+    import sdlora.generate
+
+    calls = []
+
+    def generate_samples(run, prompts, *, out_dir=None, num_images=4, seed=0, baseline=True, **kwargs):
+        calls.append({"prompts": list(prompts), "num_images": num_images, "seed": seed, "baseline": baseline, **kwargs})
+        out_dir = out_dir or run.path / "samples"
+        add_samples(out_dir, prompts, per_variant=num_images, seed0=seed)
+        return out_dir / "samples.json"
+
+    monkeypatch.setattr(sdlora.generate, "generate_samples", generate_samples)
+    return calls
+
+
+def test_dreambench_samples_exactly_the_missing_prompts(scored_run, fake_sampler):
+    from sdlora.evaluate.paper_prompts import object_prompts
+
+    prompts = object_prompts("sksToy", "toy")
+    add_samples(scored_run / "samples", prompts[:2], per_variant=4)  # these two are complete
+    result = invoke("--run", scored_run, "--prompts", "dreambench", "--seed", "3", "--steps", "2", *TINY)
+    assert result.exit_code == 0, result.output
+    assert "no samples for 23 prompt(s): running `sdlora sample` first" in result.stderr
+    [call] = fake_sampler
+    assert call["prompts"] == prompts[2:] and (call["num_images"], call["seed"], call["steps"]) == (4, 3, 2)
+    scores = json.loads((scored_run / "scores.json").read_text())
+    assert [e["prompt"] for e in scores["prompts"]] == prompts and scores["prompt_set"] == "dreambench"
+    again = invoke("--run", scored_run, "--prompts", "dreambench", *TINY)
+    assert again.exit_code == 0 and "running `sdlora sample`" not in again.stderr and len(fake_sampler) == 1
+
+
+def test_a_fresh_run_samples_its_validation_prompts(tmp_path, fake_sampler):
+    run = write_run(tmp_path, validation={"prompts": ["{token} {class} on a sofa"]})
+    result = invoke("--run", run, "--num-images", "2", *TINY)
+    assert result.exit_code == 0, result.output
+    assert fake_sampler[0]["prompts"] == ["sksToy toy on a sofa"]
+    scores = json.loads((run / "scores.json").read_text())
+    assert scores["prompt_set"] == "validation prompts" and scores["overall"]["lora"]["images"] == 2
+
+
+def test_no_sample_fails_with_the_command_to_run(scored_run, fake_sampler):
+    result = invoke("--run", scored_run, "--prompts", "sksToy in the snow", "--no-sample", *TINY)
+    one_line_error(result, "no samples for 1 prompt(s)", "sdlora sample --run", "'sksToy in the snow'")
+    assert fake_sampler == [] and not (scored_run / "scores.json").exists()

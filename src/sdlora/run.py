@@ -1,19 +1,36 @@
-"""The run folder contract (see DESIGN.md): `train` writes it, `sample`, `score`, `report` read it.
+"""The run folder contract: what `train` writes and `sample`, `score` and `report` read, and the one
+reader and writer of each shared file (change a name here and every stage sees it).
 
 runs/<name>/
-  config.yaml        the fully resolved training config (sections below)
-  metrics.jsonl      one JSON object per logged step or evaluation
-  lora/              pytorch_lora_weights.safetensors (diffusers/peft keys) + <name>.safetensors (kohya)
+  config.yaml        the fully resolved training config (sections below); `load_run` reads it
+  metrics.jsonl      one JSON object per logged step or evaluation, keys in `Metric`; `read_metrics`
+  lora/              pytorch_lora_weights.safetensors (diffusers/peft keys) + <name>.safetensors (kohya),
+                     embeddings.safetensors with a trained token embedding
   best/              the same files for the best validation score so far
   checkpoints/step-NNNNNN/   accelerate states to resume from
-  samples/           `sdlora sample` output: <prompt-slug>/*.png, grid.png, samples.json
+  samples/           `sdlora sample` output: <prompt-slug>/{lora,base}-NN.png, grid.png, samples.json;
+                     step-N/ the validation samples of training step N
   scores.json        `sdlora score` output
-  report.html        the HTML report
+  report.html        the HTML report (`sdlora.report.write_report`)
 
 config.yaml sections read by the later stages (train may write more keys in each):
   model: {name, revision, variant, vae}
   data:  {dataset, resolution, token, class_word}
   lora:  {rank, alpha, ...}
+  validation: {prompts, ...}
+
+samples/samples.json (`write_samples` / `read_samples`): the settings of the last sampling (model, run,
+lora_dir, lora_scale, steps, guidance, scheduler, height, width, negative_prompt, sdlora_version) and
+  images[]: {file (relative to samples/), prompt (as generated), prompt_as_written, seed, index,
+             variant ("lora" or "baseline": the base model alone, same seed), and the sampling settings}
+
+scores.json (`write_scores` / `read_scores`), cosines in -1..1:
+  schema_version (SCORES_SCHEMA_VERSION), created, run, samples, lora_dir, token, class_word,
+  prompt_set, scale (how to read the numbers), scorers.{dino,clip} (model, revision, preprocessing),
+  real: {dataset, split, count, files}, embedded / cached: {dino, clip} image counts,
+  overall.{lora,baseline}: {SCORE_METRICS..., images, real_images, prompts} or null (no images),
+  prompts[]: {prompt, prompt_as_written, prompt_without_token, lora: {...} or null, baseline: {...} or null}
+
 `runs/latest` is a symlink to the newest run (a text file holding the name where links fail).
 """
 
@@ -38,6 +55,9 @@ SAMPLES_JSON = "samples.json"
 SCORES_JSON = "scores.json"
 REPORT = "report.html"
 DEFAULT_RUNS = Path("runs")
+VARIANTS = ("lora", "baseline")  # an image made with the LoRA, or by the base model alone (same seed)
+SCORE_METRICS = ("dino", "clip_i", "clip_t", "clip_t_with_token")  # per variant in scores.json
+SCORES_SCHEMA_VERSION = 1
 
 
 class Metric:
@@ -60,8 +80,11 @@ class Metric:
     STEP_TIME = "step_time_s"
     IMAGES_PER_S = "images_per_s"
     RSS_GB = "rss_gb"
-    CUDA_PREFIX = "cuda_"
+    CPU_PERCENT = "cpu_percent"  # this process (can exceed 100 on several cores)
+    SYSTEM_CPU_PERCENT = "system_cpu_percent"
+    CUDA_PREFIX = "cuda_"  # cuda_allocated_gb, cuda_peak_gb, ...: memory keys end in _gb
     CUDA_PEAK_GB = "cuda_peak_gb"
+    CUDA_UTILIZATION = "cuda_utilization_percent"
 
     @staticmethod
     def lr(group: str) -> str:
@@ -96,6 +119,140 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
             if isinstance(record, dict):
                 records.append(record)
     return records
+
+
+# ---- samples.json and scores.json ------------------------------------------------------------------
+
+
+def _load_json(path: Path, what: str) -> Any:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing (`{what}` writes it)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunError(f"{path}: not a {Path(path).name} written by `{what}` ({exc})") from exc
+
+
+class _Checker:
+    """Field checks that name the file and the field: `images[3].variant: 'x' is not 'lora' or 'baseline'`."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what = Path(path), what
+
+    def fail(self, field: str, problem: str) -> RunError:
+        return RunError(f"{self.path}: {field} {problem} (not as `{self.what}` writes it; run it again)")
+
+    def get(
+        self,
+        obj: dict[str, Any],
+        key: str,
+        types: tuple[type, ...],
+        where: str = "",
+        optional: bool = False,
+        nullable: bool = False,
+    ) -> Any:
+        """obj[key] checked against `types`; `optional`: may be missing or null; `nullable`: may be null."""
+        field = f"{where}{key}"
+        if key not in obj:
+            if optional:
+                return None
+            raise self.fail(field, "is missing")
+        value = obj[key]
+        if value is None and (optional or nullable):
+            return None
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            names = " or ".join("a list" if t is list else "an object" if t is dict else t.__name__ for t in types)
+            raise self.fail(field, f"is {value!r:.60}, expected {names}")
+        return value
+
+
+def _check_samples(data: Any, check: _Checker) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise check.fail("the top level", "is not a JSON object")
+    for i, entry in enumerate(check.get(data, "images", (list,))):
+        where = f"images[{i}]."
+        if not isinstance(entry, dict):
+            raise check.fail(where.rstrip("."), "is not a JSON object")
+        file = check.get(entry, "file", (str,), where)
+        if Path(file).is_absolute() or ".." in Path(file).parts:
+            raise check.fail(where + "file", f"{file!r} is not a path inside samples/")
+        check.get(entry, "prompt", (str,), where)
+        check.get(entry, "prompt_as_written", (str,), where, optional=True)
+        if check.get(entry, "variant", (str,), where) not in VARIANTS:
+            raise check.fail(where + "variant", f"is {entry['variant']!r}, expected 'lora' or 'baseline'")
+        check.get(entry, "seed", (int,), where)
+        check.get(entry, "index", (int,), where)
+    return data
+
+
+def read_samples(path: Path, *, missing_ok: bool = False) -> dict[str, Any]:
+    """samples.json, schema-checked (RunError naming the file and the field); `missing_ok`: no file
+    reads as no images."""
+    path = Path(path)
+    if missing_ok and not path.exists():
+        return {"images": []}
+    return _check_samples(_load_json(path, "sdlora sample"), _Checker(path, "sdlora sample"))
+
+
+def write_samples(path: Path, data: dict[str, Any]) -> Path:
+    """Write samples.json atomically, after the same check `read_samples` makes."""
+    from sdlora.fsutil import write_json
+
+    _check_samples(data, _Checker(path, "sdlora sample"))
+    write_json(path, data)
+    return Path(path)
+
+
+def _check_variant_scores(scores: Any, check: _Checker, where: str) -> None:
+    if scores is None:
+        return
+    if not isinstance(scores, dict):
+        raise check.fail(where.rstrip("."), "is not a JSON object or null")
+    check.get(scores, "images", (int,), where)
+    for metric in SCORE_METRICS:
+        check.get(scores, metric, (int, float), where, nullable=True)
+
+
+def _check_scores(data: Any, check: _Checker) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise check.fail("the top level", "is not a JSON object")
+    version = check.get(data, "schema_version", (int,))
+    if version != SCORES_SCHEMA_VERSION:
+        raise check.fail("schema_version", f"is {version}, this sdlora reads {SCORES_SCHEMA_VERSION}")
+    overall = check.get(data, "overall", (dict,))
+    for variant in VARIANTS:
+        _check_variant_scores(
+            check.get(overall, variant, (dict,), "overall.", optional=True), check, f"overall.{variant}."
+        )
+    for i, entry in enumerate(check.get(data, "prompts", (list,))):
+        where = f"prompts[{i}]."
+        if not isinstance(entry, dict):
+            raise check.fail(where.rstrip("."), "is not a JSON object")
+        check.get(entry, "prompt", (str,), where)
+        for variant in VARIANTS:
+            _check_variant_scores(check.get(entry, variant, (dict,), where, optional=True), check, f"{where}{variant}.")
+    check.get(data, "scorers", (dict,))
+    check.get(check.get(data, "real", (dict,)), "count", (int,), "real.")
+    return data
+
+
+def read_scores(path: Path) -> dict[str, Any]:
+    """scores.json, schema-checked (RunError naming the file and the field)."""
+    return _check_scores(_load_json(path, "sdlora score"), _Checker(path, "sdlora score"))
+
+
+def write_scores(path: Path, data: dict[str, Any]) -> Path:
+    """Write scores.json atomically, after the same check `read_scores` makes."""
+    from sdlora.fsutil import write_json
+
+    _check_scores(data, _Checker(path, "sdlora score"))
+    write_json(path, data)
+    return Path(path)
+
+
+# ---- run folders ---------------------------------------------------------------------------------
 
 
 def resolve_run_dir(run: str | Path) -> Path:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sdlora.cli._common import RunOpt, console
+from sdlora.cli._common import RunOpt, console, refresh_report
 
 EPILOG = """\
 Examples (the run defaults to ./runs/latest):
@@ -26,13 +26,13 @@ def report(
 ) -> None:
     """Write the run's HTML report (config, curves, samples, scores) and print its path."""
     from sdlora.errors import RunError
-    from sdlora.report import write_report
-    from sdlora.run import CONFIG, resolve_run_dir
+    from sdlora.run import CONFIG, REPORT, resolve_run_dir
 
     folder = resolve_run_dir(run)
     if not (folder / CONFIG).is_file():
         raise RunError(f"{folder}: not a run folder (no {CONFIG}); give --run runs/<name>")
-    path = write_report(folder)
+    refresh_report(folder, strict=True)  # strict: a report that cannot be written is the error
+    path = folder / REPORT
     console.print(str(path), highlight=False, soft_wrap=True)
     if open_:
         import webbrowser

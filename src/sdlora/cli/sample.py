@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from sdlora.cli._common import RunOpt, console, err_console, progress_bar
+from sdlora.cli._common import RunOpt, console, err_console, progress_bar, refresh_report
 
 EPILOG = """\
 Examples (the run defaults to ./runs/latest; the class word is added after the token):
@@ -65,7 +65,7 @@ def sample(
         bool, typer.Option("--baseline/--no-baseline", help="Also sample the base model alone with the same seeds.")
     ] = True,
     device: Annotated[
-        Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available).")
+        Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then the CPU).")
     ] = None,
     dtype: Annotated[
         str, typer.Option("--dtype", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
@@ -81,17 +81,16 @@ def sample(
     ] = False,
 ) -> None:
     """Generate images with the run's LoRA and, beside them, with the base model alone (same seeds)."""
+    from sdlora.devices import resolve_device
     from sdlora.generate import (
         check_prompts,
         generate_samples,
         read_prompts_file,
-        resolve_device,
         resolve_dtype,
         resolve_lora_dir,
         scheduler_key,
     )
     from sdlora.models.loading import TINY_WARNING, is_tiny
-    from sdlora.report import write_report
     from sdlora.run import load_run
 
     given = list(prompts or [])
@@ -129,19 +128,19 @@ def sample(
             cpu_offload=cpu_offload,
             on_progress=on_progress,
         )
-    report = write_report(info.path)
+    report = refresh_report(info.path)
     _summary(samples_json, given, info)
     console.print(f"samples: {samples_json}", highlight=False, soft_wrap=True)
-    console.print(f"report:  {report}", highlight=False, soft_wrap=True)
+    if report is not None:
+        console.print(f"report:  {report}", highlight=False, soft_wrap=True)
 
 
 def _summary(samples_json: Path, given: list[str], info) -> None:
     """One line per prompt: its grid."""
-    import json
-
     from sdlora.generate import expand_prompt
+    from sdlora.run import read_samples
 
-    data = json.loads(samples_json.read_text(encoding="utf-8"))
+    data = read_samples(samples_json)
     wanted = {expand_prompt(p, info.token, info.class_word) for p in given}
     grids = dict.fromkeys(
         str(samples_json.parent / Path(e["file"]).parent / "grid.png") for e in data["images"] if e["prompt"] in wanted

@@ -8,10 +8,11 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from sdlora.cli._common import RunOpt, console, err_console, progress_bar
+from sdlora.cli._common import RunOpt, console, err_console, progress_bar, refresh_report
 
 EPILOG = """\
-Examples (the run defaults to ./runs/latest; images come from its samples/samples.json):
+Examples (the run defaults to ./runs/latest; images come from its samples/samples.json, and prompts
+without images are sampled first with `sdlora sample`, unless --no-sample):
 
   sdlora score
 
@@ -34,8 +35,8 @@ def score(
         typer.Option(
             "--prompts",
             "-p",
-            help="Score only these prompts (repeatable), generating LoRA and baseline "
-            "images for any that have none; 'dreambench' = the paper's 25 object prompts, 4 images each. "
+            help="Score only these prompts (repeatable), sampling LoRA and baseline "
+            "images first for any that have none; 'dreambench' = the paper's 25 object prompts, 4 images each. "
             "Default: every image in samples.json (the run's validation prompts if there is none).",
         ),
     ] = None,
@@ -62,36 +63,70 @@ def score(
     ] = "openai",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per scorer forward pass.")] = 32,
     num_images: Annotated[
-        int, typer.Option("--num-images", min=1, help="Images per prompt when images must be generated.")
+        int,
+        typer.Option(
+            "--num-images", min=1, help="Images per prompt when images must be sampled (and what dreambench needs)."
+        ),
     ] = 4,
-    seed: Annotated[int, typer.Option("--seed", help="First seed when images must be generated.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="First seed when images must be sampled.")] = 0,
     steps: Annotated[
-        Optional[int], typer.Option("--steps", min=1, help="Inference steps when images must be generated.")
+        Optional[int], typer.Option("--steps", min=1, help="Inference steps when images must be sampled.")
     ] = None,
+    sample_missing: Annotated[
+        bool,
+        typer.Option(
+            "--sample/--no-sample",
+            help="Run `sdlora sample` first for prompts without images (--no-sample: fail and name the command).",
+        ),
+    ] = True,
     device: Annotated[
-        Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: cuda if available).")
+        Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then the CPU).")
     ] = None,
 ) -> None:
     """Score generated images against the dataset's real val photos (DINO, CLIP-I, CLIP-T), LoRA vs base."""
-    from sdlora.evaluate.score import score_run
+    from sdlora.evaluate.clip import load_clip
+    from sdlora.evaluate.dino import load_dino
+    from sdlora.evaluate.score import missing_prompts, plan_scoring, score_run, val_photos
     from sdlora.run import SCORES_JSON, load_run
 
     info = load_run(run)
+    plan = plan_scoring(info, prompts, samples, num_images)
+    info.lora_dir()  # the cheap checks and the scorers before minutes of sampling
+    val_photos(info.dataset)
+    load_dino(dino_model, device)
+    load_clip(clip_model, clip_pretrained, device)
+    missing = missing_prompts(info, plan)
+    if missing and sample_missing:
+        from sdlora.generate import generate_samples
+
+        err_console.print(
+            f"no samples for {len(missing)} prompt(s): running `sdlora sample` first", highlight=False, soft_wrap=True
+        )
+        options: dict[str, Any] = {"steps": steps} if steps is not None else {}
+        with progress_bar() as on_progress:
+            plan.samples_json = generate_samples(
+                info,
+                missing,
+                out_dir=plan.samples_json.parent,
+                num_images=num_images,
+                seed=seed,
+                baseline=True,
+                device=device,
+                on_progress=on_progress,
+                **options,
+            )
     with progress_bar(transient=True) as on_progress:
         scores = score_run(
             info,
-            samples_json=samples,
-            prompts=prompts,
+            plan=plan,
             dino_model=dino_model,
             clip_model=clip_model,
             clip_pretrained=clip_pretrained,
             device=device,
             batch_size=batch_size,
-            num_images=num_images,
-            seed=seed,
-            steps=steps,
             on_progress=on_progress,
         )
+    refresh_report(info.path)
     _render(scores)
     console.print(f"scores: {info.path / SCORES_JSON}", highlight=False)
 
@@ -145,7 +180,5 @@ def _render(scores: dict[str, Any]) -> None:
         "embedded now: " + ", ".join(f"{kind} {embedded[kind]} (cached {cached[kind]})" for kind in embedded),
         highlight=False,
     )
-    if scores.get("generated_now"):
-        err_console.print(f"generated images for {len(scores['generated_now'])} prompt(s)", highlight=False)
     if any(scorers[k]["model"].startswith("tiny-") for k in scorers):
         err_console.print("[yellow]tiny random scorer models: these numbers check the plumbing, not the LoRA[/]")

@@ -17,10 +17,11 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from sdlora.devices import resolve_device
 from sdlora.errors import ModelError
-from sdlora.evaluate.dino import resolve_device
-from sdlora.evaluate.hub import cached_revision, folder_fingerprint, scorer_error
+from sdlora.evaluate.hub import cached_revision, folder_fingerprint
 from sdlora.evaluate.tiny import SEED, TINY_CLIP, TINY_CLIP_CONFIG, tiny_clip
+from sdlora.models.hub import hub_error, hub_offline
 
 DEFAULT_CLIP = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
@@ -137,6 +138,8 @@ def _load(model_name: str, pretrained: str | None, device: str) -> ClipScorer:
                 )
     # OpenAI's weights were trained with QuickGELU; open_clip only warns when the config differs.
     quick_gelu = bool(tag_cfg.get("quick_gelu", False))
+    if model_name.startswith("hf-hub:") or (pretrained and not os.path.isfile(pretrained)):
+        hub_offline()  # the weights (and an hf-hub model's config) come from the hub
     try:
         with _quiet_logging():
             model, _, preprocess = open_clip.create_model_and_transforms(
@@ -147,7 +150,7 @@ def _load(model_name: str, pretrained: str | None, device: str) -> ClipScorer:
             )
             tokenizer = open_clip.get_tokenizer(model_name)
     except (RuntimeError, OSError, ValueError) as exc:
-        raise scorer_error(label, exc, f"--clip-model {TINY_CLIP}") from exc
+        raise hub_error(f"scorer model {label}", exc, f"or use --clip-model {TINY_CLIP} for an offline try") from exc
     return ClipScorer(
         model_name,
         pretrained,

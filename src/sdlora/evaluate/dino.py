@@ -16,9 +16,11 @@ from typing import Any, Sequence
 
 import torch
 
+from sdlora.devices import resolve_device
 from sdlora.errors import ModelError
-from sdlora.evaluate.hub import cached_revision, folder_fingerprint, scorer_error
+from sdlora.evaluate.hub import cached_revision, folder_fingerprint
 from sdlora.evaluate.tiny import SEED, TINY_DINO, tiny_dino
+from sdlora.models.hub import hub_error, hub_offline
 
 DEFAULT_DINO = "facebook/dino-vits16"
 RESIZE = 256
@@ -48,12 +50,6 @@ def dino_transform():
             transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
         ]
     )
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass
@@ -109,10 +105,12 @@ def _load(model_id: str, device: str) -> DinoScorer:
         return DinoScorer(TINY_DINO, tiny_dino().to(device), torch.device(device), revision=f"random-seed-{SEED}")
     from transformers import AutoConfig, AutoModel, ViTModel
 
+    if not Path(model_id).is_dir():
+        hub_offline()
     try:
         config = AutoConfig.from_pretrained(model_id)
     except (OSError, ValueError) as exc:
-        raise scorer_error(model_id, exc, f"--dino-model {TINY_DINO}") from exc
+        raise _error(model_id, exc) from exc
     if config.model_type not in SUPPORTED_TYPES:
         raise ModelError(
             f"--dino-model {model_id}: a {config.model_type!r} model; use a ViT or DINOv2 model "
@@ -124,8 +122,12 @@ def _load(model_id: str, device: str) -> DinoScorer:
         else:
             model = AutoModel.from_pretrained(model_id)
     except (OSError, ValueError) as exc:
-        raise scorer_error(model_id, exc, f"--dino-model {TINY_DINO}") from exc
+        raise _error(model_id, exc) from exc
     revision = (
         folder_fingerprint(Path(model_id)) if Path(model_id).is_dir() else cached_revision(model_id, ("config.json",))
     )
     return DinoScorer(model_id, model.eval().to(device), torch.device(device), revision=revision)
+
+
+def _error(model_id: str, exc: BaseException) -> ModelError:
+    return hub_error(f"scorer model {model_id}", exc, f"or use --dino-model {TINY_DINO} for an offline try")

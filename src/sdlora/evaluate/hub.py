@@ -1,10 +1,10 @@
-"""Hub helpers shared by the scorers: which cached revision was used, and one-line load errors."""
+"""What the scorers record about their weights: the cached hub revision, or a local folder's fingerprint.
+
+(Reachability and one-line load errors are `sdlora.models.hub`, shared with every other loader.)"""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-from sdlora.errors import ModelError
 
 
 def cached_revision(repo_id: str, filenames: tuple[str, ...]) -> str | None:
@@ -20,20 +20,6 @@ def cached_revision(repo_id: str, filenames: tuple[str, ...]) -> str | None:
             # <cache>/models--org--name/snapshots/<commit>/<filename>
             return Path(found).parent.name
     return None
-
-
-def scorer_error(model: str, exc: BaseException, offline_hint: str) -> ModelError:
-    """Turn a hub/loader exception into one line; the common case is 'not cached, offline'."""
-    text = f"{type(exc).__name__}: {exc}"
-    lowered = text.lower()
-    if any(s in lowered for s in ("local cache", "cached files", "offline", "connect", "connection")):
-        return ModelError(
-            f"scorer model {model} is not in the local cache and the hub is unreachable "
-            f"(download it once with network access, or use {offline_hint} for an offline try)"
-        )
-    if "not found" in lowered or "404" in lowered or "does not appear to have" in lowered:
-        return ModelError(f"scorer model {model} was not found (check the id, or give a local folder)")
-    return ModelError(f"scorer model {model} could not be loaded: {text.splitlines()[0]}")
 
 
 def folder_fingerprint(folder: Path) -> str:

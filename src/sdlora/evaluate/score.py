@@ -9,23 +9,22 @@ For each prompt and for the LoRA and the baseline (the base model alone, same se
 The overall figures pool every image of a variant (= the mean of the per-image figures).
 Cosines are reported as they are (range -1..1; 1 = the same embedding), not rescaled.
 
-scores.json (written atomically into the run folder; `report.py` reads it):
-  overall.{lora,baseline}: {dino, clip_i, clip_t, clip_t_with_token, images, real_images, prompts}
-                           (null when that variant has no images)
-  prompts[]: {prompt, prompt_as_written, prompt_without_token, lora: {...}, baseline: {...}}
-  scorers.{dino,clip}: model, revision, library version, embedding, exact preprocessing
-  real: {dataset, split, count, files}; embedded/cached: images embedded now / found in the cache
-  plus schema_version, created, run, samples, lora_dir, token, class_word, prompt_set, scale
+Images come from samples.json (`sdlora sample` writes it); this module never samples: a wanted
+prompt without images is an error naming the command, and `sdlora score` runs that first.
+
+Writes scores.json through `sdlora.run.write_scores` (its fields are listed in `sdlora.run`): the
+figures per prompt and overall for both variants, the scorers' models, revisions and exact
+preprocessing, the real photos compared against, and how many images were embedded or cached.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -36,20 +35,27 @@ from sdlora.evaluate.cache import EmbeddingCache
 from sdlora.evaluate.clip import DEFAULT_CLIP, DEFAULT_PRETRAINED, load_clip
 from sdlora.evaluate.dino import DEFAULT_DINO, load_dino
 from sdlora.evaluate.paper_prompts import IMAGES_PER_PROMPT, object_prompts
-from sdlora.fsutil import sha256_file, write_json
-from sdlora.run import SAMPLES_DIR, SAMPLES_JSON, SCORES_JSON, RunInfo
+from sdlora.events import ProgressFn
+from sdlora.fsutil import sha256_file
+from sdlora.generate.prompts import expand_prompt
+from sdlora.prompts import DEFAULT_PROMPT, fill_prompt
+from sdlora.run import (
+    SAMPLES_DIR,
+    SAMPLES_JSON,
+    SCORES_JSON,
+    SCORES_SCHEMA_VERSION,
+    VARIANTS,
+    RunInfo,
+    read_samples,
+    write_scores,
+)
 
-ProgressFn = Callable[[str, int, int], None]
-SCHEMA_VERSION = 1
-VARIANTS = ("lora", "baseline")
-METRICS = ("dino", "clip_i", "clip_t", "clip_t_with_token")
 SCALE = (
     "cosine similarity reported as is (range -1..1, in practice 0..1; 1 = identical embeddings); "
     "DINO and CLIP-I: mean over all (generated, real val photo) pairs; CLIP-T: mean over images "
     "of cos(image, prompt text)"
 )
 EMBEDDINGS_CACHE = Path(".cache") / "embeddings"
-DEFAULT_PROMPT = "a photo of {token} {class}"
 DREAMBENCH = "dreambench"
 
 
@@ -101,26 +107,13 @@ def val_photos(dataset: Path) -> list[Path]:
 
 
 def load_samples(samples_json: Path) -> list[Sample]:
-    """The images listed in samples.json (format in INTERFACES.md); RunError if it is unusable."""
-    try:
-        data = json.loads(Path(samples_json).read_text(encoding="utf-8"))
-        entries = data["images"]
-        samples = [
-            Sample(Path(samples_json).parent / e["file"], e["prompt"], e["variant"], e.get("prompt_as_written"))
-            for e in entries
-        ]
-    except FileNotFoundError:
-        raise RunError(f"{samples_json}: missing (generate images with `sdlora sample PROMPT`)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise RunError(
-            f"{samples_json}: not a samples.json written by `sdlora sample` ({type(exc).__name__}: {exc})"
-        ) from exc
+    """The images listed in samples.json (`sdlora.run.read_samples`); RunError if one is missing."""
+    folder = Path(samples_json).parent
+    samples = [
+        Sample(folder / e["file"], e["prompt"], e["variant"], e.get("prompt_as_written"))
+        for e in read_samples(samples_json)["images"]
+    ]
     for sample in samples:
-        if sample.variant not in VARIANTS:
-            raise RunError(
-                f"{samples_json}: image {sample.file.name} has variant {sample.variant!r} "
-                f"(expected 'lora' or 'baseline')"
-            )
         if not sample.file.is_file():
             raise RunError(f"{sample.file}: listed in {samples_json} but missing (run `sdlora sample` again)")
     return samples
@@ -129,7 +122,7 @@ def load_samples(samples_json: Path) -> list[Sample]:
 def default_prompts(run: RunInfo) -> list[str]:
     """The run's validation prompts (config.yaml validation.prompts), token and class filled in."""
     prompts = (run.config.get("validation") or {}).get("prompts") or [DEFAULT_PROMPT]
-    return [p.replace("{token}", run.token).replace("{class}", run.class_word) for p in prompts]
+    return [fill_prompt(p, run.token, run.class_word) for p in prompts]
 
 
 def resolve_prompts(prompts: Sequence[str] | None, run: RunInfo) -> list[str] | None:
@@ -149,63 +142,53 @@ def resolve_prompts(prompts: Sequence[str] | None, run: RunInfo) -> list[str] | 
     return list(dict.fromkeys(resolved))
 
 
+@dataclass
+class ScorePlan:
+    """What `score` will score: every image in `samples_json` (wanted None), or the images of the
+    `wanted` prompts, each of which needs `min_images` per variant (the paper's 4 for dreambench)."""
+
+    samples_json: Path
+    wanted: list[str] | None
+    prompt_set: str
+    min_images: int
+
+
+def plan_scoring(
+    run: RunInfo,
+    prompts: Sequence[str] | None = None,
+    samples_json: Path | None = None,
+    num_images: int = IMAGES_PER_PROMPT,
+) -> ScorePlan:
+    """Which samples and prompts to score. Default: every image in samples.json, or the run's
+    validation prompts when it has none yet; `dreambench` prompts need `num_images` images each."""
+    wanted = resolve_prompts(prompts, run)
+    dreambench = prompts is not None and DREAMBENCH in [p.strip() for p in prompts]
+    prompt_set = DREAMBENCH if dreambench else ("given" if prompts is not None else "all samples")
+    if samples_json is None:
+        samples_json = run.path / SAMPLES_DIR / SAMPLES_JSON
+        if wanted is None and not samples_json.is_file():
+            wanted, prompt_set = default_prompts(run), "validation prompts"  # a fresh run
+    return ScorePlan(Path(samples_json), wanted, prompt_set, num_images if dreambench else 1)
+
+
 def _matches(sample: Sample, prompt: str, run: RunInfo) -> bool:
+    """Whether `sample` was made for `prompt` (as written, or as `sdlora sample` expanded it)."""
     if prompt in (sample.prompt, sample.prompt_as_written):
         return True
-    try:
-        from sdlora.generate import expand_prompt
-    except ImportError:
-        return False
     return sample.prompt == expand_prompt(prompt, run.token, run.class_word)
 
 
-def _missing_prompts(samples: list[Sample], prompts: list[str], run: RunInfo, min_images: int) -> list[str]:
+def missing_prompts(run: RunInfo, plan: ScorePlan) -> list[str]:
+    """The wanted prompts with fewer than `plan.min_images` LoRA or baseline images in samples.json."""
+    if plan.wanted is None:
+        return []
+    existing = load_samples(plan.samples_json) if plan.samples_json.is_file() else []
     missing = []
-    for prompt in prompts:
-        mine = [s for s in samples if _matches(s, prompt, run)]
-        if any(sum(s.variant == v for s in mine) < min_images for v in VARIANTS):
+    for prompt in plan.wanted:
+        mine = [s for s in existing if _matches(s, prompt, run)]
+        if any(sum(s.variant == v for s in mine) < plan.min_images for v in VARIANTS):
             missing.append(prompt)
     return missing
-
-
-def ensure_samples(
-    run: RunInfo,
-    prompts: list[str],
-    samples_json: Path,
-    *,
-    min_images: int,
-    num_images: int,
-    seed: int,
-    steps: int | None,
-    device: str | None,
-    on_progress: ProgressFn | None,
-) -> tuple[list[str], Path]:
-    """Generate (LoRA and baseline) the prompts that have too few images.
-
-    Returns the prompts generated now and the samples.json that lists them all.
-    """
-    existing = load_samples(samples_json) if samples_json.is_file() else []
-    missing = _missing_prompts(existing, prompts, run, min_images)
-    if not missing:
-        return [], samples_json
-    try:
-        from sdlora.generate import generate_samples
-    except ImportError:
-        raise RunError(
-            f"{samples_json}: no images for {missing[0]!r}, and this build cannot generate them "
-            f"(sdlora.generate is missing); run `sdlora sample` first"
-        ) from None
-    kwargs: dict[str, Any] = {
-        "out_dir": samples_json.parent,
-        "num_images": num_images,
-        "seed": seed,
-        "baseline": True,
-        "device": device,
-        "on_progress": on_progress,
-    }
-    if steps is not None:
-        kwargs["steps"] = steps
-    return missing, Path(generate_samples(run, missing, **kwargs))
 
 
 # ---- embedding ------------------------------------------------------------------------------
@@ -347,49 +330,33 @@ def score_run(
     device: str | None = None,
     batch_size: int = 32,
     num_images: int = IMAGES_PER_PROMPT,
-    seed: int = 0,
-    steps: int | None = None,
-    report: bool = True,
+    plan: ScorePlan | None = None,
     on_progress: ProgressFn | None = None,
 ) -> dict[str, Any]:
-    """Score a run's samples (generating missing ones), write scores.json, refresh report.html.
+    """Score a run's samples and write scores.json; the images must exist (`sdlora sample` makes them).
 
-    `prompts`: score only these (each generated with the LoRA and the baseline if it has no
-    images yet); `dreambench` stands for the paper's 25 object prompts, 4 images each.
-    Default: every image in samples.json, or the run's validation prompts when there is none.
+    `prompts`: score only these; `dreambench` stands for the paper's 25 object prompts, `num_images`
+    images each. Default: every image in samples.json, or the run's validation prompts when there is
+    none. A wanted prompt without images is a RunError naming the `sdlora sample` command to run.
+    `plan` (from `plan_scoring`) replaces samples_json / prompts / num_images.
     """
-    wanted = resolve_prompts(prompts, run)
-    dreambench = prompts is not None and DREAMBENCH in [p.strip() for p in prompts]
-    prompt_set = DREAMBENCH if dreambench else ("given" if prompts is not None else "all samples")
+    plan = plan or plan_scoring(run, prompts, samples_json, num_images)
     lora_dir = run.lora_dir()  # RunError for a run without a LoRA
     real_paths = val_photos(run.dataset)
-    if samples_json is None:
-        samples_json = run.path / SAMPLES_DIR / SAMPLES_JSON
-        if wanted is None and not samples_json.is_file():
-            wanted = default_prompts(run)  # a fresh run: sample its validation prompts
-            prompt_set = "validation prompts"
-    samples_json = Path(samples_json)
-    # Load the scorers before any generation: an unknown scorer fails in seconds, not after sampling.
     dino = load_dino(dino_model, device)
     clip = load_clip(clip_model, clip_pretrained, device)
-    generated: list[str] = []
-    if wanted is not None:
-        generated, samples_json = ensure_samples(
-            run,
-            wanted,
-            samples_json,
-            min_images=num_images if dreambench else 1,
-            num_images=num_images,
-            seed=seed,
-            steps=steps,
-            device=device,
-            on_progress=on_progress,
+    missing = missing_prompts(run, plan)
+    if missing:
+        quoted = " ".join(shlex.quote(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise RunError(
+            f"{plan.samples_json}: no samples for {len(missing)} prompt(s); run "
+            f"`sdlora sample --run {shlex.quote(str(run.path))} --num-images {plan.min_images} {quoted}` first"
         )
-    samples = load_samples(samples_json)
-    if wanted is not None:
-        samples = [s for s in samples if any(_matches(s, p, run) for p in wanted)]
+    samples = load_samples(plan.samples_json)
+    if plan.wanted is not None:
+        samples = [s for s in samples if any(_matches(s, p, run) for p in plan.wanted)]
     if not samples:
-        raise RunError(f"{samples_json}: no images to score (generate some with `sdlora sample PROMPT`)")
+        raise RunError(f"{plan.samples_json}: no images to score (generate some with `sdlora sample PROMPT`)")
     result = score_samples(
         samples,
         real_paths,
@@ -401,14 +368,14 @@ def score_run(
         on_progress=on_progress,
     )
     scores = {
-        "schema_version": SCHEMA_VERSION,
+        "schema_version": SCORES_SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "run": str(run.path),
-        "samples": str(samples_json),
+        "samples": str(plan.samples_json),
         "lora_dir": str(lora_dir),
         "token": run.token,
         "class_word": run.class_word,
-        "prompt_set": prompt_set,
+        "prompt_set": plan.prompt_set,
         "scale": SCALE,
         "scorers": {"dino": dino.info(), "clip": clip.info()},
         "real": {
@@ -417,21 +384,10 @@ def score_run(
             "count": len(real_paths),
             "files": [p.name for p in real_paths],
         },
-        "generated_now": generated,
         **result,
     }
-    write_json(run.path / SCORES_JSON, scores)
-    if report:
-        _refresh_report(run.path)
+    write_scores(run.path / SCORES_JSON, scores)
     return scores
-
-
-def _refresh_report(run_dir: Path) -> None:
-    try:
-        from sdlora.report import write_report
-    except ImportError:  # the report module is optional in this build
-        return
-    write_report(run_dir)
 
 
 def dino_similarity_to_val(

@@ -1,8 +1,9 @@
 """Load a base model: a hub id, a local diffusers folder, or a tiny random model.
 
 Loading goes through diffusers and huggingface_hub with the normal HF cache, so a model
-downloaded once works offline afterwards. A model that is neither cached nor reachable gives
-one clear line instead of a traceback.
+downloaded once works offline afterwards. Before the first hub access `models.hub.hub_offline()`
+checks (once, in about 3 s at most) that the hub answers, and goes offline when it does not; a
+model that is neither cached nor reachable gives one line (`models.hub.hub_error`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 from sdlora.errors import ModelError
 from sdlora.models.arch import Architecture, detect_architecture
+from sdlora.models.hub import hub_error, hub_offline
 
 TINY_MODELS: dict[str, str] = {"tiny-sd": "tiny_sd", "tiny-sdxl": "tiny_sdxl"}
 TINY_WARNING = "tiny random-weight model: its images are noise (use a real --model for real results)"
@@ -52,6 +54,7 @@ def _read_model_index(model: str, revision: str | None) -> dict[str, Any]:
         raise ModelError(f"{model}: single-file checkpoints are not supported; use a diffusers folder or hub id")
     from huggingface_hub import hf_hub_download
 
+    hub_offline()
     try:
         path = hf_hub_download(model, "model_index.json", revision=revision)
     except Exception as exc:  # huggingface_hub raises many types: offline, 404, gated, bad id
@@ -60,18 +63,7 @@ def _read_model_index(model: str, revision: str | None) -> dict[str, Any]:
 
 
 def _model_error(model: str, exc: Exception) -> ModelError:
-    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    if isinstance(exc, LocalEntryNotFoundError) or "offline" in type(exc).__name__.lower():
-        return ModelError(
-            f"model {model} is not in the local cache and the hub is unreachable "
-            "(download it once with network access, or use --model tiny-sd for an offline try)"
-        )
-    if isinstance(exc, GatedRepoError):
-        return ModelError(f"model {model} is gated: accept its licence on the hub and log in (hf auth login)")
-    if isinstance(exc, RepositoryNotFoundError):
-        return ModelError(f"model {model} was not found on the hub (check the id, or give a local folder)")
-    return ModelError(f"model {model} could not be loaded: {exc}".splitlines()[0])
+    return hub_error(f"model {model}", exc, "or use --model tiny-sd for an offline try")
 
 
 def load_pipeline(
@@ -107,6 +99,8 @@ def load_vae(vae: str, dtype: torch.dtype) -> Any:
     """A replacement VAE (e.g. madebyollin/sdxl-vae-fp16-fix, safe in fp16) from a hub id or folder."""
     from diffusers import AutoencoderKL
 
+    if not Path(vae).is_dir():
+        hub_offline()
     try:
         return AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
     except (OSError, ValueError) as exc:

@@ -12,19 +12,13 @@ from __future__ import annotations
 import functools
 import gzip
 import json
-import os
 from pathlib import Path
 
 import torch
 
-from sdlora.fsutil import write_text
+from sdlora.fsutil import cache_dir, write_text
 
 TINY_RESOLUTION = 64
-
-
-def cache_dir() -> Path:
-    """sdlora's cache folder: $SDLORA_CACHE, else ~/.cache/sdlora."""
-    return Path(os.environ.get("SDLORA_CACHE") or Path.home() / ".cache" / "sdlora")
 
 
 @functools.lru_cache(maxsize=1)

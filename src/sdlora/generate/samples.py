@@ -1,0 +1,222 @@
+"""Sampling a run's LoRA, side by side with the base model alone (same prompts, same seeds).
+
+`generate_samples(run, prompts)` loads the run's base model and LoRA, and for each prompt
+writes `samples/<prompt-slug>/lora-NN.png` and (with `baseline=True`) `base-NN.png` made with
+the LoRA disabled, a labelled `grid.png` (LoRA row above baseline row) and merges the images
+into `samples/samples.json` (format: `sdlora.run`). Image i of every prompt uses seed
+`seed + i` through its own CPU generator, so an image does not depend on the batch size, the
+device's random stream, or whether the LoRA was on: the baseline differs only by the LoRA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+
+from sdlora import __version__
+from sdlora.errors import ConfigError
+from sdlora.events import ProgressFn
+from sdlora.generate.images import save_png, write_grid
+from sdlora.generate.pipeline import ADAPTER, SamplerOptions, base_model_only, prepare_pipeline, resolve_lora_dir
+from sdlora.generate.prompts import check_prompts, expand_prompt, prompt_dir
+from sdlora.run import SAMPLES_DIR, SAMPLES_JSON, VARIANTS, RunInfo, read_samples, write_samples
+
+VARIANT_STEM = {"lora": "lora", "baseline": "base"}
+
+
+@dataclass
+class Settings:
+    num_images: int
+    seed: int
+    steps: int
+    guidance: float
+    lora_scale: float
+    negative_prompt: str | None
+    height: int
+    width: int
+    batch_size: int
+    variants: tuple[str, ...]
+
+
+def _generate(pipe: Any, prompt: str, s: Settings, tick: Callable[[], None]) -> Iterator[tuple[int, Any]]:
+    """(index, image) for one prompt; image i from its own CPU generator seeded `s.seed + i`."""
+    for start in range(0, s.num_images, s.batch_size):
+        indices = list(range(start, min(start + s.batch_size, s.num_images)))
+        out = pipe(
+            prompt=[prompt] * len(indices),
+            negative_prompt=None if s.negative_prompt is None else [s.negative_prompt] * len(indices),
+            num_inference_steps=s.steps,
+            guidance_scale=s.guidance,
+            height=s.height,
+            width=s.width,
+            generator=[torch.Generator("cpu").manual_seed(s.seed + i) for i in indices],
+        )
+        for i, image in zip(indices, out.images):
+            tick()
+            yield i, image
+
+
+def generate_samples(
+    run: RunInfo,
+    prompts: Sequence[str],
+    *,
+    out_dir: Path | None = None,
+    num_images: int = 4,
+    seed: int = 0,
+    steps: int = 30,
+    guidance: float = 7.5,
+    baseline: bool = True,
+    lora_scale: float = 1.0,
+    negative_prompt: str | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 1,
+    scheduler: str | None = None,
+    device: str | None = None,
+    lora_dir: Path | str | None = None,
+    dtype: str = "auto",
+    attention_slicing: bool = False,
+    vae_tiling: bool = False,
+    cpu_offload: bool = False,
+    on_progress: ProgressFn | None = None,
+) -> Path:
+    """Generate `num_images` per prompt with the run's LoRA (and the base model alone); returns samples.json.
+
+    `lora_dir`: `lora` (default), `best`, or a LoRA folder. Image i of each prompt gets seed `seed + i`.
+    """
+    prompts = check_prompts(prompts)
+    for name, value in (("--num-images", num_images), ("--steps", steps), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ConfigError(f"{name} {value}: must be at least 1")
+    for name, value in (("--height", height), ("--width", width)):
+        if value is not None and (value < 8 or value % 8):
+            raise ConfigError(f"{name} {value}: must be a positive multiple of 8")
+    folder = resolve_lora_dir(run, lora_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run.path / SAMPLES_DIR
+    samples_path = out_dir / SAMPLES_JSON
+    existing = read_samples(samples_path, missing_ok=True)  # fail on a broken file before minutes of sampling
+
+    options = SamplerOptions(
+        device=device, dtype=dtype, attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload
+    )
+    pipe, _, _, loaded = prepare_pipeline(run, folder, options, scheduler)
+    pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
+    s = Settings(
+        num_images=num_images,
+        seed=seed,
+        steps=steps,
+        guidance=guidance,
+        lora_scale=lora_scale,
+        negative_prompt=negative_prompt,
+        height=height or run.resolution,
+        width=width or run.resolution,
+        batch_size=batch_size,
+        variants=VARIANTS if baseline else VARIANTS[:1],
+    )
+    scheduler_name = type(pipe.scheduler).__name__
+
+    taken = {
+        Path(e["file"]).parent.as_posix(): e["prompt"] for e in existing["images"] if "file" in e and "prompt" in e
+    }
+    expanded: dict[str, str] = {}  # as written -> as generated; two spellings of one prompt are sampled once
+    for written in prompts:
+        prompt = expand_prompt(written, run.token, run.class_word)
+        if prompt not in expanded.values():
+            expanded[written] = prompt
+    subdirs = {written: prompt_dir(prompt, taken) for written, prompt in expanded.items()}
+    total = len(expanded) * num_images * len(s.variants)
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_progress:
+            on_progress("sampling images", done, total)
+
+    if on_progress:
+        on_progress("sampling images", 0, total)
+    new_entries: list[dict[str, Any]] = []
+    # All LoRA images first, then all baselines: the LoRA is switched off once, not per prompt.
+    for variant in s.variants:
+        with base_model_only(pipe, loaded) if variant == "baseline" else contextlib.nullcontext():
+            for written, prompt in expanded.items():
+                for i, image in _generate(pipe, prompt, s, tick):
+                    rel = f"{subdirs[written]}/{VARIANT_STEM[variant]}-{i:02d}.png"
+                    entry = {
+                        "file": rel,
+                        "prompt": prompt,
+                        "prompt_as_written": written,
+                        "seed": seed + i,
+                        "variant": variant,
+                        "index": i,
+                        "steps": steps,
+                        "guidance": guidance,
+                        "lora_scale": lora_scale if variant == "lora" else 0.0,
+                        "scheduler": scheduler_name,
+                        "height": s.height,
+                        "width": s.width,
+                        "negative_prompt": negative_prompt,
+                    }
+                    save_png(
+                        image,
+                        out_dir / rel,
+                        {
+                            "prompt": prompt,
+                            "negative_prompt": negative_prompt,
+                            "seed": seed + i,
+                            "model": run.model,
+                            "lora": ", ".join(loaded.files)
+                            if variant == "lora"
+                            else "none (baseline: base model alone)",
+                            "lora_scale": entry["lora_scale"],
+                            "steps": steps,
+                            "guidance": guidance,
+                            "scheduler": scheduler_name,
+                            "variant": variant,
+                            "size": f"{s.width}x{s.height}",
+                            "sdlora_version": __version__,
+                            "Software": f"sdlora {__version__}",
+                        },
+                    )
+                    new_entries.append(entry)
+
+    written_files = {e["file"] for e in new_entries}
+    for written, prompt in expanded.items():
+        _remove_stale(out_dir, existing, prompt, s.variants, written_files)
+        write_grid(
+            out_dir,
+            subdirs[written],
+            prompt,
+            [e for e in new_entries if e["prompt"] == prompt],
+            {"model": run.model, "lora": loaded.files[0]},
+        )
+
+    regenerated = {(e["prompt"], e["variant"]) for e in new_entries}
+    kept = [e for e in existing["images"] if (e.get("prompt"), e.get("variant")) not in regenerated]
+    data = {
+        **{k: v for k, v in existing.items() if k != "images"},
+        "model": run.model,
+        "run": str(run.path),
+        "lora_dir": str(folder),
+        "lora_scale": lora_scale,
+        "steps": steps,
+        "guidance": guidance,
+        "scheduler": scheduler_name,
+        "height": s.height,
+        "width": s.width,
+        "negative_prompt": negative_prompt,
+        "sdlora_version": __version__,
+        "images": kept + new_entries,
+    }
+    return write_samples(samples_path, data)
+
+
+def _remove_stale(out_dir: Path, existing: dict[str, Any], prompt: str, variants: Sequence[str], now: set[str]) -> None:
+    """Delete images of an earlier, larger sampling of this prompt that the new one did not overwrite."""
+    for entry in existing["images"]:
+        if entry.get("prompt") == prompt and entry.get("variant") in variants and entry.get("file") not in now:
+            (out_dir / entry["file"]).unlink(missing_ok=True)
