@@ -9,13 +9,14 @@ callable `(image paths, on_progress) -> raw captions`; captions.py inserts the t
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from sdlora.devices import resolve_device
 from sdlora.errors import ConfigError, DataError, ModelError
 from sdlora.events import ProgressFn
+from sdlora.models.hub import hub_error, hub_offline
 
 DEFAULT_MODEL = "Salesforce/blip-image-captioning-base"
 
@@ -58,27 +59,22 @@ class ImageCaptioner:
         if not local.is_dir() and (model.startswith((".", "/", "~")) or local.exists()):
             raise ModelError(f"--auto {model}: no such model folder")
         where = str(local) if local.is_dir() else model
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = resolve_device(device)
         # Half precision only where it is fast and safe; CPU kernels want float32.
         self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        if not local.is_dir():
+            hub_offline()  # an unreachable hub is found out once, in seconds, and then the cache is used
         try:
             with _quiet_hub():
                 self.processor = AutoProcessor.from_pretrained(where)
                 self.model = AutoModelForImageTextToText.from_pretrained(where, dtype=self.dtype)
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-            if local.is_dir():
-                hint = "; the folder needs a processor and an image-to-text model, as saved by save_pretrained"
-            elif offline:
-                hint = (
-                    "; it is not in the Hugging Face cache and downloads are off (HF_HUB_OFFLINE=1): "
-                    "download it once with network access or pass a local folder"
-                )
-            elif "connect" in str(exc).lower():
-                hint = "; the Hugging Face Hub cannot be reached: check the network or pass a local folder"
-            else:
-                hint = f"; give an image-captioning model such as {DEFAULT_MODEL} or a local folder with one"
-            raise ModelError(f"--auto {model}: cannot load an image-to-text model ({_first_line(exc)}){hint}") from exc
+            if not local.is_dir():
+                raise hub_error(f"--auto {model}", exc, "or pass a local folder") from exc
+            raise ModelError(
+                f"--auto {model}: cannot load an image-to-text model ({_first_line(exc)}); the folder needs a "
+                "processor and an image-to-text model, as saved by save_pretrained"
+            ) from exc
         self.model.to(self.device).eval()
         self.batch_size = batch_size
         self.max_new_tokens = max_new_tokens
