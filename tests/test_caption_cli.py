@@ -140,7 +140,7 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, tiny_blip):
     (ds / "captions.txt").write_text("img_000.png|mine sksToy\n", encoding="utf-8")
     before = (ds / "captions.txt").read_bytes()
     one_line_error(invoke(ds, "--from", tmp_path / "missing.txt"), "--from", "no such file or folder")
-    one_line_error(invoke(ds, "--auto", "sdlora-tests/no-such-captioner"), "cannot load")
+    one_line_error(invoke(ds, "--auto", "sdlora-tests/no-such-captioner"), "not in the local cache")
     one_line_error(invoke(ds, "--from", ds / "captions.txt", "--auto", tiny_blip), "choose one")
     one_line_error(invoke(ds, "--check", "--overwrite"), "--check only validates")
     one_line_error(invoke(ds, "--template", "a photo"), "no {token}")
