@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 DEFAULT_PROMPT = "a photo of {token} {class}"
 """The default caption template, validation prompt and scoring prompt."""
 
@@ -9,3 +12,32 @@ DEFAULT_PROMPT = "a photo of {token} {class}"
 def fill_prompt(template: str, token: str, class_word: str) -> str:
     """`a photo of {token} {class}` -> `a photo of sksToy toy`; other text (and braces) is left as written."""
     return template.replace("{token}", str(token)).replace("{class}", str(class_word))
+
+
+@dataclass(frozen=True)
+class PromptFit:
+    """How a prompt fits a CLIP tokenizer's window (77 tokens with the start and end markers)."""
+
+    tokens: int  # text tokens, without the start/end markers
+    limit: int  # text tokens that fit
+    token_cut: bool  # the identifier token (or part of it) falls past the limit and is lost
+
+    @property
+    def over(self) -> bool:
+        return self.tokens > self.limit
+
+
+def prompt_fit(tokenizer: Any, prompt: str, token: str | None = None) -> PromptFit:
+    """Whether `prompt` fits `tokenizer` (a transformers CLIP tokenizer), and whether `token` survives.
+
+    The text encoders see at most `model_max_length` ids, start and end markers included; what is
+    past that is cut silently by every Stable Diffusion pipeline.
+    """
+    limit = int(tokenizer.model_max_length) - 2
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"]
+    cut = False
+    if token:
+        piece = tokenizer(token, add_special_tokens=False, truncation=False)["input_ids"]
+        ends = [i + len(piece) for i in range(len(ids) - len(piece) + 1) if ids[i : i + len(piece)] == piece]
+        cut = bool(ends) and min(ends) > limit  # every occurrence ends past the window
+    return PromptFit(tokens=len(ids), limit=limit, token_cut=cut)
