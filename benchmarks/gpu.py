@@ -848,7 +848,7 @@ class Bench:
         images = 2 * n  # LoRA and baseline
         row.batch, row.precision = images, "auto" + (" (fp16)" if self.device.startswith("cuda") else " (fp32)")
         row.images_per_s = images / proc.wall_s
-        row.note = f"{images} images (LoRA + baseline) x {steps} steps: {proc.wall_s:.1f} s, whole process"
+        row.note = f"{images} images (LoRA + baseline) x {steps} steps: {proc.wall_s:.1f} s, {self.whole()}"
 
     def row_score(self, spec: Spec, row: Row) -> None:
         if self.sample_run is None or not (self.sample_run / "samples" / "samples.json").is_file():
@@ -865,7 +865,10 @@ class Bench:
         scorers = "DINO ViT-S/16 + CLIP ViT-B-32" if real else "tiny-dino + tiny-clip"
         if not real and not self.tiny:
             scorers += " (the real ones are not in the HF cache)"
-        row.note = f"{images} images, {scorers}: {proc.wall_s:.1f} s, whole process"
+        row.note = f"{images} images, {scorers}: {proc.wall_s:.1f} s, {self.whole()}"
+
+    def whole(self) -> str:
+        return "the whole call, in-process" if self.runner.in_process else "the whole process"
 
 
 def peak_tflops(device: str) -> float | None:
@@ -949,6 +952,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-diffusers", action="store_true", help="leave out the diffusers example row")
     p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, TFLOP/s")
     p.add_argument("--no-install", action="store_true", help="do not install the carried wheels")
+    p.add_argument("--list", action="store_true", help="print the row ids that would run, and exit")
     p.add_argument("--processes", action="store_true", help="with --tiny: run the verbs as processes, as on the GPU")
     args = p.parse_args(argv)
     args.steps = args.steps or ([1, 2] if args.tiny else [10, 60])
@@ -967,6 +971,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.prepare_carry:
         prepare_carry(args.carry, args.diffusers_repo, args.carry_python, args.carry_extra)
         return 0
+    with_diffusers = not args.no_diffusers and Path(args.diffusers_script).is_file()
+    only, skip = [p for p in args.only.split(",") if p], [p for p in args.skip.split(",") if p]
+    plan = [s for s in specs(args.tiny, with_diffusers) if selected(s.id, only, skip)]
+    if args.list:
+        print("\n".join(s.id for s in plan))
+        return 0
     started = time.monotonic()
     if not args.tiny and not args.no_install:
         install_carry(args.carry, Path(tempfile.gettempdir()) / "sdlora-gpu-site")
@@ -980,13 +990,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("error: no CUDA device: run it on the GPU machine, or use --tiny here")
     unmet = unmet_requirements()
     if unmet:
-        print("warning: unmet sdlora requirements: " + "; ".join(unmet), flush=True)
+        print("warning: unmet requirements (sdlora and the carried packages): " + "; ".join(unmet), flush=True)
     versions = {name: _version(name) for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "sdlora")}
     card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    with_diffusers = not args.no_diffusers and Path(args.diffusers_script).is_file()
-    plan = specs(args.tiny, with_diffusers)
-    only, skip = [p for p in args.only.split(",") if p], [p for p in args.skip.split(",") if p]
-    plan = [s for s in plan if selected(s.id, only, skip)]
     runner = Runner(in_process=args.tiny and not args.processes, deadline=started + args.budget_s)
     bench = Bench(args, device, runner)
     meta = {
@@ -1018,7 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{spec.id} ...", flush=True)
             start = time.perf_counter()
             row = bench.run(spec)
-            status = f"error: {row.error}" if row.error else f"s/step {cell('s_per_step', row.s_per_step)}"
+            status = f"s/step {cell('s_per_step', row.s_per_step)}, images/s {cell('images_per_s', row.images_per_s)}"
+            status = f"error: {row.error}" if row.error else status
             print(f"  {spec.id}: {status} ({time.perf_counter() - start:.0f} s)", flush=True)
         rows.append(row)
         write_table(args.out, rows, {**meta, "elapsed_s": round(time.monotonic() - started, 1)}, header)
