@@ -1,0 +1,1052 @@
+"""The GPU benchmark in one call: `sdlora train`, sample and score on real SD 1.5 / SDXL architectures.
+
+A GPU machine is lent only now and then, for minutes, with PyTorch, transformers, peft and
+accelerate but without diffusers, open_clip, pillow-heif, imagehash or sdlora, and it cannot
+download. So the run is prepared here and needs nothing there:
+
+    # 1. here (the development machine, with network): fill .gpu-carry/ (git-ignored, < 64 MiB)
+    python benchmarks/gpu.py --prepare-carry --diffusers-repo /path/to/diffusers  # a checkout or bare git dir
+
+    # 2. there, from the repository root, with .gpu-carry/ carried along (one call, under 8 minutes)
+    bash benchmarks/gpu.sh            # = python3 benchmarks/gpu.py, output in $OUT (else ./gpu-bench)
+
+    # on the CPU, at tiny size, as the test suite does (tests/test_gpu_benchmark.py)
+    python benchmarks/gpu.py --tiny --out /tmp/gpu-bench
+
+`--prepare-carry` downloads (`pip download --no-deps`, for the GPU machine's Python, 3.12 by
+default) the wheels of every package sdlora and the diffusers example need that the GPU
+machine lacks, pinned to the versions installed here, and their missing dependencies in turn;
+builds a wheel of sdlora itself; and copies diffusers' `examples/dreambooth/train_dreambooth_lora.py`
+from a local diffusers repository (the revision of the installed diffusers if the repository
+has it, else its newest). It prints the folder's size and fails if it is over 64 MiB.
+
+There, the script installs `.gpu-carry/*.whl` with `pip install --no-deps --no-index --target`
+into a scratch folder put on `PYTHONPATH` (the worktree's `src/` goes first, so the code
+measured is the checkout's; the sdlora wheel serves runs outside one). It builds random-weight
+models of the real SD 1.5 and SDXL architectures (same compute as the real ones; no download),
+saves each once to a scratch folder (`--work`), writes a few synthetic phone-size photos, runs
+`sdlora prepare`, then each configuration below, and prints one table, also written as
+`gpu-bench.json` and `gpu-bench.md` under `--out` (default `$OUT`, else `./gpu-bench`), after
+every row, so a run cut short still leaves its table.
+
+Rows (`--only` / `--skip` take comma-separated id patterns, e.g. `--only 'sdlora-sdxl-*'`):
+- `unet-*`: the floor, the bare UNet forward+backward with LoRA (rank 16 on to_q/k/v/out) at that
+  batch and resolution, frozen weights in the compute dtype under autocast, timed in-process
+  (median of 10 after warm-up; peak GPU memory is `torch.cuda.max_memory_allocated`). Its FLOPs,
+  counted with `torch.utils.flop_counter.FlopCounterMode` on one such step, are the "UNet
+  TFLOP/step" of every row at that model, resolution and batch.
+- `sdlora-*`: `sdlora train` as whole processes at two step counts (`--steps`, `--sdxl-steps`):
+  s/step is the marginal time between them (start-up, model load and caching cancel; start-up
+  is reported apart), as ../shared/PERFORMANCE.md says; "in-loop s/step" is the median
+  `step_time_s` of the longer run's metrics.jsonl; peak GPU memory its largest `cuda_peak_gb`.
+  Validation sampling and checkpoints are off (`validation.prompts=[]`, `--checkpoint-every 0`),
+  latents are not cached on disk (`--no-cache`: both runs encode the same images), everything
+  else is sdlora's default (so pivotal tuning is on). SD 1.5 at 512 px, batch 1 and 4, bf16 and
+  fp16; SDXL at 1024 px, batch 1, bf16, with and without gradient checkpointing; SD 1.5 bf16
+  batch 4 with `--compile` (the row shows the CLI's error while sdlora has no such option).
+- `diffusers-*`: diffusers' DreamBooth LoRA example (the carried script) at SD 1.5, 512 px,
+  batch 4, bf16, rank 16, the same step counts and images, run directly (one process, as
+  `accelerate launch` does for one GPU); it re-encodes every image with the VAE at every step.
+- `sample-*` / `score-*`: one `sdlora sample` (LoRA and baseline images, fp16 on CUDA) and one
+  `sdlora score` of them, timed as whole processes (start-up included). The scorers are the
+  real DINO / CLIP when they are in the Hugging Face cache, else tiny-dino / tiny-clip (noted).
+"images/s" is batch / s/step; "x floor" is s/step over the floor's at the same model,
+resolution and batch (floors are timed in bf16, for the fp16 rows too); "% bf16 peak" is UNet
+TFLOP/step / s/step over the card's dense bf16 peak (from a small table by
+`torch.cuda.get_device_name()`, e.g. H200 989 TFLOP/s; `--peak-tflops` overrides), so it
+counts only the UNet's work, never the VAE's or gradient checkpointing's recompute.
+
+Rows run in the table's order, the most wanted first. Each is guarded: a failure shows its
+error (one line) and the rest still run. Rows start only while `--budget-s` lasts (default
+420 s, counted from the start, installing included); later ones are marked skipped, and one in
+flight may run up to 60 s past it; rerun those with `--only`. `--tiny` runs the same rows on
+the CPU with tiny-sd / tiny-sdxl at 64 px, 1 and 2 steps, fp32, one torch thread, without the
+compile row and without the diffusers row unless the script is there, and calls the sdlora
+verbs in-process (one import) so it stays a quick test (`--processes`: as processes, as on the
+GPU); its numbers only prove that the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import fnmatch
+import importlib.metadata
+import importlib.util
+import io
+import json
+import os
+import random
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_speed import LORA_TARGETS, build_sd15_random  # noqa: E402  (benchmarks/ is a folder of scripts)
+
+REPO = Path(__file__).resolve().parents[1]
+CARRY = REPO / ".gpu-carry"
+DIFFUSERS_SCRIPT = "train_dreambooth_lora.py"
+DIFFUSERS_SCRIPT_PATH = "examples/dreambooth/" + DIFFUSERS_SCRIPT
+CARRY_LIMIT = 64 * 2**20
+GIB = 2**30
+RANK = 16
+PROMPT = "sksToy on a beach"
+GRACE_S = 60  # how far past --budget-s a row already started may run
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched in order against the device name.
+BF16_PEAK_TFLOPS = [
+    ("H200", 989.0),
+    ("GH200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.0),
+]
+
+# What the GPU machine already holds (the device guide's package list, 2026-11): never carried.
+GPU_MACHINE_HAS = {
+    "accelerate", "certifi", "charset-normalizer", "click", "filelock", "fsspec", "huggingface-hub",
+    "idna", "jinja2", "markdown-it-py", "mdurl", "numpy", "nvidia-ml-py", "packaging", "peft", "pillow",
+    "protobuf", "psutil", "pygments", "pyyaml", "regex", "requests", "rich", "safetensors", "scipy",
+    "sentencepiece", "shellingham", "tensorboard", "timm", "tokenizers", "torch", "torchvision", "tqdm",
+    "transformers", "typer", "typing-extensions", "urllib3", "zipp",
+}  # fmt: skip
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# ============================================================================ the carry (dev machine)
+def _wheel_requirements(wheel: Path, python_version: str) -> list[Any]:
+    """Requires-Dist of a wheel that apply on Linux x86-64 at `python_version`, extras left out."""
+    import zipfile
+
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as zf:
+        meta = next(n for n in zf.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = zf.read(meta).decode("utf-8").splitlines()
+    env = {"python_version": python_version, "python_full_version": python_version + ".0", "extra": ""}
+    env.update(sys_platform="linux", platform_system="Linux", platform_machine="x86_64", os_name="posix")
+    reqs = []
+    for line in lines:
+        if line.startswith("Requires-Dist:"):
+            req = Requirement(line.split(":", 1)[1].strip())
+            if req.marker is None or req.marker.evaluate(env):
+                reqs.append(req)
+    return reqs
+
+
+def _pip_download(names: list[str], dest: Path, python_version: str) -> None:
+    tag = "cp" + python_version.replace(".", "")
+    platforms = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    cmd += [
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        "--abi",
+        tag,
+        "--abi",
+        "abi3",
+        "--abi",
+        "none",
+    ]
+    for platform in [*platforms, "any"]:
+        cmd += ["--platform", platform]
+    subprocess.run(cmd + names, check=True)
+
+
+def _pinned(name: str) -> str:
+    try:
+        return f"{name}=={importlib.metadata.version(name)}"  # what was tested here
+    except importlib.metadata.PackageNotFoundError:
+        return name
+
+
+def _diffusers_script(repo: Path, dest: Path) -> str:
+    """Copy the DreamBooth LoRA example from a diffusers checkout or git dir; returns its revision."""
+    if (repo / DIFFUSERS_SCRIPT_PATH).is_file():
+        shutil.copyfile(repo / DIFFUSERS_SCRIPT_PATH, dest)
+        return f"working tree {repo}"
+    version = importlib.metadata.version("diffusers")
+    minor = ".".join(version.split(".")[:2])
+    git = ["git", "--git-dir", str(repo / ".git" if (repo / ".git").exists() else repo)]
+    for ref in (f"v{version}", f"v{version}-patch", f"v{version}-release", f"v{minor}.0-release", "HEAD"):
+        show = subprocess.run([*git, "show", f"{ref}:{DIFFUSERS_SCRIPT_PATH}"], capture_output=True)
+        if show.returncode == 0:
+            dest.write_bytes(show.stdout)
+            commit = subprocess.run([*git, "rev-parse", ref], capture_output=True, text=True).stdout.strip()
+            return f"{ref} ({commit}) of {repo}"
+    raise SystemExit(f"error: {repo} has no {DIFFUSERS_SCRIPT_PATH} (give a diffusers checkout or git dir)")
+
+
+def prepare_carry(carry: Path, diffusers_repo: Path | None, python_version: str, extra: list[str]) -> None:
+    """Fill `carry` with the wheels the GPU machine lacks, an sdlora wheel and the diffusers example."""
+    carry.mkdir(parents=True, exist_ok=True)
+    for old in carry.glob("*.whl"):  # one version of each, or the install there stops
+        old.unlink()
+    print(f"building the sdlora wheel from {REPO} ...", flush=True)
+    leftovers = [p for p in (REPO / "build", REPO / "src" / "sdlora.egg-info") if not p.exists()]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(carry), str(REPO)],
+        check=True,
+    )
+    for path in leftovers:  # setuptools' scratch folders, if this build made them
+        shutil.rmtree(path, ignore_errors=True)
+    # Resolve what is missing there, wheel by wheel: sdlora's needs, then theirs.
+    have = set(GPU_MACHINE_HAS)
+    queue = [canonical(r.name) for r in _wheel_requirements(next(carry.glob("sdlora-*.whl")), python_version)]
+    queue += [canonical(e.split("=")[0].split("<")[0].split(">")[0]) for e in extra]
+    wanted: dict[str, str] = {canonical(e.split("=")[0].split("<")[0].split(">")[0]): e for e in extra}
+    done = {"sdlora"}
+    while queue:
+        batch = [n for n in dict.fromkeys(queue) if n not in done and (n not in have or n in wanted)]
+        queue = []
+        if not batch:
+            break
+        specs = [wanted.get(n) or _pinned(n) for n in batch]
+        print("downloading " + " ".join(specs), flush=True)
+        _pip_download(specs, carry, python_version)
+        done.update(batch)
+        for wheel in carry.glob("*.whl"):
+            name = canonical(wheel.name.split("-")[0])
+            if name in batch:
+                queue += [canonical(r.name) for r in _wheel_requirements(wheel, python_version)]
+    assumed = sorted(
+        {
+            canonical(r.name)
+            for w in carry.glob("*.whl")
+            for r in _wheel_requirements(w, python_version)
+            if canonical(r.name) not in done
+        }
+    )
+    print("assumed on the GPU machine: " + ", ".join(assumed))
+    (carry / DIFFUSERS_SCRIPT).unlink(missing_ok=True)
+    if diffusers_repo:
+        source = _diffusers_script(diffusers_repo, carry / DIFFUSERS_SCRIPT)
+        (carry / (DIFFUSERS_SCRIPT + ".source")).write_text(source + "\n", encoding="utf-8")
+        print(f"diffusers example: {source}")
+    else:
+        print("no --diffusers-repo: the diffusers example row will be missing there")
+    files = sorted(p for p in carry.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in files)
+    for p in files:
+        print(f"  {p.stat().st_size / 2**20:7.2f} MiB  {p.relative_to(carry)}")
+    listed = subprocess.run(["git", "-C", str(REPO), "ls-files", "-z"], capture_output=True, text=True).stdout
+    tree = sum((REPO / f).stat().st_size for f in listed.split("\0") if f and (REPO / f).is_file())
+    mib = 2**20
+    print(f"{carry}: {len(files)} files, {total / mib:.1f} MiB; with the tracked tree {(total + tree) / mib:.1f} MiB")
+    if total + tree > CARRY_LIMIT:
+        raise SystemExit(
+            f"error: {carry} ({total / mib:.1f} MiB) and the tree ({tree / mib:.1f} MiB) are over the "
+            f"{CARRY_LIMIT / mib:.0f} MiB that travels: carry fewer packages"
+        )
+
+
+# ============================================================================ setting up (GPU machine)
+def install_carry(carry: Path, site: Path) -> None:
+    """Install the carried wheels into `site` (no index, no dependencies) and put it on the path."""
+    wheels = sorted(carry.glob("*.whl"))
+    if not wheels:
+        print(f"no wheels in {carry}: using what this interpreter has (run --prepare-carry on a machine with pip)")
+    else:
+        print(f"installing {len(wheels)} wheels from {carry} into {site} ...", flush=True)
+        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
+        subprocess.run([*cmd, "--no-cache-dir", "--upgrade", "--target", str(site), *map(str, wheels)], check=True)
+        sys.path.insert(0, str(site))
+        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    importlib.invalidate_caches()
+
+
+def use_checkout() -> None:
+    """The worktree's sdlora first, in this process and in every child."""
+    src = str(REPO / "src")
+    sys.path.insert(0, src)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def unmet_requirements(names: tuple[str, ...] = ("sdlora", "diffusers", "open_clip_torch", "pillow_heif")) -> list[str]:
+    """Requirements of sdlora and the carried packages that this interpreter does not meet."""
+    from packaging.requirements import Requirement
+
+    reqs = []
+    for name in names:
+        try:
+            reqs += importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            reqs.append(name)
+    unmet = []
+    for line in dict.fromkeys(reqs):
+        req = Requirement(line)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            have = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            unmet.append(f"{req.name} (missing)")
+            continue
+        if req.specifier and not req.specifier.contains(have, prereleases=True):
+            unmet.append(f"{req} (have {have})")
+    return unmet
+
+
+# ============================================================================ models and photos
+def _clip_text_config(hidden: int, layers: int, heads: int, act: str) -> Any:
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act=act,
+        vocab_size=49408,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+
+
+def build_sdxl_random(folder: Path, device: str = "cpu") -> Path:
+    """A StableDiffusionXLPipeline folder with random weights and the real SDXL base architecture.
+
+    The networks are initialised on `device` (a GPU does it in seconds); the scheduler, which
+    computes with numpy, on the CPU.
+    """
+    if (folder / "model_index.json").is_file():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from sdlora.models.tiny import clip_tokenizer
+
+    print(f"building a random-weight SDXL-size model in {folder} (once) ...", flush=True)
+    torch.manual_seed(0)
+    with torch.device(device):
+        unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0's unet/config.json
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            cross_attention_dim=2048,  # 768 + 1280: both text encoders' penultimate states
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled text 1280
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(_clip_text_config(768, 12, 12, "quick_gelu"))  # CLIP ViT-L/14
+        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(1280, 32, 20, "gelu"))  # OpenCLIP bigG/14
+    scheduler = EulerDiscreteScheduler(  # SDXL base's scheduler_config.json
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    pipe = StableDiffusionXLPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=clip_tokenizer(pad_token="!"),
+        scheduler=scheduler,
+    )
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)  # safetensors copies GPU tensors to the CPU itself
+    tmp.rename(folder)  # a half-written folder is never mistaken for a finished one
+    return folder
+
+
+def build_model(key: str, folder: Path, device: str) -> Path:
+    """Build a random-weight model folder, initialising on the GPU when there is one (much faster)."""
+    import torch
+
+    def build(device: str) -> Path:
+        if key == "sdxl":
+            return build_sdxl_random(folder, device)
+        with torch.device(device):  # train_speed's builder makes everything inside: its scheduler copes
+            return build_sd15_random(folder)
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return build(device)
+    except Exception as exc:  # e.g. too little GPU memory: build on the CPU instead
+        if device == "cpu":
+            raise
+        print(f"  building on {device} failed ({one_line(str(exc))}); building on the CPU", flush=True)
+        return build("cpu")
+    finally:
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def write_photos(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """Synthetic portrait 'phone photos': a round object on noisy, cluttered backgrounds, all different."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    for i in range(n):
+        bg = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
+        img = Image.blend(bg, Image.effect_noise(size, 40).convert("RGB"), 0.3)
+        draw = ImageDraw.Draw(img)
+        for _ in range(6):
+            x, y, r = rng.randrange(w), rng.randrange(h), rng.randrange(w // 30 + 1, w // 6 + 2)
+            draw.rectangle([x - r, y - r, x + r, y + r], fill=tuple(rng.randrange(256) for _ in range(3)))
+        cx, cy = w // 2 + rng.randrange(-w // 10, w // 10 + 1), h // 2 + rng.randrange(-h // 10, h // 10 + 1)
+        r = rng.randrange(w // 5, w // 3)
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=tuple(rng.randrange(256) for _ in range(3)))
+        img.save(folder / f"photo_{i:02d}.jpg", quality=90)
+    return folder
+
+
+# ============================================================================ the UNet floor and its FLOPs
+def unet_probe(unet: Any, device: str, resolution: int, batch: int, precision: str, iters: int) -> dict[str, Any]:
+    """FLOPs, median time and peak memory of one UNet forward+backward with LoRA (in this process)."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    unet.to(device)
+    if dtype != torch.float32:
+        unet.to(dtype=dtype)  # frozen weights in the compute dtype, as the diffusers example keeps them
+    for p in unet.parameters():  # LoRA weights stay fp32, as in training
+        if p.requires_grad:
+            p.data = p.data.float()
+    cfg = unet.config
+    g = torch.Generator(device).manual_seed(0)
+    latents = torch.randn(batch, cfg.in_channels, resolution // 8, resolution // 8, generator=g, device=device)
+    target = torch.randn(latents.shape, generator=g, device=device)
+    text = torch.randn(batch, 77, cfg.cross_attention_dim, generator=g, device=device)
+    kwargs: dict[str, Any] = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        kwargs["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(batch, pooled, generator=g, device=device),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]] * batch)
+            .float()
+            .to(device),
+        }
+    timesteps = torch.randint(0, 1000, (batch,), generator=g, device=device)
+    cuda = device.startswith("cuda")
+
+    def step() -> None:
+        with torch.autocast(device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            pred = unet(latents, timesteps, text, **kwargs).sample
+        F.mse_loss(pred.float(), target).backward()
+        unet.zero_grad(set_to_none=True)
+
+    def synced() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    step()  # warm-up (kernel selection, allocator)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start = synced()
+        step()
+        times.append(synced() - start)
+    peak = torch.cuda.max_memory_allocated() / GIB if cuda else None
+    return {"flops": counter.get_total_flops(), "s_per_step": statistics.median(times), "peak_gpu_gb": peak}
+
+
+def load_unet_with_lora(model: str) -> Any:
+    from peft import LoraConfig
+
+    if model.startswith("tiny-"):
+        from sdlora.models.loading import load_pipeline
+
+        unet = load_pipeline(model)[0].unet
+    else:
+        from diffusers import UNet2DConditionModel
+
+        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet")
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=RANK, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    unet.train()
+    return unet
+
+
+# ============================================================================ running the verbs
+@dataclass
+class Proc:
+    code: int | str  # exit status, or "timeout"
+    output: str
+    wall_s: float
+
+
+def one_line(text: str, limit: int = 220) -> str:
+    """The line of a command's output that says what went wrong (box drawing and tracebacks left out)."""
+    lines = [ln.strip().strip("│╭╮╰╯┃").strip() for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not set(ln) <= set("─━═-╭╮╰╯│ ")]
+    pattern = re.compile(r"(^error\b|^\w+(Error|Exception|Interrupt)\b|No such option|^Error\b|Usage:)", re.I)
+    picked = next((ln for ln in reversed(lines) if pattern.search(ln) and not ln.startswith("Usage:")), None)
+    line = picked or (lines[-1] if lines else "(no output)")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+class Runner:
+    """Runs `sdlora` verbs as processes (GPU mode) or in this process (--tiny), and other commands."""
+
+    def __init__(self, in_process: bool, deadline: float):
+        self.in_process = in_process
+        self.deadline = deadline
+
+    def timeout(self) -> float:
+        return max(30.0, self.deadline + GRACE_S - time.monotonic())
+
+    def sdlora(self, argv: list[str]) -> Proc:
+        if not self.in_process:
+            return self.command([sys.executable, "-m", "sdlora", *argv])
+        from sdlora.cli import app
+
+        buf, code = io.StringIO(), 0
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+            try:
+                app(argv, prog_name="sdlora")
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            except Exception as exc:  # noqa: BLE001 (a row's failure is reported, never fatal)
+                code = 1
+                print(f"{type(exc).__name__}: {exc}", file=buf)
+        return Proc(code, buf.getvalue(), time.perf_counter() - start)
+
+    def command(self, cmd: list[str], cwd: Path | None = None) -> Proc:
+        start = time.perf_counter()
+        env = {**os.environ, "COLUMNS": "160", "PYTHONUNBUFFERED": "1"}
+        try:
+            done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=self.timeout())
+        except subprocess.TimeoutExpired as exc:
+            out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
+            return Proc("timeout", out + f"\nerror: timed out after {exc.timeout:.0f} s", time.perf_counter() - start)
+        return Proc(done.returncode, done.stdout + done.stderr, time.perf_counter() - start)
+
+
+class RowError(Exception):
+    """One row failed: its message is the table's one line."""
+
+
+def checked(proc: Proc, what: str) -> Proc:
+    if proc.code != 0:
+        raise RowError(f"{what}: exit {proc.code}: {one_line(proc.output)}")
+    return proc
+
+
+# ============================================================================ the rows
+@dataclass
+class Spec:
+    id: str
+    kind: str  # unet, sdlora, diffusers, sample, score
+    model: str  # sd15 or sdxl
+    resolution: int
+    batch: int
+    precision: str  # bf16, fp16, fp32
+    gc: bool = False
+    compile: bool = False
+
+
+@dataclass
+class Row:
+    id: str
+    what: str
+    model: str
+    resolution: int
+    batch: int | None
+    precision: str
+    compile: str
+    s_per_step: float | None = None
+    in_loop_s_per_step: float | None = None
+    images_per_s: float | None = None
+    peak_gpu_gb: float | None = None
+    unet_tflop_per_step: float | None = None
+    x_floor: float | None = None
+    peak_fraction: float | None = None
+    startup_s: float | None = None
+    note: str = ""
+    error: str | None = None
+    skipped: bool = False
+
+
+def specs(tiny: bool, with_diffusers: bool) -> list[Spec]:
+    if tiny:
+        res = {"sd15": 64, "sdxl": 64}
+        lo, hi = "fp32", "fp32"
+    else:
+        res = {"sd15": 512, "sdxl": 1024}
+        lo, hi = "bf16", "fp16"
+
+    def s(kind: str, model: str, batch: int, precision: str, gc: bool = False, compile: bool = False) -> Spec:
+        name = ("tiny-sd" if model == "sd15" else "tiny-sdxl") if tiny else model
+        sid = f"{kind}-{name}-{res[model]}" + ("" if kind in ("sample", "score") else f"-b{batch}-{precision}")
+        sid += "-gc" * gc + "-compile" * compile
+        return Spec(sid, kind, model, res[model], batch, precision, gc, compile)
+
+    rows = [
+        s("unet", "sd15", 1, lo),
+        s("unet", "sd15", 4, lo),
+        s("sdlora", "sd15", 1, lo),
+        s("sdlora", "sd15", 4, lo),
+    ]
+    if with_diffusers:
+        rows.append(s("diffusers", "sd15", 4, lo))
+    rows += [s("sample", "sd15", 1, lo), s("score", "sd15", 1, lo)]
+    rows += [s("unet", "sdxl", 1, lo), s("sdlora", "sdxl", 1, lo, gc=True), s("sdlora", "sdxl", 1, lo)]
+    if not tiny:
+        rows += [s("sdlora", "sd15", 4, lo, compile=True), s("sdlora", "sd15", 1, hi), s("sdlora", "sd15", 4, hi)]
+    return rows
+
+
+def selected(spec_id: str, only: list[str], skip: list[str]) -> bool:
+    if only and not any(fnmatch.fnmatch(spec_id, p) for p in only):
+        return False
+    return not any(fnmatch.fnmatch(spec_id, p) for p in skip)
+
+
+def real_scorers_cached() -> bool:
+    """Whether sdlora score's default DINO and CLIP weights are in the Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    dino = try_to_load_from_cache("facebook/dino-vits16", "config.json")
+    clip = [
+        try_to_load_from_cache("timm/vit_base_patch32_clip_224.openai", f)
+        for f in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+    ]
+    return isinstance(dino, str) and any(isinstance(c, str) for c in clip)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, device: str, runner: Runner):
+        self.args, self.device, self.runner = args, device, runner
+        self.tiny = args.tiny
+        self.work: Path = args.work
+        self.models: dict[str, str] = {}  # sd15/sdxl -> model argument for sdlora
+        self.datasets: dict[int, Path] = {}
+        self.flops: dict[tuple[str, int, int], float] = {}
+        self.floor: dict[tuple[str, int, int], float] = {}
+        self.sample_run: Path | None = None
+        self.peak_tflops: float | None = args.peak_tflops or peak_tflops(device)
+
+    # ------------------------------------------------------------------ inputs
+    def model(self, key: str) -> str:
+        if key not in self.models:
+            if self.tiny:
+                self.models[key] = "tiny-sd" if key == "sd15" else "tiny-sdxl"
+            else:
+                folder = self.work / "models" / f"{key}-random"
+                start = time.perf_counter()
+                build_model(key, folder, self.device)
+                print(f"  model {folder} ready in {time.perf_counter() - start:.0f} s", flush=True)
+                self.models[key] = str(folder)
+        return self.models[key]
+
+    def model_folder(self, key: str) -> Path:
+        """A diffusers folder of the model (the tiny ones saved once) for the diffusers example."""
+        model = self.model(key)
+        if not model.startswith("tiny-"):
+            return Path(model)
+        folder = self.work / "models" / model
+        if not (folder / "model_index.json").is_file():
+            from sdlora.models.loading import load_pipeline
+
+            load_pipeline(model)[0].save_pretrained(folder)
+        return folder
+
+    def dataset(self, resolution: int) -> Path:
+        if resolution not in self.datasets:
+            photos = self.work / "photos"
+            if not photos.is_dir():
+                write_photos(photos, n=12, size=(96, 128) if self.tiny else (1152, 1536))
+            out = self.work / f"dataset-{resolution}"
+            argv = ["prepare", str(photos), "--out", str(out), "--resolution", str(resolution), "--force"]
+            checked(self.runner.sdlora(argv + ["--workers", "1" if self.tiny else "8"]), "sdlora prepare")
+            self.datasets[resolution] = out
+        return self.datasets[resolution]
+
+    def steps(self, spec: Spec) -> tuple[int, int]:
+        return tuple(self.args.sdxl_steps if spec.model == "sdxl" else self.args.steps)
+
+    # ------------------------------------------------------------------ rows
+    def new_row(self, spec: Spec) -> Row:
+        return Row(
+            id=spec.id,
+            what={
+                "unet": "UNet fwd+bwd (floor)",
+                "sdlora": "sdlora train",
+                "diffusers": "diffusers example",
+                "sample": "sdlora sample",
+                "score": "sdlora score",
+            }[spec.kind],
+            model=("tiny-sd" if spec.model == "sd15" else "tiny-sdxl")
+            if self.tiny
+            else {"sd15": "SD 1.5", "sdxl": "SDXL"}[spec.model],
+            resolution=spec.resolution,
+            batch=spec.batch,
+            precision=spec.precision,
+            compile="on" if spec.compile else "off",
+        )
+
+    def run(self, spec: Spec) -> Row:
+        row = self.new_row(spec)
+        if spec.gc:
+            row.note = "gradient checkpointing"
+        try:
+            getattr(self, "row_" + spec.kind)(spec, row)
+        except RowError as exc:
+            row.error = str(exc)
+        except Exception as exc:  # noqa: BLE001 (one row's failure never stops the others)
+            row.error = one_line(f"{type(exc).__name__}: {exc}")
+        key = (spec.model, spec.resolution, spec.batch)
+        if row.unet_tflop_per_step is None and key in self.flops and spec.kind in ("sdlora", "diffusers", "unet"):
+            row.unet_tflop_per_step = self.flops[key] / 1e12
+        if row.s_per_step and row.s_per_step > 0:
+            if spec.kind in ("sdlora", "diffusers", "unet"):
+                row.images_per_s = spec.batch / row.s_per_step
+            if key in self.floor and spec.kind != "unet":
+                row.x_floor = row.s_per_step / self.floor[key]
+            if row.unet_tflop_per_step and self.peak_tflops:
+                row.peak_fraction = row.unet_tflop_per_step / row.s_per_step / self.peak_tflops
+        return row
+
+    def row_unet(self, spec: Spec, row: Row) -> None:
+        import gc
+
+        import torch
+
+        unet = load_unet_with_lora(self.model(spec.model))
+        try:
+            iters = 2 if self.tiny else 10
+            result = unet_probe(unet, self.device, spec.resolution, spec.batch, spec.precision, iters)
+        finally:
+            del unet
+            gc.collect()
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        key = (spec.model, spec.resolution, spec.batch)
+        self.flops[key] = result["flops"]
+        self.floor[key] = result["s_per_step"]
+        row.s_per_step, row.peak_gpu_gb = result["s_per_step"], result["peak_gpu_gb"]
+        row.note = f"rank {RANK} LoRA on {','.join(LORA_TARGETS)}; median of {iters}, in-process"
+
+    def _two_runs(self, spec: Spec, run) -> tuple[dict[int, Proc], float, float]:
+        small, large = self.steps(spec)
+        procs = {n: run(n) for n in (small, large)}
+        per_step = (procs[large].wall_s - procs[small].wall_s) / (large - small)
+        return procs, per_step, procs[small].wall_s - small * per_step
+
+    def row_sdlora(self, spec: Spec, row: Row) -> None:
+        from sdlora.run import Metric, read_metrics
+
+        model, dataset = self.model(spec.model), self.dataset(spec.resolution)
+        runs_dir = self.work / "runs"
+
+        def run(steps: int) -> Proc:
+            name = f"{spec.id}-{steps}"
+            shutil.rmtree(runs_dir / name, ignore_errors=True)
+            argv = ["train", "--model", model, "--dataset", str(dataset), "--resolution", str(spec.resolution)]
+            argv += ["--batch-size", str(spec.batch), "--max-steps", str(steps), "--rank", str(RANK)]
+            argv += ["--mixed-precision", {"fp32": "no"}.get(spec.precision, spec.precision)]
+            argv += ["--gradient-checkpointing" if spec.gc else "--no-gradient-checkpointing"]
+            argv += ["--no-cache", "--validate-every", "0", "--checkpoint-every", "0", "validation.prompts=[]"]
+            argv += ["--runs-dir", str(runs_dir), "--name", name] + ["--compile"] * spec.compile
+            return checked(self.runner.sdlora(argv), "sdlora train")
+
+        procs, per_step, startup = self._two_runs(spec, run)
+        large = max(procs)
+        records = read_metrics(runs_dir / f"{spec.id}-{large}" / "metrics.jsonl")
+        times = [r[Metric.STEP_TIME] for r in records if Metric.STEP_TIME in r]
+        peaks = [r[Metric.CUDA_PEAK_GB] for r in records if Metric.CUDA_PEAK_GB in r]
+        row.s_per_step, row.startup_s = per_step, startup
+        row.in_loop_s_per_step = statistics.median(times[1:] or times) if times else None
+        row.peak_gpu_gb = max(peaks) if peaks else None
+        if spec.model == "sd15" and self.sample_run is None:
+            self.sample_run = runs_dir / f"{spec.id}-{large}"
+
+    def row_diffusers(self, spec: Spec, row: Row) -> None:
+        script = self.args.diffusers_script
+        folder, images = self.model_folder(spec.model), self.dataset(spec.resolution) / "images"
+        wrapper = (
+            "import atexit, runpy, sys\n"
+            "def peak():\n"
+            "    import torch\n"
+            "    if torch.cuda.is_available():\n"
+            "        print(f'BENCH_CUDA_PEAK_GB={torch.cuda.max_memory_allocated() / 2**30:.3f}', flush=True)\n"
+            "atexit.register(peak)\n"
+            "sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+        )
+        report_to = "tensorboard" if importlib.util.find_spec("tensorboard") else "all"  # all: none installed
+        precision = {"fp32": "no"}.get(spec.precision, spec.precision)
+
+        def run(steps: int) -> Proc:
+            out = self.work / "diffusers" / f"out-{steps}"
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-c", wrapper, str(script), "--pretrained_model_name_or_path", str(folder)]
+            cmd += ["--instance_data_dir", str(images), "--instance_prompt", "a photo of sksToy toy"]
+            cmd += ["--output_dir", str(out), "--resolution", str(spec.resolution)]
+            cmd += ["--train_batch_size", str(spec.batch), "--rank", str(RANK), "--learning_rate", "1e-4"]
+            cmd += ["--max_train_steps", str(steps), "--checkpointing_steps", "100000", "--seed", "0"]
+            cmd += ["--mixed_precision", precision, "--report_to", report_to]
+            return checked(self.runner.command(cmd, cwd=self.work), "diffusers example")
+
+        procs, per_step, startup = self._two_runs(spec, run)
+        row.s_per_step, row.startup_s = per_step, startup
+        peaks = [float(m) for p in procs.values() for m in re.findall(r"BENCH_CUDA_PEAK_GB=([\d.]+)", p.output)]
+        row.peak_gpu_gb = max(peaks) if peaks else None
+        row.note = f"{Path(script).name}, VAE encode every step"
+
+    def row_sample(self, spec: Spec, row: Row) -> None:
+        if self.sample_run is None:
+            raise RowError("no SD 1.5 run to sample (its sdlora train row failed or was skipped)")
+        n, steps = (1, 2) if self.tiny else (4, 20)
+        argv = ["sample", PROMPT, "--run", str(self.sample_run), "-n", str(n), "--steps", str(steps), "--seed", "0"]
+        proc = checked(self.runner.sdlora(argv), "sdlora sample")
+        images = 2 * n  # LoRA and baseline
+        row.batch, row.precision = images, "auto" + (" (fp16)" if self.device.startswith("cuda") else " (fp32)")
+        row.images_per_s = images / proc.wall_s
+        row.note = f"{images} images (LoRA + baseline) x {steps} steps: {proc.wall_s:.1f} s, {self.whole()}"
+
+    def row_score(self, spec: Spec, row: Row) -> None:
+        if self.sample_run is None or not (self.sample_run / "samples" / "samples.json").is_file():
+            raise RowError("no samples to score (the sdlora sample row failed or was skipped)")
+        real = not self.tiny and real_scorers_cached()
+        argv = ["score", "--run", str(self.sample_run)]
+        if not real:
+            argv += ["--dino-model", "tiny-dino", "--clip-model", "tiny-clip"]
+        proc = checked(self.runner.sdlora(argv), "sdlora score")
+        samples = json.loads((self.sample_run / "samples" / "samples.json").read_text(encoding="utf-8"))
+        images = len(samples.get("images", []))
+        row.batch, row.precision = images, "-"
+        row.images_per_s = images / proc.wall_s if images else None
+        scorers = "DINO ViT-S/16 + CLIP ViT-B-32" if real else "tiny-dino + tiny-clip"
+        if not real and not self.tiny:
+            scorers += " (the real ones are not in the HF cache)"
+        row.note = f"{images} images, {scorers}: {proc.wall_s:.1f} s, {self.whole()}"
+
+    def whole(self) -> str:
+        return "the whole call, in-process" if self.runner.in_process else "the whole process"
+
+
+def peak_tflops(device: str) -> float | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((tflops for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
+
+
+# ============================================================================ the table
+COLUMNS = [
+    ("id", "id"),
+    ("what", "what"),
+    ("model", "model"),
+    ("resolution", "px"),
+    ("batch", "batch"),
+    ("precision", "precision"),
+    ("compile", "compile"),
+    ("s_per_step", "s/step"),
+    ("in_loop_s_per_step", "in-loop s/step"),
+    ("images_per_s", "images/s"),
+    ("peak_gpu_gb", "peak GPU GiB"),
+    ("unet_tflop_per_step", "UNet TFLOP/step"),
+    ("x_floor", "x floor"),
+    ("peak_fraction", "% bf16 peak"),
+    ("startup_s", "start-up s"),
+    ("note", "note"),
+]
+
+
+def cell(key: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if key == "peak_fraction":
+        return f"{100 * value:.1f}%"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value).replace("|", "/")
+
+
+def markdown(rows: list[Row], header: list[str]) -> str:
+    lines = [*header, "", "| " + " | ".join(title for _, title in COLUMNS) + " |"]
+    lines.append("|" + "|".join("---" for _ in COLUMNS) + "|")
+    for row in rows:
+        values = asdict(row)
+        if row.error or row.skipped:
+            values["note"] = ("skipped: " if row.skipped else "error: ") + (row.error or "")
+        lines.append("| " + " | ".join(cell(key, values[key]) for key, _ in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(out: Path, rows: list[Row], meta: dict[str, Any], header: list[str]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "gpu-bench.json").write_text(
+        json.dumps({**meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n", encoding="utf-8"
+    )
+    text = markdown(rows, header)
+    (out / "gpu-bench.md").write_text(text, encoding="utf-8")
+    return text
+
+
+# ============================================================================ main
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prepare-carry", action="store_true", help="fill --carry with the wheels and the example (here)")
+    p.add_argument("--diffusers-repo", type=Path, help="diffusers checkout or git dir, for --prepare-carry")
+    p.add_argument("--carry", type=Path, default=CARRY, help="the carried folder (default: .gpu-carry)")
+    p.add_argument("--carry-python", default="3.12", help="the GPU machine's Python, for --prepare-carry")
+    p.add_argument("--carry-extra", action="append", default=[], help="another package to carry (NAME==VERSION)")
+    p.add_argument("--tiny", action="store_true", help="tiny models on the CPU: checks the script, not the speed")
+    p.add_argument("--out", type=Path, default=None, help="where the table goes (default: $OUT, else ./gpu-bench)")
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (models are kept there and reused)")
+    p.add_argument("--steps", type=int, nargs=2, default=None, help="the two SD 1.5 step counts (10 60; tiny 1 2)")
+    p.add_argument("--sdxl-steps", type=int, nargs=2, default=None, help="the two SDXL step counts (5 25)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="start no row after this many seconds")
+    p.add_argument("--only", default="", help="comma-separated row id patterns to run (fnmatch)")
+    p.add_argument("--skip", default="", help="comma-separated row id patterns to leave out")
+    p.add_argument("--diffusers-script", type=Path, default=None, help="the example (default: in --carry)")
+    p.add_argument("--no-diffusers", action="store_true", help="leave out the diffusers example row")
+    p.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak, TFLOP/s")
+    p.add_argument("--no-install", action="store_true", help="do not install the carried wheels")
+    p.add_argument("--list", action="store_true", help="print the row ids that would run, and exit")
+    p.add_argument("--processes", action="store_true", help="with --tiny: run the verbs as processes, as on the GPU")
+    args = p.parse_args(argv)
+    args.steps = args.steps or ([1, 2] if args.tiny else [10, 60])
+    args.sdxl_steps = args.sdxl_steps or ([1, 2] if args.tiny else [5, 25])
+    for pair in (args.steps, args.sdxl_steps):
+        if not 0 < pair[0] < pair[1]:
+            p.error("step counts: two positive numbers, the second larger")
+    args.out = args.out or Path(os.environ.get("OUT") or "gpu-bench")
+    args.work = args.work or Path(tempfile.gettempdir()) / ("sdlora-gpu-bench" + "-tiny" * args.tiny)
+    args.diffusers_script = args.diffusers_script or args.carry / DIFFUSERS_SCRIPT
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.prepare_carry:
+        prepare_carry(args.carry, args.diffusers_repo, args.carry_python, args.carry_extra)
+        return 0
+    with_diffusers = not args.no_diffusers and Path(args.diffusers_script).is_file()
+    only, skip = [p for p in args.only.split(",") if p], [p for p in args.skip.split(",") if p]
+    plan = [s for s in specs(args.tiny, with_diffusers) if selected(s.id, only, skip)]
+    if args.list:
+        print("\n".join(s.id for s in plan))
+        return 0
+    started = time.monotonic()
+    if not args.tiny and not args.no_install:
+        install_carry(args.carry, Path(tempfile.gettempdir()) / "sdlora-gpu-site")
+    use_checkout()
+    import torch
+
+    device = "cpu" if args.tiny else "cuda"
+    if args.tiny:
+        torch.set_num_threads(1)  # tiny models gain nothing from more, and busy machines lose a lot
+    if not args.tiny and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device: run it on the GPU machine, or use --tiny here")
+    unmet = unmet_requirements()
+    if unmet:
+        print("warning: unmet requirements (sdlora and the carried packages): " + "; ".join(unmet), flush=True)
+    versions = {name: _version(name) for name in ("torch", "diffusers", "transformers", "peft", "accelerate", "sdlora")}
+    card = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    runner = Runner(in_process=args.tiny and not args.processes, deadline=started + args.budget_s)
+    bench = Bench(args, device, runner)
+    meta = {
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": card,
+        "peak_tflops_bf16": bench.peak_tflops,
+        "versions": versions,
+        "steps": args.steps,
+        "sdxl_steps": args.sdxl_steps,
+        "rank": RANK,
+        "unmet_requirements": unmet,
+    }
+    header = [
+        f"# sdlora GPU benchmark: {card}, {meta['date']}",
+        "",
+        f"{' '.join(f'{k} {v}' for k, v in versions.items())}; LoRA rank {RANK}; "
+        f"train steps {args.steps[0]} and {args.steps[1]} (SDXL {args.sdxl_steps[0]} and {args.sdxl_steps[1]}); "
+        f"dense bf16 peak {bench.peak_tflops or '-'} TFLOP/s. Method: benchmarks/gpu.py's docstring.",
+    ]
+    if not with_diffusers:
+        header.append(f"No diffusers example row: {args.diffusers_script} is not there (--prepare-carry).")
+    print(header[0] + "\n" + header[2], flush=True)
+    rows: list[Row] = []
+    for spec in plan:
+        if time.monotonic() > runner.deadline:
+            row = bench.new_row(spec)
+            row.skipped, row.error = True, f"--budget-s {args.budget_s:.0f} spent"
+        else:
+            print(f"{spec.id} ...", flush=True)
+            start = time.perf_counter()
+            row = bench.run(spec)
+            status = f"s/step {cell('s_per_step', row.s_per_step)}, images/s {cell('images_per_s', row.images_per_s)}"
+            status = f"error: {row.error}" if row.error else status
+            print(f"  {spec.id}: {status} ({time.perf_counter() - start:.0f} s)", flush=True)
+        rows.append(row)
+        write_table(args.out, rows, {**meta, "elapsed_s": round(time.monotonic() - started, 1)}, header)
+    meta["elapsed_s"] = round(time.monotonic() - started, 1)
+    header.append(f"Whole run: {meta['elapsed_s']:.0f} s.")
+    print("\n" + write_table(args.out, rows, meta, header), flush=True)
+    print(f"table: {args.out / 'gpu-bench.md'} and {args.out / 'gpu-bench.json'}")
+    return 0
+
+
+def _version(name: str) -> str:
+    if name == "sdlora":  # the checkout's, not an installed copy's
+        import sdlora
+
+        return sdlora.__version__
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        module = importlib.import_module(name)
+        return getattr(module, "__version__", "?")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

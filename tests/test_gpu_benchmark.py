@@ -1,0 +1,80 @@
+"""benchmarks/gpu.py --tiny: the one-call GPU benchmark runs on the CPU at tiny size, so it cannot rot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# One row per tiny configuration: the UNet floors, sdlora train at batch 1 and 4 (SD) and with and
+# without gradient checkpointing (SDXL), one sample and one score.
+TINY_ROWS = [
+    "unet-tiny-sd-64-b1-fp32",
+    "unet-tiny-sd-64-b4-fp32",
+    "sdlora-tiny-sd-64-b1-fp32",
+    "sdlora-tiny-sd-64-b4-fp32",
+    "sample-tiny-sd-64",
+    "score-tiny-sd-64",
+    "unet-tiny-sdxl-64-b1-fp32",
+    "sdlora-tiny-sdxl-64-b1-fp32-gc",
+    "sdlora-tiny-sdxl-64-b1-fp32",
+]
+
+
+def run_tiny(tmp_path: Path, *options: str) -> tuple[dict, str]:
+    """Run the benchmark script as a user would; its JSON table and its Markdown table."""
+    out = tmp_path / "bench"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO / "src")}
+    env.pop("OUT", None)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--tiny", "--no-diffusers", *options]
+        + ["--out", str(out), "--work", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=540,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    table = json.loads((out / "gpu-bench.json").read_text(encoding="utf-8"))
+    return table, (out / "gpu-bench.md").read_text(encoding="utf-8")
+
+
+def test_tiny_benchmark_writes_one_row_per_configuration(tmp_path: Path):
+    table, markdown = run_tiny(tmp_path)
+    rows = {row["id"]: row for row in table["rows"]}
+    assert list(rows) == TINY_ROWS
+    # On the CPU at tiny size nothing may fail: an error here means the script has rotted.
+    assert not [(sid, row["error"]) for sid, row in rows.items() if row["error"]]
+    for row in rows.values():
+        number = row["s_per_step"] if row["id"].split("-")[0] in ("unet", "sdlora") else row["images_per_s"]
+        assert isinstance(number, float) and math.isfinite(number), row
+    # The floors count the UNet's FLOPs, and each training row carries its floor's count.
+    assert (
+        rows["unet-tiny-sd-64-b4-fp32"]["unet_tflop_per_step"] > rows["unet-tiny-sd-64-b1-fp32"]["unet_tflop_per_step"]
+    )
+    for sid in ("sdlora-tiny-sd-64-b4-fp32", "sdlora-tiny-sdxl-64-b1-fp32"):
+        if rows[sid]["error"] is None:
+            assert rows[sid]["unet_tflop_per_step"] > 0
+    assert table["device"].startswith("CPU")
+
+    table_lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    assert len(table_lines) == 1 + len(TINY_ROWS)  # the header, then one line per row
+    for sid in TINY_ROWS:
+        assert any(line.startswith(f"| {sid} |") for line in table_lines), sid
+
+
+def test_a_failing_row_shows_one_line_and_the_others_still_run(tmp_path: Path):
+    """Without a training row there is nothing to sample or score: both rows say so; the floor still runs."""
+    table, markdown = run_tiny(tmp_path, "--only", "sample-*,unet-tiny-sd-64-b1-*,score-*")
+    rows = {row["id"]: row for row in table["rows"]}
+    assert list(rows) == ["unet-tiny-sd-64-b1-fp32", "sample-tiny-sd-64", "score-tiny-sd-64"]
+    assert rows["unet-tiny-sd-64-b1-fp32"]["error"] is None and rows["unet-tiny-sd-64-b1-fp32"]["s_per_step"] > 0
+    for sid in ("sample-tiny-sd-64", "score-tiny-sd-64"):
+        error = rows[sid]["error"]
+        assert error and "\n" not in error and ("no SD 1.5 run" in error or "no samples" in error), error
+        assert f"error: {error}" in markdown
