@@ -19,9 +19,8 @@ from conftest import write_tiny_dataset
 from sdlora.cli import app
 from sdlora.config import load_config
 from sdlora.errors import ConfigError, DataError, RunError
-from sdlora.run import load_run
-from sdlora.train import loop, resolve
-from sdlora.train.monitor import read_metrics
+from sdlora.run import load_run, read_metrics
+from sdlora.train import loop, resolve, validation
 
 # First losses of tiny-sd on the 6-image fixture dataset, seed 0, lr 1e-3 (this machine's numbers).
 GOLDEN_LOSSES = [1.1156493425369263, 1.078417181968689, 1.0732008218765259]
@@ -155,7 +154,16 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
     )
 
 
-def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path):
+def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path, monkeypatch):
+    # The photos were 133 x 100 (w x h) before prepare's center crop: at 64 px the crop starts 10 px from
+    # the left of the 85 x 64 resized photo, and the mirror image's crop 85 - 64 - 10 = 11 px from its left.
+    manifest_path = tiny_dataset / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    for record in manifest["images"].values():
+        record["original_size"] = [133, 100]
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    plain_ids, mirrored_ids = [100.0, 133.0, 0.0, 10.0, 64.0, 64.0], [100.0, 133.0, 0.0, 11.0, 64.0, 64.0]
+
     events = Events()
     cfg = tiny_cfg(
         tmp_path,
@@ -168,7 +176,52 @@ def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path):
             "run.name": "xl",
         },
     )
-    result = loop.run_training(cfg, on_event=events)
+    state = loop.setup(cfg, on_event=events)
+    data = state.plan.instances
+    assert data.time_ids.tolist() == [plain_ids] * len(data)
+    assert data.time_ids_flipped.tolist() == [mirrored_ids] * len(data)
+
+    # The flipped latents are the VAE's latents of the mirrored photos (encoded here independently).
+    from PIL import Image, ImageOps
+
+    vae = state.pipe.vae.to(torch.float32)
+    for i, path in enumerate(sorted((tiny_dataset / "images").glob("*.png"))[: len(data)]):
+        with Image.open(path) as img:
+            mirrored = np.asarray(ImageOps.mirror(img.convert("RGB")), dtype=np.float32) / 127.5 - 1.0
+        pixels = torch.from_numpy(mirrored).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            expected = vae.encode(pixels).latent_dist.mean[0] * vae.config.scaling_factor
+        torch.testing.assert_close(data.flipped[i], expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(data.flipped[i], data.latents[i], atol=1e-3)
+
+    # Each sample is drawn plain or mirrored, its latents and time ids together, and both happen.
+    seen = set()
+    for step in range(12):
+        batch = state.plan.batch(step, 0)
+        for latent, ids, i in zip(batch.latents, batch.time_ids.tolist(), state.plan.indices(step, 0)):
+            flipped = torch.equal(latent, data.flipped[i])
+            assert flipped or torch.equal(latent, data.latents[i])
+            assert ids == (mirrored_ids if flipped else plain_ids)
+            seen.add(flipped)
+    assert seen == {True, False}
+
+    # Training hands the UNet the batch's time ids.
+    forwards: list[torch.Tensor] = []
+    unet = state.unwrap(state.unet)
+    real_forward = unet.forward
+
+    def forward(sample, *args, **kwargs):
+        forwards.append(kwargs["added_cond_kwargs"]["time_ids"].cpu())
+        return real_forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", forward)
+    try:
+        result = loop.train(state)
+    finally:
+        loop.cleanup(state)
+    for step in range(2):
+        assert torch.equal(forwards[step], state.plan.batch(step, 0).time_ids)
+
     run = result.run_dir
     assert events.of("start")[0]["arch"] == "sdxl"
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -541,7 +594,7 @@ def test_overfitting_one_image_lowers_its_loss(tmp_path: Path):
     )
     state = loop.setup(cfg)
     try:
-        before = loop.validation_loss(state)
+        before = validation.validation_loss(state)
         result = loop.train(state)
     finally:
         loop.cleanup(state)

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from sdlora.config import load_config
+from sdlora.run import read_metrics
 from sdlora.train import loop
-from sdlora.train.monitor import read_metrics
 
 STEPS = 3
 

@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from sdlora.generate import load_embeddings
 from sdlora.models import load_pipeline
+from sdlora.run import read_metrics
 from sdlora.train import loop, resolve
-from sdlora.train.monitor import read_metrics
 from test_train import Events, invoke, steps_of, tiny_cfg
 
 PROMPT = "a photo of sksToy toy"
