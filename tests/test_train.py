@@ -51,6 +51,14 @@ class Events(list):
         return [e for e in self if e["event"] == kind]
 
 
+def headers(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
+
+
 def steps_of(run_dir: Path) -> list[dict]:
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
@@ -119,6 +127,40 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
     assert [r["loss"] for r in steps[:3]] == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
     start = events.of("start")[0]
     assert (start["effective_batch"], start["total_steps"]) == (1, 4)
+
+    # The LoRA files say what they are: sdlora's keys in both, kohya's and modelspec's in the kohya file.
+    import sdlora
+
+    expected = {
+        "sdlora.version": sdlora.__version__,
+        "sdlora.base_model": "tiny-sd",
+        "sdlora.architecture": "sd1",
+        "sdlora.rank": "16",
+        "sdlora.alpha": "16",
+        "sdlora.token": "sksToy",
+        "sdlora.class_word": "toy",
+        "sdlora.steps": "4",
+        "sdlora.resolution": "64",
+        "sdlora.seed": "0",
+        "sdlora.dora": "false",
+        "sdlora.run": "first",
+    }
+    kohya = {
+        "ss_base_model_version": "sd_v1",
+        "ss_network_dim": "16",
+        "ss_network_alpha": "16",
+        "ss_steps": "4",
+        "ss_sd_model_name": "tiny-sd",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.trigger_phrase": "sksToy",
+        "modelspec.title": "first",
+    }
+    assert headers(run / "lora" / "pytorch_lora_weights.safetensors").items() >= expected.items()
+    assert headers(run / "lora" / "first.safetensors").items() >= {**expected, **kohya}.items()
+    best_step = min(vals, key=lambda r: (r["val_loss"], r["step"]))["step"]
+    assert headers(run / "best" / "pytorch_lora_weights.safetensors")["sdlora.steps"] == str(best_step)
+    assert not (run / "lora" / "embeddings.safetensors").exists()  # embedding.train false: the LoRA alone
+    assert not (run / "report.html").exists()  # the CLI layer refreshes the report, not the loop
     assert {e["what"]: e["encoded"] for e in events.of("cache")} == {"latents": 6, "text": 2}
 
     # The LoRA loads into the base pipeline and changes its images.
@@ -360,7 +402,7 @@ def test_bf16_dora_and_gradient_checkpointing(tmp_path: Path, tiny_dataset: Path
         tmp_path,
         tiny_dataset,
         {
-            "train.max_steps": 2,
+            "train.max_steps": 1,
             "train.mixed_precision": "bf16",
             "lora.dora": True,
             "train.gradient_checkpointing": True,
@@ -378,7 +420,7 @@ def test_bf16_dora_and_gradient_checkpointing(tmp_path: Path, tiny_dataset: Path
     finally:
         loop.cleanup(state)
     assert all(math.isfinite(r["loss"]) for r in steps_of(result.run_dir))
-    assert (result.run_dir / "samples" / "step-000002" / "00-00.png").is_file()
+    assert (result.run_dir / "samples" / "step-000001" / "00-00.png").is_file()
 
 
 def test_nan_loss_stops_with_the_step(tmp_path: Path, tiny_dataset: Path, monkeypatch):
