@@ -275,6 +275,31 @@ def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path, m
     assert result.best_val_loss is not None
 
 
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_samples_from_cached_embeddings_are_the_pipelines_own(model: str):
+    """Validation samples use the cached prompt embeddings (the text encoders are gone by then): they must
+    be the images the pipeline makes from the prompt itself, negative (empty-prompt) conditioning included."""
+    from sdlora.models import load_pipeline
+
+    pipe, arch = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a photo of sksToy toy"
+    with torch.no_grad():
+        embeds, pooled = arch.encode_prompts(pipe, [prompt])
+        neg, neg_pooled = arch.encode_prompts(pipe, [""])
+    cond = (embeds[0], None if pooled is None else pooled[0])
+    negative = (neg[0], None if neg_pooled is None else neg_pooled[0])
+    kwargs = arch.prompt_embeds_kwargs(pipe, cond, negative, "cpu")
+    assert ("pooled_prompt_embeds" in kwargs) == arch.uses_pooled
+
+    def render(**kwargs: Any) -> np.ndarray:
+        generator = torch.Generator().manual_seed(0)
+        out = pipe(num_inference_steps=2, height=64, width=64, output_type="np", generator=generator, **kwargs)
+        return out.images[0]
+
+    np.testing.assert_allclose(render(**kwargs), render(prompt=prompt), atol=1e-5, rtol=0)
+
+
 def test_real_photos_train_sdxl_with_their_original_sizes(tmp_path: Path, dreambench: Path):
     from sdlora.data.ingest import prepare_dataset
     from sdlora.data.manifest import load_manifest
@@ -597,6 +622,16 @@ def test_ctrl_c_saves_a_checkpoint_and_the_lora_then_exits(tmp_path: Path, tiny_
     step = json.loads((checkpoints[0] / "sdlora.json").read_text(encoding="utf-8"))["step"]
     assert step >= 2 and [r["step"] for r in steps_of(runs / "stopped")][-1] == step
     assert (runs / "stopped" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_an_optimizer_whose_package_is_missing_fails_before_the_model_loads(tmp_path: Path, tiny_dataset: Path):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed")
+    with pytest.raises(ConfigError, match=r"--optimizer adamw8bit needs bitsandbytes \(pip install bitsandbytes"):
+        loop.setup(tiny_cfg(tmp_path, tiny_dataset, {"train.optimizer": "adamw8bit"}))
+    assert not (tmp_path / "runs").exists()
 
 
 def test_missing_tracker_is_a_clear_error(tmp_path: Path, tiny_dataset: Path):
