@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from sdlora.run import CONFIG, DIFFUSERS_LORA, EMBEDDINGS, LORA_DIR, METRICS, SAMPLES_DIR
+from sdlora.run import CONFIG, DIFFUSERS_LORA, EMBEDDINGS, LORA_DIR, METRICS, SAMPLES_DIR, Metric
 
 TOKEN, CLASS_WORD = "sksToy", "toy"
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -116,23 +116,25 @@ def write_metrics(
     for step in range(1, steps + 1):
         loss = 0.3 * math.exp(-step / 15) + 0.05 + float(rng.normal(0, 0.02))
         mean = loss if mean is None else 0.9 * mean + 0.1 * loss
-        record: dict[str, Any] = {"step": step, "loss": loss, "loss_mean": mean}
+        record: dict[str, Any] = {Metric.STEP: step, Metric.LOSS: loss, Metric.LOSS_MEAN: mean}
         for g, group in enumerate(groups):
-            record[f"grad_norm/{group}"] = 0.5 / (1 + g) + float(rng.random()) * 0.1
-        record["grad_norm/total"] = math.sqrt(sum(record[f"grad_norm/{g}"] ** 2 for g in groups))
+            record[Metric.grad_norm(group)] = 0.5 / (1 + g) + float(rng.random()) * 0.1
+        record[Metric.GRAD_NORM_TOTAL] = math.sqrt(sum(record[Metric.grad_norm(g)] ** 2 for g in groups))
         lr = 1e-4 * min(1.0, step / 5)
         for group in groups:
-            record["lr" if group == "unet" else f"lr/{group}"] = lr if group == "unet" else lr / 2
+            record[Metric.lr(group)] = lr if group == "unet" else lr / 2
         if "embeddings" in groups:  # the token's own embedding: its norm grows, then freezes halfway
-            record["embedding_norm/text_encoder"] = 0.4 + 0.01 * min(step, steps // 2)
-        record.update(step_time_s=0.2, images_per_s=5.0, epoch=step // 10)
+            record[Metric.embedding_norm("text_encoder")] = 0.4 + 0.01 * min(step, steps // 2)
+        record.update({Metric.STEP_TIME: 0.2, Metric.IMAGES_PER_S: 5.0, Metric.EPOCH: step // 10})
         if step % log_every == 0:
-            record.update(cpu_percent=150 + float(rng.normal(0, 10)), system_cpu_percent=80.0, rss_gb=2.0 + step / 100)
+            record.update(cpu_percent=150 + float(rng.normal(0, 10)), system_cpu_percent=80.0)
+            record[Metric.RSS_GB] = 2.0 + step / 100
             if cuda:
-                record.update(cuda_allocated_gb=3.0, cuda_peak_gb=3.5 + step / 400)
+                record[Metric.CUDA_PREFIX + "allocated_gb"] = 3.0
+                record[Metric.CUDA_PEAK_GB] = 3.5 + step / 400
         lines.append(record)
         if step % validate_every == 0:
-            lines.append({"step": step, "val_loss": 0.2 * math.exp(-step / 20) + 0.08})
+            lines.append({Metric.STEP: step, Metric.VAL_LOSS: 0.2 * math.exp(-step / 20) + 0.08})
     path = run / METRICS
     path.write_text("".join(json.dumps(r) + "\n" for r in lines), encoding="utf-8")
     return path

@@ -51,7 +51,7 @@ def _randomize(model: torch.nn.Module, generator: torch.Generator) -> None:
 
 
 def _lora_pipe(model: str, *, text_encoder: bool = False, dora: bool = False, targets=UNET_TARGETS):
-    """A tiny pipeline with LoRA injected the way train/loop.py does it, B non-zero."""
+    """A tiny pipeline with LoRA injected the way train/lora.py does it, B non-zero."""
     pipe, arch = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(7)

@@ -10,8 +10,9 @@ import psutil
 import pytest
 import torch
 
+from sdlora.run import read_metrics
 from sdlora.train import monitor
-from sdlora.train.monitor import MetricsWriter, RunningMean, grad_norm, machine_load, read_metrics
+from sdlora.train.monitor import MetricsWriter, RunningMean, grad_norm, group_grad_norms, machine_load
 
 
 def test_metrics_lines_are_readable_before_close(tmp_path):
@@ -52,6 +53,7 @@ def test_read_metrics_skips_a_half_written_line(tmp_path):
     path.write_text('{"step": 1}\n{"step": 2, "lo', encoding="utf-8")
     assert read_metrics(path) == [{"step": 1}]
     assert read_metrics(tmp_path / "missing.jsonl") == []
+    assert not hasattr(monitor, "read_metrics")  # one reader: sdlora.run's
 
 
 def test_metrics_rejects_unserialisable_values(tmp_path):
@@ -69,6 +71,8 @@ def test_grad_norm_by_hand():
     assert grad_norm([a, b, frozen]) == pytest.approx(5.0)
     assert grad_norm([frozen]) == 0.0
     assert grad_norm([]) == 0.0
+    norms = group_grad_norms({"unet": [a], "embeddings": [b, frozen]})
+    assert norms == {"grad_norm/unet": 3.0, "grad_norm/embeddings": 4.0, "grad_norm/total": pytest.approx(5.0)}
 
 
 def test_grad_norm_equals_clip_grad_norm_total():

@@ -19,9 +19,8 @@ from conftest import write_tiny_dataset
 from sdlora.cli import app
 from sdlora.config import load_config
 from sdlora.errors import ConfigError, DataError, RunError
-from sdlora.run import load_run
-from sdlora.train import loop, resolve
-from sdlora.train.monitor import read_metrics
+from sdlora.run import load_run, read_metrics
+from sdlora.train import loop, resolve, validation
 
 # First losses of tiny-sd on the 6-image fixture dataset, seed 0, lr 1e-3 (this machine's numbers).
 GOLDEN_LOSSES = [1.1156493425369263, 1.078417181968689, 1.0732008218765259]
@@ -50,6 +49,14 @@ class Events(list):
 
     def of(self, kind: str) -> list[dict]:
         return [e for e in self if e["event"] == kind]
+
+
+def headers(path: Path) -> dict[str, str]:
+    """A safetensors file's header metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
 
 
 def steps_of(run_dir: Path) -> list[dict]:
@@ -120,6 +127,40 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
     assert [r["loss"] for r in steps[:3]] == pytest.approx(GOLDEN_LOSSES, abs=1e-4)
     start = events.of("start")[0]
     assert (start["effective_batch"], start["total_steps"]) == (1, 4)
+
+    # The LoRA files say what they are: sdlora's keys in both, kohya's and modelspec's in the kohya file.
+    import sdlora
+
+    expected = {
+        "sdlora.version": sdlora.__version__,
+        "sdlora.base_model": "tiny-sd",
+        "sdlora.architecture": "sd1",
+        "sdlora.rank": "16",
+        "sdlora.alpha": "16",
+        "sdlora.token": "sksToy",
+        "sdlora.class_word": "toy",
+        "sdlora.steps": "4",
+        "sdlora.resolution": "64",
+        "sdlora.seed": "0",
+        "sdlora.dora": "false",
+        "sdlora.run": "first",
+    }
+    kohya = {
+        "ss_base_model_version": "sd_v1",
+        "ss_network_dim": "16",
+        "ss_network_alpha": "16",
+        "ss_steps": "4",
+        "ss_sd_model_name": "tiny-sd",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.trigger_phrase": "sksToy",
+        "modelspec.title": "first",
+    }
+    assert headers(run / "lora" / "pytorch_lora_weights.safetensors").items() >= expected.items()
+    assert headers(run / "lora" / "first.safetensors").items() >= {**expected, **kohya}.items()
+    best_step = min(vals, key=lambda r: (r["val_loss"], r["step"]))["step"]
+    assert headers(run / "best" / "pytorch_lora_weights.safetensors")["sdlora.steps"] == str(best_step)
+    assert not (run / "lora" / "embeddings.safetensors").exists()  # embedding.train false: the LoRA alone
+    assert not (run / "report.html").exists()  # the CLI layer refreshes the report, not the loop
     assert {e["what"]: e["encoded"] for e in events.of("cache")} == {"latents": 6, "text": 2}
 
     # The LoRA loads into the base pipeline and changes its images.
@@ -155,7 +196,16 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
     )
 
 
-def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path):
+def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path, monkeypatch):
+    # The photos were 133 x 100 (w x h) before prepare's center crop: at 64 px the crop starts 10 px from
+    # the left of the 85 x 64 resized photo, and the mirror image's crop 85 - 64 - 10 = 11 px from its left.
+    manifest_path = tiny_dataset / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    for record in manifest["images"].values():
+        record["original_size"] = [133, 100]
+    manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    plain_ids, mirrored_ids = [100.0, 133.0, 0.0, 10.0, 64.0, 64.0], [100.0, 133.0, 0.0, 11.0, 64.0, 64.0]
+
     events = Events()
     cfg = tiny_cfg(
         tmp_path,
@@ -168,7 +218,52 @@ def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path):
             "run.name": "xl",
         },
     )
-    result = loop.run_training(cfg, on_event=events)
+    state = loop.setup(cfg, on_event=events)
+    data = state.plan.instances
+    assert data.time_ids.tolist() == [plain_ids] * len(data)
+    assert data.time_ids_flipped.tolist() == [mirrored_ids] * len(data)
+
+    # The flipped latents are the VAE's latents of the mirrored photos (encoded here independently).
+    from PIL import Image, ImageOps
+
+    vae = state.pipe.vae.to(torch.float32)
+    for i, path in enumerate(sorted((tiny_dataset / "images").glob("*.png"))[: len(data)]):
+        with Image.open(path) as img:
+            mirrored = np.asarray(ImageOps.mirror(img.convert("RGB")), dtype=np.float32) / 127.5 - 1.0
+        pixels = torch.from_numpy(mirrored).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            expected = vae.encode(pixels).latent_dist.mean[0] * vae.config.scaling_factor
+        torch.testing.assert_close(data.flipped[i], expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(data.flipped[i], data.latents[i], atol=1e-3)
+
+    # Each sample is drawn plain or mirrored, its latents and time ids together, and both happen.
+    seen = set()
+    for step in range(12):
+        batch = state.plan.batch(step, 0)
+        for latent, ids, i in zip(batch.latents, batch.time_ids.tolist(), state.plan.indices(step, 0)):
+            flipped = torch.equal(latent, data.flipped[i])
+            assert flipped or torch.equal(latent, data.latents[i])
+            assert ids == (mirrored_ids if flipped else plain_ids)
+            seen.add(flipped)
+    assert seen == {True, False}
+
+    # Training hands the UNet the batch's time ids.
+    forwards: list[torch.Tensor] = []
+    unet = state.unwrap(state.unet)
+    real_forward = unet.forward
+
+    def forward(sample, *args, **kwargs):
+        forwards.append(kwargs["added_cond_kwargs"]["time_ids"].cpu())
+        return real_forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", forward)
+    try:
+        result = loop.train(state)
+    finally:
+        loop.cleanup(state)
+    for step in range(2):
+        assert torch.equal(forwards[step], state.plan.batch(step, 0).time_ids)
+
     run = result.run_dir
     assert events.of("start")[0]["arch"] == "sdxl"
     assert (run / "lora" / "pytorch_lora_weights.safetensors").is_file()
@@ -178,6 +273,31 @@ def test_sdxl_trains_with_flip_and_samples(tmp_path: Path, tiny_dataset: Path):
     steps = steps_of(run)
     assert all(math.isfinite(r["loss"]) for r in steps) and "grad_norm/text_encoder" not in steps[0]
     assert result.best_val_loss is not None
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_samples_from_cached_embeddings_are_the_pipelines_own(model: str):
+    """Validation samples use the cached prompt embeddings (the text encoders are gone by then): they must
+    be the images the pipeline makes from the prompt itself, negative (empty-prompt) conditioning included."""
+    from sdlora.models import load_pipeline
+
+    pipe, arch = load_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    prompt = "a photo of sksToy toy"
+    with torch.no_grad():
+        embeds, pooled = arch.encode_prompts(pipe, [prompt])
+        neg, neg_pooled = arch.encode_prompts(pipe, [""])
+    cond = (embeds[0], None if pooled is None else pooled[0])
+    negative = (neg[0], None if neg_pooled is None else neg_pooled[0])
+    kwargs = arch.prompt_embeds_kwargs(pipe, cond, negative, "cpu")
+    assert ("pooled_prompt_embeds" in kwargs) == arch.uses_pooled
+
+    def render(**kwargs: Any) -> np.ndarray:
+        generator = torch.Generator().manual_seed(0)
+        out = pipe(num_inference_steps=2, height=64, width=64, output_type="np", generator=generator, **kwargs)
+        return out.images[0]
+
+    np.testing.assert_allclose(render(**kwargs), render(prompt=prompt), atol=1e-5, rtol=0)
 
 
 def test_real_photos_train_sdxl_with_their_original_sizes(tmp_path: Path, dreambench: Path):
@@ -307,7 +427,7 @@ def test_bf16_dora_and_gradient_checkpointing(tmp_path: Path, tiny_dataset: Path
         tmp_path,
         tiny_dataset,
         {
-            "train.max_steps": 2,
+            "train.max_steps": 1,
             "train.mixed_precision": "bf16",
             "lora.dora": True,
             "train.gradient_checkpointing": True,
@@ -325,7 +445,7 @@ def test_bf16_dora_and_gradient_checkpointing(tmp_path: Path, tiny_dataset: Path
     finally:
         loop.cleanup(state)
     assert all(math.isfinite(r["loss"]) for r in steps_of(result.run_dir))
-    assert (result.run_dir / "samples" / "step-000002" / "00-00.png").is_file()
+    assert (result.run_dir / "samples" / "step-000001" / "00-00.png").is_file()
 
 
 def test_nan_loss_stops_with_the_step(tmp_path: Path, tiny_dataset: Path, monkeypatch):
@@ -504,6 +624,16 @@ def test_ctrl_c_saves_a_checkpoint_and_the_lora_then_exits(tmp_path: Path, tiny_
     assert (runs / "stopped" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_an_optimizer_whose_package_is_missing_fails_before_the_model_loads(tmp_path: Path, tiny_dataset: Path):
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes"):
+        pytest.skip("bitsandbytes is installed")
+    with pytest.raises(ConfigError, match=r"--optimizer adamw8bit needs bitsandbytes \(pip install bitsandbytes"):
+        loop.setup(tiny_cfg(tmp_path, tiny_dataset, {"train.optimizer": "adamw8bit"}))
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_tracker_is_a_clear_error(tmp_path: Path, tiny_dataset: Path):
     import importlib.util
 
@@ -541,7 +671,7 @@ def test_overfitting_one_image_lowers_its_loss(tmp_path: Path):
     )
     state = loop.setup(cfg)
     try:
-        before = loop.validation_loss(state)
+        before = validation.validation_loss(state)
         result = loop.train(state)
     finally:
         loop.cleanup(state)

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from conftest import LANDSCAPE, PORTRAIT, SQUARE, write_aspect_dataset
+from sdlora.run import read_metrics
 from sdlora.train import loop
 from sdlora.train.data import BatchPlan, Conditioning, Example, LatentSet, time_ids_for, validation_batches
-from sdlora.train.monitor import read_metrics
 from test_train import Events, steps_of, tiny_cfg
 
 TRAIN = [LANDSCAPE] * 3 + [PORTRAIT] * 2 + [SQUARE] * 2

@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from sdlora.generate import load_embeddings
 from sdlora.models import load_pipeline
+from sdlora.run import read_metrics
 from sdlora.train import loop, resolve
-from sdlora.train.monitor import read_metrics
 from test_train import Events, invoke, steps_of, tiny_cfg
 
 PROMPT = "a photo of sksToy toy"
@@ -147,9 +147,16 @@ def test_cli_flags_and_yaml(tmp_path: Path, tiny_dataset: Path):
         "--checkpoint-every",
         "0",
     ]
-    result = invoke(*common, "--no-train-token-embedding", "--name", "off")
+    # Off by the flag or by YAML: the resolved config says so (a run with embedding.train false writes no
+    # embedding file: test_train.py's golden run).
+    result = invoke(*common, "--no-train-token-embedding", "--print-config")
     assert result.exit_code == 0, result.output
-    assert not (tmp_path / "runs" / "off" / "lora" / "embeddings.safetensors").exists()
+    assert yaml.safe_load(result.output)["embedding"]["train"] is False
+    config = tmp_path / "c.yaml"
+    config.write_text("embedding:\n  train: false\n", encoding="utf-8")
+    result = invoke(*common, "--config", str(config), "--print-config")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load(result.output)["embedding"]["train"] is False
 
     result = invoke(
         *common, "--init-token", "ball", "--embedding-lr", "0.01", "--embedding-steps-fraction", "1", "--name", "on"
@@ -158,12 +165,6 @@ def test_cli_flags_and_yaml(tmp_path: Path, tiny_dataset: Path):
     assert "token sksToy: its own embedding, from 'ball', trained until step 2" in result.output
     assert (tmp_path / "runs" / "on" / "lora" / "embeddings.safetensors").is_file()
     assert read_metrics(tmp_path / "runs" / "on" / "metrics.jsonl")[0]["lr/embeddings"] == 0.01
-
-    config = tmp_path / "c.yaml"
-    config.write_text("embedding:\n  train: false\n", encoding="utf-8")
-    result = invoke(*common, "--config", str(config), "--name", "yaml")
-    assert result.exit_code == 0, result.output
-    assert not (tmp_path / "runs" / "yaml" / "lora" / "embeddings.safetensors").exists()
 
     result = invoke(*common, "--embedding-steps-fraction", "0")
     assert result.exit_code == 1 and "--embedding-steps-fraction must be in (0, 1]" in result.output

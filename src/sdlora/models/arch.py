@@ -21,9 +21,13 @@ class Architecture:
     tokenizers: tuple[str, ...]
     kohya_base_version: str  # `ss_base_model_version`: how A1111 files the LoRA
     kohya_te_prefixes: tuple[str, ...]  # kohya key prefix per text encoder
+    # SDXL: prompts give a pooled embedding beside the per-token ones, and the UNet takes it with the six
+    # micro-conditioning time ids as added conditions.
+    uses_pooled: bool = False
 
     @property
     def is_sdxl(self) -> bool:
+        """For what differs in a file format (kohya keys, embedding keys); computation asks the methods below."""
         return self.name == "sdxl"
 
     def tokenize(self, pipe: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
@@ -50,7 +54,7 @@ class Architecture:
         SD 1.x: the last hidden state of the one encoder. SDXL: the penultimate hidden states of
         both encoders, concatenated, plus the projected pooled output of the second.
         """
-        if not self.is_sdxl:
+        if not self.uses_pooled:
             encoder, ids = text_encoders[0], token_ids[0]
             return encoder(ids.to(encoder.device))[0], None
         hidden, pooled = [], None
@@ -72,12 +76,37 @@ class Architecture:
         return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
 
     def unet_kwargs(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict[str, Any]:
-        """Extra keyword arguments for the UNet forward: SDXL's added conditions, nothing for SD 1.x."""
-        if not self.is_sdxl:
+        """Extra keyword arguments for the UNet forward: SDXL's added conditions; SD 1.x ignores both."""
+        if not self.uses_pooled:
             return {}
         if pooled is None or time_ids is None:
             raise ValueError("SDXL needs pooled text embeddings and time ids")
         return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    def stack_pooled(self, pooled: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+        """Per-prompt pooled embeddings as one (N, Dp) batch; None for an architecture without them."""
+        return torch.stack(list(pooled)) if self.uses_pooled else None  # type: ignore[arg-type]
+
+    def prompt_embeds_kwargs(
+        self,
+        pipe: Any,
+        cond: tuple[torch.Tensor, torch.Tensor | None],
+        negative: tuple[torch.Tensor, torch.Tensor | None],
+        device: Any,
+    ) -> dict[str, Any]:
+        """Pipeline keyword arguments for one prompt from cached embeddings (77, D) and pooled (Dp,), with the
+        empty prompt's as the negative: what the pipeline itself does for `prompt=` without a negative prompt
+        (SDXL pipelines with `force_zeros_for_empty_prompt` use zeros for it)."""
+        (embeds, pooled), (neg, neg_pooled) = cond, negative
+        kwargs: dict[str, Any] = {}
+        if self.uses_pooled:
+            if pipe.config.get("force_zeros_for_empty_prompt", False):
+                neg, neg_pooled = torch.zeros_like(neg), torch.zeros_like(neg_pooled)
+            kwargs.update(
+                pooled_prompt_embeds=pooled[None].to(device),  # type: ignore[index]
+                negative_pooled_prompt_embeds=neg_pooled[None].to(device),  # type: ignore[index]
+            )
+        return {"prompt_embeds": embeds[None].to(device), "negative_prompt_embeds": neg[None].to(device), **kwargs}
 
 
 SD1 = Architecture(
@@ -96,6 +125,7 @@ SDXL = Architecture(
     tokenizers=("tokenizer", "tokenizer_2"),
     kohya_base_version="sdxl_base_v1-0",
     kohya_te_prefixes=("lora_te1", "lora_te2"),
+    uses_pooled=True,
 )
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
 
+from sdlora.events import ProgressFn
 from sdlora.fsutil import atomic_path, sha256_file
+from sdlora.models.arch import Architecture
 
-ProgressFn = Callable[[str, int, int], None]
 CACHE_DIR = ".cache"
 
 
@@ -145,7 +146,7 @@ def encode_latents(
 
 @torch.no_grad()
 def encode_texts(
-    arch: Any,
+    arch: Architecture,
     pipe: Any,
     captions: Sequence[str],
     *,

@@ -8,23 +8,32 @@ val loss, config hash, running loss) and the run's `config.yaml` at that point.
 On resume the run's config.yaml is the base and the command line may change it. Values that
 define what is trained (model, data, LoRA shape) must match the checkpoint: the checkpoint's
 value wins, with a warning. Anything else (learning rate, --max-steps, logging) may change:
-the command line wins, with a warning naming the key.
+the command line wins, with a warning naming the key (train/resolve.py `resume_config`).
+
+`save_checkpoint` / `load_checkpoint` write and restore a training state; a resumed run drops the
+metrics logged after its checkpoint (a crashed run's tail), so its curve has no duplicates.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from sdlora import config as config_mod
 from sdlora.errors import RunError
-from sdlora.fsutil import write_json
-from sdlora.run import CONFIG
+from sdlora.fsutil import write_json, write_text
+from sdlora.run import CONFIG, METRICS, Metric
+from sdlora.train.optim import apply_config
+from sdlora.train.runtime import saved_config
+
+if TYPE_CHECKING:
+    from sdlora.train.loop import TrainState
 
 CHECKPOINTS = "checkpoints"
 STATE_JSON = "sdlora.json"
@@ -98,3 +107,77 @@ def register_hooks(accelerator: Any, unwrap: Callable[[Any], torch.nn.Module]) -
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
+
+
+def register(accelerator: Any, lr_scheduler: Any, tokens: Any = None) -> None:
+    """What accelerate's checkpoints hold besides the prepared models and optimizer: the LR scheduler, the
+    token's vectors (beside the LoRA), and only the trainable parameters of each model."""
+    accelerator.register_for_checkpointing(lr_scheduler)
+    if tokens is not None:
+        accelerator.register_for_checkpointing(tokens)
+    register_hooks(accelerator, accelerator.unwrap_model)
+
+
+def save_checkpoint(state: TrainState) -> Path:
+    """accelerate state (LoRA, optimizer, scheduler, RNG) + sdlora.json; keeps the newest --keep-checkpoints."""
+    folder = step_dir(state.run_dir, state.step)
+    state.accelerator.save_state(str(folder))
+    if state.is_main:
+        write_state(
+            folder,
+            {
+                "step": state.step,
+                "best_val_loss": state.best_val_loss if math.isfinite(state.best_val_loss) else None,
+                "best_dino": state.best_dino if math.isfinite(state.best_dino) else None,
+                "config_hash": config_mod.config_hash(state.cfg),
+                "loss_mean": state.loss_mean.state_dict(),
+            },
+            saved_config(state.cfg),
+        )
+        prune(state.run_dir, state.cfg.checkpoint.keep_checkpoints)
+        state.emit({"event": "checkpoint", "step": state.step, "path": str(folder)})
+    state.last_checkpoint = folder
+    state.accelerator.wait_for_everyone()
+    return folder
+
+
+def load_checkpoint(state: TrainState) -> None:
+    """The run's newest checkpoint into `state`, with the config's learning rates and optimizer settings."""
+    step, folder = latest_checkpoint(state.run_dir)
+    saved = read_state(folder)
+    if saved.get("config_hash") != config_mod.config_hash(state.cfg):
+        state.emit(
+            {
+                "event": "warning",
+                "message": f"{folder}: the config differs from the checkpoint's "
+                "(see the warnings above); continuing with the resolved config",
+            }
+        )
+    state.accelerator.load_state(str(folder))
+    apply_config(state.cfg, state.optimizer, state.lr_scheduler, list(state.param_groups))
+    state.step = int(saved["step"])
+    state.best_val_loss = saved["best_val_loss"] if saved.get("best_val_loss") is not None else math.inf
+    state.best_dino = saved["best_dino"] if saved.get("best_dino") is not None else -math.inf
+    if saved.get("loss_mean"):
+        state.loss_mean.load_state_dict(saved["loss_mean"])
+    state.last_checkpoint = folder
+    if state.is_main:
+        truncate_metrics(state.run_dir / METRICS, state.step)
+    state.emit({"event": "resumed", "step": state.step, "path": str(folder)})
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics logged after the checkpoint (a crashed run's tail), so the resumed curve has no duplicates."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        if not line.endswith("\n"):
+            continue
+        try:
+            if json.loads(line).get(Metric.STEP, 0) > step:
+                continue
+        except json.JSONDecodeError:
+            continue
+        keep.append(line)
+    write_text(path, "".join(keep))

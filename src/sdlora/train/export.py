@@ -9,6 +9,7 @@
 
 Both files get the `sdlora.*` metadata of `build_metadata`. Nothing is written before both files
 are fully built, and each lands by rename: a failure leaves the previous files as they were.
+`export_lora` writes a training run's LoRA (and the token's embedding, when it trained) this way.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -26,6 +27,9 @@ from sdlora.errors import ConfigError
 from sdlora.fsutil import atomic_path
 from sdlora.models.arch import Architecture
 from sdlora.train.kohya import UNET, KohyaNames, load_kohya, module_alphas, peft_to_kohya
+
+if TYPE_CHECKING:
+    from sdlora.train.loop import TrainState
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 ADAPTER = "default"
@@ -185,3 +189,40 @@ def save_lora(
     with atomic_path(out_dir / LORA_WEIGHTS) as diffusers_tmp, atomic_path(out_dir / kohya_file) as kohya_tmp:
         save_file(tensors, str(diffusers_tmp), metadata=diffusers_meta)
         save_file(kohya, str(kohya_tmp), metadata=kohya_meta)
+
+
+def export_lora(state: TrainState, out_dir: Path, *, main_only: bool = False) -> Path:
+    """A training run's LoRA in diffusers and kohya format, with metadata, and the token's embedding beside
+    it when that trained (lora/embeddings.safetensors). Only the main process writes."""
+    if not state.is_main:
+        return out_dir
+    from sdlora.run import EMBEDDINGS
+    from sdlora.train.embeddings import save_embeddings
+
+    cfg = state.cfg
+    metadata = build_metadata(
+        base_model=cfg.model.name,
+        arch=state.arch,
+        rank=cfg.lora.rank,
+        alpha=cfg.effective_alpha,
+        token=str(cfg.data.token),
+        class_word=str(cfg.data.class_word),
+        steps=state.step,
+        resolution=int(cfg.data.resolution),  # type: ignore[arg-type]
+        seed=str(cfg.train.seed),
+        learning_rate=str(cfg.train.learning_rate),
+        dora=str(cfg.lora.dora).lower(),
+        run=state.run_dir.name,
+    )
+    encoders = [state.unwrap(e) for e in state.text_encoders] if state.text_encoders else None
+    if state.tokens is not None:
+        metadata[f"{META_PREFIX}token_embedding"] = EMBEDDINGS  # the LoRA expects the token's embedding beside it
+    save_lora(out_dir, state.unwrap(state.unet), encoders, state.arch, metadata=metadata, kohya_name=state.run_dir.name)
+    if state.tokens is not None:
+        save_embeddings(
+            out_dir / EMBEDDINGS,
+            state.tokens,
+            state.arch,
+            {**metadata, f"{META_PREFIX}init_token": str(cfg.embedding.init_token)},
+        )
+    return out_dir

@@ -1,9 +1,10 @@
 """What a training run records about itself: metrics lines, gradient norms, machine load.
 
 `metrics.jsonl` holds one JSON object per line, each written with a single `write` and flushed,
-so `report.py`, `tail -f` or a notebook can read it while training runs (`read_metrics` skips a
-line still being written). Values are plain JSON numbers; a NaN or infinite value becomes
-`null`, because strict JSON has no NaN and readers should not choke on a diverged step.
+so `report.py`, `tail -f` or a notebook can read it while training runs (`sdlora.run.read_metrics`
+skips a line still being written). Values are plain JSON numbers; a NaN or infinite value becomes
+`null`, because strict JSON has no NaN and readers should not choke on a diverged step. Key names
+are `sdlora.run.Metric`'s.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import psutil
 import torch
+
+from sdlora.run import Metric
 
 _GIB = float(1 << 30)
 
@@ -48,22 +51,6 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """All complete records of a metrics.jsonl (a partly written last line is ignored)."""
-    return list(_iter_records(Path(path)))
-
-
-def _iter_records(path: Path) -> Iterator[dict]:
-    if not path.is_file():
-        return
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n"):
-                return  # the writer is mid-line
-            if line.strip():
-                yield json.loads(line)
-
-
 def _plain(value: Any) -> Any:
     """Tensors, numpy scalars and paths as JSON values; non-finite floats as None."""
     if isinstance(value, dict):
@@ -91,6 +78,12 @@ def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2).item()
 
 
+def group_grad_norms(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
+    """`grad_norm/<group>` of each parameter group and `grad_norm/total`, the norm over all of them."""
+    norms = {Metric.grad_norm(name): grad_norm(params) for name, params in groups.items()}
+    return {**norms, Metric.GRAD_NORM_TOTAL: math.sqrt(sum(norm**2 for norm in norms.values()))}
+
+
 _PROCESS: psutil.Process | None = None
 
 
@@ -107,15 +100,15 @@ def machine_load(device: torch.device) -> dict[str, float]:
     load = {
         "cpu_percent": float(_PROCESS.cpu_percent(interval=None)),
         "system_cpu_percent": float(psutil.cpu_percent(interval=None)),
-        "rss_gb": _PROCESS.memory_info().rss / _GIB,
+        Metric.RSS_GB: _PROCESS.memory_info().rss / _GIB,
     }
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.is_available():
-        load["cuda_allocated_gb"] = torch.cuda.memory_allocated(device) / _GIB
-        load["cuda_peak_gb"] = torch.cuda.max_memory_allocated(device) / _GIB
+        load[Metric.CUDA_PREFIX + "allocated_gb"] = torch.cuda.memory_allocated(device) / _GIB
+        load[Metric.CUDA_PEAK_GB] = torch.cuda.max_memory_allocated(device) / _GIB
         utilization = _nvml_utilization(device)
         if utilization is not None:
-            load["cuda_utilization_percent"] = utilization
+            load[Metric.CUDA_PREFIX + "utilization_percent"] = utilization
     return load
 
 

@@ -15,14 +15,14 @@ from __future__ import annotations
 import hashlib
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from sdlora.errors import ConfigError
+from sdlora.events import ProgressFn
 from sdlora.fsutil import atomic_path
-
-ProgressFn = Callable[[str, int, int], None]
+from sdlora.models.arch import Architecture
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 _GENERATED = re.compile(r"^class-[0-9a-f]{10}-\d{4}\.png$")
@@ -36,7 +36,7 @@ def class_image_key(model_id: str, class_prompt: str, resolution: int, seed: int
 
 def ensure_class_images(
     pipe: Any,
-    arch: Any,
+    arch: Architecture,
     *,
     class_prompt: str,
     num_images: int,

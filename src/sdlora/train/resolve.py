@@ -1,8 +1,11 @@
-"""What a run's config resolves to before training starts: precision, the token's embedding, and
-the config of a resumed run (its saved config.yaml, then the command line, with a stated policy)."""
+"""What a run's config resolves to before training starts: precision, the dataset (its manifest's
+token, resolution and class word, its examples), the LoRA alpha, the token's embedding, and the
+config of a resumed run (its saved config.yaml, then the command line, with a stated policy).
+What lands in the run's config.yaml is the resolved value, so the run repeats from it."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +13,11 @@ import torch
 
 from sdlora import config as config_mod
 from sdlora.config import Config
-from sdlora.errors import RunError
+from sdlora.errors import ConfigError, DataError, RunError
+from sdlora.models.arch import Architecture
 from sdlora.run import CONFIG
 from sdlora.train.checkpoint import latest_checkpoint
+from sdlora.train.data import Example, load_examples
 
 # Keys whose checkpoint value must win on resume (changing them would not load, or trains something else).
 LOCKED = (
@@ -43,7 +48,55 @@ def resolve_precision(cfg: Config) -> Config:
     return config_mod.replace(cfg, train={"mixed_precision": precision})
 
 
-def resolve_token_embedding(cfg: Config, pipe: Any, arch: Any) -> Config:
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def weight_dtype(cfg: Config) -> torch.dtype:
+    """The dtype of the frozen weights under a resolved --mixed-precision (no, fp16, bf16)."""
+    return _DTYPES[cfg.train.mixed_precision]
+
+
+def resolve_dataset(cfg: Config) -> tuple[Config, list[Example], list[Example]]:
+    """The dataset read and checked before any model loads (DataError for a missing or bad one), and the
+    data section resolved from its manifest: absolute path, resolution, token, class word.
+
+    Returns the config and the train and val examples (each with its caption and training size).
+    """
+    from sdlora.data.manifest import load_manifest
+
+    dataset_dir = Path(cfg.data.dataset).expanduser().resolve()
+    manifest = load_manifest(dataset_dir)
+    token = manifest.token
+    if cfg.data.token is not None and cfg.data.token != token:
+        raise ConfigError(
+            f"--token {cfg.data.token!r} differs from the dataset's {token!r} (its captions carry "
+            f"{token!r}); leave --token out, or prepare the dataset with --token {cfg.data.token}"
+        )
+    resolution = cfg.data.resolution or manifest.resolution
+    train = load_examples(dataset_dir, manifest, "train", resolution, token)
+    if not train:
+        raise DataError(f"{dataset_dir}: no train images in manifest.json (re-run `sdlora prepare` with more photos)")
+    val = load_examples(dataset_dir, manifest, "val", resolution, token)
+    data = {
+        "dataset": str(dataset_dir),
+        "resolution": resolution,
+        "token": token,
+        "class_word": cfg.data.class_word or manifest.class_word,
+    }
+    return config_mod.replace(cfg, data=data), train, val
+
+
+def resolve_alpha(cfg: Config) -> Config:
+    """`--alpha` unset: the rank's default, written out (`effective_alpha`)."""
+    return config_mod.replace(cfg, lora={"alpha": cfg.effective_alpha})
+
+
+def embedding_steps(cfg: Config) -> int:
+    """Steps during which the token's embedding trains (--embedding-steps-fraction of --max-steps)."""
+    return max(1, math.ceil(cfg.embedding.steps_fraction * cfg.train.max_steps))
+
+
+def resolve_token_embedding(cfg: Config, pipe: Any, arch: Architecture) -> Config:
     """`embedding.train` unset: on when the tokenizer splits the token (sksToy), off for a known word (sks).
 
     The init token defaults to the class word. Both land resolved in the run's config.yaml.

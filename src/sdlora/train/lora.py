@@ -1,0 +1,145 @@
+"""The models a run trains: the base pipeline and its noise schedule, LoRA adapters on the UNet (and
+text encoders), and the frozen text encoders the token's own embedding trains through.
+
+Frozen weights sit on the device in the compute dtype; the trainable LoRA weights are float32 (fp16 or
+bf16 weights would lose their small updates). Target modules that do not exist are a ConfigError
+naming the option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from sdlora.config import Config
+from sdlora.errors import ConfigError
+from sdlora.events import OnEvent
+from sdlora.models.arch import Architecture
+from sdlora.train import losses
+
+ADAPTER = "default"
+
+
+def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Architecture, Any]:
+    """The base pipeline (float32), its architecture and the training noise scheduler.
+
+    The noise schedule and target (epsilon or v-prediction) come from the model's own scheduler.
+    """
+    from diffusers import DDPMScheduler
+
+    from sdlora.models.loading import TINY_WARNING, default_resolution, is_tiny, load_pipeline
+
+    pipe, arch = load_pipeline(
+        cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant, vae=cfg.model.vae, dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    if noise_scheduler.config.prediction_type not in losses.PREDICTION_TYPES:
+        raise ConfigError(
+            f"{cfg.model.name}: prediction_type {noise_scheduler.config.prediction_type!r} "
+            "is not supported (epsilon or v_prediction)"
+        )
+    if is_tiny(cfg.model.name):
+        emit({"event": "warning", "message": TINY_WARNING})
+    native = default_resolution(cfg.model.name, arch)
+    if cfg.data.resolution != native:
+        emit(
+            {
+                "event": "warning",
+                "message": f"training at {cfg.data.resolution} px; {cfg.model.name} was made for {native} px",
+            }
+        )
+    return pipe, arch, noise_scheduler
+
+
+def token_embedding(cfg: Config, pipe: Any, arch: Architecture) -> Any:
+    """Pivotal tuning (`embedding.train`): the token joins the tokenizers with vectors of its own to train
+    (`TokenEmbeddings`, train/embeddings.py); None when only the LoRA trains."""
+    if not cfg.embedding.train:
+        return None
+    from sdlora.train.embeddings import add_token
+
+    return add_token(pipe, arch, str(cfg.data.token), str(cfg.embedding.init_token))
+
+
+def inject_lora(
+    cfg: Config, pipe: Any, arch: Architecture, device: Any, weight_dtype: torch.dtype
+) -> tuple[Any, list[Any]]:
+    """LoRA on the UNet (and text encoders): frozen weights in the compute dtype, trainable ones in float32.
+
+    Returns the UNet and the text encoders being trained (none without `--train-text-encoder`), in training mode.
+    """
+    from diffusers.training_utils import cast_training_params
+
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    unet.to(device, dtype=weight_dtype)
+    add_lora(unet, cfg.lora.target_modules, cfg, "--target-modules", "UNet")
+    encoders = []
+    if cfg.lora.train_text_encoder:
+        for name in arch.text_encoders:
+            encoder = getattr(pipe, name)
+            encoder.requires_grad_(False)
+            encoder.to(device, dtype=weight_dtype)
+            add_lora(encoder, cfg.lora.text_encoder_target_modules, cfg, "lora.text_encoder_target_modules", name)
+            encoders.append(encoder)
+    # fp16/bf16 LoRA weights would underflow their updates ("Attempting to unscale FP16 gradients").
+    cast_training_params([unet, *encoders], dtype=torch.float32)
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for encoder in encoders:
+            encoder.gradient_checkpointing_enable()
+    for model in (unet, *encoders):
+        model.train()
+    return unet, encoders
+
+
+def token_encoders(
+    tokens: Any, trained: Sequence[Any], pipe: Any, arch: Architecture, device: Any, weight_dtype: torch.dtype
+) -> list[Any]:
+    """The token's vectors to the device; and, when no text encoder trains, the text encoders frozen on the
+    device for the vectors to train through (else none: the trained encoders carry them)."""
+    if tokens is None:
+        return []
+    tokens.to(device)
+    if trained:
+        return []
+    encoders = []
+    for name in arch.text_encoders:
+        encoder = getattr(pipe, name)
+        encoder.requires_grad_(False)
+        encoder.to(device, dtype=weight_dtype)
+        encoders.append(encoder)
+    return encoders
+
+
+def add_lora(model: Any, targets: list[str], cfg: Config, flag: str, what: str) -> None:
+    """A LoRA (or DoRA) adapter named "default" on `model`'s `targets`; ConfigError naming `flag` when none match."""
+    from peft import LoraConfig
+
+    lora = LoraConfig(
+        r=cfg.lora.rank,
+        lora_alpha=cfg.effective_alpha,
+        lora_dropout=cfg.lora.dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(targets),
+        use_dora=cfg.lora.dora,
+    )
+    try:
+        if hasattr(model, "set_adapters"):  # diffusers models: their own peft integration
+            model.add_adapter(lora)
+        else:
+            # transformers' `add_adapter` insists on a newer peft than it needs; inject directly and
+            # record the config where `get_peft_model_state_dict` (export) looks for it.
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(lora, model, ADAPTER)
+            model.peft_config = {ADAPTER: lora}
+    except ValueError as exc:
+        if "not found" in str(exc).lower() or "target modules" in str(exc).lower():
+            raise ConfigError(
+                f"{flag} {','.join(targets)}: no such modules in the {what} "
+                f"(UNet attention: to_q,to_k,to_v,to_out.0; feed-forward: ff.net.0.proj,ff.net.2)"
+            ) from None
+        raise

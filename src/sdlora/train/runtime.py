@@ -1,0 +1,232 @@
+"""Where a training run executes: accelerate, the run folder, trackers, signals.
+
+- `make_accelerator`: a fresh `Accelerator` for the run's precision (TF32 on CUDA).
+- `check_new_run` / `create_run_dir`: the run folder, a new one (never an existing one) or the resumed
+  one, the same on every process; config.yaml and `runs/latest` written there.
+- `start_event`, `check_tracker` / `start_logging` / `log`: the start event, metrics.jsonl and the
+  trackers (`--report-to`).
+- `install_signal_handlers` / `stop_requested`: Ctrl-C and SIGTERM stop after the step, on every process.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from sdlora import config as config_mod
+from sdlora.config import Config
+from sdlora.errors import ConfigError, RunError
+from sdlora.run import CONFIG, METRICS, point_latest
+from sdlora.train import monitor
+
+if TYPE_CHECKING:
+    from sdlora.train.loop import TrainState
+
+
+def reset_accelerate_state() -> None:
+    """Forget an earlier run's precision and accumulation settings (accelerate keeps them per process).
+
+    accelerate refuses a second `Accelerator` with another mixed precision in the same process;
+    a Python session or test suite that trains twice needs a clean slate. The process group
+    (PartialState) is kept.
+    """
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+
+
+def make_accelerator(cfg: Config) -> Any:
+    """The run's `Accelerator`; a ConfigError for a precision this machine cannot run."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    reset_accelerate_state()
+    accelerator = Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=None if cfg.logging.report_to == "none" else cfg.logging.report_to,
+        # SDXL's first text encoder leaves its last layer unused (penultimate hidden states).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=cfg.lora.train_text_encoder)],
+    )
+    if cfg.train.mixed_precision == "fp16" and accelerator.device.type == "cpu":
+        raise ConfigError("--mixed-precision fp16 needs a CUDA GPU; on a CPU use bf16 or no")
+    if accelerator.device.type == "cuda":  # TF32 matmuls: free speed for fp32 work on Ampere and newer
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def _name_taken(folder: Path) -> str:
+    return f"{folder}: a run with this name exists; choose another --name, or continue it with --resume {folder}"
+
+
+def check_new_run(cfg: Config, resume: Path | None) -> None:
+    """A named new run whose folder exists fails now, before minutes of loading and encoding."""
+    named = Path(cfg.run.runs_dir).expanduser() / cfg.run.name if cfg.run.name else None
+    if resume is None and named is not None and named.exists():
+        raise RunError(_name_taken(named))
+
+
+def saved_config(cfg: Config) -> Config:
+    """The config as saved in the run: without the run's name, so `--config runs/x/config.yaml` makes a new run."""
+    return config_mod.replace(cfg, run={"name": None})
+
+
+def create_run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> Path:
+    """The run folder (the resumed one, or a new one), the same on every process; the main process writes
+    its config.yaml and points `runs/latest` at it."""
+    run_dir = _run_dir(cfg, accelerator, resume)
+    if accelerator.is_main_process:
+        config_mod.save_config(saved_config(cfg), run_dir / CONFIG)
+        point_latest(run_dir)
+    return run_dir
+
+
+def _run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> Path:
+    from accelerate.utils import broadcast_object_list
+
+    if resume is not None:
+        return Path(resume).resolve()
+    runs = Path(cfg.run.runs_dir).expanduser().resolve()
+    message: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        name = cfg.run.name or datetime.now().strftime("%Y%m%d-%H%M%S")
+        folder = runs / name
+        if folder.exists() and cfg.run.name:
+            message[1] = _name_taken(folder)
+        else:
+            n = 2
+            while folder.exists():
+                folder, n = runs / f"{name}-{n}", n + 1
+            folder.mkdir(parents=True)
+            message[0] = str(folder)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(message)
+    if message[1]:
+        raise RunError(message[1])
+    return Path(message[0])
+
+
+# ----------------------------------------------------------------------------- metrics and trackers
+
+
+def start_event(state: TrainState, effective_batch: int) -> dict[str, Any]:
+    """The run's plan, as the `start` event the CLI prints."""
+    from sdlora.train.resolve import embedding_steps
+
+    cfg, acc, tokens = state.cfg, state.accelerator, state.tokens
+    return {
+        "event": "start",
+        "run_dir": str(state.run_dir),
+        "total_steps": cfg.train.max_steps,
+        "start_step": state.step,
+        "effective_batch": effective_batch,
+        "batch_size": cfg.train.batch_size,
+        "num_processes": acc.num_processes,
+        "gradient_accumulation": cfg.train.gradient_accumulation,
+        "train_images": len(state.plan.instances),
+        "val_images": len(state.val_data) if state.val_data is not None else 0,
+        "arch": state.arch.name,
+        "device": str(state.device),
+        "mixed_precision": cfg.train.mixed_precision,
+        "prediction_type": state.noise_scheduler.config.prediction_type,
+        "token_embedding": None
+        if tokens is None
+        else {
+            "token": tokens.token,
+            "init_token": cfg.embedding.init_token,
+            "until_step": embedding_steps(cfg),
+        },
+    }
+
+
+def check_tracker(report_to: str) -> None:
+    """`--report-to` a tracker that is not installed fails before anything loads."""
+    import importlib.util
+
+    module = {"tensorboard": "tensorboard", "wandb": "wandb", "clearml": "clearml"}.get(report_to)
+    if (
+        module
+        and importlib.util.find_spec(module) is None
+        and not (module == "tensorboard" and importlib.util.find_spec("tensorboardX"))
+    ):
+        raise ConfigError(f"--report-to {report_to}: {module} is not installed (pip install {module})")
+
+
+def start_logging(state: TrainState) -> None:
+    """metrics.jsonl (appended to on resume) on the main process, and the trackers."""
+    cfg, accelerator, run_dir = state.cfg, state.accelerator, state.run_dir
+    if accelerator.is_main_process:
+        state.metrics = monitor.MetricsWriter(run_dir / METRICS)
+    if cfg.logging.report_to != "none":
+        accelerator.project_configuration.set_directories(str(run_dir))
+        accelerator.project_configuration.logging_dir = str(run_dir / "logs")
+        accelerator.init_trackers("sdlora", config=_flat(cfg.to_dict()), init_kwargs={"wandb": {"name": run_dir.name}})
+
+
+def log(state: TrainState, record: dict[str, Any]) -> None:
+    """One metrics record (with its "step") to metrics.jsonl and the trackers."""
+    if state.metrics is not None:
+        state.metrics.write(record)
+    if state.cfg.logging.report_to != "none":
+        state.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+
+def stop_logging(state: TrainState) -> None:
+    if state.metrics is not None:
+        state.metrics.close()
+        state.metrics = None
+    if state.cfg.logging.report_to != "none":
+        state.accelerator.end_training()
+
+
+def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config as the flat `section.key` dict trackers show (lists as comma-separated text)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def install_signal_handlers(state: TrainState) -> Callable[[], None]:
+    """First Ctrl-C / SIGTERM: finish the step, checkpoint, save the LoRA, stop. A second: stop now.
+
+    Returns the function that puts the previous handlers back.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        if state.stop.is_set():
+            raise KeyboardInterrupt
+        state.stop.set()
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+def stop_requested(state: TrainState) -> bool:
+    """Whether any process was asked to stop (all processes must agree, or the next all-reduce hangs)."""
+    stop = state.stop.is_set()
+    if state.accelerator.num_processes > 1:
+        flag = torch.tensor(float(stop), device=state.device)
+        stop = bool(state.accelerator.reduce(flag, reduction="sum").item() > 0)
+    return stop
