@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 
@@ -71,4 +73,28 @@ def test_debug_keeps_the_traceback(monkeypatch):
         raise DataError("boom")
 
     with pytest.raises(DataError):
+        verb()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR])
+def test_write_failure_of_any_verb_is_one_line_naming_path_and_cause(capsys, code):
+    @_one_line_errors
+    def verb():
+        raise OSError(code, os.strerror(code), "/data/runs/x/lora.safetensors")
+
+    with pytest.raises(typer.Exit) as exc:
+        verb()
+    assert exc.value.exit_code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: /data/runs/x/lora.safetensors: {os.strerror(code)}; "), err
+    assert "--out" in err
+
+
+def test_other_os_errors_keep_their_traceback():
+    @_one_line_errors
+    def verb():
+        raise OSError(errno.EIO, os.strerror(errno.EIO), "x")  # not a place the user can change
+
+    with pytest.raises(OSError):
         verb()

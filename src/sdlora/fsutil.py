@@ -1,14 +1,20 @@
 """Atomic file writing: a reader never sees half a file, a crash never leaves one.
 
-Everything sdlora writes goes through a temp file in the same folder, then `os.replace`.
+Everything sdlora writes goes through a temp file in the same folder (`.<name>.<random>.tmp`),
+then `os.replace`. A process killed mid-write (kill -9, power loss) can leave such a temp file;
+`remove_stale_tmp` clears them when the next command starts in that folder. `write_problem`
+turns an OSError from a failed write (full disk, read-only or unwritable folder) into the one
+line the CLI prints.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -55,3 +61,66 @@ def cache_dir() -> Path:
     """sdlora's own cache folder (tiny models' tokenizer, Yandex downloads, benchmarks): $SDLORA_CACHE,
     else ~/.cache/sdlora. Model weights stay in the Hugging Face cache."""
     return Path(os.environ.get("SDLORA_CACHE") or Path.home() / ".cache" / "sdlora")
+
+
+_TMP_NAME = re.compile(r"^\..+\.[^.]+\.tmp$")  # how atomic_path names its temp files
+
+
+def remove_stale_tmp(folder: str | os.PathLike[str], *, recursive: bool = True) -> int:
+    """Delete temp files that killed writes left in `folder` (and, by default, its sub-folders);
+    the number removed. Call it while holding the folder's lock (sdlora.locks), so no live
+    writer's temp file is taken."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    removed = 0
+    paths = folder.rglob(".*.tmp") if recursive else folder.glob(".*.tmp")
+    for path in paths:
+        if _TMP_NAME.match(path.name) and path.is_file() and not path.is_symlink():
+            try:
+                path.unlink()
+                removed += 1
+            except OSError:
+                pass  # someone else's file, or already gone: leave it
+    return removed
+
+
+# errno values that mean "this place cannot be written" (the user's to fix), not a bug.
+WRITE_ERRNOS = {
+    errno.ENOSPC: "free some space, or choose another place (--out)",
+    errno.EDQUOT: "free some space (disk quota), or choose another place (--out)",
+    errno.EROFS: "choose a writable place (--out)",
+    errno.EACCES: "choose a folder you may write to (--out), or fix its permissions",
+    errno.EPERM: "choose a folder you may write to (--out), or fix its permissions",
+    errno.ENOTDIR: "a file stands where a folder should be; choose another place (--out)",
+    errno.EISDIR: "a folder stands where a file should be; choose another place (--out)",
+    errno.EEXIST: "something already stands there; choose another place (--out)",
+    errno.ENAMETOOLONG: "choose a shorter path (--out)",
+    errno.EFBIG: "the file system refuses files this large; choose another place (--out)",
+    errno.EMLINK: "the folder holds too many entries; choose another place (--out)",
+}
+
+
+def write_problem(exc: BaseException) -> str | None:
+    """One line for an OSError a user can fix (full disk, read-only or unwritable place), else None.
+
+    It names the path (`exc.filename`) and the cause (`os.strerror`), with what to do."""
+    if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRNOS:
+        return None
+    where = exc.filename if exc.filename is not None else "writing"
+    return f"{os.fsdecode(where)}: {os.strerror(exc.errno)}; {WRITE_ERRNOS[exc.errno]}"
+
+
+def check_writable(folder: str | os.PathLike[str]) -> None:
+    """Raise OSError naming `folder` (worded by `write_problem`) unless a file can be created in
+    it (it is created if missing); cheap, so call it before a long step that writes at the end."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".sdlora-write-check.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        if exc.errno is None:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), str(folder)) from None

@@ -23,6 +23,7 @@ if not os.environ.get("SDLORA_DEBUG"):
 from sdlora import __version__
 from sdlora.cli._common import err_console
 from sdlora.errors import SdloraError
+from sdlora.fsutil import write_problem
 
 # verb name -> (module, function), in pipeline order: `sdlora --help` lists them so (Typer keeps
 # the order commands are registered in). Add a line here when a verb's module lands.
@@ -101,16 +102,19 @@ def _root(
 
 
 def _one_line_errors(fn):
-    """Print an SdloraError as one red line on stderr and exit 1 (traceback with --debug)."""
+    """Print an SdloraError, or an OSError of a write the user can fix (full disk, read-only or
+    unwritable place: `fsutil.write_problem`), as one red line on stderr and exit 1 (traceback
+    with --debug). Every verb goes through here, so none needs its own handler."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except SdloraError as exc:
-            if os.environ.get("SDLORA_DEBUG"):
+        except (SdloraError, OSError) as exc:
+            line = str(exc) if isinstance(exc, SdloraError) else write_problem(exc)
+            if line is None or os.environ.get("SDLORA_DEBUG"):
                 raise
-            err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

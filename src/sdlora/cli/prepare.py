@@ -107,7 +107,7 @@ def prepare(
         raise
     _render(result)
     seconds = time.perf_counter() - start
-    what = {"new": "wrote", "update": "updated", "replace": "replaced"}[result.mode]
+    what = {"new": "wrote", "update": "updated", "replace": "replaced", "resume": "finished"}[result.mode]
     at = f"at {resolution} px"
     if keep_aspect:
         at = f"in {len(result.size_counts())} sizes of about {resolution}x{resolution} px area"

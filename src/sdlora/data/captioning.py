@@ -20,14 +20,15 @@ from sdlora.data.captions import (
     dataset_images,
     has_token,
     insert_token,
-    read_captions,
+    parse_captions,
     render_template,
     update_captions,
 )
 from sdlora.data.manifest import CAPTIONS, IMAGES, MANIFEST, load_manifest
 from sdlora.errors import DataError
 from sdlora.events import ProgressFn
-from sdlora.fsutil import write_json
+from sdlora.fsutil import remove_stale_tmp, write_json
+from sdlora.locks import folder_lock
 
 # An image-to-text model: image paths (+ progress callback) -> one raw caption per image.
 Captioner = Callable[[Sequence[Path], Optional[ProgressFn]], list[str]]
@@ -45,6 +46,7 @@ class CaptionResult:
     unmatched: list[tuple[str, str]] = field(default_factory=list)  # import lines that gave no caption
     stray: list[str] = field(default_factory=list)  # caption lines for images not in the dataset (left alone)
     class_word_changed_from: str | None = None  # manifest.json's class word before --class-word
+    repeated: dict[str, list[int]] = field(default_factory=dict)  # image -> its line numbers, when listed twice
 
 
 def _set_manifest_class_word(dataset_dir: Path, class_word: str) -> None:
@@ -67,12 +69,30 @@ def caption_dataset(
 ) -> CaptionResult:
     """Give every image of the dataset a caption carrying the token; write captions.txt atomically.
 
+    Holds the dataset's lock (sdlora.locks) while it reads and writes, so a second `caption` or a
+    `prepare` of the same folder fails at once in one line naming this process.
+
     Images without a caption (or with a template caption, as `prepare` writes them) get one from
     `source` (an import), `captioner` (a model), or else the template. Captions a user wrote are
     kept (the token is inserted where missing) unless `overwrite`. Everything is read and
     checked before anything is written, so bad input leaves the dataset as it was.
     """
     dataset_dir = Path(dataset_dir)
+    load_manifest(dataset_dir)  # a missing or unfinished dataset is refused before the lock creates anything
+    with folder_lock(dataset_dir, "caption"):
+        remove_stale_tmp(dataset_dir)  # temp files of writes a kill cut short
+        return _caption(dataset_dir, class_word, template, source, captioner, overwrite, on_progress)
+
+
+def _caption(
+    dataset_dir: Path,
+    class_word: str | None,
+    template: str | None,
+    source: str | Path | None,
+    captioner: Captioner | None,
+    overwrite: bool,
+    on_progress: ProgressFn | None,
+) -> CaptionResult:
     manifest = load_manifest(dataset_dir)
     images = dataset_images(dataset_dir, manifest)
     if not images:
@@ -83,7 +103,8 @@ def caption_dataset(
     word = check_class_word(class_word) if class_word is not None else manifest.class_word
     fill = render_template(template or DEFAULT_TEMPLATE, token, word)
     path = dataset_dir / CAPTIONS
-    existing = read_captions(path) if path.exists() else {}
+    lines = parse_captions(path) if path.exists() else []
+    existing = {line.file: line.caption for line in lines}  # the last line wins, as train reads it
     # Template captions (from `prepare`, or an earlier run with another class word) are not
     # the user's words: replacing them loses nothing.
     placeholders = {
@@ -92,6 +113,9 @@ def caption_dataset(
         fill.lower(),
     }
     result = CaptionResult(path, token, word, stray=sorted(set(existing) - set(images)))
+    for line in lines:
+        result.repeated.setdefault(line.file, []).append(line.line_no)
+    result.repeated = {name: nos for name, nos in result.repeated.items() if len(nos) > 1}
     own = {  # captions the user wrote (not empty, not a template)
         name: existing[name]
         for name in images

@@ -22,6 +22,7 @@ geometry (size and crop, data/buckets.py `geometry`) so `train` need not compute
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -44,7 +45,7 @@ from sdlora.data.captions import (
 from sdlora.data.decode import Decoded, Decoder, Job, decode, warm
 from sdlora.data.dedupe import NEAR_DUPLICATE_BITS, Candidate, find_duplicates
 from sdlora.data.manifest import CAPTIONS, DEFAULT_CLASS, DEFAULT_TOKEN, IMAGES, ImageRecord, Manifest
-from sdlora.data.outdir import check_out_dir, dataset_source_id, remove_stale
+from sdlora.data.outdir import check_out_dir, dataset_source_id, mark_complete, mark_incomplete, remove_stale
 from sdlora.data.sources import (
     MAX_ZIP_RATIO,
     MAX_ZIP_TOTAL,
@@ -56,7 +57,8 @@ from sdlora.data.sources import (
 )
 from sdlora.errors import ConfigError, DataError
 from sdlora.events import ProgressFn, no_progress
-from sdlora.fsutil import write_bytes, write_json
+from sdlora.fsutil import check_writable, remove_stale_tmp, write_bytes, write_json
+from sdlora.locks import folder_lock
 
 __all__ = ["NoUsableImages", "Options", "PrepareResult", "SourceFile", "Skipped", "list_source", "prepare_dataset"]
 
@@ -240,16 +242,42 @@ def prepare_dataset(
         raise ConfigError(f"--workers {workers}: use 1 or more")
     out_dir = Path(out_dir).expanduser()
     source_id = dataset_source_id(source)
-    mode, old = check_out_dir(out_dir, source_id, force)
-    report = on_progress or no_progress
+    check_out_dir(out_dir, source_id, force)  # refuse a folder that is not ours before creating anything
+    created = not out_dir.exists()
+    check_writable(out_dir)  # a read-only or full --out fails now, not after decoding
+    try:
+        with folder_lock(out_dir, "prepare"):
+            remove_stale_tmp(out_dir)  # temp files of writes a kill cut short
+            mode, old = check_out_dir(out_dir, source_id, force)
+            return _prepare(
+                source, source_id, out_dir, mode, old, opts, workers, on_progress, max_zip_total, max_zip_ratio
+            )
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only when empty: nothing was written
 
+
+def _prepare(
+    source: str,
+    source_id: str,
+    out_dir: Path,
+    mode: str,
+    old: Manifest | None,
+    opts: Options,
+    workers: int,
+    on_progress: ProgressFn | None,
+    max_zip_total: int,
+    max_zip_ratio: float,
+) -> PrepareResult:
+    report = on_progress or no_progress
     files, skipped = list_source(
         source, exclude=out_dir, on_progress=on_progress, max_zip_total=max_zip_total, max_zip_ratio=max_zip_ratio
     )
 
     # Checksum every file (the manifest records it, the cache is addressed by it) and hand each
     # new one to the decoder at once, so decoding overlaps reading.
-    cache = _load_cache(out_dir) if mode == "update" else {}
+    cache = _load_cache(out_dir) if mode in ("update", "resume") else {}
     images_dir = out_dir / IMAGES
     shas: dict[str, str] = {}
     first_by_sha: dict[str, str] = {}
@@ -272,7 +300,7 @@ def prepare_dataset(
             if sha in first_by_sha:  # byte-identical copies are one image, whatever the options
                 skipped.append(Skipped(src.name, DUPLICATE, f"same bytes as {first_by_sha[sha]}"))
                 continue
-            shas[src.name] = first_by_sha[sha] = sha
+            shas[src.name], first_by_sha[sha] = sha, src.name
             unique.append(src)
             key = opts.image_key(sha)
             entry = cache.get(key)
@@ -344,7 +372,10 @@ def prepare_dataset(
         out_dir, records, old if mode == "update" else None, opts
     )
 
-    # Write: new images, captions, manifest (the switch), cache; then remove what is gone.
+    # Write: the marker, new images, captions, manifest (the switch), cache; then remove what is
+    # gone, and the marker. A kill anywhere before the end leaves the marker: readers refuse the
+    # folder and the same command finishes it.
+    mark_incomplete(out_dir, source_id)
     for src, rec in zip(usable, records):
         png = results[src.name].png
         if png is not None:
@@ -380,6 +411,7 @@ def prepare_dataset(
     entries = {res.key: res.cache_entry() for res in results.values()}
     write_json(out_dir / CACHE_FILE, {"version": PIPELINE_VERSION, "entries": entries})
     result.removed = remove_stale(images_dir, old, set(names), mode)
+    mark_complete(out_dir)
     return result
 
 

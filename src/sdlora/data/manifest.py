@@ -21,6 +21,7 @@ from sdlora.fsutil import write_json
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 CAPTIONS = "captions.txt"
+INCOMPLETE = ".sdlora-incomplete"  # written first and removed last by `prepare` (data/outdir.py)
 IMAGES = "images"
 DEFAULT_TOKEN = "sksToy"
 DEFAULT_CLASS = "toy"
@@ -111,13 +112,27 @@ class Manifest:
         write_json(Path(dataset_dir) / MANIFEST, self.to_json())
 
 
-def load_manifest(dataset_dir: str | Path) -> Manifest:
-    """Read and check `dataset_dir/manifest.json`; one clear error if it is missing or bad."""
+def load_manifest(dataset_dir: str | Path, *, allow_incomplete: bool = False) -> Manifest:
+    """Read and check `dataset_dir/manifest.json`; one clear error if it is missing or bad.
+
+    A dataset that `prepare` began and has not finished (its marker INCOMPLETE is there: it is
+    running, or was killed between writing captions.txt and manifest.json) is refused, so no
+    reader sees new captions with an old manifest; `prepare` itself reads it with `allow_incomplete`.
+    """
     dataset_dir = Path(dataset_dir)
     path = dataset_dir / MANIFEST
     if not dataset_dir.is_dir():
         raise DataError(
             f"{dataset_dir}: no such dataset folder (run `sdlora prepare PHOTOS --out {dataset_dir}` first)"
+        )
+    if not allow_incomplete and (dataset_dir / INCOMPLETE).is_file():
+        try:
+            source = json.loads((dataset_dir / INCOMPLETE).read_text(encoding="utf-8")).get("source") or "PHOTOS"
+        except (OSError, ValueError, AttributeError):
+            source = "PHOTOS"
+        raise DataError(
+            f"{dataset_dir}: `sdlora prepare` has not finished writing this dataset (still running, or stopped); "
+            f"run `sdlora prepare {source} --out {dataset_dir}` again to finish it"
         )
     if not path.is_file():
         raise DataError(f"{path}: missing; {dataset_dir} is not a prepared dataset (run `sdlora prepare` first)")
