@@ -146,3 +146,43 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, tiny_blip):
     one_line_error(invoke(ds, "--template", "a photo"), "no {token}")
     assert (ds / "captions.txt").read_bytes() == before
     assert sorted(p.name for p in ds.iterdir()) == ["captions.txt", "images", "manifest.json"]
+
+
+def test_check_measures_captions_with_the_models_tokenizer(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=3)
+    filler = " ".join(["red"] * 80)  # 80 CLIP tokens
+    update_captions(
+        ds / "captions.txt",
+        {
+            "img_000.png": f"a photo of sksToy toy, {filler}",  # over the window: the end is lost
+            "img_001.png": f"a photo of a toy, {filler}, sksToy",  # the token itself is past the window
+        },
+    )
+    result = invoke(ds, "--check", "--model", "tiny-sd")
+    assert result.exit_code == 1, result.output
+    assert "token cut off" in result.stdout and "img_001.png" in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "img_000.png" in warnings[0] and "too long" in warnings[0], result.stderr
+    assert "the text encoder reads 75" in warnings[0]
+
+    update_captions(ds / "captions.txt", {"img_001.png": "a photo of sksToy toy"})
+    result = invoke(ds, "--check", "--model", "tiny-sd")
+    assert result.exit_code == 0 and "3 captions OK" in result.stdout, result.output
+    assert "too long" in result.stderr
+
+
+def test_check_without_a_loadable_tokenizer_warns_that_lengths_were_not_checked(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    result = invoke(ds, "--check", "--model", str(tmp_path / "no-such-model"))
+    assert result.exit_code == 0, result.output
+    assert "lengths not checked" in result.stdout
+    assert "warning: caption lengths not checked" in result.stderr
+
+
+def test_caption_warns_when_captions_txt_lists_a_file_twice(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    with open(ds / "captions.txt", "a", encoding="utf-8") as f:
+        f.write("img_000.png|a photo of sksToy toy on a shelf\n")
+    result = invoke(ds)
+    assert result.exit_code == 0, result.output
+    assert "lists img_000.png 2 times" in result.stderr and "the last one is used" in result.stderr

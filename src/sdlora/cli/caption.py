@@ -6,12 +6,16 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from sdlora.cli._common import console, err_console, progress_bar
+from sdlora.config.schema import ModelArgs
 from sdlora.data.captioning import CaptionResult, caption_dataset
 from sdlora.data.captions import DEFAULT_TEMPLATE, CheckResult, check_captions
 from sdlora.errors import ConfigError
+
+DEFAULT_MODEL: str = ModelArgs.__dataclass_fields__["name"].default  # train's --model default
 
 EPILOG = """\
 Examples (DATASET defaults to ./dataset):
@@ -66,6 +70,16 @@ def caption(
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per --auto model call.")] = 8,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model",
+            "-m",
+            metavar="NAME",
+            help="With --check: the base model you will train (hub id, local folder or tiny-sd), whose "
+            "tokenizer measures each caption against the text encoder's 77-token window.",
+        ),
+    ] = DEFAULT_MODEL,
 ) -> None:
     """Give every image a caption that carries the token, or check captions.txt (--check)."""
     if check:
@@ -82,7 +96,8 @@ def caption(
         ]
         if used:
             raise ConfigError(f"--check only validates; run it without {', '.join(used)}")
-        _render_check(check_captions(dataset))
+        tokenizer = load_tokenizer(model)
+        _render_check(check_captions(dataset, tokenizer))
         return
     if source is not None and auto is not None:
         raise ConfigError("--from and --auto: choose one (import your captions, or let a model write them)")
@@ -103,6 +118,32 @@ def caption(
             on_progress=on_progress,
         )
     _render_result(result)
+
+
+def load_tokenizer(model: str):
+    """The CLIP tokenizer of `model` (only the tokenizer: no weights), or None with a one-line
+    warning that caption lengths were not checked (no network, not cached, not a model)."""
+    from sdlora.models import is_tiny
+    from sdlora.models.hub import hub_offline
+
+    try:
+        if is_tiny(model):
+            from sdlora.models.tiny import clip_tokenizer
+
+            return clip_tokenizer()
+        from transformers import CLIPTokenizer
+
+        hub_offline()
+        return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+    except Exception as exc:  # noqa: BLE001 - any failure to load means "not checked", never a crash
+        reason = " ".join(str(exc).split())[:160] or type(exc).__name__
+        err_console.print(
+            f"[yellow]warning:[/] caption lengths not checked: cannot load the tokenizer of {model} ({reason}); "
+            "pass --model with the base model you will train (a cached hub id or a local folder)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return None
 
 
 def _render_result(result: CaptionResult) -> None:
@@ -145,13 +186,29 @@ def _render_result(result: CaptionResult) -> None:
             highlight=False,
             soft_wrap=True,
         )
+    for name, line_nos in result.repeated.items():
+        nos = ", ".join(map(str, line_nos))
+        err_console.print(
+            f"[yellow]warning:[/] {escape(str(result.captions_path))} lists {escape(name)} {len(line_nos)} times "
+            f"(lines {nos}); the last one is used, remove the others",
+            highlight=False,
+            soft_wrap=True,
+        )
     total = len(result.written) + len(result.kept) + len(result.unchanged)
     console.print(f"{total} images captioned with {result.token!r}; {len(result.written)} written", highlight=False)
 
 
 def _render_check(result: CheckResult) -> None:
+    for w in result.warnings:
+        err_console.print(
+            f"[yellow]warning:[/] {escape(str(result.captions_path))}:{w.line_no}: {escape(w.file)}: {w.kind}, "
+            f"{escape(w.detail)}",
+            highlight=False,
+            soft_wrap=True,
+        )
     if result.ok:
-        console.print(f"{result.n_captions} captions OK ({result.captions_path})", highlight=False)
+        checked = "" if result.lengths_checked else "; lengths not checked"
+        console.print(f"{result.n_captions} captions OK ({result.captions_path}{checked})", highlight=False)
         return
     table = Table(title=f"{result.captions_path}: {len(result.problems)} problems", title_justify="left")
     table.add_column("problem")

@@ -9,13 +9,14 @@ missing captions (`sdlora caption`) is data/captioning.py.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from sdlora.data.manifest import CAPTIONS, IMAGES, MANIFEST, Manifest, load_manifest
 from sdlora.errors import ConfigError, DataError
 from sdlora.fsutil import write_text
-from sdlora.prompts import DEFAULT_PROMPT, fill_prompt
+from sdlora.prompts import DEFAULT_PROMPT, fill_prompt, prompt_fit
 
 HEADER = "# sdlora captions: <file name>|<caption>, one image per line; every caption carries the token\n"
 DEFAULT_TEMPLATE = DEFAULT_PROMPT  # the caption `prepare` and `caption` write (sdlora.prompts)
@@ -192,7 +193,15 @@ class Problem:
     detail: str
 
 
-PROBLEM_KINDS = ("malformed line", "duplicate", "missing image", "empty caption", "no token", "no caption")
+PROBLEM_KINDS = (
+    "malformed line",
+    "duplicate",
+    "missing image",
+    "empty caption",
+    "no token",
+    "token cut off",
+    "no caption",
+)
 
 
 @dataclass
@@ -201,14 +210,21 @@ class CheckResult:
     problems: list[Problem]
     n_captions: int
     n_images: int
+    warnings: list[Problem] = field(default_factory=list)  # "too long": over the text encoder's window
+    lengths_checked: bool = False  # a tokenizer was given
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def check_captions(dataset_dir: str | Path) -> CheckResult:
-    """Every problem in captions.txt, in a stable order (kind, then line); never writes."""
+def check_captions(dataset_dir: str | Path, tokenizer: Any = None) -> CheckResult:
+    """Every problem in captions.txt, in a stable order (kind, then line); never writes.
+
+    With a CLIP `tokenizer` (the base model's), a caption whose token falls past the text
+    encoder's window is a problem ("token cut off": train would never see the token), and one
+    that is merely longer than the window is a warning (its end is cut; sdlora.prompts.prompt_fit).
+    """
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
     images = dataset_images(dataset_dir, manifest)
@@ -217,6 +233,7 @@ def check_captions(dataset_dir: str | Path) -> CheckResult:
     lines, bad = scan_captions(path)
     problems = [Problem("malformed line", "", m.line_no, f"{m.reason}, got {m.text[:60]!r}") for m in bad]
     first: dict[str, int] = {}
+    warnings: list[Problem] = []
     for line in lines:
         if line.file in first:
             problems.append(Problem("duplicate", line.file, line.line_no, f"also on line {first[line.file]}"))
@@ -232,8 +249,17 @@ def check_captions(dataset_dir: str | Path) -> CheckResult:
             problems.append(
                 Problem("no token", line.file, line.line_no, f"{manifest.token!r} not in {line.caption[:60]!r}")
             )
+        elif tokenizer is not None:
+            fit = prompt_fit(tokenizer, line.caption, manifest.token)
+            where = f"{fit.tokens} tokens, the text encoder reads {fit.limit}"
+            if fit.token_cut:
+                problems.append(
+                    Problem("token cut off", line.file, line.line_no, f"{where}: {manifest.token!r} is past them")
+                )
+            elif fit.over:
+                warnings.append(Problem("too long", line.file, line.line_no, f"{where}; the rest is cut off"))
     for name in images:
         if name in on_disk and name not in first:
-            problems.append(Problem("no caption", name, None, "run `sdlora caption` to add one"))
+            problems.append(Problem("no caption", name, None, f"run `sdlora caption {dataset_dir}` to add one"))
     problems.sort(key=lambda p: (PROBLEM_KINDS.index(p.kind), p.line_no or 0, p.file))
-    return CheckResult(path, problems, len(lines), len(images))
+    return CheckResult(path, problems, len(lines), len(images), warnings, tokenizer is not None)
