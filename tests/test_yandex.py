@@ -423,3 +423,77 @@ def test_traversal_names_stay_inside_the_cache(fake: FakeYandex, tmp_path: Path)
     outside = [p for p in tmp_path.rglob("*") if p.is_file() and not p.resolve().is_relative_to(cache.resolve())]
     assert outside == []
     assert (root / "_" / "z.png").read_bytes() == blob(7)  # the ".." folder became "_"
+
+
+# ---- servers that never answer ------------------------------------------------------------------
+
+
+@pytest.fixture
+def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdlora.data import yandex_api
+
+    monkeypatch.setattr(yandex_api, "CONNECT_TIMEOUT", 0.5, raising=False)
+    monkeypatch.setattr(yandex_api, "READ_TIMEOUT", 0.3, raising=False)
+    monkeypatch.setattr(yandex_api, "REQUEST_DEADLINE", 1.5, raising=False)
+
+
+def _within(seconds: float, fn):
+    """fn()'s exception, failing the test (instead of hanging it) if it takes longer than `seconds`."""
+    import threading
+
+    out: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            fn()
+            out.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    start = time.monotonic()
+    thread.start()
+    thread.join(seconds)
+    assert out, f"still waiting after {seconds} s"
+    return out[0], time.monotonic() - start
+
+
+def test_a_server_that_accepts_and_never_answers_fails_fast_saying_so(tmp_path: Path, short_timeouts) -> None:
+    from yandex_stub import SilentServer
+
+    silent = SilentServer()
+    try:
+        # The default retries (5) and backoff: the request deadline, not the retry count, ends it.
+        exc, took = _within(8, lambda: download_public(FOLDER, tmp_path, api_base=silent.base))
+    finally:
+        silent.close()
+    assert isinstance(exc, DownloadError), exc
+    message = str(exc)
+    assert "\n" not in message and "read timed out" in message and "sent no answer within 0.3 s" in message
+    assert took < 3.0 and silent.accepted <= 4
+
+
+def test_a_name_that_does_not_resolve_is_not_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups = []
+
+    def no_dns(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    exc, took = _within(8, lambda: download_public(FOLDER, tmp_path, api_base="http://api.invalid"))
+    assert isinstance(exc, DownloadError), exc
+    assert "DNS lookup failed" in str(exc) and "cannot reach Yandex Disk at http://api.invalid" in str(exc)
+    assert lookups == ["api.invalid"] and took < 2.0
+
+
+def test_the_listing_has_an_overall_deadline(fake: FakeYandex, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sdlora.data import yandex_api
+
+    fake.add_folder(FOLDER, {f"d{i}": {"a.png": blob(i)} for i in range(3)})
+    clock = iter(range(0, 10_000, 50))  # every look at the clock: 50 s later
+    monkeypatch.setattr(yandex_api.time, "monotonic", lambda: float(next(clock)))
+    monkeypatch.setattr(yandex_api, "LISTING_DEADLINE", 120.0, raising=False)
+    with pytest.raises(DownloadError) as exc:
+        download_public(FOLDER, tmp_path, api_base=fake.base, **FAST)
+    assert "took over 120 s" in one_line(exc)

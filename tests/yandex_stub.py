@@ -273,3 +273,36 @@ class FakeYandex:
                 self.wfile.write(body)
 
         return Handler
+
+
+class SilentServer:
+    """A loopback server that accepts every connection and never sends a byte (a hung or
+    firewalled-by-a-proxy server). `base` is the api_base to pass; `accepted` counts connections."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.accepted = 0
+        self.conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        self.sock.settimeout(0.05)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.accepted += 1
+            self.conns.append(conn)  # held open, never answered
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        for conn in self.conns:
+            conn.close()
+        self.sock.close()

@@ -39,14 +39,15 @@ from sdlora.data.yandex_api import (
     DEFAULT_BACKOFF_FACTOR,
     DEFAULT_PAGE_SIZE,
     DEFAULT_RETRIES,
-    DEFAULT_TIMEOUT,
     ApiClient,
     PublicLink,
     is_yandex_link,
     make_session,
+    network_cause,
     parse_public_link,
     safe_component,
     status_error,
+    timed_get,
 )
 from sdlora.errors import DownloadError
 from sdlora.events import ProgressFn
@@ -110,7 +111,7 @@ class _Downloader:
         on_progress: ProgressFn | None,
         retries: int,
         backoff_factor: float,
-        timeout: float | tuple[float, float],
+        timeout: float | tuple[float, float] | None,
         page_size: int,
         workers: int,
         include: Callable[[str], bool] | None,
@@ -238,7 +239,7 @@ class _Downloader:
                 if drops > MAX_RESUMES or stalls >= 2:
                     raise DownloadError(
                         f"download of {remote.url} kept breaking off ({drops} times, "
-                        f"last: {type(exc).__name__}); check the network and run the same "
+                        f"last: {network_cause(exc)}); check the network and run the same "
                         "command again to resume it"
                     ) from None
                 time.sleep(self.backoff_factor * drops)
@@ -252,7 +253,7 @@ class _Downloader:
     def _stream(self, href: str, headers: dict[str, str], have: int, planned: _Planned) -> bool:
         """One GET of the file; True when the partial file is complete."""
         remote, part = planned.remote, planned.partial
-        with self.session.get(href, headers=headers, stream=True, timeout=self.timeout) as resp:
+        with timed_get(self.session, href, headers=headers, stream=True, timeout=self.timeout) as resp:
             if resp.status_code == 416:  # our partial file is not a prefix the server knows
                 part.unlink(missing_ok=True)
                 return False
@@ -342,7 +343,7 @@ def download_public(
     on_progress: ProgressFn | None = None,
     retries: int = DEFAULT_RETRIES,
     backoff_factor: float = DEFAULT_BACKOFF_FACTOR,
-    timeout: float | tuple[float, float] = DEFAULT_TIMEOUT,
+    timeout: float | tuple[float, float] | None = None,
     page_size: int = DEFAULT_PAGE_SIZE,
     workers: int = DEFAULT_WORKERS,
     include: Callable[[str], bool] | None = None,
@@ -351,7 +352,8 @@ def download_public(
 
     Returns the verified files in the cache, sorted by local path. Files verified by an earlier
     call are not downloaded again. `api_base` defaults to $SDLORA_YANDEX_API or
-    https://cloud-api.yandex.net. Progress: on_progress("download", bytes_done, bytes_total).
+    https://cloud-api.yandex.net. `timeout` (connect, read) defaults to yandex_api's CONNECT_TIMEOUT
+    and READ_TIMEOUT; each request and its retries end within REQUEST_DEADLINE. Progress: on_progress("download", bytes_done, bytes_total).
     Raises DownloadError (one line) for a malformed link, 404, 403, a download limit (429 that
     persists), an empty folder, an unreachable network, or a file that fails verification twice.
     `include(name)` (optional) picks which files of a folder to download, e.g. by extension, so a

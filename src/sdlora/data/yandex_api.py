@@ -9,7 +9,12 @@ The API needs no token:
         -> {"href": ...}; GET href streams the bytes
 
 Every request retries connection errors, 429 and 5xx (urllib3, Retry-After capped), and every
-failure is one DownloadError line. Remote names are untrusted: the listing gives each file a
+failure is one DownloadError line that says what failed (DNS lookup, connect, no answer).
+A server that accepts and never answers, or a network that drops packets, cannot hold the user
+long: each attempt has a connect and a read timeout (CONNECT_TIMEOUT, READ_TIMEOUT), retries of
+an attempt that failed stop once REQUEST_DEADLINE seconds would pass, a name that does not
+resolve is not retried, and the whole listing of a link has LISTING_DEADLINE seconds. Tests set
+these module constants lower. Remote names are untrusted: the listing gives each file a
 local relative path whose components are sanitised on their own (`/`, `\\`, NUL, control
 characters and characters Windows forbids become `_`; `.`/`..` and empty names become `_`;
 clashing names get a `~2` suffix). Downloading and verifying the files is data/yandex.py.
@@ -18,6 +23,9 @@ clashing names get a `~2` suffix). Downloading and verifying the files is data/y
 from __future__ import annotations
 
 import re
+import socket
+import threading
+import time
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,6 +33,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import requests
 from requests.adapters import HTTPAdapter
+from urllib3.exceptions import MaxRetryError, NameResolutionError
 from urllib3.util.retry import Retry
 
 from sdlora.errors import DownloadError
@@ -35,7 +44,10 @@ API_ENV = "SDLORA_YANDEX_API"
 DEFAULT_RETRIES = 5  # per request, for connection/read errors, 429 and 5xx
 DEFAULT_BACKOFF_FACTOR = 0.5  # seconds; urllib3 sleeps factor * 2**(n-1) between retries
 MAX_RETRY_AFTER = 30.0  # a longer Retry-After means "come back later": don't hang for hours
-DEFAULT_TIMEOUT = (10.0, 60.0)  # (connect, read) seconds
+CONNECT_TIMEOUT = 5.0  # seconds to open a connection (a TCP handshake takes well under one)
+READ_TIMEOUT = 10.0  # seconds of silence from a connected server (the API answers in under one)
+REQUEST_DEADLINE = 30.0  # seconds for one request, its retries included (not Retry-After waits)
+LISTING_DEADLINE = 120.0  # seconds for the whole listing of a link, every folder and page
 DEFAULT_PAGE_SIZE = 100  # items per listing request (the API's own default is 20)
 MAX_DEPTH = 32  # sub-folder nesting we follow (guards against a looping listing)
 
@@ -133,12 +145,44 @@ def _dedupe(name: str, taken: set[str]) -> str:
     return candidate
 
 
+def default_timeout() -> tuple[float, float]:
+    """(connect, read) seconds for each attempt, read when the request is made (tests lower them)."""
+    return (CONNECT_TIMEOUT, READ_TIMEOUT)
+
+
+_deadline = threading.local()  # .at: monotonic time after which a failed attempt is not retried
+
+
 class _CappedRetry(Retry):
-    """urllib3 Retry whose Retry-After wait is capped at MAX_RETRY_AFTER seconds."""
+    """urllib3 Retry whose Retry-After wait is capped at MAX_RETRY_AFTER seconds, that does not
+    retry a name that does not resolve, and that stops retrying errors once another attempt
+    could not finish before the request's deadline (`timed_get`)."""
 
     def get_retry_after(self, response: Any) -> float | None:
         seconds = super().get_retry_after(response)
         return None if seconds is None else min(seconds, MAX_RETRY_AFTER)
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # type: ignore[override]
+        if isinstance(error, NameResolutionError):
+            raise MaxRetryError(_pool, url, error) from error  # DNS: asking again gives the same answer
+        new = super().increment(method, url, response, error, _pool, _stacktrace)
+        end = getattr(_deadline, "at", None)
+        if error is not None and end is not None:
+            attempt = sum(default_timeout())
+            if time.monotonic() + new.get_backoff_time() + attempt > end:
+                raise MaxRetryError(_pool, url, error) from error
+        return new
+
+
+def timed_get(session: requests.Session, url: str, *, end: float | None = None, **kwargs: Any) -> requests.Response:
+    """`session.get` with the connect/read timeouts and a deadline for its retries: REQUEST_DEADLINE
+    seconds from now, or `end` (a time.monotonic() value) when that is sooner."""
+    end_at = time.monotonic() + REQUEST_DEADLINE
+    _deadline.at = end_at if end is None else min(end, end_at)
+    try:
+        return session.get(url, timeout=kwargs.pop("timeout", None) or default_timeout(), **kwargs)
+    finally:
+        _deadline.at = None
 
 
 def make_session(retries: int, backoff_factor: float, pool: int) -> requests.Session:
@@ -192,10 +236,44 @@ def status_error(resp: requests.Response, link: str, what: str) -> DownloadError
     return DownloadError(f"Yandex Disk refused the {what} ({code}{extra}): {link}")
 
 
+def _chain(exc: BaseException | None):
+    """`exc` and what it wraps: requests' args, urllib3's MaxRetryError.reason, causes, contexts."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [getattr(e, "reason", None), e.__cause__, e.__context__]
+        todo += [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+
+
+def network_cause(exc: BaseException) -> str:
+    """What went wrong on the network, in words: DNS lookup, connect, no answer, refused."""
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError, ReadTimeoutError
+
+    chain = list(_chain(exc))
+    connect, read = default_timeout()
+    if any(isinstance(e, (NameResolutionError, socket.gaierror)) for e in chain):
+        return "DNS lookup failed: the host name does not resolve"
+    if any(isinstance(e, (ReadTimeoutError, requests.ReadTimeout)) for e in chain):
+        return f"read timed out: the server accepted the connection but sent no answer within {read:g} s"
+    if any(isinstance(e, NewConnectionError) for e in chain):
+        if any(isinstance(e, ConnectionRefusedError) for e in chain) or "refused" in str(exc).lower():
+            return "connection refused"
+        return "connection failed"
+    if any(isinstance(e, (ConnectTimeoutError, requests.ConnectTimeout)) for e in chain):
+        return f"connect timed out: no connection within {connect:g} s"
+    if isinstance(exc, requests.Timeout):
+        return "timed out"
+    return "connection failed"
+
+
 def unreachable(api: str, exc: BaseException) -> DownloadError:
-    reason = "timed out" if isinstance(exc, requests.Timeout) else "connection failed"
     return DownloadError(
-        f"cannot reach Yandex Disk at {api} ({reason}; network unreachable or blocked); "
+        f"cannot reach Yandex Disk at {api} ({network_cause(exc)}; network unreachable or blocked); "
         "check the connection, or download the photos yourself and pass the local folder "
         "or .zip to `sdlora prepare`"
     )
@@ -220,7 +298,7 @@ class ApiClient:
         api: str,
         session: requests.Session,
         *,
-        timeout: float | tuple[float, float],
+        timeout: float | tuple[float, float] | None,
         page_size: int,
         include: Callable[[str], bool] | None,
     ) -> None:
@@ -228,11 +306,24 @@ class ApiClient:
         self.session, self.timeout, self.page_size = session, timeout, max(1, page_size)
         self.include = include
         self.skipped: list[str] = []  # remote names `include` turned down
+        self._listing_end: float | None = None  # time.monotonic() deadline while listing
 
     def _get(self, endpoint: str, params: dict[str, Any], what: str) -> dict[str, Any]:
         url = f"{self.api}/v1/disk/public/resources{endpoint}"
+        end = self._listing_end
+        if end is not None and time.monotonic() >= end:
+            raise DownloadError(
+                f"listing {self.original} took over {LISTING_DEADLINE:g} s (Yandex Disk at {self.api} is very "
+                "slow); try later, or download the photos yourself and pass the local folder or .zip"
+            )
         try:
-            resp = self.session.get(url, params={"public_key": self.link.public_key, **params}, timeout=self.timeout)
+            resp = timed_get(
+                self.session,
+                url,
+                end=end,
+                params={"public_key": self.link.public_key, **params},
+                timeout=self.timeout,
+            )
         except requests.RequestException as exc:
             raise unreachable(self.api, exc) from None
         if resp.status_code != 200:
@@ -249,6 +340,13 @@ class ApiClient:
         return body
 
     def list_files(self) -> list[Listed]:
+        self._listing_end = time.monotonic() + LISTING_DEADLINE
+        try:
+            return self._list_files()
+        finally:
+            self._listing_end = None
+
+    def _list_files(self) -> list[Listed]:
         params = {"path": self.link.path} if self.link.path else {}
         meta = self._get("", {**params, "limit": self.page_size, "offset": 0}, "link")
         # A sub-path opened in the link keeps its place in the cache, so the same file is shared.
