@@ -530,3 +530,113 @@ def test_example_photos_are_what_the_generator_renders(tmp_path):
     for path in written:
         assert corr(small_thumb(Image.open(path)), small_thumb(Image.open(examples / path.name))) > 0.99
     assert Image.open(written[1]).info.get("original_orientation") == make_photos.SIDEWAYS[sideways]
+
+
+# ---------------------------------------------------------------------------- unusable inputs get their row
+
+
+def test_duplicate_row_names_the_other_photo(tmp_path):
+    src = tmp_path / "photos"
+    save(photo(1), src / "a.png")
+    (src / "b_copy.png").write_bytes((src / "a.png").read_bytes())
+    save(photo(2), src / "c.png")
+    result = prepare_dataset(str(src), tmp_path / "ds", resolution=64, workers=1)
+    (dup,) = [s for s in result.skipped if s.name == "b_copy.png"]
+    assert dup.reason == "duplicate" and dup.detail == "same bytes as a.png"
+
+
+def test_unreadable_folders_and_links_each_get_a_row(tmp_path, monkeypatch):
+    import os
+
+    src = tmp_path / "photos"
+    save(photo(1), src / "a.png")
+    save(photo(2), src / "sub" / "b.png")
+    save(photo(3), src / "locked" / "c.png")
+    save(photo(4), tmp_path / "elsewhere" / "d.png")
+    (src / "sub" / "loop").symlink_to(src)  # a link back up the tree
+    (src / "linked").symlink_to(tmp_path / "elsewhere")  # a link to a folder outside: followed
+    (src / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")
+    (src / "self.jpg").symlink_to(src / "self.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if Path(path) == src / "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)  # root reads every folder: refuse one
+    result = prepare_dataset(str(src), tmp_path / "ds", resolution=64, workers=1)
+    assert sorted(r.source for r in result.records) == ["a.png", "linked/d.png", "sub/b.png"]
+    rows = {s.name: (s.reason, s.detail) for s in result.skipped}
+    assert rows == {
+        "locked/": ("cannot read folder", "Permission denied"),
+        "sub/loop/": ("link loop", "links to a folder above it"),
+        "gone.jpg": ("broken link", f"points to {tmp_path / 'deleted.jpg'}, which does not exist"),
+        "self.jpg": ("link loop", "the link points to itself"),
+    }
+
+
+def test_unreadable_source_folder_says_cannot_read(tmp_path, monkeypatch):
+    import os
+
+    src = tmp_path / "photos"
+    save(photo(1), src / "a.png")
+    real_scandir = os.scandir
+    monkeypatch.setattr(
+        os,
+        "scandir",
+        lambda path=".": (
+            (_ for _ in ()).throw(PermissionError(13, "Permission denied", str(path)))
+            if Path(path) == src
+            else real_scandir(path)
+        ),
+    )
+    with pytest.raises(DataError, match=r"photos: cannot read this folder \(Permission denied\)"):
+        prepare_dataset(str(src), tmp_path / "ds", resolution=64, workers=1)
+
+
+# ---------------------------------------------------------------------------- small inputs that cost a lot
+
+
+def test_zip_is_opened_once_not_per_entry(tmp_path, monkeypatch):
+    from sdlora.data import sources
+
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(12):
+            buf = io.BytesIO()
+            photo(i).save(buf, "PNG")
+            zf.writestr(f"IMG_{i:02d}.png", buf.getvalue())
+    opened = []
+
+    class Counting(zipfile.ZipFile):
+        def __init__(self, *args, **kwargs):
+            opened.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(sources.zipfile, "ZipFile", Counting)
+    result = prepare_dataset(str(archive), tmp_path / "ds", resolution=64, workers=1)
+    assert len(result.records) == 12
+    assert len(opened) <= 3, len(opened)  # listing, reading (+ is_zipfile); was 1 + 2 per entry
+
+
+def test_photo_too_large_for_a_worker_is_a_row_not_a_warning(tmp_path, monkeypatch):
+    import warnings
+
+    from sdlora.data import images
+
+    # The 16-bit 16000x16000 PNG case, scaled down: bounds lowered so a 2000x2000 one is over them.
+    monkeypatch.setattr(images, "MAX_PIXELS", 6_000_000)  # Pillow warns above half of it
+    monkeypatch.setattr(images, "MAX_DECODE_BYTES", 16 << 20, raising=False)
+    src = tmp_path / "photos"
+    big = np.zeros((2000, 2000), dtype=np.uint16)
+    big[::50] = 40000
+    save(Image.fromarray(big), src / "scan16.png")
+    rgb = np.random.default_rng(0).integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+    save(Image.fromarray(rgb).resize((2000, 2000), Image.Resampling.NEAREST), src / "phone.jpg", quality=90)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = prepare_dataset(str(src), tmp_path / "ds", resolution=64, workers=1)
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert [r.source for r in result.records] == ["phone.jpg"]  # a JPEG decodes at 1/8 (draft)
+    assert [(s.name, s.reason, s.detail) for s in result.skipped] == [("scan16.png", "too large", "2000 x 2000 pixels")]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,15 @@ CROPS: tuple[str, ...] = ("center", "pad")
 
 # Room for 200-MP phone photos (16320x12240); Pillow's default refuses anything above ~179 MP.
 MAX_PIXELS = 256_000_000
+# What one decode worker may hold for one photo: the decoded pixels and the conversions to RGB
+# (bytes per pixel of each mode below), after a JPEG's draft (1/2..1/8 scale). A 200-MP JPEG
+# drafts to a few MP; a 48-MP HEIC needs ~150 MB; a 16-bit 16000x16000 PNG (0.5 MB on disk)
+# would need 2.8 GB and is refused as "too large" before it is decoded.
+MAX_DECODE_BYTES = 1 << 30
+_WORK_BYTES_PER_PIXEL = {  # decoded + every copy `_to_rgb` makes
+    "1": 4, "L": 4, "P": 16, "PA": 16, "LA": 15, "La": 15, "RGB": 3, "YCbCr": 6, "RGBA": 15, "RGBa": 15,
+    "CMYK": 7, "LAB": 6, "HSV": 6, "I;16": 11, "I;16B": 11, "I;16L": 11, "I": 13, "F": 8,
+}  # fmt: skip
 # Resize by a cheap integer box-reduce until within 2x of the target, then LANCZOS: Pillow's
 # documented speed/quality trade-off; 2x faster than plain LANCZOS on a 12-MP photo.
 REDUCING_GAP = 2.0
@@ -32,7 +42,7 @@ PNG_COMPRESS_LEVEL = 3  # 3x faster than Pillow's default 6 for ~5% larger files
 EMPTY = "empty file"
 NOT_IMAGE = "not an image"
 CORRUPT = "corrupt or truncated"
-TOO_LARGE = "too many pixels"
+TOO_LARGE = "too large"
 
 _heif_ready = False
 
@@ -160,11 +170,13 @@ def prepare_image(
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS // 2  # Pillow errors at twice this, warns above it
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated photo is reported, not half-grey
     try:
-        img = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # a big photo is judged by `_check_work` below, not by a raw warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise BadImage(NOT_IMAGE) from None
     except Image.DecompressionBombError as exc:
-        raise BadImage(TOO_LARGE, str(exc)) from None
+        raise BadImage(TOO_LARGE, short_error(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a bad file, never a crash
         raise BadImage(CORRUPT, short_error(exc)) from None
     try:
@@ -174,16 +186,32 @@ def prepare_image(
             # so exif_transpose only acts on JPEG/PNG/WebP/TIFF orientation tags: nothing turns twice.
             original = _oriented_size(img)
             _draft(img, scale_factor(original, resolution, crop, keep_aspect))
+            _check_work(img, original)
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no copy of a 12-MP image when upright
             rgb = _to_rgb(img)
             # The bucket comes from the full-size photo: drafting rounds its sides slightly.
             out = cover(rgb, target_size(original, resolution, True)) if keep_aspect else square(rgb, resolution, crop)
-    except Image.DecompressionBombError as exc:
-        raise BadImage(TOO_LARGE, str(exc)) from None
+    except BadImage:
+        raise
+    except Image.DecompressionBombError:
+        raise BadImage(TOO_LARGE, _pixels(original)) from None
     except Exception as exc:  # noqa: BLE001 - truncated data, broken EXIF, decoder errors
         raise BadImage(CORRUPT, short_error(exc)) from None
     return Prepared(out, original, img.format or "?")
+
+
+def _pixels(size: tuple[int, int]) -> str:
+    return f"{size[0]} x {size[1]} pixels"
+
+
+def _check_work(img: Image.Image, original: tuple[int, int]) -> None:
+    """BadImage("too large") when decoding `img` (at its drafted size) would take more than
+    MAX_DECODE_BYTES of one worker's memory, or it has more than MAX_PIXELS pixels."""
+    w, h = img.size
+    work = w * h * _WORK_BYTES_PER_PIXEL.get(img.mode, 16)
+    if work > MAX_DECODE_BYTES or original[0] * original[1] > MAX_PIXELS:
+        raise BadImage(TOO_LARGE, _pixels(original))
 
 
 def _oriented_size(img: Image.Image) -> tuple[int, int]:

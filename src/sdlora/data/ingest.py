@@ -53,6 +53,7 @@ from sdlora.data.sources import (
     Skipped,
     SourceFile,
     checksum,
+    close_archives,
     list_source,
 )
 from sdlora.errors import ConfigError, DataError
@@ -313,6 +314,7 @@ def _prepare(
             results[job.src.name] = res
     finally:
         decoder.close()
+        close_archives()
     jobs = decoder.jobs
 
     # What survives: decodable, big enough, not a duplicate (in source order, first one wins).

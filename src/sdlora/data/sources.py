@@ -7,6 +7,7 @@ Nothing is ever extracted: a zip entry is read from the archive when it is decod
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -27,6 +28,9 @@ SYSTEM_FILE = "system file"
 VIDEO = "video"
 UNSAFE_NAME = "unsafe name in archive"
 UNREADABLE = "unreadable"
+UNREADABLE_FOLDER = "cannot read folder"
+LINK_LOOP = "link loop"
+BROKEN_LINK = "broken link"
 
 _SYSTEM_NAMES = {".ds_store", "thumbs.db", "desktop.ini", ".localized", "icon\r"}
 _VIDEO_SUFFIXES = {".mov", ".mp4", ".m4v", ".avi", ".3gp", ".mkv", ".webm", ".mts"}
@@ -58,20 +62,72 @@ def _skip_by_name(name: str) -> str | None:
 
 
 def _list_folder(root: Path, exclude: Path) -> tuple[list[SourceFile], list[Skipped]]:
+    """Every file under `root`, following links to folders once; what cannot be listed or is a
+    broken link gets its row (a folder it may not read, a link loop, a dangling link)."""
     files, skipped = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
+    try:
+        with os.scandir(root) as entries:  # the source itself must be readable
+            next(entries, None)
+    except OSError as exc:
+        raise DataError(
+            f"{root}: cannot read this folder ({os.strerror(exc.errno or 0)}); check its permissions"
+        ) from None
+
+    def name_of(path: Path) -> str:
+        return path.relative_to(root).as_posix()
+
+    def unreadable(exc: OSError) -> None:
+        path = Path(exc.filename or "")
+        if path != root:
+            skipped.append(Skipped(name_of(path) + "/", UNREADABLE_FOLDER, os.strerror(exc.errno or 0)))
+
+    visited = {root.resolve()}
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
         here = Path(dirpath)
         # Never ingest our own output (`sdlora prepare . --out dataset`) or hidden folders (.git).
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and (here / d).resolve() != exclude)
+        keep = []
+        for d in sorted(dirnames):
+            path = here / d
+            if d.startswith("."):
+                continue
+            real = path.resolve()
+            if real == exclude:
+                continue
+            if real in visited:  # a link back up the tree, or to a folder already listed
+                why = "links to a folder above it" if Path(dirpath).resolve().is_relative_to(real) else ""
+                skipped.append(Skipped(name_of(path) + "/", LINK_LOOP, why or f"same folder as {_shown(root, real)}"))
+                continue
+            visited.add(real)
+            keep.append(d)
+        dirnames[:] = keep
         for fname in filenames:
             path = here / fname
-            name = path.relative_to(root).as_posix()
+            name = name_of(path)
             reason = _skip_by_name(name)
             if reason:
                 skipped.append(Skipped(name, reason))
             elif path.is_file():
                 files.append(SourceFile(name, path))
+            elif path.is_symlink():
+                try:
+                    path.stat()
+                    detail = "not a file"
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:
+                        skipped.append(Skipped(name, LINK_LOOP, "the link points to itself"))
+                        continue
+                    detail = f"points to {os.readlink(path)}, which does not exist"
+                skipped.append(Skipped(name, BROKEN_LINK, detail))
+            else:
+                skipped.append(Skipped(name, UNREADABLE, "not a regular file"))
     return files, skipped
+
+
+def _shown(root: Path, real: Path) -> str:
+    try:
+        return real.relative_to(root.resolve()).as_posix() + "/"
+    except ValueError:
+        return str(real)
 
 
 def _unsafe_member(name: str) -> bool:
@@ -177,11 +233,30 @@ def list_source(
     return files, skipped
 
 
+# The archive open in this process (the parent, or one decode worker): opening a zip reads its
+# whole central directory, so opening it per entry made a 3000-entry zip quadratic.
+_open_archive: dict[Path, zipfile.ZipFile] = {}
+
+
+def _archive(path: Path) -> zipfile.ZipFile:
+    zf = _open_archive.get(path)
+    if zf is None:
+        close_archives()  # one archive at a time
+        zf = _open_archive[path] = zipfile.ZipFile(path)
+    return zf
+
+
+def close_archives() -> None:
+    """Close the archive `read_bytes`/`checksum` keep open in this process."""
+    for zf in _open_archive.values():
+        zf.close()
+    _open_archive.clear()
+
+
 def read_bytes(src: SourceFile) -> bytes:
     if src.member is None:
         return src.path.read_bytes()
-    with zipfile.ZipFile(src.path) as zf:
-        return zf.read(src.member)  # bounded by the entry's checked size; CRC checked
+    return _archive(src.path).read(src.member)  # bounded by the entry's checked size; CRC checked
 
 
 def checksum(src: SourceFile) -> str:
@@ -191,7 +266,7 @@ def checksum(src: SourceFile) -> str:
             while block := f.read(1 << 20):
                 digest.update(block)
     else:
-        with zipfile.ZipFile(src.path) as zf, zf.open(src.member) as f:
+        with _archive(src.path).open(src.member) as f:
             while block := f.read(1 << 20):
                 digest.update(block)
     return digest.hexdigest()
