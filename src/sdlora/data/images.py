@@ -184,6 +184,8 @@ def prepare_image(
             img.seek(0)  # first frame of an animation or the primary image of a HEIF collection
             # pillow-heif has already applied the HEIF rotation/mirror and set EXIF orientation to 1,
             # so exif_transpose only acts on JPEG/PNG/WebP/TIFF orientation tags: nothing turns twice.
+            if img.format != "JPEG":  # a PNG's getexif() decodes the whole image: judge its size first
+                _check_work(img, img.size)
             original = _oriented_size(img)
             _draft(img, scale_factor(original, resolution, crop, keep_aspect))
             _check_work(img, original)
@@ -195,7 +197,7 @@ def prepare_image(
     except BadImage:
         raise
     except Image.DecompressionBombError:
-        raise BadImage(TOO_LARGE, _pixels(original)) from None
+        raise BadImage(TOO_LARGE, _pixels(img.size)) from None
     except Exception as exc:  # noqa: BLE001 - truncated data, broken EXIF, decoder errors
         raise BadImage(CORRUPT, short_error(exc)) from None
     return Prepared(out, original, img.format or "?")
