@@ -1,7 +1,8 @@
 """`sdlora prepare`: photos (folder, .zip, Yandex Disk link) -> a prepared dataset folder.
 
 Steps, each reported through `on_progress(description, done, total)`:
-  1. check the output folder (refuse to overwrite a different dataset unless `force`: data/outdir.py);
+  1. check the output folder (refuse to overwrite a different dataset unless `force`: data/outdir.py),
+     that it can be written, take its lock (sdlora.locks) and clear temp files of killed writes;
   2. list the source files, skipping system files, videos and unsafe archive names by name
      (data/sources.py);
   3. read and checksum every file (sha256 of the bytes, for the manifest and the cache);
@@ -13,7 +14,9 @@ Re-use is content-addressed: an output image is named after the checksum of its 
 and the options that shape it, and `.prepare-cache.json` keeps what decoding learned (size,
 pixel checksum, perceptual hash, or why the file is unusable). A re-run with the same
 source and options decodes nothing. Nothing in the old dataset changes until every input has
-been read and checked; old images are removed only after the new manifest is in place.
+been read and checked; old images are removed only after the new manifest is in place. The
+marker `.sdlora-incomplete` (data/outdir.py) is written before the first write and removed after
+the last, so a prepare stopped half-way (full disk, kill -9, Ctrl-C) is finished by the same command.
 
 With `keep_aspect` each image keeps its photo's shape at its aspect-ratio bucket
 (data/buckets.py) instead of being made square. The manifest records each image's training

@@ -2,7 +2,10 @@
 
 Files are judged by name first (system files, videos and unsafe archive names are skipped
 without being read), and archives are checked against zip bombs before anything is read.
-Nothing is ever extracted: a zip entry is read from the archive when it is decoded.
+Nothing is ever extracted: a zip entry is read from the archive when it is decoded (the archive
+is opened once per process). In a folder, links to folders are followed once; a folder that
+cannot be read, a link loop and a dangling link each get a row, and an unreadable source is a
+DataError that says so.
 """
 
 from __future__ import annotations

@@ -273,7 +273,7 @@ def network_cause(exc: BaseException) -> str:
 
 def unreachable(api: str, exc: BaseException) -> DownloadError:
     return DownloadError(
-        f"cannot reach Yandex Disk at {api} ({network_cause(exc)}; network unreachable or blocked); "
+        f"cannot reach Yandex Disk at {api} ({network_cause(exc)}); "
         "check the connection, or download the photos yourself and pass the local folder "
         "or .zip to `sdlora prepare`"
     )
