@@ -79,16 +79,16 @@ def test_debug_keeps_the_traceback(monkeypatch):
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR])
 def test_write_failure_of_any_verb_is_one_line_naming_path_and_cause(capsys, code):
     @_one_line_errors
-    def verb():
+    def train():  # named like the verb: the hint names the option that chooses where it writes
         raise OSError(code, os.strerror(code), "/data/runs/x/lora.safetensors")
 
     with pytest.raises(typer.Exit) as exc:
-        verb()
+        train()
     assert exc.value.exit_code == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"error: /data/runs/x/lora.safetensors: {os.strerror(code)}; "), err
-    assert "--out" in err
+    assert "(--runs-dir)" in err
 
 
 def test_other_os_errors_keep_their_traceback():

@@ -110,7 +110,7 @@ def test_unwritable_out_fails_before_decoding(tmp_path, monkeypatch):
     listed = []
     monkeypatch.setattr(os, "open", read_only)
     monkeypatch.setattr(ingest, "list_source", lambda *a, **k: listed.append(1) or ([], []))
-    one_line_error(prepare(src, out), f"{out}: Read-only file system", "choose a writable place (--out)")
+    one_line_error(prepare(src, out), f"{out}: Read-only file system", "write to a writable place (--out)")
     assert not listed  # refused before reading a single photo
 
 

@@ -52,6 +52,5 @@ def test_check_writable_names_the_folder(tmp_path, monkeypatch):
     with pytest.raises(OSError) as exc:
         check_writable(tmp_path / "new")
     assert (
-        write_problem(exc.value)
-        == f"{tmp_path / 'new'}: No space left on device; free some space, or choose another place (--out)"
+        write_problem(exc.value) == f"{tmp_path / 'new'}: No space left on device; free some space, or write elsewhere"
     )

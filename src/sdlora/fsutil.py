@@ -85,30 +85,31 @@ def remove_stale_tmp(folder: str | os.PathLike[str], *, recursive: bool = True) 
     return removed
 
 
-# errno values that mean "this place cannot be written" (the user's to fix), not a bug.
+# errno values that mean "this place cannot be written" (the user's to fix), not a bug: what to do.
 WRITE_ERRNOS = {
-    errno.ENOSPC: "free some space, or choose another place (--out)",
-    errno.EDQUOT: "free some space (disk quota), or choose another place (--out)",
-    errno.EROFS: "choose a writable place (--out)",
-    errno.EACCES: "choose a folder you may write to (--out), or fix its permissions",
-    errno.EPERM: "choose a folder you may write to (--out), or fix its permissions",
-    errno.ENOTDIR: "a file stands where a folder should be; choose another place (--out)",
-    errno.EISDIR: "a folder stands where a file should be; choose another place (--out)",
-    errno.EEXIST: "something already stands there; choose another place (--out)",
-    errno.ENAMETOOLONG: "choose a shorter path (--out)",
-    errno.EFBIG: "the file system refuses files this large; choose another place (--out)",
-    errno.EMLINK: "the folder holds too many entries; choose another place (--out)",
+    errno.ENOSPC: "free some space, or write elsewhere{flag}",
+    errno.EDQUOT: "free some space (disk quota), or write elsewhere{flag}",
+    errno.EROFS: "write to a writable place{flag}",
+    errno.EACCES: "write to a folder you may write to{flag}, or fix its permissions",
+    errno.EPERM: "write to a folder you may write to{flag}, or fix its permissions",
+    errno.ENOTDIR: "a file stands where a folder should be; remove it, or write elsewhere{flag}",
+    errno.EISDIR: "a folder stands where a file should be; remove it, or write elsewhere{flag}",
+    errno.ENAMETOOLONG: "choose a shorter path{flag}",
+    errno.EFBIG: "the file system refuses files this large; write elsewhere{flag}",
+    errno.EMLINK: "the folder holds too many entries; write elsewhere{flag}",
 }
 
 
-def write_problem(exc: BaseException) -> str | None:
+def write_problem(exc: BaseException, flag: str | None = None) -> str | None:
     """One line for an OSError a user can fix (full disk, read-only or unwritable place), else None.
 
-    It names the path (`exc.filename`) and the cause (`os.strerror`), with what to do."""
+    It names the path (`exc.filename`), the cause (`os.strerror`) and what to do; `flag` is the
+    option that chooses where the verb writes (e.g. --out), named in the hint."""
     if not isinstance(exc, OSError) or exc.errno not in WRITE_ERRNOS:
         return None
     where = exc.filename if exc.filename is not None else "writing"
-    return f"{os.fsdecode(where)}: {os.strerror(exc.errno)}; {WRITE_ERRNOS[exc.errno]}"
+    hint = WRITE_ERRNOS[exc.errno].format(flag=f" ({flag})" if flag else "")
+    return f"{os.fsdecode(where)}: {os.strerror(exc.errno)}; {hint}"
 
 
 def check_writable(folder: str | os.PathLike[str]) -> None:

@@ -101,6 +101,10 @@ def _root(
             os.environ[name] = "warning"
 
 
+# The option that chooses where a verb writes, named in the hint of a write failure.
+_WHERE_FLAG = {"prepare": "--out", "demo": "--out", "train": "--runs-dir"}
+
+
 def _one_line_errors(fn):
     """Print an SdloraError, or an OSError of a write the user can fix (full disk, read-only or
     unwritable place: `fsutil.write_problem`), as one red line on stderr and exit 1 (traceback
@@ -111,7 +115,7 @@ def _one_line_errors(fn):
         try:
             return fn(*args, **kwargs)
         except (SdloraError, OSError) as exc:
-            line = str(exc) if isinstance(exc, SdloraError) else write_problem(exc)
+            line = str(exc) if isinstance(exc, SdloraError) else write_problem(exc, _WHERE_FLAG.get(fn.__name__))
             if line is None or os.environ.get("SDLORA_DEBUG"):
                 raise
             err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
