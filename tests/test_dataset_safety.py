@@ -138,7 +138,7 @@ def test_kill_between_captions_and_manifest_is_never_read_as_a_mix(tmp_path, mon
         ingest.prepare_dataset(str(src), out, resolution=64, workers=1)
     monkeypatch.undo()
     assert len((out / "captions.txt").read_text().splitlines()) == 1 + 5  # new captions, old manifest
-    with pytest.raises(DataError, match=rf"run `sdlora prepare {src} --out {out}` again"):
+    with pytest.raises(DataError, match=rf"run the same `sdlora prepare {src} --out {out}` \(with its options\) again"):
         load_manifest(out)
     result = runner.invoke(app, ["caption", str(out), "--check", "--model", "tiny-sd"])
     one_line_error(result, "has not finished")

@@ -132,7 +132,7 @@ def load_manifest(dataset_dir: str | Path, *, allow_incomplete: bool = False) ->
             source = "PHOTOS"
         raise DataError(
             f"{dataset_dir}: `sdlora prepare` has not finished writing this dataset (still running, or stopped); "
-            f"run `sdlora prepare {source} --out {dataset_dir}` again to finish it"
+            f"run the same `sdlora prepare {source} --out {dataset_dir}` (with its options) again to finish it"
         )
     if not path.is_file():
         raise DataError(f"{path}: missing; {dataset_dir} is not a prepared dataset (run `sdlora prepare` first)")
