@@ -83,6 +83,7 @@ def sample(
     """Generate images with the run's LoRA and, beside them, with the base model alone (same seeds)."""
     from sdlora.devices import resolve_device
     from sdlora.generate import (
+        check_lora_files,
         check_prompts,
         generate_samples,
         read_prompts_file,
@@ -99,7 +100,7 @@ def sample(
     given = check_prompts(given)
     info = load_run(run)
     # the cheap checks before the tiny-model warning, so bad input stays one line
-    resolve_lora_dir(info, lora)
+    check_lora_files(resolve_lora_dir(info, lora))
     if scheduler is not None:
         scheduler_key(scheduler)
     resolve_dtype(dtype, resolve_device(device))
