@@ -1,11 +1,15 @@
 """Sampling a run's LoRA, side by side with the base model alone (same prompts, same seeds).
 
 `generate_samples(run, prompts)` loads the run's base model and LoRA, and for each prompt
-writes `samples/<prompt-slug>/lora-NN.png` and (with `baseline=True`) `base-NN.png` made with
-the LoRA disabled, a labelled `grid.png` (LoRA row above baseline row) and merges the images
-into `samples/samples.json` (format: `sdlora.run`). Image i of every prompt uses seed
-`seed + i` through its own CPU generator, so an image does not depend on the batch size, the
+writes `samples/<prompt-slug>/lora-<seed>.png` and (with `baseline=True`) `base-<seed>.png` made
+with the LoRA disabled, a labelled `grid.png` of this sampling (LoRA row above baseline row) and
+merges the images into `samples/samples.json` (format: `sdlora.run`). Image i of every prompt uses
+seed `seed + i` through its own CPU generator, so an image does not depend on the batch size, the
 device's random stream, or whether the LoRA was on: the baseline differs only by the LoRA.
+
+Files are named by seed (`lora-07.png` is seed 7), so sampling a prompt again with other seeds
+adds images beside the earlier ones (samples.json lists both, the scorer scores both); the same
+prompt, variant and seed again replaces that image and its entry.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ class Settings:
     width: int
     batch_size: int
     variants: tuple[str, ...]
+
+
+def image_file(subdir: str, variant: str, seed: int) -> str:
+    """An image's path under samples/: `<prompt-slug>/lora-<seed>.png` (base- for the baseline)."""
+    return f"{subdir}/{VARIANT_STEM[variant]}-{seed:02d}.png"
 
 
 def _generate(pipe: Any, prompt: str, s: Settings, tick: Callable[[], None]) -> Iterator[tuple[int, Any]]:
@@ -145,7 +154,7 @@ def generate_samples(
         with base_model_only(pipe, loaded) if variant == "baseline" else contextlib.nullcontext():
             for written, prompt in expanded.items():
                 for i, image in _generate(pipe, prompt, s, tick):
-                    rel = f"{subdirs[written]}/{VARIANT_STEM[variant]}-{i:02d}.png"
+                    rel = image_file(subdirs[written], variant, seed + i)
                     entry = {
                         "file": rel,
                         "prompt": prompt,
@@ -186,7 +195,6 @@ def generate_samples(
 
     written_files = {e["file"] for e in new_entries}
     for written, prompt in expanded.items():
-        _remove_stale(out_dir, existing, prompt, s.variants, written_files)
         write_grid(
             out_dir,
             subdirs[written],
@@ -195,8 +203,14 @@ def generate_samples(
             {"model": run.model, "lora": loaded.files[0]},
         )
 
-    regenerated = {(e["prompt"], e["variant"]) for e in new_entries}
-    kept = [e for e in existing["images"] if (e.get("prompt"), e.get("variant")) not in regenerated]
+    # An entry is replaced by one of the same prompt, variant and seed, or when its file was overwritten
+    # (names of older sdlora versions counted images from 00 whatever the seed).
+    regenerated = {(e["prompt"], e["variant"], e["seed"]) for e in new_entries}
+    kept = [
+        e
+        for e in existing["images"]
+        if (e.get("prompt"), e.get("variant"), e.get("seed")) not in regenerated and e.get("file") not in written_files
+    ]
     data = {
         **{k: v for k, v in existing.items() if k != "images"},
         "model": run.model,
@@ -213,10 +227,3 @@ def generate_samples(
         "images": kept + new_entries,
     }
     return write_samples(samples_path, data)
-
-
-def _remove_stale(out_dir: Path, existing: dict[str, Any], prompt: str, variants: Sequence[str], now: set[str]) -> None:
-    """Delete images of an earlier, larger sampling of this prompt that the new one did not overwrite."""
-    for entry in existing["images"]:
-        if entry.get("prompt") == prompt and entry.get("variant") in variants and entry.get("file") not in now:
-            (out_dir / entry["file"]).unlink(missing_ok=True)
