@@ -382,3 +382,22 @@ def test_memory_options_and_bf16(tmp_path):
             generate_samples(info, ["sksToy"], device="cuda")
     with pytest.raises(ConfigError, match="--device gpu0: not a device"):
         generate_samples(info, ["sksToy"], device="gpu0")
+
+
+def test_a_prompt_past_the_clip_window_is_warned_once_naming_whether_the_token_is_cut(tmp_path):
+    run = make_run(tmp_path)
+    filler = " ".join(["red"] * 80)
+    warnings_seen: list[str] = []
+    generate_samples(
+        load_run(run),
+        [f"{filler} sksToy", f"sksToy {filler}", "sksToy on a beach"],
+        num_images=1,
+        steps=1,
+        baseline=False,
+        on_warning=warnings_seen.append,
+    )
+    assert len(warnings_seen) == 2, warnings_seen
+    cut, kept = warnings_seen
+    assert cut.startswith(f"prompt '{filler} sksToy toy' is ") and "only the first 75 are used" in cut
+    assert "the token sksToy is cut off" in cut
+    assert f"prompt 'sksToy toy {filler}'" in kept and "sksToy is kept" in kept

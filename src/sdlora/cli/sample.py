@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from sdlora.cli._common import RunOpt, console, err_console, progress_bar, refresh_report
 
@@ -128,6 +129,9 @@ def sample(
             vae_tiling=vae_tiling,
             cpu_offload=cpu_offload,
             on_progress=on_progress,
+            on_warning=lambda line: err_console.print(
+                f"[yellow]warning: {escape(line)}[/]", highlight=False, soft_wrap=True
+            ),
         )
     report = refresh_report(info.path)
     _summary(samples_json, given, info)

@@ -15,6 +15,7 @@ prompt, variant and seed again replaces that image and its entry.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from sdlora.events import ProgressFn
 from sdlora.generate.images import save_png, write_grid
 from sdlora.generate.pipeline import ADAPTER, SamplerOptions, base_model_only, prepare_pipeline, resolve_lora_dir
 from sdlora.generate.prompts import check_prompts, expand_prompt, prompt_dir
+from sdlora.prompts import prompt_fit
 from sdlora.run import SAMPLES_DIR, SAMPLES_JSON, VARIANTS, RunInfo, read_samples, write_samples
 
 VARIANT_STEM = {"lora": "lora", "baseline": "base"}
@@ -44,6 +46,20 @@ class Settings:
     width: int
     batch_size: int
     variants: tuple[str, ...]
+
+
+def prompt_too_long(pipe: Any, arch: Any, prompt: str, token: str) -> str | None:
+    """One warning line when `prompt` is longer than the pipeline's tokenizers read (or None)."""
+    fits = [prompt_fit(getattr(pipe, name), prompt, token) for name in arch.tokenizers]
+    if not any(fit.over for fit in fits):
+        return None
+    fit = max(fits, key=lambda f: f.tokens - f.limit)
+    cut = any(f.token_cut for f in fits)
+    what = f"the token {token} is cut off, so the LoRA's object is not asked for" if cut else f"{token} is kept"
+    return (
+        f"prompt {prompt!r} is {fit.tokens} CLIP tokens; only the first {fit.limit} are used, "
+        f"the rest is cut ({what}); shorten it"
+    )
 
 
 def image_file(subdir: str, variant: str, seed: int) -> str:
@@ -92,10 +108,12 @@ def generate_samples(
     vae_tiling: bool = False,
     cpu_offload: bool = False,
     on_progress: ProgressFn | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Path:
     """Generate `num_images` per prompt with the run's LoRA (and the base model alone); returns samples.json.
 
     `lora_dir`: `lora` (default), `best`, or a LoRA folder. Image i of each prompt gets seed `seed + i`.
+    `on_warning` gets one line per prompt longer than the CLIP window (default: `warnings.warn`).
     """
     prompts = check_prompts(prompts)
     for name, value in (("--num-images", num_images), ("--steps", steps), ("--batch-size", batch_size)):
@@ -112,7 +130,7 @@ def generate_samples(
     options = SamplerOptions(
         device=device, dtype=dtype, attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload
     )
-    pipe, _, _, loaded = prepare_pipeline(run, folder, options, scheduler)
+    pipe, arch, _, loaded = prepare_pipeline(run, folder, options, scheduler)
     pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
     s = Settings(
         num_images=num_images,
@@ -137,6 +155,10 @@ def generate_samples(
         if prompt not in expanded.values():
             expanded[written] = prompt
     subdirs = {written: prompt_dir(prompt, taken) for written, prompt in expanded.items()}
+    for prompt in expanded.values():
+        problem = prompt_too_long(pipe, arch, prompt, run.token)
+        if problem:
+            (on_warning or warnings.warn)(problem)
     total = len(expanded) * num_images * len(s.variants)
     done = 0
 
