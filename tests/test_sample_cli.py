@@ -112,6 +112,7 @@ def test_options_reach_the_sampler(run, fake_sampler, tmp_path):
         "vae_tiling": True,
         "cpu_offload": False,
         "on_progress": call["on_progress"],
+        "on_warning": call["on_warning"],
     }
     assert (run / "report.html").is_file()  # refreshed at the end
     assert f"samples: {run / 'samples' / 'samples.json'}" in " ".join(result.stdout.split())
