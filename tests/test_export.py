@@ -256,6 +256,15 @@ def test_metadata_in_both_files(tmp_path: Path):
     assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (RANK, ALPHA)
     assert diffusers_meta["format"] == "pt"
     assert "lora_adapter_metadata" not in kohya_meta
+    # only the LoraConfig fields that shape the adapter: a field an older peft lacks would fail LoraConfig(**meta)
+    assert {key.partition(".")[2] for key in adapter} == set(export.ADAPTER_FIELDS)
+    # each file says which programs read it
+    assert diffusers_meta["sdlora.format"] == "diffusers" and kohya_meta["sdlora.format"] == "kohya"
+    assert diffusers_meta["sdlora.load_in"].startswith(
+        "diffusers only: pipe.load_lora_weights(folder). Not for ComfyUI"
+    )
+    assert "use toy-run.safetensors beside it" in diffusers_meta["sdlora.load_in"]
+    assert kohya_meta["sdlora.load_in"].startswith("ComfyUI, AUTOMATIC1111, Forge, kohya sd-scripts")
     assert {
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_network_module": "networks.lora",

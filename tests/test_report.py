@@ -227,7 +227,7 @@ def test_a_damaged_lora_file_is_listed_as_damaged(full_run, damage):
     rows = re.findall(r"<tr[^>]*><td><code>(.*?)</code></td><td>.*?</td><td>(.*?)</td></tr>", outputs)
     assert rows == [
         ("lora/pytorch_lora_weights.safetensors", "damaged or incomplete file: not usable"),
-        ("lora/r1.safetensors", "kohya (AUTOMATIC1111, ComfyUI)"),
+        ("lora/r1.safetensors", "kohya: ComfyUI, AUTOMATIC1111, Forge (diffusers too)"),
     ]
 
 

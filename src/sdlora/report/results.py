@@ -177,10 +177,10 @@ def outputs_section(run_dir: Path, section: Section) -> Section:
 
 def _lora_kind(file: Path) -> str:
     if file.name == DIFFUSERS_LORA:
-        return "diffusers / peft (pipe.load_lora_weights)"
+        return "diffusers only (pipe.load_lora_weights); not for ComfyUI / AUTOMATIC1111"
     if file.name == EMBEDDINGS:
         return "textual-inversion embedding"
-    return "kohya (AUTOMATIC1111, ComfyUI)"
+    return "kohya: ComfyUI, AUTOMATIC1111, Forge (diffusers too)"
 
 
 def config_section(run_dir: Path, section: Section) -> Section:
