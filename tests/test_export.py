@@ -7,6 +7,7 @@ alpha != rank, so a wrong scale or a dropped module changes the images.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -255,6 +256,15 @@ def test_metadata_in_both_files(tmp_path: Path):
     assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (RANK, ALPHA)
     assert diffusers_meta["format"] == "pt"
     assert "lora_adapter_metadata" not in kohya_meta
+    # only the LoraConfig fields that shape the adapter: a field an older peft lacks would fail LoraConfig(**meta)
+    assert {key.partition(".")[2] for key in adapter} == set(export.ADAPTER_FIELDS)
+    # each file says which programs read it
+    assert diffusers_meta["sdlora.format"] == "diffusers" and kohya_meta["sdlora.format"] == "kohya"
+    assert diffusers_meta["sdlora.load_in"].startswith(
+        "diffusers only: pipe.load_lora_weights(folder). Not for ComfyUI"
+    )
+    assert "use toy-run.safetensors beside it" in diffusers_meta["sdlora.load_in"]
+    assert kohya_meta["sdlora.load_in"].startswith("ComfyUI, AUTOMATIC1111, Forge, kohya sd-scripts")
     assert {
         "ss_base_model_version": "sdxl_base_v1-0",
         "ss_network_module": "networks.lora",
@@ -281,7 +291,7 @@ def test_load_kohya_errors(tmp_path: Path):
     with pytest.raises(RunError, match="no such LoRA file"):
         load_kohya(tmp_path / "missing.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(RunError, match="not a readable"):
+    with pytest.raises(RunError, match="broken.safetensors: damaged or incomplete file"):
         load_kohya(tmp_path / "broken.safetensors")
 
 
@@ -391,3 +401,22 @@ def test_dora(tmp_path: Path):
     fresh.set_progress_bar_config(disable=True)
     fresh.load_lora_weights(tmp_path)
     np.testing.assert_allclose(_images(fresh), _images(pipe), atol=1e-4)
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:-1], lambda b: b[: len(b) // 3], lambda b: b"", lambda b: b"{}" * 40])
+def test_every_reader_of_our_files_names_a_damaged_one(tmp_path: Path, damage):
+    """safetensors_io is the one reader: kohya round trips, the sampler's checks and the embedding loader."""
+    from sdlora import safetensors_io
+    from sdlora.generate.pipeline import load_embeddings
+
+    path = tmp_path / "run.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.ones(1, 32)}, str(path), metadata={"sdlora.rank": "4"})
+    assert safetensors_io.read_metadata(path) == {"sdlora.rank": "4"} and safetensors_io.problem(path) is None
+    path.write_bytes(damage(path.read_bytes()))
+    message = rf"^{re.escape(str(path))}: damaged or incomplete file \(.+\); re-export it or train again$"
+    for read in (load_kohya, safetensors_io.read_metadata, lambda p: load_embeddings(None, SD1, p, "sks")):
+        with pytest.raises(RunError, match=message):
+            read(path)
+    assert re.match(message, safetensors_io.problem(path))

@@ -170,10 +170,10 @@ def test_samples_json_lists_lora_and_baseline_with_the_same_seeds(sampled):
     beach = [e for e in images if e["prompt_as_written"] == "sksToy on a beach"]
     assert {e["prompt"] for e in beach} == {"sksToy toy on a beach"}
     assert sorted((e["variant"], e["index"], e["seed"], e["file"]) for e in beach) == [
-        ("baseline", 0, 7, "skstoy-toy-on-a-beach/base-00.png"),
-        ("baseline", 1, 8, "skstoy-toy-on-a-beach/base-01.png"),
-        ("lora", 0, 7, "skstoy-toy-on-a-beach/lora-00.png"),
-        ("lora", 1, 8, "skstoy-toy-on-a-beach/lora-01.png"),
+        ("baseline", 0, 7, "skstoy-toy-on-a-beach/base-07.png"),
+        ("baseline", 1, 8, "skstoy-toy-on-a-beach/base-08.png"),
+        ("lora", 0, 7, "skstoy-toy-on-a-beach/lora-07.png"),
+        ("lora", 1, 8, "skstoy-toy-on-a-beach/lora-08.png"),
     ]
     for entry in images:
         assert (path.parent / entry["file"]).is_file()
@@ -183,14 +183,14 @@ def test_baseline_is_exactly_the_base_model_and_lora_changes_the_image(sampled):
     run, path, _ = sampled
     folder = path.parent / "skstoy-toy-on-a-beach"
     # image 1 was made in a batch of 2: its own seeded generator makes it batch-independent
-    assert_same_render(pixels(folder / "base-01.png"), base_image("tiny-sd", "sksToy toy on a beach", 8))
-    assert np.abs(pixels(folder / "lora-01.png") - pixels(folder / "base-01.png")).mean() > 1.0
-    assert np.abs(pixels(folder / "lora-00.png") - pixels(folder / "lora-01.png")).mean() > 1.0  # seeds differ
+    assert_same_render(pixels(folder / "base-08.png"), base_image("tiny-sd", "sksToy toy on a beach", 8))
+    assert np.abs(pixels(folder / "lora-08.png") - pixels(folder / "base-08.png")).mean() > 1.0
+    assert np.abs(pixels(folder / "lora-07.png") - pixels(folder / "lora-08.png")).mean() > 1.0  # seeds differ
 
 
 def test_png_metadata_records_what_made_the_image(sampled):
     run, path, _ = sampled
-    with Image.open(path.parent / "skstoy-toy-on-a-beach" / "lora-01.png") as im:
+    with Image.open(path.parent / "skstoy-toy-on-a-beach" / "lora-08.png") as im:
         meta = dict(im.text)
     assert meta["prompt"] == "sksToy toy on a beach"
     assert meta["seed"] == "8" and meta["model"] == "tiny-sd" and meta["variant"] == "lora"
@@ -199,7 +199,7 @@ def test_png_metadata_records_what_made_the_image(sampled):
     )
     assert meta["lora_scale"] == "1.0" and meta["steps"] == str(STEPS) and meta["guidance"] == "7.5"
     assert meta["sdlora_version"] == __version__
-    with Image.open(path.parent / "skstoy-toy-on-a-beach" / "base-01.png") as im:
+    with Image.open(path.parent / "skstoy-toy-on-a-beach" / "base-08.png") as im:
         assert im.text["lora"].startswith("none") and im.text["lora_scale"] == "0.0"
 
 
@@ -222,7 +222,7 @@ def test_grid_has_a_lora_row_above_a_baseline_row(sampled):
                     return y, x
         raise AssertionError(f"{file} not in grid.png")
 
-    (y_lora, x0), (y_base, x0b), (_, x1) = find("lora-00.png"), find("base-00.png"), find("lora-01.png")
+    (y_lora, x0), (y_base, x0b), (_, x1) = find("lora-07.png"), find("base-07.png"), find("lora-08.png")
     assert y_lora < y_base and x0 == x0b < x1
 
 
@@ -232,7 +232,7 @@ def test_progress_is_reported_per_image(sampled):
     assert [c[1] for c in calls[1:]] == list(range(1, 9)) and calls[-1] == ("sampling images", 8, 8)
 
 
-def test_more_prompts_merge_and_a_resample_replaces(sampled):
+def test_more_prompts_merge_and_a_new_seed_adds_images(sampled):
     run, path, _ = sampled
     info = load_run(run)
     generate_samples(
@@ -244,12 +244,34 @@ def test_more_prompts_merge_and_a_resample_replaces(sampled):
     assert [(e["variant"], e["lora_scale"], e["scheduler"]) for e in snow] == [
         ("lora", 0.5, "EulerAncestralDiscreteScheduler")
     ]
-    # the beach prompt again with 1 image: its 2-image entries and the stale second images go
+    # the beach prompt again with another seed: new files beside the seed 7 and 8 ones, nothing replaced
+    folder = path.parent / "skstoy-toy-on-a-beach"
+    before = {name: (folder / name).read_bytes() for name in ("lora-07.png", "lora-08.png", "base-07.png")}
     generate_samples(info, ["sksToy toy on a beach"], num_images=1, seed=3, steps=1)
     data = json.loads(path.read_text())
-    beach = sorted((e["variant"], e["seed"]) for e in data["images"] if e["prompt"] == "sksToy toy on a beach")
-    assert beach == [("baseline", 3), ("lora", 3)]
-    assert not (path.parent / "skstoy-toy-on-a-beach" / "lora-01.png").exists()
+    beach = sorted(
+        (e["variant"], e["seed"], e["file"]) for e in data["images"] if e["prompt"] == "sksToy toy on a beach"
+    )
+    assert [(v, seed) for v, seed, _ in beach] == [
+        ("baseline", 3),
+        ("baseline", 7),
+        ("baseline", 8),
+        ("lora", 3),
+        ("lora", 7),
+        ("lora", 8),
+    ]
+    assert all((path.parent / file).is_file() for _, _, file in beach)
+    assert {name: (folder / name).read_bytes() for name in before} == before
+    # the same seed again replaces that image and its entry only
+    generate_samples(info, ["sksToy toy on a beach"], num_images=1, seed=7, steps=2, baseline=False)
+    data = json.loads(path.read_text())
+    lora = sorted(
+        (e["seed"], e["steps"])
+        for e in data["images"]
+        if e["prompt"] == "sksToy toy on a beach" and e["variant"] == "lora"
+    )
+    assert lora == [(3, 1), (7, 2), (8, STEPS)]
+    assert (folder / "base-07.png").read_bytes() == before["base-07.png"]
     assert len([e for e in data["images"] if e["prompt"] == "a red sksToy toy"]) == 4  # untouched
 
 
@@ -257,7 +279,7 @@ def test_lora_scale_zero_is_the_base_model(tmp_path):
     run = make_run(tmp_path)
     path = generate_samples(load_run(run), ["sksToy"], num_images=1, steps=STEPS, lora_scale=0.0, seed=2)
     folder = path.parent / "skstoy-toy"
-    assert_same_render(pixels(folder / "lora-00.png"), pixels(folder / "base-00.png"))
+    assert_same_render(pixels(folder / "lora-02.png"), pixels(folder / "base-02.png"))
 
 
 def test_best_lora_and_a_lora_folder(tmp_path):
@@ -314,10 +336,10 @@ def test_sdxl_with_a_token_embedding(tmp_path):
     save_embedding(run / "lora", "tiny-sdxl")
     path = generate_samples(load_run(run), ["sksToy"], num_images=1, steps=STEPS, seed=4)
     folder = path.parent / "skstoy-toy"
-    with Image.open(folder / "lora-00.png") as im:
+    with Image.open(folder / "lora-04.png") as im:
         assert "embeddings.safetensors" in im.text["lora"]
-    assert_same_render(pixels(folder / "base-00.png"), base_image("tiny-sdxl", "sksToy toy", 4))
-    assert np.abs(pixels(folder / "lora-00.png") - pixels(folder / "base-00.png")).mean() > 1.0
+    assert_same_render(pixels(folder / "base-04.png"), base_image("tiny-sdxl", "sksToy toy", 4))
+    assert np.abs(pixels(folder / "lora-04.png") - pixels(folder / "base-04.png")).mean() > 1.0
 
 
 def test_python_api_example(tmp_path, capsys):
@@ -360,3 +382,22 @@ def test_memory_options_and_bf16(tmp_path):
             generate_samples(info, ["sksToy"], device="cuda")
     with pytest.raises(ConfigError, match="--device gpu0: not a device"):
         generate_samples(info, ["sksToy"], device="gpu0")
+
+
+def test_a_prompt_past_the_clip_window_is_warned_once_naming_whether_the_token_is_cut(tmp_path):
+    run = make_run(tmp_path)
+    filler = " ".join(["red"] * 80)
+    warnings_seen: list[str] = []
+    generate_samples(
+        load_run(run),
+        [f"{filler} sksToy", f"sksToy {filler}", "sksToy on a beach"],
+        num_images=1,
+        steps=1,
+        baseline=False,
+        on_warning=warnings_seen.append,
+    )
+    assert len(warnings_seen) == 2, warnings_seen
+    cut, kept = warnings_seen
+    assert cut.startswith(f"prompt '{filler} sksToy toy' is ") and "only the first 75 are used" in cut
+    assert "the token sksToy is cut off" in cut
+    assert f"prompt 'sksToy toy {filler}'" in kept and "sksToy is kept" in kept

@@ -13,7 +13,9 @@ from html import escape
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from run_helpers import random_png, write_config, write_metrics, write_validation_samples
@@ -113,7 +115,7 @@ def full_run(tmp_path) -> Path:
     for step in (10, 20, 30):
         write_validation_samples(run, step, ["a photo of sksToy toy", "sksToy toy in the snow"])
     (run / "lora").mkdir()
-    (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"0" * 2048)
+    save_file({"w": torch.zeros(512)}, str(run / "lora" / "pytorch_lora_weights.safetensors"))
     write_samples(run)
     write_scores(run)
     return run
@@ -161,7 +163,8 @@ def test_full_report(full_run):
     validation = section(html, "validation")
     assert [int(s) for s in re.findall(r"<th>step (\d+)</th>", validation)] == [10, 20, 30]
     assert validation.count("<img") == 12
-    assert "pytorch_lora_weights.safetensors" in section(html, "outputs")
+    outputs = section(html, "outputs")
+    assert outputs.startswith("ok:") and "pytorch_lora_weights.safetensors" in outputs and "damaged" not in outputs
     assert "token: sksToy" in section(html, "config")
 
 
@@ -209,6 +212,23 @@ def test_broken_parts_are_named_and_the_rest_still_shows(full_run):
     assert section(html, "training").startswith("ok:") and html.count('class="plot"') == 6
     assert section(html, "validation").count("<img") == 12
     assert "unreadable" in section(html, "samples")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_lora_file_is_listed_as_damaged(full_run, damage):
+    lora = full_run / "lora" / "pytorch_lora_weights.safetensors"
+    kohya = full_run / "lora" / "r1.safetensors"
+    shutil.copy(lora, kohya)
+    data = lora.read_bytes()
+    lora.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 100)
+    outputs = section(write_report(full_run).read_text(), "outputs")
+    assert outputs.startswith("error:")
+    assert f"{escape(str(lora))}: damaged or incomplete file (" in outputs
+    rows = re.findall(r"<tr[^>]*><td><code>(.*?)</code></td><td>.*?</td><td>(.*?)</td></tr>", outputs)
+    assert rows == [
+        ("lora/pytorch_lora_weights.safetensors", "damaged or incomplete file: not usable"),
+        ("lora/r1.safetensors", "kohya: ComfyUI, AUTOMATIC1111, Forge (diffusers too)"),
+    ]
 
 
 @pytest.mark.parametrize(

@@ -112,6 +112,7 @@ def test_options_reach_the_sampler(run, fake_sampler, tmp_path):
         "vae_tiling": True,
         "cpu_offload": False,
         "on_progress": call["on_progress"],
+        "on_warning": call["on_warning"],
     }
     assert (run / "report.html").is_file()  # refreshed at the end
     assert f"samples: {run / 'samples' / 'samples.json'}" in " ".join(result.stdout.split())
@@ -220,3 +221,18 @@ def test_prompts_path_is_relative_to_cwd(run, fake_sampler, monkeypatch, tmp_pat
     result = invoke("--prompts-file", Path("p.txt"), "--run", run)
     assert result.exit_code == 0, result.output
     assert fake_sampler[0]["prompts"] == ["a photo of sksToy"]
+
+
+@pytest.mark.parametrize("file", ["pytorch_lora_weights.safetensors", "embeddings.safetensors"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
+def test_a_damaged_lora_or_embedding_is_one_line_naming_the_file(run, file, damage):
+    from run_helpers import save_embedding
+
+    save_embedding(run / "lora")
+    path = run / "lora" / file
+    data = path.read_bytes()
+    path.write_bytes({"truncate": data[: len(data) - 7], "garbage": b"PK\x03\x04" * 64, "empty": b""}[damage])
+    result = invoke("sksToy on a beach", "--run", run, "-n", 1, "--steps", 1, "--no-baseline")
+    one_line_error(result, f"{path}: damaged or incomplete file (")
+    assert "re-export it or train again" in " ".join(result.stderr.split())
+    assert "another base model" not in result.stderr

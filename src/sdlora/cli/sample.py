@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from sdlora.cli._common import RunOpt, console, err_console, progress_bar, refresh_report
 
@@ -83,6 +84,7 @@ def sample(
     """Generate images with the run's LoRA and, beside them, with the base model alone (same seeds)."""
     from sdlora.devices import resolve_device
     from sdlora.generate import (
+        check_lora_files,
         check_prompts,
         generate_samples,
         read_prompts_file,
@@ -99,7 +101,7 @@ def sample(
     given = check_prompts(given)
     info = load_run(run)
     # the cheap checks before the tiny-model warning, so bad input stays one line
-    resolve_lora_dir(info, lora)
+    check_lora_files(resolve_lora_dir(info, lora))
     if scheduler is not None:
         scheduler_key(scheduler)
     resolve_dtype(dtype, resolve_device(device))
@@ -127,6 +129,9 @@ def sample(
             vae_tiling=vae_tiling,
             cpu_offload=cpu_offload,
             on_progress=on_progress,
+            on_warning=lambda line: err_console.print(
+                f"[yellow]warning: {escape(line)}[/]", highlight=False, soft_wrap=True
+            ),
         )
     report = refresh_report(info.path)
     _summary(samples_json, given, info)

@@ -15,6 +15,7 @@ from sdlora.devices import resolve_device
 from sdlora.errors import ConfigError, ModelError, RunError
 from sdlora.models.arch import Architecture
 from sdlora.run import DIFFUSERS_LORA, EMBEDDINGS, RunInfo
+from sdlora.safetensors_io import check, load_file
 from sdlora.train.embeddings import file_keys
 
 ADAPTER = "sdlora"
@@ -78,6 +79,13 @@ def resolve_lora_dir(run: RunInfo, lora: str | Path | None) -> Path:
     return folder
 
 
+def check_lora_files(lora_dir: Path) -> None:
+    """RunError in one line if the LoRA file (or the embedding beside it) is missing, truncated or not safetensors."""
+    check(lora_dir / DIFFUSERS_LORA, "LoRA file")
+    if (lora_dir / EMBEDDINGS).is_file():
+        check(lora_dir / EMBEDDINGS, "token embedding")
+
+
 @dataclass
 class LoadedLora:
     """What `load_lora` put into a pipeline, and how to take it out again for the baseline."""
@@ -87,7 +95,12 @@ class LoadedLora:
 
 
 def load_lora(pipe: Any, arch: Architecture, lora_dir: Path, token: str) -> LoadedLora:
-    """Load the diffusers-format LoRA (and a textual-inversion embedding beside it) into `pipe`."""
+    """Load the diffusers-format LoRA (and a textual-inversion embedding beside it) into `pipe`.
+
+    Both files are checked whole first (`sdlora.safetensors_io`): a damaged file is named as damaged,
+    not blamed on the base model, and nothing is loaded from it."""
+    check_lora_files(lora_dir)
+    embeddings = lora_dir / EMBEDDINGS
     try:
         with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel": expected for a UNet-only LoRA
             pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_LORA, adapter_name=ADAPTER)
@@ -97,7 +110,6 @@ def load_lora(pipe: Any, arch: Architecture, lora_dir: Path, token: str) -> Load
             f"({str(exc).splitlines()[0][:200]}); was it trained on another base model?"
         ) from exc
     loaded = LoadedLora(files=[str(lora_dir / DIFFUSERS_LORA)])
-    embeddings = lora_dir / EMBEDDINGS
     if embeddings.is_file():
         # The embedding only adds tokenizer entries and new rows to the embedding matrix, so the
         # untouched tokenizers give exactly the base model's text encoding (the baseline).
@@ -110,9 +122,7 @@ def load_lora(pipe: Any, arch: Architecture, lora_dir: Path, token: str) -> Load
 def load_embeddings(pipe: Any, arch: Architecture, path: Path, token: str) -> None:
     """A textual-inversion embedding for `token`, keys as `train.embeddings.file_keys` names them: one
     tensor per text encoder (SDXL: `clip_l` + `clip_g`), or SD 1.x's single `emb_params`."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
+    state, _ = load_file(path, "token embedding")
     keys = file_keys(arch)  # text encoder attribute -> file key, in the architecture's order
     tokenizers = dict(zip(arch.text_encoders, arch.tokenizers))
     try:

@@ -1,16 +1,21 @@
 """Sampling a run's LoRA, side by side with the base model alone (same prompts, same seeds).
 
 `generate_samples(run, prompts)` loads the run's base model and LoRA, and for each prompt
-writes `samples/<prompt-slug>/lora-NN.png` and (with `baseline=True`) `base-NN.png` made with
-the LoRA disabled, a labelled `grid.png` (LoRA row above baseline row) and merges the images
-into `samples/samples.json` (format: `sdlora.run`). Image i of every prompt uses seed
-`seed + i` through its own CPU generator, so an image does not depend on the batch size, the
+writes `samples/<prompt-slug>/lora-<seed>.png` and (with `baseline=True`) `base-<seed>.png` made
+with the LoRA disabled, a labelled `grid.png` of this sampling (LoRA row above baseline row) and
+merges the images into `samples/samples.json` (format: `sdlora.run`). Image i of every prompt uses
+seed `seed + i` through its own CPU generator, so an image does not depend on the batch size, the
 device's random stream, or whether the LoRA was on: the baseline differs only by the LoRA.
+
+Files are named by seed (`lora-07.png` is seed 7), so sampling a prompt again with other seeds
+adds images beside the earlier ones (samples.json lists both, the scorer scores both); the same
+prompt, variant and seed again replaces that image and its entry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -23,6 +28,7 @@ from sdlora.events import ProgressFn
 from sdlora.generate.images import save_png, write_grid
 from sdlora.generate.pipeline import ADAPTER, SamplerOptions, base_model_only, prepare_pipeline, resolve_lora_dir
 from sdlora.generate.prompts import check_prompts, expand_prompt, prompt_dir
+from sdlora.prompts import prompt_fit
 from sdlora.run import SAMPLES_DIR, SAMPLES_JSON, VARIANTS, RunInfo, read_samples, write_samples
 
 VARIANT_STEM = {"lora": "lora", "baseline": "base"}
@@ -40,6 +46,25 @@ class Settings:
     width: int
     batch_size: int
     variants: tuple[str, ...]
+
+
+def prompt_too_long(pipe: Any, arch: Any, prompt: str, token: str) -> str | None:
+    """One warning line when `prompt` is longer than the pipeline's tokenizers read (or None)."""
+    fits = [prompt_fit(getattr(pipe, name), prompt, token) for name in arch.tokenizers]
+    if not any(fit.over for fit in fits):
+        return None
+    fit = max(fits, key=lambda f: f.tokens - f.limit)
+    cut = any(f.token_cut for f in fits)
+    what = f"the token {token} is cut off, so the LoRA's object is not asked for" if cut else f"{token} is kept"
+    return (
+        f"prompt {prompt!r} is {fit.tokens} CLIP tokens; only the first {fit.limit} are used, "
+        f"the rest is cut ({what}); shorten it"
+    )
+
+
+def image_file(subdir: str, variant: str, seed: int) -> str:
+    """An image's path under samples/: `<prompt-slug>/lora-<seed>.png` (base- for the baseline)."""
+    return f"{subdir}/{VARIANT_STEM[variant]}-{seed:02d}.png"
 
 
 def _generate(pipe: Any, prompt: str, s: Settings, tick: Callable[[], None]) -> Iterator[tuple[int, Any]]:
@@ -83,10 +108,12 @@ def generate_samples(
     vae_tiling: bool = False,
     cpu_offload: bool = False,
     on_progress: ProgressFn | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Path:
     """Generate `num_images` per prompt with the run's LoRA (and the base model alone); returns samples.json.
 
     `lora_dir`: `lora` (default), `best`, or a LoRA folder. Image i of each prompt gets seed `seed + i`.
+    `on_warning` gets one line per prompt longer than the CLIP window (default: `warnings.warn`).
     """
     prompts = check_prompts(prompts)
     for name, value in (("--num-images", num_images), ("--steps", steps), ("--batch-size", batch_size)):
@@ -103,7 +130,7 @@ def generate_samples(
     options = SamplerOptions(
         device=device, dtype=dtype, attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload
     )
-    pipe, _, _, loaded = prepare_pipeline(run, folder, options, scheduler)
+    pipe, arch, _, loaded = prepare_pipeline(run, folder, options, scheduler)
     pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
     s = Settings(
         num_images=num_images,
@@ -128,6 +155,10 @@ def generate_samples(
         if prompt not in expanded.values():
             expanded[written] = prompt
     subdirs = {written: prompt_dir(prompt, taken) for written, prompt in expanded.items()}
+    for prompt in expanded.values():
+        problem = prompt_too_long(pipe, arch, prompt, run.token)
+        if problem:
+            (on_warning or warnings.warn)(problem)
     total = len(expanded) * num_images * len(s.variants)
     done = 0
 
@@ -145,7 +176,7 @@ def generate_samples(
         with base_model_only(pipe, loaded) if variant == "baseline" else contextlib.nullcontext():
             for written, prompt in expanded.items():
                 for i, image in _generate(pipe, prompt, s, tick):
-                    rel = f"{subdirs[written]}/{VARIANT_STEM[variant]}-{i:02d}.png"
+                    rel = image_file(subdirs[written], variant, seed + i)
                     entry = {
                         "file": rel,
                         "prompt": prompt,
@@ -186,7 +217,6 @@ def generate_samples(
 
     written_files = {e["file"] for e in new_entries}
     for written, prompt in expanded.items():
-        _remove_stale(out_dir, existing, prompt, s.variants, written_files)
         write_grid(
             out_dir,
             subdirs[written],
@@ -195,8 +225,14 @@ def generate_samples(
             {"model": run.model, "lora": loaded.files[0]},
         )
 
-    regenerated = {(e["prompt"], e["variant"]) for e in new_entries}
-    kept = [e for e in existing["images"] if (e.get("prompt"), e.get("variant")) not in regenerated]
+    # An entry is replaced by one of the same prompt, variant and seed, or when its file was overwritten
+    # (names of older sdlora versions counted images from 00 whatever the seed).
+    regenerated = {(e["prompt"], e["variant"], e["seed"]) for e in new_entries}
+    kept = [
+        e
+        for e in existing["images"]
+        if (e.get("prompt"), e.get("variant"), e.get("seed")) not in regenerated and e.get("file") not in written_files
+    ]
     data = {
         **{k: v for k, v in existing.items() if k != "images"},
         "model": run.model,
@@ -213,10 +249,3 @@ def generate_samples(
         "images": kept + new_entries,
     }
     return write_samples(samples_path, data)
-
-
-def _remove_stale(out_dir: Path, existing: dict[str, Any], prompt: str, variants: Sequence[str], now: set[str]) -> None:
-    """Delete images of an earlier, larger sampling of this prompt that the new one did not overwrite."""
-    for entry in existing["images"]:
-        if entry.get("prompt") == prompt and entry.get("variant") in variants and entry.get("file") not in now:
-            (out_dir / entry["file"]).unlink(missing_ok=True)

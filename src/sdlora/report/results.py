@@ -22,6 +22,7 @@ from sdlora.run import (
     read_samples,
     read_scores,
 )
+from sdlora.safetensors_io import DAMAGED, problem
 
 MAX_PROMPTS = 40  # LoRA-vs-baseline prompts shown
 VARIANT_LABELS = ("LoRA", "base")  # beside VARIANTS
@@ -149,12 +150,18 @@ def _scorers_note(data: dict[str, Any]) -> str:
 
 
 def outputs_section(run_dir: Path, section: Section) -> Section:
-    rows = []
+    """The exported files, each checked whole: a damaged one is shown as damaged and marks the section."""
+    rows, broken = [], []
     for folder in (LORA_DIR, BEST_DIR):
         for file in sorted((run_dir / folder).glob("*.safetensors")) if (run_dir / folder).is_dir() else []:
+            trouble = problem(file)
+            kind, row_class = _lora_kind(file), ""
+            if trouble is not None:
+                broken.append(trouble)
+                kind, row_class = f"{DAMAGED}: not usable", ' class="error"'
             rows.append(
-                f"<tr><td><code>{escape(folder)}/{escape(file.name)}</code></td>"
-                f"<td>{file.stat().st_size / 2**20:.2f} MiB</td><td>{escape(_lora_kind(file))}</td></tr>"
+                f"<tr{row_class}><td><code>{escape(folder)}/{escape(file.name)}</code></td>"
+                f"<td>{file.stat().st_size / 2**20:.2f} MiB</td><td>{escape(kind)}</td></tr>"
             )
     if not rows:
         section.body, section.status = not_yet("no LoRA written (training not finished)"), "missing"
@@ -162,15 +169,18 @@ def outputs_section(run_dir: Path, section: Section) -> Section:
     section.body = (
         '<table class="files"><tr><th>file</th><th>size</th><th>format</th></tr>' + "".join(rows) + "</table>"
     )
+    if broken:
+        section.status = "error"
+        section.body = "".join(f'<p class="error">{escape(line)}</p>' for line in broken) + section.body
     return section
 
 
 def _lora_kind(file: Path) -> str:
     if file.name == DIFFUSERS_LORA:
-        return "diffusers / peft (pipe.load_lora_weights)"
+        return "diffusers only (pipe.load_lora_weights); not for ComfyUI / AUTOMATIC1111"
     if file.name == EMBEDDINGS:
         return "textual-inversion embedding"
-    return "kohya (AUTOMATIC1111, ComfyUI)"
+    return "kohya: ComfyUI, AUTOMATIC1111, Forge (diffusers too)"
 
 
 def config_section(run_dir: Path, section: Section) -> Section:

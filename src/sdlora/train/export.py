@@ -7,7 +7,9 @@
 - `<kohya_name>.safetensors`: the same weights in kohya's format for AUTOMATIC1111 / ComfyUI
   (train/kohya.py), with the `ss_*` and `modelspec.*` keys those tools read.
 
-Both files get the `sdlora.*` metadata of `build_metadata`. Nothing is written before both files
+Both files get the `sdlora.*` metadata of `build_metadata`, and `sdlora.format` / `sdlora.load_in`
+saying which programs read that file (the diffusers file is not for ComfyUI or A1111: their key maps
+know neither peft-style UNet keys nor text-encoder keys without `text_model.`). Nothing is written before both files
 are fully built, and each lands by rename: a failure leaves the previous files as they were.
 `export_lora` writes a training run's LoRA (and the token's embedding, when it trained) this way.
 """
@@ -34,6 +36,16 @@ if TYPE_CHECKING:
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 ADAPTER = "default"
 META_PREFIX = "sdlora."
+
+# Which program reads which file: in each file's metadata (`sdlora.load_in`) and in the README.
+DIFFUSERS_USE = (
+    "diffusers only: pipe.load_lora_weights(folder). Not for ComfyUI, AUTOMATIC1111 or Forge "
+    "(their loaders do not map these peft-style keys): use {kohya_file} beside it"
+)
+KOHYA_USE = (
+    "ComfyUI, AUTOMATIC1111, Forge, kohya sd-scripts; diffusers reads it too "
+    "(pipe.load_lora_weights(folder, weight_name=this file's name))"
+)
 
 # modelspec (https://github.com/Stability-AI/ModelSpec) architecture and implementation per arch,
 # as sd-scripts' library/sai_model_spec.py writes them for LoRAs.
@@ -104,6 +116,29 @@ def kohya_metadata(arch: Architecture, lora_config: Any, metadata: Mapping[str, 
     return out
 
 
+# The LoraConfig fields that shape a loaded adapter. Only these go into the diffusers file's adapter
+# metadata: diffusers builds `LoraConfig(**metadata)`, and a field that a user's older peft does not
+# know (peft adds some in most releases) would make the whole file unloadable there.
+ADAPTER_FIELDS = (
+    "r",
+    "lora_alpha",
+    "target_modules",
+    "lora_dropout",
+    "bias",
+    "fan_in_fan_out",
+    "use_rslora",
+    "use_dora",
+    "rank_pattern",
+    "alpha_pattern",
+)
+
+
+def adapter_metadata(config: Any) -> dict[str, Any]:
+    """The LoraConfig as diffusers' adapter metadata, limited to ADAPTER_FIELDS."""
+    full = config.to_dict()
+    return {key: full[key] for key in ADAPTER_FIELDS if key in full}
+
+
 def _components(
     unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Architecture
 ) -> dict[str, torch.nn.Module]:
@@ -134,7 +169,7 @@ def _diffusers_file(
         # projections (to_q.lora.down), and diffusers' loader decides the format of the whole UNet
         # dict from its first key, so a mix (with ff.net / proj_in targets) would load half the LoRA.
         kwargs[f"{name}_lora_layers"] = dict(state_dict)
-        kwargs[f"{name}_lora_adapter_metadata"] = configs[name].to_dict()
+        kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(configs[name])
     with tempfile.TemporaryDirectory(dir=folder, prefix=".diffusers-") as tmp:
         pipeline_class.save_lora_weights(tmp, **kwargs)
         return load_kohya(Path(tmp) / LORA_WEIGHTS)  # any safetensors file: tensors + header
@@ -181,11 +216,21 @@ def save_lora(
     # Build the kohya tensors first: an unmappable module fails before anything is written.
     names = KohyaNames.for_models(arch, unet.config, text_encoders)
     kohya = peft_to_kohya(lora, {name: module_alphas(model, ADAPTER) for name, model in models.items()}, names)
-    kohya_meta = {**metadata, **kohya_metadata(arch, configs[UNET], metadata, title=kohya_name)}
+    kohya_meta = {
+        **metadata,
+        **kohya_metadata(arch, configs[UNET], metadata, title=kohya_name),
+        f"{META_PREFIX}format": "kohya",
+        f"{META_PREFIX}load_in": KOHYA_USE,
+    }
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, header = _diffusers_file(out_dir, arch, lora, configs)
-    diffusers_meta = {**metadata, **header}  # diffusers' own keys (format, lora_adapter_metadata) win
+    diffusers_meta = {
+        **metadata,
+        f"{META_PREFIX}format": "diffusers",
+        f"{META_PREFIX}load_in": DIFFUSERS_USE.format(kohya_file=kohya_file),
+        **header,  # diffusers' own keys (format, lora_adapter_metadata) win
+    }
     with atomic_path(out_dir / LORA_WEIGHTS) as diffusers_tmp, atomic_path(out_dir / kohya_file) as kohya_tmp:
         save_file(tensors, str(diffusers_tmp), metadata=diffusers_meta)
         save_file(kohya, str(kohya_tmp), metadata=kohya_meta)

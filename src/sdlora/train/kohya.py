@@ -35,7 +35,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from sdlora.errors import RunError, SdloraError
+from sdlora.errors import SdloraError
 from sdlora.models.arch import Architecture
 
 UNET = "unet"
@@ -323,16 +323,10 @@ def kohya_to_peft(
 
 
 def load_kohya(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a kohya-format (or any) .safetensors file."""
-    from safetensors import SafetensorError, safe_open
+    """Tensors and header metadata of a kohya-format (or any) .safetensors file (`safetensors_io.load_file`)."""
+    from sdlora.safetensors_io import load_file
 
-    if not Path(path).is_file():
-        raise RunError(f"{path}: no such LoRA file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except SafetensorError as exc:
-        raise RunError(f"{path}: not a readable .safetensors file ({exc})") from None
+    return load_file(path, "LoRA file")
 
 
 def module_alphas(model: torch.nn.Module, adapter: str = "default") -> dict[str, float]:
