@@ -44,8 +44,14 @@ def gpu_count() -> int:
 def run_local(
     jobs: list[TrialJob], on_done: OnDone, on_event: Callable[[TrialJob], OnEvent | None] | None = None
 ) -> None:
+    """One trial after another in this process; while no trial has sampled the base model (the first
+    failed before it could), the next one does."""
+    have_base = not any(job.baseline for job in jobs)  # resumed with the base scored already
     for job in jobs:
-        on_done(run_trial(job, on_event=on_event(job) if on_event else None))
+        job.baseline = not have_base
+        record = run_trial(job, on_event=on_event(job) if on_event else None)
+        have_base = have_base or bool(record.get("base"))
+        on_done(record)
 
 
 def _worker(job: TrialJob, env: dict[str, str], max_points: int | None = None) -> dict[str, Any]:
