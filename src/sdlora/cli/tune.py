@@ -105,11 +105,15 @@ def _options(
         ),
     ] = None,
     executor: Annotated[
-        str,
+        Optional[str],
         typer.Option(
-            "--executor", metavar="NAME", rich_help_panel=TUNE, help="local or ray (pip install 'sdlora\\[ray]')."
+            "--executor",
+            metavar="NAME",
+            rich_help_panel=TUNE,
+            show_default=False,
+            help="local (default; a resumed sweep: its own) or ray (pip install 'sdlora\\[ray]').",
         ),
-    ] = "local",
+    ] = None,
     parallel: Annotated[
         Optional[int],
         typer.Option(
@@ -237,6 +241,9 @@ def tune(**params: Any) -> None:
     from sdlora.tune.trial import Scoring
 
     executor = params["executor"]
+    if executor is None:
+        saved = sweep_mod.read_record(Path(params["resume"]) / sweep_mod.TUNE_JSON) if params["resume"] else None
+        executor = (saved or {}).get("executor") or "local"
     if executor not in executors.EXECUTORS:
         raise ConfigError(f"--executor {executor!r}: choose local or ray")
     if executor == "ray":
@@ -359,11 +366,11 @@ def _render(data: dict[str, Any]) -> None:
         caption_justify="left",
     )
     for column in ("trial", "settings", "step", "DINO", "CLIP-I", "CLIP-T", "objective"):
-        table.add_column(column, justify="left" if column in ("trial", "settings") else "right")
+        table.add_column(column, justify="left" if column in ("trial", "settings") else "right", overflow="fold")
     winner = data.get("winner") or {}
     for r in data["leaderboard"]:
         settings = ", ".join(
-            f"{k.split('.')[-1]}={v:g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
+            f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
             for k, v in r["settings"].items()
         )
         best = (r["trial"], r["step"]) == (winner.get("trial"), winner.get("step"))

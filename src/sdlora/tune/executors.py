@@ -176,11 +176,24 @@ def run_ray(
             )
 
         class Done(tune.Callback):
+            """Rewrites tune.json as each trial ends (on the driver)."""
+
+            def __init__(self, fn: OnDone | None) -> None:
+                self.fn = fn
+
+            def __getstate__(self) -> dict[str, Any]:
+                return {}  # Ray pickles the tuner's settings; the driver's callback stays out of them
+
+            def __setstate__(self, state: dict[str, Any]) -> None:
+                self.fn = None
+
             def on_trial_complete(self, iteration, trials, trial, **info):  # noqa: ANN001
-                on_done(_reconcile(trial.config["job"], None))
+                if self.fn is not None:
+                    self.fn(_reconcile(trial.config["job"], None))
 
             def on_trial_error(self, iteration, trials, trial, **info):  # noqa: ANN001
-                on_done(_reconcile(trial.config["job"], getattr(trial, "error_file", None) or "Ray trial error"))
+                if self.fn is not None:
+                    self.fn(_reconcile(trial.config["job"], getattr(trial, "error_file", None) or "Ray trial error"))
 
         tuner = tune.Tuner(
             tune.with_resources(_ray_trainable, resources),
@@ -189,7 +202,7 @@ def run_ray(
                 metric="dino", mode="max", scheduler=scheduler, max_concurrent_trials=parallel or None
             ),
             run_config=tune.RunConfig(
-                name="ray", storage_path=str(Path(tune_dir).resolve() / ".ray"), callbacks=[Done()], verbose=0
+                name="ray", storage_path=str(Path(tune_dir).resolve() / ".ray"), callbacks=[Done(on_done)], verbose=0
             ),
         )
         tuner.fit()
