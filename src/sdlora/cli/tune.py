@@ -355,6 +355,15 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
+def _short(key: str) -> str:
+    """A setting's shortest long flag without dashes (train.learning_rate -> lr)."""
+    try:
+        flags = [f for f in config_mod.GROUPS[key.split(".")[0]].flags(key.split(".", 1)[1]) if f.startswith("--")]
+    except (KeyError, IndexError):
+        return key
+    return min(flags, key=len)[2:] if flags else key
+
+
 def _render(data: dict[str, Any]) -> None:
     objective = data["objective"]
     floor = objective.get("floor")
@@ -366,12 +375,12 @@ def _render(data: dict[str, Any]) -> None:
         caption_justify="left",
     )
     for column in ("trial", "settings", "step", "DINO", "CLIP-I", "CLIP-T", "objective"):
-        table.add_column(column, justify="left" if column in ("trial", "settings") else "right", overflow="fold")
+        left = column in ("trial", "settings")
+        table.add_column(column, justify="left" if left else "right", no_wrap=left)
     winner = data.get("winner") or {}
     for r in data["leaderboard"]:
         settings = ", ".join(
-            f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}"
-            for k, v in r["settings"].items()
+            f"{_short(k)}={v:.3g}" if isinstance(v, float) else f"{_short(k)}={v}" for k, v in r["settings"].items()
         )
         best = (r["trial"], r["step"]) == (winner.get("trial"), winner.get("step"))
         table.add_row(

@@ -207,6 +207,8 @@ def run_trial(
             record.points.append(point)
             if base is not None:
                 record.base = base
+            if {p["step"] for p in record.points} >= set(job.steps):
+                record.status = DONE  # before `report`: Ray may end the trial there, after its last point
             write_json(job.record_path, asdict(record))
             if report is not None:
                 report(point)
