@@ -134,3 +134,14 @@ def test_ray_executor_without_ray_names_the_extra(tmp_path, datasets, monkeypatc
 def test_help_exits_zero():
     result = CliRunner().invoke(app, ["tune", "--help"])
     assert result.exit_code == 0 and "--grid" in result.output and "--learning-rate" in result.output
+
+
+def test_tune_section_beside_the_train_config_is_the_space(tmp_path, datasets, monkeypatch):
+    from sdlora.train import loop
+
+    monkeypatch.setattr(loop, "run_training", lambda *a, **k: pytest.fail("trained"))
+    good, _ = datasets
+    config = tmp_path / "sweep.yaml"
+    config.write_text("lora:\n  dropout: 0.1\ntune:\n  grid:\n    lora.rank: []\n  steps: [2, 4]\n")
+    result = CliRunner().invoke(app, ["tune", *TINY, "--dataset", str(good), "--config", str(config)])
+    one_line_error(result, f"--config {config}: tune.grid lora.rank: empty value list")
