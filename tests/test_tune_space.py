@@ -145,3 +145,25 @@ def test_tune_section_beside_the_train_config_is_the_space(tmp_path, datasets, m
     config.write_text("lora:\n  dropout: 0.1\ntune:\n  grid:\n    lora.rank: []\n  steps: [2, 4]\n")
     result = CliRunner().invoke(app, ["tune", *TINY, "--dataset", str(good), "--config", str(config)])
     one_line_error(result, f"--config {config}: tune.grid lora.rank: empty value list")
+
+
+def test_resume_plans_only_unfinished_trials_and_one_base_scoring(tmp_path, datasets):
+    from sdlora.fsutil import write_json
+    from sdlora.tune import sweep as sw
+    from sdlora.tune.trial import Scoring, record_path
+
+    good, _ = datasets
+    layers = [{"model": {"name": "tiny-sd"}, "data": {"dataset": str(good)}}]
+    space = sp.build_space(sp.parse_grid_options(["rank=2,4,8"]), [1, 2])
+    plan = sw.plan_sweep(layers, ("test",), space, obj.Objective(), Scoring(prompts=["x"]), tmp_path / "s")
+    plan.tune_dir.mkdir(parents=True)
+    sw.write_summary(plan)
+    assert [j.baseline for j in plan.jobs] == [True, False, False]
+    write_json(record_path(plan.tune_dir, "trial-00"), {"name": "trial-00", "status": "failed", "error": "OOM"})
+    write_json(record_path(plan.tune_dir, "trial-01"), {"name": "trial-01", "status": "done", "points": []})
+    resumed = sw.load_sweep(plan.tune_dir)  # tune.json as written before any trial ran
+    todo = sw.pending(resumed)
+    assert [j.name for j in todo] == ["trial-00", "trial-02"] and [j.baseline for j in todo] == [True, False]
+    write_json(record_path(plan.tune_dir, "trial-01"), {"name": "trial-01", "status": "done", "base": {"clip_t": 0.3}})
+    assert [j.baseline for j in sw.pending(resumed)] == [False, False]  # the base model is scored once per sweep
+    assert resumed.jobs[1].config == plan.jobs[1].config and resumed.space.steps == [1, 2]
