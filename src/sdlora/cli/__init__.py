@@ -33,6 +33,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "train": ("sdlora.cli.train", "train"),
     "sample": ("sdlora.cli.sample", "sample"),
     "score": ("sdlora.cli.score", "score"),
+    "tune": ("sdlora.cli.tune", "tune"),
     "report": ("sdlora.cli.report", "report"),
     "demo": ("sdlora.cli.demo", "demo"),
 }

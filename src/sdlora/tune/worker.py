@@ -1,0 +1,23 @@
+"""A trial in its own process: `python -m sdlora.tune.worker JOB.json` (the local executor's --parallel).
+
+JOB.json holds {"job": TrialJob fields, "max_points": N or null}; the record goes to the tune folder's
+`.trials/<name>.json` as in any executor. The exit status is 0 also for a failed trial (its record
+says so); a non-zero status means the worker itself died.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(argv: list[str]) -> int:
+    from sdlora.tune.trial import run_trial
+
+    spec = json.loads(open(argv[0], encoding="utf-8").read())
+    run_trial(spec["job"], max_points=spec.get("max_points"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

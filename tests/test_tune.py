@@ -1,0 +1,175 @@
+"""`sdlora tune` end to end on tiny models: trials are run folders, tune.json, the winner, best/, faults."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from conftest import REPO, write_tiny_dataset
+from sdlora.cli import app
+from sdlora.run import load_run, read_metrics, read_scores
+
+SCORING = ["--prompt", "a photo of {token} {class}", "--seeds", "2", "--sample-steps", "2"]
+TINY = ["--model", "tiny-sd", "--dino-model", "tiny-dino", "--clip-model", "tiny-clip", "validation.prompts=[]"]
+
+
+def tune_args(dataset: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    return ["tune", *TINY, *SCORING, "--dataset", str(dataset), "--runs-dir", str(runs), "--name", name, *extra]
+
+
+def by_hand(tune_dir: Path, data: dict) -> tuple[str, int]:
+    """The winner from the step folders' scores.json files: highest DINO with CLIP-T >= base - 0.02."""
+    base = data["base"]["clip_t"]
+    best = None
+    for trial in data["trials"]:
+        for point in trial["points"]:
+            overall = read_scores(tune_dir / point["folder"] / "scores.json")["overall"]["lora"]
+            if overall["clip_t"] >= base - 0.02 and (best is None or overall["dino"] > best[0]):
+                best = (overall["dino"], trial["name"], point["step"])
+    return best[1], best[2]
+
+
+@pytest.fixture(scope="module")  # 8 trainings and 8 scorings: about 50 s on 2 busy cores
+def grid_sweep(tmp_path_factory) -> tuple[Path, dict, str]:
+    root = tmp_path_factory.mktemp("tune")
+    dataset = write_tiny_dataset(root / "dataset")
+    args = tune_args(dataset, root / "runs", "g", "--grid", "lr=1e-3,3e-3", "--grid", "rank=2,4", "--steps", "1,2")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    tune_dir = root / "runs" / "g"
+    return tune_dir, json.loads((tune_dir / "tune.json").read_text()), result.output
+
+
+@pytest.mark.slow
+def test_grid_gives_four_run_folders_every_point_and_the_winner(grid_sweep):
+    tune_dir, data, output = grid_sweep
+    assert [t["name"] for t in data["trials"]] == ["trial-00", "trial-01", "trial-02", "trial-03"]
+    settings = [(t["settings"]["train.learning_rate"], t["settings"]["lora.rank"]) for t in data["trials"]]
+    assert settings == [(1e-3, 2), (1e-3, 4), (3e-3, 2), (3e-3, 4)]
+    for trial in data["trials"]:
+        assert trial["status"] == "done" and [p["step"] for p in trial["points"]] == [1, 2]
+        run = load_run(tune_dir / trial["name"])  # an ordinary run folder
+        assert run.config["lora"]["rank"] == trial["settings"]["lora.rank"]
+        assert run.config["train"]["learning_rate"] == trial["settings"]["train.learning_rate"]
+        steps = [r["step"] for r in read_metrics(run.path / "metrics.jsonl") if "loss" in r]
+        assert steps == [1, 2]  # trained once to 1, resumed to 2: no step twice
+        assert (run.path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert data["base"] is not None and data["objective"]["floor"] == pytest.approx(data["base"]["clip_t"] - 0.02)
+    winner = data["winner"]
+    assert (winner["trial"], winner["step"]) == by_hand(tune_dir, data)
+    assert winner["trial"] in output and "CLIP-T" in output
+
+
+@pytest.mark.slow
+def test_best_repeats_the_winner_at_its_step_and_report_compares_trials(grid_sweep):
+    tune_dir, data, _ = grid_sweep
+    winner = data["winner"]
+    best = tune_dir / "best"
+    config = yaml.safe_load((best / "config.yaml").read_text())
+    assert config["train"]["max_steps"] == winner["step"]
+    trial_config = yaml.safe_load((tune_dir / winner["trial"] / "config.yaml").read_text())
+    assert (
+        config["lora"] == trial_config["lora"]
+        and config["train"]["learning_rate"] == trial_config["train"]["learning_rate"]
+    )
+    assert (best / "trial").resolve() == (tune_dir / winner["trial"]).resolve()
+    assert (best / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    html = (tune_dir / "report.html").read_text()
+    assert "<svg" in html and "trial-03" in html and "data:image/png" in html
+
+
+def test_a_trial_that_raises_is_recorded_and_the_others_finish(tmp_path, monkeypatch):
+    from sdlora.train import loop
+
+    real = loop.run_training
+
+    def flaky(cfg, **kwargs):
+        if cfg.train.learning_rate == 2e-3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(loop, "run_training", flaky)
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    result = CliRunner().invoke(
+        app, tune_args(dataset, tmp_path / "runs", "f", "--grid", "lr=2e-3,1e-3", "--steps", "1")
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "runs" / "f" / "tune.json").read_text())
+    failed, done = data["trials"]
+    assert failed["status"] == "failed" and "out of memory" in failed["error"]
+    assert data["failures"] == [{"trial": "trial-00", "error": failed["error"]}]
+    assert done["status"] == "done" and data["winner"]["trial"] == "trial-01"
+    # the first trial failed before sampling the base model: the next one did
+    assert data["base"] is not None and "failed" in result.output
+    assert load_run(tmp_path / "runs" / "f" / "trial-01").config["train"]["learning_rate"] == 1e-3
+    assert not (tmp_path / "runs" / "f" / "trial-00").exists()  # it failed before its run folder was made
+    best = yaml.safe_load((tmp_path / "runs" / "f" / "best" / "config.yaml").read_text())
+    assert best["train"]["max_steps"] == 1 and best["train"]["learning_rate"] == 1e-3
+
+
+@pytest.mark.slow
+def test_resume_after_kill_9_finishes_without_retraining(tmp_path, monkeypatch):
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    runs = tmp_path / "runs"
+    args = tune_args(dataset, runs, "k", "--grid", "lr=1e-3,2e-3", "--steps", "1,2")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sdlora", *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    record = runs / "k" / ".trials" / "trial-01.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # kill once trial-00 is done and trial-01 has begun
+        if record.is_file() and json.loads(record.read_text() or "{}").get("status") == "running":
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the sweep ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    before = json.loads((runs / "k" / "tune.json").read_text())
+    assert [t["status"] for t in before["trials"]] == ["done", "pending"]
+
+    from sdlora.train import loop
+
+    calls = []
+    real = loop.run_training
+
+    def counted(cfg, **kwargs):
+        calls.append((cfg.train.learning_rate, cfg.train.max_steps))
+        return real(cfg, **kwargs)
+
+    monkeypatch.setattr(loop, "run_training", counted)
+    result = CliRunner().invoke(app, ["tune", "--resume", str(runs / "k")])
+    assert result.exit_code == 0, result.output
+    assert all(lr == 2e-3 for lr, _ in calls) and [s for _, s in calls][-1] == 2  # trial-00 not retrained
+    data = json.loads((runs / "k" / "tune.json").read_text())
+    assert [t["status"] for t in data["trials"]] == ["done", "done"]
+    assert [p["step"] for p in data["trials"][1]["points"]] == [1, 2]
+    steps = [r["step"] for r in read_metrics(runs / "k" / "trial-01" / "metrics.jsonl") if "loss" in r]
+    assert sorted(set(steps)) == [1, 2]
+
+
+@pytest.mark.slow
+def test_ray_local_instance_gives_the_same_trials_and_winner(grid_sweep, tmp_path):
+    pytest.importorskip("ray")
+    tune_dir, local, _ = grid_sweep
+    dataset = Path(local["trials"][0]["job"]["config"]["data"]["dataset"])
+    args = tune_args(dataset, tmp_path / "runs", "g", "--grid", "lr=1e-3,3e-3", "--grid", "rank=2,4", "--steps", "1,2")
+    result = CliRunner().invoke(app, [*args, "--executor", "ray", "--parallel", "2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "runs" / "g" / "tune.json").read_text())
+    assert [(t["name"], t["settings"], t["status"]) for t in data["trials"]] == [
+        (t["name"], t["settings"], t["status"]) for t in local["trials"]
+    ]
+    for ours, theirs in zip(data["trials"], local["trials"]):
+        for a, b in zip(ours["points"], theirs["points"]):
+            assert a["step"] == b["step"] and a["dino"] == pytest.approx(b["dino"], abs=1e-4)
+    assert (data["winner"]["trial"], data["winner"]["step"]) == (local["winner"]["trial"], local["winner"]["step"])
