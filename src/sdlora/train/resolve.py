@@ -162,10 +162,9 @@ def resume_run(
         raise RunError(f"{config_path}: damaged, section 'embedding' is not a mapping{copy}")
     saved.setdefault("embedding", {"train": False})  # a run from before pivotal tuning trained no embedding
     try:
-        cfg, warnings = resume_config(saved, layers, sources, saved_name=str(config_path))
+        config_mod.build_config(saved, sources=(str(config_path),))
     except ConfigError as exc:
-        if str(config_path) not in str(exc):
-            raise  # the command line's problem
-        raise RunError(f"{exc}{copy}") from None
+        raise RunError(f"{config_path}: damaged ({exc}){copy}") from None
+    cfg, warnings = resume_config(saved, layers, sources, saved_name=str(config_path))
     cfg = config_mod.replace(cfg, run={"runs_dir": str(run_dir.parent), "name": run_dir.name})
     return run_dir, cfg, warnings
