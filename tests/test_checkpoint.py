@@ -122,12 +122,19 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_temp_folders_removed(trained
     leftover = run / "checkpoints" / ".step-000003.tmp"
     leftover.mkdir()
     (leftover / "lora_weights_0.safetensors").write_bytes(b"half")
+    stray = run / "checkpoints" / "step-000009"  # a folder without its sdlora.json (copied by hand, say)
+    shutil.copytree(run / "checkpoints" / "step-000001", stray)
+    (stray / "sdlora.json").unlink()
 
     result, events = resume(run, steps=3)
     assert events.resumed() == 1 and result.steps == 3
     skipped = [w for w in events.warnings() if "skipped" in w]
-    assert len(skipped) == 1 and "step-000002: skipped, lora_weights_0.safetensors is 100 bytes" in skipped[0]
+    assert len(skipped) == 2, skipped
+    assert "step-000009: skipped, incomplete (no sdlora.json)" in skipped[0]
+    assert "step-000002: skipped, lora_weights_0.safetensors is 100 bytes" in skipped[1]
     assert not leftover.exists()
+    # The stale one does not outlive the good ones (--keep-checkpoints 2 counts back from the newest step).
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002", "step-000003"]
     assert [r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3]
 
     # A same-size change is caught by the checksum.

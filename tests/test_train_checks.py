@@ -16,7 +16,6 @@ from sdlora.config import load_config
 from sdlora.data.captions import write_captions
 from sdlora.errors import ConfigError, DataError
 from sdlora.train import loop
-from sdlora.train.lora import check_rank
 
 runner = CliRunner()
 LONG_TAIL = ", ".join(["on a wooden table in a bright kitchen"] * 12)  # ~90 CLIP tokens
@@ -57,6 +56,8 @@ def test_a_rank_wider_than_the_narrowest_targeted_layer_is_refused_before_encodi
 
 
 def test_rank_limit_counts_the_text_encoders_when_they_train_and_warns_above_128():
+    from sdlora.train.lora import check_rank
+
     unet = torch.nn.ModuleDict({"to_q": torch.nn.Linear(512, 512)})
     encoder = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(160, 160)})
     pipe = SimpleNamespace(unet=unet, text_encoder=encoder)

@@ -51,7 +51,7 @@ def _options(
             "--resume",
             metavar="RUN",
             show_default=False,
-            help="Continue a run from its newest checkpoint: a run folder or 'latest'.",
+            help="Continue a run (a folder or 'latest') from its newest complete checkpoint; without one, from step 0.",
         ),
     ] = None,
     print_config: Annotated[

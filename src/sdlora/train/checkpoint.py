@@ -130,8 +130,12 @@ def newest_valid(run_dir: Path, emit: OnEvent) -> tuple[int, Path] | None:
     return None
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    for _, folder in list_checkpoints(run_dir)[:-keep]:
+def prune(run_dir: Path, keep: int, step: int) -> None:
+    """Keep the newest `keep` checkpoints up to `step` (the one just written); newer ones are stale (a
+    damaged one skipped on resume) and go too, so they never outlive a good one."""
+    found = list_checkpoints(run_dir)
+    older = [folder for s, folder in found if s <= step]
+    for folder in older[:-keep] + [folder for s, folder in found if s > step]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -239,7 +243,7 @@ def save_checkpoint(state: TrainState) -> Path:
     if state.is_main:
         _seal(state, tmp)
         _commit(tmp, final)
-        prune(run_dir, state.cfg.checkpoint.keep_checkpoints)
+        prune(run_dir, state.cfg.checkpoint.keep_checkpoints, state.step)
         point_latest(run_dir)  # the run has something to resume from
         state.emit({"event": "checkpoint", "step": state.step, "path": str(final)})
     state.last_checkpoint = final
@@ -349,9 +353,10 @@ def truncate_metrics(path: Path, step: int) -> None:
         if not line.endswith("\n"):
             continue
         try:
-            if json.loads(line).get(Metric.STEP, 0) > step:
-                continue
+            record = json.loads(line)
         except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict) or record.get(Metric.STEP, 0) > step:
             continue
         keep.append(line)
     write_text(path, "".join(keep))
