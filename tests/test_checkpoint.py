@@ -183,6 +183,9 @@ def test_latest_moves_only_onto_a_run_with_a_checkpoint_or_a_lora(trained, tmp_p
     with pytest.raises(RunError, match="the loss is nan"):
         loop.run_training(load_config(None, flags(runs, dataset, **{"run.name": "diverged"})))
     assert (runs / "diverged").is_dir() and (runs / "latest").resolve() == good.run_dir
+    run_dir, _, warnings = resolve.resume_run("latest", [{}], ("command line",), runs_dir=runs)
+    assert run_dir == good.run_dir  # and it says which newer run `latest` skipped, and how to continue that one
+    assert f"the newer run {runs / 'diverged'} has no checkpoint or LoRA yet" in warnings[0], warnings
     assert not (runs / "diverged" / ".sdlora.lock").exists()  # released on the error too
 
 

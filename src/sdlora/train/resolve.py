@@ -133,6 +133,20 @@ def resume_config(
     return cfg, warnings
 
 
+def _newer_unsaved_run(runs: Path) -> Path | None:
+    """The newest run folder in `runs` with a config.yaml but neither a checkpoint nor a LoRA (killed before
+    its first save), which `runs/latest` therefore skips; None when there is none."""
+    from sdlora.run import DIFFUSERS_LORA, LORA_DIR
+    from sdlora.train.checkpoint import list_checkpoints
+
+    try:
+        folders = [d for d in runs.iterdir() if d.is_dir() and not d.is_symlink() and (d / CONFIG).is_file()]
+    except OSError:
+        return None
+    unsaved = [d for d in folders if not (d / LORA_DIR / DIFFUSERS_LORA).is_file() and not list_checkpoints(d)]
+    return max(unsaved, key=lambda d: (d / CONFIG).stat().st_mtime).resolve() if unsaved else None
+
+
 def resume_run(
     run: str | Path, layers: list[dict[str, Any]], sources: tuple[str, ...], runs_dir: str | Path = "runs"
 ) -> tuple[Path, Config, list[str]]:
@@ -146,6 +160,10 @@ def resume_run(
     from sdlora.run import resolve_run_dir
 
     run_path = Path(runs_dir) / "latest" if str(run) == "latest" else Path(run)
+    unsaved = _newer_unsaved_run(Path(runs_dir)) if str(run) == "latest" else None
+    hint = f"{unsaved} has no checkpoint or LoRA yet (so `latest` does not point at it): continue it with --resume {unsaved}"
+    if unsaved is not None and not (run_path.exists() or run_path.is_symlink()):
+        raise RunError(f"{run_path}: no such run folder; {hint}")
     run_dir = resolve_run_dir(run_path)
     config_path = run_dir / CONFIG
     if not config_path.is_file():
@@ -166,5 +184,7 @@ def resume_run(
     except ConfigError as exc:
         raise RunError(f"{config_path}: damaged ({exc}){copy}") from None
     cfg, warnings = resume_config(saved, layers, sources, saved_name=str(config_path))
+    if unsaved is not None and unsaved != run_dir and (unsaved / CONFIG).stat().st_mtime > config_path.stat().st_mtime:
+        warnings.insert(0, f"--resume latest is {run_dir}; the newer run {hint}")
     cfg = config_mod.replace(cfg, run={"runs_dir": str(run_dir.parent), "name": run_dir.name})
     return run_dir, cfg, warnings
