@@ -5,9 +5,11 @@ in it. One tiny-sd run (2 steps, a checkpoint at each) serves as the starting po
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -201,3 +203,36 @@ def test_non_finite_numbers_are_refused_in_one_line(tmp_path: Path, value: str):
         "--adam-epsilon",
         "finite",
     )
+
+
+def test_state_files_round_trip_optimizer_scaler_and_rng_states_exactly(tmp_path: Path):
+    from sdlora.train.checkpoint import rng_state, set_rng_state
+    from sdlora.train.statefile import load_state, save_state
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    opt = torch.optim.AdamW([{"params": params[:1], "lr": 1e-3}, {"params": params[1:], "lr": 2e-4}], betas=(0.9, 0.99))
+    sum(p.sum() for p in params).backward()
+    opt.step()
+    scaler = {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 3, "nested": {"__tensor__": "not a marker"}}
+    state = {"optimizer": opt.state_dict(), "scaler": scaler, "rng": rng_state()}
+    files = save_state(tmp_path, "s", state)
+    assert files == ["s.safetensors", "s.json"] and not list(tmp_path.glob("*.pkl"))
+    back = load_state(tmp_path, "s")
+    assert back["scaler"] == scaler and back["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]
+    for key, value in opt.state_dict()["state"].items():  # int keys survive, tensors bit-exact with their dtype
+        for name, tensor in value.items():
+            assert (
+                torch.equal(back["optimizer"]["state"][key][name], tensor)
+                and back["optimizer"]["state"][key][name].dtype == tensor.dtype
+            )
+    set_rng_state(back["rng"])
+    first = (torch.rand(3), random.random(), np.random.rand())
+    set_rng_state(back["rng"])
+    assert (torch.rand(3).tolist(), random.random(), np.random.rand()) == (
+        first[0].tolist(),
+        first[1],
+        first[2],
+    )
+    (tmp_path / "s.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(RunError, match=r"s\.safetensors: damaged or incomplete"):
+        load_state(tmp_path, "s")
