@@ -616,6 +616,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_lora_then_exits(tmp_path: Path, tiny_
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
+    assert "stopping after this step; saving a checkpoint and the LoRA (Ctrl-C again to stop without saving)" in err
     assert "Continue with: sdlora train --resume" in out
     checkpoints = sorted((runs / "stopped" / "checkpoints").glob("step-*"))
     assert len(checkpoints) == 1 and (checkpoints[0] / "sdlora.json").is_file()

@@ -237,8 +237,8 @@ def test_presets_only_use_existing_keys():
 # ----------------------------------------------------------------------------- after training
 
 
-@pytest.mark.parametrize("interrupted", [False, True])
-def test_the_report_is_refreshed_after_training_also_when_stopped(tmp_path: Path, monkeypatch, interrupted):
+@pytest.mark.parametrize("stop_signal, code", [(0, 0), (2, 130), (15, 143)])  # done, Ctrl-C, SIGTERM
+def test_the_report_is_refreshed_after_training_also_when_stopped(tmp_path: Path, monkeypatch, stop_signal, code):
     from sdlora.cli import train as train_cli
     from sdlora.train import loop
 
@@ -248,11 +248,16 @@ def test_the_report_is_refreshed_after_training_also_when_stopped(tmp_path: Path
         loop,
         "run_training",
         lambda cfg, resume=None, on_event=None: loop.TrainResult(
-            run_dir=run_dir, steps=2, best_val_loss=None, lora_dir=None, interrupted=interrupted
+            run_dir=run_dir,
+            steps=2,
+            best_val_loss=None,
+            lora_dir=None,
+            interrupted=bool(stop_signal),
+            stop_signal=stop_signal,
         ),
     )
     monkeypatch.setattr(train_cli, "refresh_report", lambda path, **kw: calls.append(path))
     monkeypatch.delenv("RANK", raising=False)
     result = runner.invoke(app, ["train", "--model", "tiny-sd", "--dataset", str(tmp_path)])
-    assert result.exit_code == (130 if interrupted else 0), result.output
+    assert result.exit_code == code, result.output
     assert calls == [run_dir]

@@ -7,7 +7,7 @@ runs/<name>/
   lora/              pytorch_lora_weights.safetensors (diffusers/peft keys) + <name>.safetensors (kohya),
                      embeddings.safetensors with a trained token embedding
   best/              the same files for the best validation score so far
-  checkpoints/step-NNNNNN/   accelerate states to resume from
+  checkpoints/step-NNNNNN/   what a run resumes from: safetensors + JSON, no pickle (train/checkpoint.py)
   samples/           `sdlora sample` output: <prompt-slug>/{lora,base}-NN.png, grid.png, samples.json;
                      step-N/ the validation samples of training step N
   scores.json        `sdlora score` output
@@ -31,7 +31,8 @@ scores.json (`write_scores` / `read_scores`), cosines in -1..1:
   overall.{lora,baseline}: {SCORE_METRICS..., images, real_images, prompts} or null (no images),
   prompts[]: {prompt, prompt_as_written, prompt_without_token, lora: {...} or null, baseline: {...} or null}
 
-`runs/latest` is a symlink to the newest run (a text file holding the name where links fail).
+`runs/latest` is a symlink to the newest run with a checkpoint or a LoRA (a text file holding the name
+where links fail); a run that failed before either does not move it.
 """
 
 from __future__ import annotations

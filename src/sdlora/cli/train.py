@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from sdlora import config as config_mod
 from sdlora.cli._common import console, err_console, refresh_report
@@ -50,7 +51,7 @@ def _options(
             "--resume",
             metavar="RUN",
             show_default=False,
-            help="Continue a run from its newest checkpoint: a run folder or 'latest'.",
+            help="Continue a run (a folder or 'latest') from its newest complete checkpoint; without one, from step 0.",
         ),
     ] = None,
     print_config: Annotated[
@@ -187,12 +188,25 @@ def train(**params: Any) -> None:
             _relaunch(config, resume, flags, dotted, num_processes, accelerate_config)
             return
     _quiet_libraries()
+    from sdlora.train.runtime import StopNow
+
+    main = os.environ.get("RANK", "0") == "0"
     renderer = _Renderer()
     try:
         result = loop.run_training(cfg, resume=resume_dir, on_event=renderer)
+    except StopNow as stop:  # a second Ctrl-C / SIGTERM: nothing more is saved
+        renderer.close()
+        if main:
+            err_console.print(f"[yellow]{escape(stop.saved)}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(128 + stop.signum) from None
+    except KeyboardInterrupt:  # Ctrl-C before training started (loading, encoding)
+        renderer.close()
+        if main:
+            err_console.print("[yellow]stopped before training started: nothing saved[/]", highlight=False)
+        raise typer.Exit(130) from None
     finally:
         renderer.close()
-    if os.environ.get("RANK", "0") == "0":  # one report per run: the main process's (also when stopped)
+    if main:  # one report per run: the main process's (also when stopped)
         refresh_report(result.run_dir)
     if result.interrupted:
         console.print(
@@ -201,7 +215,7 @@ def train(**params: Any) -> None:
             highlight=False,
             soft_wrap=True,
         )
-        raise typer.Exit(130)
+        raise typer.Exit(128 + (result.stop_signal or 2))  # 130 after Ctrl-C, 143 after SIGTERM
 
 
 train.__signature__ = _signature()  # type: ignore[attr-defined]
@@ -260,6 +274,8 @@ class _Renderer:
         kind = event["event"]
         if kind == "warning":
             self._print(f"[yellow]warning:[/] {event['message']}")
+        elif kind == "stopping":
+            self._print(f"[yellow]{event['message']}[/]")
         elif kind == "progress":
             self._bar(event["what"], event["done"], event["total"])
         elif kind == "cache":

@@ -84,6 +84,53 @@ def load_examples(dataset_dir: Path, manifest: Manifest, split: str, resolution:
     return examples
 
 
+def check_caption_lengths(cfg: Any, pipe: Any, arch: Any, examples: Sequence[Example], emit: Any) -> None:
+    """Captions must keep the token inside the CLIP window of every tokenizer (77 ids, 75 of text): a
+    DataError naming the captions.txt line otherwise. One warning for captions that are merely long
+    (their end is cut, as every Stable Diffusion pipeline cuts it). Run with the training tokenizers
+    (the token already added for pivotal tuning), before anything is encoded."""
+    from sdlora.data.captions import parse_captions
+    from sdlora.prompts import prompt_fit
+
+    token = str(cfg.data.token)
+    tokenizers = [getattr(pipe, name) for name in arch.tokenizers if getattr(pipe, name, None) is not None]
+    cut, long = [], []
+    seen: set[str] = set()
+    for ex in examples:
+        if ex.caption in seen:
+            continue
+        seen.add(ex.caption)
+        fits = [prompt_fit(tokenizer, ex.caption, token) for tokenizer in tokenizers]
+        if any(fit.token_cut for fit in fits):
+            cut.append((ex, max(fit.tokens for fit in fits), min(fit.limit for fit in fits)))
+        elif any(fit.over for fit in fits):
+            long.append((ex, max(fit.tokens for fit in fits), min(fit.limit for fit in fits)))
+    if not cut and not long:
+        return
+    captions_path = Path(cfg.data.dataset) / CAPTIONS
+    lines = {line.file: line.line_no for line in parse_captions(captions_path)} if captions_path.is_file() else {}
+
+    def where(ex: Example) -> str:
+        no = lines.get(ex.path.name)
+        return f"{captions_path}:{no} ({ex.path.name})" if no else f"{captions_path} ({ex.path.name})"
+
+    if cut:
+        ex, tokens, limit = cut[0]
+        more = f" ({len(cut)} captions in all)" if len(cut) > 1 else ""
+        raise DataError(
+            f"{where(ex)}: the caption is {tokens} CLIP tokens and the text encoder reads {limit}, so the token "
+            f"{token!r} is cut off{more}; shorten it or move {token!r} to its start"
+        )
+    ex, tokens, limit = long[0]
+    emit(
+        {
+            "event": "warning",
+            "message": f"{len(long)} caption(s) longer than the {limit} CLIP tokens the text encoder reads; the "
+            f"rest is ignored (e.g. {where(ex)}: {tokens} tokens)",
+        }
+    )
+
+
 @dataclass
 class Conditioning:
     """Text conditioning of a set of examples: cached embeddings, or token ids when the text encoders train."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -33,11 +34,12 @@ from sdlora.config import Config
 from sdlora.devices import free_memory
 from sdlora.errors import RunError
 from sdlora.events import OnEvent, no_event
+from sdlora.locks import release
 from sdlora.models.arch import Architecture
-from sdlora.run import LORA_DIR, Metric
+from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
 from sdlora.train import encode, lora, losses, monitor, optim, resolve, runtime, validation
-from sdlora.train.data import BatchPlan, Conditioning, LatentSet
+from sdlora.train.data import BatchPlan, Conditioning, LatentSet, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
 
 
@@ -51,6 +53,7 @@ class TrainResult:
     interrupted: bool = False
     elapsed_s: float = 0.0
     checkpoint: Path | None = None
+    stop_signal: int = 0  # the signal that stopped an interrupted run (SIGINT for `request_stop`)
 
 
 @dataclass
@@ -80,6 +83,8 @@ class TrainState:
     metrics: monitor.MetricsWriter | None = None
     last_checkpoint: Path | None = None
     stop: threading.Event = field(default_factory=threading.Event)
+    stop_signal: int = int(signal.SIGINT)  # what asked to stop: SIGINT (Ctrl-C, `request_stop`) or SIGTERM
+    lock: Path | None = None  # the run folder's lock file (main process), released by `cleanup`
     param_groups: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
     tokens: Any = None  # TokenEmbeddings (train/embeddings.py) when the token's own embedding trains
     frozen_text_encoders: list[Any] = field(default_factory=list)  # run (not trained) for that embedding
@@ -118,59 +123,69 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
     accelerator = runtime.make_accelerator(cfg)
     emit = on_event if (on_event is not None and accelerator.is_main_process) else no_event
     runtime.check_new_run(cfg, resume)
-    validation.check_scorer(cfg, val_examples, accelerator)
+    locks = [runtime.lock_run(Path(resume), accelerator)] if resume is not None else []  # before minutes of loading
+    try:
+        validation.check_scorer(cfg, val_examples, accelerator)
 
-    pipe, arch, noise_scheduler = lora.load_base(cfg, emit)
-    device, weight_dtype = accelerator.device, resolve.weight_dtype(cfg)
-    cfg = resolve.resolve_token_embedding(cfg, pipe, arch)
-    tokens = lora.token_embedding(cfg, pipe, arch)  # pivotal tuning: before any caption is tokenized
+        pipe, arch, noise_scheduler = lora.load_base(cfg, emit)
+        lora.check_rank(cfg, pipe, arch, emit)  # before minutes of encoding
+        device, weight_dtype = accelerator.device, resolve.weight_dtype(cfg)
+        cfg = resolve.resolve_token_embedding(cfg, pipe, arch)
+        tokens = lora.token_embedding(cfg, pipe, arch)  # pivotal tuning: before any caption is tokenized
+        check_caption_lengths(cfg, pipe, arch, [*train_examples, *val_examples], emit)
 
-    # Encode once (the base model makes the class images first); the encoders then leave the accelerator.
-    class_examples = encode.class_examples(cfg, pipe, arch, accelerator, emit)
-    with accelerator.main_process_first():  # the main process fills the cache, the others read it
-        data = encode.encode_examples(
-            cfg, pipe, arch, device, weight_dtype, train_examples, val_examples, class_examples, emit
+        # Encode once (the base model makes the class images first); the encoders then leave the accelerator.
+        class_examples = encode.class_examples(cfg, pipe, arch, accelerator, emit)
+        with accelerator.main_process_first():  # the main process fills the cache, the others read it
+            data = encode.encode_examples(
+                cfg, pipe, arch, device, weight_dtype, train_examples, val_examples, class_examples, emit
+            )
+        encode.release_encoders(cfg, pipe, arch)
+
+        set_seed(cfg.train.seed)  # the LoRA's initial weights
+        unet, encoders = lora.inject_lora(cfg, pipe, arch, device, weight_dtype)
+        frozen_encoders = lora.token_encoders(tokens, encoders, pipe, arch, device, weight_dtype)
+        check_exportable(unet, encoders or None, arch)  # a LoRA that could not be saved fails now, not at the end
+
+        # Everything that can fail on bad input has run: now the run folder, the optimizer, accelerate.
+        run_dir, lock = runtime.create_run_dir(cfg, accelerator, resume)
+        locks.append(lock)
+        groups = optim.param_groups(unet, encoders, arch, tokens)
+        optimizer = optim.build_optimizer(cfg, groups)
+        lr_scheduler = optim.build_scheduler(cfg, optimizer)
+        unet, *encoders, optimizer = accelerator.prepare(unet, *encoders, optimizer)
+
+        state = TrainState(
+            cfg=cfg,
+            accelerator=accelerator,
+            pipe=pipe,
+            arch=arch,
+            unet=unet,
+            text_encoders=encoders,
+            noise_scheduler=noise_scheduler,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            plan=encode.batch_plan(cfg, data, accelerator, noise_scheduler),
+            val_data=data.val,
+            sample_conds=data.sample_conds,
+            negative_cond=data.negative_cond,
+            run_dir=run_dir,
+            weight_dtype=weight_dtype,
+            emit=emit,
+            param_groups=groups,
+            tokens=tokens,
+            frozen_text_encoders=frozen_encoders,
+            lock=next((lock for lock in locks if lock is not None), None),
         )
-    encode.release_encoders(cfg, pipe, arch)
-
-    set_seed(cfg.train.seed)  # the LoRA's initial weights
-    unet, encoders = lora.inject_lora(cfg, pipe, arch, device, weight_dtype)
-    frozen_encoders = lora.token_encoders(tokens, encoders, pipe, arch, device, weight_dtype)
-    check_exportable(unet, encoders or None, arch)  # a LoRA that could not be saved fails now, not at the end
-
-    # Everything that can fail on bad input has run: now the run folder, the optimizer, accelerate.
-    run_dir = runtime.create_run_dir(cfg, accelerator, resume)
-    groups = optim.param_groups(unet, encoders, arch, tokens)
-    optimizer = optim.build_optimizer(cfg, groups)
-    lr_scheduler = optim.build_scheduler(cfg, optimizer)
-    unet, *encoders, optimizer = accelerator.prepare(unet, *encoders, optimizer)
-    ckpt.register(accelerator, lr_scheduler, tokens)
-
-    state = TrainState(
-        cfg=cfg,
-        accelerator=accelerator,
-        pipe=pipe,
-        arch=arch,
-        unet=unet,
-        text_encoders=encoders,
-        noise_scheduler=noise_scheduler,
-        optimizer=optimizer,
-        lr_scheduler=lr_scheduler,
-        plan=encode.batch_plan(cfg, data, accelerator, noise_scheduler),
-        val_data=data.val,
-        sample_conds=data.sample_conds,
-        negative_cond=data.negative_cond,
-        run_dir=run_dir,
-        weight_dtype=weight_dtype,
-        emit=emit,
-        param_groups=groups,
-        tokens=tokens,
-        frozen_text_encoders=frozen_encoders,
-    )
-    if resume is not None:
-        ckpt.load_checkpoint(state)
-    runtime.start_logging(state)
-    return state
+        if resume is not None:
+            ckpt.load_checkpoint(state)
+        runtime.start_logging(state)
+        return state
+    except BaseException:
+        for lock in locks:
+            if lock is not None:
+                release(lock)
+        raise
 
 
 def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
@@ -218,12 +233,15 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
             if runtime.stop_requested(state) and step < total:
                 interrupted = True
                 break
+        # A first Ctrl-C / SIGTERM saves; a second one (still handled) stops the save (runtime.StopNow).
+        if interrupted and state.last_checkpoint != ckpt.step_dir(state.run_dir, state.step):
+            ckpt.save_checkpoint(state)
+        lora_dir = export_lora(state, state.run_dir / LORA_DIR)
+        if state.is_main:
+            point_latest(state.run_dir)  # only a run with a LoRA (or a checkpoint) becomes `latest`
+        acc.wait_for_everyone()
     finally:
         restore()
-    if interrupted and state.last_checkpoint != ckpt.step_dir(state.run_dir, state.step):
-        ckpt.save_checkpoint(state)
-    lora_dir = export_lora(state, state.run_dir / LORA_DIR)
-    acc.wait_for_everyone()
     result = TrainResult(
         run_dir=state.run_dir,
         steps=state.step,
@@ -233,6 +251,7 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
         interrupted=interrupted,
         elapsed_s=time.perf_counter() - started,
         checkpoint=state.last_checkpoint,
+        stop_signal=state.stop_signal if interrupted else 0,
     )
     emit(
         {
@@ -338,8 +357,11 @@ def condition(state: TrainState, cond: Conditioning) -> tuple[torch.Tensor, torc
 
 
 def cleanup(state: TrainState) -> None:
-    """Close metrics.jsonl and the trackers; give the memory back."""
+    """Close metrics.jsonl and the trackers, release the run folder's lock; give the memory back."""
     runtime.stop_logging(state)
+    if state.lock is not None:
+        release(state.lock)
+        state.lock = None
     free_memory()
 
 

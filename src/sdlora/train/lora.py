@@ -53,6 +53,48 @@ def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Architecture, Any]:
     return pipe, arch, noise_scheduler
 
 
+HIGH_RANK = 128  # above this a warning: files and memory grow with the rank, quality rarely does
+
+
+def _targeted(model: Any, targets: Sequence[str]) -> list[tuple[str, int]]:
+    """(module name, width) of each layer of `model` a LoRA on `targets` would wrap (peft's name
+    matching: the name itself or its dotted suffix); width = the smaller of its input and output sizes."""
+    found = []
+    for name, module in model.named_modules():
+        if not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        sizes = [getattr(module, a, None) for a in ("in_features", "out_features", "in_channels", "out_channels")]
+        sizes = [s for s in sizes if isinstance(s, int)]
+        if sizes:
+            found.append((name, min(sizes)))
+    return found
+
+
+def check_rank(cfg: Config, pipe: Any, arch: Architecture, emit: OnEvent) -> None:
+    """`--rank` no larger than the narrowest targeted layer (a wider LoRA only costs time and memory);
+    a warning above `HIGH_RANK`. Runs before the encoders, on the loaded base model."""
+    rank = cfg.lora.rank
+    models = [("UNet", pipe.unet, cfg.lora.target_modules)]
+    if cfg.lora.train_text_encoder:
+        models += [(name, getattr(pipe, name), cfg.lora.text_encoder_target_modules) for name in arch.text_encoders]
+    layers = [(what, name, width) for what, model, targets in models for name, width in _targeted(model, targets)]
+    if layers:
+        what, name, width = min(layers, key=lambda layer: layer[2])
+        if rank > width:
+            raise ConfigError(
+                f"--rank {rank}: larger than the narrowest targeted layer ({what} {name}, {width} wide); "
+                f"give --rank {width} or less (4-64 suits most objects)"
+            )
+    if rank > HIGH_RANK:
+        emit(
+            {
+                "event": "warning",
+                "message": f"--rank {rank} is high: larger files, more memory and slower steps, rarely better "
+                "than 16-64",
+            }
+        )
+
+
 def token_embedding(cfg: Config, pipe: Any, arch: Architecture) -> Any:
     """Pivotal tuning (`embedding.train`): the token joins the tokenizers with vectors of its own to train
     (`TokenEmbeddings`, train/embeddings.py); None when only the LoRA trains."""

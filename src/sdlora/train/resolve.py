@@ -16,7 +16,6 @@ from sdlora.config import Config
 from sdlora.errors import ConfigError, DataError, RunError
 from sdlora.models.arch import Architecture
 from sdlora.run import CONFIG
-from sdlora.train.checkpoint import latest_checkpoint
 from sdlora.train.data import Example, load_examples
 
 # Keys whose checkpoint value must win on resume (changing them would not load, or trains something else).
@@ -112,11 +111,12 @@ def resolve_token_embedding(cfg: Config, pipe: Any, arch: Architecture) -> Confi
 
 
 def resume_config(
-    saved: dict[str, Any], layers: list[dict[str, Any]], sources: tuple[str, ...]
+    saved: dict[str, Any], layers: list[dict[str, Any]], sources: tuple[str, ...], saved_name: str = CONFIG
 ) -> tuple[config_mod.Config, list[str]]:
-    """The config of a resumed run: saved config.yaml, then the command line; and the warnings."""
-    wanted = config_mod.build_config(saved, *layers, sources=("config.yaml", *sources))
-    base = config_mod.build_config(saved, sources=("config.yaml",))
+    """The config of a resumed run: saved config.yaml (`saved_name` in messages), then the command line;
+    and the warnings."""
+    wanted = config_mod.build_config(saved, *layers, sources=(saved_name, *sources))
+    base = config_mod.build_config(saved, sources=(saved_name,))
     warnings, keep = [], {}
     for key, (old, new) in config_mod.diff_configs(base, wanted).items():
         flag = config_mod.flag_for(key)
@@ -133,22 +133,58 @@ def resume_config(
     return cfg, warnings
 
 
+def _newer_unsaved_run(runs: Path) -> Path | None:
+    """The newest run folder in `runs` with a config.yaml but neither a checkpoint nor a LoRA (killed before
+    its first save), which `runs/latest` therefore skips; None when there is none."""
+    from sdlora.run import DIFFUSERS_LORA, LORA_DIR
+    from sdlora.train.checkpoint import list_checkpoints
+
+    try:
+        folders = [d for d in runs.iterdir() if d.is_dir() and not d.is_symlink() and (d / CONFIG).is_file()]
+    except OSError:
+        return None
+    unsaved = [d for d in folders if not (d / LORA_DIR / DIFFUSERS_LORA).is_file() and not list_checkpoints(d)]
+    return max(unsaved, key=lambda d: (d / CONFIG).stat().st_mtime).resolve() if unsaved else None
+
+
 def resume_run(
     run: str | Path, layers: list[dict[str, Any]], sources: tuple[str, ...], runs_dir: str | Path = "runs"
 ) -> tuple[Path, Config, list[str]]:
-    """The run folder to continue (`latest` = the newest run) and its config with the command line applied."""
+    """The run folder to continue (`latest` = the newest run) and its config with the command line applied.
+
+    Its config.yaml must be readable (one RunError line naming it otherwise); the checkpoint is chosen
+    when training starts (train/checkpoint.py: the newest valid one, or step 0 with this config).
+    """
     import yaml
 
     from sdlora.run import resolve_run_dir
 
     run_path = Path(runs_dir) / "latest" if str(run) == "latest" else Path(run)
+    unsaved = _newer_unsaved_run(Path(runs_dir)) if str(run) == "latest" else None
+    hint = f"{unsaved} has no checkpoint or LoRA yet (so `latest` does not point at it): continue it with --resume {unsaved}"
+    if unsaved is not None and not (run_path.exists() or run_path.is_symlink()):
+        raise RunError(f"{run_path}: no such run folder; {hint}")
     run_dir = resolve_run_dir(run_path)
     config_path = run_dir / CONFIG
     if not config_path.is_file():
         raise RunError(f"{run_dir}: not a run folder (no {CONFIG})")
-    latest_checkpoint(run_dir)  # a clear error now if there is nothing to resume
-    saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    copy = " (each checkpoint in checkpoints/ holds a copy of it)"
+    try:
+        saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunError(f"{config_path}: damaged, not a readable config ({reason}){copy}") from None
+    if not isinstance(saved, dict):
+        raise RunError(f"{config_path}: damaged, not a mapping of config sections{copy}")
+    if not isinstance(saved.get("embedding", {}), (dict, type(None))):
+        raise RunError(f"{config_path}: damaged, section 'embedding' is not a mapping{copy}")
     saved.setdefault("embedding", {"train": False})  # a run from before pivotal tuning trained no embedding
-    cfg, warnings = resume_config(saved, layers, sources)
+    try:
+        config_mod.build_config(saved, sources=(str(config_path),))
+    except ConfigError as exc:
+        raise RunError(f"{config_path}: damaged ({exc}){copy}") from None
+    cfg, warnings = resume_config(saved, layers, sources, saved_name=str(config_path))
+    if unsaved is not None and unsaved != run_dir and (unsaved / CONFIG).stat().st_mtime > config_path.stat().st_mtime:
+        warnings.insert(0, f"--resume latest is {run_dir}; the newer run {hint}")
     cfg = config_mod.replace(cfg, run={"runs_dir": str(run_dir.parent), "name": run_dir.name})
     return run_dir, cfg, warnings

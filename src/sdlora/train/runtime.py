@@ -1,11 +1,13 @@
 """Where a training run executes: accelerate, the run folder, trackers, signals.
 
 - `make_accelerator`: a fresh `Accelerator` for the run's precision (TF32 on CUDA).
-- `check_new_run` / `create_run_dir`: the run folder, a new one (never an existing one) or the resumed
-  one, the same on every process; config.yaml and `runs/latest` written there.
+- `check_new_run` / `lock_run` / `create_run_dir`: the run folder, a new one (never an existing one) or
+  the resumed one, the same on every process; its lock (`sdlora.locks`, taken once, by the main
+  process) and config.yaml. `runs/latest` moves only once the run has a checkpoint or a LoRA.
 - `start_event`, `check_tracker` / `start_logging` / `log`: the start event, metrics.jsonl and the
   trackers (`--report-to`).
-- `install_signal_handlers` / `stop_requested`: Ctrl-C and SIGTERM stop after the step, on every process.
+- `install_signal_handlers` / `stop_requested`: Ctrl-C and SIGTERM stop after the step, on every process,
+  and save; a second one stops at once (`StopNow`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 from sdlora import config as config_mod
 from sdlora.config import Config
 from sdlora.errors import ConfigError, RunError
-from sdlora.run import CONFIG, METRICS, point_latest
+from sdlora.locks import acquire
+from sdlora.run import CONFIG, METRICS
 from sdlora.train import monitor
 
 if TYPE_CHECKING:
@@ -77,14 +80,33 @@ def saved_config(cfg: Config) -> Config:
     return config_mod.replace(cfg, run={"name": None})
 
 
-def create_run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> Path:
-    """The run folder (the resumed one, or a new one), the same on every process; the main process writes
-    its config.yaml and points `runs/latest` at it."""
+def lock_run(folder: Path, accelerator: Any) -> Path | None:
+    """Take the run folder's lock on the main process (the other processes share it); the same RunError
+    (naming the holder's pid) on every process when another sdlora holds it. Returns the lock file."""
+    message: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            message[0] = str(acquire(folder, "train"))
+        except RunError as exc:
+            message[1] = str(exc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(message)
+    if message[1]:
+        raise RunError(message[1])
+    return Path(message[0]) if accelerator.is_main_process else None
+
+
+def create_run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> tuple[Path, Path | None]:
+    """The run folder (the resumed one, or a new one, locked), the same on every process, and its lock
+    file (main process; None elsewhere, and for a resumed run, locked earlier by `lock_run`). The
+    main process writes its config.yaml."""
     run_dir = _run_dir(cfg, accelerator, resume)
+    lock = lock_run(run_dir, accelerator) if resume is None else None
     if accelerator.is_main_process:
         config_mod.save_config(saved_config(cfg), run_dir / CONFIG)
-        point_latest(run_dir)
-    return run_dir
+    return run_dir, lock
 
 
 def _run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> Path:
@@ -100,10 +122,17 @@ def _run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> Path:
         if folder.exists() and cfg.run.name:
             message[1] = _name_taken(folder)
         else:
+            runs.mkdir(parents=True, exist_ok=True)
             n = 2
-            while folder.exists():
-                folder, n = runs / f"{name}-{n}", n + 1
-            folder.mkdir(parents=True)
+            while True:
+                try:
+                    folder.mkdir()  # atomic: two runs started in the same second get two folders
+                    break
+                except FileExistsError:
+                    if cfg.run.name:
+                        message[1] = _name_taken(folder)
+                        break
+                    folder, n = runs / f"{name}-{n}", n + 1
             message[0] = str(folder)
     if accelerator.num_processes > 1:
         broadcast_object_list(message)
@@ -199,8 +228,29 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 # ----------------------------------------------------------------------------- signals
 
 
+STOPPING = "stopping after this step; saving a checkpoint and the LoRA (Ctrl-C again to stop without saving)"
+
+
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C / SIGTERM: training stops at once, without saving; `saved` says what is on disk."""
+
+    def __init__(self, signum: int, run_dir: Path, checkpoint: Path | None):
+        self.signum, self.run_dir, self.checkpoint = signum, run_dir, checkpoint
+        super().__init__(self.saved)
+
+    @property
+    def saved(self) -> str:
+        if self.checkpoint is None:
+            return "stopped without saving: nothing saved (no checkpoint yet)"
+        return (
+            f"stopped without saving: the last checkpoint is {self.checkpoint.name}; "
+            f"continue with: sdlora train --resume {self.run_dir}"
+        )
+
+
 def install_signal_handlers(state: TrainState) -> Callable[[], None]:
-    """First Ctrl-C / SIGTERM: finish the step, checkpoint, save the LoRA, stop. A second: stop now.
+    """First Ctrl-C / SIGTERM: a `stopping` event, then finish the step, checkpoint, save the LoRA, stop.
+    A second: `StopNow` at once (the exit code is 128 + the signal: 130 for Ctrl-C, 143 for SIGTERM).
 
     Returns the function that puts the previous handlers back.
     """
@@ -210,8 +260,10 @@ def install_signal_handlers(state: TrainState) -> Callable[[], None]:
 
     def handler(signum: int, frame: Any) -> None:
         if state.stop.is_set():
-            raise KeyboardInterrupt
+            raise StopNow(signum, state.run_dir, state.last_checkpoint)
+        state.stop_signal = signum
         state.stop.set()
+        state.emit({"event": "stopping", "signal": signal.Signals(signum).name, "message": STOPPING})
 
     for sig in previous:
         signal.signal(sig, handler)
