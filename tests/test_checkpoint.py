@@ -236,3 +236,16 @@ def test_state_files_round_trip_optimizer_scaler_and_rng_states_exactly(tmp_path
     (tmp_path / "s.safetensors").write_bytes(b"\x00" * 10)
     with pytest.raises(RunError, match=r"s\.safetensors: damaged or incomplete"):
         load_state(tmp_path, "s")
+
+
+def test_resume_removes_temp_files_that_killed_writes_left(trained, tmp_path: Path):
+    run = copy_run(trained, tmp_path)
+    stale = [run / ".metrics.jsonl.k3j2.tmp", run / "checkpoints" / "step-000002" / ".optimizer.json.x1y2.tmp"]
+    for path in stale:
+        path.write_text("half a file")
+    sample_tmp = run / "samples" / ".grid.png.a1b2.tmp"  # `sdlora sample` may be writing it now: kept
+    sample_tmp.parent.mkdir(exist_ok=True)
+    sample_tmp.write_text("being written")
+    resume(run, steps=2)
+    assert not any(path.exists() for path in stale)
+    assert sample_tmp.exists()

@@ -135,3 +135,9 @@ def test_config_module_does_not_import_torch():
     code = "import sys, sdlora.config, sdlora.cli.train; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_tune_section_beside_the_train_config_is_left_to_sdlora_tune(tmp_path):
+    path = tmp_path / "sweep.yaml"
+    path.write_text("lora:\n  rank: 8\ntune:\n  grid:\n    lr: [1e-4, 2e-4]\n", encoding="utf-8")
+    assert load_config(path).lora.rank == 8  # `sdlora train --config sweep.yaml` trains the fixed part

@@ -83,6 +83,10 @@ def _suggest(word: str, options: list[str]) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+# Sections a train config file may carry for other verbs; `sdlora train` leaves them alone.
+SIDE_SECTIONS = ("tune",)
+
+
 def build_config(*layers: dict[str, Any], sources: tuple[str, ...] = ()) -> Config:
     """A Config from nested dicts applied in order (later wins); all problems as one ConfigError.
 
@@ -96,6 +100,8 @@ def build_config(*layers: dict[str, Any], sources: tuple[str, ...] = ()) -> Conf
             problems.append(f"{where}: expected a mapping of sections ({', '.join(GROUPS)})")
             continue
         for section, values in layer.items():
+            if section in SIDE_SECTIONS:  # read by another verb from the same file (`sdlora tune`)
+                continue
             if section not in GROUPS:
                 problems.append(f"{where}: unknown section {section!r}{_suggest(str(section), list(GROUPS))}")
                 continue

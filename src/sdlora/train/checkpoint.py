@@ -42,7 +42,7 @@ from sdlora import config as config_mod
 from sdlora.errors import RunError
 from sdlora.events import OnEvent
 from sdlora.fsutil import sha256_file, write_json, write_text
-from sdlora.run import CONFIG, METRICS, Metric, point_latest
+from sdlora.run import CHECKPOINTS, CONFIG, METRICS, Metric, point_latest
 from sdlora.train.optim import apply_config
 from sdlora.train.runtime import saved_config
 from sdlora.train.statefile import load_state, save_state
@@ -50,7 +50,6 @@ from sdlora.train.statefile import load_state, save_state
 if TYPE_CHECKING:
     from sdlora.train.loop import TrainState
 
-CHECKPOINTS = "checkpoints"
 STATE_JSON = "sdlora.json"
 FORMAT = 2  # 1: accelerate's save_state (pickle files), no longer read
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -42,8 +42,8 @@ def file_keys(arch: Any) -> dict[str, str]:
 class TokenEmbeddings(torch.nn.Module):
     """The trained vectors of one token, one per text encoder, and the hooks that use them.
 
-    A module so that accelerate checkpoints it (`register_for_checkpointing`) and the optimizer
-    sees its parameters; `vectors[name]` is the embedding for the encoder `pipe.<name>`.
+    A module so that the optimizer sees its parameters and train/checkpoint.py saves its
+    `state_dict()` as embeddings.safetensors in each checkpoint; `vectors[name]` is the embedding for the encoder `pipe.<name>`.
     """
 
     def __init__(self, token: str, token_ids: dict[str, int], initial: dict[str, torch.Tensor]):

@@ -23,8 +23,9 @@ import torch
 from sdlora import config as config_mod
 from sdlora.config import Config
 from sdlora.errors import ConfigError, RunError
+from sdlora.fsutil import remove_stale_tmp
 from sdlora.locks import acquire
-from sdlora.run import CONFIG, METRICS
+from sdlora.run import CHECKPOINTS, CONFIG, METRICS
 from sdlora.train import monitor
 
 if TYPE_CHECKING:
@@ -87,6 +88,9 @@ def lock_run(folder: Path, accelerator: Any) -> Path | None:
     if accelerator.is_main_process:
         try:
             message[0] = str(acquire(folder, "train"))
+            # Temp files of writes a kill cut short; samples/ is left alone (`sdlora sample` takes no run lock).
+            remove_stale_tmp(folder, recursive=False)
+            remove_stale_tmp(folder / CHECKPOINTS)
         except RunError as exc:
             message[1] = str(exc)
     if accelerator.num_processes > 1:
