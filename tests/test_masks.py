@@ -162,7 +162,9 @@ def test_folder_masks_by_stem_missing_and_unused_ones_reused_and_dropped(tmp_pat
 def test_mask_of_another_shape_is_refused_and_a_scaled_one_is_used(tmp_path):
     photos, masks = tmp_path / "photos", tmp_path / "masks"
     marker_photo(photos)
-    save(marker_mask((80, 120)), masks / "IMG_1.png")  # half size, same shape: scaled with the photo
+    # 16-bit (near-black background 1000 of 65535), half size, same shape: scaled with the photo.
+    half = np.maximum(np.asarray(marker_mask((80, 120)), dtype=np.uint16) * 257, 1000).astype(np.uint16)
+    save(Image.fromarray(half), masks / "IMG_1.png")
     out = tmp_path / "ds"
     result = prepare_dataset(str(photos), out, resolution=64, workers=1, masks=str(masks), mask_dilate=0)
     rec = record_of(result, "IMG_1.jpg")

@@ -196,6 +196,11 @@ def _user_mask(data: bytes, oriented: tuple[int, int], work_size: tuple[int, int
         raise BadMask(f"is {mw}x{mh} but its photo is {ow}x{oh} as displayed; make the mask the photo's size")
     if mask.mode in ("RGBA", "LA", "PA") and mask.getchannel("A").getextrema()[0] < 255:
         mask = mask.getchannel("A")  # a cut-out given as the mask: its opaque part is the object
+    if mask.mode in ("I;16", "I;16B", "I;16L", "I"):  # a 16-bit mask: convert("L") would clip it to white
+        import numpy as np
+
+        arr = np.asarray(mask, dtype=np.uint32)
+        mask = Image.fromarray((arr >> (8 if arr.max() > 255 else 0)).astype("uint8"), "L")
     mask = mask.convert("L")
     return mask if mask.size == work_size else mask.resize(work_size, Image.Resampling.BILINEAR)
 
