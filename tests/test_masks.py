@@ -265,3 +265,14 @@ def test_checks_flag_small_large_and_scattered_masks():
     assert mask_problem(*mask_stats(one)) is None
     grown = finish(one, 2)
     assert grown.coverage == pytest.approx(36 * 36 / 64**2, abs=1e-3)  # 2 px on every side
+
+
+def test_masks_match_photos_by_stem_also_for_links_and_subfolders(tmp_path):
+    from sdlora.data.masks import match_masks
+
+    folder = tmp_path / "masks"
+    files = [save(Image.new("L", (4, 4)), folder / name) for name in ("IMG_1.png", "sub/img_2.PNG", "IMG_3.png")]
+    photos = ["https://disk.yandex.ru/d/AbC/IMG_1.HEIC", "trip/IMG_2.jpg", "IMG_3.jpg", "IMG_3.heic"]
+    matched, unused = match_masks(files, photos, folder)
+    assert matched == {photos[0]: files[0], photos[1]: files[1]}
+    assert len(unused) == 1 and unused[0].startswith("IMG_3.png (ambiguous")

@@ -189,7 +189,7 @@ def _user_mask(data: bytes, oriented: tuple[int, int], work_size: tuple[int, int
             opened.load()
             mask = ImageOps.exif_transpose(opened)
     except Exception as exc:  # noqa: BLE001 - not an image, truncated, broken EXIF
-        raise BadMask(f"not a readable image ({short_error(exc)})") from None
+        raise BadMask(f"is not a readable image ({short_error(exc)})") from None
     mw, mh = mask.size
     ow, oh = oriented
     if (mw, mh) != (ow, oh) and abs(mw * oh - mh * ow) > max(mw, mh, ow, oh):  # off by over a pixel

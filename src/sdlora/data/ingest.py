@@ -342,7 +342,8 @@ def _prepare(
             key = opts.image_key(sha)
             entry = cache.get(key)
             mask_needed = masking.plan(src, key)
-            if entry is not None and (entry.get("error") or (images_dir / f"{key}.png").is_file()) and not mask_needed:
+            cached = entry is not None and (entry.get("error") or (images_dir / f"{key}.png").is_file())
+            if cached and (entry.get("error") or not mask_needed):  # a cached failure needs no mask
                 results[src.name] = Decoded.from_cache(key, entry)
             else:
                 job_masks = masking.job_fields(src) if mask_needed else {}

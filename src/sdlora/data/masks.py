@@ -208,9 +208,11 @@ def match_masks(mask_files: list[Path], photo_names: list[str], folder: Path) ->
     """({photo name: its mask file}, lines for mask files that match no photo), by file stem as
     `caption --from` matches captions: IMG_1.png is the mask of IMG_1.HEIC in any subfolder."""
     from sdlora.data.caption_import import StemIndex
-    from sdlora.data.manifest import Manifest
+    from sdlora.data.manifest import ImageRecord, Manifest
 
-    index = StemIndex(photo_names, Manifest())
+    # The photos as records whose source is their name, so URLs (Yandex) match by their file name too.
+    records = {n: ImageRecord(n, n, "", (0, 0), (0, 0)) for n in photo_names}
+    index = StemIndex(photo_names, Manifest(images=records))
     matched: dict[str, Path] = {}
     unmatched: list[str] = []
     for path in mask_files:
