@@ -23,19 +23,11 @@ from sdlora.errors import ConfigError
 EPILOG = """\
 Examples (the dataset defaults to ./dataset; the sweep goes to ./runs/<name>):
 
-  sdlora tune                                   # lr {5e-5,1e-4,2e-4} x rank {8,16}, scored at 250..1500 steps
+  sdlora tune                         # lr 5e-5,1e-4,2e-4 x rank 8,16
 
-  sdlora tune --grid lr=1e-4,2e-4 --grid rank=16,32 --steps 500,1000 --config sdxl
+  sdlora tune --grid lr=1e-4,2e-4 --grid rank=16,32 --steps 500,1000
 
-  sdlora tune --random 8 --grid lr=log:2e-5..5e-4 --grid rank=8,16 --objective weighted
-
-  sdlora tune --parallel 4                      # 4 trials at once, one GPU each
-
-  sdlora tune --executor ray --ray-address auto --early-stop
-
-  sdlora tune --resume runs/tune-20260101-120000
-
-  sdlora train --config runs/tune-20260101-120000/best/config.yaml    # repeat the winner
+  sdlora train --config runs/tune-20260101-120000/best/config.yaml
 """
 
 TUNE = "Tune"
