@@ -137,6 +137,7 @@ def test_every_verb_help_reads_cleanly_at_80_columns(verb):
         (["score", "--num-images", "0"], "--num-images must be at least 1, got 0"),
         (["score", "--steps", "0"], "--steps must be at least 1, got 0"),
         (["caption", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["tune", "--seeds", "0"], "--seeds must be at least 1, got 0"),
     ],
 )
 def test_a_count_below_1_is_one_line_and_exit_1(tmp_path, argv, line):

@@ -17,7 +17,7 @@ from rich.table import Table
 
 from sdlora import config as config_mod
 from sdlora.cli import train as train_cli
-from sdlora.cli._common import console, err_console
+from sdlora.cli._common import at_least_1, console, err_console
 from sdlora.errors import ConfigError
 
 EPILOG = """\
@@ -242,9 +242,7 @@ def tune(**params: Any) -> None:
         executors.import_ray()
     if params["early_stop"] and executor != "ray":
         raise ConfigError("--early-stop needs --executor ray (ASHA schedules the trials there)")
-    for flag, key in (("--seeds", "seeds"), ("--sample-steps", "sample_steps")):
-        if params[key] < 1:
-            raise ConfigError(f"{flag} {params[key]}: must be at least 1")
+    at_least_1(seeds=params["seeds"], sample_steps=params["sample_steps"])
     if params["resume"] is not None:
         sweep = sweep_mod.load_sweep(params["resume"])
         sweep.executor = executor
