@@ -4,29 +4,46 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Annotated, Iterator
+from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from sdlora.errors import ConfigError
 from sdlora.events import ProgressFn
 
 console = Console()
 err_console = Console(stderr=True)
 
 # One definition per shared option, so help text is the same on every verb.
-DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", help="Prepared dataset folder.")]
-RunOpt = Annotated[Path, typer.Option("--run", "-r", help="Run folder written by `sdlora train`.")]
+# Each has a short metavar (DIR, RUN...), so help shows no Typer type names (<path>, <str>).
+DatasetOpt = Annotated[Path, typer.Option("--dataset", "-d", metavar="DIR", help="Prepared dataset folder.")]
+RunOpt = Annotated[Path, typer.Option("--run", "-r", metavar="RUN", help="Run folder written by `sdlora train`.")]
 ModelOpt = Annotated[
     str,
     typer.Option(
         "--model",
         "-m",
+        metavar="NAME",
         help="Base model: a hub id, a local diffusers folder, or tiny-sd / tiny-sdxl (random weights, offline).",
     ),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="INT", help="Random seed.")]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option("--device", metavar="DEVICE", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then the CPU)."),
+]
+
+
+def at_least_1(**values: int | None) -> None:
+    """ConfigError naming the first option below 1 (`num_images=0` -> "--num-images must be at least 1, got 0").
+
+    The verbs check counts here instead of Typer's `min=1`, whose help shows `<int range> [x>=1]`.
+    """
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def refresh_report(run_dir: Path, *, strict: bool = False) -> Path | None:

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from sdlora.cli._common import console, err_console, progress_bar
+from sdlora.cli._common import at_least_1, console, err_console, progress_bar
 from sdlora.config.schema import ModelArgs
 from sdlora.data.captioning import CaptionResult, caption_dataset
 from sdlora.data.captions import DEFAULT_TEMPLATE, CheckResult, check_captions
@@ -20,13 +20,7 @@ DEFAULT_MODEL: str = ModelArgs.__dataclass_fields__["name"].default  # train's -
 EPILOG = """\
 Examples (DATASET defaults to ./dataset):
 
-  sdlora caption
-
-  sdlora caption --class-word car --template "{token} {class}, studio photo"
-
   sdlora caption --from my_captions.txt
-
-  sdlora caption --from captions_folder/
 
   sdlora caption --auto Salesforce/blip-image-captioning-base --overwrite
 
@@ -35,12 +29,14 @@ Examples (DATASET defaults to ./dataset):
 
 
 def caption(
-    dataset: Annotated[Path, typer.Argument(help="Prepared dataset folder.")] = Path("dataset"),
+    dataset: Annotated[
+        Path, typer.Argument(metavar="DATASET", hidden=True, show_default=False)  # in the verb's help text
+    ] = Path("dataset"),
     source: Annotated[
         Optional[Path],
         typer.Option(
             "--from",
-            metavar="FILE_OR_DIR",
+            metavar="PATH",
             help="Import captions: a file of 'name|caption' or 'name.png: caption' lines, or a folder of "
             "one .txt per image. Names match the original photos' stems (IMG_4651.HEIC -> IMG_4651).",
         ),
@@ -54,22 +50,26 @@ def caption(
             "e.g. Salesforce/blip-image-captioning-base.",
         ),
     ] = None,
-    check: Annotated[bool, typer.Option("--check", help="Only validate captions.txt; exit 1 on problems.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", metavar="", help="Only validate captions.txt; exit 1 on problems.")
+    ] = False,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace captions you wrote too (default: keep them).")
+        bool,
+        typer.Option("--overwrite", metavar="", help="Replace captions you wrote too (default: keep them)."),
     ] = False,
     class_word: Annotated[
         Optional[str],
-        typer.Option("--class-word", help="Class of the object (default: the manifest's, e.g. 'toy')."),
+        typer.Option("--class-word", metavar="TEXT", help="Class of the object (default: the manifest's, e.g. 'toy')."),
     ] = None,
     template: Annotated[
         Optional[str],
         typer.Option(
             "--template",
+            metavar="TEXT",
             help=f"Caption for images with none; fields {{token}} and {{class}}. Default: '{DEFAULT_TEMPLATE}'.",
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per --auto model call.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per --auto model call.")] = 8,
     model: Annotated[
         str,
         typer.Option(
@@ -77,11 +77,16 @@ def caption(
             "-m",
             metavar="NAME",
             help="With --check: the base model you will train (hub id, local folder or tiny-sd), whose "
-            "tokenizer measures each caption against the text encoder's 77-token window.",
+            f"tokenizer measures each caption against the text encoder's 77-token window. (default: {DEFAULT_MODEL})",
+            show_default=False,
         ),
     ] = DEFAULT_MODEL,
 ) -> None:
-    """Give every image a caption that carries the token, or check captions.txt (--check)."""
+    """Give every image a caption that carries the token, or check captions.txt (--check).
+
+    DATASET: the prepared dataset folder (default: ./dataset).
+    """
+    at_least_1(batch_size=batch_size)
     if check:
         used = [
             flag

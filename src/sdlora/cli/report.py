@@ -22,7 +22,9 @@ Examples (the run defaults to ./runs/latest):
 
 def report(
     run: RunOpt = Path("runs/latest"),
-    open_: Annotated[bool, typer.Option("--open", help="Open the report in the default web browser.")] = False,
+    open_: Annotated[
+        bool, typer.Option("--open", metavar="", help="Open the report in the default web browser.")
+    ] = False,
 ) -> None:
     """Write the run's HTML report (config, curves, samples, scores) and print its path."""
     from sdlora.errors import RunError

@@ -3,85 +3,105 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.markup import escape
 
-from sdlora.cli._common import RunOpt, console, err_console, progress_bar, refresh_report
+from sdlora.cli._common import DeviceOpt, RunOpt, at_least_1, console, err_console, progress_bar, refresh_report
 
 EPILOG = """\
 Examples (the run defaults to ./runs/latest; the class word is added after the token):
-
-  sdlora sample "sksToy on a beach"
 
   sdlora sample "sksToy on a beach" "a red sksToy toy" --num-images 8 --seed 42
 
   sdlora sample --prompts-file prompts.txt --lora best --no-baseline
 
-  sdlora sample "sksToy in the snow" --scheduler dpm++_karras --steps 25 --guidance 6 --lora-scale 0.8
-
-  sdlora sample "sksToy on a beach" --dtype fp16 --attention-slicing --vae-tiling --cpu-offload   # small GPUs
+  sdlora sample "sksToy on a beach" --dtype fp16 --cpu-offload    # small GPUs
 """
+
+
+def _flag(name: str, help_text: str) -> Any:
+    """An on/off option with no `<bool>` beside it (metavar="")."""
+    return typer.Option(name, metavar="", help=help_text)
 
 
 def sample(
     prompts: Annotated[
         Optional[list[str]],
-        typer.Argument(
-            help="Prompts; the token may stand alone ('sksToy on a beach' becomes 'sksToy toy on a beach')."
-        ),
+        typer.Argument(metavar="PROMPT", hidden=True, show_default=False),  # in the verb's help text
     ] = None,
     run: RunOpt = Path("runs/latest"),
     prompts_file: Annotated[
-        Optional[Path], typer.Option("--prompts-file", help="Text file with one prompt per line (# comments).")
+        Optional[Path],
+        typer.Option("--prompts-file", metavar="FILE", help="Text file with one prompt per line (# comments)."),
     ] = None,
     lora: Annotated[
-        str, typer.Option("--lora", help="Which LoRA: lora (final), best (best validation), or a LoRA folder.")
+        str,
+        typer.Option(
+            "--lora", metavar="NAME", help="Which LoRA: lora (final), best (best validation), or a LoRA folder."
+        ),
     ] = "lora",
-    num_images: Annotated[int, typer.Option("--num-images", "-n", min=1, help="Images per prompt.")] = 4,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the first image; image i gets seed + i.")] = 0,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 30,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    num_images: Annotated[int, typer.Option("--num-images", "-n", metavar="N", help="Images per prompt.")] = 4,
+    seed: Annotated[
+        int, typer.Option("--seed", metavar="INT", help="Seed of the first image; image i gets seed + i.")
+    ] = 0,
+    steps: Annotated[int, typer.Option("--steps", metavar="N", help="Denoising steps.")] = 30,
+    guidance: Annotated[
+        float, typer.Option("--guidance", metavar="FLOAT", help="Classifier-free guidance scale.")
+    ] = 7.5,
     scheduler: Annotated[
         Optional[str],
         typer.Option(
             "--scheduler",
+            metavar="NAME",
             help="euler, euler_a, dpm++, dpm++_karras, dpm++_sde, unipc, ddim, pndm, "
             "lms, heun, dpm2, dpm2_a (default: the model's own).",
         ),
     ] = None,
     lora_scale: Annotated[
-        float, typer.Option("--lora-scale", help="LoRA strength (0 = base model, 1 = as trained).")
+        float,
+        typer.Option("--lora-scale", metavar="FLOAT", help="LoRA strength (0 = base model, 1 = as trained)."),
     ] = 1.0,
-    negative_prompt: Annotated[Optional[str], typer.Option("--negative-prompt", help="Negative prompt.")] = None,
+    negative_prompt: Annotated[
+        Optional[str], typer.Option("--negative-prompt", metavar="TEXT", help="Negative prompt.")
+    ] = None,
     height: Annotated[
-        Optional[int], typer.Option("--height", help="Image height (default: the run's resolution).")
+        Optional[int], typer.Option("--height", metavar="INT", help="Image height (default: the run's resolution).")
     ] = None,
     width: Annotated[
-        Optional[int], typer.Option("--width", help="Image width (default: the run's resolution).")
+        Optional[int], typer.Option("--width", metavar="INT", help="Image width (default: the run's resolution).")
     ] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pipeline call.")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per pipeline call.")] = 1,
     baseline: Annotated[
-        bool, typer.Option("--baseline/--no-baseline", help="Also sample the base model alone with the same seeds.")
+        bool,
+        typer.Option(
+            "--baseline",
+            metavar="",
+            show_default=False,
+            help="Also sample the base model alone with the same seeds (on by default; --no-baseline: off).",
+        ),
     ] = True,
-    device: Annotated[
-        Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then the CPU).")
-    ] = None,
+    no_baseline: Annotated[bool, typer.Option("--no-baseline", hidden=True)] = False,  # named in --baseline's help
+    device: DeviceOpt = None,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16.")
+        str,
+        typer.Option("--dtype", metavar="NAME", help="auto (fp16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
     ] = "auto",
     attention_slicing: Annotated[
-        bool, typer.Option("--attention-slicing", help="Compute attention in slices: less GPU memory, slower.")
+        bool, _flag("--attention-slicing", "Compute attention in slices: less GPU memory, slower.")
     ] = False,
     vae_tiling: Annotated[
-        bool, typer.Option("--vae-tiling", help="Decode images tile by tile: less GPU memory for large images.")
+        bool, _flag("--vae-tiling", "Decode images tile by tile: less GPU memory for large images.")
     ] = False,
     cpu_offload: Annotated[
-        bool, typer.Option("--cpu-offload", help="Keep models on the CPU and move each to the GPU only while it runs.")
+        bool, _flag("--cpu-offload", "Keep models on the CPU and move each to the GPU only while it runs.")
     ] = False,
 ) -> None:
-    """Generate images with the run's LoRA and, beside them, with the base model alone (same seeds)."""
+    """Generate images with the run's LoRA and, beside them, with the base model alone (same seeds).
+
+    PROMPT: one or more prompts; the token may stand alone ('sksToy on a beach' becomes 'sksToy toy on a beach').
+    """
     from sdlora.devices import resolve_device
     from sdlora.generate import (
         check_lora_files,
@@ -95,6 +115,7 @@ def sample(
     from sdlora.models.loading import TINY_WARNING, is_tiny
     from sdlora.run import load_run
 
+    at_least_1(num_images=num_images, steps=steps, batch_size=batch_size)
     given = list(prompts or [])
     if prompts_file is not None:
         given += read_prompts_file(prompts_file)
@@ -115,7 +136,7 @@ def sample(
             seed=seed,
             steps=steps,
             guidance=guidance,
-            baseline=baseline,
+            baseline=baseline and not no_baseline,
             lora_scale=lora_scale,
             negative_prompt=negative_prompt,
             height=height,

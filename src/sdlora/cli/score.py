@@ -8,23 +8,16 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from sdlora.cli._common import RunOpt, console, err_console, progress_bar, refresh_report
+from sdlora.cli._common import DeviceOpt, RunOpt, at_least_1, console, err_console, progress_bar, refresh_report
 
 EPILOG = """\
-Examples (the run defaults to ./runs/latest; images come from its samples/samples.json, and prompts
-without images are sampled first with `sdlora sample`, unless --no-sample):
+Examples (the run defaults to ./runs/latest; prompts without images are sampled first):
 
   sdlora score
 
-  sdlora score --prompts dreambench          # the paper's 25 object prompts, 4 images each
+  sdlora score --prompts dreambench     # the paper's 25 prompts, 4 images each
 
-  sdlora score --prompts "sksToy on a beach" --prompts "a red sksToy toy"
-
-  sdlora score --run runs/20260101-120000 --dino-model facebook/dinov2-small
-
-  sdlora score --clip-model ViT-L-14 --clip-pretrained openai --batch-size 64
-
-  sdlora score --dino-model tiny-dino --clip-model tiny-clip    # offline check
+  sdlora score --dino-model tiny-dino --clip-model tiny-clip     # offline check
 """
 
 
@@ -35,18 +28,21 @@ def score(
         typer.Option(
             "--prompts",
             "-p",
+            metavar="PROMPT",
             help="Score only these prompts (repeatable), sampling LoRA and baseline "
             "images first for any that have none; 'dreambench' = the paper's 25 object prompts, 4 images each. "
             "Default: every image in samples.json (the run's validation prompts if there is none).",
         ),
     ] = None,
     samples: Annotated[
-        Optional[Path], typer.Option("--samples", help="samples.json to score (default: RUN/samples/samples.json).")
+        Optional[Path],
+        typer.Option("--samples", metavar="FILE", help="samples.json to score (default: RUN/samples/samples.json)."),
     ] = None,
     dino_model: Annotated[
         str,
         typer.Option(
             "--dino-model",
+            metavar="MODEL",
             help="DINO model: hub id or folder (ViT or DINOv2, e.g. "
             "facebook/dinov2-small), or tiny-dino (random, offline).",
         ),
@@ -55,33 +51,39 @@ def score(
         str,
         typer.Option(
             "--clip-model",
+            metavar="MODEL",
             help="open_clip model name (ViT-B-32, ViT-L-14, hf-hub:org/repo) or tiny-clip (random, offline).",
         ),
     ] = "ViT-B-32",
     clip_pretrained: Annotated[
-        str, typer.Option("--clip-pretrained", help="open_clip weights tag or file for --clip-model.")
+        str,
+        typer.Option("--clip-pretrained", metavar="TAG", help="open_clip weights tag or file for --clip-model."),
     ] = "openai",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per scorer forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", metavar="N", help="Images per scorer forward pass.")] = 32,
     num_images: Annotated[
         int,
         typer.Option(
-            "--num-images", min=1, help="Images per prompt when images must be sampled (and what dreambench needs)."
+            "--num-images",
+            metavar="N",
+            help="Images per prompt when images must be sampled (and what dreambench needs).",
         ),
     ] = 4,
-    seed: Annotated[int, typer.Option("--seed", help="First seed when images must be sampled.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", metavar="INT", help="First seed when images must be sampled.")] = 0,
     steps: Annotated[
-        Optional[int], typer.Option("--steps", min=1, help="Inference steps when images must be sampled.")
+        Optional[int], typer.Option("--steps", metavar="N", help="Inference steps when images must be sampled.")
     ] = None,
     sample_missing: Annotated[
         bool,
         typer.Option(
-            "--sample/--no-sample",
-            help="Run `sdlora sample` first for prompts without images (--no-sample: fail and name the command).",
+            "--sample",
+            metavar="",
+            show_default=False,
+            help="Run `sdlora sample` first for prompts without images (on by default; "
+            "--no-sample: fail and name the command).",
         ),
     ] = True,
-    device: Annotated[
-        Optional[str], typer.Option("--device", help="cpu, cuda, cuda:1, mps (default: CUDA, then MPS, then the CPU).")
-    ] = None,
+    no_sample: Annotated[bool, typer.Option("--no-sample", hidden=True)] = False,  # named in --sample's help
+    device: DeviceOpt = None,
 ) -> None:
     """Score generated images against the dataset's real val photos (DINO, CLIP-I, CLIP-T), LoRA vs base."""
     from sdlora.evaluate.clip import load_clip
@@ -89,6 +91,8 @@ def score(
     from sdlora.evaluate.score import missing_prompts, plan_scoring, score_run, val_photos
     from sdlora.run import SCORES_JSON, load_run
 
+    at_least_1(batch_size=batch_size, num_images=num_images, steps=steps)
+    sample_missing = sample_missing and not no_sample
     info = load_run(run)
     plan = plan_scoring(info, prompts, samples, num_images)
     info.lora_dir()  # the cheap checks and the scorers before minutes of sampling

@@ -17,25 +17,17 @@ from rich.table import Table
 
 from sdlora import config as config_mod
 from sdlora.cli import train as train_cli
-from sdlora.cli._common import console, err_console
+from sdlora.cli._common import at_least_1, console, err_console
 from sdlora.errors import ConfigError
 
 EPILOG = """\
 Examples (the dataset defaults to ./dataset; the sweep goes to ./runs/<name>):
 
-  sdlora tune                                   # lr {5e-5,1e-4,2e-4} x rank {8,16}, scored at 250..1500 steps
+  sdlora tune                         # lr 5e-5,1e-4,2e-4 x rank 8,16
 
-  sdlora tune --grid lr=1e-4,2e-4 --grid rank=16,32 --steps 500,1000 --config sdxl
+  sdlora tune --grid lr=1e-4,2e-4 --grid rank=16,32 --steps 500,1000
 
-  sdlora tune --random 8 --grid lr=log:2e-5..5e-4 --grid rank=8,16 --objective weighted
-
-  sdlora tune --parallel 4                      # 4 trials at once, one GPU each
-
-  sdlora tune --executor ray --ray-address auto --early-stop
-
-  sdlora tune --resume runs/tune-20260101-120000
-
-  sdlora train --config runs/tune-20260101-120000/best/config.yaml    # repeat the winner
+  sdlora train --config runs/tune-20260101-120000/best/config.yaml
 """
 
 TUNE = "Tune"
@@ -250,9 +242,7 @@ def tune(**params: Any) -> None:
         executors.import_ray()
     if params["early_stop"] and executor != "ray":
         raise ConfigError("--early-stop needs --executor ray (ASHA schedules the trials there)")
-    for flag, key in (("--seeds", "seeds"), ("--sample-steps", "sample_steps")):
-        if params[key] < 1:
-            raise ConfigError(f"{flag} {params[key]}: must be at least 1")
+    at_least_1(seeds=params["seeds"], sample_steps=params["sample_steps"])
     if params["resume"] is not None:
         sweep = sweep_mod.load_sweep(params["resume"])
         sweep.executor = executor
