@@ -23,7 +23,16 @@ from sdlora.errors import ConfigError
 
 runner = CliRunner()
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
-PIPELINE = ("prepare", "caption", "train", "sample", "score", "tune", "report", "demo")  # tune: train + sample + score, many times
+PIPELINE = (
+    "prepare",
+    "caption",
+    "train",
+    "sample",
+    "score",
+    "tune",
+    "report",
+    "demo",
+)  # tune: train + sample + score, many times
 
 
 def print_config(*args: str) -> dict:
