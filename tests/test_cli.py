@@ -103,15 +103,7 @@ def test_other_os_errors_keep_their_traceback():
 _TYPE_NOISE = ("<bool>", "<str>", "<path>", "<int", "<float>", "<list")
 
 
-@pytest.mark.parametrize(
-    "verb",
-    [
-        pytest.param(verb, marks=pytest.mark.xfail(strict=True, reason="cleaned in the prepare masks branch"))
-        if verb == "prepare"
-        else verb
-        for verb in VERBS
-    ],
-)
+@pytest.mark.parametrize("verb", list(VERBS))
 def test_every_verb_help_reads_cleanly_at_80_columns(verb):
     result = CliRunner().invoke(app, [verb, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
     assert result.exit_code == 0, result.output

@@ -10,31 +10,19 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from sdlora.cli._common import SeedOpt, console, err_console, progress_bar
+from sdlora.cli._common import SeedOpt, at_least_1, console, err_console, progress_bar
 from sdlora.data.ingest import NoUsableImages, PrepareResult, prepare_dataset
 from sdlora.data.manifest import DEFAULT_CLASS, DEFAULT_TOKEN
 from sdlora.data.masks import DEFAULT_DILATE, DEFAULT_MASK_MODEL, DEFAULT_THRESHOLD
 
 EPILOG = """\
-Examples:
+Examples (the dataset goes to ./dataset):
 
-  sdlora prepare ./photos
+  sdlora prepare ./photos --class-word toy
 
-  sdlora prepare photos.zip --out dataset --resolution 1024
-
-  sdlora prepare https://disk.360.yandex.ru/d/d_2ADwdTPRPs8A --class-word toy
-
-  sdlora prepare ./photos --crop pad --val-fraction 0.1 --seed 1
-
-  sdlora prepare ./photos --keep-aspect --resolution 1024
-
-  sdlora prepare ./photos --keep-duplicates --force
+  sdlora prepare https://disk.360.yandex.ru/d/d_2ADwdTPRPs8A --keep-aspect --resolution 1024
 
   sdlora prepare ./photos --masks auto --class-word toy
-
-  sdlora prepare ./cutouts --masks alpha
-
-  sdlora prepare ./photos --masks ./my-masks
 """
 
 
@@ -45,39 +33,46 @@ class Crop(str, enum.Enum):
 
 def prepare(
     source: Annotated[
-        str, typer.Argument(help="A folder of photos (searched recursively), a .zip, or a Yandex Disk public link.")
+        str, typer.Argument(metavar="SOURCE", hidden=True, show_default=False)  # in the verb's help text
     ],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Dataset folder to write.")] = Path("dataset"),
+    out: Annotated[Path, typer.Option("--out", "-o", metavar="DIR", help="Dataset folder to write.")] = Path("dataset"),
     resolution: Annotated[
         int,
         typer.Option(
             "--resolution",
+            metavar="INT",
             help="Side of the square training images; with --keep-aspect, of a square of the same area (512 for SD 1.x, 1024 for SDXL).",
         ),
     ] = 512,
     crop: Annotated[
-        Crop, typer.Option("--crop", help="center: crop the middle square; pad: keep the whole photo on white.")
+        Crop,
+        typer.Option(
+            "--crop", metavar="center|pad", help="center: crop the middle square; pad: keep the whole photo on white."
+        ),
     ] = Crop.center,
     val_fraction: Annotated[
-        float, typer.Option("--val-fraction", help="Share of images held out for validation.")
+        float, typer.Option("--val-fraction", metavar="FLOAT", help="Share of images held out for validation.")
     ] = 0.2,
     seed: SeedOpt = 0,
     token: Annotated[
-        str, typer.Option("--token", help="Rare word that will mean your object in prompts.")
+        str, typer.Option("--token", metavar="TEXT", help="Rare word that will mean your object in prompts.")
     ] = DEFAULT_TOKEN,
     class_word: Annotated[
-        str, typer.Option("--class-word", help="What the object is, e.g. toy, car, bowl.")
+        str, typer.Option("--class-word", metavar="TEXT", help="What the object is, e.g. toy, car, bowl.")
     ] = DEFAULT_CLASS,
     keep_duplicates: Annotated[
-        bool, typer.Option("--keep-duplicates", help="Keep photos with the same or nearly the same picture.")
+        bool,
+        typer.Option("--keep-duplicates", metavar="", help="Keep photos with the same or nearly the same picture."),
     ] = False,
     keep_small: Annotated[
-        bool, typer.Option("--keep-small", help="Keep photos smaller than half the resolution (upscaled, soft).")
+        bool,
+        typer.Option("--keep-small", metavar="", help="Keep photos smaller than half the resolution (upscaled, soft)."),
     ] = False,
     keep_aspect: Annotated[
         bool,
         typer.Option(
             "--keep-aspect",
+            metavar="",
             help="Keep each photo's aspect ratio: use it for 4:3 or 3:4 phone photos whose object a square crop would cut (SDXL also learns the true size).",
         ),
     ] = False,
@@ -85,6 +80,7 @@ def prepare(
         Optional[str],
         typer.Option(
             "--masks",
+            metavar="HOW",
             help="Subject masks under masks/: auto (a segmentation model finds the --class-word), alpha (the photos' transparency), or a folder of masks named like the photos (white = object; ./auto for a folder named auto).",
         ),
     ] = None,
@@ -92,28 +88,39 @@ def prepare(
         str,
         typer.Option(
             "--mask-model",
+            metavar="MODEL",
             help="Segmentation model for --masks auto: a CLIPSeg hub id or folder, or tiny-clipseg (random, offline).",
         ),
     ] = DEFAULT_MASK_MODEL,
     mask_threshold: Annotated[
         float,
-        typer.Option("--mask-threshold", help="--masks auto: probability above which a pixel is the object."),
+        typer.Option(
+            "--mask-threshold", metavar="FLOAT", help="--masks auto: probability above which a pixel is the object."
+        ),
     ] = DEFAULT_THRESHOLD,
     mask_dilate: Annotated[
         int,
         typer.Option(
             "--mask-dilate",
+            metavar="INT",
             help="Grow every mask by this many pixels (at 512 px; scaled) so the object's edges stay in.",
         ),
     ] = DEFAULT_DILATE,
     workers: Annotated[
-        Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: all CPU cores).")
+        Optional[int], typer.Option("--workers", metavar="N", help="Decoding processes (default: all CPU cores).")
     ] = None,
     force: Annotated[
-        bool, typer.Option("--force", help="Replace a different dataset (or write into a non-dataset folder) at --out.")
+        bool,
+        typer.Option(
+            "--force", metavar="", help="Replace a different dataset (or write into a non-dataset folder) at --out."
+        ),
     ] = False,
 ) -> None:
-    """Decode, orient, crop and de-duplicate photos into a dataset: images/, captions.txt, manifest.json."""
+    """Decode, orient, crop and de-duplicate photos into a dataset: images/, captions.txt, manifest.json.
+
+    SOURCE: a folder of photos (searched recursively), a .zip, or a Yandex Disk public link.
+    """
+    at_least_1(workers=workers)
     start = time.perf_counter()
     try:
         with progress_bar() as on_progress:
