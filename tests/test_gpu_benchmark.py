@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 # One row per tiny configuration: the UNet floors, sdlora train at batch 1 and 4 (SD) and with and
@@ -68,6 +70,7 @@ def test_tiny_benchmark_writes_one_row_per_configuration(tmp_path: Path):
         assert any(line.startswith(f"| {sid} |") for line in table_lines), sid
 
 
+@pytest.mark.slow  # a second benchmark process (~10 s); the rows themselves run in the test above
 def test_a_failing_row_shows_one_line_and_the_others_still_run(tmp_path: Path):
     """Without a training row there is nothing to sample or score: both rows say so; the floor still runs."""
     table, markdown = run_tiny(tmp_path, "--only", "sample-*,unet-tiny-sd-64-b1-*,score-*")
