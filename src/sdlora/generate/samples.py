@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from sdlora import __version__
+from sdlora.data.buckets import check_resolution
 from sdlora.errors import ConfigError
 from sdlora.events import ProgressFn
 from sdlora.generate.images import save_png, write_grid
@@ -120,8 +121,8 @@ def generate_samples(
         if value < 1:
             raise ConfigError(f"{name} {value}: must be at least 1")
     for name, value in (("--height", height), ("--width", width)):
-        if value is not None and (value < 8 or value % 8):
-            raise ConfigError(f"{name} {value}: must be a positive multiple of 8")
+        if value is not None:
+            check_resolution(value, name)
     folder = resolve_lora_dir(run, lora_dir)
     out_dir = Path(out_dir) if out_dir is not None else run.path / SAMPLES_DIR
     samples_path = out_dir / SAMPLES_JSON
