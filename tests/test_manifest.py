@@ -49,6 +49,18 @@ GOOD_RECORD = {"file": "a.png", "source": "a.jpg", "source_sha256": "0" * 64, "o
             {"schema_version": 1, "images": {"a.png": {**GOOD_RECORD, "crop_top_left": "0,0"}}},
             "field 'images.a.png.crop_top_left' must be [top, left]",
         ),
+        (
+            {"schema_version": 1, "images": {"a.png": {**GOOD_RECORD, "mask": "../a.png"}}},
+            "field 'images.a.png.mask' must be a file name inside masks/",
+        ),
+        (
+            {"schema_version": 1, "images": {"a.png": {**GOOD_RECORD, "mask": "a.png", "mask_coverage": 1.5}}},
+            "field 'images.a.png.mask_coverage' must be a number from 0 to 1",
+        ),
+        (
+            {"schema_version": 1, "images": {"a.png": {**GOOD_RECORD, "mask": "a.png", "mask_source": "alpha"}}},
+            "field 'images.a.png.mask_source' must be an object with 'kind'",
+        ),
     ],
 )
 def test_wrong_shapes_are_one_data_error_line(tmp_path, data, fragment):
@@ -79,6 +91,23 @@ def test_a_good_manifest_round_trips_and_older_ones_still_load(tmp_path):
     assert all(rec.crop_top_left is None for rec in m.images.values())
     m.save(ds)
     assert load_manifest(ds) == m
+
+
+def test_mask_fields_round_trip_and_are_absent_without_a_mask(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    plain = (ds / "manifest.json").read_text()
+    m = load_manifest(ds)
+    assert not m.has_masks
+    m.save(ds)
+    assert (ds / "manifest.json").read_text() == plain  # no mask keys appear for images without masks
+    name = next(iter(m.images))
+    m.images[name].mask, m.images[name].mask_coverage = name, 0.25
+    m.images[name].mask_source = {"kind": "auto", "model": "tiny-clipseg", "revision": "tiny"}
+    m.save(ds)
+    back = load_manifest(ds)
+    assert back == m and back.has_masks
+    saved = json.loads((ds / "manifest.json").read_text())["images"]
+    assert [("mask" in rec) for rec in saved.values()] == [rec == name for rec in saved]
 
 
 # ---------------------------------------------------------------------------- geometry

@@ -226,3 +226,25 @@ def test_yandex_link_through_loopback_api(tmp_path, monkeypatch):
         assert fake.count("file") == files_before
     finally:
         fake.close()
+
+
+def test_masks_folder_rows_and_bad_mask_is_one_line(tmp_path):
+    src = photos(tmp_path / "photos", 3)
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    for i, box in ((0, (20, 20, 70, 70)), (1, (40, 40, 44, 44))):
+        mask = Image.new("L", (90, 90), 0)
+        mask.paste(255, box)
+        mask.save(masks / f"img_{i:04d}.png")
+    out = tmp_path / "ds"
+    result = invoke(src, "--out", out, "--resolution", "64", "--masks", masks)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.stdout.splitlines() if "no mask" in line or "mask looks wrong" in line]
+    assert len(rows) == 2, result.stdout
+    assert "IMG_0002.png (no mask file)" in rows[0] and "IMG_0001.png (covers" in rows[1]
+    assert "masks (folder)" in result.stdout and "made 2, reused 0" in result.stdout
+    assert load_manifest(out).has_masks and len(list((out / "masks").iterdir())) == 2
+    before = snapshot(out)
+    (masks / "notes.txt").write_text("which photo is which")
+    one_line_error(invoke(src, "--out", out, "--resolution", "64", "--masks", masks), "notes.txt is not an image")
+    assert snapshot(out) == before

@@ -13,6 +13,7 @@ from rich.table import Table
 from sdlora.cli._common import SeedOpt, console, err_console, progress_bar
 from sdlora.data.ingest import NoUsableImages, PrepareResult, prepare_dataset
 from sdlora.data.manifest import DEFAULT_CLASS, DEFAULT_TOKEN
+from sdlora.data.masks import DEFAULT_DILATE, DEFAULT_MASK_MODEL, DEFAULT_THRESHOLD
 
 EPILOG = """\
 Examples:
@@ -28,6 +29,12 @@ Examples:
   sdlora prepare ./photos --keep-aspect --resolution 1024
 
   sdlora prepare ./photos --keep-duplicates --force
+
+  sdlora prepare ./photos --masks auto --class-word toy
+
+  sdlora prepare ./cutouts --masks alpha
+
+  sdlora prepare ./photos --masks ./my-masks
 """
 
 
@@ -74,6 +81,31 @@ def prepare(
             help="Keep each photo's aspect ratio: use it for 4:3 or 3:4 phone photos whose object a square crop would cut (SDXL also learns the true size).",
         ),
     ] = False,
+    masks: Annotated[
+        Optional[str],
+        typer.Option(
+            "--masks",
+            help="Subject masks under masks/: auto (a segmentation model finds the --class-word), alpha (the photos' transparency), or a folder of masks named like the photos (white = object; ./auto for a folder named auto).",
+        ),
+    ] = None,
+    mask_model: Annotated[
+        str,
+        typer.Option(
+            "--mask-model",
+            help="Segmentation model for --masks auto: a CLIPSeg hub id or folder, or tiny-clipseg (random, offline).",
+        ),
+    ] = DEFAULT_MASK_MODEL,
+    mask_threshold: Annotated[
+        float,
+        typer.Option("--mask-threshold", help="--masks auto: probability above which a pixel is the object."),
+    ] = DEFAULT_THRESHOLD,
+    mask_dilate: Annotated[
+        int,
+        typer.Option(
+            "--mask-dilate",
+            help="Grow every mask by this many pixels (at 512 px; scaled) so the object's edges stay in.",
+        ),
+    ] = DEFAULT_DILATE,
     workers: Annotated[
         Optional[int], typer.Option("--workers", min=1, help="Decoding processes (default: all CPU cores).")
     ] = None,
@@ -97,6 +129,10 @@ def prepare(
                 keep_duplicates=keep_duplicates,
                 keep_small=keep_small,
                 keep_aspect=keep_aspect,
+                masks=masks,
+                mask_model=mask_model,
+                mask_threshold=mask_threshold,
+                mask_dilate=mask_dilate,
                 workers=workers,
                 force=force,
                 on_progress=on_progress,
@@ -134,6 +170,18 @@ def _render(result: PrepareResult) -> None:
         examples = "; ".join(f"{s.name} ({s.detail})" if s.detail else s.name for s in items[:3])
         more = f"; +{len(items) - 3} more" if len(items) > 3 else ""
         table.add_row(f"[yellow]skipped: {reason}[/]", str(len(items)), examples + more)
+    if result.masks:
+        masked = [r for r in result.records if r.mask]
+        examples = f"made {result.masks_made}, reused {result.masks_reused}; under masks/"
+        table.add_row(f"[green]masks ({result.masks})[/]", str(len(masked)), examples)
+        for label, items in (
+            ("kept, no mask (whole frame)", result.unmasked),
+            ("mask looks wrong", result.mask_problems),
+        ):
+            if items:
+                shown = "; ".join(f"{name} ({why})" for name, why in items[:3])
+                more = f"; +{len(items) - 3} more" if len(items) > 3 else ""
+                table.add_row(f"[yellow]{label}[/]", str(len(items)), shown + more)
     if result.removed:
         table.add_row("removed (gone from the source)", str(result.removed), "")
     console.print(table)

@@ -1,4 +1,5 @@
-"""Decoding photos into training images, in parallel processes (data/images.py does one).
+"""Decoding photos into training images (and their alpha or user masks), in parallel processes
+(data/images.py does one).
 
 A `Job` is one source file to decode with the options that shape its image; a `Decoded` is
 what came out (PNG bytes and checksums, or why the file is unusable), and the entry that
@@ -12,8 +13,10 @@ import zipfile
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 
 from sdlora.data import images as imaging
+from sdlora.data.masks import NO_ALPHA, MaskResult, finish
 from sdlora.data.sources import UNREADABLE, SourceFile, read_bytes
 from sdlora.events import ProgressFn, no_progress
 
@@ -25,6 +28,9 @@ class Job:
     resolution: int
     crop: str
     keep_aspect: bool = False
+    alpha: bool = False  # also make the mask from the photo's alpha channel (--masks alpha)
+    mask: str | None = None  # a user's mask file to put through the photo's transform (--masks FOLDER)
+    dilate: int = 0  # mask dilation, pixels of the prepared image
 
 
 @dataclass
@@ -37,6 +43,8 @@ class Decoded:
     error: str | None = None  # reason category
     detail: str = ""
     size: tuple[int, int] | None = None  # of the prepared image; None from caches that predate it
+    # The mask, when the job asked for one: PNG and checks, why there is none, or why the user's is unusable.
+    mask: MaskResult | None = None
 
     def cache_entry(self) -> dict:
         return {
@@ -69,11 +77,24 @@ def decode(job: Job) -> Decoded:
         data = read_bytes(job.src)
     except (OSError, zipfile.BadZipFile, RuntimeError) as exc:
         return Decoded(job.key, error=UNREADABLE, detail=imaging.short_error(exc))
+    mask_bytes = None
+    if job.mask is not None:
+        try:
+            mask_bytes = Path(job.mask).read_bytes()
+        except OSError as exc:
+            return Decoded(job.key, mask=MaskResult(error=f"cannot be read ({imaging.short_error(exc)})"))
     try:
-        prepared = imaging.prepare_image(data, job.resolution, job.crop, job.keep_aspect)
+        prepared = imaging.prepare_image(
+            data, job.resolution, job.crop, job.keep_aspect, alpha=job.alpha, mask=mask_bytes
+        )
     except imaging.BadImage as exc:
         return Decoded(job.key, error=exc.reason, detail=exc.detail)
+    except imaging.BadMask as exc:  # the photo is fine, its mask is not: the parent refuses the run
+        return Decoded(job.key, mask=MaskResult(error=str(exc)))
     img = prepared.image
+    mask = None
+    if job.alpha or job.mask is not None:
+        mask = finish(prepared.mask, job.dilate) if prepared.mask is not None else NO_ALPHA
     return Decoded(
         job.key,
         imaging.png_bytes(img),
@@ -81,6 +102,7 @@ def decode(job: Job) -> Decoded:
         imaging.perceptual_hash(img),
         prepared.original_size,
         size=img.size,
+        mask=mask,
     )
 
 

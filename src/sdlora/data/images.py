@@ -71,11 +71,18 @@ def register_heif(decode_threads: int | None = None) -> None:
         pillow_heif.options.DECODE_THREADS = decode_threads
 
 
+class BadMask(Exception):
+    """A user's mask file that cannot become its photo's mask (not an image, another shape)."""
+
+
 @dataclass
 class Prepared:
     image: Image.Image  # RGB at `target_size`: square, or the photo's bucket with keep_aspect
     original_size: tuple[int, int]  # (width, height) after orientation, before crop/resize
     format: str  # what Pillow called the file ("HEIF", "JPEG", ...)
+    # Grayscale ("L") mask at the image's size, through exactly the image's transform: the photo's
+    # alpha channel (`alpha=True`; None when it has none or it is fully opaque) or the user's mask.
+    mask: Image.Image | None = None
 
 
 def square_side(size: tuple[int, int], crop: str) -> int:
@@ -125,41 +132,94 @@ def _draft(img: Image.Image, scale: float) -> None:
     img.draft("RGB", (max(1, int(w * scale + 0.999)), max(1, int(h * scale + 0.999))))
 
 
+def _filter(img: Image.Image) -> Image.Resampling:
+    """LANCZOS for photos; BILINEAR for masks ("L"), whose hard edges LANCZOS would ring around.
+    The geometry (crop box, size, padding) is the same for both."""
+    return Image.Resampling.BILINEAR if img.mode == "L" else Image.Resampling.LANCZOS
+
+
 def square(img: Image.Image, resolution: int, crop: str) -> Image.Image:
-    """Center-crop (`center`) or white-pad (`pad`) to a square and resize with LANCZOS."""
+    """Center-crop (`center`) or pad (`pad`: white for a photo, 0 = background for a mask) to a
+    square and resize (LANCZOS; a mask BILINEAR)."""
     w, h = img.size
     if crop == "center":
         side = min(w, h)
         left, top = (w - side) // 2, (h - side) // 2
         box = (left, top, left + side, top + side)
-        return img.resize((resolution, resolution), Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
+        return img.resize((resolution, resolution), _filter(img), box=box, reducing_gap=REDUCING_GAP)
     if crop == "pad":
         side = max(w, h)
         scale = resolution / side
         nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-        inner = img.resize((nw, nh), Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
-        canvas = Image.new("RGB", (resolution, resolution), (255, 255, 255))
+        inner = img.resize((nw, nh), _filter(img), reducing_gap=REDUCING_GAP)
+        canvas = Image.new(img.mode, (resolution, resolution), 0 if img.mode == "L" else (255, 255, 255))
         canvas.paste(inner, ((resolution - nw) // 2, (resolution - nh) // 2))
         return canvas
     raise ValueError(f"crop must be one of {CROPS}, got {crop!r}")
 
 
 def cover(img: Image.Image, target: tuple[int, int]) -> Image.Image:
-    """Resize (LANCZOS) to cover `target` and center-crop to exactly it, in one resampling pass."""
+    """Resize (LANCZOS; a mask BILINEAR) to cover `target` and center-crop to exactly it, in one pass."""
     w, h = img.size
     (rw, rh), (top, left) = cover_crop(w, h, target)
     sx, sy = w / rw, h / rh  # the crop box in source pixels: crop and resize at once
     box = (left * sx, top * sy, (left + target[0]) * sx, (top + target[1]) * sy)
-    return img.resize(target, Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
+    return img.resize(target, _filter(img), box=box, reducing_gap=REDUCING_GAP)
+
+
+def _alpha(img: Image.Image) -> Image.Image | None:
+    """The photo's alpha channel ("L"), or None when it has none or it is fully opaque."""
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        alpha = img.getchannel("A")
+    elif img.mode == "P" and "transparency" in img.info:
+        alpha = img.convert("RGBA").getchannel("A")
+    else:
+        return None
+    return None if alpha.getextrema() == (255, 255) else alpha
+
+
+def _user_mask(data: bytes, oriented: tuple[int, int], work_size: tuple[int, int]) -> Image.Image:
+    """A user's mask file ("L", white = object) at the decoded photo's size, ready for its transform.
+
+    Its own EXIF orientation is applied. It must have the photo's size as displayed, or the same
+    shape (a mask exported smaller or larger is scaled); any other shape is refused (BadMask).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            opened.load()
+            mask = ImageOps.exif_transpose(opened)
+    except Exception as exc:  # noqa: BLE001 - not an image, truncated, broken EXIF
+        raise BadMask(f"is not a readable image ({short_error(exc)})") from None
+    mw, mh = mask.size
+    ow, oh = oriented
+    if (mw, mh) != (ow, oh) and abs(mw * oh - mh * ow) > max(mw, mh, ow, oh):  # off by over a pixel
+        raise BadMask(f"is {mw}x{mh} but its photo is {ow}x{oh} as displayed; make the mask the photo's size")
+    if mask.mode in ("RGBA", "LA", "PA") and mask.getchannel("A").getextrema()[0] < 255:
+        mask = mask.getchannel("A")  # a cut-out given as the mask: its opaque part is the object
+    if mask.mode in ("I;16", "I;16B", "I;16L", "I"):  # a 16-bit mask: convert("L") would clip it to white
+        import numpy as np
+
+        arr = np.asarray(mask, dtype=np.uint32)
+        mask = Image.fromarray((arr >> (8 if arr.max() > 255 else 0)).astype("uint8"), "L")
+    mask = mask.convert("L")
+    return mask if mask.size == work_size else mask.resize(work_size, Image.Resampling.BILINEAR)
 
 
 def prepare_image(
-    source: str | Path | bytes, resolution: int, crop: str = "center", keep_aspect: bool = False
+    source: str | Path | bytes,
+    resolution: int,
+    crop: str = "center",
+    keep_aspect: bool = False,
+    *,
+    alpha: bool = False,
+    mask: bytes | None = None,
 ) -> Prepared:
     """Decode, orient (EXIF orientation; libheif applies HEIF transforms), RGB, then square and
     resize, or with `keep_aspect` cover and crop to the photo's bucket (`target_size`).
 
-    Raises BadImage for anything that is not a readable image.
+    With `alpha` the photo's alpha channel, or with `mask` (a user's mask file's bytes) that mask,
+    goes through the same orientation, crop or pad and resize and comes back as `Prepared.mask`.
+    Raises BadImage for anything that is not a readable image, BadMask for an unusable `mask`.
     """
     if crop not in CROPS or (keep_aspect and crop != "center"):
         raise ValueError(f"crop must be one of {CROPS} (center with keep_aspect), got {crop!r}")
@@ -191,16 +251,22 @@ def prepare_image(
             _check_work(img, original)
             img.load()
             ImageOps.exif_transpose(img, in_place=True)  # no copy of a 12-MP image when upright
+            shape = _alpha(img) if alpha else None
             rgb = _to_rgb(img)
+            if mask is not None:
+                shape = _user_mask(mask, original, rgb.size)
             # The bucket comes from the full-size photo: drafting rounds its sides slightly.
-            out = cover(rgb, target_size(original, resolution, True)) if keep_aspect else square(rgb, resolution, crop)
-    except BadImage:
+            target = target_size(original, resolution, True)
+            out = cover(rgb, target) if keep_aspect else square(rgb, resolution, crop)
+            if shape is not None:  # the mask: exactly the photo's transform
+                shape = cover(shape, target) if keep_aspect else square(shape, resolution, crop)
+    except (BadImage, BadMask):
         raise
     except Image.DecompressionBombError:
         raise BadImage(TOO_LARGE, _pixels(img.size)) from None
     except Exception as exc:  # noqa: BLE001 - truncated data, broken EXIF, decoder errors
         raise BadImage(CORRUPT, short_error(exc)) from None
-    return Prepared(out, original, img.format or "?")
+    return Prepared(out, original, img.format or "?", shape)
 
 
 def _pixels(size: tuple[int, int]) -> str:

@@ -9,6 +9,11 @@ Steps, each reported through `on_progress(description, done, total)`:
   4. decode the files not decoded before, in parallel processes (data/decode.py, data/images.py);
   5. drop what is unusable: unreadable, too small, duplicates (data/dedupe.py);
   6. split train/val, merge captions, write images, captions.txt, manifest.json atomically.
+With `masks` (`--masks auto|alpha|FOLDER`) data/maskstep.py adds a subject mask per image
+(masks/, data/masks.py) at steps 2-6; without it the dataset is byte for byte what it was before.
+
+At ~480 lines this module stays one piece: it is the pipeline, read top to bottom; each concern it
+calls (sources, decode, dedupe, outdir, captions, masks) has its own module.
 
 Re-use is content-addressed: an output image is named after the checksum of its source bytes
 and the options that shape it, and `.prepare-cache.json` keeps what decoding learned (size,
@@ -48,6 +53,8 @@ from sdlora.data.captions import (
 from sdlora.data.decode import Decoded, Decoder, Job, decode, warm
 from sdlora.data.dedupe import NEAR_DUPLICATE_BITS, Candidate, find_duplicates
 from sdlora.data.manifest import CAPTIONS, DEFAULT_CLASS, DEFAULT_TOKEN, IMAGES, ImageRecord, Manifest
+from sdlora.data.masks import DEFAULT_DILATE, DEFAULT_MASK_MODEL, DEFAULT_THRESHOLD, MaskOptions
+from sdlora.data.maskstep import MaskStep
 from sdlora.data.outdir import check_out_dir, dataset_source_id, mark_complete, mark_incomplete, remove_stale
 from sdlora.data.sources import (
     MAX_ZIP_RATIO,
@@ -89,6 +96,11 @@ class PrepareResult:
     val: list[str]
     skipped: list[Skipped]
     warnings: list[str] = field(default_factory=list)
+    masks: str | None = None  # --masks kind: "auto", "alpha", "folder", or None
+    masks_made: int = 0  # masks made in this run
+    masks_reused: int = 0  # masks reused from an earlier run
+    unmasked: list[tuple[str, str]] = field(default_factory=list)  # (photo, why it has no mask)
+    mask_problems: list[tuple[str, str]] = field(default_factory=list)  # (photo, why its mask looks wrong)
     decoded: int = 0  # files decoded in this run
     reused: int = 0  # files whose earlier result was re-used (content-addressed)
     removed: int = 0  # images of the earlier dataset that are gone from the source
@@ -127,6 +139,7 @@ class Options:
     keep_duplicates: bool = False
     keep_small: bool = False
     keep_aspect: bool = False
+    masks: MaskOptions = MaskOptions()
 
     def check(self) -> "Options":
         check_resolution(self.resolution, "--resolution")
@@ -141,7 +154,11 @@ class Options:
             raise ConfigError(f"--val-fraction {self.val_fraction}: use a fraction from 0 to below 1, e.g. 0.2")
         if not re.fullmatch(r"[^\s|{}#]+", self.token or ""):
             raise ConfigError(f"--token {self.token!r}: use one word without spaces, '|', '#' or braces, e.g. sksToy")
-        return Options(**{**self.__dict__, "class_word": check_class_word(self.class_word)})
+        if self.masks.kind != "auto" and self.masks.model != DEFAULT_MASK_MODEL:
+            raise ConfigError(f"--mask-model {self.masks.model}: only with --masks auto")
+        return Options(
+            **{**self.__dict__, "class_word": check_class_word(self.class_word), "masks": self.masks.check()}
+        )
 
     def image_key(self, source_sha256: str) -> str:
         """Content address of an output image: same bytes + same options -> same file name."""
@@ -204,14 +221,16 @@ def _merge_captions(
 # ---------------------------------------------------------------------------- the whole step
 
 
-def _load_cache(out_dir: Path) -> dict[str, dict]:
+def _load_cache(out_dir: Path) -> tuple[dict[str, dict], dict[str, dict]]:
+    """(image entries, mask entries) of `.prepare-cache.json`; empty when there is none or it is broken."""
     try:
         data = json.loads((out_dir / CACHE_FILE).read_text(encoding="utf-8"))
         if data.get("version") == PIPELINE_VERSION and isinstance(data.get("entries"), dict):
-            return data["entries"]
+            masks = data.get("masks")
+            return data["entries"], masks if isinstance(masks, dict) else {}
     except (OSError, ValueError, AttributeError):
         pass  # no cache or a broken one: decode again
-    return {}
+    return {}, {}
 
 
 def prepare_dataset(
@@ -227,6 +246,10 @@ def prepare_dataset(
     keep_duplicates: bool = False,
     keep_small: bool = False,
     keep_aspect: bool = False,
+    masks: str | None = None,
+    mask_model: str = DEFAULT_MASK_MODEL,
+    mask_threshold: float = DEFAULT_THRESHOLD,
+    mask_dilate: int = DEFAULT_DILATE,
     workers: int | None = None,
     force: bool = False,
     on_progress: ProgressFn | None = None,
@@ -235,11 +258,15 @@ def prepare_dataset(
 ) -> PrepareResult:
     """Turn the photos in `source` into the dataset folder `out_dir` (see the module docstring).
 
+    `masks` ("auto", "alpha" or a folder of the user's masks; data/masks.py) also writes a subject
+    mask per image under masks/.
+
     Raises ConfigError for bad options, DataError for a source or output folder that cannot be
-    used, NoUsableImages when no photo survives. Never leaves a half-written dataset.
+    used (or a bad mask), NoUsableImages when no photo survives. Never leaves a half-written dataset.
     """
+    mask_opts = MaskOptions(masks, mask_model, mask_threshold, mask_dilate)
     opts = Options(
-        resolution, crop, val_fraction, seed, token, class_word, keep_duplicates, keep_small, keep_aspect
+        resolution, crop, val_fraction, seed, token, class_word, keep_duplicates, keep_small, keep_aspect, mask_opts
     ).check()
     workers = (os.cpu_count() or 1) if workers is None else workers
     if workers < 1:
@@ -275,13 +302,19 @@ def _prepare(
     max_zip_ratio: float,
 ) -> PrepareResult:
     report = on_progress or no_progress
+    cache, mask_cache = _load_cache(out_dir) if mode in ("update", "resume") else ({}, {})
+    masking = MaskStep(opts.masks, opts.resolution, out_dir, mask_cache)
     files, skipped = list_source(
-        source, exclude=out_dir, on_progress=on_progress, max_zip_total=max_zip_total, max_zip_ratio=max_zip_ratio
+        source,
+        exclude=[out_dir, *masking.exclude()],
+        on_progress=on_progress,
+        max_zip_total=max_zip_total,
+        max_zip_ratio=max_zip_ratio,
     )
+    warnings: list[str] = masking.match(files, out_dir)
 
     # Checksum every file (the manifest records it, the cache is addressed by it) and hand each
     # new one to the decoder at once, so decoding overlaps reading.
-    cache = _load_cache(out_dir) if mode in ("update", "resume") else {}
     images_dir = out_dir / IMAGES
     shas: dict[str, str] = {}
     first_by_sha: dict[str, str] = {}
@@ -308,10 +341,13 @@ def _prepare(
             unique.append(src)
             key = opts.image_key(sha)
             entry = cache.get(key)
-            if entry is not None and (entry.get("error") or (images_dir / f"{key}.png").is_file()):
+            mask_needed = masking.plan(src, key)
+            cached = entry is not None and (entry.get("error") or (images_dir / f"{key}.png").is_file())
+            if cached and (entry.get("error") or not mask_needed):  # a cached failure needs no mask
                 results[src.name] = Decoded.from_cache(key, entry)
             else:
-                decoder.submit(Job(key, src, opts.resolution, opts.crop, opts.keep_aspect))
+                job_masks = masking.job_fields(src) if mask_needed else {}
+                decoder.submit(Job(key, src, opts.resolution, opts.crop, opts.keep_aspect, **job_masks))
         reused = len(results)
         for job, res in zip(decoder.jobs, decoder.results()):
             results[job.src.name] = res
@@ -319,9 +355,9 @@ def _prepare(
         decoder.close()
         close_archives()
     jobs = decoder.jobs
+    masking.check_errors(unique, results)  # a bad user mask: one line, nothing written
 
     # What survives: decodable, big enough, not a duplicate (in source order, first one wins).
-    warnings: list[str] = []
     usable: list[SourceFile] = []
     for src in unique:
         res = results[src.name]
@@ -365,6 +401,7 @@ def _prepare(
         reused=reused,
         mode=mode,
         keep_aspect=opts.keep_aspect,
+        masks=opts.masks.kind,
     )
     if not records:
         why = _reasons(skipped) or "no files in it"
@@ -373,6 +410,10 @@ def _prepare(
     if len(set(names)) != len(names):  # same options + distinct bytes cannot collide; guard anyway
         raise RuntimeError("two source files map to the same image name")
     result.train, result.val = split_train_val(names, opts.val_fraction, opts.seed)
+    result.unmasked, result.mask_problems = masking.make(
+        list(zip(usable, records)), results, images_dir, opts.class_word, on_progress
+    )
+    result.masks_made, result.masks_reused = masking.made, masking.reused
     captions, result.captions_kept, result.captions_new, additions_only = _merge_captions(
         out_dir, records, old if mode == "update" else None, opts
     )
@@ -385,6 +426,7 @@ def _prepare(
         png = results[src.name].png
         if png is not None:
             write_bytes(images_dir / rec.file, png)
+    masking.write(records)
     captions_path = out_dir / CAPTIONS
     if mode == "update" and additions_only:  # keeps the user's comments and line order
         old_caps = read_captions(captions_path)
@@ -393,6 +435,16 @@ def _prepare(
             update_captions(captions_path, added)
     else:
         write_captions(captions_path, captions)
+    options = {
+        "crop": opts.crop,
+        "keep_aspect": opts.keep_aspect,
+        "keep_duplicates": opts.keep_duplicates,
+        "keep_small": opts.keep_small,
+        "near_duplicate_bits": NEAR_DUPLICATE_BITS,
+        "pipeline_version": PIPELINE_VERSION,
+    }
+    if opts.masks.kind is not None:  # absent without --masks: such a manifest is as it was before masks
+        options["masks"] = opts.masks.settings()
     manifest = Manifest(
         token=opts.token,
         class_word=opts.class_word,
@@ -403,19 +455,16 @@ def _prepare(
         val=result.val,
         images={r.file: r for r in records},
         source=source_id,
-        options={
-            "crop": opts.crop,
-            "keep_aspect": opts.keep_aspect,
-            "keep_duplicates": opts.keep_duplicates,
-            "keep_small": opts.keep_small,
-            "near_duplicate_bits": NEAR_DUPLICATE_BITS,
-            "pipeline_version": PIPELINE_VERSION,
-        },
+        options=options,
     )
     manifest.save(out_dir)
     entries = {res.key: res.cache_entry() for res in results.values()}
-    write_json(out_dir / CACHE_FILE, {"version": PIPELINE_VERSION, "entries": entries})
+    cache_data = {"version": PIPELINE_VERSION, "entries": entries}
+    if opts.masks.kind is not None:
+        cache_data["masks"] = masking.cache_json(records)
+    write_json(out_dir / CACHE_FILE, cache_data)
     result.removed = remove_stale(images_dir, old, set(names), mode)
+    masking.remove_stale(records)
     mark_complete(out_dir)
     return result
 

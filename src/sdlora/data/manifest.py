@@ -39,6 +39,12 @@ class ImageRecord:
     # (top, left) of the crop in the photo resized to cover `size` (SDXL's crop time ids), at the
     # dataset's resolution; None in manifests written before prepare recorded it.
     crop_top_left: tuple[int, int] | None = None
+    # The subject mask (`prepare --masks`, data/masks.py): its name inside masks/, where it came from
+    # ({"kind": "auto", "model", "revision"} / {"kind": "alpha"} / {"kind": "file", "path"}) and the
+    # share of the frame it covers. None (and absent from manifest.json) for an image without a mask.
+    mask: str | None = None
+    mask_source: dict[str, Any] | None = None
+    mask_coverage: float | None = None
 
 
 class Geometry(NamedTuple):
@@ -65,9 +71,14 @@ class Manifest:
     source: str = ""
     schema_version: int = SCHEMA_VERSION
 
+    @property
+    def has_masks(self) -> bool:
+        """Whether any image has a subject mask (`prepare --masks`; read one with data/masks.py `load_mask`)."""
+        return any(rec.mask for rec in self.images.values())
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        data["images"] = {name: asdict(rec) for name, rec in self.images.items()}
+        data["images"] = {name: _record_json(rec) for name, rec in self.images.items()}
         return data
 
     @classmethod
@@ -82,6 +93,9 @@ class Manifest:
                 original_size=tuple(rec["original_size"]),
                 size=tuple(rec["size"]),
                 crop_top_left=tuple(rec["crop_top_left"]) if rec.get("crop_top_left") is not None else None,
+                mask=rec.get("mask"),
+                mask_source=rec.get("mask_source"),
+                mask_coverage=rec.get("mask_coverage"),
             )
             for name, rec in data.get("images", {}).items()
         }
@@ -110,6 +124,19 @@ class Manifest:
 
     def save(self, dataset_dir: Path) -> None:
         write_json(Path(dataset_dir) / MANIFEST, self.to_json())
+
+
+_MASK_FIELDS = ("mask", "mask_source", "mask_coverage")
+
+
+def _record_json(rec: ImageRecord) -> dict[str, Any]:
+    """A record as manifest.json holds it: the mask fields only for an image that has a mask, so a
+    dataset prepared without --masks has the same manifest as before masks existed."""
+    data = asdict(rec)
+    if rec.mask is None:
+        for key in _MASK_FIELDS:
+            data.pop(key)
+    return data
 
 
 def load_manifest(dataset_dir: str | Path, *, allow_incomplete: bool = False) -> Manifest:
@@ -185,6 +212,16 @@ _RECORD_FIELDS: dict[str, tuple[str, Any]] = {
 }
 
 
+_MASK_CHECKS: dict[str, tuple[str, Any]] = {
+    "mask": ("a file name inside masks/", lambda v: isinstance(v, str) and v and "/" not in v and "\\" not in v),
+    "mask_source": ("an object with 'kind'", lambda v: isinstance(v, dict) and isinstance(v.get("kind"), str)),
+    "mask_coverage": (
+        "a number from 0 to 1",
+        lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1,
+    ),
+}
+
+
 def _check_shape(data: Any, where: str) -> None:
     """DataError (one line: the file, the field, what it must be) unless `data` has a manifest's shape."""
     if not isinstance(data, dict):
@@ -206,3 +243,6 @@ def _check_shape(data: Any, where: str) -> None:
         crop = rec.get("crop_top_left")
         if crop is not None and not _is_pair(crop):
             raise DataError(f"{where}: field 'images.{name}.crop_top_left' must be [top, left], got {crop!r}; {_FIX}")
+        for key, (want, ok) in _MASK_CHECKS.items():
+            if rec.get(key) is not None and not ok(rec[key]):
+                raise DataError(f"{where}: field 'images.{name}.{key}' must be {want}, got {rec[key]!r}; {_FIX}")

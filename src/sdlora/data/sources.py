@@ -17,6 +17,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Sequence
 
 from sdlora.errors import DataError
 from sdlora.events import ProgressFn
@@ -64,7 +65,7 @@ def _skip_by_name(name: str) -> str | None:
     return None
 
 
-def _list_folder(root: Path, exclude: Path) -> tuple[list[SourceFile], list[Skipped]]:
+def _list_folder(root: Path, exclude: set[Path]) -> tuple[list[SourceFile], list[Skipped]]:
     """Every file under `root`, following links to folders once; what cannot be listed or is a
     broken link gets its row (a folder it may not read, a link loop, a dangling link)."""
     files, skipped = [], []
@@ -94,7 +95,7 @@ def _list_folder(root: Path, exclude: Path) -> tuple[list[SourceFile], list[Skip
             if d.startswith("."):
                 continue
             real = path.resolve()
-            if real == exclude:
+            if real in exclude:  # the output folder, the --masks folder
                 continue
             if real in visited:  # a link back up the tree, or to a folder already listed
                 why = "links to a folder above it" if Path(dirpath).resolve().is_relative_to(real) else ""
@@ -200,7 +201,7 @@ def _list_link(link: str, on_progress: ProgressFn | None) -> tuple[list[SourceFi
 def list_source(
     source: str,
     *,
-    exclude: Path | None = None,
+    exclude: Path | Sequence[Path] | None = None,
     on_progress: ProgressFn | None = None,
     max_zip_total: int = MAX_ZIP_TOTAL,
     max_zip_ratio: float = MAX_ZIP_RATIO,
@@ -213,7 +214,9 @@ def list_source(
     else:
         path = Path(source).expanduser()
         if path.is_dir():
-            files, skipped = _list_folder(path, (exclude or path / "\0").resolve())
+            if exclude is None or isinstance(exclude, (str, Path)):
+                exclude = [exclude or path / "\0"]
+            files, skipped = _list_folder(path, {Path(e).expanduser().resolve() for e in exclude})
         elif path.is_file():
             if not zipfile.is_zipfile(path):
                 kind = "a broken zip archive" if path.suffix.lower() == ".zip" else "not a folder or a .zip archive"

@@ -166,3 +166,43 @@ def tiny_sdxl():
         tokenizer_2=clip_tokenizer(pad_token="!"),
         scheduler=_scheduler(),
     )
+
+
+TINY_CLIPSEG = "tiny-clipseg"
+TINY_CLIPSEG_SIZE = 64  # the processor's input side (the real CLIPSeg: 352)
+
+
+@_seeded
+def tiny_clipseg():
+    """(CLIPSegForImageSegmentation, CLIPSegProcessor) with tiny random weights, for `prepare --masks auto`
+    tests: 2-layer, 32-wide text and vision towers, the real CLIP tokenizer. Its masks are noise."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation, CLIPSegProcessor, ViTImageProcessor
+
+    text = _text_config(32, 16).to_dict()
+    text.update(num_hidden_layers=2, intermediate_size=64)
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        image_size=TINY_CLIPSEG_SIZE,
+        patch_size=16,
+        projection_dim=16,
+    )
+    config = CLIPSegConfig(
+        text_config=text,
+        vision_config=vision,
+        projection_dim=16,
+        extract_layers=(0, 1),
+        reduce_dim=16,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    model = CLIPSegForImageSegmentation(config).eval()
+    image_processor = ViTImageProcessor(
+        do_resize=True,
+        size={"height": TINY_CLIPSEG_SIZE, "width": TINY_CLIPSEG_SIZE},
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    return model, CLIPSegProcessor(image_processor=image_processor, tokenizer=clip_tokenizer())
