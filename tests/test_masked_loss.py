@@ -224,3 +224,22 @@ def test_masked_loss_on_a_dataset_without_masks_is_one_line(tmp_path: Path, tiny
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "--masked-loss" in lines[0] and "no subject masks" in lines[0], result.output
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_the_mask_composes_with_min_snr_and_class_images_weigh_one(tmp_path: Path, masked_dataset: Path):
+    from dataclasses import replace
+
+    flags = {"train.snr_gamma": 5.0, "prior.class_prompt": "a photo of a toy", "prior.num_class_images": 2}
+    state = loop.setup(tiny_cfg(tmp_path, masked_dataset, flags))
+    try:
+        assert state.cfg.data.masked_loss and state.cfg.prior.preservation == "images"
+        batch = state.plan.batch(0, 0)
+        assert batch.mask is not None and batch.prior is not None and batch.prior.mask is None
+        with torch.no_grad():
+            loss, parts = loop.compute_loss(state, batch)
+            _, unmasked = loop.compute_loss(state, replace(batch, mask=None))
+        torch.testing.assert_close(parts[Metric.LOSS_PRIOR], unmasked[Metric.LOSS_PRIOR], atol=1e-6, rtol=0)
+        assert abs(parts[Metric.LOSS_INSTANCE].item() - unmasked[Metric.LOSS_INSTANCE].item()) > 1e-6
+        assert loss.item() == pytest.approx((parts[Metric.LOSS_INSTANCE] + parts[Metric.LOSS_PRIOR]).item(), rel=1e-6)
+    finally:
+        loop.cleanup(state)
