@@ -379,3 +379,20 @@ def test_report_in_headless_chromium(full_run, tmp_path):
         out = Path(os.environ["SDLORA_TEST_ARTIFACTS"])
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, out / "report.png")
+
+
+def test_the_config_section_shows_train_images_beside_their_masks(tmp_path):
+    from conftest import write_tiny_dataset
+    from test_masked_loss import add_masks
+
+    plain = write_tiny_dataset(tmp_path / "plain")
+    run = write_config(tmp_path / "runs" / "r0", dataset=plain)
+    assert "Subject masks" not in section(render_report(run), "config")  # no masks: no strip
+
+    dataset = add_masks(write_tiny_dataset(tmp_path / "dataset"))
+    data = {"dataset": str(dataset), "resolution": 64, "masked_loss": True, "unmasked_weight": 0.1}
+    run = write_config(tmp_path / "runs" / "r1", data=data)
+    config = section(render_report(run), "config")
+    assert "Subject masks (white = object) of 6 of the dataset's 6 images" in config
+    assert "background 0.10 (--unmasked-weight)" in config
+    assert config.count("<img") == 8 and config.count("mask, 50%") == 4  # 4 train images, each with its mask
