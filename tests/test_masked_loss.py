@@ -209,6 +209,15 @@ def test_masked_run_records_its_settings_logs_coverage_and_resumes_exactly(tmp_p
     assert plain_steps[0]["loss"] != pytest.approx(steps[0]["loss"], abs=1e-6)
 
 
+def test_the_cli_plan_names_the_masked_loss_and_dop(tmp_path: Path, masked_dataset: Path):
+    args = ["train", "-d", str(masked_dataset), "--model", "tiny-sd", "--runs-dir", str(tmp_path / "runs")]
+    args += ["--max-steps", "1", "--validate-every", "0", "--checkpoint-every", "0", "--preservation", "dop"]
+    result = CliRunner().invoke(app, [*args, "validation.prompts=[]"])
+    assert result.exit_code == 0, result.output
+    assert "masked loss: 5 of 5 train images have a subject mask; the background weighs 0.1" in result.output
+    assert "preservation: dop" in result.output
+
+
 def test_masked_loss_on_a_dataset_without_masks_is_one_line(tmp_path: Path, tiny_dataset: Path, monkeypatch):
     from sdlora.train import lora
 
