@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from sdlora.cli import app
 from sdlora.events import no_event
 from sdlora.run import Metric
-from sdlora.train import lora, loop, resolve
+from sdlora.train import loop, lora, resolve
 from sdlora.train.preservation import class_caption, lora_disabled
 from test_train import steps_of, tiny_cfg
 

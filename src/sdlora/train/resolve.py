@@ -189,6 +189,8 @@ def resume_run(
     if not isinstance(saved.get("embedding", {}), (dict, type(None))):
         raise RunError(f"{config_path}: damaged, section 'embedding' is not a mapping{copy}")
     saved.setdefault("embedding", {"train": False})  # a run from before pivotal tuning trained no embedding
+    if isinstance(saved.get("data"), dict):
+        saved["data"].setdefault("masked_loss", False)  # a run from before the masked loss trained unmasked
     try:
         config_mod.build_config(saved, sources=(str(config_path),))
     except ConfigError as exc:
