@@ -7,11 +7,16 @@ Run by hand (minutes; about 5 GB of disk for the model folder, ~8 GB of RAM):
     .venv/bin/python benchmarks/train_speed.py --train-args="--mixed-precision bf16"
     .venv/bin/python benchmarks/train_speed.py --skip-unet --train-args="" --train-args="--no-train-token-embedding"
     .venv/bin/python benchmarks/train_speed.py --skip-unet --photos examples/photos --prepare-args="--keep-aspect"
+    .venv/bin/python benchmarks/train_speed.py --skip-unet --mask-rows   # plain vs --masked-loss vs --preservation dop
+    .venv/bin/python benchmarks/train_speed.py --skip-unet --prepare-args="--masks alpha" --train-args="--masked-loss"
     .venv/bin/python benchmarks/train_speed.py --diffusers-script /path/to/diffusers/examples/dreambooth/train_dreambooth_lora.py
 
 `--train-args` may be given several times: each is timed as its own row, in one sitting.
 `--photos` and `--prepare-args` choose what `sdlora prepare` makes of which photos (the default
 DreamBench photos are square; examples/photos are 4:3, for aspect-ratio buckets).
+`--mask-rows` times the plain step beside `--masked-loss` and `--preservation dop` (three rows); a dataset
+whose photos have no masks (`--prepare-args="--masks alpha"` needs cut-outs) gets a centred-disk mask per
+image, written into its manifest like `prepare --masks` does (`--with-masks` alone does only that).
 `--diffusers-script` also times diffusers' DreamBooth LoRA example at the same settings (same
 model folder, photos, resolution, batch, rank, step counts), from a local copy of the diffusers
 repository that is never committed here.
@@ -231,6 +236,30 @@ def prepare_dataset(work: Path, resolution: int, photos: Path = DREAMBENCH, prep
     return conftest.write_tiny_dataset(dataset, n=10, resolution=resolution)
 
 
+def add_disk_masks(dataset: Path) -> int:
+    """Give every image of a prepared dataset without masks a centred-disk subject mask (masks/<name>,
+    recorded in manifest.json as `prepare --masks` records them); the images that got one."""
+    import numpy as np
+    from PIL import Image
+
+    from sdlora.data.manifest import load_manifest
+    from sdlora.data.masks import MASKS
+
+    manifest = load_manifest(dataset)
+    if manifest.has_masks:
+        return 0
+    (dataset / MASKS).mkdir(exist_ok=True)
+    for name, rec in manifest.images.items():
+        w, h = rec.size
+        yy, xx = np.mgrid[:h, :w]
+        disk = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2 <= (min(h, w) * 0.35) ** 2).astype(np.uint8) * 255
+        Image.fromarray(disk, "L").save(dataset / MASKS / name)
+        rec.mask, rec.mask_source, rec.mask_coverage = name, {"kind": "file", "path": "bench"}, float(disk.mean() / 255)
+    manifest.options["masks"] = {"kind": "folder", "dilate": 0}
+    manifest.save(dataset)
+    return len(manifest.images)
+
+
 def train_cmd(help_text: str, model: Path, args: argparse.Namespace, steps: int, train_args: str) -> list[str]:
     steps_flag = _first_flag(help_text, "--steps", "--max-steps", "--max-train-steps")
     if steps_flag is None:
@@ -268,6 +297,8 @@ def measure_train(model: Path, args: argparse.Namespace, train_args: str) -> dic
     work = Path(tempfile.mkdtemp(prefix="sdlora-bench-train-"))
     try:
         dataset = prepare_dataset(work, args.resolution, args.photos, args.prepare_args)
+        if args.with_masks and add_disk_masks(dataset):
+            print("  (centred-disk masks added to the dataset)", flush=True)
         runs = {}
         # A first run fills the latent/text caches, so both timed runs start equally warm.
         for label, steps in [("prime", 1), *[(str(n), n) for n in args.steps]]:
@@ -387,6 +418,14 @@ def main() -> None:
     )
     parser.add_argument("--photos", type=Path, default=DREAMBENCH, help="photo folder for `sdlora prepare`")
     parser.add_argument("--prepare-args", default="", help="extra `sdlora prepare` options, one string")
+    parser.add_argument(
+        "--mask-rows",
+        action="store_true",
+        help="rows for the plain step, --masked-loss and --preservation dop (implies --with-masks)",
+    )
+    parser.add_argument(
+        "--with-masks", action="store_true", help="give a dataset without masks centred-disk subject masks"
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="also time the UNet floor with it")
     parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
@@ -415,6 +454,13 @@ def main() -> None:
         return
     if args.steps[1] <= args.steps[0]:
         parser.error("--steps needs two counts, the second larger")
+    if args.mask_rows:
+        args.with_masks = True
+        args.train_args = (args.train_args or []) + [
+            "--no-masked-loss",
+            "--masked-loss",
+            "--no-masked-loss --preservation dop",
+        ]
 
     model.parent.mkdir(parents=True, exist_ok=True)
     build_sd15_random(model)

@@ -379,3 +379,33 @@ def test_report_in_headless_chromium(full_run, tmp_path):
         out = Path(os.environ["SDLORA_TEST_ARTIFACTS"])
         out.mkdir(parents=True, exist_ok=True)
         shutil.copy(shot, out / "report.png")
+
+
+def test_the_config_section_shows_train_images_beside_their_masks(tmp_path):
+    from conftest import write_tiny_dataset
+    from test_masked_loss import add_masks
+
+    plain = write_tiny_dataset(tmp_path / "plain")
+    run = write_config(tmp_path / "runs" / "r0", dataset=plain)
+    assert "Subject masks" not in section(render_report(run), "config")  # no masks: no strip
+
+    dataset = add_masks(write_tiny_dataset(tmp_path / "dataset"))
+    data = {"dataset": str(dataset), "resolution": 64, "masked_loss": True, "unmasked_weight": 0.1}
+    run = write_config(tmp_path / "runs" / "r1", data=data)
+    config = section(render_report(run), "config")
+    assert "Subject masks (white = object) of 6 of the dataset's 6 images" in config
+    assert "background 0.10 (--unmasked-weight)" in config
+    assert config.count("<img") == 8 and config.count("mask, 50%") == 4  # 4 train images, each with its mask
+
+
+def test_the_loss_plot_shows_the_preservation_loss(tmp_path):
+    run = write_config(tmp_path / "runs" / "r1")
+    path = write_metrics(run, steps=10)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        if run_contract.Metric.LOSS in r:
+            r[run_contract.Metric.LOSS_INSTANCE] = r[run_contract.Metric.LOSS] * 0.9
+            r[run_contract.Metric.LOSS_PRESERVATION] = r[run_contract.Metric.LOSS] * 0.1
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    training = section(render_report(run), "training")
+    assert "preservation loss" in training and "instance loss" in training

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -87,3 +88,32 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Pa
     losses_ddp = [r["loss"] for r in read_metrics(ddp / "metrics.jsonl") if "loss" in r]
     assert len(losses_ddp) == STEPS
     torch.testing.assert_close(torch.tensor(losses_ddp), torch.tensor(losses_single), atol=1e-7, rtol=0)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_with_masked_loss_and_dop(tmp_path: Path, tiny_dataset: Path):
+    from test_masked_loss import add_masks
+
+    add_masks(tiny_dataset)
+    runs = tmp_path / "runs"
+    extra = {"data.unmasked_weight": 0.2, "prior.preservation": "dop"}
+    flags = {"train.batch_size": 1, "train.gradient_accumulation": 2, "run.name": "single", **extra}
+    single = loop.run_training(load_config(None, {**common_flags(tiny_dataset, runs), **flags}))
+    assert single.lora_dir is not None
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "sdlora", "train", "--num-processes", "2", "--batch-size", "1", "--name", "ddp"]
+    cmd += ["--model", "tiny-sd", "--dataset", str(tiny_dataset), "--runs-dir", str(runs)]
+    cmd += ["--max-steps", str(STEPS), "--learning-rate", "1e-3", "--validate-every", "0", "--checkpoint-every", "0"]
+    cmd += ["--unmasked-weight", "0.2", "--preservation", "dop", "validation.prompts=[]"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(single.lora_dir / "pytorch_lora_weights.safetensors")
+    b = load_file(runs / "ddp" / "lora" / "pytorch_lora_weights.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-7, rtol=0)
+    ddp_steps = [r for r in read_metrics(runs / "ddp" / "metrics.jsonl") if "loss" in r]
+    single_steps = [r for r in read_metrics(single.run_dir / "metrics.jsonl") if "loss" in r]
+    assert all("mask_coverage" in r and "loss/preservation" in r for r in ddp_steps)
+    torch.testing.assert_close(
+        torch.tensor([r["loss"] for r in ddp_steps]), torch.tensor([r["loss"] for r in single_steps]), atol=1e-7, rtol=0
+    )

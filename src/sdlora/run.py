@@ -69,9 +69,11 @@ class Metric:
     EPOCH = "epoch"
     LOSS = "loss"  # the step's training loss (instance + weighted prior)
     LOSS_MEAN = "loss_mean"  # its running mean
-    LOSS_PREFIX = "loss/"  # parts of the loss: loss/instance, loss/prior
+    LOSS_PREFIX = "loss/"  # parts of the loss: loss/instance, loss/prior, loss/preservation
     LOSS_INSTANCE = "loss/instance"
     LOSS_PRIOR = "loss/prior"
+    LOSS_PRESERVATION = "loss/preservation"  # --preservation dop: LoRA-on vs base output for the class captions
+    MASK_COVERAGE = "mask_coverage"  # --masked-loss: the batch's mean subject-mask share of the latent grid
     LR = "lr"  # the UNet group's learning rate; the other groups' are lr/<group>
     LR_PREFIX = "lr/"
     GRAD_NORM_PREFIX = "grad_norm/"  # grad_norm/<group> and grad_norm/total

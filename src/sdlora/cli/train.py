@@ -327,6 +327,21 @@ class _Renderer:
             highlight=False,
             soft_wrap=True,
         )
+        masked = event.get("masked_loss")
+        if masked:
+            console.print(
+                f"  masked loss: {masked['masked']} of {event['train_images']} train images have a subject mask; "
+                f"the background weighs {masked['unmasked_weight']:g} (--unmasked-weight)",
+                highlight=False,
+                soft_wrap=True,
+            )
+        if event.get("preservation") == "dop":
+            console.print(
+                "  preservation: dop (each caption with the class word instead of the token keeps the base "
+                "model's output; loss/preservation)",
+                highlight=False,
+                soft_wrap=True,
+            )
         embedding = event.get("token_embedding")
         if embedding:
             console.print(

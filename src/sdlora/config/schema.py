@@ -118,9 +118,15 @@ class DataArgs(_Group):
     """Also train on mirrored images: more variety, but mirrors text and logos on the object."""
     cache: bool = True
     """Keep encoded latents and text embeddings in <dataset>/.cache so later runs skip the encoders."""
+    masked_loss: Optional[bool] = None
+    """Weight the loss by the subject masks that `sdlora prepare` made, so the background is not learned; default: on when the dataset has masks."""
+    unmasked_weight: float = 0.1
+    """Masked loss: weight of the background against 1 on the object (0 ignores it; a little keeps scenes coherent)."""
 
     def _check(self) -> list[str]:
         problems = []
+        if not 0.0 <= self.unmasked_weight <= 1.0:
+            problems.append(f"{self.flag('unmasked_weight')} must be in [0, 1], got {self.unmasked_weight}")
         if self.resolution is not None and (problem := resolution_problem(self.resolution, self.flag("resolution"))):
             problems.append(problem)
         if not str(self.dataset).strip():
@@ -245,6 +251,10 @@ class OptimArgs(_Group):
 class PriorArgs(_Group):
     PANEL = "Data"
 
+    preservation: Literal["none", "images", "dop"] = field(default="none", metadata=cli(metavar="KIND"))
+    """Keep the class word's meaning: none, images (prior preservation: class images from --class-prompt, which alone means images) or dop (the base model's own output for the caption with the class word instead of the token: no class images, one more forward per step)."""
+    preservation_weight: float = 1.0
+    """Weight of the --preservation dop loss against the instance loss."""
     class_prompt: Optional[str] = field(default=None, metadata=cli(metavar="PROMPT"))
     """Prompt for prior-preservation class images (e.g. 'a photo of a toy'); unset = no prior preservation."""
     num_class_images: int = 100
@@ -255,10 +265,27 @@ class PriorArgs(_Group):
     """Folder of class images (yours are used first); default: <dataset>/.cache/class-images."""
 
     def _check(self) -> list[str]:
-        problems = self._minimums(at_least_1=("num_class_images",), non_negative=("prior_loss_weight",))
+        problems = self._minimums(
+            at_least_1=("num_class_images",), non_negative=("prior_loss_weight", "preservation_weight")
+        )
         if self.class_prompt is not None and not self.class_prompt.strip():
             problems.append(f"{self.flag('class_prompt')} is empty; give a prompt such as 'a photo of a toy'")
+        elif self.preservation == "dop" and self.class_prompt is not None:
+            problems.append(
+                f"{self.flag('preservation')} dop and {self.flag('class_prompt')} (class images) are two kinds of "
+                f"preservation; use one: {self.flag('preservation')} dop without {self.flag('class_prompt')}, "
+                f"or {self.flag('class_prompt')} alone"
+            )
+        elif self.preservation == "images" and self.class_prompt is None:
+            problems.append(
+                f"{self.flag('preservation')} images needs {self.flag('class_prompt')} (e.g. 'a photo of a toy')"
+            )
         return problems
+
+    @property
+    def kind(self) -> str:
+        """The preservation in use: none, images or dop (--class-prompt alone means images)."""
+        return "images" if self.class_prompt else self.preservation
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """The report's result sections: LoRA vs base model images (samples.json), the score tables
-(scores.json), both read through `sdlora.run`'s schema-checked readers; the LoRA files and the config."""
+(scores.json), both read through `sdlora.run`'s schema-checked readers; the LoRA files and the config
+(with a strip of train images beside their subject masks when the dataset has masks)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from sdlora.run import (
 from sdlora.safetensors_io import DAMAGED, problem
 
 MAX_PROMPTS = 40  # LoRA-vs-baseline prompts shown
+MASK_STRIP = 4  # train images shown beside their subject masks
 VARIANT_LABELS = ("LoRA", "base")  # beside VARIANTS
 METRIC_LABELS = dict(zip(SCORE_METRICS, ("DINO", "CLIP-I", "CLIP-T", "CLIP-T +token"), strict=True))
 
@@ -192,6 +194,42 @@ def config_section(run_dir: Path, section: Section) -> Section:
     section.body = (
         f'<p class="muted">The fully resolved config ({escape(CONFIG)}): '
         f"<code>sdlora train --config {escape(str(path))}</code> repeats the run.</p>"
-        f"<pre>{escape(text)}</pre>"
+        f"{mask_strip(text)}<pre>{escape(text)}</pre>"
     )
     return section
+
+
+def mask_strip(config_text: str) -> str:
+    """A few train images beside their subject masks (`prepare --masks`), with how the loss used them;
+    empty when the dataset has no masks or is not where config.yaml says (moved, deleted)."""
+    import yaml
+
+    from sdlora.data.manifest import load_manifest
+    from sdlora.data.masks import MASKS
+    from sdlora.errors import SdloraError
+
+    try:
+        data = (yaml.safe_load(config_text) or {}).get("data") or {}
+        dataset = Path(str(data["dataset"]))
+        manifest = load_manifest(dataset)
+    except (SdloraError, OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+        return ""
+    names = [n for n in manifest.train if n in manifest.images and manifest.images[n].mask][:MASK_STRIP]
+    if not names:
+        return ""
+    figures = []
+    for name in names:
+        rec = manifest.images[name]
+        coverage = f"mask, {rec.mask_coverage:.0%}" if isinstance(rec.mask_coverage, (int, float)) else "mask"
+        figures.append(figure(thumbnail(dataset / "images" / name), name, name))
+        figures.append(figure(thumbnail(dataset / MASKS / str(rec.mask)), f"{name} mask", coverage))
+    if data.get("masked_loss"):
+        use = f"the loss weighs the background {fmt_number(data.get('unmasked_weight'), 2)} (--unmasked-weight)"
+    else:
+        use = "not used by this run's loss (--no-masked-loss)"
+    masked = sum(1 for rec in manifest.images.values() if rec.mask)
+    return (
+        f'<p class="muted">Subject masks (white = object) of {masked} of the dataset\'s {len(manifest.images)} '
+        f"images; {escape(use)}. Check that each covers the object and not the background:</p>"
+        f'<div class="thumbs">{"".join(figures)}</div>'
+    )

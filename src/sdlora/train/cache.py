@@ -5,7 +5,9 @@ its mirror image, for `--random-flip`), every distinct caption once, and the ten
 in `<dataset>/.cache/{latents,text}/<key>.safetensors`. A key covers everything that changes
 the tensor (model, revision, variant, VAE, dtype, the image's training size, its own sha256 or
 the caption), so a changed photo, another model or another size (resolution or aspect bucket)
-never reuses a stale entry, and a second run on the same dataset encodes nothing.
+never reuses a stale entry, and a second run on the same dataset encodes nothing. Subject masks (the
+masked loss) are kept beside them, on the latent grid, in `masks/<key>.safetensors`, keyed by the
+mask file's sha256 and the sizes, so a changed mask is computed again and the latents are not.
 """
 
 from __future__ import annotations
@@ -142,6 +144,59 @@ def encode_latents(
     latents = [f["latent"].float() for f in found]  # type: ignore[index]
     flipped = [f["flipped"].float() for f in found] if flip else None  # type: ignore[index]
     return latents, flipped, stats
+
+
+def load_mask_at(path: Path, size: tuple[int, int]) -> torch.Tensor:
+    """A subject mask (white = object) as a (1, height, width) float32 tensor in [0, 1] at `size`, through
+    the same cover-and-crop as its image (`load_image`). DataError for a missing or damaged file."""
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from sdlora.data.images import cover
+    from sdlora.errors import DataError
+
+    height, width = size
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L")
+            if img.size != (width, height):
+                img = cover(img, (width, height))
+            array = np.asarray(img, dtype=np.float32) / 255.0
+    except FileNotFoundError:
+        raise DataError(f"{path}: mask missing; re-run `sdlora prepare` with the same --masks to rewrite it") from None
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"{path}: not a readable mask ({exc}); re-run `sdlora prepare` to rewrite it") from None
+    return torch.from_numpy(array)[None].contiguous()
+
+
+def encode_masks(
+    masks: Sequence[Path | None],
+    *,
+    sizes: Sequence[tuple[int, int]],
+    latent_sizes: Sequence[tuple[int, int]],
+    cache: TensorCache,
+) -> tuple[list[torch.Tensor | None], CacheStats]:
+    """Each image's mask on its latent grid, (1, h, w) float32 in [0, 1] (area interpolation: a latent
+    cell holds the share of its pixels that are object); None for an image without a mask."""
+    import torch.nn.functional as F
+
+    stats = CacheStats()
+    out: list[torch.Tensor | None] = []
+    for path, (h, w), (lh, lw) in zip(masks, sizes, latent_sizes):
+        if path is None:
+            out.append(None)
+            continue
+        key = cache_key("mask-v1", f"{h}x{w}", f"{lh}x{lw}", sha256_file(path) if Path(path).is_file() else path)
+        entry = cache.get(key)
+        if entry is None:
+            pixels = load_mask_at(Path(path), (h, w))
+            entry = {"mask": F.interpolate(pixels[None], size=(lh, lw), mode="area")[0].clamp(0.0, 1.0)}
+            cache.put(key, entry)
+            stats.encoded += 1
+        else:
+            stats.reused += 1
+        out.append(entry["mask"].float())
+    return out, stats
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ import torch
 from sdlora.data.buckets import cover_crop
 from sdlora.data.captions import has_token, read_captions
 from sdlora.data.manifest import CAPTIONS, IMAGES, Manifest
+from sdlora.data.masks import MASKS
 from sdlora.errors import DataError
 from sdlora.train import losses
 
@@ -38,6 +39,7 @@ class Example:
     original_size: tuple[int, int]  # (height, width) of the photo before crop/resize: SDXL's micro-conditioning
     crop_top_left: tuple[int, int]  # (top, left) of the crop in the photo resized to cover `size`
     size: tuple[int, int]  # (height, width) it is trained at: its aspect bucket, or resolution x resolution
+    mask: Path | None = None  # its subject mask (`prepare --masks`, white = object), None without one
 
 
 def load_examples(dataset_dir: Path, manifest: Manifest, split: str, resolution: int, token: str) -> list[Example]:
@@ -61,9 +63,16 @@ def load_examples(dataset_dir: Path, manifest: Manifest, split: str, resolution:
             missing_token.append(name)
             continue
         g = manifest.geometry(name, resolution)  # computed by prepare; at another resolution, the same rule
+        record = manifest.images.get(name)
+        mask = dataset_dir / MASKS / record.mask if record is not None and record.mask else None
         examples.append(
             Example(
-                path=path, caption=caption, original_size=g.original_hw, crop_top_left=g.crop_top_left, size=g.size_hw
+                path=path,
+                caption=caption,
+                original_size=g.original_hw,
+                crop_top_left=g.crop_top_left,
+                size=g.size_hw,
+                mask=mask,
             )
         )
     if missing_file:
@@ -170,6 +179,11 @@ class LatentSet:
     cond: Conditioning
     time_ids: torch.Tensor  # (N, 6): original (h, w), crop (top, left), target (h, w)
     time_ids_flipped: torch.Tensor  # the same with the crop mirrored
+    # The masked loss: per example its subject mask on the latent grid (1, h, w) in [0, 1], None for an
+    # image without one (weight 1); the list is None when the loss is not masked. Flipped with its latent.
+    masks: list[torch.Tensor | None] | None = None
+    # --preservation dop: the conditioning of each example's class caption (the token taken out), else None
+    class_cond: Conditioning | None = None
 
     def __len__(self) -> int:
         return len(self.latents)
@@ -206,6 +220,8 @@ class Batch:
     cond: Conditioning
     time_ids: torch.Tensor
     prior: "Batch | None" = None  # class images for prior preservation: square, maybe not the bucket's size
+    mask: torch.Tensor | None = None  # (B, 1, h, w) subject masks for the masked loss (1 = object), or None
+    class_cond: Conditioning | None = None  # --preservation dop: the class captions' conditioning
 
     def __len__(self) -> int:
         return self.latents.shape[0]
@@ -221,7 +237,14 @@ class Batch:
             timesteps=torch.cat([self.timesteps, prior.timesteps]),
             cond=Conditioning.cat([self.cond, prior.cond]),
             time_ids=torch.cat([self.time_ids, prior.time_ids]),
+            mask=None if self.mask is None else torch.cat([self.mask, prior.mask_or_ones()]),
         )
+
+    def mask_or_ones(self) -> torch.Tensor:
+        """The masks, or all ones (class images, images without a mask: the whole frame counts)."""
+        if self.mask is not None:
+            return self.mask
+        return torch.ones((len(self), 1, *self.latents.shape[2:]), dtype=torch.float32)
 
 
 def sample_generator(seed: int, stream: int, position: int) -> torch.Generator:
@@ -310,7 +333,7 @@ class BatchPlan:
         return self.epoch_batches(epoch)[k][first : first + self.batch_size]
 
     def _draw(self, data: LatentSet, stream: int, index: list[int], positions: list[int]) -> Batch:
-        latents, noise, timesteps, time_ids = [], [], [], []
+        latents, noise, timesteps, time_ids, masks = [], [], [], [], []
         for i, pos in zip(index, positions):
             gen = sample_generator(self.seed, stream, pos)
             flip = data.flipped is not None and bool(torch.randint(0, 2, (1,), generator=gen).item())
@@ -319,12 +342,18 @@ class BatchPlan:
             noise.append(losses.offset_noise(latent[None], self.noise_offset, generator=gen)[0])
             latents.append(latent)
             time_ids.append((data.time_ids_flipped if flip else data.time_ids)[i])
+            if data.masks is not None:
+                mask = data.masks[i]
+                mask = torch.ones((1, *latent.shape[1:])) if mask is None else mask
+                masks.append(mask.flip(-1) if flip else mask)  # the mirrored latent's mask is the mirrored mask
         return Batch(
             latents=torch.stack(latents),
             noise=torch.stack(noise),
             timesteps=torch.cat(timesteps),
             cond=data.cond.take(torch.tensor(index)),
             time_ids=torch.stack(time_ids),
+            mask=torch.stack(masks) if masks else None,
+            class_cond=None if data.class_cond is None else data.class_cond.take(torch.tensor(index)),
         )
 
     def batch(self, step: int, micro: int) -> Batch:

@@ -134,11 +134,25 @@ def encode_examples(
         on_progress=progress,
     )
     emit({"event": "cache", "what": "latents", "encoded": stats.encoded, "reused": stats.reused})
+    masks = None
+    if cfg.data.masked_loss:  # the train images' subject masks on their latent grids
+        masks, mstats = cache_mod.encode_masks(
+            [ex.mask for ex in train],
+            sizes=[ex.size for ex in train],
+            latent_sizes=[tuple(lat.shape[1:]) for lat in latents[: len(train)]],
+            cache=cache_mod.TensorCache(cache_root / "masks" if cache_root else None),
+        )
+        emit({"event": "cache", "what": "masks", "encoded": mstats.encoded, "reused": mstats.reused})
 
     sample_prompts = [fill_prompt(p, str(cfg.data.token), str(cfg.data.class_word)) for p in cfg.validation.prompts]
+    class_captions = []
+    if cfg.prior.kind == "dop":  # each train caption with the token taken out (train/preservation.py)
+        from sdlora.train.preservation import class_caption
+
+        class_captions = [class_caption(ex.caption, str(cfg.data.token), str(cfg.data.class_word)) for ex in train]
     embeds: dict[str, Embedding] = {}
     if not encodes_text(cfg):
-        texts = [ex.caption for ex in everything] + sample_prompts + [""]
+        texts = [ex.caption for ex in everything] + class_captions + sample_prompts + [""]
         embeds, tstats = cache_mod.encode_texts(
             arch, pipe, texts, key_parts=model_key, cache=text_cache, device=device, on_progress=progress
         )
@@ -147,20 +161,21 @@ def encode_examples(
         if getattr(pipe, name) is not None:
             getattr(pipe, name).to("cpu")
 
+    def conditioning(captions: list[str]) -> Conditioning:
+        if encodes_text(cfg):
+            return Conditioning(token_ids=[ids for ids in arch.tokenize(pipe, captions)] if captions else None)
+        if captions:
+            return Conditioning(
+                embeds=torch.stack([embeds[c][0] for c in captions]),
+                pooled=arch.stack_pooled([embeds[c][1] for c in captions]),
+            )
+        return Conditioning()
+
     sets, start = [], 0
     for examples in example_sets:
         index = slice(start, start + len(examples))
         start += len(examples)
-        captions = [ex.caption for ex in examples]
-        if encodes_text(cfg):
-            cond = Conditioning(token_ids=[ids for ids in arch.tokenize(pipe, captions)] if examples else None)
-        elif examples:
-            cond = Conditioning(
-                embeds=torch.stack([embeds[c][0] for c in captions]),
-                pooled=arch.stack_pooled([embeds[c][1] for c in captions]),
-            )
-        else:
-            cond = Conditioning()
+        cond = conditioning([ex.caption for ex in examples])
         plain, mirrored = time_ids_for(examples)
         sets.append(
             LatentSet(
@@ -169,6 +184,8 @@ def encode_examples(
                 cond=cond,
                 time_ids=plain,
                 time_ids_flipped=mirrored,
+                masks=masks if masks is not None and not sets else None,  # the train set's (the first)
+                class_cond=conditioning(class_captions) if class_captions and not sets else None,
             )
         )
     if not val:
@@ -220,10 +237,14 @@ def release_encoders(cfg: Config, pipe: Any, arch: Architecture) -> None:
 def encode_frozen_captions(state: TrainState) -> None:
     """Once the token's embedding stops training (and no text-encoder LoRA trains) the captions' embeddings
     are final: each set's captions are encoded once, and later steps read them like a cached run."""
+
+    def frozen(cond: Conditioning) -> Conditioning:
+        ids = [t.to(state.device) for t in cond.token_ids]  # type: ignore[union-attr]
+        embeds, pooled = state.arch.encode_tokens(state.frozen_text_encoders, ids)
+        return Conditioning(embeds=embeds.float().cpu(), pooled=None if pooled is None else pooled.float().cpu())
+
     for data in (state.plan.instances, state.plan.classes, state.val_data):
         if data is not None and data.cond.token_ids is not None:
-            ids = [t.to(state.device) for t in data.cond.token_ids]
-            embeds, pooled = state.arch.encode_tokens(state.frozen_text_encoders, ids)
-            data.cond = Conditioning(
-                embeds=embeds.float().cpu(), pooled=None if pooled is None else pooled.float().cpu()
-            )
+            data.cond = frozen(data.cond)
+        if data is not None and data.class_cond is not None and data.class_cond.token_ids is not None:
+            data.class_cond = frozen(data.class_cond)

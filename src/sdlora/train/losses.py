@@ -82,20 +82,35 @@ def sample_timesteps(
     return timesteps.to(device) if device is not None else timesteps
 
 
-def diffusion_loss(model_pred: Tensor, target: Tensor, weights: Tensor | None) -> Tensor:
+def diffusion_loss(
+    model_pred: Tensor, target: Tensor, weights: Tensor | None, weight_map: Tensor | None = None
+) -> Tensor:
     """Mean squared error, computed in float32 per sample, then mean(weights * per_sample).
 
     Same reduction as diffusers' Min-SNR training (the weights are not renormalised), so
-    `weights=None` equals `F.mse_loss(pred, target)`.
+    `weights=None` equals `F.mse_loss(pred, target)`. `weight_map` (the masked loss: shape
+    (B, 1, h, w) or anything that broadcasts to the prediction) weights each latent cell, and each
+    sample's error is normalised by its weight sum: sum(w * (pred - target)^2) / sum(w), so an
+    all-ones map gives the plain mean and the scale stays comparable across masks.
     """
     if model_pred.shape != target.shape:
         raise ValueError(f"prediction {tuple(model_pred.shape)} and target {tuple(target.shape)} differ in shape")
-    per_sample = (model_pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    error = (model_pred.float() - target.float()).pow(2)
+    if weight_map is None:
+        per_sample = error.flatten(1).mean(dim=1)
+    else:
+        w = weight_map.to(error).expand_as(error)
+        per_sample = (w * error).flatten(1).sum(dim=1) / w.flatten(1).sum(dim=1).clamp(min=torch.finfo(w.dtype).tiny)
     if weights is None:
         return per_sample.mean()
     if weights.shape != per_sample.shape:
         raise ValueError(f"weights {tuple(weights.shape)} must have one value per sample ({per_sample.shape[0]})")
     return (per_sample * weights.to(per_sample)).mean()
+
+
+def mask_weights(mask: Tensor, unmasked_weight: float) -> Tensor:
+    """The masked loss's weight map: 1 on the object, `unmasked_weight` on the background (0 ignores it)."""
+    return unmasked_weight + (1.0 - unmasked_weight) * mask.float()
 
 
 def _prediction_type(noise_scheduler: Any) -> str:

@@ -1,6 +1,7 @@
 """What a run's config resolves to before training starts: precision, the dataset (its manifest's
 token, resolution and class word, its examples), the LoRA alpha, the token's embedding, and the
-config of a resumed run (its saved config.yaml, then the command line, with a stated policy).
+config of a resumed run (its saved config.yaml, then the command line, with a stated policy), the masked
+loss (on when the dataset has masks) and the preservation (images with --class-prompt, else none).
 What lands in the run's config.yaml is the resolved value, so the run repeats from it."""
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ LOCKED = (
     "data.resolution",
     "data.token",
     "data.random_flip",
+    "data.masked_loss",
+    "data.unmasked_weight",
     "lora.",
     "embedding.train",
     "embedding.init_token",
@@ -76,13 +79,20 @@ def resolve_dataset(cfg: Config) -> tuple[Config, list[Example], list[Example]]:
     if not train:
         raise DataError(f"{dataset_dir}: no train images in manifest.json (re-run `sdlora prepare` with more photos)")
     val = load_examples(dataset_dir, manifest, "val", resolution, token)
+    masked = cfg.data.masked_loss
+    if masked and not manifest.has_masks:
+        raise ConfigError(
+            f"{cfg.data.flag('masked_loss')}: {dataset_dir} has no subject masks; run `sdlora prepare` with masks "
+            "(auto, alpha or a folder), or leave the flag out"
+        )
     data = {
         "dataset": str(dataset_dir),
         "resolution": resolution,
         "token": token,
         "class_word": cfg.data.class_word or manifest.class_word,
+        "masked_loss": manifest.has_masks if masked is None else bool(masked),
     }
-    return config_mod.replace(cfg, data=data), train, val
+    return config_mod.replace(cfg, data=data, prior={"preservation": cfg.prior.kind}), train, val
 
 
 def resolve_alpha(cfg: Config) -> Config:
@@ -179,6 +189,8 @@ def resume_run(
     if not isinstance(saved.get("embedding", {}), (dict, type(None))):
         raise RunError(f"{config_path}: damaged, section 'embedding' is not a mapping{copy}")
     saved.setdefault("embedding", {"train": False})  # a run from before pivotal tuning trained no embedding
+    if isinstance(saved.get("data"), dict):
+        saved["data"].setdefault("masked_loss", False)  # a run from before the masked loss trained unmasked
     try:
         config_mod.build_config(saved, sources=(str(config_path),))
     except ConfigError as exc:

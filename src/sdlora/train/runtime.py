@@ -168,6 +168,13 @@ def start_event(state: TrainState, effective_batch: int) -> dict[str, Any]:
         "device": str(state.device),
         "mixed_precision": cfg.train.mixed_precision,
         "prediction_type": state.noise_scheduler.config.prediction_type,
+        "masked_loss": None
+        if state.plan.instances.masks is None
+        else {
+            "masked": sum(m is not None for m in state.plan.instances.masks),
+            "unmasked_weight": cfg.data.unmasked_weight,
+        },
+        "preservation": cfg.prior.kind,
         "token_embedding": None
         if tokens is None
         else {
