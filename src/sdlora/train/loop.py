@@ -41,6 +41,7 @@ from sdlora.train import checkpoint as ckpt
 from sdlora.train import encode, lora, losses, monitor, optim, resolve, runtime, validation
 from sdlora.train.data import BatchPlan, Conditioning, LatentSet, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
+from sdlora.train.preservation import dop_loss
 
 
 @dataclass
@@ -312,78 +313,45 @@ def compute_loss(state: TrainState, batch: Any) -> tuple[torch.Tensor, dict[str,
 
     Class images are square: beside an aspect bucket of another size they take a forward of their own.
     """
-    cfg, device, scheduler = state.cfg, state.device, state.noise_scheduler
-    masked = batch.mask is not None
-
-    def predict(part: Any, unet: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        latents, noise, timesteps = part.latents.to(device), part.noise.to(device), part.timesteps.to(device)
-        noisy = scheduler.add_noise(latents, noise, timesteps)
-        embeds, pooled = condition(state, part.cond)
-        kwargs = state.arch.unet_kwargs(pooled, part.time_ids.to(device))
-        pred = (unet or state.unet)(noisy, timesteps, embeds, return_dict=False, **kwargs)[0]
-        target = losses.prediction_target(scheduler, latents, noise, timesteps)
-        weights = losses.min_snr_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
-        return pred, target, weights
-
-    def weight_map(part: Any) -> torch.Tensor | None:
-        if not masked:
-            return None
-        return losses.mask_weights(part.mask_or_ones().to(device), cfg.data.unmasked_weight)
-
-    def part_loss(pred, target, weights, wmap, rows: slice = slice(None)) -> torch.Tensor:
-        return losses.diffusion_loss(
-            pred[rows], target[rows], None if weights is None else weights[rows], None if wmap is None else wmap[rows]
-        )
-
-    parts: dict[str, torch.Tensor] = {}
-    if masked:
-        parts[Metric.MASK_COVERAGE] = batch.mask.to(device).float().flatten(1).mean(dim=1).mean()
-    if batch.class_cond is not None:  # --preservation dop
-        return _dop_loss(state, batch, predict, weight_map, part_loss, parts)
+    cfg, parts = state.cfg, {}
+    if batch.mask is not None:
+        parts[Metric.MASK_COVERAGE] = batch.mask.to(state.device).float().flatten(1).mean(dim=1).mean()
+    if batch.class_cond is not None:  # --preservation dop (train/preservation.py)
+        loss, preservation = dop_loss(state, batch, predict, _weight_map(state, batch))
+        parts.update({Metric.LOSS_INSTANCE: loss, Metric.LOSS_PRESERVATION: preservation})
+        return loss + cfg.prior.preservation_weight * preservation, parts
     if batch.prior is None:
-        if not masked:
-            return losses.diffusion_loss(*predict(batch)), parts
-        return part_loss(*predict(batch), weight_map(batch)), parts
-    joined = batch.with_prior()
+        return losses.diffusion_loss(*predict(state, batch), _weight_map(state, batch)), parts
+    joined = batch.with_prior()  # class images have no mask: weight 1
     if joined is not None:
-        n = len(batch)
-        pred, target, weights = predict(joined)
-        wmap = weight_map(joined)
-        loss = part_loss(pred, target, weights, wmap, slice(None, n))
-        prior = part_loss(pred, target, weights, wmap, slice(n, None))
+        n, (pred, target, weights), wmap = len(batch), predict(state, joined), _weight_map(state, joined)
+        loss = losses.diffusion_loss_of_rows(pred, target, weights, wmap, slice(None, n))
+        prior = losses.diffusion_loss_of_rows(pred, target, weights, wmap, slice(n, None))
     else:
-        loss = part_loss(*predict(batch), weight_map(batch))
-        prior = losses.diffusion_loss(*predict(batch.prior))
+        loss = losses.diffusion_loss(*predict(state, batch), _weight_map(state, batch))
+        prior = losses.diffusion_loss(*predict(state, batch.prior))
     parts.update({Metric.LOSS_INSTANCE: loss, Metric.LOSS_PRIOR: prior})
     return loss + cfg.prior.prior_loss_weight * prior, parts
 
 
-def _dop_loss(state: TrainState, batch: Any, predict, weight_map, part_loss, parts):
-    """--preservation dop (train/preservation.py): the instance captions and the class captions in one
-    LoRA-on forward on the same noisy latents, and the LoRA-off target for the class captions."""
-    from dataclasses import replace
+def predict(state: TrainState, part: Any, unet: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The UNet's prediction for a batch (part) on its noisy latents, the target, and the Min-SNR weights."""
+    device, scheduler, cfg = state.device, state.noise_scheduler, state.cfg
+    latents, noise, timesteps = part.latents.to(device), part.noise.to(device), part.timesteps.to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    embeds, pooled = condition(state, part.cond)
+    kwargs = state.arch.unet_kwargs(pooled, part.time_ids.to(device))
+    pred = (unet or state.unet)(noisy, timesteps, embeds, return_dict=False, **kwargs)[0]
+    target = losses.prediction_target(scheduler, latents, noise, timesteps)
+    weights = losses.min_snr_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
+    return pred, target, weights
 
-    from sdlora.train.data import Batch, Conditioning
-    from sdlora.train.preservation import lora_disabled
 
-    n = len(batch)
-    both = Batch(
-        latents=torch.cat([batch.latents, batch.latents]),
-        noise=torch.cat([batch.noise, batch.noise]),
-        timesteps=torch.cat([batch.timesteps, batch.timesteps]),
-        cond=Conditioning.cat([batch.cond, batch.class_cond]),
-        time_ids=torch.cat([batch.time_ids, batch.time_ids]),
-    )
-    pred, target, weights = predict(both)
-    wmap = weight_map(batch)
-    loss = part_loss(pred, target, weights, wmap, slice(None, n))
-    classes = replace(batch, cond=batch.class_cond, class_cond=None, mask=None)
-    unet = state.unwrap(state.unet)
-    with torch.no_grad(), lora_disabled(unet, *[state.unwrap(e) for e in state.text_encoders]):
-        base = predict(classes, unet=unet)[0]
-    preservation = losses.diffusion_loss(pred[n:], base.detach(), None)
-    parts.update({Metric.LOSS_INSTANCE: loss, Metric.LOSS_PRESERVATION: preservation})
-    return loss + state.cfg.prior.preservation_weight * preservation, parts
+def _weight_map(state: TrainState, part: Any) -> torch.Tensor | None:
+    """--masked-loss: each latent cell's weight (W outside the object, 1 on it); None without masks."""
+    if part.mask is None:
+        return None
+    return losses.mask_weights(part.mask_or_ones().to(state.device), state.cfg.data.unmasked_weight)
 
 
 class _OnDevice:

@@ -108,6 +108,18 @@ def diffusion_loss(
     return (per_sample * weights.to(per_sample)).mean()
 
 
+def diffusion_loss_of_rows(
+    pred: Tensor, target: Tensor, weights: Tensor | None, weight_map: Tensor | None, rows: slice
+) -> Tensor:
+    """`diffusion_loss` of some rows of a joined batch (instance rows, or the class rows after them)."""
+    return diffusion_loss(
+        pred[rows],
+        target[rows],
+        None if weights is None else weights[rows],
+        None if weight_map is None else weight_map[rows],
+    )
+
+
 def mask_weights(mask: Tensor, unmasked_weight: float) -> Tensor:
     """The masked loss's weight map: 1 on the object, `unmasked_weight` on the background (0 ignores it)."""
     return unmasked_weight + (1.0 - unmasked_weight) * mask.float()

@@ -46,3 +46,34 @@ def lora_disabled(*models: Any) -> Iterator[None]:
     finally:
         for layer in layers:
             layer.enable_adapters(True)
+
+
+def dop_loss(state: Any, batch: Any, predict: Any, weight_map: Any) -> tuple[Any, Any]:
+    """(instance loss, preservation loss) of one batch under --preservation dop.
+
+    The instance captions and the class captions go through one LoRA-on forward on the same noisy
+    latents; the target of the class rows is the LoRA-off prediction (no gradients). `predict` is
+    the loop's `predict(state, part, unet=None)`; `weight_map` the instance rows' mask weights.
+    """
+    from dataclasses import replace
+
+    import torch
+
+    from sdlora.train import losses
+    from sdlora.train.data import Batch, Conditioning
+
+    n = len(batch)
+    both = Batch(
+        latents=torch.cat([batch.latents, batch.latents]),
+        noise=torch.cat([batch.noise, batch.noise]),
+        timesteps=torch.cat([batch.timesteps, batch.timesteps]),
+        cond=Conditioning.cat([batch.cond, batch.class_cond]),
+        time_ids=torch.cat([batch.time_ids, batch.time_ids]),
+    )
+    pred, target, weights = predict(state, both)
+    loss = losses.diffusion_loss_of_rows(pred, target, weights, weight_map, slice(None, n))
+    classes = replace(batch, cond=batch.class_cond, class_cond=None, mask=None)
+    unet = state.unwrap(state.unet)
+    with torch.no_grad(), lora_disabled(unet, *[state.unwrap(e) for e in state.text_encoders]):
+        base = predict(state, classes, unet=unet)[0]
+    return loss, losses.diffusion_loss(pred[n:], base.detach(), None)
