@@ -38,7 +38,7 @@ from sdlora.locks import release
 from sdlora.models.arch import Architecture
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
-from sdlora.train import encode, lora, losses, monitor, optim, resolve, runtime, validation
+from sdlora.train import dropout, encode, lora, losses, monitor, optim, resolve, runtime, validation
 from sdlora.train.data import BatchPlan, Conditioning, LatentSet, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
 
@@ -88,6 +88,7 @@ class TrainState:
     param_groups: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
     tokens: Any = None  # TokenEmbeddings (train/embeddings.py) when the token's own embedding trains
     frozen_text_encoders: list[Any] = field(default_factory=list)  # run (not trained) for that embedding
+    empty_caption: Any = None  # --caption-dropout's empty caption (train/dropout.py), else None
 
     def request_stop(self) -> None:
         """Stop after the current step, save a checkpoint and the LoRA (what Ctrl-C does)."""
@@ -140,6 +141,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             data = encode.encode_examples(
                 cfg, pipe, arch, device, weight_dtype, train_examples, val_examples, class_examples, emit
             )
+        empty_caption = dropout.empty_caption(cfg, pipe, arch, data.negative_cond, encode.encodes_text(cfg))
         encode.release_encoders(cfg, pipe, arch)
 
         set_seed(cfg.train.seed)  # the LoRA's initial weights
@@ -175,6 +177,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             param_groups=groups,
             tokens=tokens,
             frozen_text_encoders=frozen_encoders,
+            empty_caption=empty_caption,
             lock=next((lock for lock in locks if lock is not None), None),
         )
         if resume is not None:
@@ -276,6 +279,7 @@ def _train_step(state: TrainState) -> dict[str, Any]:
     parts_sum: dict[str, torch.Tensor] = {}
     for micro in range(accum):
         batch = state.plan.batch(state.step, micro)
+        batch = dropout.apply(state, batch, state.plan.positions(state.step, micro))
         with contextlib.ExitStack() as stack:
             if micro < accum - 1:  # no gradient all-reduce until the last micro-batch
                 for model in models:
