@@ -17,6 +17,11 @@ from sdlora.data.buckets import resolution_problem
 from sdlora.errors import ConfigError
 
 PRESETS = ("sd15", "sdxl", "tiny")
+# `--optimizer` choices, in the order of train/optim.py's OPTIMIZERS table (a test keeps the two equal);
+# ADAPTIVE ones find the learning rate themselves (--learning-rate is a multiplier, 1.0 normally).
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "prodigy", "adamw-schedulefree")
+ADAPTIVE_OPTIMIZERS = ("prodigy",)
+SCHEDULE_FREE_OPTIMIZERS = ("adamw-schedulefree",)
 DEFAULT_VALIDATION_PROMPT = "a photo of {token} {class}"
 
 # The help panels of `sdlora train`, in the order they are shown.
@@ -152,6 +157,8 @@ class LoraArgs(_Group):
     """Also train a LoRA on the text encoder(s) (both for SDXL): better identity, more memory, no text cache."""
     dora: bool = False
     """DoRA (weight-decomposed LoRA, peft's use_dora): often better at low rank, about 2x slower steps."""
+    loraplus_ratio: Optional[float] = field(default=None, metadata=cli(metavar="R"))
+    """LoRA+: the B (up) matrices learn R times faster than A (the paper suggests 16); off by default."""
 
     def _check(self) -> list[str]:
         problems = self._minimums(at_least_1=("rank",)) + self._positive("alpha")
@@ -159,6 +166,10 @@ class LoraArgs(_Group):
             problems.append(f"{self.flag('dropout')} must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             problems.append(f"{self.flag('target_modules')} is empty; give e.g. to_q,to_k,to_v,to_out.0")
+        if self.loraplus_ratio is not None and self.loraplus_ratio < 1:
+            problems.append(
+                f"{self.flag('loraplus_ratio')} must be at least 1 (16 is the paper's), got {self.loraplus_ratio}"
+            )
         return problems
 
 
@@ -201,8 +212,8 @@ class OptimArgs(_Group):
     """Learning rate of the UNet LoRA: higher learns faster and overfits sooner."""
     text_encoder_lr: Optional[float] = None
     """Learning rate of the text-encoder LoRA; default: --learning-rate."""
-    optimizer: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata=cli(panel=_MEMORY))
-    """adamw, or adamw8bit (bitsandbytes, CUDA only: less optimizer memory)."""
+    optimizer: Literal[OPTIMIZER_NAMES] = field(default="adamw", metadata=cli(panel=_MEMORY))  # type: ignore[valid-type]
+    """adamw; adamw8bit (bitsandbytes, CUDA only: less optimizer memory); prodigy (finds the rate: --lr 1.0); adamw-schedulefree (no schedule)."""
     weight_decay: float = 1e-2
     """AdamW weight decay of the LoRA weights."""
     adam_beta1: float = 0.9
@@ -227,13 +238,40 @@ class OptimArgs(_Group):
     """Min-SNR loss weighting gamma (5.0 is the paper's): faster convergence; off by default."""
     noise_offset: float = 0.0
     """Offset noise (e.g. 0.05): lets the model learn very dark or bright images."""
+    prodigy_d_coef: float = field(default=1.0, metadata=cli(panel=_MEMORY))
+    """Prodigy's d_coef: scales the rate it finds (below 1 is more careful)."""
+    prodigy_safeguard_warmup: bool = field(default=False, metadata=cli(panel=_MEMORY))
+    """Prodigy's safeguard_warmup: steadier rate estimates during a warm-up (diffusers' script turns it on)."""
+    prodigy_bias_correction: bool = field(default=False, metadata=cli(panel=_MEMORY))
+    """Prodigy's use_bias_correction (Adam's bias correction; diffusers' script turns it on)."""
 
     def _check(self) -> list[str]:
         problems = self._minimums(
             at_least_1=("max_steps", "batch_size", "gradient_accumulation"),
             non_negative=("lr_warmup_steps", "max_grad_norm", "noise_offset"),
         ) + self._positive("learning_rate", "text_encoder_lr")
-        if self.lr_scheduler == "constant" and self.lr_warmup_steps > 0:
+        if self.optimizer in SCHEDULE_FREE_OPTIMIZERS and self.lr_scheduler != "constant":
+            problems.append(
+                f"{self.flag('optimizer')} {self.optimizer} has no learning-rate schedule: drop "
+                f"{self.flag('lr_scheduler')} {self.lr_scheduler} ({self.flag('lr_warmup_steps')} is its own warm-up)"
+            )
+        elif self.optimizer in ADAPTIVE_OPTIMIZERS and self.learning_rate < 0.1:
+            problems.append(
+                f"{self.flag('optimizer')} {self.optimizer} finds the rate itself: {self.flag('learning_rate')} is a "
+                f"multiplier of it, normally 1.0 (got {self.learning_rate})"
+            )
+        if self.optimizer in ADAPTIVE_OPTIMIZERS and self.text_encoder_lr not in (None, self.learning_rate):
+            problems.append(
+                f"{self.flag('optimizer')} {self.optimizer} finds one rate for every group: drop "
+                f"{self.flag('text_encoder_lr')} {self.text_encoder_lr}"
+            )
+        if self.prodigy_d_coef <= 0:
+            problems.append(f"{self.flag('prodigy_d_coef')} must be positive, got {self.prodigy_d_coef}")
+        if (
+            self.lr_scheduler == "constant"
+            and self.lr_warmup_steps > 0
+            and self.optimizer not in SCHEDULE_FREE_OPTIMIZERS
+        ):
             problems.append(
                 f"{self.flag('lr_warmup_steps')} needs {self.flag('lr_scheduler')} constant_with_warmup, cosine "
                 "or linear (constant ignores warm-up)"
@@ -370,6 +408,11 @@ class Config:
         if self.train.lr_warmup_steps > self.train.max_steps:
             warmup, steps = OptimArgs.flag("lr_warmup_steps"), OptimArgs.flag("max_steps")
             problems.append(f"{warmup} {self.train.lr_warmup_steps} is more than {steps} {self.train.max_steps}")
+        if self.lora.loraplus_ratio is not None and self.train.optimizer in ADAPTIVE_OPTIMIZERS:
+            problems.append(
+                f"{LoraArgs.flag('loraplus_ratio')} does not combine with {OptimArgs.flag('optimizer')} "
+                f"{self.train.optimizer} (it sets each group's rate itself); use one of them"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
 

@@ -152,7 +152,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         # Everything that can fail on bad input has run: now the run folder, the optimizer, accelerate.
         run_dir, lock = runtime.create_run_dir(cfg, accelerator, resume)
         locks.append(lock)
-        groups = optim.param_groups(unet, encoders, arch, tokens)
+        groups = optim.param_groups(unet, encoders, arch, tokens, loraplus=cfg.lora.loraplus_ratio is not None)
         optimizer = optim.build_optimizer(cfg, groups)
         lr_scheduler = optim.build_scheduler(cfg, optimizer)
         unet, *encoders, optimizer = accelerator.prepare(unet, *encoders, optimizer)
@@ -230,7 +230,8 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
                 {"event": "step", "step": step, "total": total, "loss": loss, "loss_mean": mean, "lr": lr, "it_s": it_s}
             )
             if step == total or (cfg.validation.validate_every and step % cfg.validation.validate_every == 0):
-                validation.validate(state)
+                with optim.averaged_weights(state.optimizer):
+                    validation.validate(state)
             if cfg.checkpoint.checkpoint_every and (step % cfg.checkpoint.checkpoint_every == 0 or step == total):
                 ckpt.save_checkpoint(state)
             if runtime.stop_requested(state) and step < total:
@@ -239,7 +240,8 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
         # A first Ctrl-C / SIGTERM saves; a second one (still handled) stops the save (runtime.StopNow).
         if interrupted and state.last_checkpoint != ckpt.step_dir(state.run_dir, state.step):
             ckpt.save_checkpoint(state)
-        lora_dir = export_lora(state, state.run_dir / LORA_DIR)
+        with optim.averaged_weights(state.optimizer):
+            lora_dir = export_lora(state, state.run_dir / LORA_DIR)
         if state.is_main:
             point_latest(state.run_dir)  # only a run with a LoRA (or a checkpoint) becomes `latest`
         acc.wait_for_everyone()
@@ -302,6 +304,7 @@ def _train_step(state: TrainState) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_([p for ps in state.param_groups.values() for p in ps], cfg.train.max_grad_norm)
     for name, group in zip(state.param_groups, state.optimizer.param_groups):
         record[Metric.lr(name)] = group["lr"]
+    record.update(optim.effective_lrs(list(state.param_groups), state.optimizer))
     state.optimizer.step()
     state.lr_scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
