@@ -159,6 +159,12 @@ class LoraArgs(_Group):
     """DoRA (weight-decomposed LoRA, peft's use_dora): often better at low rank, about 2x slower steps."""
     loraplus_ratio: Optional[float] = field(default=None, metadata=cli(metavar="R"))
     """LoRA+: the B (up) matrices learn R times faster than A (the paper suggests 16); off by default."""
+    ema_decay: Optional[float] = field(default=None, metadata=cli(metavar="D"))
+    """EMA of the LoRA weights (0.999; 0.995 for short runs) for validation, samples, best/ and the export; off by default."""
+    ema_every: int = 1
+    """Update the EMA every N optimizer steps (with --ema-decay)."""
+    ema_device: Literal["device", "cpu"] = "device"
+    """Where the fp32 EMA lives: device (the training device) or cpu (saves accelerator memory, slower)."""
 
     def _check(self) -> list[str]:
         problems = self._minimums(at_least_1=("rank",)) + self._positive("alpha")
@@ -166,6 +172,9 @@ class LoraArgs(_Group):
             problems.append(f"{self.flag('dropout')} must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             problems.append(f"{self.flag('target_modules')} is empty; give e.g. to_q,to_k,to_v,to_out.0")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            problems.append(f"{self.flag('ema_decay')} must be in (0, 1) (e.g. 0.999), got {self.ema_decay}")
+        problems += self._minimums(at_least_1=("ema_every",))
         if self.loraplus_ratio is not None and self.loraplus_ratio < 1:
             problems.append(
                 f"{self.flag('loraplus_ratio')} must be at least 1 (16 is the paper's), got {self.loraplus_ratio}"
@@ -408,6 +417,11 @@ class Config:
         if self.train.lr_warmup_steps > self.train.max_steps:
             warmup, steps = OptimArgs.flag("lr_warmup_steps"), OptimArgs.flag("max_steps")
             problems.append(f"{warmup} {self.train.lr_warmup_steps} is more than {steps} {self.train.max_steps}")
+        if self.lora.ema_decay is not None and self.train.optimizer in SCHEDULE_FREE_OPTIMIZERS:
+            problems.append(
+                f"{LoraArgs.flag('ema_decay')} does not combine with {OptimArgs.flag('optimizer')} "
+                f"{self.train.optimizer} (it averages the weights itself); use one of them"
+            )
         if self.lora.loraplus_ratio is not None and self.train.optimizer in ADAPTIVE_OPTIMIZERS:
             problems.append(
                 f"{LoraArgs.flag('loraplus_ratio')} does not combine with {OptimArgs.flag('optimizer')} "

@@ -38,7 +38,7 @@ from sdlora.locks import release
 from sdlora.models.arch import Architecture
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
-from sdlora.train import dropout, encode, lora, losses, monitor, optim, resolve, runtime, validation
+from sdlora.train import dropout, ema, encode, lora, losses, monitor, optim, resolve, runtime, validation
 from sdlora.train.data import BatchPlan, Conditioning, LatentSet, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
 
@@ -89,6 +89,7 @@ class TrainState:
     tokens: Any = None  # TokenEmbeddings (train/embeddings.py) when the token's own embedding trains
     frozen_text_encoders: list[Any] = field(default_factory=list)  # run (not trained) for that embedding
     empty_caption: Any = None  # --caption-dropout's empty caption (train/dropout.py), else None
+    ema: Any = None  # --ema-decay's EMA of the trained weights (train/ema.py), else None
 
     def request_stop(self) -> None:
         """Stop after the current step, save a checkpoint and the LoRA (what Ctrl-C does)."""
@@ -153,6 +154,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         run_dir, lock = runtime.create_run_dir(cfg, accelerator, resume)
         locks.append(lock)
         groups = optim.param_groups(unet, encoders, arch, tokens, loraplus=cfg.lora.loraplus_ratio is not None)
+        ema_weights = ema.build(cfg, groups, device)
         optimizer = optim.build_optimizer(cfg, groups)
         lr_scheduler = optim.build_scheduler(cfg, optimizer)
         unet, *encoders, optimizer = accelerator.prepare(unet, *encoders, optimizer)
@@ -178,6 +180,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             tokens=tokens,
             frozen_text_encoders=frozen_encoders,
             empty_caption=empty_caption,
+            ema=ema_weights,
             lock=next((lock for lock in locks if lock is not None), None),
         )
         if resume is not None:
@@ -230,7 +233,7 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
                 {"event": "step", "step": step, "total": total, "loss": loss, "loss_mean": mean, "lr": lr, "it_s": it_s}
             )
             if step == total or (cfg.validation.validate_every and step % cfg.validation.validate_every == 0):
-                with optim.averaged_weights(state.optimizer):
+                with ema.eval_weights(state):
                     validation.validate(state)
             if cfg.checkpoint.checkpoint_every and (step % cfg.checkpoint.checkpoint_every == 0 or step == total):
                 ckpt.save_checkpoint(state)
@@ -240,7 +243,7 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
         # A first Ctrl-C / SIGTERM saves; a second one (still handled) stops the save (runtime.StopNow).
         if interrupted and state.last_checkpoint != ckpt.step_dir(state.run_dir, state.step):
             ckpt.save_checkpoint(state)
-        with optim.averaged_weights(state.optimizer):
+        with ema.eval_weights(state):
             lora_dir = export_lora(state, state.run_dir / LORA_DIR)
         if state.is_main:
             point_latest(state.run_dir)  # only a run with a LoRA (or a checkpoint) becomes `latest`
@@ -308,6 +311,7 @@ def _train_step(state: TrainState) -> dict[str, Any]:
     state.optimizer.step()
     state.lr_scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
+    ema.update(state)
     if state.tokens is not None:
         record.update({Metric.embedding_norm(name): norm for name, norm in state.tokens.norms().items()})
     return record
