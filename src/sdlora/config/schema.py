@@ -165,6 +165,12 @@ class LoraArgs(_Group):
     """Update the EMA every N optimizer steps (with --ema-decay)."""
     ema_device: Literal["device", "cpu"] = "device"
     """Where the fp32 EMA lives: device (the training device) or cpu (saves accelerator memory, slower)."""
+    lora_type: Literal["lora", "lokr", "loha"] = "lora"
+    """lora; lokr (Kronecker product: small files, more capacity per parameter) or loha (Hadamard product), exported for ComfyUI/A1111/Forge (LyCORIS)."""
+    lokr_factor: int = field(default=-1, metadata=cli(metavar="F"))
+    """LoKr's Kronecker factor (LyCORIS' factor): -1 splits each layer as evenly as it can; small (4-8) gives smaller files."""
+    lokr_decompose_both: bool = False
+    """LoKr: also make the first Kronecker factor low-rank (LyCORIS' decompose_both)."""
 
     def _check(self) -> list[str]:
         problems = self._minimums(at_least_1=("rank",)) + self._positive("alpha")
@@ -175,6 +181,18 @@ class LoraArgs(_Group):
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             problems.append(f"{self.flag('ema_decay')} must be in (0, 1) (e.g. 0.999), got {self.ema_decay}")
         problems += self._minimums(at_least_1=("ema_every",))
+        if self.lora_type != "lora":
+            kind = f"{self.flag('lora_type')} {self.lora_type}"
+            if self.dora:
+                problems.append(f"{self.flag('dora')} needs {self.flag('lora_type')} lora, not {self.lora_type}")
+            if self.dropout:
+                problems.append(f"{self.flag('dropout')} needs {self.flag('lora_type')} lora ({kind} has none)")
+            if self.loraplus_ratio is not None:
+                problems.append(
+                    f"{self.flag('loraplus_ratio')} needs {self.flag('lora_type')} lora ({kind} has no A/B)"
+                )
+        if self.lokr_factor == 0 or self.lokr_factor < -1:
+            problems.append(f"{self.flag('lokr_factor')} must be -1 (automatic) or at least 1, got {self.lokr_factor}")
         if self.loraplus_ratio is not None and self.loraplus_ratio < 1:
             problems.append(
                 f"{self.flag('loraplus_ratio')} must be at least 1 (16 is the paper's), got {self.loraplus_ratio}"
