@@ -34,7 +34,7 @@ def test_ema_resumes_exactly_and_is_what_validation_and_the_export_use(tmp_path:
     flags = {"lora.ema_decay": 0.9, "lora.ema_every": 2, "validation.validate_every": 3, "embedding.train": False}
     straight, resumed = straight_and_resumed(tmp_path, tiny_dataset, flags)
     assert val_losses(resumed.run_dir) == val_losses(straight.run_dir) and len(val_losses(straight.run_dir)) == 2
-    plain_flags = {**flags, "lora.ema_decay": None, "train.max_steps": 6, "run.name": "plain"}
+    plain_flags = {**flags, "lora.ema_decay": 0.0, "train.max_steps": 6, "run.name": "plain"}
     plain = loop.run_training(tiny_cfg(tmp_path, tiny_dataset, plain_flags))
     assert losses(plain.run_dir) == losses(straight.run_dir)  # the EMA does not change training
     assert val_losses(plain.run_dir) != val_losses(straight.run_dir)
@@ -46,7 +46,7 @@ def test_ema_resumes_exactly_and_is_what_validation_and_the_export_use(tmp_path:
 def test_ema_flags_yaml_and_bad_values():
     printed = print_config("--ema-decay", "0.999", "--ema-every", "2", "--ema-device", "cpu")["lora"]
     assert (printed["ema_decay"], printed["ema_every"], printed["ema_device"]) == (0.999, 2, "cpu")
-    one_line_error(invoke("--config", "tiny", "--ema-decay", "1.5"), "--ema-decay must be in (0, 1)")
+    one_line_error(invoke("--config", "tiny", "--ema-decay", "1.5"), "--ema-decay must be in [0, 1)")
     one_line_error(
         invoke("--config", "tiny", "--ema-decay", "0.9", "--ema-every", "0"), "--ema-every must be at least 1"
     )

@@ -114,7 +114,9 @@ def test_lycoris_flags_yaml_and_bad_values():
     assert (printed["lora_type"], printed["lokr_factor"], printed["lokr_decompose_both"]) == ("lokr", 4, True)
     one_line_error(invoke("--config", "tiny", "--lora-type", "lycoris"), "lycoris")
     one_line_error(invoke("--config", "tiny", "--lora-type", "loha", "--dora"), "--dora needs --lora-type lora")
-    one_line_error(invoke("--config", "tiny", "--lora-type", "lokr", "--lokr-factor", "0"), "--lokr-factor must be -1")
+    one_line_error(
+        invoke("--config", "tiny", "--lora-type", "lokr", "--lokr-factor", "0"), "--lokr-factor must be at least 1"
+    )
     one_line_error(
         invoke("--config", "tiny", "--lora-type", "lokr", "--loraplus-ratio", "16"),
         "--loraplus-ratio needs --lora-type lora",

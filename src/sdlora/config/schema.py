@@ -159,16 +159,16 @@ class LoraArgs(_Group):
     """DoRA (weight-decomposed LoRA, peft's use_dora): often better at low rank, about 2x slower steps."""
     loraplus_ratio: Optional[float] = field(default=None, metadata=cli(metavar="R"))
     """LoRA+: the B (up) matrices learn R times faster than A (the paper suggests 16); off by default."""
-    ema_decay: Optional[float] = field(default=None, metadata=cli(metavar="D"))
-    """EMA of the LoRA weights (0.999; 0.995 for short runs) for validation, samples, best/ and the export; off by default."""
+    ema_decay: float = field(default=0.0, metadata=cli(metavar="D"))
+    """EMA of the LoRA weights (0.999; 0.995 for short runs) for validation, samples, best/ and the export; 0: off."""
     ema_every: int = 1
     """Update the EMA every N optimizer steps (with --ema-decay)."""
     ema_device: Literal["device", "cpu"] = "device"
     """Where the fp32 EMA lives: device (the training device) or cpu (saves accelerator memory, slower)."""
     lora_type: Literal["lora", "lokr", "loha"] = "lora"
     """lora; lokr (Kronecker product: small files, more capacity per parameter) or loha (Hadamard product), exported for ComfyUI/A1111/Forge (LyCORIS)."""
-    lokr_factor: int = field(default=-1, metadata=cli(metavar="F"))
-    """LoKr's Kronecker factor (LyCORIS' factor): -1 splits each layer as evenly as it can; small (4-8) gives smaller files."""
+    lokr_factor: Optional[int] = field(default=None, metadata=cli(metavar="F"))
+    """LoKr's Kronecker factor (LyCORIS' factor); default: each layer split as evenly as it can; small (4-8) gives smaller files."""
     lokr_decompose_both: bool = False
     """LoKr: also make the first Kronecker factor low-rank (LyCORIS' decompose_both)."""
 
@@ -178,8 +178,8 @@ class LoraArgs(_Group):
             problems.append(f"{self.flag('dropout')} must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             problems.append(f"{self.flag('target_modules')} is empty; give e.g. to_q,to_k,to_v,to_out.0")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            problems.append(f"{self.flag('ema_decay')} must be in (0, 1) (e.g. 0.999), got {self.ema_decay}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"{self.flag('ema_decay')} must be in [0, 1) (e.g. 0.999; 0 is off), got {self.ema_decay}")
         problems += self._minimums(at_least_1=("ema_every",))
         if self.lora_type != "lora":
             kind = f"{self.flag('lora_type')} {self.lora_type}"
@@ -191,8 +191,8 @@ class LoraArgs(_Group):
                 problems.append(
                     f"{self.flag('loraplus_ratio')} needs {self.flag('lora_type')} lora ({kind} has no A/B)"
                 )
-        if self.lokr_factor == 0 or self.lokr_factor < -1:
-            problems.append(f"{self.flag('lokr_factor')} must be -1 (automatic) or at least 1, got {self.lokr_factor}")
+        if self.lokr_factor is not None and self.lokr_factor < 1:
+            problems.append(f"{self.flag('lokr_factor')} must be at least 1 (unset: automatic), got {self.lokr_factor}")
         if self.loraplus_ratio is not None and self.loraplus_ratio < 1:
             problems.append(
                 f"{self.flag('loraplus_ratio')} must be at least 1 (16 is the paper's), got {self.loraplus_ratio}"
@@ -435,7 +435,7 @@ class Config:
         if self.train.lr_warmup_steps > self.train.max_steps:
             warmup, steps = OptimArgs.flag("lr_warmup_steps"), OptimArgs.flag("max_steps")
             problems.append(f"{warmup} {self.train.lr_warmup_steps} is more than {steps} {self.train.max_steps}")
-        if self.lora.ema_decay is not None and self.train.optimizer in SCHEDULE_FREE_OPTIMIZERS:
+        if self.lora.ema_decay and self.train.optimizer in SCHEDULE_FREE_OPTIMIZERS:
             problems.append(
                 f"{LoraArgs.flag('ema_decay')} does not combine with {OptimArgs.flag('optimizer')} "
                 f"{self.train.optimizer} (it averages the weights itself); use one of them"

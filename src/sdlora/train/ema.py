@@ -74,7 +74,7 @@ class EMA:
 
 def build(cfg: Any, groups: dict[str, list[torch.nn.Parameter]], device: Any) -> EMA | None:
     """The EMA of every trained tensor (None without --ema-decay)."""
-    if cfg.lora.ema_decay is None:
+    if not cfg.lora.ema_decay:
         return None
     where = "cpu" if cfg.lora.ema_device == "cpu" else device
     return EMA([p for params in groups.values() for p in params], cfg.lora.ema_decay, cfg.lora.ema_every, where)

@@ -166,7 +166,7 @@ def adapter_config(cfg: Config, targets: Sequence[str]) -> Any:
             r=cfg.lora.rank,
             alpha=cfg.effective_alpha,
             target_modules=list(targets),
-            decompose_factor=cfg.lora.lokr_factor,
+            decompose_factor=cfg.lora.lokr_factor or -1,  # -1: LyCORIS' automatic factor
             decompose_both=cfg.lora.lokr_decompose_both,
             init_weights=True,
         )
