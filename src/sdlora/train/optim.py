@@ -123,7 +123,7 @@ def param_groups(
 
 
 def is_lora_b(param_name: str) -> bool:
-    """A LoRA B (up) matrix: what LoRA+ trains faster (peft's `lora_B`, LyCORIS' second factors)."""
+    """A LoRA B (up) matrix (peft's `lora_B`): what LoRA+ trains faster (LoRA only: LoKr/LoHa have no A/B)."""
     return ".lora_B." in param_name or "lora_B" in param_name.split(".")
 
 
