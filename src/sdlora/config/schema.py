@@ -17,6 +17,11 @@ from sdlora.data.buckets import resolution_problem
 from sdlora.errors import ConfigError
 
 PRESETS = ("sd15", "sdxl", "tiny")
+# `--optimizer` choices, in the order of train/optim.py's OPTIMIZERS table (a test keeps the two equal);
+# ADAPTIVE ones find the learning rate themselves (--learning-rate is a multiplier, 1.0 normally).
+OPTIMIZER_NAMES = ("adamw", "adamw8bit", "prodigy", "adamw-schedulefree")
+ADAPTIVE_OPTIMIZERS = ("prodigy",)
+SCHEDULE_FREE_OPTIMIZERS = ("adamw-schedulefree",)
 DEFAULT_VALIDATION_PROMPT = "a photo of {token} {class}"
 
 # The help panels of `sdlora train`, in the order they are shown.
@@ -122,11 +127,15 @@ class DataArgs(_Group):
     """Weight the loss by the subject masks that `sdlora prepare` made, so the background is not learned; default: on when the dataset has masks."""
     unmasked_weight: float = 0.1
     """Masked loss: weight of the background against 1 on the object (0 ignores it; a little keeps scenes coherent)."""
+    caption_dropout: float = field(default=0.0, metadata=cli(metavar="P"))
+    """Fraction of samples trained on the empty caption (0.05-0.1): the LoRA also helps unconditioned guidance."""
 
     def _check(self) -> list[str]:
         problems = []
         if not 0.0 <= self.unmasked_weight <= 1.0:
             problems.append(f"{self.flag('unmasked_weight')} must be in [0, 1], got {self.unmasked_weight}")
+        if not 0.0 <= self.caption_dropout < 1.0:
+            problems.append(f"{self.flag('caption_dropout')} must be in [0, 1), got {self.caption_dropout}")
         if self.resolution is not None and (problem := resolution_problem(self.resolution, self.flag("resolution"))):
             problems.append(problem)
         if not str(self.dataset).strip():
@@ -154,6 +163,20 @@ class LoraArgs(_Group):
     """Also train a LoRA on the text encoder(s) (both for SDXL): better identity, more memory, no text cache."""
     dora: bool = False
     """DoRA (weight-decomposed LoRA, peft's use_dora): often better at low rank, about 2x slower steps."""
+    loraplus_ratio: Optional[float] = field(default=None, metadata=cli(metavar="R"))
+    """LoRA+: the B (up) matrices learn R times faster than A (the paper suggests 16); off by default."""
+    ema_decay: float = field(default=0.0, metadata=cli(metavar="D"))
+    """EMA of the LoRA weights (0.999; 0.995 for short runs) for validation, samples, best/ and the export; 0: off."""
+    ema_every: int = 1
+    """Update the EMA every N optimizer steps (with --ema-decay)."""
+    ema_device: Literal["device", "cpu"] = "device"
+    """Where the fp32 EMA lives: device (the training device) or cpu (saves accelerator memory, slower)."""
+    lora_type: Literal["lora", "lokr", "loha"] = "lora"
+    """lora; lokr (Kronecker product: small files, more capacity per parameter) or loha (Hadamard product), exported for ComfyUI/A1111/Forge (LyCORIS)."""
+    lokr_factor: Optional[int] = field(default=None, metadata=cli(metavar="F"))
+    """LoKr's Kronecker factor (LyCORIS' factor); default: each layer split as evenly as it can; small (4-8) gives smaller files."""
+    lokr_decompose_both: bool = False
+    """LoKr: also make the first Kronecker factor low-rank (LyCORIS' decompose_both)."""
 
     def _check(self) -> list[str]:
         problems = self._minimums(at_least_1=("rank",)) + self._positive("alpha")
@@ -161,6 +184,25 @@ class LoraArgs(_Group):
             problems.append(f"{self.flag('dropout')} must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
             problems.append(f"{self.flag('target_modules')} is empty; give e.g. to_q,to_k,to_v,to_out.0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            problems.append(f"{self.flag('ema_decay')} must be in [0, 1) (e.g. 0.999; 0 is off), got {self.ema_decay}")
+        problems += self._minimums(at_least_1=("ema_every",))
+        if self.lora_type != "lora":
+            kind = f"{self.flag('lora_type')} {self.lora_type}"
+            if self.dora:
+                problems.append(f"{self.flag('dora')} needs {self.flag('lora_type')} lora, not {self.lora_type}")
+            if self.dropout:
+                problems.append(f"{self.flag('dropout')} needs {self.flag('lora_type')} lora ({kind} has none)")
+            if self.loraplus_ratio is not None:
+                problems.append(
+                    f"{self.flag('loraplus_ratio')} needs {self.flag('lora_type')} lora ({kind} has no A/B)"
+                )
+        if self.lokr_factor is not None and self.lokr_factor < 1:
+            problems.append(f"{self.flag('lokr_factor')} must be at least 1 (unset: automatic), got {self.lokr_factor}")
+        if self.loraplus_ratio is not None and self.loraplus_ratio < 1:
+            problems.append(
+                f"{self.flag('loraplus_ratio')} must be at least 1 (16 is the paper's), got {self.loraplus_ratio}"
+            )
         return problems
 
 
@@ -203,8 +245,8 @@ class OptimArgs(_Group):
     """Learning rate of the UNet LoRA: higher learns faster and overfits sooner."""
     text_encoder_lr: Optional[float] = None
     """Learning rate of the text-encoder LoRA; default: --learning-rate."""
-    optimizer: Literal["adamw", "adamw8bit"] = field(default="adamw", metadata=cli(panel=_MEMORY))
-    """adamw, or adamw8bit (bitsandbytes, CUDA only: less optimizer memory)."""
+    optimizer: Literal[OPTIMIZER_NAMES] = field(default="adamw", metadata=cli(panel=_MEMORY))  # type: ignore[valid-type]
+    """adamw; adamw8bit (bitsandbytes, CUDA only: less optimizer memory); prodigy (finds the rate: --lr 1.0); adamw-schedulefree (no schedule)."""
     weight_decay: float = 1e-2
     """AdamW weight decay of the LoRA weights."""
     adam_beta1: float = 0.9
@@ -229,13 +271,40 @@ class OptimArgs(_Group):
     """Min-SNR loss weighting gamma (5.0 is the paper's): faster convergence; off by default."""
     noise_offset: float = 0.0
     """Offset noise (e.g. 0.05): lets the model learn very dark or bright images."""
+    prodigy_d_coef: float = field(default=1.0, metadata=cli(panel=_MEMORY))
+    """Prodigy's d_coef: scales the rate it finds (below 1 is more careful)."""
+    prodigy_safeguard_warmup: bool = field(default=False, metadata=cli(panel=_MEMORY))
+    """Prodigy's safeguard_warmup: steadier rate estimates during a warm-up (diffusers' script turns it on)."""
+    prodigy_bias_correction: bool = field(default=False, metadata=cli(panel=_MEMORY))
+    """Prodigy's use_bias_correction (Adam's bias correction; diffusers' script turns it on)."""
 
     def _check(self) -> list[str]:
         problems = self._minimums(
             at_least_1=("max_steps", "batch_size", "gradient_accumulation"),
             non_negative=("lr_warmup_steps", "max_grad_norm", "noise_offset"),
         ) + self._positive("learning_rate", "text_encoder_lr")
-        if self.lr_scheduler == "constant" and self.lr_warmup_steps > 0:
+        if self.optimizer in SCHEDULE_FREE_OPTIMIZERS and self.lr_scheduler != "constant":
+            problems.append(
+                f"{self.flag('optimizer')} {self.optimizer} has no learning-rate schedule: drop "
+                f"{self.flag('lr_scheduler')} {self.lr_scheduler} ({self.flag('lr_warmup_steps')} is its own warm-up)"
+            )
+        elif self.optimizer in ADAPTIVE_OPTIMIZERS and self.learning_rate < 0.1:
+            problems.append(
+                f"{self.flag('optimizer')} {self.optimizer} finds the rate itself: {self.flag('learning_rate')} is a "
+                f"multiplier of it, normally 1.0 (got {self.learning_rate})"
+            )
+        if self.optimizer in ADAPTIVE_OPTIMIZERS and self.text_encoder_lr not in (None, self.learning_rate):
+            problems.append(
+                f"{self.flag('optimizer')} {self.optimizer} finds one rate for every group: drop "
+                f"{self.flag('text_encoder_lr')} {self.text_encoder_lr}"
+            )
+        if self.prodigy_d_coef <= 0:
+            problems.append(f"{self.flag('prodigy_d_coef')} must be positive, got {self.prodigy_d_coef}")
+        if (
+            self.lr_scheduler == "constant"
+            and self.lr_warmup_steps > 0
+            and self.optimizer not in SCHEDULE_FREE_OPTIMIZERS
+        ):
             problems.append(
                 f"{self.flag('lr_warmup_steps')} needs {self.flag('lr_scheduler')} constant_with_warmup, cosine "
                 "or linear (constant ignores warm-up)"
@@ -393,6 +462,16 @@ class Config:
         if self.train.lr_warmup_steps > self.train.max_steps:
             warmup, steps = OptimArgs.flag("lr_warmup_steps"), OptimArgs.flag("max_steps")
             problems.append(f"{warmup} {self.train.lr_warmup_steps} is more than {steps} {self.train.max_steps}")
+        if self.lora.ema_decay and self.train.optimizer in SCHEDULE_FREE_OPTIMIZERS:
+            problems.append(
+                f"{LoraArgs.flag('ema_decay')} does not combine with {OptimArgs.flag('optimizer')} "
+                f"{self.train.optimizer} (it averages the weights itself); use one of them"
+            )
+        if self.lora.loraplus_ratio is not None and self.train.optimizer in ADAPTIVE_OPTIMIZERS:
+            problems.append(
+                f"{LoraArgs.flag('loraplus_ratio')} does not combine with {OptimArgs.flag('optimizer')} "
+                f"{self.train.optimizer} (it sets each group's rate itself); use one of them"
+            )
         if problems:
             raise ConfigError("; ".join(problems))
 

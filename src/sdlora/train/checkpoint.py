@@ -43,6 +43,7 @@ from sdlora.errors import RunError
 from sdlora.events import OnEvent
 from sdlora.fsutil import sha256_file, write_json, write_text
 from sdlora.run import CHECKPOINTS, CONFIG, METRICS, Metric, point_latest
+from sdlora.train import ema
 from sdlora.train.optim import apply_config
 from sdlora.train.runtime import saved_config
 from sdlora.train.statefile import load_state, save_state
@@ -192,6 +193,7 @@ def _write_main(state: TrainState, folder: Path) -> None:
             {k: v.detach().float().cpu().contiguous() for k, v in state.tokens.state_dict().items()},
             str(folder / "embeddings.safetensors"),
         )
+    ema.save(state, folder)
     config_mod.save_config(saved_config(state.cfg), folder / CONFIG)
 
 
@@ -331,6 +333,7 @@ def load_checkpoint(state: TrainState) -> None:
         set_rng_state(load_state(folder, rng))
     else:
         state.emit({"event": "warning", "message": f"{folder}: no RNG state for process {rng[4:]}; dropout differs"})
+    ema.load(state, folder)
     apply_config(state.cfg, state.optimizer, state.lr_scheduler, list(state.param_groups))
     state.step = int(saved["step"])
     state.best_val_loss = saved["best_val_loss"] if saved.get("best_val_loss") is not None else math.inf

@@ -28,7 +28,15 @@ import sdlora
 from sdlora.errors import ConfigError
 from sdlora.fsutil import atomic_path
 from sdlora.models.arch import Architecture
-from sdlora.train.kohya import UNET, KohyaNames, load_kohya, module_alphas, peft_to_kohya
+from sdlora.train.kohya import (
+    UNET,
+    KohyaNames,
+    load_kohya,
+    lycoris_scales,
+    module_alphas,
+    peft_to_kohya,
+    peft_to_lycoris,
+)
 
 if TYPE_CHECKING:
     from sdlora.train.loop import TrainState
@@ -93,13 +101,20 @@ def kohya_metadata(arch: Architecture, lora_config: Any, metadata: Mapping[str, 
         "ss_base_model_version": arch.kohya_base_version,
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(int(lora_config.r)),
-        "ss_network_alpha": _number(lora_config.lora_alpha),
+        "ss_network_alpha": _number(getattr(lora_config, "lora_alpha", None) or lora_config.alpha),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCH[arch.name],
         "modelspec.implementation": MODELSPEC_IMPL[arch.name],
         "modelspec.title": title,
     }
-    if lora_config.use_dora:  # dora_scale is LyCORIS's extension of the format
+    algo = lycoris_algo(lora_config)
+    if algo is not None:  # LyCORIS' own algorithms, as its kohya-compatible wrapper names them
+        out["ss_network_module"] = "lycoris.kohya"
+        args = {"algo": algo}
+        if algo == "lokr":
+            args.update(factor=str(lora_config.decompose_factor), decompose_both=str(lora_config.decompose_both))
+        out["ss_network_args"] = json.dumps(args)
+    elif lora_config.use_dora:  # dora_scale is LyCORIS's extension of the format
         out["ss_network_module"] = "lycoris.kohya"
         out["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
     if "sdlora.base_model" in metadata:
@@ -131,6 +146,12 @@ ADAPTER_FIELDS = (
     "rank_pattern",
     "alpha_pattern",
 )
+
+
+def lycoris_algo(config: Any) -> str | None:
+    """ "lokr" / "loha" for a peft LoKrConfig / LoHaConfig, None for a LoRA (or DoRA)."""
+    kind = str(getattr(config, "peft_type", "")).rsplit(".", 1)[-1].lower()
+    return kind if kind in ("lokr", "loha") else None
 
 
 def adapter_metadata(config: Any) -> dict[str, Any]:
@@ -175,13 +196,29 @@ def _diffusers_file(
         return load_kohya(Path(tmp) / LORA_WEIGHTS)  # any safetensors file: tensors + header
 
 
+PEFT_USE = (
+    "peft only (diffusers' load_lora_weights reads no LoKr/LoHa): inject the sdlora.peft_config adapter, then "
+    "set_peft_model_state_dict per component prefix. For ComfyUI, AUTOMATIC1111 or Forge use {kohya_file} beside it"
+)
+
+
+def _peft_file(
+    lora: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A LoKr/LoHa in peft's own keys with diffusers' component prefixes (`unet.`, `text_encoder.`) and each
+    component's peft config: diffusers cannot load LyCORIS adapters, so this file is for peft."""
+    tensors = {f"{name}.{key}": t.detach().cpu().contiguous() for name, sd in lora.items() for key, t in sd.items()}
+    peft_configs = {name: config.to_dict() for name, config in configs.items()}
+    return tensors, {f"{META_PREFIX}peft_config": json.dumps(peft_configs, default=str)}
+
+
 def check_exportable(
     unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Architecture
 ) -> None:
     """Raise `KohyaKeyError` now if `save_lora` could not name a LoRA module: call it before training."""
     names = KohyaNames.for_models(arch, unet.config, text_encoders)
     for name, model in _components(unet, text_encoders, arch).items():
-        for path in module_alphas(model, ADAPTER):
+        for path in [*module_alphas(model, ADAPTER), *lycoris_scales(model, ADAPTER)]:
             names.to_kohya(name, path)
 
 
@@ -215,7 +252,11 @@ def save_lora(
     configs = {name: model.peft_config[ADAPTER] for name, model in models.items()}
     # Build the kohya tensors first: an unmappable module fails before anything is written.
     names = KohyaNames.for_models(arch, unet.config, text_encoders)
-    kohya = peft_to_kohya(lora, {name: module_alphas(model, ADAPTER) for name, model in models.items()}, names)
+    algo = lycoris_algo(configs[UNET])
+    if algo is None:
+        kohya = peft_to_kohya(lora, {name: module_alphas(model, ADAPTER) for name, model in models.items()}, names)
+    else:
+        kohya = peft_to_lycoris(lora, {name: lycoris_scales(model, ADAPTER) for name, model in models.items()}, names)
     kohya_meta = {
         **metadata,
         **kohya_metadata(arch, configs[UNET], metadata, title=kohya_name),
@@ -224,11 +265,11 @@ def save_lora(
     }
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tensors, header = _diffusers_file(out_dir, arch, lora, configs)
+    tensors, header = _diffusers_file(out_dir, arch, lora, configs) if algo is None else _peft_file(lora, configs)
     diffusers_meta = {
         **metadata,
         f"{META_PREFIX}format": "diffusers",
-        f"{META_PREFIX}load_in": DIFFUSERS_USE.format(kohya_file=kohya_file),
+        f"{META_PREFIX}load_in": (DIFFUSERS_USE if algo is None else PEFT_USE).format(kohya_file=kohya_file),
         **header,  # diffusers' own keys (format, lora_adapter_metadata) win
     }
     with atomic_path(out_dir / LORA_WEIGHTS) as diffusers_tmp, atomic_path(out_dir / kohya_file) as kohya_tmp:
@@ -257,6 +298,7 @@ def export_lora(state: TrainState, out_dir: Path, *, main_only: bool = False) ->
         seed=str(cfg.train.seed),
         learning_rate=str(cfg.train.learning_rate),
         dora=str(cfg.lora.dora).lower(),
+        lora_type=cfg.lora.lora_type,
         run=state.run_dir.name,
     )
     encoders = [state.unwrap(e) for e in state.text_encoders] if state.text_encoders else None

@@ -345,3 +345,94 @@ def module_alphas(model: torch.nn.Module, adapter: str = "default") -> dict[str,
                 alpha *= float(module.r[adapter]) ** 0.5
             out[path] = alpha
     return out
+
+
+# ====================================================================== LyCORIS (LoKr, LoHa)
+
+# peft's LoKr / LoHa tensor names are LyCORIS's own (peft ported them from LyCORIS), so a module's
+# tensors keep their suffix: `lora_unet_..._to_q.lokr_w1`, `.lokr_w2` or `.lokr_w2_a` / `.lokr_w2_b`,
+# `.hada_w1_a` ... `.hada_w2_b`, plus `.alpha`, the layout ComfyUI, AUTOMATIC1111/Forge and the
+# LyCORIS library read (`ss_network_module: lycoris.kohya`).
+LYCORIS_SUFFIXES: dict[str, tuple[str, ...]] = {
+    "lokr": (".lokr_w1", ".lokr_w1_a", ".lokr_w1_b", ".lokr_w2", ".lokr_w2_a", ".lokr_w2_b", ".lokr_t2"),
+    "loha": (".hada_w1_a", ".hada_w1_b", ".hada_w2_a", ".hada_w2_b", ".hada_t1", ".hada_t2"),
+}
+_LYCORIS_ALL = tuple(s for suffixes in LYCORIS_SUFFIXES.values() for s in suffixes)
+
+
+def _split_lycoris_key(key: str) -> tuple[str, str]:
+    for suffix in _LYCORIS_ALL:
+        if key.endswith(suffix):
+            return key[: -len(suffix)], suffix
+    raise KohyaKeyError(f"unrecognised LoKr/LoHa tensor {key!r}")
+
+
+def _lokr_full(suffixes: Iterable[str]) -> bool:
+    """A LoKr module without a low-rank factor: readers scale it by 1, not by alpha / rank."""
+    return not any(s.endswith("_b") for s in suffixes)
+
+
+def peft_to_lycoris(
+    lora: Mapping[str, Mapping[str, torch.Tensor]],
+    scales: Mapping[str, Mapping[str, tuple[int, float]]],
+    names: KohyaNames,
+) -> dict[str, torch.Tensor]:
+    """LyCORIS state dict from peft LoKr/LoHa state dicts; `scales[component][path]` = (r, alpha).
+
+    peft scales every module by alpha / r; readers scale a LoKr module by alpha / (its factor's rank),
+    and by 1 when it has no low-rank factor (both Kronecker factors full): there alpha / r is folded
+    into `lokr_w2` and alpha is written as r."""
+    out: dict[str, torch.Tensor] = {}
+    for component, state_dict in lora.items():
+        modules: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in state_dict.items():
+            path, suffix = _split_lycoris_key(key)
+            modules.setdefault(path, {})[suffix] = tensor
+        for path, tensors in modules.items():
+            if path not in scales.get(component, {}):
+                raise KohyaKeyError(f"no rank and alpha known for {component} module {path!r}")
+            r, alpha = scales[component][path]
+            name = names.to_kohya(component, path)
+            lokr = any(s.startswith(".lokr") for s in tensors)
+            fold = lokr and _lokr_full(tensors)
+            for suffix, tensor in tensors.items():
+                tensor = tensor.detach().to("cpu")
+                if fold and suffix == ".lokr_w2":
+                    tensor = tensor * (float(alpha) / r)
+                out[name + suffix] = tensor.contiguous()
+            out[name + ALPHA_SUFFIX] = torch.tensor(float(r if fold else alpha), dtype=torch.float32)
+    return out
+
+
+def lycoris_to_peft(
+    state_dict: Mapping[str, torch.Tensor], names: KohyaNames
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, float]]]:
+    """The inverse of `peft_to_lycoris`: (component -> peft state dict, component -> path -> alpha).
+
+    For a module without a low-rank factor the alpha returned is its rank r (peft's scale 1), so
+    peft's delta equals the file's. A module without `.alpha` gets alpha = its rank."""
+    lora: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, dict[str, float]] = {}
+    for key, tensor in state_dict.items():
+        name, dot, rest = key.partition(".")
+        suffix = dot + rest
+        if suffix == ALPHA_SUFFIX:
+            component, path = names.from_kohya(name)
+            alphas.setdefault(component, {})[path] = float(tensor.item())
+            continue
+        if suffix not in _LYCORIS_ALL:
+            raise KohyaKeyError(f"unrecognised LyCORIS tensor {key!r}")
+        component, path = names.from_kohya(name)
+        lora.setdefault(component, {})[path + suffix] = tensor
+    return lora, alphas
+
+
+def lycoris_scales(model: torch.nn.Module, adapter: str = "default") -> dict[str, tuple[int, float]]:
+    """Module path -> (r, alpha) of each LoKr/LoHa layer of `adapter` (peft scales it by alpha / r)."""
+    from peft.tuners.lycoris_utils import LycorisLayer
+
+    return {
+        path: (int(module.r[adapter]), float(module.alpha[adapter]))
+        for path, module in model.named_modules()
+        if isinstance(module, LycorisLayer) and adapter in module.r
+    }

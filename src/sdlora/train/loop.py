@@ -38,7 +38,7 @@ from sdlora.locks import release
 from sdlora.models.arch import Architecture
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
-from sdlora.train import encode, lora, losses, monitor, optim, resolve, runtime, validation
+from sdlora.train import dropout, ema, encode, lora, losses, monitor, optim, resolve, runtime, validation
 from sdlora.train.data import BatchPlan, Conditioning, LatentSet, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
 from sdlora.train.preservation import dop_loss
@@ -89,6 +89,8 @@ class TrainState:
     param_groups: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
     tokens: Any = None  # TokenEmbeddings (train/embeddings.py) when the token's own embedding trains
     frozen_text_encoders: list[Any] = field(default_factory=list)  # run (not trained) for that embedding
+    empty_caption: Any = None  # --caption-dropout's empty caption (train/dropout.py), else None
+    ema: Any = None  # --ema-decay's EMA of the trained weights (train/ema.py), else None
 
     def request_stop(self) -> None:
         """Stop after the current step, save a checkpoint and the LoRA (what Ctrl-C does)."""
@@ -141,6 +143,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             data = encode.encode_examples(
                 cfg, pipe, arch, device, weight_dtype, train_examples, val_examples, class_examples, emit
             )
+        empty_caption = dropout.empty_caption(cfg, pipe, arch, data.negative_cond, encode.encodes_text(cfg))
         encode.release_encoders(cfg, pipe, arch)
 
         set_seed(cfg.train.seed)  # the LoRA's initial weights
@@ -151,7 +154,8 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         # Everything that can fail on bad input has run: now the run folder, the optimizer, accelerate.
         run_dir, lock = runtime.create_run_dir(cfg, accelerator, resume)
         locks.append(lock)
-        groups = optim.param_groups(unet, encoders, arch, tokens)
+        groups = optim.param_groups(unet, encoders, arch, tokens, loraplus=cfg.lora.loraplus_ratio is not None)
+        ema_weights = ema.build(cfg, groups, device)
         optimizer = optim.build_optimizer(cfg, groups)
         lr_scheduler = optim.build_scheduler(cfg, optimizer)
         unet, *encoders, optimizer = accelerator.prepare(unet, *encoders, optimizer)
@@ -176,6 +180,8 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             param_groups=groups,
             tokens=tokens,
             frozen_text_encoders=frozen_encoders,
+            empty_caption=empty_caption,
+            ema=ema_weights,
             lock=next((lock for lock in locks if lock is not None), None),
         )
         if resume is not None:
@@ -228,7 +234,8 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
                 {"event": "step", "step": step, "total": total, "loss": loss, "loss_mean": mean, "lr": lr, "it_s": it_s}
             )
             if step == total or (cfg.validation.validate_every and step % cfg.validation.validate_every == 0):
-                validation.validate(state)
+                with ema.eval_weights(state):
+                    validation.validate(state)
             if cfg.checkpoint.checkpoint_every and (step % cfg.checkpoint.checkpoint_every == 0 or step == total):
                 ckpt.save_checkpoint(state)
             if runtime.stop_requested(state) and step < total:
@@ -237,7 +244,8 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
         # A first Ctrl-C / SIGTERM saves; a second one (still handled) stops the save (runtime.StopNow).
         if interrupted and state.last_checkpoint != ckpt.step_dir(state.run_dir, state.step):
             ckpt.save_checkpoint(state)
-        lora_dir = export_lora(state, state.run_dir / LORA_DIR)
+        with ema.eval_weights(state):
+            lora_dir = export_lora(state, state.run_dir / LORA_DIR)
         if state.is_main:
             point_latest(state.run_dir)  # only a run with a LoRA (or a checkpoint) becomes `latest`
         acc.wait_for_everyone()
@@ -277,6 +285,7 @@ def _train_step(state: TrainState) -> dict[str, Any]:
     parts_sum: dict[str, torch.Tensor] = {}
     for micro in range(accum):
         batch = state.plan.batch(state.step, micro)
+        batch = dropout.apply(state, batch, state.plan.positions(state.step, micro))
         with contextlib.ExitStack() as stack:
             if micro < accum - 1:  # no gradient all-reduce until the last micro-batch
                 for model in models:
@@ -299,9 +308,11 @@ def _train_step(state: TrainState) -> dict[str, Any]:
         torch.nn.utils.clip_grad_norm_([p for ps in state.param_groups.values() for p in ps], cfg.train.max_grad_norm)
     for name, group in zip(state.param_groups, state.optimizer.param_groups):
         record[Metric.lr(name)] = group["lr"]
+    record.update(optim.effective_lrs(list(state.param_groups), state.optimizer))
     state.optimizer.step()
     state.lr_scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
+    ema.update(state)
     if state.tokens is not None:
         record.update({Metric.embedding_norm(name): norm for name, norm in state.tokens.norms().items()})
     return record

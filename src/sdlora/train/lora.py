@@ -156,11 +156,23 @@ def token_encoders(
     return encoders
 
 
-def add_lora(model: Any, targets: list[str], cfg: Config, flag: str, what: str) -> None:
-    """A LoRA (or DoRA) adapter named "default" on `model`'s `targets`; ConfigError naming `flag` when none match."""
-    from peft import LoraConfig
+def adapter_config(cfg: Config, targets: Sequence[str]) -> Any:
+    """The peft config of `--lora-type`: LoraConfig (LoRA, DoRA), LoKrConfig or LoHaConfig (LyCORIS'
+    algorithms as peft ships them; the delta starts at zero, like a LoRA's)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
 
-    lora = LoraConfig(
+    if cfg.lora.lora_type == "lokr":
+        return LoKrConfig(
+            r=cfg.lora.rank,
+            alpha=cfg.effective_alpha,
+            target_modules=list(targets),
+            decompose_factor=cfg.lora.lokr_factor or -1,  # -1: LyCORIS' automatic factor
+            decompose_both=cfg.lora.lokr_decompose_both,
+            init_weights=True,
+        )
+    if cfg.lora.lora_type == "loha":
+        return LoHaConfig(r=cfg.lora.rank, alpha=cfg.effective_alpha, target_modules=list(targets), init_weights=True)
+    return LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.effective_alpha,
         lora_dropout=cfg.lora.dropout,
@@ -168,6 +180,11 @@ def add_lora(model: Any, targets: list[str], cfg: Config, flag: str, what: str) 
         target_modules=list(targets),
         use_dora=cfg.lora.dora,
     )
+
+
+def add_lora(model: Any, targets: list[str], cfg: Config, flag: str, what: str) -> None:
+    """A LoRA (DoRA, LoKr or LoHa: `adapter_config`) adapter named "default" on `model`'s `targets`; ConfigError naming `flag` when none match."""
+    lora = adapter_config(cfg, targets)
     try:
         if hasattr(model, "set_adapters"):  # diffusers models: their own peft integration
             model.add_adapter(lora)

@@ -1,0 +1,80 @@
+"""Shared by the recipe-option tests: a tiny config, and the resume check (2x3 steps == 6 straight)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sdlora.cli import app
+from sdlora.config import load_config
+from sdlora.run import read_metrics
+from sdlora.train import loop, resolve
+
+runner = CliRunner()
+
+
+def tiny_cfg(tmp_path: Path, dataset: Path, flags: dict[str, Any] | None = None):
+    base = {
+        "model.name": "tiny-sd",
+        "data.dataset": str(dataset),
+        "run.runs_dir": str(tmp_path / "runs"),
+        "train.max_steps": 3,
+        "train.learning_rate": 1e-3,
+        "validation.validate_every": 0,
+        "validation.prompts": [],
+        "validation.steps": 2,
+        "checkpoint.checkpoint_every": 0,
+    }
+    return load_config(None, {**base, **(flags or {})}, [])
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def lora_file(result: Any) -> dict[str, torch.Tensor]:
+    return load_file(result.lora_dir / "pytorch_lora_weights.safetensors")
+
+
+def straight_and_resumed(tmp_path: Path, dataset: Path, flags: dict[str, Any]) -> tuple[Any, Any]:
+    """6 straight steps, and 3 steps + Ctrl-C + resume to 6, with `flags` on: their TrainResults.
+
+    Asserts the two give the same losses and the same LoRA file."""
+    flags = {"train.max_steps": 6, **flags}
+    straight = loop.run_training(tiny_cfg(tmp_path, dataset, {**flags, "run.name": "straight"}))
+    state = loop.setup(tiny_cfg(tmp_path, dataset, {**flags, "run.name": "halves"}))
+
+    def stop_at_3(event: dict) -> None:
+        if event["event"] == "step" and event["step"] == 3:
+            state.request_stop()
+
+    try:
+        first = loop.train(state, stop_at_3)
+    finally:
+        loop.cleanup(state)
+    assert first.interrupted and first.steps == 3
+    run_dir, cfg, _ = resolve.resume_run(first.run_dir, [{}], ("command line",))
+    second = loop.run_training(cfg, resume=run_dir)
+    assert second.steps == 6
+    assert losses(second.run_dir) == __import__("pytest").approx(losses(straight.run_dir), abs=1e-5)
+    a, b = lora_file(straight), lora_file(second)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    return straight, second
+
+
+def invoke(*args: str):
+    return runner.invoke(app, ["train", *args])
+
+
+def print_config(*args: str) -> dict:
+    import yaml
+
+    result = invoke("--config", "tiny", *args, "--print-config")
+    assert result.exit_code == 0, result.output
+    return yaml.safe_load(result.output)
