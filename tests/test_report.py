@@ -409,3 +409,14 @@ def test_the_loss_plot_shows_the_preservation_loss(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     training = section(render_report(run), "training")
     assert "preservation loss" in training and "instance loss" in training
+
+
+def test_the_learning_rate_plot_shows_prodigys_effective_rate(tmp_path):
+    run = write_config(tmp_path / "runs" / "r1")
+    path = write_metrics(run, steps=10)
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        if run_contract.Metric.LR in r:
+            r[run_contract.Metric.lr_effective("unet")] = 3e-4
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert "unet (effective)" in section(render_report(run), "training")

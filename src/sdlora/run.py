@@ -94,6 +94,12 @@ class Metric:
     def lr(group: str) -> str:
         return Metric.LR if group == "unet" else Metric.LR_PREFIX + group
 
+    LR_EFFECTIVE_PREFIX = "lr_effective/"  # an adaptive optimizer's own step size (Prodigy's d x lr)
+
+    @staticmethod
+    def lr_effective(group: str) -> str:
+        return Metric.LR_EFFECTIVE_PREFIX + group
+
     @staticmethod
     def grad_norm(group: str) -> str:
         return Metric.GRAD_NORM_PREFIX + group

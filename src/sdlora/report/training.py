@@ -57,9 +57,11 @@ def training_section(run_dir: Path, section: Section) -> Section:
         )
     )
     lrs = [Metric.LR, *_keys(steps, Metric.LR_PREFIX)]
+    effective = _keys(steps, Metric.LR_EFFECTIVE_PREFIX)  # Prodigy: the step size it found, per group
     plots.append(
         line_plot(
-            [_series(steps, k, "unet" if k == Metric.LR else k.split("/", 1)[1]) for k in lrs],
+            [_series(steps, k, "unet" if k == Metric.LR else k.split("/", 1)[1]) for k in lrs]
+            + [_series(steps, k, k.split("/", 1)[1] + " (effective)", dash="4 3") for k in effective],
             title="Learning rate",
             ylabel="lr",
             y_from_zero=True,

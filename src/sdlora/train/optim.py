@@ -21,6 +21,7 @@ from sdlora.config.schema import ADAPTIVE_OPTIMIZERS as ADAPTIVE
 from sdlora.config.schema import SCHEDULE_FREE_OPTIMIZERS as SCHEDULE_FREE
 from sdlora.errors import ConfigError
 from sdlora.models.arch import Architecture
+from sdlora.run import Metric
 
 
 @dataclass(frozen=True)
@@ -192,7 +193,7 @@ def effective_lrs(group_names: Sequence[str], optimizer: torch.optim.Optimizer) 
     """`lr_effective/<group>`: the step size an adaptive optimizer takes (Prodigy's d x lr); {} for others."""
     groups = getattr(optimizer, "optimizer", optimizer).param_groups  # accelerate wraps the optimizer
     return {
-        f"lr_effective/{name}": float(group["d"]) * float(group["lr"])
+        Metric.lr_effective(name): float(group["d"]) * float(group["lr"])
         for name, group in zip(group_names, groups)
         if "d" in group
     }
