@@ -107,6 +107,20 @@ def test_lokr_trains_resumes_exactly_and_exports_lycoris(tmp_path: Path, tiny_da
     assert any(k.startswith("lora_te_text_model_encoder_layers_") and ".lokr_w" in k for k in keys)
     with safe_open(str(resumed.lora_dir / "pytorch_lora_weights.safetensors"), "pt") as f:
         assert f.metadata()["sdlora.format"] == "diffusers" and "peft only" in f.metadata()["sdlora.load_in"]
+        saved = {k: f.get_tensor(k) for k in f.keys()}
+    # `sdlora sample` / `score` load it back (peft's path: diffusers' loader reads no LyCORIS), every weight.
+    from peft import get_peft_model_state_dict
+
+    from sdlora.generate import ADAPTER, load_lora
+    from sdlora.models.loading import load_pipeline
+
+    pipe, arch = load_pipeline("tiny-sd", dtype=torch.float32)
+    load_lora(pipe, arch, resumed.lora_dir, "sksToy")
+    for name in ("unet", "text_encoder"):
+        loaded = get_peft_model_state_dict(getattr(pipe, name), adapter_name=ADAPTER)
+        expected = {k[len(name) + 1 :]: v for k, v in saved.items() if k.startswith(name + ".")}
+        assert expected and set(loaded) == set(expected), name
+        assert all(torch.equal(loaded[k], expected[k]) for k in expected), name
 
 
 def test_lycoris_flags_yaml_and_bad_values():

@@ -15,10 +15,12 @@ from sdlora.devices import resolve_device
 from sdlora.errors import ConfigError, ModelError, RunError
 from sdlora.models.arch import Architecture
 from sdlora.run import DIFFUSERS_LORA, EMBEDDINGS, RunInfo
-from sdlora.safetensors_io import check, load_file
+from sdlora.safetensors_io import check, load_file, read_metadata
 from sdlora.train.embeddings import file_keys
+from sdlora.train.export import META_PREFIX
 
 ADAPTER = "sdlora"
+PEFT_CONFIG = f"{META_PREFIX}peft_config"  # in a LoKr/LoHa run's peft-format file (train/export.py)
 
 # --scheduler names -> (diffusers class, extra config). Built with from_config(pipe.scheduler.config),
 # so each keeps the model's own noise schedule (betas, prediction type, timestep spacing).
@@ -102,8 +104,11 @@ def load_lora(pipe: Any, arch: Architecture, lora_dir: Path, token: str) -> Load
     check_lora_files(lora_dir)
     embeddings = lora_dir / EMBEDDINGS
     try:
-        with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel": expected for a UNet-only LoRA
-            pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_LORA, adapter_name=ADAPTER)
+        if PEFT_CONFIG in read_metadata(lora_dir / DIFFUSERS_LORA, "LoRA file"):
+            _load_peft_adapters(pipe, lora_dir / DIFFUSERS_LORA)  # LoKr / LoHa: diffusers' loader reads no LyCORIS
+        else:
+            with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel": expected for a UNet-only LoRA
+                pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_LORA, adapter_name=ADAPTER)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
         raise RunError(
             f"{lora_dir / DIFFUSERS_LORA}: cannot be loaded into {arch.name} "
@@ -117,6 +122,32 @@ def load_lora(pipe: Any, arch: Architecture, lora_dir: Path, token: str) -> Load
         load_embeddings(pipe, arch, embeddings, token)
         loaded.files.append(str(embeddings))
     return loaded
+
+
+def _load_peft_adapters(pipe: Any, path: Path) -> None:
+    """A LoKr/LoHa run's file (train/export.py writes peft keys under component prefixes and each
+    component's peft config in `sdlora.peft_config`): each adapter injected as peft builds it, then its
+    weights. Named ADAPTER in the components' `peft_config`, so `set_adapters` / `disable_lora` (the
+    LoRA scale, the baseline) work as for a LoRA."""
+    import json
+
+    from peft import get_peft_config, inject_adapter_in_model, set_peft_model_state_dict
+
+    tensors, header = load_file(path, "LoRA file")
+    for name, config_dict in json.loads(header[PEFT_CONFIG]).items():
+        model = getattr(pipe, name)
+        config = get_peft_config(config_dict)
+        if hasattr(model, "set_adapters"):  # a diffusers model: its own peft integration
+            model.add_adapter(config, adapter_name=ADAPTER)
+        else:  # a transformers text encoder: inject, and record it where diffusers looks
+            inject_adapter_in_model(config, model, ADAPTER)
+            model.peft_config = {ADAPTER: config}
+            model._hf_peft_config_loaded = True
+        prefix = f"{name}."
+        state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER)
+        if getattr(result, "unexpected_keys", None):
+            raise KeyError(f"{len(result.unexpected_keys)} weights fit no {config.peft_type} layer of {name}")
 
 
 def load_embeddings(pipe: Any, arch: Architecture, path: Path, token: str) -> None:

@@ -209,7 +209,12 @@ def _peft_file(
     component's peft config: diffusers cannot load LyCORIS adapters, so this file is for peft."""
     tensors = {f"{name}.{key}": t.detach().cpu().contiguous() for name, sd in lora.items() for key, t in sd.items()}
     peft_configs = {name: config.to_dict() for name, config in configs.items()}
-    return tensors, {f"{META_PREFIX}peft_config": json.dumps(peft_configs, default=str)}
+    return tensors, {f"{META_PREFIX}peft_config": json.dumps(peft_configs, default=_json_value)}
+
+
+def _json_value(value: Any) -> Any:
+    """peft configs hold sets (target_modules): as sorted lists, so the config loads back as it was."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
 def check_exportable(
