@@ -136,3 +136,13 @@ def detect_architecture(unet_config: Mapping[str, Any]) -> Architecture:
     if unet_config.get("cross_attention_dim") is None:
         raise ValueError("not a text-to-image UNet: its config has no cross_attention_dim")
     return SD1
+
+
+class OnDevice:
+    """A (possibly DDP-wrapped) text encoder with the `.device` that `Architecture.encode_tokens` reads."""
+
+    def __init__(self, module: Any, device: torch.device):
+        self.module, self.device = module, device
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)

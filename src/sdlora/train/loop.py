@@ -32,10 +32,9 @@ import torch
 
 from sdlora.config import Config
 from sdlora.devices import free_memory
-from sdlora.errors import RunError
 from sdlora.events import OnEvent, no_event
 from sdlora.locks import release
-from sdlora.models.arch import Architecture
+from sdlora.models.arch import Architecture, OnDevice
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
 from sdlora.train import dropout, ema, encode, lora, losses, monitor, optim, resolve, runtime, validation
@@ -212,27 +211,15 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
             t0 = time.perf_counter()
             record = _train_step(state)
             state.step += 1
-            step, loss = state.step, record[Metric.LOSS]
-            if not math.isfinite(loss):
-                where = state.last_checkpoint or "none written yet"
-                hint = "; or --mixed-precision bf16/no" if cfg.train.mixed_precision == "fp16" else ""
-                raise RunError(
-                    f"step {step}: the loss is {loss} (training diverged); stopped. "
-                    f"Last good checkpoint: {where}. Try a lower --learning-rate{hint}"
-                )
-            record[Metric.LOSS_MEAN] = state.loss_mean.update(loss)
+            step = state.step
+            runtime.check_finite(state, record[Metric.LOSS])
+            record[Metric.LOSS_MEAN] = state.loss_mean.update(record[Metric.LOSS])
             elapsed = time.perf_counter() - t0
-            record[Metric.STEP_TIME] = elapsed
-            record[Metric.IMAGES_PER_S] = effective / elapsed if elapsed > 0 else 0.0
-            record[Metric.EPOCH] = state.plan.epoch(step)
+            monitor.add_timing(record, elapsed, effective, state.plan.epoch(step))
             if step % cfg.logging.log_every == 0 or step == total:
                 record.update(monitor.machine_load(state.device))
                 runtime.log(state, {Metric.STEP: step, **record})
-            it_s = 1.0 / elapsed if elapsed > 0 else 0.0
-            lr, mean = record[Metric.LR], record[Metric.LOSS_MEAN]
-            emit(
-                {"event": "step", "step": step, "total": total, "loss": loss, "loss_mean": mean, "lr": lr, "it_s": it_s}
-            )
+            emit(runtime.step_event(step, total, record, elapsed))
             if step == total or (cfg.validation.validate_every and step % cfg.validation.validate_every == 0):
                 with ema.eval_weights(state):
                     validation.validate(state)
@@ -262,13 +249,7 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
         checkpoint=state.last_checkpoint,
         stop_signal=state.stop_signal if interrupted else 0,
     )
-    emit(
-        {
-            "event": "interrupted" if interrupted else "done",
-            **{k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()},
-            "resume_command": f"sdlora train --resume {state.run_dir}",
-        }
-    )
+    emit(runtime.end_event(result, interrupted))
     return result
 
 
@@ -365,22 +346,12 @@ def _weight_map(state: TrainState, part: Any) -> torch.Tensor | None:
     return losses.mask_weights(part.mask_or_ones().to(state.device), state.cfg.data.unmasked_weight)
 
 
-class _OnDevice:
-    """A (possibly DDP-wrapped) text encoder with the `.device` that `Architecture.encode_tokens` reads."""
-
-    def __init__(self, module: Any, device: torch.device):
-        self.module, self.device = module, device
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-
 def condition(state: TrainState, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Prompt embeddings (and SDXL's pooled one): cached, or from the text encoders being trained."""
     device = state.device
     if cond.embeds is not None:
         return cond.embeds.to(device), None if cond.pooled is None else cond.pooled.to(device)
-    encoders = [_OnDevice(e, device) for e in state.live_text_encoders]
+    encoders = [OnDevice(e, device) for e in state.live_text_encoders]
     return state.arch.encode_tokens(encoders, [ids.to(device) for ids in cond.token_ids])  # type: ignore[union-attr]
 
 

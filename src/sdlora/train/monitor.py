@@ -165,3 +165,10 @@ class RunningMean:
         self.count = int(state["count"])
         self._ema = float(state["ema"])
         self._values = collections.deque(state["values"], maxlen=self.window)
+
+
+def add_timing(record: dict[str, Any], elapsed: float, effective_batch: int, epoch: int) -> None:
+    """The step's time, throughput and epoch, into its metrics record."""
+    record[Metric.STEP_TIME] = elapsed
+    record[Metric.IMAGES_PER_S] = effective_batch / elapsed if elapsed > 0 else 0.0
+    record[Metric.EPOCH] = epoch

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import signal
 import threading
 from datetime import datetime
@@ -25,7 +26,7 @@ from sdlora.config import Config
 from sdlora.errors import ConfigError, RunError
 from sdlora.fsutil import remove_stale_tmp
 from sdlora.locks import acquire
-from sdlora.run import CHECKPOINTS, CONFIG, METRICS
+from sdlora.run import CHECKPOINTS, CONFIG, METRICS, Metric
 from sdlora.train import monitor
 
 if TYPE_CHECKING:
@@ -146,6 +147,40 @@ def _run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> Path:
 
 
 # ----------------------------------------------------------------------------- metrics and trackers
+
+
+def check_finite(state: TrainState, loss: float) -> None:
+    """Stop with one line when the step's loss is NaN or infinite (the run diverged)."""
+    if math.isfinite(loss):
+        return
+    where = state.last_checkpoint or "none written yet"
+    hint = "; or --mixed-precision bf16/no" if state.cfg.train.mixed_precision == "fp16" else ""
+    raise RunError(
+        f"step {state.step}: the loss is {loss} (training diverged); stopped. "
+        f"Last good checkpoint: {where}. Try a lower --learning-rate{hint}"
+    )
+
+
+def step_event(step: int, total: int, record: dict[str, Any], elapsed: float) -> dict[str, Any]:
+    """The `step` event the CLI's progress bar shows."""
+    return {
+        "event": "step",
+        "step": step,
+        "total": total,
+        "loss": record[Metric.LOSS],
+        "loss_mean": record[Metric.LOSS_MEAN],
+        "lr": record[Metric.LR],
+        "it_s": 1.0 / elapsed if elapsed > 0 else 0.0,
+    }
+
+
+def end_event(result: Any, interrupted: bool) -> dict[str, Any]:
+    """The `done` (or `interrupted`) event: the TrainResult's fields and the command that continues the run."""
+    return {
+        "event": "interrupted" if interrupted else "done",
+        **{k: (str(v) if isinstance(v, Path) else v) for k, v in result.__dict__.items()},
+        "resume_command": f"sdlora train --resume {result.run_dir}",
+    }
 
 
 def start_event(state: TrainState, effective_batch: int) -> dict[str, Any]:
