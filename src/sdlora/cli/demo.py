@@ -37,7 +37,7 @@ def demo(
     steps: Annotated[int, typer.Option("--steps", metavar="INT", help="Training steps (at least 1).")] = 30,
 ) -> None:
     """Run prepare, caption, train, sample, score and report offline on tiny models (about a minute)."""
-    from sdlora.cli.train import _Renderer
+    from sdlora.cli.train import TrainRenderer
     from sdlora.demo import run_demo
     from sdlora.models.loading import TINY_WARNING, is_tiny
 
@@ -48,7 +48,7 @@ def demo(
     if steps < 1:
         raise typer.BadParameter(f"must be at least 1, got {steps}", param_hint="--steps")
     err_console.print(f"[yellow]note:[/] {TINY_WARNING}", highlight=False, soft_wrap=True)
-    renderer = _Renderer()
+    renderer = TrainRenderer()
     with progress_bar(transient=True) as on_progress:
         result = run_demo(
             out,

@@ -30,7 +30,7 @@ Examples (the dataset defaults to ./dataset, the run goes to ./runs/<time>):
 DISTRIBUTED = "Distributed"
 
 
-def _options(
+def verb_options(
     overrides: Annotated[
         Optional[list[str]],
         typer.Argument(metavar="KEY=VALUE", hidden=True, show_default=False),  # in the verb's help text
@@ -95,7 +95,7 @@ def _param_name(option: config_mod.FieldOption) -> str:
     return option.key.replace(".", "__")  # lora.rank -> lora__rank: never one of the verb's own names
 
 
-def _field_parameters(option: config_mod.FieldOption) -> list[inspect.Parameter]:
+def field_parameters(option: config_mod.FieldOption) -> list[inspect.Parameter]:
     """A config field as Typer option(s); left out, it is None, so the config's default (or YAML) stands.
 
     A bool field is `--x` plus `--no-x`; the help lists `--x` and names `--no-x` in its text (a second
@@ -127,14 +127,14 @@ def _signature() -> inspect.Signature:
     """The verb's own options, the config fields by panel, then the Distributed panel."""
     own = [
         p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-        for p in inspect.signature(_options, eval_str=True).parameters.values()
+        for p in inspect.signature(verb_options, eval_str=True).parameters.values()
     ]
     launch = [p for p in own if getattr(typing.get_args(p.annotation)[1], "rich_help_panel", None) == DISTRIBUTED]
-    fields = [param for option in FIELDS for param in _field_parameters(option)]
+    fields = [param for option in FIELDS for param in field_parameters(option)]
     return inspect.Signature([*(p for p in own if p not in launch), *fields, *launch])
 
 
-def _flags(params: dict[str, Any]) -> dict[str, Any]:
+def flags_given(params: dict[str, Any]) -> dict[str, Any]:
     """The config fields given on the command line, by dotted key ({"lora.rank": 8})."""
     given = {}
     for option in FIELDS:
@@ -156,7 +156,7 @@ def train(**params: Any) -> None:
     """
     config, resume, num_processes = params["config"], params["resume"], params["num_processes"]
     accelerate_config = params["accelerate_config"]
-    flags = _flags(params)
+    flags = flags_given(params)
     dotted = list(params["overrides"] or [])
     if num_processes < 1:
         raise ConfigError(f"--num-processes must be at least 1, got {num_processes}")
@@ -187,11 +187,11 @@ def train(**params: Any) -> None:
         if not in_launched_process():
             _relaunch(config, resume, flags, dotted, num_processes, accelerate_config)
             return
-    _quiet_libraries()
+    quiet_libraries()
     from sdlora.train.runtime import StopNow
 
     main = os.environ.get("RANK", "0") == "0"
-    renderer = _Renderer()
+    renderer = TrainRenderer()
     try:
         result = loop.run_training(cfg, resume=resume_dir, on_event=renderer)
     except StopNow as stop:  # a second Ctrl-C / SIGTERM: nothing more is saved
@@ -249,7 +249,7 @@ def _relaunch(
         raise typer.Exit(code)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """sdlora reports what matters itself; library chatter (dtype notes, deprecations) only with --debug."""
     import os
 
@@ -262,7 +262,7 @@ def _quiet_libraries() -> None:
     transformers_logging.set_verbosity_error()
 
 
-class _Renderer:
+class TrainRenderer:
     """Draws the core's events: one line at start, a rich progress bar, warnings, a summary."""
 
     def __init__(self) -> None:

@@ -190,9 +190,9 @@ def _signature() -> inspect.Signature:
         p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
         for p in inspect.signature(_options, eval_str=True).parameters.values()
     ]
-    train_own = inspect.signature(train_cli._options, eval_str=True).parameters
+    train_own = inspect.signature(train_cli.verb_options, eval_str=True).parameters
     shared = [train_own[n].replace(kind=inspect.Parameter.KEYWORD_ONLY) for n in ("overrides", "config")]
-    fields = [p for o in train_cli.FIELDS if o.key not in _NOT_TUNE for p in train_cli._field_parameters(o)]
+    fields = [p for o in train_cli.FIELDS if o.key not in _NOT_TUNE for p in train_cli.field_parameters(o)]
     return inspect.Signature([*shared, *own, *fields])
 
 
@@ -214,7 +214,7 @@ def _layers(params: dict[str, Any]) -> tuple[list[dict[str, Any]], tuple[str, ..
         data = config_mod.read_yaml(params["space"])
         section = parse_section(data.get("tune", data), f"--space {params['space']}")
     layers += [
-        config_mod.flat_to_nested(train_cli._flags(params)),
+        config_mod.flat_to_nested(train_cli.flags_given(params)),
         config_mod.parse_dotted(list(params["overrides"] or [])),
     ]
     sources += ["command line", "overrides"]
@@ -302,7 +302,7 @@ def tune(**params: Any) -> None:
         highlight=False,
         soft_wrap=True,
     )
-    train_cli._quiet_libraries()
+    train_cli.quiet_libraries()
 
     def on_trial(record: dict[str, Any], data: dict[str, Any]) -> None:
         if record.get("status") == "failed":
@@ -320,7 +320,7 @@ def tune(**params: Any) -> None:
         on_trial=on_trial,
         ray_address=params["ray_address"],
         early_stop=params["early_stop"],
-        on_event=lambda job: train_cli._Renderer(),
+        on_event=lambda job: train_cli.TrainRenderer(),
     )
     _render(data)
     winner = data.get("winner")
