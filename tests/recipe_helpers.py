@@ -5,35 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from sdlora.cli import app
-from sdlora.config import load_config
-from sdlora.run import read_metrics
+from sdlora.run import Metric, read_metrics
 from sdlora.train import loop, resolve
+from test_train import tiny_cfg  # the one tiny config of the training tests
 
 runner = CliRunner()
 
 
-def tiny_cfg(tmp_path: Path, dataset: Path, flags: dict[str, Any] | None = None):
-    base = {
-        "model.name": "tiny-sd",
-        "data.dataset": str(dataset),
-        "run.runs_dir": str(tmp_path / "runs"),
-        "train.max_steps": 3,
-        "train.learning_rate": 1e-3,
-        "validation.validate_every": 0,
-        "validation.prompts": [],
-        "validation.steps": 2,
-        "checkpoint.checkpoint_every": 0,
-    }
-    return load_config(None, {**base, **(flags or {})}, [])
-
-
 def losses(run_dir: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+    return [r[Metric.LOSS] for r in read_metrics(run_dir / "metrics.jsonl") if Metric.LOSS in r]
 
 
 def lora_file(result: Any) -> dict[str, torch.Tensor]:
@@ -60,7 +46,7 @@ def straight_and_resumed(tmp_path: Path, dataset: Path, flags: dict[str, Any]) -
     run_dir, cfg, _ = resolve.resume_run(first.run_dir, [{}], ("command line",))
     second = loop.run_training(cfg, resume=run_dir)
     assert second.steps == 6
-    assert losses(second.run_dir) == __import__("pytest").approx(losses(straight.run_dir), abs=1e-5)
+    assert losses(second.run_dir) == pytest.approx(losses(straight.run_dir), abs=1e-5)
     a, b = lora_file(straight), lora_file(second)
     assert a.keys() == b.keys()
     for key in a:
