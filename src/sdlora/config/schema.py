@@ -268,6 +268,8 @@ class OptimArgs(_Group):
     """auto (bf16 on GPUs that have it, else fp16; fp32 on a CPU), no (fp32), fp16 (CUDA) or bf16: faster, less memory; LoRA weights stay fp32."""
     gradient_checkpointing: bool = field(default=False, metadata=cli(panel=_MEMORY))
     """Recompute activations in the backward pass: much less memory, about 30% slower steps."""
+    compile: bool = field(default=False, metadata=cli(panel=_MEMORY))
+    """torch.compile the UNet's transformer blocks (regional: one compile per block shape): faster GPU steps after a slower first one."""
     seed: int = 0
     """Seed for LoRA init, data order, noise and timesteps: the same seed repeats a run exactly."""
     snr_gamma: Optional[float] = None

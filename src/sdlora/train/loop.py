@@ -37,7 +37,7 @@ from sdlora.locks import release
 from sdlora.models.arch import Architecture, OnDevice
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
-from sdlora.train import dropout, ema, encode, lora, losses, monitor, optim, resolve, runtime, validation
+from sdlora.train import compiling, dropout, ema, encode, lora, losses, monitor, optim, resolve, runtime, validation
 from sdlora.train.data import BatchPlan, Conditioning, LatentSet, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
 from sdlora.train.preservation import dop_loss
@@ -149,6 +149,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         unet, encoders = lora.inject_lora(cfg, pipe, arch, device, weight_dtype)
         frozen_encoders = lora.token_encoders(tokens, encoders, pipe, arch, device, weight_dtype)
         check_exportable(unet, encoders or None, arch)  # a LoRA that could not be saved fails now, not at the end
+        compiling.compile_unet(cfg, unet)  # --compile: in place, after the LoRA is in (its keys stay as they are)
 
         # Everything that can fail on bad input has run: now the run folder, the optimizer, accelerate.
         run_dir, lock = runtime.create_run_dir(cfg, accelerator, resume)
