@@ -37,6 +37,7 @@ def tiny_cfg(tmp_path: Path, dataset: Path, flags: dict[str, Any] | None = None,
         "validation.prompts": [],
         "validation.steps": 2,
         "checkpoint.checkpoint_every": 0,
+        "train.mixed_precision": "no",  # fp32: the golden losses on every CPU (auto picks bf16 where it is native)
     }
     if config_file is not None:
         base = {}
@@ -103,7 +104,7 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
     assert info.dataset == tiny_dataset.resolve()
     saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     assert saved["lora"]["alpha"] == 16.0
-    assert saved["train"]["mixed_precision"] == ("bf16" if torch.cuda.is_available() else "no")  # "auto", resolved
+    assert saved["train"]["mixed_precision"] == "no"  # the golden losses are fp32's
 
     # metrics.jsonl: one line per step with the promised keys, val loss at 2 and 4.
     records = read_metrics(run / "metrics.jsonl")
@@ -527,6 +528,34 @@ def test_print_config_resolves_without_training(tmp_path: Path):
     assert result.exit_code == 0, result.output
     printed = yaml.safe_load(result.output)
     assert printed["lora"]["rank"] == 2 and printed["lora"]["dropout"] == 0.1 and printed["model"]["name"] == "tiny-sd"
+
+
+@pytest.mark.parametrize(
+    "cuda, cuda_bf16, cpu_bf16, expected",
+    [
+        (True, True, False, "bf16"),
+        (True, False, True, "fp16"),
+        (False, False, True, "bf16"),  # a CPU with AVX512-BF16 or AMX
+        (False, False, False, "no"),  # elsewhere bf16 is emulated, slower than fp32
+    ],
+)
+def test_auto_precision_follows_the_hardware(monkeypatch, cuda, cuda_bf16, cpu_bf16, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: cuda_bf16)
+    monkeypatch.setattr(resolve, "cpu_computes_bf16", lambda: cpu_bf16)
+    cfg = load_config(None, {"train.mixed_precision": "auto"})
+    assert resolve.resolve_precision(cfg).train.mixed_precision == expected
+    pinned = load_config(None, {"train.mixed_precision": "no"})
+    assert resolve.resolve_precision(pinned).train.mixed_precision == "no"  # only auto is resolved
+
+
+def test_cpu_bf16_probe_reads_the_cpu_flags():
+    """The probe agrees with the kernel's CPU flags (Linux), so auto picks bf16 exactly where it is native."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.is_file():
+        pytest.skip("no /proc/cpuinfo")
+    flags = set(cpuinfo.read_text().split())
+    assert resolve.cpu_computes_bf16() == bool({"avx512_bf16", "amx_bf16", "amx_tile"} & flags)
 
 
 @pytest.mark.parametrize(

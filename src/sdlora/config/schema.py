@@ -265,7 +265,7 @@ class OptimArgs(_Group):
     lr_warmup_steps: int = 0
     """Steps of linear warm-up at the start."""
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field(default="auto", metadata=cli(panel=_MEMORY))
-    """auto (bf16 on GPUs that have it, else fp16; fp32 on a CPU), no (fp32), fp16 (CUDA) or bf16: faster, less memory; LoRA weights stay fp32."""
+    """auto (bf16 on GPUs that have it, else fp16; on a CPU bf16 with AVX512-BF16 or AMX, else fp32), no (fp32), fp16 (CUDA) or bf16: faster, less memory; LoRA weights stay fp32."""
     gradient_checkpointing: bool = field(default=False, metadata=cli(panel=_MEMORY))
     """Recompute activations in the backward pass: much less memory, about 30% slower steps."""
     compile: bool = field(default=False, metadata=cli(panel=_MEMORY))

@@ -40,14 +40,25 @@ LOCKED = (
 
 
 def resolve_precision(cfg: Config) -> Config:
-    """`--mixed-precision auto`: bf16 on a CUDA GPU that has it, else fp16; fp32 on a CPU (bit-exact, portable)."""
+    """`--mixed-precision auto`: on a CUDA GPU bf16 where it has it, else fp16; on a CPU bf16 where it
+    computes bf16 natively (AVX512-BF16 or AMX: the UNet step is ~1.5x faster than fp32), else fp32."""
     if cfg.train.mixed_precision != "auto":
         return cfg
     if torch.cuda.is_available():
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     else:
-        precision = "no"
+        precision = "bf16" if cpu_computes_bf16() else "no"
     return config_mod.replace(cfg, train={"mixed_precision": precision})
+
+
+def cpu_computes_bf16() -> bool:
+    """Does this CPU run bf16 matmuls in hardware (AVX512-BF16 or AMX tiles)? Elsewhere oneDNN emulates
+    bf16, slower than fp32. torch only says so in private helpers, so a torch without them counts as no."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    try:
+        return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+    except RuntimeError:  # a build without the CPU-capability probes
+        return False
 
 
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
