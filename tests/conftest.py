@@ -38,6 +38,17 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def _wide_console(monkeypatch):
+    """sdlora's consoles print 200 columns in tests, so no asserted line wraps at a long tmp path
+    (pytest-xdist's worker folders make them longer). The consoles are made at import, so COLUMNS
+    set by a test would come too late for them; help screens are not these consoles."""
+    from sdlora.cli import _common
+
+    for console in (_common.console, _common.err_console):
+        monkeypatch.setattr(console, "_width", 200)
+
+
 @pytest.fixture
 def dreambench() -> Path:
     """The shared real photos (../shared/data/dreambench), or skip with the reason."""
