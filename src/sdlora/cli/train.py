@@ -269,6 +269,7 @@ class TrainRenderer:
         self.progress: Any = None
         self.task: Any = None
         self.bars: dict[str, Any] = {}
+        self.compile: dict[str, Any] | None = None  # --compile: the blocks, the first step, its time, later times
 
     def __call__(self, event: dict[str, Any]) -> None:
         kind = event["event"]
@@ -283,6 +284,7 @@ class TrainRenderer:
         elif kind == "start":
             self._start(event)
         elif kind == "step" and self.progress is not None:
+            self._compile_time(event)
             self.progress.update(
                 self.task,
                 completed=event["step"],
@@ -323,10 +325,13 @@ class TrainRenderer:
             f"  effective batch {event['effective_batch']} = {event['batch_size']} x {event['num_processes']} process(es)"
             f" x {event['gradient_accumulation']} accumulation; {event['total_steps']} steps"
             + (f" (from step {event['start_step']})" if event["start_step"] else "")
-            + f"; {event['device']}, precision {event['mixed_precision']}",
+            + f"; {event['device']}, precision {event['mixed_precision']}"
+            + (f", compiled ({event['compile']} UNet blocks)" if event.get("compile") else ""),
             highlight=False,
             soft_wrap=True,
         )
+        first = event["start_step"] + 1
+        self.compile = {"blocks": event["compile"], "first": first, "times": []} if event.get("compile") else None
         masked = event.get("masked_loss")
         if masked:
             console.print(
@@ -367,6 +372,21 @@ class TrainRenderer:
             lr="-",
             its="-",
         )
+
+    LATER_STEPS = 3  # steps after the first one whose median the compile line shows
+
+    def _compile_time(self, event: dict[str, Any]) -> None:
+        """--compile: one line once the first step (which compiles) and a few later ones have run."""
+        info = self.compile
+        if info is None or event["step"] < info["first"]:
+            return
+        info["times"].append(1.0 / event["it_s"] if event["it_s"] > 0 else 0.0)
+        if len(info["times"]) <= self.LATER_STEPS and event["step"] < event["total"]:
+            return
+        first, later = info["times"][0], info["times"][1:]
+        after = f" (later steps ~{sorted(later)[len(later) // 2]:.2f} s)" if later else ""  # their median
+        self._print(f"compile: first step {first:.1f} s{after}")
+        self.compile = None
 
     def _bar(self, what: str, done: int, total: int) -> None:
         from rich.progress import Progress
