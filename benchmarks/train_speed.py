@@ -380,13 +380,23 @@ def timed(
     else:  # the largest child so far: right only if this one is the largest
         after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
         rss_gb = after / 1e6 if after > before else (polled_gb or None)
+    faults = re.search(r"Major \(requiring I/O\) page faults: (\d+)", stderr)
     code = 0 if done else proc.returncode
     if over_cap:
         code = f"over {rss_cap_gb:g} GB: stopped"
     if code != 0 and not allow_failure:
         tail = "\n".join((stdout + stderr).strip().splitlines()[-25:])
         raise RuntimeError(f"command failed ({code}): {shlex.join(cmd)}\n{tail}")
-    return {"wall_s": wall, "rss_gb": rss_gb, "stdout": stdout, "stderr": stderr, "code": code, "over_cap": over_cap}
+    return {
+        "wall_s": wall,
+        "rss_gb": rss_gb,
+        "stdout": stdout,
+        "stderr": stderr,
+        "code": code,
+        "over_cap": over_cap,
+        # Weights are memory-mapped: many major faults mean they were re-read from disk (memory ran short).
+        "major_faults": int(faults.group(1)) if faults else None,
+    }
 
 
 def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool = False) -> dict | str:
@@ -412,6 +422,7 @@ def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool
     if run["code"]:
         raise RuntimeError(f"UNet floor failed: {run['stderr'].strip().splitlines()[-25:]}")
     result = json.loads(run["stdout"].strip().splitlines()[-1])
+    print(f"    steps {', '.join(f'{t:.2f}' for t in result['all'])} s; major page faults {run['major_faults']}")
     return {**result, "rss_gb": run["rss_gb"]}
 
 
@@ -530,7 +541,7 @@ def measure_train(model: Path, args: argparse.Namespace, train_args: str) -> dic
             failed = f", EXIT CODE {runs[label]['code']}" if runs[label]["code"] else ""
             print(
                 f"  sdlora train {steps} steps: {runs[label]['wall_s']:.1f} s, "
-                f"peak RSS {runs[label]['rss_gb']:.2f} GB{failed}",
+                f"peak RSS {runs[label]['rss_gb']:.2f} GB, major page faults {runs[label]['major_faults']}{failed}",
                 flush=True,
             )
             if failed:
@@ -613,7 +624,7 @@ def measure_diffusers(script: Path, model: Path, args: argparse.Namespace, preci
             )
             print(
                 f"  diffusers example {precision} {steps} steps: {runs[steps]['wall_s']:.1f} s, "
-                f"peak RSS {runs[steps]['rss_gb']:.2f} GB"
+                f"peak RSS {runs[steps]['rss_gb']:.2f} GB, major page faults {runs[steps]['major_faults']}"
                 + (f", {runs[steps]['code']}" if runs[steps]["code"] else ""),
                 flush=True,
             )
@@ -633,6 +644,22 @@ def measure_diffusers(script: Path, model: Path, args: argparse.Namespace, preci
 
 
 # ----------------------------------------------------------------------------- report
+def print_table(rows: list[tuple[str, dict | str]], floor: float | None) -> None:
+    """The Markdown table of the rows: s/step, x the fp32 floor, start-up, peak RSS (a str row: why not)."""
+    width = max([44, *(len(name) for name, _ in rows)])
+    print()
+    print(f"| {'what':<{width}} | s/step | x fp32 floor | start-up | peak RSS |")
+    print(f"|{'-' * (width + 2)}|--------|--------------|----------|----------|")
+    for name, r in rows:
+        if isinstance(r, str):
+            print(f"| {name:<{width}} | {r} |")
+            continue
+        ratio = f"{r['s_per_step'] / floor:.2f}" if floor else "-"
+        startup = f"{r['startup_s']:.1f} s" if "startup_s" in r else f"load {r['load_s']:.1f} s"
+        rss = f"{r['rss_gb']:.2f} GB" if r.get("rss_gb") else "-"
+        print(f"| {name:<{width}} | {r['s_per_step']:6.2f} | {ratio:>12} | {startup:>8} | {rss:>8} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -750,17 +777,7 @@ def main() -> None:
         (r["s_per_step"] for name, r in rows if name.startswith("UNet") and "fp32" in name and isinstance(r, dict)),
         None,
     )
-    print()
-    print(f"| {'what':<44} | s/step | x fp32 floor | start-up | peak RSS |")
-    print(f"|{'-' * 46}|--------|--------------|----------|----------|")
-    for name, r in rows:
-        if isinstance(r, str):
-            print(f"| {name:<44} | {r} |")
-            continue
-        ratio = f"{r['s_per_step'] / floor:.2f}" if floor else "-"
-        startup = f"{r['startup_s']:.1f} s" if "startup_s" in r else f"load {r['load_s']:.1f} s"
-        rss = f"{r['rss_gb']:.2f} GB" if r.get("rss_gb") else "-"
-        print(f"| {name:<44} | {r['s_per_step']:6.2f} | {ratio:>12} | {startup:>8} | {rss:>8} |")
+    print_table(rows, floor)
 
 
 if __name__ == "__main__":

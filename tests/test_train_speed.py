@@ -41,6 +41,7 @@ def test_random_models_have_the_real_architectures_size(arch):
     assert counts == REAL_PARAMETERS[arch]
 
 
+@pytest.mark.slow  # ~2.5 s idle, ~5 s under load: over the default suite's budget for a by-hand benchmark's path
 def test_sdxl_folder_is_written_part_by_part_and_loads_as_sdxl(tmp_path, monkeypatch):
     from sdlora.models.loading import load_pipeline
     from sdlora.models.tiny import tiny_sdxl
