@@ -31,8 +31,8 @@ repository that is never committed here.
 Method (../shared/PERFORMANCE.md): a random-weight model with the real SD 1.5 or SDXL base
 architecture (same compute as the real one; ARCHS holds each one's configs) is built from configs
 and saved once, part by part, with `save_pretrained` (reused afterwards). SDXL is trained at
-1024 px normally; 256 px (32x32 latents) is the default here because a step at 1024 px costs
-about 16x as much, minutes on a 2-core CPU (the GPU benchmark, benchmarks/gpu.py, runs SDXL at
+1024 px normally; 256 px (32x32 latents) is the size used here because a step at 1024 px costs
+at least 16x as much (16x the pixels), minutes on a 2-core CPU (the GPU benchmark, benchmarks/gpu.py, runs SDXL at
 1024 px). The floor is the UNet forward+backward with LoRA on the attention
 projections (SDXL: with its pooled-text and time-id conditioning), fp32 and under bf16 autocast.
 `sdlora train` is timed as whole processes at two
