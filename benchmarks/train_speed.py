@@ -11,6 +11,13 @@ Run by hand (minutes; about 5 GB of disk for the model folder, ~8 GB of RAM):
     .venv/bin/python benchmarks/train_speed.py --skip-unet --prepare-args="--masks alpha" --train-args="--masked-loss"
     .venv/bin/python benchmarks/train_speed.py --diffusers-script /path/to/diffusers/examples/dreambooth/train_dreambooth_lora.py
 
+The SDXL row (`--arch sdxl`: about 14 GB of disk for its folder, built once, and ~16 GB of RAM;
+on a shared machine run it under `flock /tmp/sdlora-heavy.lock`):
+
+    .venv/bin/python benchmarks/train_speed.py --arch sdxl --steps 2 4 --iters 2 --floor-precisions fp32 \
+        --train-args="--no-train-token-embedding" \
+        --diffusers-script /path/to/diffusers/examples/dreambooth/train_dreambooth_lora_sdxl.py
+
 `--train-args` may be given several times: each is timed as its own row, in one sitting.
 `--photos` and `--prepare-args` choose what `sdlora prepare` makes of which photos (the default
 DreamBench photos are square; examples/photos are 4:3, for aspect-ratio buckets).
@@ -21,18 +28,26 @@ image, written into its manifest like `prepare --masks` does (`--with-masks` alo
 model folder, photos, resolution, batch, rank, step counts), from a local copy of the diffusers
 repository that is never committed here.
 
-Method (../shared/PERFORMANCE.md): a random-weight model with the real SD 1.5 architecture
-(same compute as the real one) is built from configs and saved once with `save_pretrained`
-(reused afterwards). The floor is the UNet forward+backward with LoRA on the attention
-projections, fp32 and under bf16 autocast. `sdlora train` is timed as whole processes at two
+Method (../shared/PERFORMANCE.md): a random-weight model with the real SD 1.5 or SDXL base
+architecture (same compute as the real one; ARCHS holds each one's configs) is built from configs
+and saved once, part by part, with `save_pretrained` (reused afterwards). SDXL is trained at
+1024 px normally; 256 px (32x32 latents) is the size used here because a step at 1024 px costs
+at least 16x as much (16x the pixels), minutes on a 2-core CPU (the GPU benchmark, benchmarks/gpu.py, runs SDXL at
+1024 px). The floor is the UNet forward+backward with LoRA on the attention
+projections (SDXL: with its pooled-text and time-id conditioning), fp32 and under bf16 autocast.
+`sdlora train` is timed as whole processes at two
 step counts; the marginal time per step cancels start-up (imports, model load, caching),
-which is reported separately. Peak RSS comes from /usr/bin/time -v around each process.
+which is reported separately. Peak RSS comes from /usr/bin/time -v around each process; a process
+whose processes together pass `--rss-cap-gb` (20 GB) is stopped and its row says it did not fit.
+diffusers' SDXL example is timed until it has written its LoRA and stopped there: what follows
+is its final inference, which reloads the whole pipeline beside the trained one (2 x 14 GB).
 Machines shared with other work are noisy: compare the ratios printed at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import os
@@ -45,60 +60,88 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 DREAMBENCH = REPO.parent / "shared" / "data" / "dreambench" / "duck_toy"
 
 
-def default_cache() -> Path:
-    return Path(os.environ.get("SDLORA_CACHE", Path.home() / ".cache" / "sdlora")) / "bench" / "sd15-random"
+# ----------------------------------------------------------------------------- the model folders
+@dataclass(frozen=True)
+class Arch:
+    """One architecture's benchmark model: its folder name, its pipeline and how each part is built."""
+
+    key: str
+    label: str
+    folder: str  # under <cache>/bench/
+    pipeline: str  # diffusers pipeline class
+    networks: Callable[[], dict[str, Callable[[], Any]]]  # the big parts, built (and saved, freed) one at a time
+    parts: Callable[[], dict[str, Any]]  # tokenizers, scheduler, absent parts (None)
+    diffusers_script: str  # the diffusers example it is compared with
+    # Stop the example's clock (and the example) when it has written its LoRA: what follows is its final
+    # inference, which reloads the whole pipeline beside the trained one (SDXL: 2 x 14 GB, over 24 GiB).
+    diffusers_until_saved: bool = False
 
 
-# ----------------------------------------------------------------------------- the model folder
-def build_sd15_random(folder: Path) -> Path:
-    """A StableDiffusionPipeline folder with random weights and the real SD 1.5 architecture."""
-    if (folder / "model_index.json").is_file():
-        return folder
-    import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _clip_text(hidden: int, layers: int, heads: int, act: str, projection: bool = False) -> Any:
+    """A CLIP text encoder of the given size: 77 positions, the CLIP vocabulary."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from sdlora.models.tiny import clip_tokenizer
-
-    print(f"building a random-weight SD 1.5-size model in {folder} (once) ...", flush=True)
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(  # diffusers' defaults are SD 1.5's blocks and layers
-        sample_size=64,
-        block_out_channels=(320, 640, 1280, 1280),
-        cross_attention_dim=768,
-        attention_head_dim=8,
+    config = CLIPTextConfig(
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        hidden_act=act,
+        vocab_size=49408,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
     )
-    vae = AutoencoderKL(
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae(sample_size: int, scaling_factor: float, **extra: Any) -> Any:
+    """SD's VAE (SD 1.5 and SDXL share it): four blocks, 128-512 channels, 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         block_out_channels=(128, 256, 512, 512),
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         layers_per_block=2,
         latent_channels=4,
-        sample_size=512,
-        scaling_factor=0.18215,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+        **extra,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            projection_dim=768,
-            hidden_act="quick_gelu",
-            vocab_size=49408,
-            bos_token_id=49406,
-            eos_token_id=49407,
-            pad_token_id=1,
-        )
-    )
+
+
+def _sd15_networks() -> dict[str, Callable[[], Any]]:
+    from diffusers import UNet2DConditionModel
+
+    return {
+        "unet": lambda: UNet2DConditionModel(  # diffusers' defaults are SD 1.5's blocks and layers
+            sample_size=64,
+            block_out_channels=(320, 640, 1280, 1280),
+            cross_attention_dim=768,
+            attention_head_dim=8,
+        ),
+        "vae": lambda: _vae(512, 0.18215),
+        "text_encoder": lambda: _clip_text(768, 12, 12, "quick_gelu"),  # CLIP ViT-L/14
+    }
+
+
+def _sd15_parts() -> dict[str, Any]:
+    from diffusers import PNDMScheduler
+
+    from sdlora.models.tiny import clip_tokenizer
+
     scheduler = PNDMScheduler(  # SD 1.5's scheduler_config.json
         beta_start=0.00085,
         beta_end=0.012,
@@ -108,21 +151,133 @@ def build_sd15_random(folder: Path) -> Path:
         steps_offset=1,
         set_alpha_to_one=False,
     )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=clip_tokenizer(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    return {
+        "tokenizer": clip_tokenizer(),
+        "scheduler": scheduler,
+        "safety_checker": None,
+        "feature_extractor": None,
+        "requires_safety_checker": False,
+    }
+
+
+def _sdxl_networks() -> dict[str, Callable[[], Any]]:
+    from diffusers import UNet2DConditionModel
+
+    return {
+        "unet": lambda: UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0's unet/config.json
+            sample_size=128,
+            block_out_channels=(320, 640, 1280),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 10),
+            attention_head_dim=(5, 10, 20),
+            use_linear_projection=True,
+            cross_attention_dim=2048,  # 768 + 1280: both text encoders' penultimate states
+            addition_embed_type="text_time",
+            addition_time_embed_dim=256,
+            projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled text 1280
+        ),
+        "vae": lambda: _vae(1024, 0.13025, force_upcast=True),
+        "text_encoder": lambda: _clip_text(768, 12, 12, "quick_gelu"),  # CLIP ViT-L/14
+        "text_encoder_2": lambda: _clip_text(1280, 32, 20, "gelu", projection=True),  # OpenCLIP ViT-bigG/14
+    }
+
+
+def _sdxl_parts() -> dict[str, Any]:
+    from diffusers import EulerDiscreteScheduler
+
+    from sdlora.models.tiny import clip_tokenizer
+
+    scheduler = EulerDiscreteScheduler(  # SDXL base's scheduler_config.json
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
     )
+    return {
+        "tokenizer": clip_tokenizer(),
+        "tokenizer_2": clip_tokenizer(pad_token="!"),  # OpenCLIP's tokenizer pads with "!"
+        "scheduler": scheduler,
+    }
+
+
+ARCHS = {
+    "sd15": Arch(
+        "sd15",
+        "SD 1.5",
+        "sd15-random",
+        "StableDiffusionPipeline",
+        _sd15_networks,
+        _sd15_parts,
+        "train_dreambooth_lora.py",
+    ),
+    "sdxl": Arch(
+        "sdxl",
+        "SDXL",
+        "sdxl-random",
+        "StableDiffusionXLPipeline",
+        _sdxl_networks,
+        _sdxl_parts,
+        "train_dreambooth_lora_sdxl.py",
+        diffusers_until_saved=True,
+    ),
+}
+
+
+def default_cache(arch: str = "sd15") -> Path:
+    """Where the random-weight model folder of `arch` is built once and reused."""
+    return Path(os.environ.get("SDLORA_CACHE", Path.home() / ".cache" / "sdlora")) / "bench" / ARCHS[arch].folder
+
+
+def build_random(arch: str, folder: Path, device: str = "cpu") -> Path:
+    """A diffusers pipeline folder with random weights and the real architecture of `arch` (ARCHS).
+
+    The networks are built, saved and freed one at a time, so the peak memory is the largest
+    one (SDXL's UNet: 10.3 GB in fp32), not the whole model (14 GB); `device` is where they
+    are initialised (a GPU does it in seconds; tokenizers and the scheduler stay on the CPU).
+    model_index.json comes from the same pipeline built on the meta device (no memory), so
+    the folder is exactly what `save_pretrained` of the whole pipeline writes.
+    """
+    if (folder / "model_index.json").is_file():
+        return folder
+    import diffusers
+    import torch
+
+    spec = ARCHS[arch]
+    print(f"building a random-weight {spec.label}-size model in {folder} (once) ...", flush=True)
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
+    networks, parts = spec.networks(), spec.parts()
+    with torch.device("meta"):
+        getattr(diffusers, spec.pipeline)(**{name: build() for name, build in networks.items()}, **parts).save_config(
+            tmp
+        )
+    torch.manual_seed(0)
+    for name, build in networks.items():
+        with torch.device(device):
+            module = build()
+        module.save_pretrained(tmp / name)  # safetensors copies GPU tensors to the CPU itself
+        del module
+        gc.collect()
+    for name, part in parts.items():
+        if hasattr(part, "save_pretrained"):
+            part.save_pretrained(tmp / name)
     tmp.rename(folder)  # a half-written folder is never mistaken for a finished one
     return folder
+
+
+def build_sd15_random(folder: Path) -> Path:
+    """A StableDiffusionPipeline folder with random weights and the real SD 1.5 architecture."""
+    return build_random("sd15", folder)
+
+
+def build_sdxl_random(folder: Path, device: str = "cpu") -> Path:
+    """A StableDiffusionXLPipeline folder with random weights and the real SDXL base architecture."""
+    return build_random("sdxl", folder, device)
 
 
 # ----------------------------------------------------------------------------- the UNet floor
@@ -144,13 +299,21 @@ def unet_worker(model: Path, resolution: int, rank: int, precision: str, iters: 
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(1, 4, resolution // 8, resolution // 8, generator=g)
     target = torch.randn(latents.shape, generator=g)
-    text = torch.randn(1, 77, 768, generator=g)
+    cfg = unet.config
+    text = torch.randn(1, 77, cfg.cross_attention_dim, generator=g)
+    added = {}
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text and the six micro-conditioning time ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        added["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled, generator=g),
+            "time_ids": torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32),
+        }
     times = []
     for _ in range(iters + 1):  # the first is warm-up
         t = torch.randint(0, 1000, (1,), generator=g)
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            pred = unet(latents, t, text).sample
+            pred = unet(latents, t, text, **added).sample
         F.mse_loss(pred.float(), target).backward()
         unet.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - start)
@@ -158,28 +321,85 @@ def unet_worker(model: Path, resolution: int, rank: int, precision: str, iters: 
 
 
 # ----------------------------------------------------------------------------- process timing
-def timed(cmd: list[str], cwd: Path | None = None, allow_failure: bool = False) -> dict:
-    """Wall time, peak RSS (GB) and output of one process."""
+def timed(
+    cmd: list[str],
+    cwd: Path | None = None,
+    allow_failure: bool = False,
+    *,
+    rss_cap_gb: float | None = None,
+    done_file: Path | None = None,
+) -> dict:
+    """Wall time, peak RSS (GB) and output of one process.
+
+    `rss_cap_gb`: stop the command when its processes together hold more than this (a model that
+    does not fit must not push the shared machine into the OOM killer); the result says `over_cap`.
+    `done_file`: the clock stops when this file is written (its size is steady for a poll) and the
+    command is stopped there: what it does afterwards is not timed.
+    """
+    import psutil
+
     use_time = Path("/usr/bin/time").is_file()
     full = ["/usr/bin/time", "-v", *cmd] if use_time else cmd
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     start = time.perf_counter()
-    proc = subprocess.run(full, cwd=cwd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
+    proc = subprocess.Popen(full, cwd=cwd, stdout=out, stderr=err, text=True)
+    wall, polled_gb, over_cap, done, last_size, seen = None, 0.0, False, False, -1, None
+    while proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            rss = sum(p.memory_info().rss for p in tree if p.is_running()) / 1e9
+        except psutil.Error:
+            continue
+        polled_gb = max(polled_gb, rss)
+        size = done_file.stat().st_size if done_file is not None and done_file.is_file() else -1
+        if size > 0 and seen is None:
+            seen = time.perf_counter() - start
+        done = size > 0 and size == last_size
+        last_size = size
+        over_cap = rss_cap_gb is not None and rss > rss_cap_gb
+        if done or over_cap:
+            wall = seen if done else time.perf_counter() - start
+            # Stop the leaves only, so each parent (and /usr/bin/time) still waits and reports the peak.
+            for p in tree:
+                try:
+                    if not p.children():
+                        p.kill()
+                except psutil.Error:
+                    pass
+            break
+    proc.wait()
+    wall = wall if wall is not None else time.perf_counter() - start
+    out.seek(0), err.seek(0)
+    stdout, stderr = out.read(), err.read()
     rss_gb = None
-    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", stderr)
     if match:
         rss_gb = int(match.group(1)) / 1e6
     else:  # the largest child so far: right only if this one is the largest
         after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        rss_gb = after / 1e6 if after > before else None
-    if proc.returncode != 0 and not allow_failure:
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-25:])
-        raise RuntimeError(f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{tail}")
-    return {"wall_s": wall, "rss_gb": rss_gb, "stdout": proc.stdout, "stderr": proc.stderr, "code": proc.returncode}
+        rss_gb = after / 1e6 if after > before else (polled_gb or None)
+    faults = re.search(r"Major \(requiring I/O\) page faults: (\d+)", stderr)
+    code = 0 if done else proc.returncode
+    if over_cap:
+        code = f"over {rss_cap_gb:g} GB: stopped"
+    if code != 0 and not allow_failure:
+        tail = "\n".join((stdout + stderr).strip().splitlines()[-25:])
+        raise RuntimeError(f"command failed ({code}): {shlex.join(cmd)}\n{tail}")
+    return {
+        "wall_s": wall,
+        "rss_gb": rss_gb,
+        "stdout": stdout,
+        "stderr": stderr,
+        "code": code,
+        "over_cap": over_cap,
+        # Weights are memory-mapped: many major faults mean they were re-read from disk (memory ran short).
+        "major_faults": int(faults.group(1)) if faults else None,
+    }
 
 
-def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool = False) -> dict:
+def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool = False) -> dict | str:
     cmd = [
         sys.executable,
         __file__,
@@ -196,8 +416,13 @@ def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool
     ]
     if gc:
         cmd.append("--worker-gc")
-    run = timed(cmd)
+    run = timed(cmd, rss_cap_gb=args.rss_cap_gb, allow_failure=args.rss_cap_gb is not None)
+    if run["over_cap"]:
+        return f"did not fit: stopped at {run['rss_gb']:.2f} GB peak RSS (cap {args.rss_cap_gb:g} GB)"
+    if run["code"]:
+        raise RuntimeError(f"UNet floor failed: {run['stderr'].strip().splitlines()[-25:]}")
     result = json.loads(run["stdout"].strip().splitlines()[-1])
+    print(f"    steps {', '.join(f'{t:.2f}' for t in result['all'])} s; major page faults {run['major_faults']}")
     return {**result, "rss_gb": run["rss_gb"]}
 
 
@@ -306,12 +531,17 @@ def measure_train(model: Path, args: argparse.Namespace, train_args: str) -> dic
             cwd.mkdir()
             (cwd / "dataset").symlink_to(dataset)
             runs[label] = timed(
-                train_cmd(help_text, model, args, steps, train_args), cwd=cwd, allow_failure=args.allow_failure
+                train_cmd(help_text, model, args, steps, train_args),
+                cwd=cwd,
+                allow_failure=args.allow_failure or args.rss_cap_gb is not None,
+                rss_cap_gb=args.rss_cap_gb,
             )
+            if runs[label]["over_cap"]:
+                return f"did not fit: stopped at {runs[label]['rss_gb']:.2f} GB peak RSS (cap {args.rss_cap_gb:g} GB)"
             failed = f", EXIT CODE {runs[label]['code']}" if runs[label]["code"] else ""
             print(
                 f"  sdlora train {steps} steps: {runs[label]['wall_s']:.1f} s, "
-                f"peak RSS {runs[label]['rss_gb']:.2f} GB{failed}",
+                f"peak RSS {runs[label]['rss_gb']:.2f} GB, major page faults {runs[label]['major_faults']}{failed}",
                 flush=True,
             )
             if failed:
@@ -378,19 +608,30 @@ def diffusers_cmd(
     ]  # needs the tensorboard extra
 
 
-def measure_diffusers(script: Path, model: Path, args: argparse.Namespace, precision: str) -> dict:
+def measure_diffusers(script: Path, model: Path, args: argparse.Namespace, precision: str) -> dict | str:
     """Marginal s/step, start-up and peak RSS of the diffusers example, on the images sdlora trains on."""
     work = Path(tempfile.mkdtemp(prefix="sdlora-bench-diffusers-"))
     try:
         photos = prepare_dataset(work, args.resolution) / "images"
         runs = {}
         for steps in args.steps:
-            runs[steps] = timed(diffusers_cmd(script, model, photos, work / f"out-{steps}", args, steps, precision))
+            out = work / f"out-{steps}"
+            runs[steps] = timed(
+                diffusers_cmd(script, model, photos, out, args, steps, precision),
+                allow_failure=args.rss_cap_gb is not None,
+                rss_cap_gb=args.rss_cap_gb,
+                done_file=out / "pytorch_lora_weights.safetensors" if ARCHS[args.arch].diffusers_until_saved else None,
+            )
             print(
                 f"  diffusers example {precision} {steps} steps: {runs[steps]['wall_s']:.1f} s, "
-                f"peak RSS {runs[steps]['rss_gb']:.2f} GB",
+                f"peak RSS {runs[steps]['rss_gb']:.2f} GB, major page faults {runs[steps]['major_faults']}"
+                + (f", {runs[steps]['code']}" if runs[steps]["code"] else ""),
                 flush=True,
             )
+            if runs[steps]["over_cap"]:
+                return f"did not fit: stopped at {runs[steps]['rss_gb']:.2f} GB peak RSS (cap {args.rss_cap_gb:g} GB)"
+            if runs[steps]["code"]:
+                raise RuntimeError(f"diffusers example failed: {runs[steps]['stderr'].strip().splitlines()[-25:]}")
         small, large = args.steps
         per_step = (runs[large]["wall_s"] - runs[small]["wall_s"]) / (large - small)
         return {
@@ -403,8 +644,27 @@ def measure_diffusers(script: Path, model: Path, args: argparse.Namespace, preci
 
 
 # ----------------------------------------------------------------------------- report
+def print_table(rows: list[tuple[str, dict | str]], floor: float | None) -> None:
+    """The Markdown table of the rows: s/step, x the fp32 floor, start-up, peak RSS (a str row: why not)."""
+    width = max([44, *(len(name) for name, _ in rows)])
+    print()
+    print(f"| {'what':<{width}} | s/step | x fp32 floor | start-up | peak RSS |")
+    print(f"|{'-' * (width + 2)}|--------|--------------|----------|----------|")
+    for name, r in rows:
+        if isinstance(r, str):
+            print(f"| {name:<{width}} | {r} |")
+            continue
+        ratio = f"{r['s_per_step'] / floor:.2f}" if floor else "-"
+        startup = f"{r['startup_s']:.1f} s" if "startup_s" in r else f"load {r['load_s']:.1f} s"
+        rss = f"{r['rss_gb']:.2f} GB" if r.get("rss_gb") else "-"
+        print(f"| {name:<{width}} | {r['s_per_step']:6.2f} | {ratio:>12} | {startup:>8} | {rss:>8} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--arch", choices=sorted(ARCHS), default="sd15", help="the architecture of the random-weight model (ARCHS)"
+    )
     parser.add_argument("--model-dir", type=Path, default=None, help="model folder (built once if missing)")
     parser.add_argument("--resolution", type=int, default=256)
     parser.add_argument("--rank", type=int, default=16)
@@ -426,7 +686,20 @@ def main() -> None:
     parser.add_argument(
         "--with-masks", action="store_true", help="give a dataset without masks centred-disk subject masks"
     )
+    parser.add_argument(
+        "--floor-precisions",
+        nargs="+",
+        choices=["fp32", "bf16"],
+        default=["fp32", "bf16"],
+        help="the UNet floor rows: fp32 and/or bf16 autocast",
+    )
     parser.add_argument("--gradient-checkpointing", action="store_true", help="also time the UNet floor with it")
+    parser.add_argument(
+        "--rss-cap-gb",
+        type=float,
+        default=20.0,
+        help="stop a timed process over this peak RSS and report the row as not fitting (0: no cap)",
+    )
     parser.add_argument("--skip-unet", action="store_true")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument(
@@ -439,7 +712,8 @@ def main() -> None:
         "--diffusers-script",
         type=Path,
         default=None,
-        help="diffusers' examples/dreambooth/train_dreambooth_lora.py: time it at the same settings",
+        help="diffusers' examples/dreambooth/train_dreambooth_lora.py (--arch sdxl: train_dreambooth_lora_sdxl.py): "
+        "time it at the same settings",
     )
     parser.add_argument(
         "--diffusers-precision", default="no", choices=["no", "bf16"], help="mixed precision for the diffusers example"
@@ -448,7 +722,8 @@ def main() -> None:
     parser.add_argument("--worker-gc", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = args.model_dir or default_cache()
+    args.rss_cap_gb = args.rss_cap_gb or None
+    model = args.model_dir or default_cache(args.arch)
     if args.worker_unet:
         unet_worker(model, args.resolution, args.rank, args.worker_unet, args.iters, args.worker_gc)
         return
@@ -462,23 +737,27 @@ def main() -> None:
             "--no-masked-loss --preservation dop",
         ]
 
+    spec = ARCHS[args.arch]
+    if args.diffusers_script and args.diffusers_script.name != spec.diffusers_script:
+        print(f"note: {spec.label} is usually compared with diffusers' {spec.diffusers_script}", flush=True)
     model.parent.mkdir(parents=True, exist_ok=True)
-    build_sd15_random(model)
+    build_random(args.arch, model)
     print(
-        f"model {model}; {args.resolution} px, batch 1, LoRA rank {args.rank} on {', '.join(LORA_TARGETS)}; "
-        f"{os.cpu_count()} CPUs",
+        f"{spec.label}-size model {model}; {args.resolution} px, batch 1, LoRA rank {args.rank} on "
+        f"{', '.join(LORA_TARGETS)}; {os.cpu_count()} CPUs",
         flush=True,
     )
     rows: list[tuple[str, dict | str]] = []
     if not args.skip_unet:
-        for precision in ("fp32", "bf16"):
+        for precision in args.floor_precisions:
             rows.append(
                 (
                     f"UNet fwd+bwd, {precision}" + (" autocast" if precision == "bf16" else ""),
                     measure_unet(model, args, precision),
                 )
             )
-            print(f"  {rows[-1][0]}: {rows[-1][1]['s_per_step']:.2f} s", flush=True)
+            r = rows[-1][1]
+            print(f"  {rows[-1][0]}: " + (r if isinstance(r, str) else f"{r['s_per_step']:.2f} s"), flush=True)
         if args.gradient_checkpointing:
             rows.append(("UNet fwd+bwd, fp32, grad. checkpointing", measure_unet(model, args, "fp32", gc=True)))
     if not args.skip_train:
@@ -489,7 +768,7 @@ def main() -> None:
     if args.diffusers_script:
         rows.append(
             (
-                f"diffusers train_dreambooth_lora.py ({args.diffusers_precision})",
+                f"diffusers {args.diffusers_script.name} ({args.diffusers_precision})",
                 measure_diffusers(args.diffusers_script, model, args, args.diffusers_precision),
             )
         )
@@ -498,17 +777,7 @@ def main() -> None:
         (r["s_per_step"] for name, r in rows if name.startswith("UNet") and "fp32" in name and isinstance(r, dict)),
         None,
     )
-    print()
-    print(f"| {'what':<44} | s/step | x fp32 floor | start-up | peak RSS |")
-    print(f"|{'-' * 46}|--------|--------------|----------|----------|")
-    for name, r in rows:
-        if isinstance(r, str):
-            print(f"| {name:<44} | {r} |")
-            continue
-        ratio = f"{r['s_per_step'] / floor:.2f}" if floor else "-"
-        startup = f"{r['startup_s']:.1f} s" if "startup_s" in r else f"load {r['load_s']:.1f} s"
-        rss = f"{r['rss_gb']:.2f} GB" if r.get("rss_gb") else "-"
-        print(f"| {name:<44} | {r['s_per_step']:6.2f} | {ratio:>12} | {startup:>8} | {rss:>8} |")
+    print_table(rows, floor)
 
 
 if __name__ == "__main__":
