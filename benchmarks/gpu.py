@@ -94,7 +94,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_speed import LORA_TARGETS, build_sd15_random  # noqa: E402  (benchmarks/ is a folder of scripts)
+from train_speed import LORA_TARGETS, build_random  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 REPO = Path(__file__).resolve().parents[1]
 CARRY = REPO / ".gpu-carry"
@@ -312,101 +312,12 @@ def unmet_requirements(names: tuple[str, ...] = ("sdlora", "diffusers", "open_cl
 
 
 # ============================================================================ models and photos
-def _clip_text_config(hidden: int, layers: int, heads: int, act: str) -> Any:
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=77,
-        projection_dim=hidden,
-        hidden_act=act,
-        vocab_size=49408,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=1,
-    )
-
-
-def build_sdxl_random(folder: Path, device: str = "cpu") -> Path:
-    """A StableDiffusionXLPipeline folder with random weights and the real SDXL base architecture.
-
-    The networks are initialised on `device` (a GPU does it in seconds); the scheduler, which
-    computes with numpy, on the CPU.
-    """
-    if (folder / "model_index.json").is_file():
-        return folder
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from sdlora.models.tiny import clip_tokenizer
-
-    print(f"building a random-weight SDXL-size model in {folder} (once) ...", flush=True)
-    torch.manual_seed(0)
-    with torch.device(device):
-        unet = UNet2DConditionModel(  # stabilityai/stable-diffusion-xl-base-1.0's unet/config.json
-            sample_size=128,
-            block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            layers_per_block=2,
-            transformer_layers_per_block=(1, 2, 10),
-            attention_head_dim=(5, 10, 20),
-            use_linear_projection=True,
-            cross_attention_dim=2048,  # 768 + 1280: both text encoders' penultimate states
-            addition_embed_type="text_time",
-            addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816,  # 6 time ids x 256 + pooled text 1280
-        )
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512),
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            layers_per_block=2,
-            latent_channels=4,
-            sample_size=1024,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
-        text_encoder = CLIPTextModel(_clip_text_config(768, 12, 12, "quick_gelu"))  # CLIP ViT-L/14
-        text_encoder_2 = CLIPTextModelWithProjection(_clip_text_config(1280, 32, 20, "gelu"))  # OpenCLIP bigG/14
-    scheduler = EulerDiscreteScheduler(  # SDXL base's scheduler_config.json
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        steps_offset=1,
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
-    pipe = StableDiffusionXLPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=clip_tokenizer(),
-        tokenizer_2=clip_tokenizer(pad_token="!"),
-        scheduler=scheduler,
-    )
-    tmp = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)  # safetensors copies GPU tensors to the CPU itself
-    tmp.rename(folder)  # a half-written folder is never mistaken for a finished one
-    return folder
-
-
 def build_model(key: str, folder: Path, device: str) -> Path:
     """Build a random-weight model folder, initialising on the GPU when there is one (much faster)."""
     import torch
 
     def build(device: str) -> Path:
-        if key == "sdxl":
-            return build_sdxl_random(folder, device)
-        with torch.device(device):  # train_speed's builder makes everything inside: its scheduler copes
-            return build_sd15_random(folder)
+        return build_random(key, folder, device)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     try:
