@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import gc
+import sys
 
 import torch
 
@@ -33,9 +36,29 @@ def _mps_available() -> bool:
 
 
 def free_memory() -> None:
-    """Collect garbage and return cached accelerator memory (between stages, after freeing models)."""
+    """Collect garbage, give the freed heap back to the OS and return cached accelerator memory (between
+    stages, after freeing models). Without the heap trim, glibc keeps what models and activations freed
+    in the process (its resident size stays up) and a later stage's allocations land on top of it."""
     gc.collect()
+    _trim_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     elif _mps_available():
         torch.mps.empty_cache()
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> object | None:
+    """glibc's malloc_trim, or None (not Linux, or another C library)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _trim_heap() -> None:
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)  # type: ignore[operator]

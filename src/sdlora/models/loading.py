@@ -107,6 +107,26 @@ def load_vae(vae: str, dtype: torch.dtype) -> Any:
         raise _model_error(vae, exc) from exc
 
 
+def load_base_vae(
+    model: str, *, revision: str | None = None, variant: str | None = None, vae: str | None = None, dtype: torch.dtype
+) -> Any:
+    """The VAE `load_pipeline` gives `model` (the replacement `vae` when given), loaded on its own: the
+    same weights, from the same files. Not for the tiny models (built in memory, nothing to reload)."""
+    if vae:
+        return load_vae(vae, dtype)
+    from diffusers import AutoencoderKL
+
+    if not Path(model).is_dir():
+        hub_offline()
+    kwargs = {"revision": revision, "variant": variant}
+    try:
+        return AutoencoderKL.from_pretrained(
+            model, subfolder="vae", torch_dtype=dtype, **{k: v for k, v in kwargs.items() if v is not None}
+        )
+    except (OSError, ValueError) as exc:
+        raise _model_error(model, exc) from exc
+
+
 def default_resolution(model: str, arch: Architecture) -> int:
     """The training and sampling resolution a model was made for (64 for the tiny models)."""
     if is_tiny(model):

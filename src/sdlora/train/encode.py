@@ -221,9 +221,13 @@ def batch_plan(cfg: Config, data: Encoded, accelerator: Any, noise_scheduler: An
 
 
 def release_encoders(cfg: Config, pipe: Any, arch: Architecture) -> None:
-    """The encoders leave the accelerator: the VAE stays on the CPU for sample images (else goes), and
-    text encoders the loss does not run go."""
-    if cfg.validation.prompts:
+    """The encoders leave the accelerator, and memory: the VAE goes (validation loads it again for its
+    sample images, train/lora.py `reload_vae`; a tiny model's stays on the CPU), and so do the text
+    encoders the loss does not run. The pages of their files that encoding touched leave the process
+    with them; the heap their activations used goes back to the OS (`free_memory`)."""
+    from sdlora.train.lora import vae_reloadable
+
+    if cfg.validation.prompts and not vae_reloadable(cfg):
         pipe.vae.to("cpu")
     else:
         pipe.vae = None

@@ -53,6 +53,24 @@ def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Architecture, Any]:
     return pipe, arch, noise_scheduler
 
 
+def vae_reloadable(cfg: Config) -> bool:
+    """Whether the base model's VAE can be loaded again on its own (`reload_vae`): not for the tiny
+    models, which are built in memory."""
+    from sdlora.models.loading import is_tiny
+
+    return not is_tiny(cfg.model.name)
+
+
+def reload_vae(cfg: Config) -> Any:
+    """The VAE of `load_base`'s pipeline (float32), loaded again from the same files: released after
+    encoding, it comes back only while validation decodes its sample images."""
+    from sdlora.models.loading import load_base_vae
+
+    return load_base_vae(
+        cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant, vae=cfg.model.vae, dtype=torch.float32
+    )
+
+
 HIGH_RANK = 128  # above this a warning: files and memory grow with the rank, quality rarely does
 
 

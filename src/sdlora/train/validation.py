@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 
 from sdlora.config import Config
+from sdlora.devices import free_memory
 from sdlora.errors import DataError
 from sdlora.prompts import fill_prompt
 from sdlora.run import BEST_DIR, SAMPLES_DIR, Metric
@@ -52,6 +53,7 @@ def validate(state: TrainState) -> float | None:
     acc, cfg = state.accelerator, state.cfg
     val_loss = None
     if state.is_main:
+        free_memory()  # the steps' freed activations leave the heap: validation's allocations start low
         models = [state.unwrap(m) for m in (state.unet, *state.text_encoders)]
         for model in models:
             model.eval()
@@ -152,6 +154,11 @@ def sample_images(state: TrainState) -> Path:
     cfg, pipe, device = state.cfg, state.pipe, state.device
     folder = state.run_dir / SAMPLES_DIR / f"step-{state.step:06d}"
     folder.mkdir(parents=True, exist_ok=True)
+    reloaded = pipe.vae is None  # released after encoding (train/encode.py): back only while sampling
+    if reloaded:
+        from sdlora.train.lora import reload_vae
+
+        pipe.vae = reload_vae(cfg)
     pipe.vae.to(device)
     entries = []
     try:
@@ -179,7 +186,11 @@ def sample_images(state: TrainState) -> Path:
                     {"file": name, "prompt": text, "prompt_as_written": prompt, "seed": seed, "step": state.step}
                 )
     finally:
-        pipe.vae.to("cpu")
+        if reloaded:
+            pipe.vae = None
+            free_memory()
+        else:
+            pipe.vae.to("cpu")
     write_json(
         folder / "validation.json",
         {"step": state.step, "steps": cfg.validation.steps, "guidance": cfg.validation.guidance, "images": entries},

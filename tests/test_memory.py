@@ -1,0 +1,51 @@
+"""What `sdlora train` keeps in memory: the encoders leave before the UNet's steps, and a VAE released after
+encoding comes back for the validation samples alone, giving the same images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdlora.models.tiny import tiny_sd
+from sdlora.train import loop
+from test_train import tiny_cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    """tiny-sd saved as a diffusers folder: a model whose VAE can be loaded again from its files."""
+    folder = tmp_path_factory.mktemp("tiny-sd-folder")
+    tiny_sd().save_pretrained(folder)
+    return folder
+
+
+def _samples(run_dir: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p), dtype=np.float32) for p in sorted(run_dir.glob("samples/step-*/*.png"))]
+
+
+def test_encoders_leave_before_the_steps_and_the_vae_returns_for_samples(
+    tmp_path: Path, tiny_dataset: Path, tiny_folder: Path
+):
+    flags = {"train.max_steps": 1, "validation.prompts": ["a photo of {token} {class}"], "embedding.train": False}
+    runs = {}
+    for name, model in (("folder", str(tiny_folder)), ("built", "tiny-sd")):
+        cfg = tiny_cfg(tmp_path / name, tiny_dataset, {**flags, "model.name": model})
+        state = loop.setup(cfg)
+        try:
+            if name == "folder":  # before the first step: no VAE, no text encoder left in the pipeline
+                assert state.pipe.vae is None
+                assert state.pipe.text_encoder is None
+            else:  # a tiny model's VAE is built in memory, not reloadable: it stays on the CPU
+                assert state.pipe.vae is not None
+            result = loop.train(state)
+        finally:
+            loop.cleanup(state)
+        if name == "folder":
+            assert state.pipe.vae is None  # sampled, then released again
+        runs[name] = _samples(result.run_dir)
+    assert len(runs["folder"]) == len(runs["built"]) == 1
+    # The same weights through the same pipeline: the same sample image (8-bit pixels, any thread count).
+    assert np.abs(runs["folder"][0] - runs["built"][0]).max() <= 2
