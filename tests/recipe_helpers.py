@@ -32,19 +32,7 @@ def straight_and_resumed(tmp_path: Path, dataset: Path, flags: dict[str, Any]) -
     Asserts the two give the same losses and the same LoRA file."""
     flags = {"train.max_steps": 6, **flags}
     straight = loop.run_training(tiny_cfg(tmp_path, dataset, {**flags, "run.name": "straight"}))
-    state = loop.setup(tiny_cfg(tmp_path, dataset, {**flags, "run.name": "halves"}))
-
-    def stop_at_3(event: dict) -> None:
-        if event["event"] == "step" and event["step"] == 3:
-            state.request_stop()
-
-    try:
-        first = loop.train(state, stop_at_3)
-    finally:
-        loop.cleanup(state)
-    assert first.interrupted and first.steps == 3
-    run_dir, cfg, _ = resolve.resume_run(first.run_dir, [{}], ("command line",))
-    second = loop.run_training(cfg, resume=run_dir)
+    second, _, _ = stopped_and_resumed(tiny_cfg(tmp_path, dataset, {**flags, "run.name": "halves"}), 3)
     assert second.steps == 6
     assert losses(second.run_dir) == pytest.approx(losses(straight.run_dir), abs=1e-5)
     a, b = lora_file(straight), lora_file(second)
@@ -52,6 +40,24 @@ def straight_and_resumed(tmp_path: Path, dataset: Path, flags: dict[str, Any]) -
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
     return straight, second
+
+
+def stopped_and_resumed(cfg: Any, stop_at: int) -> tuple[Any, Any, list[str]]:
+    """Train `cfg`, stop after step `stop_at` as Ctrl-C does, resume to --max-steps: the resumed run's
+    TrainResult, its resolved config and the resume warnings."""
+    state = loop.setup(cfg)
+
+    def stop(event: dict) -> None:
+        if event["event"] == "step" and event["step"] == stop_at:
+            state.request_stop()
+
+    try:
+        first = loop.train(state, stop)
+    finally:
+        loop.cleanup(state)
+    assert first.interrupted and first.steps == stop_at
+    run_dir, resumed, warnings = resolve.resume_run(first.run_dir, [{}], ("command line",))
+    return loop.run_training(resumed, resume=run_dir), resumed, warnings
 
 
 def invoke(*args: str):

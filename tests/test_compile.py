@@ -16,11 +16,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from recipe_helpers import stopped_and_resumed
 from sdlora.config import load_config
 from sdlora.errors import ConfigError
 from sdlora.models.tiny import tiny_sd
 from sdlora.run import Metric, read_metrics
-from sdlora.train import compiling, loop, resolve
+from sdlora.train import compiling
 from sdlora.train.lora import add_lora
 from test_train import tiny_cfg
 
@@ -125,19 +126,7 @@ FLAGS = {
 
 def _halves(tmp: Path, dataset: Path, name: str, flags: dict[str, Any]) -> Any:
     """3 steps, a stop (Ctrl-C), and a resume to 6: the resumed TrainResult."""
-    state = loop.setup(tiny_cfg(tmp, dataset, {**FLAGS, **flags, "run.name": name}))
-
-    def stop_at_3(event: dict) -> None:
-        if event["event"] == "step" and event["step"] == 3:
-            state.request_stop()
-
-    try:
-        first = loop.train(state, stop_at_3)
-    finally:
-        loop.cleanup(state)
-    assert first.interrupted and first.steps == 3
-    run_dir, cfg, _ = resolve.resume_run(first.run_dir, [{}], ("command line",))
-    return loop.run_training(cfg, resume=run_dir)
+    return stopped_and_resumed(tiny_cfg(tmp, dataset, {**FLAGS, **flags, "run.name": name}), 3)[0]
 
 
 @pytest.fixture(scope="module")

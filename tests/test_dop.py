@@ -11,10 +11,11 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from recipe_helpers import stopped_and_resumed
 from sdlora.cli import app
 from sdlora.events import no_event
 from sdlora.run import Metric
-from sdlora.train import loop, lora, resolve
+from sdlora.train import loop, lora
 from sdlora.train.preservation import class_caption, lora_disabled
 from test_train import steps_of, tiny_cfg
 
@@ -84,24 +85,13 @@ def test_dop_starts_at_zero_is_logged_and_resumes_exactly(tmp_path: Path, tiny_d
     for r in steps:
         assert r["loss"] == pytest.approx(r[Metric.LOSS_INSTANCE] + 0.5 * r[Metric.LOSS_PRESERVATION], rel=1e-5)
 
-    state = loop.setup(tiny_cfg(tmp_path, tiny_dataset, {**flags, "run.name": "halves"}))
-
-    def stop_at_2(event: dict) -> None:
-        if event["event"] == "step" and event["step"] == 2:
-            state.request_stop()
-
-    try:
-        first = loop.train(state, stop_at_2)
-    finally:
-        loop.cleanup(state)
-    run_dir, cfg, warnings = resolve.resume_run(first.run_dir, [{}], ("command line",))
+    second, cfg, warnings = stopped_and_resumed(tiny_cfg(tmp_path, tiny_dataset, {**flags, "run.name": "halves"}), 2)
     assert warnings == [] and cfg.prior.preservation == "dop"
-    second = loop.run_training(cfg, resume=run_dir)
     a = load_file(straight.lora_dir / "pytorch_lora_weights.safetensors")
     b = load_file(second.lora_dir / "pytorch_lora_weights.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
-    assert [r["loss"] for r in steps_of(run_dir)] == pytest.approx([r["loss"] for r in steps], abs=1e-5)
+    assert [r["loss"] for r in steps_of(second.run_dir)] == pytest.approx([r["loss"] for r in steps], abs=1e-5)
 
 
 def test_dop_with_a_text_encoder_lora_starts_at_zero(tmp_path: Path, tiny_dataset: Path):

@@ -14,12 +14,13 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import write_tiny_dataset
+from recipe_helpers import stopped_and_resumed
 from sdlora.cli import app
 from sdlora.data.manifest import load_manifest
 from sdlora.data.masks import MASKS
 from sdlora.run import Metric
 from sdlora.train import cache as cache_mod
-from sdlora.train import loop, losses, resolve
+from sdlora.train import loop, losses
 from sdlora.train.data import BatchPlan, Conditioning, LatentSet
 from test_train import steps_of, tiny_cfg
 
@@ -181,24 +182,13 @@ def test_masked_run_records_its_settings_logs_coverage_and_resumes_exactly(tmp_p
     assert all(r[Metric.MASK_COVERAGE] == pytest.approx(0.5, abs=1e-6) for r in steps)  # left halves
     assert list((masked_dataset / ".cache" / "masks").glob("*.safetensors"))
 
-    state = loop.setup(tiny_cfg(tmp_path, masked_dataset, {**flags, "run.name": "halves"}))
-
-    def stop_at_2(event: dict) -> None:
-        if event["event"] == "step" and event["step"] == 2:
-            state.request_stop()
-
-    try:
-        first = loop.train(state, stop_at_2)
-    finally:
-        loop.cleanup(state)
-    run_dir, cfg, warnings = resolve.resume_run(first.run_dir, [{}], ("command line",))
+    second, cfg, warnings = stopped_and_resumed(tiny_cfg(tmp_path, masked_dataset, {**flags, "run.name": "halves"}), 2)
     assert warnings == [] and cfg.data.masked_loss is True
-    second = loop.run_training(cfg, resume=run_dir)
     a = load_file(straight.lora_dir / "pytorch_lora_weights.safetensors")
     b = load_file(second.lora_dir / "pytorch_lora_weights.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
-    assert [r["loss"] for r in steps_of(run_dir)] == pytest.approx([r["loss"] for r in steps], abs=1e-5)
+    assert [r["loss"] for r in steps_of(second.run_dir)] == pytest.approx([r["loss"] for r in steps], abs=1e-5)
 
     # --no-masked-loss on the same dataset: the plain loss, another number, no coverage logged.
     plain = loop.run_training(
