@@ -23,6 +23,7 @@ from sdlora.models.tiny import tiny_sd
 from sdlora.run import Metric, read_metrics
 from sdlora.train import compiling
 from sdlora.train.lora import add_lora
+from sdlora.train.runtime import step_event
 from test_train import tiny_cfg
 
 
@@ -91,10 +92,9 @@ def test_the_cli_prints_one_compile_line_after_the_first_steps(capsys):
     }
     render = TrainRenderer()
     render(start)
+    record = {Metric.LOSS: 1.0, Metric.LOSS_MEAN: 1.0, Metric.LR: 1e-4}
     for step, seconds in zip(range(3, 9), (38.7, 0.12, 0.1, 0.14, 0.5, 0.5)):
-        render(
-            {"event": "step", "step": step, "total": 8, "loss": 1.0, "loss_mean": 1.0, "lr": 1e-4, "it_s": 1 / seconds}
-        )
+        render(step_event(step, 8, record, seconds))  # the loop's own step events
     render.close()
     out = capsys.readouterr()
     assert "compiled (6 UNet blocks)" in out.out
@@ -102,7 +102,7 @@ def test_the_cli_prints_one_compile_line_after_the_first_steps(capsys):
 
     render = TrainRenderer()  # without --compile: no such line
     render({**start, "compile": 0})
-    render({"event": "step", "step": 3, "total": 8, "loss": 1.0, "loss_mean": 1.0, "lr": 1e-4, "it_s": 1.0})
+    render(step_event(3, 8, record, 1.0))
     render.close()
     out = capsys.readouterr()
     assert "compile" not in out.out + out.err

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdlora.models.tiny import tiny_sd
-from sdlora.train import loop
+from sdlora.train import loop, lora
 from test_train import tiny_cfg
 
 
@@ -49,3 +50,30 @@ def test_encoders_leave_before_the_steps_and_the_vae_returns_for_samples(
     assert len(runs["folder"]) == len(runs["built"]) == 1
     # The same weights through the same pipeline: the same sample image (8-bit pixels, any thread count).
     assert np.abs(runs["folder"][0] - runs["built"][0]).max() <= 2
+
+
+@pytest.mark.parametrize("replacement_vae, expected", [(False, torch.float32), (True, torch.bfloat16)])
+def test_the_reloaded_vae_decodes_in_the_dtype_encoding_used(
+    tmp_path: Path, tiny_dataset: Path, tiny_folder: Path, monkeypatch, replacement_vae, expected
+):
+    """The model's own VAE decodes in float32 (the SDXL VAE overflows in fp16); a replacement --vae in
+    the training precision, as it encoded."""
+    reloaded = []
+
+    def spy(cfg, dtype):
+        vae = real_reload(cfg, dtype)
+        reloaded.append(next(vae.parameters()).dtype)
+        return vae
+
+    real_reload = lora.reload_vae
+    monkeypatch.setattr(lora, "reload_vae", spy)
+    flags = {
+        "train.max_steps": 1,
+        "train.mixed_precision": "bf16",
+        "validation.prompts": ["a photo of {token} {class}"],
+        "embedding.train": False,
+        "model.name": str(tiny_folder),
+        "model.vae": str(tiny_folder / "vae") if replacement_vae else None,
+    }
+    loop.run_training(tiny_cfg(tmp_path, tiny_dataset, flags))
+    assert reloaded == [expected]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import statistics
 import time
 import typing
 from pathlib import Path
@@ -380,11 +381,11 @@ class TrainRenderer:
         info = self.compile
         if info is None or event["step"] < info["first"]:
             return
-        info["times"].append(1.0 / event["it_s"] if event["it_s"] > 0 else 0.0)
+        info["times"].append(event["step_s"])
         if len(info["times"]) <= self.LATER_STEPS and event["step"] < event["total"]:
             return
         first, later = info["times"][0], info["times"][1:]
-        after = f" (later steps ~{sorted(later)[len(later) // 2]:.2f} s)" if later else ""  # their median
+        after = f" (later steps ~{statistics.median(later):.2f} s)" if later else ""
         self._print(f"compile: first step {first:.1f} s{after}")
         self.compile = None
 

@@ -116,8 +116,6 @@ def encode_examples(
     progress = progress_events(emit)
     cache_root = Path(cfg.data.dataset) / cache_mod.CACHE_DIR if cfg.data.cache else None
     model_key = (cfg.model.name, cfg.model.revision, cfg.model.variant)
-    # The SDXL VAE overflows in fp16: encode in float32 unless a replacement (fp16-safe) VAE is given.
-    vae_dtype = weight_dtype if cfg.model.vae else torch.float32
     latent_cache = cache_mod.TensorCache(cache_root / "latents" if cache_root else None)
     text_cache = cache_mod.TensorCache(cache_root / "text" if cache_root else None)
     example_sets = [list(train), list(val), list(classes)]
@@ -130,7 +128,7 @@ def encode_examples(
         cache=latent_cache,
         flip=cfg.data.random_flip,
         device=device,
-        dtype=vae_dtype,
+        dtype=vae_dtype(cfg, weight_dtype),
         on_progress=progress,
     )
     emit({"event": "cache", "what": "latents", "encoded": stats.encoded, "reused": stats.reused})
@@ -218,6 +216,12 @@ def batch_plan(cfg: Config, data: Encoded, accelerator: Any, noise_scheduler: An
         noise_offset=cfg.train.noise_offset,
         noise_scheduler=noise_scheduler,
     )
+
+
+def vae_dtype(cfg: Config, weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype the VAE encodes (and validation decodes) in: the SDXL VAE overflows in fp16, so float32
+    unless a replacement (fp16-safe) VAE is given."""
+    return weight_dtype if cfg.model.vae else torch.float32
 
 
 def release_encoders(cfg: Config, pipe: Any, arch: Architecture) -> None:

@@ -61,13 +61,13 @@ def vae_reloadable(cfg: Config) -> bool:
     return not is_tiny(cfg.model.name)
 
 
-def reload_vae(cfg: Config) -> Any:
-    """The VAE of `load_base`'s pipeline (float32), loaded again from the same files: released after
+def reload_vae(cfg: Config, dtype: torch.dtype) -> Any:
+    """The VAE of `load_base`'s pipeline, loaded again from the same files in `dtype`: released after
     encoding, it comes back only while validation decodes its sample images."""
     from sdlora.models.loading import load_base_vae
 
     return load_base_vae(
-        cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant, vae=cfg.model.vae, dtype=torch.float32
+        cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant, vae=cfg.model.vae, dtype=dtype
     )
 
 

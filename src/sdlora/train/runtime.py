@@ -171,6 +171,7 @@ def step_event(step: int, total: int, record: dict[str, Any], elapsed: float) ->
         "loss_mean": record[Metric.LOSS_MEAN],
         "lr": record[Metric.LR],
         "it_s": 1.0 / elapsed if elapsed > 0 else 0.0,
+        "step_s": elapsed,
     }
 
 

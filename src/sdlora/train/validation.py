@@ -156,9 +156,10 @@ def sample_images(state: TrainState) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     reloaded = pipe.vae is None  # released after encoding (train/encode.py): back only while sampling
     if reloaded:
+        from sdlora.train.encode import vae_dtype
         from sdlora.train.lora import reload_vae
 
-        pipe.vae = reload_vae(cfg)
+        pipe.vae = reload_vae(cfg, vae_dtype(cfg, state.weight_dtype))  # the dtype encoding used
     pipe.vae.to(device)
     entries = []
     try:
