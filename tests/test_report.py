@@ -11,6 +11,7 @@ import shutil
 import subprocess
 from html import escape
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -398,25 +399,30 @@ def test_the_config_section_shows_train_images_beside_their_masks(tmp_path):
     assert config.count("<img") == 8 and config.count("mask, 50%") == 4  # 4 train images, each with its mask
 
 
-def test_the_loss_plot_shows_the_preservation_loss(tmp_path):
-    run = write_config(tmp_path / "runs" / "r1")
-    path = write_metrics(run, steps=10)
+def with_step_keys(path: Path, keys_of: Any) -> None:
+    """Add `keys_of(record)` to every step record of a metrics.jsonl (the lines with a loss)."""
     records = [json.loads(line) for line in path.read_text().splitlines()]
     for r in records:
         if run_contract.Metric.LOSS in r:
-            r[run_contract.Metric.LOSS_INSTANCE] = r[run_contract.Metric.LOSS] * 0.9
-            r[run_contract.Metric.LOSS_PRESERVATION] = r[run_contract.Metric.LOSS] * 0.1
+            r.update(keys_of(r))
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_the_loss_plot_shows_the_preservation_loss(tmp_path):
+    run = write_config(tmp_path / "runs" / "r1")
+    loss = run_contract.Metric.LOSS
+    with_step_keys(
+        write_metrics(run, steps=10),
+        lambda r: {
+            run_contract.Metric.LOSS_INSTANCE: r[loss] * 0.9,
+            run_contract.Metric.LOSS_PRESERVATION: r[loss] * 0.1,
+        },
+    )
     training = section(render_report(run), "training")
     assert "preservation loss" in training and "instance loss" in training
 
 
 def test_the_learning_rate_plot_shows_prodigys_effective_rate(tmp_path):
     run = write_config(tmp_path / "runs" / "r1")
-    path = write_metrics(run, steps=10)
-    records = [json.loads(line) for line in path.read_text().splitlines()]
-    for r in records:
-        if run_contract.Metric.LR in r:
-            r[run_contract.Metric.lr_effective("unet")] = 3e-4
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with_step_keys(write_metrics(run, steps=10), lambda r: {run_contract.Metric.lr_effective("unet"): 3e-4})
     assert "unet (effective)" in section(render_report(run), "training")
