@@ -20,8 +20,9 @@ import sdlora
 from sdlora.errors import ConfigError, RunError, SdloraError
 from sdlora.models import load_pipeline
 from sdlora.models.arch import SD1, SDXL
+from sdlora.run import DIFFUSERS_LORA
 from sdlora.train import export
-from sdlora.train.export import LORA_WEIGHTS, build_metadata, check_exportable, save_lora
+from sdlora.train.export import build_metadata, check_exportable, save_lora
 from sdlora.train.kohya import KohyaKeyError, KohyaNames, kohya_to_peft, load_kohya
 
 RANK, ALPHA = 4, 2.0
@@ -107,7 +108,7 @@ def test_kohya_file_maps_back_to_the_same_tensors(tmp_path: Path, model: str):
 
     kohya, _ = load_kohya(tmp_path / "run.safetensors")
     lora, alphas = kohya_to_peft(kohya, KohyaNames.for_models(arch, pipe.unet.config, encoders))
-    diffusers_file, _ = load_kohya(tmp_path / LORA_WEIGHTS)
+    diffusers_file, _ = load_kohya(tmp_path / DIFFUSERS_LORA)
     models = {"unet": pipe.unet, **dict(zip(arch.text_encoders, encoders))}
     assert set(lora) == set(models)
     for name, module in models.items():
@@ -235,7 +236,7 @@ def test_diffusers_loads_both_files_with_the_trained_scale(tmp_path: Path, model
 def test_metadata_in_both_files(tmp_path: Path):
     pipe, arch, encoders = _lora_pipe("tiny-sdxl")
     save_lora(tmp_path, pipe.unet, encoders, arch, metadata=_metadata("tiny-sdxl", arch), kohya_name="toy-run")
-    _, diffusers_meta = load_kohya(tmp_path / LORA_WEIGHTS)
+    _, diffusers_meta = load_kohya(tmp_path / DIFFUSERS_LORA)
     _, kohya_meta = load_kohya(tmp_path / "toy-run.safetensors")
     ours = {
         "sdlora.version": sdlora.__version__,
@@ -333,7 +334,7 @@ def test_unknown_keys_raise(tmp_path: Path):
 def test_writes_are_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     pipe, arch, _ = _lora_pipe("tiny-sd", targets=["to_q", "to_v"])
     save_lora(tmp_path, pipe.unet, None, arch, metadata=_metadata("tiny-sd", arch), kohya_name="run")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [LORA_WEIGHTS, "run.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [DIFFUSERS_LORA, "run.safetensors"]
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
 
     # The second file fails half-way: neither file changes, no temp file is left behind.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +13,19 @@ DEFAULT_PROMPT = "a photo of {token} {class}"
 def fill_prompt(template: str, token: str, class_word: str) -> str:
     """`a photo of {token} {class}` -> `a photo of sksToy toy`; other text (and braces) is left as written."""
     return template.replace("{token}", str(token)).replace("{class}", str(class_word))
+
+
+def expand_prompt(prompt: str, token: str, class_word: str) -> str:
+    """Put the class word after the token where the prompt omits it.
+
+    "sksToy on a beach" -> "sksToy toy on a beach"; "a sksToy toy" and prompts without the
+    token are left as they are. Whitespace is tidied.
+    """
+    prompt = " ".join(prompt.split())
+    if not token or not class_word:
+        return prompt
+    followed = re.compile(rf"(?<![\w]){re.escape(token)}(?![\w])(?!\s+{re.escape(class_word)}(?![\w]))", re.IGNORECASE)
+    return followed.sub(lambda m: f"{m.group(0)} {class_word}", prompt)
 
 
 @dataclass(frozen=True)

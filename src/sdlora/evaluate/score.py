@@ -37,8 +37,7 @@ from sdlora.evaluate.dino import DEFAULT_DINO, load_dino
 from sdlora.evaluate.paper_prompts import IMAGES_PER_PROMPT, object_prompts
 from sdlora.events import ProgressFn
 from sdlora.fsutil import sha256_file
-from sdlora.generate.prompts import expand_prompt
-from sdlora.prompts import DEFAULT_PROMPT, fill_prompt
+from sdlora.prompts import DEFAULT_PROMPT, expand_prompt, fill_prompt
 from sdlora.run import (
     SAMPLES_DIR,
     SAMPLES_JSON,

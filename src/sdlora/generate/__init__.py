@@ -23,8 +23,9 @@ from sdlora.generate.pipeline import (
     resolve_lora_dir,
     scheduler_key,
 )
-from sdlora.generate.prompts import check_prompts, expand_prompt, prompt_dir, read_prompts_file, slug
+from sdlora.generate.prompts import check_prompts, prompt_dir, read_prompts_file, slug
 from sdlora.generate.samples import generate_samples
+from sdlora.prompts import expand_prompt
 
 __all__ = [
     "ADAPTER",

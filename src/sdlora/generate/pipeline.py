@@ -13,14 +13,12 @@ import torch
 
 from sdlora.devices import resolve_device
 from sdlora.errors import ConfigError, ModelError, RunError
+from sdlora.lora_format import PEFT_CONFIG, embedding_keys
 from sdlora.models.arch import Architecture
 from sdlora.run import DIFFUSERS_LORA, EMBEDDINGS, RunInfo
 from sdlora.safetensors_io import check, load_file, read_metadata
-from sdlora.train.embeddings import file_keys
-from sdlora.train.export import META_PREFIX
 
 ADAPTER = "sdlora"
-PEFT_CONFIG = f"{META_PREFIX}peft_config"  # in a LoKr/LoHa run's peft-format file (train/export.py)
 
 # --scheduler names -> (diffusers class, extra config). Built with from_config(pipe.scheduler.config),
 # so each keeps the model's own noise schedule (betas, prediction type, timestep spacing).
@@ -151,10 +149,10 @@ def _load_peft_adapters(pipe: Any, path: Path) -> None:
 
 
 def load_embeddings(pipe: Any, arch: Architecture, path: Path, token: str) -> None:
-    """A textual-inversion embedding for `token`, keys as `train.embeddings.file_keys` names them: one
+    """A textual-inversion embedding for `token`, keys as `sdlora.lora_format.embedding_keys` names them: one
     tensor per text encoder (SDXL: `clip_l` + `clip_g`), or SD 1.x's single `emb_params`."""
     state, _ = load_file(path, "token embedding")
-    keys = file_keys(arch)  # text encoder attribute -> file key, in the architecture's order
+    keys = embedding_keys(arch)  # text encoder attribute -> file key, in the architecture's order
     tokenizers = dict(zip(arch.text_encoders, arch.tokenizers))
     try:
         if len(keys) > 1 and set(keys.values()) <= set(state):

@@ -1,8 +1,8 @@
 """Sampling prompts as a person types them: the class word added after a bare token, prompt files,
 checks, and a folder name per prompt.
 
-(`{token}` / `{class}` templates are filled by `sdlora.prompts.fill_prompt`; `expand_prompt` is not
-templating: it completes a prompt that names the token without its class word.)
+(`{token}` / `{class}` templates are filled by `sdlora.prompts.fill_prompt`, and a prompt that names the
+token without its class word is completed by `sdlora.prompts.expand_prompt`, which scoring reads too.)
 """
 
 from __future__ import annotations
@@ -13,19 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 from sdlora.errors import ConfigError
-
-
-def expand_prompt(prompt: str, token: str, class_word: str) -> str:
-    """Put the class word after the token where the prompt omits it.
-
-    "sksToy on a beach" -> "sksToy toy on a beach"; "a sksToy toy" and prompts without the
-    token are left as they are. Whitespace is tidied.
-    """
-    prompt = " ".join(prompt.split())
-    if not token or not class_word:
-        return prompt
-    followed = re.compile(rf"(?<![\w]){re.escape(token)}(?![\w])(?!\s+{re.escape(class_word)}(?![\w]))", re.IGNORECASE)
-    return followed.sub(lambda m: f"{m.group(0)} {class_word}", prompt)
 
 
 def read_prompts_file(path: Path) -> list[str]:

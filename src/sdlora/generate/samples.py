@@ -28,8 +28,8 @@ from sdlora.errors import ConfigError
 from sdlora.events import ProgressFn
 from sdlora.generate.images import save_png, write_grid
 from sdlora.generate.pipeline import ADAPTER, SamplerOptions, base_model_only, prepare_pipeline, resolve_lora_dir
-from sdlora.generate.prompts import check_prompts, expand_prompt, prompt_dir
-from sdlora.prompts import prompt_fit
+from sdlora.generate.prompts import check_prompts, prompt_dir
+from sdlora.prompts import expand_prompt, prompt_fit
 from sdlora.run import SAMPLES_DIR, SAMPLES_JSON, VARIANTS, RunInfo, read_samples, write_samples
 
 VARIANT_STEM = {"lora": "lora", "baseline": "base"}

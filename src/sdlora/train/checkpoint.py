@@ -49,7 +49,7 @@ from sdlora.train.runtime import saved_config
 from sdlora.train.statefile import load_state, save_state
 
 if TYPE_CHECKING:
-    from sdlora.train.loop import TrainState
+    from sdlora.train.state import TrainState
 
 STATE_JSON = "sdlora.json"
 FORMAT = 2  # 1: accelerate's save_state (pickle files), no longer read

@@ -155,6 +155,11 @@ class Conditioning:
             token_ids=None if self.token_ids is None else [ids[index] for ids in self.token_ids],
         )
 
+    def cached_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The cached prompt embeddings (and SDXL's pooled one) on `device`."""
+        assert self.embeds is not None, "no cached embeddings: the text encoders train"
+        return self.embeds.to(device), None if self.pooled is None else self.pooled.to(device)
+
     @staticmethod
     def cat(parts: Sequence["Conditioning"]) -> "Conditioning":
         first = parts[0]

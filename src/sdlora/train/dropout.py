@@ -20,7 +20,7 @@ import torch
 from sdlora.train.data import Batch, Conditioning, sample_generator
 
 if TYPE_CHECKING:
-    from sdlora.train.loop import TrainState
+    from sdlora.train.state import TrainState
 
 STREAM = 3  # sample_generator streams: 0 instances, 1 class images, 2 validation noise, 3 caption dropout
 

@@ -22,7 +22,7 @@ from sdlora.train import optim
 from sdlora.train.statefile import load_state, save_state
 
 if TYPE_CHECKING:
-    from sdlora.train.loop import TrainState
+    from sdlora.train.state import TrainState
 
 NAME = "ema"  # the checkpoint's ema.safetensors + ema.json
 

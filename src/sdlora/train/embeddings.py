@@ -23,20 +23,12 @@ import torch
 
 from sdlora.errors import ConfigError
 from sdlora.fsutil import atomic_path
-
-# File keys per text encoder, as A1111 / ComfyUI / diffusers' advanced SDXL script write them.
-SD1_KEY = "emb_params"
-SDXL_KEYS = {"text_encoder": "clip_l", "text_encoder_2": "clip_g"}
+from sdlora.lora_format import embedding_keys
 
 
 def is_new_token(tokenizer: Any, token: str) -> bool:
     """Whether the tokenizer would split `token` into pieces (sksToy), rather than know it as one word (sks)."""
     return len(tokenizer.tokenize(token)) > 1
-
-
-def file_keys(arch: Any) -> dict[str, str]:
-    """Pipeline text-encoder attribute -> key in embeddings.safetensors."""
-    return SDXL_KEYS if arch.is_sdxl else {arch.text_encoders[0]: SD1_KEY}
 
 
 class TokenEmbeddings(torch.nn.Module):
@@ -125,7 +117,8 @@ def save_embeddings(path: Path, tokens: TokenEmbeddings, arch: Any, metadata: di
     from safetensors.torch import save_file
 
     tensors = {
-        key: tokens.vectors[name].detach().float().cpu()[None].contiguous() for name, key in file_keys(arch).items()
+        key: tokens.vectors[name].detach().float().cpu()[None].contiguous()
+        for name, key in embedding_keys(arch).items()
     }
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

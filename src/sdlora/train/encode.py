@@ -23,7 +23,7 @@ from sdlora.train import cache as cache_mod
 from sdlora.train.data import BatchPlan, Conditioning, Example, LatentSet, time_ids_for
 
 if TYPE_CHECKING:
-    from sdlora.train.loop import TrainState
+    from sdlora.train.state import TrainState
 
 Embedding = tuple[torch.Tensor, torch.Tensor | None]  # prompt embeddings (77, D) and pooled (Dp,) or None
 

@@ -27,7 +27,9 @@ from safetensors.torch import save_file
 import sdlora
 from sdlora.errors import ConfigError
 from sdlora.fsutil import atomic_path
+from sdlora.lora_format import META_PREFIX, PEFT_CONFIG
 from sdlora.models.arch import Architecture
+from sdlora.run import DIFFUSERS_LORA
 from sdlora.train.kohya import (
     UNET,
     KohyaNames,
@@ -39,11 +41,9 @@ from sdlora.train.kohya import (
 )
 
 if TYPE_CHECKING:
-    from sdlora.train.loop import TrainState
+    from sdlora.train.state import TrainState
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # diffusers' LORA_WEIGHT_NAME_SAFE
 ADAPTER = "default"
-META_PREFIX = "sdlora."
 
 # Which program reads which file: in each file's metadata (`sdlora.load_in`) and in the README.
 DIFFUSERS_USE = (
@@ -193,7 +193,7 @@ def _diffusers_file(
         kwargs[f"{name}_lora_adapter_metadata"] = adapter_metadata(configs[name])
     with tempfile.TemporaryDirectory(dir=folder, prefix=".diffusers-") as tmp:
         pipeline_class.save_lora_weights(tmp, **kwargs)
-        return load_kohya(Path(tmp) / LORA_WEIGHTS)  # any safetensors file: tensors + header
+        return load_kohya(Path(tmp) / DIFFUSERS_LORA)  # any safetensors file: tensors + header
 
 
 PEFT_USE = (
@@ -209,7 +209,7 @@ def _peft_file(
     component's peft config: diffusers cannot load LyCORIS adapters, so this file is for peft."""
     tensors = {f"{name}.{key}": t.detach().cpu().contiguous() for name, sd in lora.items() for key, t in sd.items()}
     peft_configs = {name: config.to_dict() for name, config in configs.items()}
-    return tensors, {f"{META_PREFIX}peft_config": json.dumps(peft_configs, default=_json_value)}
+    return tensors, {PEFT_CONFIG: json.dumps(peft_configs, default=_json_value)}
 
 
 def _json_value(value: Any) -> Any:
@@ -246,7 +246,7 @@ def save_lora(
     out_dir = Path(out_dir)
     kohya_file = f"{kohya_name}.safetensors"
     plain = bool(kohya_name) and Path(kohya_name).name == kohya_name and not kohya_name.startswith(".")
-    if not plain or kohya_file == LORA_WEIGHTS:
+    if not plain or kohya_file == DIFFUSERS_LORA:
         raise ConfigError(f"{kohya_name!r} cannot name the kohya LoRA file; use a plain file name such as the run name")
     bad = [k for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)]
     if bad:
@@ -277,7 +277,7 @@ def save_lora(
         f"{META_PREFIX}load_in": (DIFFUSERS_USE if algo is None else PEFT_USE).format(kohya_file=kohya_file),
         **header,  # diffusers' own keys (format, lora_adapter_metadata) win
     }
-    with atomic_path(out_dir / LORA_WEIGHTS) as diffusers_tmp, atomic_path(out_dir / kohya_file) as kohya_tmp:
+    with atomic_path(out_dir / DIFFUSERS_LORA) as diffusers_tmp, atomic_path(out_dir / kohya_file) as kohya_tmp:
         save_file(tensors, str(diffusers_tmp), metadata=diffusers_meta)
         save_file(kohya, str(kohya_tmp), metadata=kohya_meta)
 

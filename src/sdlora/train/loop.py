@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
-import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +32,14 @@ from sdlora.config import Config
 from sdlora.devices import free_memory
 from sdlora.events import OnEvent, no_event
 from sdlora.locks import release
-from sdlora.models.arch import Architecture, OnDevice
+from sdlora.models.arch import OnDevice
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
 from sdlora.train import compiling, dropout, ema, encode, lora, losses, monitor, optim, resolve, runtime, validation
-from sdlora.train.data import BatchPlan, Conditioning, LatentSet, check_caption_lengths
+from sdlora.train.data import Conditioning, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
 from sdlora.train.preservation import dop_loss
+from sdlora.train.state import TrainState
 
 
 @dataclass
@@ -54,62 +53,6 @@ class TrainResult:
     elapsed_s: float = 0.0
     checkpoint: Path | None = None
     stop_signal: int = 0  # the signal that stopped an interrupted run (SIGINT for `request_stop`)
-
-
-@dataclass
-class TrainState:
-    """Everything the loop needs, built by `setup` in dependency order."""
-
-    cfg: Config
-    accelerator: Any
-    pipe: Any
-    arch: Architecture
-    unet: Any  # prepared (maybe DDP-wrapped)
-    text_encoders: list[Any]  # prepared, only those with a LoRA being trained
-    noise_scheduler: Any
-    optimizer: Any
-    lr_scheduler: Any
-    plan: BatchPlan
-    val_data: LatentSet | None
-    sample_conds: list[tuple[torch.Tensor, torch.Tensor | None]] | None  # cached prompt embeddings for samples
-    negative_cond: tuple[torch.Tensor, torch.Tensor | None] | None
-    run_dir: Path
-    weight_dtype: torch.dtype
-    emit: OnEvent
-    step: int = 0
-    best_val_loss: float = math.inf
-    best_dino: float = -math.inf  # highest DINO so far (--score-every)
-    loss_mean: monitor.RunningMean = field(default_factory=lambda: monitor.RunningMean(window=50))
-    metrics: monitor.MetricsWriter | None = None
-    last_checkpoint: Path | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
-    stop_signal: int = int(signal.SIGINT)  # what asked to stop: SIGINT (Ctrl-C, `request_stop`) or SIGTERM
-    lock: Path | None = None  # the run folder's lock file (main process), released by `cleanup`
-    param_groups: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
-    tokens: Any = None  # TokenEmbeddings (train/embeddings.py) when the token's own embedding trains
-    frozen_text_encoders: list[Any] = field(default_factory=list)  # run (not trained) for that embedding
-    empty_caption: Any = None  # --caption-dropout's empty caption (train/dropout.py), else None
-    ema: Any = None  # --ema-decay's EMA of the trained weights (train/ema.py), else None
-
-    def request_stop(self) -> None:
-        """Stop after the current step, save a checkpoint and the LoRA (what Ctrl-C does)."""
-        self.stop.set()
-
-    @property
-    def live_text_encoders(self) -> list[Any]:
-        """The text encoders the loss runs through (none when all text embeddings are cached)."""
-        return self.text_encoders or self.frozen_text_encoders
-
-    @property
-    def device(self) -> torch.device:
-        return self.accelerator.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.accelerator.is_main_process
-
-    def unwrap(self, model: Any) -> Any:
-        return self.accelerator.unwrap_model(model)
 
 
 def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None = None) -> TrainState:
@@ -351,7 +294,7 @@ def condition(state: TrainState, cond: Conditioning) -> tuple[torch.Tensor, torc
     """Prompt embeddings (and SDXL's pooled one): cached, or from the text encoders being trained."""
     device = state.device
     if cond.embeds is not None:
-        return cond.embeds.to(device), None if cond.pooled is None else cond.pooled.to(device)
+        return cond.cached_on(device)
     encoders = [OnDevice(e, device) for e in state.live_text_encoders]
     return state.arch.encode_tokens(encoders, [ids.to(device) for ids in cond.token_ids])  # type: ignore[union-attr]
 

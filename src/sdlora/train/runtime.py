@@ -30,7 +30,7 @@ from sdlora.run import CHECKPOINTS, CONFIG, METRICS, Metric
 from sdlora.train import monitor
 
 if TYPE_CHECKING:
-    from sdlora.train.loop import TrainState
+    from sdlora.train.state import TrainState
 
 
 def reset_accelerate_state() -> None:

@@ -28,7 +28,7 @@ from sdlora.train.export import export_lora
 from sdlora.train.runtime import log
 
 if TYPE_CHECKING:
-    from sdlora.train.loop import TrainState
+    from sdlora.train.state import TrainState
 
 
 def check_scorer(cfg: Config, val_examples: Sequence[Example], accelerator: Any) -> None:
@@ -139,9 +139,7 @@ def validation_loss(state: TrainState) -> float:
 def _eval_condition(state: TrainState, cond: Conditioning) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The prompt embeddings of a val batch: cached, or from the (unwrapped) live text encoders."""
     if cond.embeds is not None:
-        from sdlora.train.loop import condition
-
-        return condition(state, cond)
+        return cond.cached_on(state.device)
     encoders = [state.unwrap(e) for e in state.live_text_encoders]
     with state.accelerator.autocast():
         return state.arch.encode_tokens(encoders, [ids.to(state.device) for ids in cond.token_ids])  # type: ignore[union-attr]
