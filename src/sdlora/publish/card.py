@@ -79,7 +79,7 @@ class LoraFiles:
     diffusers: Path
     kohya: Path | None
     embedding: Path | None
-    embedding_keys: tuple[str, ...]  # one per text encoder (SDXL: clip_l, clip_g), or SD 1.x's emb_params
+    embedding_keys: tuple[str, ...]  # the file's keys: one per text encoder (SDXL: clip_l, clip_g), or emb_params
     metadata: dict[str, str]  # the diffusers file's header (sdlora.* keys)
 
     def shared(self) -> list[Path]:
@@ -474,7 +474,7 @@ def _diffusers_section(run: RunInfo, files: LoraFiles, arch: str | None, tiny: b
     else:
         code.append(f'pipe.load_lora_weights("{here}")')
     if files.embedding is not None:
-        code += _embedding_code(files, token, repo_id, here)
+        code += _embedding_code(files, arch, token, repo_id, here)
     code.append(f'image = pipe("{prompt}").images[0]')
     lines += ["```python", *code, "```"]
     if files.embedding is not None:
@@ -491,8 +491,15 @@ def _diffusers_section(run: RunInfo, files: LoraFiles, arch: str | None, tiny: b
     return "\n".join(lines) + "\n"
 
 
-def _embedding_code(files: LoraFiles, token: str, repo_id: str | None, here: str) -> list[str]:
-    if len(files.embedding_keys) > 1:  # one vector per text encoder (SDXL: clip_l, clip_g)
+def _embedding_code(files: LoraFiles, arch: str | None, token: str, repo_id: str | None, here: str) -> list[str]:
+    """How to load the token's embedding: as `sdlora.generate.load_embeddings` does, one vector per text
+    encoder when the architecture has several (the file's keys as `train.embeddings.file_keys` names them)."""
+    from sdlora.models.arch import SD1, SDXL
+    from sdlora.train.embeddings import file_keys
+
+    known = {a.name: a for a in (SD1, SDXL)}.get(arch or "")
+    keys = file_keys(known) if known is not None else {}
+    if len(keys) > 1 and set(keys.values()) <= set(files.embedding_keys):
         if repo_id:
             head = [
                 "from huggingface_hub import hf_hub_download",
@@ -502,11 +509,11 @@ def _embedding_code(files: LoraFiles, token: str, repo_id: str | None, here: str
             ]
         else:
             head = ["from safetensors.torch import load_file", "", f'state = load_file("{here}/{EMBEDDINGS}")']
-        suffixes = ["", *(f"_{i + 1}" for i in range(1, len(files.embedding_keys)))]
+        tokenizers = dict(zip(known.text_encoders, known.tokenizers))
         return head + [
             f'pipe.load_textual_inversion(state["{key}"], token="{token}", '
-            f"text_encoder=pipe.text_encoder{sfx}, tokenizer=pipe.tokenizer{sfx})"
-            for key, sfx in zip(files.embedding_keys, suffixes)
+            f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizers[encoder]})"
+            for encoder, key in keys.items()
         ]
     if repo_id:
         return [f'pipe.load_textual_inversion("{repo_id}", weight_name="{EMBEDDINGS}", token="{token}")']

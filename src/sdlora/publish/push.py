@@ -131,22 +131,33 @@ def _first_line(exc: BaseException) -> str:
     return text if len(text) <= 200 else text[:199] + "\u2026"
 
 
+def _network_error(exc: BaseException) -> bool:
+    """A failure to reach the Hub: a refused or dropped connection, DNS, a timeout. huggingface_hub raises
+    its HTTP client's types (requests in 0.x, httpx in 1.x, httpx2 in 2.x), so they are told by name."""
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return False  # a local file that could not be read: not the network's fault
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return isinstance(exc, (ConnectionError, TimeoutError)) or bool(
+        names & {"TransportError", "TimeoutException", "RequestException", "ConnectionError", "Timeout"}
+    )
+
+
 @contextlib.contextmanager
 def _hub_errors(staged: Staged, endpoint: str, repo_id: str) -> Iterator[None]:
     """What huggingface_hub raised as one PushError line: what is missing, and that nothing was pushed."""
-    import httpx
     from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, OfflineModeIsEnabled
 
     host = urlparse(endpoint).netloc or endpoint
     prefix = staged.not_pushed()
     try:
         yield
-    except LocalTokenNotFoundError:  # whoami found none (the token checked before was not passed on)
+    except LocalTokenNotFoundError:  # whoami found none
         raise PushError(prefix + f"no Hugging Face token; {LOGIN_HINT}") from None
     except OfflineModeIsEnabled:
         raise PushError(prefix + "HF_HUB_OFFLINE=1 is set; unset it to push") from None
     except HfHubHTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
+        response = getattr(exc, "response", None)
+        status = getattr(response, "status_code", None)
         if status == 401:
             why = f"{host} rejected the token (401: {_first_line(exc)}); {LOGIN_HINT} with a valid token"
         elif status == 403:
@@ -154,10 +165,12 @@ def _hub_errors(staged: Staged, endpoint: str, repo_id: str) -> Iterator[None]:
         else:
             why = f"{host} answered {status}: {_first_line(exc)}"
         raise PushError(prefix + why) from None
-    except (httpx.TransportError, ConnectionError, TimeoutError) as exc:
-        raise PushError(prefix + f"cannot reach {host} ({type(exc).__name__}: {_first_line(exc)})") from None
     except ValueError as exc:  # the Hub's card check (validate-yaml) answers with a ValueError
         raise PushError(prefix + f"{host} refused the card: {_first_line(exc)}") from None
+    except Exception as exc:
+        if not _network_error(exc):
+            raise
+        raise PushError(prefix + f"cannot reach {host} ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
 def upload(staged: Staged, repo_id: str, *, private: bool, token: str, commit_message: str) -> object:
@@ -196,7 +209,7 @@ def push_run(
         prefix = staged.not_pushed()
         if token is None:
             raise PushError(prefix + f"no Hugging Face token; {LOGIN_HINT}")
-        if constants.is_offline_mode():
+        if constants.HF_HUB_OFFLINE:
             raise PushError(prefix + "HF_HUB_OFFLINE=1 is set; unset it to push")
         steps = lora_files(run).metadata.get("sdlora.steps")
         message = f"sdlora push: run {run.name}" + (f", step {steps}" if steps else "")
