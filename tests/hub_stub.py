@@ -40,10 +40,14 @@ class FakeHub:
     base: str = ""
 
     def kinds(self) -> list[str]:
-        return [_kind(h.method, h.path) for h in self.hits]
+        """The calls made, by kind; without huggingface_hub 2.x's own best-effort fetch of its agent registry
+        (GET /api/agent-harnesses, at most daily, a 404 is fine), which is no part of a push."""
+        return [k for k in (_kind(h.method, h.path) for h in self.hits) if k != "registry"]
 
 
 def _kind(method: str, path: str) -> str:
+    if path == "/api/agent-harnesses":
+        return "registry"
     if path == "/api/whoami-v2":
         return "whoami"
     if path == "/api/repos/create":
@@ -85,6 +89,8 @@ def make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             else:
                 body = json.loads(raw) if raw else None
             hub.hits.append(Hit(method, path, self.headers.get("Authorization"), body))
+            if kind == "registry":
+                return self._reply(404, {"error": "stub: no registry"})
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return self._reply(401, {"error": "Invalid credentials in Authorization header"})
             if kind in hub.fail:

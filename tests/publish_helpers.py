@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from run_helpers import random_png, write_config
-from sdlora.run import DIFFUSERS_LORA, EMBEDDINGS, write_samples, write_scores
+from sdlora.run import DIFFUSERS_LORA, EMBEDDINGS, point_latest, write_samples, write_scores
 
 PROMPTS = ["a photo of sksToy toy on a beach", "a red sksToy toy", "sksToy toy in the snow"]
 EMBEDDING_KEYS = {"sd1": ("emb_params",), "sdxl": ("clip_l", "clip_g")}
@@ -41,7 +41,7 @@ def fake_run(
     scores: bool = False,
     **config: Any,
 ) -> Path:
-    """root/runs/<name> with config.yaml and lora/ (diffusers file, kohya file, embedding)."""
+    """root/runs/<name> with config.yaml and lora/ (diffusers file, kohya file, embedding); runs/latest -> it."""
     sections = {
         "lora": {"rank": 4, "alpha": 8.0, "target_modules": ["to_q", "to_v"], "lora_type": "lora", "dora": False},
         "train": {"max_steps": 50, "learning_rate": 1e-4, "optimizer": "adamw", "batch_size": 1, "seed": 0},
@@ -63,6 +63,7 @@ def fake_run(
         add_samples(run)
     if scores:
         add_scores(run)
+    point_latest(run)
     return run
 
 

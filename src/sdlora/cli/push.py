@@ -42,8 +42,10 @@ def push(
     """Upload the run's LoRA (diffusers and ComfyUI files), token embedding, samples and model card to the Hub."""
     from sdlora.models.loading import TINY_WARNING, is_tiny
     from sdlora.publish import push_run
+    from sdlora.publish.push import check_repo_id
     from sdlora.run import load_run
 
+    check_repo_id(repo)
     info = load_run(run)
     if is_tiny(info.model):
         err_console.print(f"[yellow]{TINY_WARNING}; the card says so[/]", highlight=False, soft_wrap=True)
