@@ -142,7 +142,7 @@ class HubServer:
         self.hub = FakeHub()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(self.hub))
         self.hub.base = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
         return self.hub
 

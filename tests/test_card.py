@@ -169,3 +169,32 @@ def test_every_report_refresh_writes_the_card(tmp_path: Path, monkeypatch: pytes
     (run / "lora" / "pytorch_lora_weights.safetensors").write_bytes(b"garbage")
     result = CliRunner().invoke(app, ["report", "--run", "runs/r1"])
     assert "warning: README.md (model card) not written:" in result.output and "damaged" in result.output
+
+
+def _code(card_text: str) -> str:
+    """The card's diffusers code block, without the last line (generating an image is not the point)."""
+    block = card_text.split("```python\n", 1)[1].split("```", 1)[0]
+    return "\n".join(line for line in block.splitlines() if not line.startswith("image = "))
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+def test_the_cards_code_loads_the_lora_and_the_embedding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str):
+    """The code the card shows runs: from the run folder, and (SD 1.x) from the staged repo layout."""
+    from run_helpers import make_run, save_embedding
+    from sdlora.publish.push import stage_hub_folder
+    from sdlora.run import load_run
+
+    run = make_run(tmp_path, model=model)
+    save_embedding(run / "lora", model)
+    monkeypatch.chdir(tmp_path)
+    where = {}
+    exec(_code(build_card(run).text), where)  # noqa: S102 (our own card's code)
+    pipe = where["pipe"]
+    assert "default_0" in pipe.get_list_adapters()["unet"]
+    tokenizers = [pipe.tokenizer] + ([pipe.tokenizer_2] if model == "tiny-sdxl" else [])
+    assert all("sksToy" in t.get_vocab() for t in tokenizers)
+    if model == "tiny-sd":  # the repo's code, the repo id standing for the staged folder (same layout)
+        staged = stage_hub_folder(load_run(run), "me/toy")
+        where = {}
+        exec(_code(build_card(run, "me/toy").text).replace('"me/toy"', f'"{staged.folder}"'), where)  # noqa: S102
+        assert "sksToy" in where["pipe"].tokenizer.get_vocab() and where["pipe"].get_list_adapters()["unet"]
