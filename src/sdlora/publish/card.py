@@ -21,6 +21,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from sdlora.fsutil import write_text
 from sdlora.run import (
@@ -363,8 +364,8 @@ def _samples_section(run: RunInfo, shown: list[Shown]) -> str:
         "| --- | --- | --- |",
     ]
     for s in shown:
-        base = f"![base model, seed {s.seed}]({s.baseline})" if s.baseline else "(not sampled)"
-        lines.append(f"| {_cell(s.prompt)} (seed {s.seed}) | ![LoRA, seed {s.seed}]({s.lora}) | {base} |")
+        base = f"![base model, seed {s.seed}]({quote(s.baseline)})" if s.baseline else "(not sampled)"
+        lines.append(f"| {_cell(s.prompt)} (seed {s.seed}) | ![LoRA, seed {s.seed}]({quote(s.lora)}) | {base} |")
     lines += _provenance(run, run.path / SAMPLES_DIR / SAMPLES_JSON, "samples", "sdlora sample")
     return "\n".join(lines) + "\n"
 
@@ -474,7 +475,9 @@ def _diffusers_section(run: RunInfo, files: LoraFiles, arch: str | None, tiny: b
     else:
         code.append(f'pipe.load_lora_weights("{here}")')
     if files.embedding is not None:
-        code += _embedding_code(files, arch, token, repo_id, here)
+        imports, lines_ = _embedding_code(files, arch, token, repo_id, here)
+        blank = code.index("")  # the imports end at the first blank line
+        code = code[:blank] + imports + code[blank:] + lines_
     code.append(f'image = pipe("{prompt}").images[0]')
     lines += ["```python", *code, "```"]
     if files.embedding is not None:
@@ -491,33 +494,32 @@ def _diffusers_section(run: RunInfo, files: LoraFiles, arch: str | None, tiny: b
     return "\n".join(lines) + "\n"
 
 
-def _embedding_code(files: LoraFiles, arch: str | None, token: str, repo_id: str | None, here: str) -> list[str]:
-    """How to load the token's embedding: as `sdlora.generate.load_embeddings` does, one vector per text
-    encoder when the architecture has several (the file's keys as `train.embeddings.file_keys` names them)."""
+def _embedding_code(
+    files: LoraFiles, arch: str | None, token: str, repo_id: str | None, here: str
+) -> tuple[list[str], list[str]]:
+    """(imports, lines) that load the token's embedding: as `sdlora.generate.load_embeddings` does, one vector
+    per text encoder when the architecture has several (the keys as `train.embeddings.file_keys` names them)."""
     from sdlora.models.arch import SD1, SDXL
     from sdlora.train.embeddings import file_keys
 
     known = {a.name: a for a in (SD1, SDXL)}.get(arch or "")
     keys = file_keys(known) if known is not None else {}
-    if len(keys) > 1 and set(keys.values()) <= set(files.embedding_keys):
+    if known is not None and len(keys) > 1 and set(keys.values()) <= set(files.embedding_keys):
+        imports = ["from safetensors.torch import load_file"]
         if repo_id:
-            head = [
-                "from huggingface_hub import hf_hub_download",
-                "from safetensors.torch import load_file",
-                "",
-                f'state = load_file(hf_hub_download("{repo_id}", "{EMBEDDINGS}"))',
-            ]
+            imports.insert(0, "from huggingface_hub import hf_hub_download")
+            load = f'state = load_file(hf_hub_download("{repo_id}", "{EMBEDDINGS}"))'
         else:
-            head = ["from safetensors.torch import load_file", "", f'state = load_file("{here}/{EMBEDDINGS}")']
+            load = f'state = load_file("{here}/{EMBEDDINGS}")'
         tokenizers = dict(zip(known.text_encoders, known.tokenizers))
-        return head + [
+        return imports, [load] + [
             f'pipe.load_textual_inversion(state["{key}"], token="{token}", '
             f"text_encoder=pipe.{encoder}, tokenizer=pipe.{tokenizers[encoder]})"
             for encoder, key in keys.items()
         ]
     if repo_id:
-        return [f'pipe.load_textual_inversion("{repo_id}", weight_name="{EMBEDDINGS}", token="{token}")']
-    return [f'pipe.load_textual_inversion("{here}/{EMBEDDINGS}", token="{token}")']
+        return [], [f'pipe.load_textual_inversion("{repo_id}", weight_name="{EMBEDDINGS}", token="{token}")']
+    return [], [f'pipe.load_textual_inversion("{here}/{EMBEDDINGS}", token="{token}")']
 
 
 def _comfy_section(run: RunInfo, files: LoraFiles) -> str:
