@@ -175,3 +175,14 @@ def test_dry_run_stages_only(run: Path, no_saved_token: None):
     result = push("--repo", "me/toy", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "dry run: nothing uploaded" in result.stdout and (run / "hub" / "README.md").is_file()
+
+
+def test_a_run_being_trained_is_not_pushed(run: Path):
+    import socket
+
+    from sdlora.locks import LOCK_FILE
+
+    (run / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": socket.gethostname(), "verb": "train"}))
+    result = push("--repo", "me/toy", "--dry-run")
+    assert result.exit_code == 1 and "in use by `sdlora train` (pid 1)" in result.stderr
+    assert not (run / "hub").exists()
