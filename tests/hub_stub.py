@@ -94,7 +94,8 @@ def make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return self._reply(401, {"error": "Invalid credentials in Authorization header"})
             if kind in hub.fail:
-                return self._reply(hub.fail[kind], {"error": f"stub: {kind} fails"})
+                reason = {"error": f"stub: {kind} fails", "errors": [{"message": f"stub: {kind} fails"}]}
+                return self._reply(hub.fail[kind], reason)
             if kind == "whoami":
                 return self._reply(200, {"type": "user", "name": USER, "auth": {"accessToken": {"role": "write"}}})
             if kind == "create":

@@ -142,6 +142,7 @@ def test_push_makes_one_commit_and_records_it(run: Path, hub: hub_stub.FakeHub):
         ({"create": 403}, "refused (403): the token may not write to me/toy"),
         ({"commit": 403}, "refused (403): the token may not write to me/toy"),
         ({"commit": 404}, "answered 404"),
+        ({"validate": 400}, "refused the upload: Invalid metadata in README.md. - stub: validate fails"),
     ],
 )
 def test_a_refused_push_leaves_no_record(run: Path, hub: hub_stub.FakeHub, fail: dict, fragment: str):

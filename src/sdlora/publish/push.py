@@ -165,8 +165,9 @@ def _hub_errors(staged: Staged, endpoint: str, repo_id: str) -> Iterator[None]:
         else:
             why = f"{host} answered {status}: {_first_line(exc)}"
         raise PushError(prefix + why) from None
-    except ValueError as exc:  # the Hub's card check (validate-yaml) answers with a ValueError
-        raise PushError(prefix + f"{host} refused the card: {_first_line(exc)}") from None
+    except ValueError as exc:  # create_commit's card check (validate-yaml) raises one, its reasons on later lines
+        text = " ".join(str(exc).split())
+        raise PushError(prefix + f"{host} refused the upload: {text[:300]}") from None
     except Exception as exc:
         if not _network_error(exc):
             raise
