@@ -28,3 +28,7 @@ class ModelError(SdloraError):
 
 class RunError(SdloraError):
     """A run folder that is missing or lacks what the verb needs (config, LoRA, samples)."""
+
+
+class PushError(SdloraError):
+    """A run that could not be pushed to the Hugging Face Hub: no token, no network, or the Hub refused."""

@@ -12,6 +12,9 @@ runs/<name>/
                      step-N/ the validation samples of training step N
   scores.json        `sdlora score` output
   report.html        the HTML report (`sdlora.report.write_report`)
+  README.md          the model card, refreshed with the report (`sdlora.publish.card`)
+  hub/               what `sdlora push` uploads (LoRA files, embedding, samples, card); push.json: the
+                     last successful push (repo, commit, files' sha256), written only after it succeeded
 
 config.yaml sections read by the later stages (train may write more keys in each):
   model: {name, revision, variant, vae}

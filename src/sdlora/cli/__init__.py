@@ -35,6 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "score": ("sdlora.cli.score", "score"),
     "tune": ("sdlora.cli.tune", "tune"),
     "report": ("sdlora.cli.report", "report"),
+    "push": ("sdlora.cli.push", "push"),
     "demo": ("sdlora.cli.demo", "demo"),
 }
 

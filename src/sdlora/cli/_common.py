@@ -47,13 +47,14 @@ def at_least_1(**values: int | None) -> None:
 
 
 def refresh_report(run_dir: Path, *, strict: bool = False) -> Path | None:
-    """(Re)write the run's report.html: the one place a verb refreshes it, after its own stage is done.
+    """(Re)write the run's report.html (and its model card): the one place a verb refreshes them, after its own stage.
 
     A verb whose job is something else (train, sample, score, demo) gets a warning line if the report
     cannot be written, never a failure; `sdlora report` itself passes strict=True and fails.
     """
     from sdlora.report import write_report
 
+    refresh_card(run_dir)
     try:
         return write_report(run_dir)
     except Exception as exc:
@@ -61,6 +62,22 @@ def refresh_report(run_dir: Path, *, strict: bool = False) -> Path | None:
             raise
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         err_console.print(f"[yellow]warning:[/] report.html not written: {reason}", highlight=False, soft_wrap=True)
+        return None
+
+
+def refresh_card(run_dir: Path) -> Path | None:
+    """(Re)write the run's model card (README.md, `sdlora.publish.card`) with the report, so a run that is
+    never pushed has one too; a run without a LoRA yet gets none, and a failure is a warning line."""
+    from sdlora.publish.card import write_run_card
+    from sdlora.run import DIFFUSERS_LORA, LORA_DIR
+
+    if not (Path(run_dir) / LORA_DIR / DIFFUSERS_LORA).is_file():
+        return None
+    try:
+        return write_run_card(run_dir)
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        err_console.print(f"[yellow]warning:[/] README.md (model card) not written: {reason}", highlight=False)
         return None
 
 
