@@ -498,12 +498,12 @@ def _embedding_code(
     files: LoraFiles, arch: str | None, token: str, repo_id: str | None, here: str
 ) -> tuple[list[str], list[str]]:
     """(imports, lines) that load the token's embedding: as `sdlora.generate.load_embeddings` does, one vector
-    per text encoder when the architecture has several (the keys as `train.embeddings.file_keys` names them)."""
+    per text encoder when the architecture has several (the keys as `sdlora.lora_format.embedding_keys` names them)."""
+    from sdlora.lora_format import embedding_keys
     from sdlora.models.arch import SD1, SDXL
-    from sdlora.train.embeddings import file_keys
 
     known = {a.name: a for a in (SD1, SDXL)}.get(arch or "")
-    keys = file_keys(known) if known is not None else {}
+    keys = embedding_keys(known) if known is not None else {}
     if known is not None and len(keys) > 1 and set(keys.values()) <= set(files.embedding_keys):
         imports = ["from safetensors.torch import load_file"]
         if repo_id:
