@@ -38,6 +38,7 @@ from sdlora.evaluate.paper_prompts import IMAGES_PER_PROMPT, object_prompts
 from sdlora.events import ProgressFn
 from sdlora.fsutil import sha256_file
 from sdlora.generate.prompts import expand_prompt
+from sdlora.locks import folder_lock
 from sdlora.prompts import DEFAULT_PROMPT, fill_prompt
 from sdlora.run import (
     SAMPLES_DIR,
@@ -342,31 +343,33 @@ def score_run(
     """
     plan = plan or plan_scoring(run, prompts, samples_json, num_images)
     lora_dir = run.lora_dir()  # RunError for a run without a LoRA
-    real_paths = val_photos(run.dataset)
-    dino = load_dino(dino_model, device)
-    clip = load_clip(clip_model, clip_pretrained, device)
-    missing = missing_prompts(run, plan)
-    if missing:
-        quoted = " ".join(shlex.quote(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
-        raise RunError(
-            f"{plan.samples_json}: no samples for {len(missing)} prompt(s); run "
-            f"`sdlora sample --run {shlex.quote(str(run.path))} --num-images {plan.min_images} {quoted}` first"
+    # The val photos are read under the dataset's shared lock: `prepare` does not rewrite them meanwhile.
+    with folder_lock(run.dataset, "score", shared=True):
+        real_paths = val_photos(run.dataset)
+        dino = load_dino(dino_model, device)
+        clip = load_clip(clip_model, clip_pretrained, device)
+        missing = missing_prompts(run, plan)
+        if missing:
+            quoted = " ".join(shlex.quote(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise RunError(
+                f"{plan.samples_json}: no samples for {len(missing)} prompt(s); run "
+                f"`sdlora sample --run {shlex.quote(str(run.path))} --num-images {plan.min_images} {quoted}` first"
+            )
+        samples = load_samples(plan.samples_json)
+        if plan.wanted is not None:
+            samples = [s for s in samples if any(_matches(s, p, run) for p in plan.wanted)]
+        if not samples:
+            raise RunError(f"{plan.samples_json}: no images to score (generate some with `sdlora sample PROMPT`)")
+        result = score_samples(
+            samples,
+            real_paths,
+            token=run.token,
+            dino=dino,
+            clip=clip,
+            cache_dir=run.path / EMBEDDINGS_CACHE,
+            batch_size=batch_size,
+            on_progress=on_progress,
         )
-    samples = load_samples(plan.samples_json)
-    if plan.wanted is not None:
-        samples = [s for s in samples if any(_matches(s, p, run) for p in plan.wanted)]
-    if not samples:
-        raise RunError(f"{plan.samples_json}: no images to score (generate some with `sdlora sample PROMPT`)")
-    result = score_samples(
-        samples,
-        real_paths,
-        token=run.token,
-        dino=dino,
-        clip=clip,
-        cache_dir=run.path / EMBEDDINGS_CACHE,
-        batch_size=batch_size,
-        on_progress=on_progress,
-    )
     scores = {
         "schema_version": SCORES_SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -33,7 +33,7 @@ import torch
 from sdlora.config import Config
 from sdlora.devices import free_memory
 from sdlora.events import OnEvent, no_event
-from sdlora.locks import release
+from sdlora.locks import acquire, release
 from sdlora.models.arch import Architecture, OnDevice
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
@@ -84,7 +84,8 @@ class TrainState:
     last_checkpoint: Path | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     stop_signal: int = int(signal.SIGINT)  # what asked to stop: SIGINT (Ctrl-C, `request_stop`) or SIGTERM
-    lock: Path | None = None  # the run folder's lock file (main process), released by `cleanup`
+    locks: list[Path] = field(default_factory=list)  # the run folder's lock (main process) and the dataset's
+    # shared one, released by `cleanup`
     param_groups: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
     tokens: Any = None  # TokenEmbeddings (train/embeddings.py) when the token's own embedding trains
     frozen_text_encoders: list[Any] = field(default_factory=list)  # run (not trained) for that embedding
@@ -118,15 +119,18 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
 
     # Everything a user can get wrong fails first, before minutes of loading and encoding.
     cfg = resolve.resolve_precision(cfg)
-    cfg, train_examples, val_examples = resolve.resolve_dataset(cfg)
-    cfg = resolve.resolve_alpha(cfg)
-    runtime.check_tracker(cfg.logging.report_to)
-    optim.check_optimizer(cfg)
-    accelerator = runtime.make_accelerator(cfg)
-    emit = on_event if (on_event is not None and accelerator.is_main_process) else no_event
-    runtime.check_new_run(cfg, resume)
-    locks = [runtime.lock_run(Path(resume), accelerator)] if resume is not None else []  # before minutes of loading
+    # Read the dataset under its shared lock, held to the end: `prepare` refuses to rewrite it meanwhile.
+    locks = [acquire(resolve.dataset_dir(cfg), "train", shared=True)]
     try:
+        cfg, train_examples, val_examples = resolve.resolve_dataset(cfg)
+        cfg = resolve.resolve_alpha(cfg)
+        runtime.check_tracker(cfg.logging.report_to)
+        optim.check_optimizer(cfg)
+        accelerator = runtime.make_accelerator(cfg)
+        emit = on_event if (on_event is not None and accelerator.is_main_process) else no_event
+        runtime.check_new_run(cfg, resume)
+        if resume is not None:
+            locks.append(runtime.lock_run(Path(resume), accelerator))  # before minutes of loading
         validation.check_scorer(cfg, val_examples, accelerator)
 
         pipe, arch, noise_scheduler = lora.load_base(cfg, emit)
@@ -182,7 +186,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             frozen_text_encoders=frozen_encoders,
             empty_caption=empty_caption,
             ema=ema_weights,
-            lock=next((lock for lock in locks if lock is not None), None),
+            locks=[lock for lock in locks if lock is not None],
         )
         if resume is not None:
             ckpt.load_checkpoint(state)
@@ -357,11 +361,10 @@ def condition(state: TrainState, cond: Conditioning) -> tuple[torch.Tensor, torc
 
 
 def cleanup(state: TrainState) -> None:
-    """Close metrics.jsonl and the trackers, release the run folder's lock; give the memory back."""
+    """Close metrics.jsonl and the trackers, release the run folder's and the dataset's locks; give the memory back."""
     runtime.stop_logging(state)
-    if state.lock is not None:
-        release(state.lock)
-        state.lock = None
+    while state.locks:
+        release(state.locks.pop())
     free_memory()
 
 
