@@ -38,7 +38,7 @@ from sdlora.models.arch import Architecture, OnDevice
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
 from sdlora.train import compiling, dropout, ema, encode, lora, losses, monitor, optim, resolve, runtime, validation
-from sdlora.train.data import BatchPlan, Conditioning, LatentSet, check_caption_lengths
+from sdlora.train.data import BatchPlan, Conditioning, LatentSet, batch_warning, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
 from sdlora.train.preservation import dop_loss
 
@@ -129,6 +129,8 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         accelerator = runtime.make_accelerator(cfg)
         emit = on_event if (on_event is not None and accelerator.is_main_process) else no_event
         runtime.check_new_run(cfg, resume)
+        if warning := batch_warning(train_examples, cfg.train.batch_size, accelerator.num_processes):
+            emit({"event": "warning", "message": warning})
         if resume is not None:
             locks.append(runtime.lock_run(Path(resume), accelerator))  # before minutes of loading
         validation.check_scorer(cfg, val_examples, accelerator)
