@@ -156,9 +156,12 @@ class Options:
             raise ConfigError(f"--token {self.token!r}: use one word without spaces, '|', '#' or braces, e.g. sksToy")
         if self.masks.kind != "auto" and self.masks.model != DEFAULT_MASK_MODEL:
             raise ConfigError(f"--mask-model {self.masks.model}: only with --masks auto")
-        return Options(
-            **{**self.__dict__, "class_word": check_class_word(self.class_word), "masks": self.masks.check()}
-        )
+        class_word = check_class_word(self.class_word)
+        if self.masks.kind == "auto":  # before minutes of decoding: the mask model reads 77 CLIP tokens
+            from sdlora.data.automask import check_mask_prompt
+
+            check_mask_prompt(class_word)
+        return Options(**{**self.__dict__, "class_word": class_word, "masks": self.masks.check()})
 
     def image_key(self, source_sha256: str) -> str:
         """Content address of an output image: same bytes + same options -> same file name."""
