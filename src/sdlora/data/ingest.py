@@ -108,6 +108,7 @@ class PrepareResult:
     captions_new: int = 0  # template captions written for new images
     mode: str = "new"  # "new", "update" (same source) or "replace" (--force)
     keep_aspect: bool = False  # images are at their buckets' sizes, not square
+    first_frame: list[tuple[str, str]] = field(default_factory=list)  # (photo, "animated GIF, 12 frames")
 
     def size_counts(self) -> list[tuple[tuple[int, int], int]]:
         """((width, height), images) for each prepared size, the most used first."""
@@ -405,6 +406,7 @@ def _prepare(
         mode=mode,
         keep_aspect=opts.keep_aspect,
         masks=opts.masks.kind,
+        first_frame=[(s.name, results[s.name].first_frame) for s in usable if results[s.name].first_frame],
     )
     if not records:
         why = _reasons(skipped) or "no files in it"
