@@ -84,6 +84,7 @@ class Sample:
     prompt: str
     variant: str
     prompt_as_written: str | None = None
+    lora_file: str | None = None  # the LoRA file a "lora" image was sampled with (absent from older samples.json)
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -111,7 +112,7 @@ def load_samples(samples_json: Path) -> list[Sample]:
     """The images listed in samples.json (`sdlora.run.read_samples`); RunError if one is missing."""
     folder = Path(samples_json).parent
     samples = [
-        Sample(folder / e["file"], e["prompt"], e["variant"], e.get("prompt_as_written"))
+        Sample(folder / e["file"], e["prompt"], e["variant"], e.get("prompt_as_written"), e.get("lora_file"))
         for e in read_samples(samples_json)["images"]
     ]
     for sample in samples:
@@ -376,6 +377,8 @@ def score_run(
         "run": str(run.path),
         "samples": str(plan.samples_json),
         "lora_dir": str(lora_dir),
+        # the files the scored LoRA images were sampled with (`sample --lora FILE` may name another)
+        "lora_files": sorted({s.lora_file for s in samples if s.variant == "lora" and s.lora_file}),
         "token": run.token,
         "class_word": run.class_word,
         "prompt_set": plan.prompt_set,
