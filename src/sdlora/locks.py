@@ -39,15 +39,30 @@ def is_lock_file(name: str) -> bool:
 
 
 def _alive(pid: int) -> bool:
+    if os.name == "nt":
+        return _alive_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # someone else's live process
         return True
-    except OSError:  # Windows: os.kill(pid, 0) of a pid that is gone
-        return False
     return True
+
+
+def _alive_windows(pid: int) -> bool:
+    """On Windows os.kill(pid, 0) would terminate the process: ask for its exit code instead."""
+    import ctypes
+
+    kernel32 = ctypes.WinDLL("kernel32", use_last_error=True)  # type: ignore[attr-defined]
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return ctypes.get_last_error() == 5  # ERROR_ACCESS_DENIED: someone else's live process
+    try:
+        code = ctypes.c_ulong()
+        return not kernel32.GetExitCodeProcess(handle, ctypes.byref(code)) or code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _holder(path: Path) -> dict | None:
