@@ -182,3 +182,48 @@ def test_second_prepare_or_caption_on_a_dataset_in_use_fails_naming_the_pid(tmp_
     (out / LOCK_FILE).unlink()
     assert prepare(src, out).exit_code == 0
     assert not (out / LOCK_FILE).exists()
+
+
+def held_lock(folder: Path, verb: str, shared: bool) -> subprocess.Popen:
+    """Another process holding the dataset's lock, as `train` (shared) or `prepare` (exclusive) does."""
+    code = (
+        "import sys, time; from sdlora.locks import acquire;"
+        f" acquire(sys.argv[1], {verb!r}, shared={shared}); print('held', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_prepare_refuses_a_dataset_that_train_reads_naming_it_and_the_pid(tmp_path):
+    src, out = photos(tmp_path / "photos", 3), tmp_path / "ds"
+    ingest.prepare_dataset(str(src), out, resolution=64, workers=1)
+    before = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    reader = held_lock(out, "train", shared=True)
+    try:
+        result = runner.invoke(app, ["prepare", str(src), "--out", str(out), "--resolution", "32", "--workers", "2"])
+        one_line_error(result, str(out), f"`sdlora train` (pid {reader.pid})", "reads it")
+        after = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        assert {k: v for k, v in after.items() if not k.startswith(LOCK_FILE)} == before  # nothing replaced
+    finally:
+        reader.kill()
+        reader.wait()
+    assert prepare(src, out, "--resolution", "32").exit_code == 0  # the reader is gone: its record is stale
+    assert load_manifest(out).resolution == 32 and not any(p.name.startswith(LOCK_FILE) for p in out.iterdir())
+
+
+def test_train_refuses_a_dataset_that_prepare_writes_before_loading_a_model(tmp_path):
+    src, out = photos(tmp_path / "photos", 3), tmp_path / "ds"
+    ingest.prepare_dataset(str(src), out, resolution=64, workers=1)
+    writer = held_lock(out, "prepare", shared=False)
+    try:
+        runs = tmp_path / "runs"
+        args = ["train", "--model", "tiny-sd", "--dataset", str(out), "--runs-dir", str(runs), "--max-steps", "1"]
+        one_line_error(runner.invoke(app, args), str(out), f"`sdlora prepare` (pid {writer.pid})")
+        assert not runs.exists()
+        result = runner.invoke(app, ["caption", str(out), "--check", "--model", "tiny-sd"])
+        one_line_error(result, f"`sdlora prepare` (pid {writer.pid})")
+    finally:
+        writer.kill()
+        writer.wait()
+    assert [p.name for p in out.iterdir() if p.name.startswith(LOCK_FILE)] == [LOCK_FILE]  # only the dead writer's

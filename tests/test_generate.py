@@ -300,8 +300,11 @@ def test_best_lora_and_a_lora_folder(tmp_path):
     )
     a, b = (pixels(o.parent / "skstoy-toy" / "lora-00.png") for o in (out, out2))
     assert np.abs(a - b).mean() > 1.0  # two different LoRAs
-    with pytest.raises(RunError, match="--lora .*nowhere: no pytorch_lora_weights.safetensors there"):
+    with pytest.raises(RunError, match="--lora .*nowhere: no such folder or .safetensors file"):
         generate_samples(info, ["sksToy"], lora_dir=tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RunError, match="--lora .*empty: no pytorch_lora_weights.safetensors there"):
+        generate_samples(info, ["sksToy"], lora_dir=tmp_path / "empty")
 
 
 def test_bad_input_fails_before_loading_the_model(tmp_path, monkeypatch):

@@ -276,3 +276,35 @@ def test_masks_match_photos_by_stem_also_for_links_and_subfolders(tmp_path):
     matched, unused = match_masks(files, photos, folder)
     assert matched == {photos[0]: files[0], photos[1]: files[1]}
     assert len(unused) == 1 and unused[0].startswith("IMG_3.png (ambiguous")
+
+
+LONG_CLASS = " ".join(["red plush"] * 45)  # 90 words: past CLIP's 77 positions
+
+
+def test_a_class_word_past_the_clip_window_is_one_line_before_decoding(tmp_path):
+    from typer.testing import CliRunner
+
+    from sdlora.cli import app
+
+    marker_photo(tmp_path / "photos")
+    out = tmp_path / "ds"
+    args = ["prepare", str(tmp_path / "photos"), "--out", str(out), "--resolution", "64", "--workers", "1"]
+    result = CliRunner().invoke(
+        app, [*args, "--masks", "auto", "--mask-model", "tiny-clipseg", "--class-word", LONG_CLASS]
+    )
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "--class-word 'red plush red plush" in errors[0], result.stderr
+    assert "CLIP tokens in the --masks auto prompt" in errors[0] and "reads 77" in errors[0]
+    assert not out.exists()
+
+
+def test_the_mask_model_refuses_a_prompt_longer_than_it_reads_in_one_line():
+    masker = automask.AutoMasker("tiny-clipseg", threshold=0.4, device="cpu")
+    image = Image.new("RGB", (64, 64), GREY)
+    with pytest.raises(ConfigError, match=r"--class-word 'red plush.*\.\.\.': 96 CLIP tokens") as err:
+        masker([image], LONG_CLASS)
+    assert "\n" not in str(err.value)
+    assert len(masker([image], "toy")) == 1

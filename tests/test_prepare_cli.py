@@ -248,3 +248,33 @@ def test_masks_folder_rows_and_bad_mask_is_one_line(tmp_path):
     (masks / "notes.txt").write_text("which photo is which")
     one_line_error(invoke(src, "--out", out, "--resolution", "64", "--masks", masks), "notes.txt is not an image")
     assert snapshot(out) == before
+
+
+def frames(n: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [
+        Image.fromarray(rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)).resize((96, 96), Image.Resampling.NEAREST)
+        for _ in range(n)
+    ]
+
+
+def test_animations_and_multi_page_tiffs_say_only_their_first_frame_is_used(tmp_path):
+    src = photos(tmp_path / "photos", 2)  # plain photos: not mentioned
+    first, *rest = frames(3, 10)
+    first.save(src / "spin.gif", save_all=True, append_images=rest, duration=100, loop=0)
+    first, *rest = frames(4, 11)
+    first.save(src / "scan.tiff", save_all=True, append_images=rest)
+    first, *rest = frames(2, 12)
+    first.save(src / "wave.webp", save_all=True, append_images=rest, duration=100, lossless=True)
+    frames(1, 13)[0].save(src / "still.gif")  # one frame: nothing to say
+    out = tmp_path / "ds"
+    for _ in range(2):  # the second run re-uses the decoded results, and still says so
+        result = invoke(src, "--out", out, "--resolution", "64", "--workers", "1")
+        assert result.exit_code == 0, result.output
+        row = next(line for line in result.stdout.splitlines() if "first frame only" in line)
+        assert "│     3 │" in row, row
+        for shown in ("scan.tiff (multi-page TIFF, 4 pages)", "spin.gif (animated GIF, 3 frames)"):
+            assert shown in row, row
+        assert "wave.webp (animated WebP, 2 frames)" in result.stdout  # the fourth is folded onto the next line
+        assert "still.gif" not in row and "IMG_" not in row
+    assert len(load_manifest(out).images) == 6

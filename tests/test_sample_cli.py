@@ -236,3 +236,111 @@ def test_a_damaged_lora_or_embedding_is_one_line_naming_the_file(run, file, dama
     one_line_error(result, f"{path}: damaged or incomplete file (")
     assert "re-export it or train again" in " ".join(result.stderr.split())
     assert "another base model" not in result.stderr
+
+
+# ---- which LoRA file is sampled ----------------------------------------------------------------------
+
+
+def exported_lora(folder: Path, seed: int) -> tuple[Path, Path]:
+    """A tiny-sd LoRA written as a run's export writes it (train/export.py `save_lora`): the diffusers
+    file and the kohya file `tiny.safetensors`, both with sdlora's metadata."""
+    import torch
+    from peft import LoraConfig
+
+    from run_helpers import LORA_TARGETS
+    from sdlora.models import load_pipeline
+    from sdlora.train.export import save_lora
+
+    pipe, arch = load_pipeline("tiny-sd")
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGETS))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+    save_lora(folder, pipe.unet, None, arch, metadata={"sdlora.base_model": "tiny-sd"}, kohya_name="tiny")
+    return folder / "pytorch_lora_weights.safetensors", folder / "tiny.safetensors"
+
+
+def strip_sdlora_metadata(path: Path, out: Path) -> Path:
+    """The file as another trainer or a download site has it: the same tensors, no `sdlora.*` keys."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as f:
+        metadata = {k: v for k, v in (f.metadata() or {}).items() if not k.startswith("sdlora.")}
+    assert metadata and all(k.startswith(("ss_", "modelspec.")) for k in metadata)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(load_file(str(path)), str(out), metadata=metadata)
+    return out
+
+
+def sample_one(run: Path, lora: Path | str, out: Path, *more: str):
+    """One image (seed 0, two steps, no baseline) with `--lora`; (CLI result, its pixels or None, samples.json)."""
+    import numpy as np
+    from PIL import Image
+
+    result = invoke(
+        "sksToy", "--run", run, "--lora", lora, "-n", 1, "--steps", 2, "--no-baseline", "--device", "cpu", *more
+    )
+    samples = run / "samples" / "samples.json"
+    if result.exit_code != 0:
+        return result, None, None
+    data = json.loads(samples.read_text())
+    with Image.open(run / "samples" / "skstoy-toy" / "lora-00.png") as im:
+        image = np.asarray(im.convert("RGB"), dtype=np.int16)
+    shutil.move(run / "samples", out)
+    return result, image, data
+
+
+def test_a_named_lora_file_is_the_one_sampled_and_recorded_with_its_absolute_path(tmp_path, monkeypatch):
+    run = make_run(tmp_path)
+    other = tmp_path / "loras"
+    exported_lora(other, seed=5)  # other/pytorch_lora_weights.safetensors: a different LoRA
+    mine = other / "my_lora.safetensors"
+    shutil.copy(run / "lora" / "pytorch_lora_weights.safetensors", mine)  # the run's own weights
+    monkeypatch.chdir(tmp_path)
+    result, named, data = sample_one(run, Path("loras") / mine.name, tmp_path / "named")
+    assert result.exit_code == 0, result.output
+    assert data["lora_file"] == str(mine.resolve()) and Path(data["lora_file"]).is_absolute()
+    assert {e["lora_file"] for e in data["images"]} == {str(mine.resolve())}
+    _, own, _ = sample_one(run, "lora", tmp_path / "own")
+    _, folder, data = sample_one(run, other, tmp_path / "folder")
+    assert data["lora_file"] == str(other.resolve() / "pytorch_lora_weights.safetensors")
+    assert abs(named - own).max() <= 1  # the named file's weights, not the folder's other file
+    assert abs(named - folder).mean() > 1.0
+
+    missing = other / "missing.safetensors"
+    one_line_error(invoke("sksToy", "--run", run, "--lora", missing), f"--lora {missing}: no such file")
+    one_line_error(invoke("sksToy", "--run", run, "--lora", other / "notes.txt"), "no such folder or .safetensors file")
+
+
+def test_a_kohya_lora_from_another_trainer_samples_like_the_diffusers_file(tmp_path):
+    run = make_run(tmp_path)
+    diffusers_file, kohya_file = exported_lora(tmp_path / "export", seed=3)
+    download = strip_sdlora_metadata(kohya_file, tmp_path / "downloads" / "civitai_lora.safetensors")
+    result, kohya, data = sample_one(run, download, tmp_path / "kohya")
+    assert result.exit_code == 0, result.output
+    assert data["lora_file"] == str(download.resolve())
+    _, diffusers, _ = sample_one(run, diffusers_file, tmp_path / "diffusers")
+    assert abs(kohya - diffusers).max() <= 1  # the same weights, read from kohya keys
+    _, base, _ = sample_one(run, download, tmp_path / "base", "--lora-scale", "0")
+    assert abs(kohya - base).mean() > 1.0  # and they did change the image
+
+
+def test_a_file_that_is_no_lora_for_the_model_is_refused_in_one_line_saying_why(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    run = make_run(tmp_path)
+    not_lora = tmp_path / "downloads" / "embedding.safetensors"
+    not_lora.parent.mkdir()
+    save_file({"emb_params": torch.randn(1, 32)}, str(not_lora))
+    result = invoke("sksToy", "--run", run, "--lora", not_lora, "-n", 1, "--steps", 1, "--no-baseline")
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    message = " ".join(result.stderr.split())
+    assert f"{not_lora}: cannot be loaded into" in message and "Invalid LoRA checkpoint" in message
+    assert "diffusers reads diffusers/peft and kohya LoRA files" in message
+    assert not (run / "samples" / "samples.json").exists()

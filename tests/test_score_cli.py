@@ -184,3 +184,27 @@ def test_no_sample_fails_with_the_command_to_run(scored_run, fake_sampler):
     result = invoke("--run", scored_run, "--prompts", "sksToy in the snow", "--no-sample", *TINY)
     one_line_error(result, "no samples for 1 prompt(s)", "sdlora sample --run", "'sksToy in the snow'")
     assert fake_sampler == [] and not (scored_run / "scores.json").exists()
+
+
+def test_scores_name_the_lora_files_the_images_were_sampled_with(scored_run):
+    path = scored_run / "samples" / "samples.json"
+    data = json.loads(path.read_text())
+    for entry in data["images"]:
+        entry["lora_file"] = "/loras/my_lora.safetensors" if entry["variant"] == "lora" else None
+    path.write_text(json.dumps(data))
+    result = invoke("--run", scored_run, *TINY)
+    assert result.exit_code == 0, result.output
+    assert json.loads((scored_run / "scores.json").read_text())["lora_files"] == ["/loras/my_lora.safetensors"]
+
+
+def test_score_refuses_a_dataset_that_prepare_is_writing(scored_run):
+    import socket
+
+    from sdlora.locks import LOCK_FILE
+
+    dataset = scored_run.parent.parent / "dataset"
+    holder = {"pid": os.getppid(), "host": socket.gethostname(), "verb": "prepare"}  # a live process: pytest's parent
+    (dataset / LOCK_FILE).write_text(json.dumps(holder))
+    one_line_error(invoke("--run", scored_run, *TINY), str(dataset), f"`sdlora prepare` (pid {os.getppid()})")
+    assert not (scored_run / "scores.json").exists()
+    assert [p.name for p in dataset.iterdir() if p.name.startswith(LOCK_FILE)] == [LOCK_FILE]  # no reader left

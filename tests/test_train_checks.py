@@ -101,3 +101,33 @@ def test_long_captions_with_the_token_inside_the_window_train_with_one_warning(t
     loop.cleanup(state)
     long = [e["message"] for e in events if e["event"] == "warning" and "CLIP tokens" in e["message"]]
     assert len(long) == 1 and long[0].startswith(f"{len(names)} caption(s) longer than the 75 CLIP tokens"), long
+
+
+def test_a_batch_larger_than_the_training_set_is_warned_about_on_the_command_line(tmp_path: Path, monkeypatch):
+    dataset = write_tiny_dataset(tmp_path / "dataset")  # 5 train images, 1 val
+
+    def stop(*args, **kwargs):
+        raise ConfigError("stopped before the model loads")
+
+    monkeypatch.setattr(loop.lora, "load_base", stop)
+    args = ["train", "--model", "tiny-sd", "--dataset", str(dataset), "--runs-dir", str(tmp_path / "runs")]
+    result = runner.invoke(app, [*args, "--batch-size", "100", "--max-steps", "1"])
+    warning = [line for line in result.stderr.splitlines() if "--batch-size 100" in line]
+    assert len(warning) == 1, result.stderr
+    assert warning[0].startswith("warning: --batch-size 100 is larger than the 5 training images")
+    assert "up to 20x each" in warning[0] and "use --batch-size 5" in warning[0]
+    quiet = runner.invoke(app, [*args, "--batch-size", "5", "--max-steps", "1"])
+    assert "--batch-size" not in quiet.stderr, quiet.stderr
+
+
+def test_the_batch_warning_counts_the_smallest_size_bucket_and_the_processes():
+    from sdlora.train.data import Example, batch_warning
+
+    def examples(n: int, size: tuple[int, int]) -> list[Example]:
+        return [Example(Path(f"{size}-{i}.png"), "sksToy", size, (0, 0), size) for i in range(n)]
+
+    mixed = examples(8, (64, 64)) + examples(2, (64, 96))
+    assert batch_warning(mixed, 2, 1) is None
+    line = batch_warning(mixed, 2, 2)
+    assert line.startswith("--batch-size 2 x 2 processes is larger than the 2 images of the smallest of its 2 size")
+    assert batch_warning(examples(4, (64, 64)), 4, 1) is None

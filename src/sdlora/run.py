@@ -23,9 +23,11 @@ config.yaml sections read by the later stages (train may write more keys in each
   validation: {prompts, ...}
 
 samples/samples.json (`write_samples` / `read_samples`): the settings of the last sampling (model, run,
-lora_dir, lora_scale, steps, guidance, scheduler, height, width, negative_prompt, sdlora_version) and
+lora_dir, lora_file (the LoRA file used, absolute), lora_scale, steps, guidance, scheduler, height, width,
+negative_prompt, sdlora_version) and
   images[]: {file (relative to samples/), prompt (as generated), prompt_as_written, seed, index,
-             variant ("lora" or "baseline": the base model alone, same seed), and the sampling settings}
+             variant ("lora" or "baseline": the base model alone, same seed), and the sampling settings,
+             lora_file among them (null for a baseline)}
 
 scores.json (`write_scores` / `read_scores`), cosines in -1..1:
   schema_version (SCORES_SCHEMA_VERSION), created, run, samples, lora_dir, token, class_word,

@@ -14,6 +14,7 @@ from sdlora.config.schema import ModelArgs
 from sdlora.data.captioning import CaptionResult, caption_dataset
 from sdlora.data.captions import DEFAULT_TEMPLATE, CheckResult, check_captions
 from sdlora.errors import ConfigError
+from sdlora.locks import folder_lock
 
 DEFAULT_MODEL: str = ModelArgs.__dataclass_fields__["name"].default  # train's --model default
 
@@ -102,7 +103,9 @@ def caption(
         if used:
             raise ConfigError(f"--check only validates; run it without {', '.join(used)}")
         tokenizer = load_tokenizer(model)
-        _render_check(check_captions(dataset, tokenizer))
+        with folder_lock(dataset, "caption --check", shared=True):  # a reader: `prepare` waits for it
+            checked = check_captions(dataset, tokenizer)
+        _render_check(checked)
         return
     if source is not None and auto is not None:
         raise ConfigError("--from and --auto: choose one (import your captions, or let a model write them)")

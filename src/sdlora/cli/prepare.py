@@ -170,6 +170,10 @@ def _render(result: PrepareResult) -> None:
     if result.records:
         examples = ", ".join(r.source for r in result.records[:3])
         table.add_row("[green]kept[/]", str(len(result.records)), examples)
+    if result.first_frame:  # trained on one image of several: the user may have meant the others
+        shown = "; ".join(f"{name} ({what})" for name, what in result.first_frame[:3])
+        more = f"; +{len(result.first_frame) - 3} more" if len(result.first_frame) > 3 else ""
+        table.add_row("[yellow]kept, first frame only[/]", str(len(result.first_frame)), shown + more)
     by_reason: dict[str, list] = {}
     for s in result.skipped:
         by_reason.setdefault(s.reason, []).append(s)

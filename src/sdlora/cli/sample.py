@@ -39,7 +39,10 @@ def sample(
     lora: Annotated[
         str,
         typer.Option(
-            "--lora", metavar="NAME", help="Which LoRA: lora (final), best (best validation), or a LoRA folder."
+            "--lora",
+            metavar="NAME",
+            help="Which LoRA: lora (final), best (best validation), a LoRA folder, or a .safetensors file "
+            "(sdlora's, or a kohya-format LoRA from another trainer).",
         ),
     ] = "lora",
     num_images: Annotated[int, typer.Option("--num-images", "-n", metavar="N", help="Images per prompt.")] = 4,
@@ -109,7 +112,7 @@ def sample(
         generate_samples,
         read_prompts_file,
         resolve_dtype,
-        resolve_lora_dir,
+        resolve_lora,
         scheduler_key,
     )
     from sdlora.models.loading import TINY_WARNING, is_tiny
@@ -122,7 +125,7 @@ def sample(
     given = check_prompts(given)
     info = load_run(run)
     # the cheap checks before the tiny-model warning, so bad input stays one line
-    check_lora_files(resolve_lora_dir(info, lora))
+    check_lora_files(resolve_lora(info, lora))
     if scheduler is not None:
         scheduler_key(scheduler)
     resolve_dtype(dtype, resolve_device(device))

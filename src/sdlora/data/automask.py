@@ -18,7 +18,7 @@ from PIL import Image
 
 from sdlora.data.masks import DEFAULT_MASK_PROMPT
 from sdlora.devices import resolve_device
-from sdlora.errors import ModelError
+from sdlora.errors import ConfigError, ModelError
 from sdlora.events import ProgressFn
 from sdlora.models.hub import hub_error, hub_offline
 from sdlora.models.tiny import TINY_CLIPSEG
@@ -53,6 +53,27 @@ def model_revision(model: str) -> str | None:
     except Exception:  # noqa: BLE001 - a malformed id is reported by the load itself
         return None
     return Path(found).parent.name if isinstance(found, str) else None
+
+
+def mask_prompt(class_word: str) -> str:
+    return fill_prompt(DEFAULT_MASK_PROMPT, "", class_word)
+
+
+def check_mask_prompt(class_word: str, tokenizer=None, positions: int = 77) -> None:
+    """ConfigError in one line when the mask prompt of `class_word` is longer than the text model reads
+    (`positions` ids, start and end markers included): CLIPSeg fails on it, it does not cut it.
+    `tokenizer`: the model's; default the CLIP tokenizer every CLIPSeg uses, built offline."""
+    if tokenizer is None:
+        from sdlora.models.tiny import clip_tokenizer
+
+        tokenizer = clip_tokenizer()
+    ids = tokenizer(mask_prompt(class_word), truncation=False)["input_ids"]
+    if len(ids) > positions:
+        shown = class_word if len(class_word) <= 60 else f"{class_word[:57]}..."
+        raise ConfigError(
+            f"--class-word {shown!r}: {len(ids)} CLIP tokens in the --masks auto prompt, and the mask model "
+            f"reads {positions}; give the object's class in a few words (e.g. 'toy', 'rc car')"
+        )
 
 
 class AutoMasker:
@@ -108,7 +129,9 @@ class AutoMasker:
         import torch
         import torch.nn.functional as F
 
-        prompt = fill_prompt(DEFAULT_MASK_PROMPT, "", class_word)
+        prompt = mask_prompt(class_word)
+        positions = getattr(getattr(self.model.config, "text_config", None), "max_position_embeddings", 77)
+        check_mask_prompt(class_word, self.processor.tokenizer, positions)
         masks: list[np.ndarray] = []
         total = len(images)
         if on_progress:

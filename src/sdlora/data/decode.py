@@ -45,9 +45,10 @@ class Decoded:
     size: tuple[int, int] | None = None  # of the prepared image; None from caches that predate it
     # The mask, when the job asked for one: PNG and checks, why there is none, or why the user's is unusable.
     mask: MaskResult | None = None
+    first_frame: str = ""  # "animated GIF, 12 frames": a file of several images, of which the first is used
 
     def cache_entry(self) -> dict:
-        return {
+        entry = {
             "pixels": self.pixels,
             "phash": self.phash,
             "original_size": list(self.original_size),
@@ -55,6 +56,9 @@ class Decoded:
             "error": self.error,
             "detail": self.detail,
         }
+        if self.first_frame:  # only then, so the caches of single-frame files keep their bytes
+            entry["first_frame"] = self.first_frame
+        return entry
 
     @classmethod
     def from_cache(cls, key: str, entry: dict) -> "Decoded":
@@ -68,6 +72,7 @@ class Decoded:
             entry.get("error"),
             entry.get("detail", ""),
             tuple(size) if size else None,
+            first_frame=str(entry.get("first_frame", "")),
         )
 
 
@@ -103,6 +108,7 @@ def decode(job: Job) -> Decoded:
         prepared.original_size,
         size=img.size,
         mask=mask,
+        first_frame=imaging.first_frame_note(prepared.format, prepared.frames) or "",
     )
 
 

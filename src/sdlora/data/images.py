@@ -83,6 +83,12 @@ class Prepared:
     # Grayscale ("L") mask at the image's size, through exactly the image's transform: the photo's
     # alpha channel (`alpha=True`; None when it has none or it is fully opaque) or the user's mask.
     mask: Image.Image | None = None
+    frames: int = 1  # frames (an animation) or pages (a TIFF) in the file; only the first is used
+
+
+# Formats whose extra frames are pictures a user may have meant (an animation, a TIFF's pages); the
+# extra images of MPO (a camera JPEG's preview) or HEIF (depth, thumbnails) are not, and go unmentioned.
+MULTI_FRAME = {"GIF": "animated GIF", "WEBP": "animated WebP", "PNG": "animated PNG", "TIFF": "multi-page TIFF"}
 
 
 def square_side(size: tuple[int, int], crop: str) -> int:
@@ -242,6 +248,7 @@ def prepare_image(
     try:
         with img:
             img.seek(0)  # first frame of an animation or the primary image of a HEIF collection
+            frames = int(getattr(img, "n_frames", 1) or 1) if img.format in MULTI_FRAME else 1
             # pillow-heif has already applied the HEIF rotation/mirror and set EXIF orientation to 1,
             # so exif_transpose only acts on JPEG/PNG/WebP/TIFF orientation tags: nothing turns twice.
             if img.format != "JPEG":  # a PNG's getexif() decodes the whole image: judge its size first
@@ -266,7 +273,12 @@ def prepare_image(
         raise BadImage(TOO_LARGE, _pixels(img.size)) from None
     except Exception as exc:  # noqa: BLE001 - truncated data, broken EXIF, decoder errors
         raise BadImage(CORRUPT, short_error(exc)) from None
-    return Prepared(out, original, img.format or "?", shape)
+    return Prepared(out, original, img.format or "?", shape, frames)
+
+
+def first_frame_note(fmt: str, frames: int) -> str | None:
+    """ "animated GIF, 12 frames" for a file of which only the first frame is trained on, else None."""
+    return f"{MULTI_FRAME[fmt]}, {frames} {'pages' if fmt == 'TIFF' else 'frames'}" if frames > 1 else None
 
 
 def _pixels(size: tuple[int, int]) -> str:

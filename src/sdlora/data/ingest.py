@@ -108,6 +108,7 @@ class PrepareResult:
     captions_new: int = 0  # template captions written for new images
     mode: str = "new"  # "new", "update" (same source) or "replace" (--force)
     keep_aspect: bool = False  # images are at their buckets' sizes, not square
+    first_frame: list[tuple[str, str]] = field(default_factory=list)  # (photo, "animated GIF, 12 frames")
 
     def size_counts(self) -> list[tuple[tuple[int, int], int]]:
         """((width, height), images) for each prepared size, the most used first."""
@@ -156,9 +157,12 @@ class Options:
             raise ConfigError(f"--token {self.token!r}: use one word without spaces, '|', '#' or braces, e.g. sksToy")
         if self.masks.kind != "auto" and self.masks.model != DEFAULT_MASK_MODEL:
             raise ConfigError(f"--mask-model {self.masks.model}: only with --masks auto")
-        return Options(
-            **{**self.__dict__, "class_word": check_class_word(self.class_word), "masks": self.masks.check()}
-        )
+        class_word = check_class_word(self.class_word)
+        if self.masks.kind == "auto":  # before minutes of decoding: the mask model reads 77 CLIP tokens
+            from sdlora.data.automask import check_mask_prompt
+
+            check_mask_prompt(class_word)
+        return Options(**{**self.__dict__, "class_word": class_word, "masks": self.masks.check()})
 
     def image_key(self, source_sha256: str) -> str:
         """Content address of an output image: same bytes + same options -> same file name."""
@@ -402,6 +406,7 @@ def _prepare(
         mode=mode,
         keep_aspect=opts.keep_aspect,
         masks=opts.masks.kind,
+        first_frame=[(s.name, results[s.name].first_frame) for s in usable if results[s.name].first_frame],
     )
     if not records:
         why = _reasons(skipped) or "no files in it"

@@ -21,7 +21,7 @@ from pathlib import Path
 from sdlora.data.manifest import INCOMPLETE, MANIFEST, Manifest, load_manifest
 from sdlora.errors import DataError
 from sdlora.fsutil import write_json
-from sdlora.locks import LOCK_FILE
+from sdlora.locks import is_lock_file
 
 _OUR_IMAGE = re.compile(r"^[0-9a-f]{16}\.png$")  # how prepare names its images
 
@@ -36,8 +36,8 @@ def dataset_source_id(source: str) -> str:
 
 
 def _ignored(path: Path) -> bool:
-    """Entries that do not make a folder hold something: our lock, temp files of killed writes."""
-    return path.name == LOCK_FILE or (path.name.startswith(".") and path.name.endswith(".tmp"))
+    """Entries that do not make a folder hold something: our locks, temp files of killed writes."""
+    return is_lock_file(path.name) or (path.name.startswith(".") and path.name.endswith(".tmp"))
 
 
 def incomplete_source(out_dir: Path) -> str | None:

@@ -37,6 +37,7 @@ from sdlora.evaluate.dino import DEFAULT_DINO, load_dino
 from sdlora.evaluate.paper_prompts import IMAGES_PER_PROMPT, object_prompts
 from sdlora.events import ProgressFn
 from sdlora.fsutil import sha256_file
+from sdlora.locks import folder_lock
 from sdlora.prompts import DEFAULT_PROMPT, expand_prompt, fill_prompt
 from sdlora.run import (
     SAMPLES_DIR,
@@ -82,6 +83,7 @@ class Sample:
     prompt: str
     variant: str
     prompt_as_written: str | None = None
+    lora_file: str | None = None  # the LoRA file a "lora" image was sampled with (absent from older samples.json)
 
 
 # ---- inputs ---------------------------------------------------------------------------------
@@ -109,7 +111,7 @@ def load_samples(samples_json: Path) -> list[Sample]:
     """The images listed in samples.json (`sdlora.run.read_samples`); RunError if one is missing."""
     folder = Path(samples_json).parent
     samples = [
-        Sample(folder / e["file"], e["prompt"], e["variant"], e.get("prompt_as_written"))
+        Sample(folder / e["file"], e["prompt"], e["variant"], e.get("prompt_as_written"), e.get("lora_file"))
         for e in read_samples(samples_json)["images"]
     ]
     for sample in samples:
@@ -341,37 +343,41 @@ def score_run(
     """
     plan = plan or plan_scoring(run, prompts, samples_json, num_images)
     lora_dir = run.lora_dir()  # RunError for a run without a LoRA
-    real_paths = val_photos(run.dataset)
-    dino = load_dino(dino_model, device)
-    clip = load_clip(clip_model, clip_pretrained, device)
-    missing = missing_prompts(run, plan)
-    if missing:
-        quoted = " ".join(shlex.quote(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
-        raise RunError(
-            f"{plan.samples_json}: no samples for {len(missing)} prompt(s); run "
-            f"`sdlora sample --run {shlex.quote(str(run.path))} --num-images {plan.min_images} {quoted}` first"
+    # The val photos are read under the dataset's shared lock: `prepare` does not rewrite them meanwhile.
+    with folder_lock(run.dataset, "score", shared=True):
+        real_paths = val_photos(run.dataset)
+        dino = load_dino(dino_model, device)
+        clip = load_clip(clip_model, clip_pretrained, device)
+        missing = missing_prompts(run, plan)
+        if missing:
+            quoted = " ".join(shlex.quote(p) for p in missing[:3]) + (" ..." if len(missing) > 3 else "")
+            raise RunError(
+                f"{plan.samples_json}: no samples for {len(missing)} prompt(s); run "
+                f"`sdlora sample --run {shlex.quote(str(run.path))} --num-images {plan.min_images} {quoted}` first"
+            )
+        samples = load_samples(plan.samples_json)
+        if plan.wanted is not None:
+            samples = [s for s in samples if any(_matches(s, p, run) for p in plan.wanted)]
+        if not samples:
+            raise RunError(f"{plan.samples_json}: no images to score (generate some with `sdlora sample PROMPT`)")
+        result = score_samples(
+            samples,
+            real_paths,
+            token=run.token,
+            dino=dino,
+            clip=clip,
+            cache_dir=run.path / EMBEDDINGS_CACHE,
+            batch_size=batch_size,
+            on_progress=on_progress,
         )
-    samples = load_samples(plan.samples_json)
-    if plan.wanted is not None:
-        samples = [s for s in samples if any(_matches(s, p, run) for p in plan.wanted)]
-    if not samples:
-        raise RunError(f"{plan.samples_json}: no images to score (generate some with `sdlora sample PROMPT`)")
-    result = score_samples(
-        samples,
-        real_paths,
-        token=run.token,
-        dino=dino,
-        clip=clip,
-        cache_dir=run.path / EMBEDDINGS_CACHE,
-        batch_size=batch_size,
-        on_progress=on_progress,
-    )
     scores = {
         "schema_version": SCORES_SCHEMA_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "run": str(run.path),
         "samples": str(plan.samples_json),
         "lora_dir": str(lora_dir),
+        # the files the scored LoRA images were sampled with (`sample --lora FILE` may name another)
+        "lora_files": sorted({s.lora_file for s in samples if s.variant == "lora" and s.lora_file}),
         "token": run.token,
         "class_word": run.class_word,
         "prompt_set": plan.prompt_set,

@@ -20,6 +20,7 @@ from sdlora.generate.pipeline import (
     make_scheduler,
     prepare_pipeline,
     resolve_dtype,
+    resolve_lora,
     resolve_lora_dir,
     scheduler_key,
 )
@@ -47,6 +48,7 @@ __all__ = [
     "prompt_dir",
     "read_prompts_file",
     "resolve_dtype",
+    "resolve_lora",
     "resolve_lora_dir",
     "save_png",
     "scheduler_key",

@@ -13,7 +13,7 @@ import torch
 
 from sdlora.devices import resolve_device
 from sdlora.errors import ConfigError, ModelError, RunError
-from sdlora.lora_format import PEFT_CONFIG, embedding_keys
+from sdlora.lora_format import META_PREFIX, PEFT_CONFIG, embedding_keys
 from sdlora.models.arch import Architecture
 from sdlora.run import DIFFUSERS_LORA, EMBEDDINGS, RunInfo
 from sdlora.safetensors_io import check, load_file, read_metadata
@@ -68,22 +68,43 @@ def make_scheduler(name: str, current: Any) -> Any:
     return getattr(diffusers, cls_name).from_config(current.config, **extra)
 
 
-def resolve_lora_dir(run: RunInfo, lora: str | Path | None) -> Path:
-    """`None` / `lora` / `best` (folders of the run) or a path to a folder or .safetensors file."""
+def resolve_lora(run: RunInfo, lora: str | Path | None) -> Path:
+    """The LoRA file to sample with, absolute: the diffusers file of `None` / `lora` / `best` (folders of
+    the run) or of a LoRA folder, or a named .safetensors file, exactly that one (RunError if it is not there)."""
     if lora is None or str(lora) in ("lora", "best"):
-        return run.lora_dir(str(lora or "lora"))
-    path = Path(lora)
-    folder = path.parent if path.suffix == ".safetensors" else path
-    if not (folder / DIFFUSERS_LORA).is_file():
-        raise RunError(f"--lora {lora}: no {DIFFUSERS_LORA} there (give lora, best, or a LoRA folder)")
-    return folder
+        return (run.lora_dir(str(lora or "lora")) / DIFFUSERS_LORA).resolve()
+    path = Path(lora).expanduser()
+    if path.is_dir():
+        if not (path / DIFFUSERS_LORA).is_file():
+            raise RunError(
+                f"--lora {lora}: no {DIFFUSERS_LORA} there (give lora, best, a LoRA folder or a .safetensors file)"
+            )
+        return (path / DIFFUSERS_LORA).resolve()
+    if path.suffix != ".safetensors":
+        raise RunError(f"--lora {lora}: no such folder or .safetensors file (give lora, best, a LoRA folder or file)")
+    if not path.is_file():
+        raise RunError(f"--lora {lora}: no such file")
+    return path.resolve()
 
 
-def check_lora_files(lora_dir: Path) -> None:
-    """RunError in one line if the LoRA file (or the embedding beside it) is missing, truncated or not safetensors."""
-    check(lora_dir / DIFFUSERS_LORA, "LoRA file")
-    if (lora_dir / EMBEDDINGS).is_file():
-        check(lora_dir / EMBEDDINGS, "token embedding")
+def resolve_lora_dir(run: RunInfo, lora: str | Path | None) -> Path:
+    """The folder of `resolve_lora`'s file (where a token embedding beside it is looked for)."""
+    return resolve_lora(run, lora).parent
+
+
+def lora_file(lora: Path) -> Path:
+    """A LoRA given as its file (used as named) or its folder (the diffusers file in it)."""
+    lora = Path(lora)
+    return lora if lora.suffix == ".safetensors" and not lora.is_dir() else lora / DIFFUSERS_LORA
+
+
+def check_lora_files(lora: Path) -> None:
+    """RunError in one line if the LoRA file (`lora_file(lora)`) or the embedding beside it is missing,
+    truncated or not safetensors."""
+    path = lora_file(lora)
+    check(path, "LoRA file")
+    if (path.parent / EMBEDDINGS).is_file():
+        check(path.parent / EMBEDDINGS, "token embedding")
 
 
 @dataclass
@@ -94,31 +115,37 @@ class LoadedLora:
     base_tokenizers: dict[str, Any] = field(default_factory=dict)  # tokenizers before the embedding was added
 
 
-def load_lora(pipe: Any, arch: Architecture, lora_dir: Path, token: str) -> LoadedLora:
-    """Load the diffusers-format LoRA (and a textual-inversion embedding beside it) into `pipe`.
+def load_lora(pipe: Any, arch: Architecture, lora: Path, token: str) -> LoadedLora:
+    """Load a LoRA file (`lora_file(lora)`: diffusers/peft keys, or kohya keys from any trainer, which
+    diffusers converts for SD 1.x and SDXL), and a textual-inversion embedding beside it, into `pipe`.
 
     Both files are checked whole first (`sdlora.safetensors_io`): a damaged file is named as damaged,
     not blamed on the base model, and nothing is loaded from it."""
-    check_lora_files(lora_dir)
-    embeddings = lora_dir / EMBEDDINGS
+    check_lora_files(lora)
+    path = lora_file(lora)
+    embeddings = path.parent / EMBEDDINGS
+    metadata = read_metadata(path, "LoRA file")
     try:
-        if PEFT_CONFIG in read_metadata(lora_dir / DIFFUSERS_LORA, "LoRA file"):
-            _load_peft_adapters(pipe, lora_dir / DIFFUSERS_LORA)  # LoKr / LoHa: diffusers' loader reads no LyCORIS
+        if PEFT_CONFIG in metadata:
+            _load_peft_adapters(pipe, path)  # LoKr / LoHa: diffusers' loader reads no LyCORIS
         else:
             with _quiet_diffusers():  # "No LoRA keys associated to CLIPTextModel": expected for a UNet-only LoRA
-                pipe.load_lora_weights(lora_dir, weight_name=DIFFUSERS_LORA, adapter_name=ADAPTER)
+                pipe.load_lora_weights(path.parent, weight_name=path.name, adapter_name=ADAPTER)
     except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        raise RunError(
-            f"{lora_dir / DIFFUSERS_LORA}: cannot be loaded into {arch.name} "
-            f"({str(exc).splitlines()[0][:200]}); was it trained on another base model?"
-        ) from exc
-    loaded = LoadedLora(files=[str(lora_dir / DIFFUSERS_LORA)])
+        ours = any(key.startswith(META_PREFIX) for key in metadata)
+        hint = (
+            "was it trained on another base model?"
+            if ours
+            else f"is it a LoRA for {arch.name}? diffusers reads diffusers/peft and kohya LoRA files"
+        )
+        raise RunError(f"{path}: cannot be loaded into {arch.name} ({str(exc).splitlines()[0][:200]}); {hint}") from exc
+    loaded = LoadedLora(files=[str(path.resolve())])
     if embeddings.is_file():
         # The embedding only adds tokenizer entries and new rows to the embedding matrix, so the
         # untouched tokenizers give exactly the base model's text encoding (the baseline).
         loaded.base_tokenizers = {name: copy.deepcopy(getattr(pipe, name)) for name in arch.tokenizers}
         load_embeddings(pipe, arch, embeddings, token)
-        loaded.files.append(str(embeddings))
+        loaded.files.append(str(embeddings.resolve()))
     return loaded
 
 
@@ -210,9 +237,10 @@ class SamplerOptions:
 
 
 def prepare_pipeline(
-    run: RunInfo, lora_dir: Path, options: SamplerOptions, scheduler: str | None = None
+    run: RunInfo, lora: Path, options: SamplerOptions, scheduler: str | None = None
 ) -> tuple[Any, Architecture, torch.device, LoadedLora]:
-    """The run's base model with its LoRA loaded, on its device: (pipe, arch, device, loaded files).
+    """The run's base model with a LoRA (file or folder, `load_lora`) loaded, on its device: (pipe, arch,
+    device, loaded files).
 
     Attention runs through PyTorch's scaled_dot_product_attention (diffusers' default processor),
     which picks flash / memory-efficient kernels on GPUs.
@@ -226,7 +254,7 @@ def prepare_pipeline(
     if options.cpu_offload and device.type == "cpu":
         raise ConfigError("--cpu-offload needs a GPU (it moves each model to the GPU only while it runs)")
     pipe, arch = load_pipeline(run.model, revision=run.revision, variant=run.variant, vae=run.vae, dtype=dtype)
-    loaded = load_lora(pipe, arch, lora_dir, run.token)
+    loaded = load_lora(pipe, arch, lora, run.token)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler)
     if options.attention_slicing:

@@ -27,7 +27,7 @@ from sdlora.data.buckets import check_resolution
 from sdlora.errors import ConfigError
 from sdlora.events import ProgressFn
 from sdlora.generate.images import save_png, write_grid
-from sdlora.generate.pipeline import ADAPTER, SamplerOptions, base_model_only, prepare_pipeline, resolve_lora_dir
+from sdlora.generate.pipeline import ADAPTER, SamplerOptions, base_model_only, prepare_pipeline, resolve_lora
 from sdlora.generate.prompts import check_prompts, prompt_dir
 from sdlora.prompts import expand_prompt, prompt_fit
 from sdlora.run import SAMPLES_DIR, SAMPLES_JSON, VARIANTS, RunInfo, read_samples, write_samples
@@ -113,7 +113,8 @@ def generate_samples(
 ) -> Path:
     """Generate `num_images` per prompt with the run's LoRA (and the base model alone); returns samples.json.
 
-    `lora_dir`: `lora` (default), `best`, or a LoRA folder. Image i of each prompt gets seed `seed + i`.
+    `lora_dir`: `lora` (default), `best`, a LoRA folder, or a LoRA .safetensors file (that file, whoever
+    wrote it; samples.json records it as `lora_file`). Image i of each prompt gets seed `seed + i`.
     `on_warning` gets one line per prompt longer than the CLIP window (default: `warnings.warn`).
     """
     prompts = check_prompts(prompts)
@@ -123,7 +124,7 @@ def generate_samples(
     for name, value in (("--height", height), ("--width", width)):
         if value is not None:
             check_resolution(value, name)
-    folder = resolve_lora_dir(run, lora_dir)
+    lora = resolve_lora(run, lora_dir)  # the file named, or the folder's diffusers file; absolute
     out_dir = Path(out_dir) if out_dir is not None else run.path / SAMPLES_DIR
     samples_path = out_dir / SAMPLES_JSON
     existing = read_samples(samples_path, missing_ok=True)  # fail on a broken file before minutes of sampling
@@ -131,7 +132,7 @@ def generate_samples(
     options = SamplerOptions(
         device=device, dtype=dtype, attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload
     )
-    pipe, arch, _, loaded = prepare_pipeline(run, folder, options, scheduler)
+    pipe, arch, _, loaded = prepare_pipeline(run, lora, options, scheduler)
     pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
     s = Settings(
         num_images=num_images,
@@ -188,6 +189,7 @@ def generate_samples(
                         "steps": steps,
                         "guidance": guidance,
                         "lora_scale": lora_scale if variant == "lora" else 0.0,
+                        "lora_file": str(lora) if variant == "lora" else None,
                         "scheduler": scheduler_name,
                         "height": s.height,
                         "width": s.width,
@@ -238,7 +240,8 @@ def generate_samples(
         **{k: v for k, v in existing.items() if k != "images"},
         "model": run.model,
         "run": str(run.path),
-        "lora_dir": str(folder),
+        "lora_dir": str(lora.parent),
+        "lora_file": str(lora),  # the file sampled with, absolute
         "lora_scale": lora_scale,
         "steps": steps,
         "guidance": guidance,

@@ -140,6 +140,29 @@ def check_caption_lengths(cfg: Any, pipe: Any, arch: Any, examples: Sequence[Exa
     )
 
 
+def batch_warning(examples: Sequence[Example], batch_size: int, num_processes: int) -> str | None:
+    """One line when a batch holds more images than its size bucket (the whole square dataset, or one
+    aspect bucket): `cut_batches` fills it by repeating images, each with its own noise and timestep."""
+    sizes: dict[tuple[int, int], int] = {}
+    for ex in examples:
+        sizes[ex.size] = sizes.get(ex.size, 0) + 1
+    global_batch = batch_size * num_processes
+    if not sizes or global_batch <= min(sizes.values()):
+        return None
+    flag = f"--batch-size {batch_size}" + (f" x {num_processes} processes" if num_processes > 1 else "")
+    smallest = min(sizes.values())
+    if len(sizes) == 1:
+        what = f"the {smallest} training images"
+    else:
+        what = f"the {smallest} images of the smallest of its {len(sizes)} size buckets (batches keep one size)"
+    return (
+        f"{flag} is larger than {what}: each batch repeats images to fill it (up to "
+        f"{-(-global_batch // smallest)}x each, with their own noise and timesteps), so a step costs "
+        f"{global_batch / smallest:.1f}x the compute of a batch of {smallest} for little more learning; "
+        f"use --batch-size {max(1, smallest // num_processes)} or add photos"
+    )
+
+
 @dataclass
 class Conditioning:
     """Text conditioning of a set of examples: cached embeddings, or token ids when the text encoders train."""

@@ -31,12 +31,12 @@ import torch
 from sdlora.config import Config
 from sdlora.devices import free_memory
 from sdlora.events import OnEvent, no_event
-from sdlora.locks import release
+from sdlora.locks import acquire, release
 from sdlora.models.arch import OnDevice
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
 from sdlora.train import compiling, dropout, ema, encode, lora, losses, monitor, optim, resolve, runtime, validation
-from sdlora.train.data import Conditioning, check_caption_lengths
+from sdlora.train.data import Conditioning, batch_warning, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
 from sdlora.train.preservation import dop_loss
 from sdlora.train.state import TrainState
@@ -61,15 +61,20 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
 
     # Everything a user can get wrong fails first, before minutes of loading and encoding.
     cfg = resolve.resolve_precision(cfg)
-    cfg, train_examples, val_examples = resolve.resolve_dataset(cfg)
-    cfg = resolve.resolve_alpha(cfg)
-    runtime.check_tracker(cfg.logging.report_to)
-    optim.check_optimizer(cfg)
-    accelerator = runtime.make_accelerator(cfg)
-    emit = on_event if (on_event is not None and accelerator.is_main_process) else no_event
-    runtime.check_new_run(cfg, resume)
-    locks = [runtime.lock_run(Path(resume), accelerator)] if resume is not None else []  # before minutes of loading
+    # Read the dataset under its shared lock, held to the end: `prepare` refuses to rewrite it meanwhile.
+    locks = [acquire(resolve.dataset_dir(cfg), "train", shared=True)]
     try:
+        cfg, train_examples, val_examples = resolve.resolve_dataset(cfg)
+        cfg = resolve.resolve_alpha(cfg)
+        runtime.check_tracker(cfg.logging.report_to)
+        optim.check_optimizer(cfg)
+        accelerator = runtime.make_accelerator(cfg)
+        emit = on_event if (on_event is not None and accelerator.is_main_process) else no_event
+        runtime.check_new_run(cfg, resume)
+        if warning := batch_warning(train_examples, cfg.train.batch_size, accelerator.num_processes):
+            emit({"event": "warning", "message": warning})
+        if resume is not None:
+            locks.append(runtime.lock_run(Path(resume), accelerator))  # before minutes of loading
         validation.check_scorer(cfg, val_examples, accelerator)
 
         pipe, arch, noise_scheduler = lora.load_base(cfg, emit)
@@ -125,7 +130,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             frozen_text_encoders=frozen_encoders,
             empty_caption=empty_caption,
             ema=ema_weights,
-            lock=next((lock for lock in locks if lock is not None), None),
+            locks=[lock for lock in locks if lock is not None],
         )
         if resume is not None:
             ckpt.load_checkpoint(state)
@@ -300,11 +305,10 @@ def condition(state: TrainState, cond: Conditioning) -> tuple[torch.Tensor, torc
 
 
 def cleanup(state: TrainState) -> None:
-    """Close metrics.jsonl and the trackers, release the run folder's lock; give the memory back."""
+    """Close metrics.jsonl and the trackers, release the run folder's and the dataset's locks; give the memory back."""
     runtime.stop_logging(state)
-    if state.lock is not None:
-        release(state.lock)
-        state.lock = None
+    while state.locks:
+        release(state.locks.pop())
     free_memory()
 
 

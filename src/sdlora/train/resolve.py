@@ -69,6 +69,11 @@ def weight_dtype(cfg: Config) -> torch.dtype:
     return _DTYPES[cfg.train.mixed_precision]
 
 
+def dataset_dir(cfg: Config) -> Path:
+    """The dataset folder, absolute."""
+    return Path(cfg.data.dataset).expanduser().resolve()
+
+
 def resolve_dataset(cfg: Config) -> tuple[Config, list[Example], list[Example]]:
     """The dataset read and checked before any model loads (DataError for a missing or bad one), and the
     data section resolved from its manifest: absolute path, resolution, token, class word.
@@ -77,8 +82,8 @@ def resolve_dataset(cfg: Config) -> tuple[Config, list[Example], list[Example]]:
     """
     from sdlora.data.manifest import load_manifest
 
-    dataset_dir = Path(cfg.data.dataset).expanduser().resolve()
-    manifest = load_manifest(dataset_dir)
+    folder = dataset_dir(cfg)
+    manifest = load_manifest(folder)
     token = manifest.token
     if cfg.data.token is not None and cfg.data.token != token:
         raise ConfigError(
@@ -86,18 +91,18 @@ def resolve_dataset(cfg: Config) -> tuple[Config, list[Example], list[Example]]:
             f"{token!r}); leave --token out, or prepare the dataset with --token {cfg.data.token}"
         )
     resolution = cfg.data.resolution or manifest.resolution
-    train = load_examples(dataset_dir, manifest, "train", resolution, token)
+    train = load_examples(folder, manifest, "train", resolution, token)
     if not train:
-        raise DataError(f"{dataset_dir}: no train images in manifest.json (re-run `sdlora prepare` with more photos)")
-    val = load_examples(dataset_dir, manifest, "val", resolution, token)
+        raise DataError(f"{folder}: no train images in manifest.json (re-run `sdlora prepare` with more photos)")
+    val = load_examples(folder, manifest, "val", resolution, token)
     masked = cfg.data.masked_loss
     if masked and not manifest.has_masks:
         raise ConfigError(
-            f"{cfg.data.flag('masked_loss')}: {dataset_dir} has no subject masks; run `sdlora prepare` with masks "
+            f"{cfg.data.flag('masked_loss')}: {folder} has no subject masks; run `sdlora prepare` with masks "
             "(auto, alpha or a folder), or leave the flag out"
         )
     data = {
-        "dataset": str(dataset_dir),
+        "dataset": str(folder),
         "resolution": resolution,
         "token": token,
         "class_word": cfg.data.class_word or manifest.class_word,

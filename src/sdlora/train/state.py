@@ -50,7 +50,8 @@ class TrainState:
     last_checkpoint: Path | None = None
     stop: threading.Event = field(default_factory=threading.Event)
     stop_signal: int = int(signal.SIGINT)  # what asked to stop: SIGINT (Ctrl-C, `request_stop`) or SIGTERM
-    lock: Path | None = None  # the run folder's lock file (main process), released by `cleanup`
+    locks: list[Path] = field(default_factory=list)  # the run folder's lock (main process) and the dataset's
+    # shared one, released by `cleanup`
     param_groups: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
     tokens: Any = None  # TokenEmbeddings (train/embeddings.py) when the token's own embedding trains
     frozen_text_encoders: list[Any] = field(default_factory=list)  # run (not trained) for that embedding
