@@ -113,7 +113,7 @@ def parse_range(text: str, where: str) -> Range | None:
 
 def _scalar(text: str) -> Any:
     """A command-line value as YAML would read it, with 1e-4 a number (YAML 1.1 reads it as text)."""
-    import yaml
+    from sdlora import yamlfile
 
     for number in (int, float):
         try:
@@ -121,8 +121,8 @@ def _scalar(text: str) -> Any:
         except ValueError:
             pass
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return yamlfile.loads(text, "--grid")
+    except yamlfile.YamlError:
         return text
 
 
