@@ -50,14 +50,20 @@ class StemIndex:
 
     def lookup(self, key: str) -> tuple[str | None, str]:
         """(image, "") or (None, why not)."""
-        name = PurePosixPath(key.strip().replace("\\", "/")).name.lower()
-        for table, probe in ((self._names, name), (self._stems, PurePosixPath(name).stem), (self._stems, name)):
+        name = key.strip().replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+        for table, probe in ((self._names, name), (self._stems, _stem(name)), (self._stems, name)):
             hits = table.get(probe)
             if hits and len(hits) == 1:
                 return next(iter(hits)), ""
             if hits:
                 return None, f"ambiguous, matches {', '.join(sorted(hits))}"
         return None, "no prepared image with this file name or source stem"
+
+
+def _stem(name: str) -> str:
+    """PurePosixPath(name).stem without building a path: a lookup runs once per line of a user's file."""
+    dot = name.rfind(".")
+    return name[:dot] if 0 < dot < len(name) - 1 else name
 
 
 @dataclass(frozen=True)
