@@ -107,3 +107,14 @@ def test_every_yaml_read_goes_through_the_loader():
     src = Path(yamlfile.__file__).parent
     readers = [p for p in src.rglob("*.py") if p != Path(yamlfile.__file__) and "safe_load(" in p.read_text()]
     assert readers == [], readers
+
+
+def test_what_sdlora_writes_it_reads_back_a_shared_value_written_out_twice(tmp_path: Path):
+    shared = ["to_q", "to_v"]  # safe_dump would write `&id001` and `*id001`, which `read` refuses
+    text = yamlfile.dumps({"lora": {"target_modules": shared}, "other": {"target_modules": shared}})
+    assert "&" not in text and "*" not in text
+    (tmp_path / "c.yaml").write_text(text, encoding="utf-8")
+    assert yamlfile.read(tmp_path / "c.yaml") == {
+        "lora": {"target_modules": shared},
+        "other": {"target_modules": shared},
+    }

@@ -1,7 +1,7 @@
 """Every YAML document sdlora reads, read one way: UTF-8, bounded, without anchors or aliases.
 
 Config files, run folders' config.yaml, `--space` files and `key=value` override values all go
-through `read` (a file) or `loads` (text). sdlora never writes anchors or aliases, and an alias
+through `read` (a file) or `loads` (text); `dumps` writes YAML that `read` takes back. sdlora never writes anchors or aliases, and an alias
 is how a small file expands to billions of values ("billion laughs": PyYAML builds the shared
 nodes, and everything that walks or prints them expands them), so a document that uses one is
 refused before it is built, as is one nested deeper than MAX_DEPTH or a file over MAX_BYTES.
@@ -61,6 +61,16 @@ def loads(text: str, where: str) -> Any:
         raise YamlError(where, f"not valid YAML ({_first_line(exc)})") from None
     except ValueError as exc:  # an integer of more than 4,300 digits
         raise YamlError(where, f"not valid YAML ({_first_line(exc)})") from None
+
+
+class _Dumper(yaml.SafeDumper):
+    def ignore_aliases(self, data: Any) -> bool:
+        return True  # a value used twice is written out twice, so `read` takes back what sdlora wrote
+
+
+def dumps(data: Any) -> str:
+    """`data` as YAML that `read` accepts: no anchors or aliases, in key order, UTF-8 text as is."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 def _check_events(text: str, where: str) -> None:

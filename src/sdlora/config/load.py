@@ -18,8 +18,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-
 from sdlora import yamlfile
 from sdlora.config.schema import GROUPS, PRESETS, Config
 from sdlora.errors import ConfigError
@@ -225,7 +223,7 @@ _HEADER = "# sdlora training config (fully resolved). Repeat this run: sdlora tr
 
 
 def config_yaml(cfg: Config, path: str | Path = "config.yaml") -> str:
-    return _HEADER.format(path=path) + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    return _HEADER.format(path=path) + yamlfile.dumps(cfg.to_dict())
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
