@@ -231,3 +231,15 @@ def test_tables_of_problems_show_the_first_rows_and_count_the_rest(tmp_path):
     assert imported.exit_code == 0, imported.output
     assert "5,000 imported lines not used" in imported.stdout and imported.stdout.count("ghost_") == 20
     assert "... and 4,980 more imported lines not used (the first 20 shown)" in imported.stdout
+
+
+def test_the_users_text_in_a_table_is_not_read_as_markup(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    with open(ds / "captions.txt", "a", encoding="utf-8") as f:
+        f.write("x[/]y.png|sksToy [bold]\n")
+    check = invoke(ds, "--check")
+    one_line_error(check, "1 problems")
+    assert "x[/]y.png" in check.stdout
+    (tmp_path / "mine.txt").write_text("a[/]b.png|[/] sksToy\n", encoding="utf-8")
+    imported = invoke(ds, "--from", tmp_path / "mine.txt")
+    assert imported.exit_code == 0 and "a[/]b.png" in imported.stdout, imported.output

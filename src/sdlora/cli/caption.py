@@ -153,7 +153,7 @@ def load_tokenizer(model: str):
 
 
 def _render_result(result: CaptionResult) -> None:
-    table = Table(title=f"{result.captions_path}", title_justify="left")
+    table = Table(title=escape(str(result.captions_path)), title_justify="left")
     table.add_column("captions")
     table.add_column("images", justify="right")
     counts: dict[str, int] = {}
@@ -183,13 +183,13 @@ def _render_result(result: CaptionResult) -> None:
         skipped.add_column("where", overflow="fold")
         skipped.add_column("why", overflow="fold")
         for where, why in result.unmatched[:SHOWN]:
-            skipped.add_row(where, why)
+            skipped.add_row(escape(where), escape(why))  # the user's text: [/] is not markup
         console.print(skipped)
         _more(len(result.unmatched), "imported lines not used")
     if result.stray:
         err_console.print(
-            f"[yellow]warning:[/] {len(result.stray)} caption lines name images not in the dataset "
-            f"(e.g. {result.stray[0]}); kept, see `sdlora caption --check`",
+            f"[yellow]warning:[/] {len(result.stray):,} caption lines name images not in the dataset "
+            f"(e.g. {escape(result.stray[0])}); kept, see `sdlora caption --check`",
             highlight=False,
             soft_wrap=True,
         )
@@ -239,19 +239,21 @@ def _render_check(result: CheckResult) -> None:
         )
     if result.ok:
         checked = "" if result.lengths_checked else "; lengths not checked"
-        console.print(f"{result.n_captions} captions OK ({result.captions_path}{checked})", highlight=False)
+        console.print(
+            f"{result.n_captions} captions OK ({escape(str(result.captions_path))}{checked})", highlight=False
+        )
         return
-    table = Table(title=f"{result.captions_path}: {len(result.problems):,} problems", title_justify="left")
+    table = Table(title=f"{escape(str(result.captions_path))}: {len(result.problems):,} problems", title_justify="left")
     table.add_column("problem")
     table.add_column("line", justify="right")
     table.add_column("file", overflow="fold")
     table.add_column("detail", overflow="fold")
     for problem in result.problems[:SHOWN]:
-        table.add_row(problem.kind, str(problem.line_no or ""), problem.file, problem.detail)
+        table.add_row(problem.kind, str(problem.line_no or ""), escape(problem.file), escape(problem.detail))
     console.print(table)
     _more(len(result.problems), "problems", [p.kind for p in result.problems])
     err_console.print(
-        f"[bold red]error:[/] {result.captions_path}: {len(result.problems):,} problems "
+        f"[bold red]error:[/] {escape(str(result.captions_path))}: {len(result.problems):,} problems "
         f"({result.n_captions:,} caption lines, {result.n_images:,} images)",
         highlight=False,
         soft_wrap=True,
