@@ -1,10 +1,11 @@
 """Every YAML document sdlora reads, read one way: UTF-8, bounded, without anchors or aliases.
 
 Config files, run folders' config.yaml, `--space` files and `key=value` override values all go
-through `read` (a file) or `loads` (text); `dumps` writes YAML that `read` takes back. sdlora never writes anchors or aliases, and an alias
-is how a small file expands to billions of values ("billion laughs": PyYAML builds the shared
-nodes, and everything that walks or prints them expands them), so a document that uses one is
-refused before it is built, as is one nested deeper than MAX_DEPTH or a file over MAX_BYTES.
+through `read` (a file) or `loads` (text); `dumps` writes YAML that `read` takes back. sdlora never
+writes anchors or aliases, and an alias is how a small file expands to billions of values ("billion
+laughs": PyYAML builds the shared nodes, and everything that walks or prints them expands them), so
+a document that uses one is refused before it is built, as is one nested deeper than MAX_DEPTH or a
+file over MAX_BYTES.
 Every problem is one `YamlError` line naming the file (a ConfigError: the CLI prints it).
 """
 

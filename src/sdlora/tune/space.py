@@ -235,10 +235,10 @@ def parse_section(section: Any, where: str) -> dict[str, Any]:
     An empty one (an empty --space file, `tune:` alone) is an error, not the default space: whoever
     wrote the file meant a space.
     """
-    if section is None or section == {}:
+    if not section:
         raise ConfigError(
             f"{where}: no search space in it; give a tune: section, e.g. tune: {{grid: {{lora.rank: [8, 16]}}, "
-            "steps: [250, 500]}, or leave the file out for the default space"
+            "steps: [250, 500]} (without a space file, sdlora tune searches its default space)"
         )
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: the tune section must be a mapping with grid:, steps:, ...")
@@ -263,9 +263,9 @@ def parse_section(section: Any, where: str) -> dict[str, Any]:
     for name in ("random", "seed"):
         if out.get(name) is not None:
             out[name] = _whole(out[name], f"{where}: tune.{name}")
-    if not isinstance(out.get("objective", ""), str):
+    if not isinstance(out.get("objective") or "", str):
         raise ConfigError(f"{where}: tune.objective must be one name, e.g. objective: dino")
-    if not isinstance(out.get("weights", ""), (str, dict)):
+    if not isinstance(out.get("weights") or "", (str, dict)):
         raise ConfigError(f"{where}: tune.weights must map scores to weights, e.g. weights: {{dino: 1, clip-t: 1}}")
     return out
 
