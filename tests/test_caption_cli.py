@@ -186,3 +186,60 @@ def test_caption_warns_when_captions_txt_lists_a_file_twice(tmp_path):
     result = invoke(ds)
     assert result.exit_code == 0, result.output
     assert "lists img_000.png 2 times" in result.stderr and "the last one is used" in result.stderr
+
+
+def test_check_reads_a_unicode_line_break_inside_a_caption_as_part_of_it(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    (ds / "captions.txt").write_text(
+        "img_000.png|sksToy on a\u2028table\nimg_001.png|sksToy by a\x85window\n", encoding="utf-8"
+    )
+    result = invoke(ds, "--check", "--model", "tiny-sd")
+    assert result.exit_code == 0 and "2 captions OK" in result.stdout, result.output
+
+
+def test_check_and_train_refuse_a_huge_caption_by_its_line(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    (ds / "captions.txt").write_text(f"img_000.png|sksToy\nimg_001.png|sksToy {'red ' * 1_250_000}\n")
+    result = invoke(ds, "--check", "--model", "tiny-sd")
+    one_line_error(result, "2 problems")  # the line, and so img_001.png has no caption
+    assert "the caption is 5,000,006 characters; at most 2,000" in result.stdout, result.stdout
+    train = runner.invoke(app, ["train", "--dataset", str(ds), "--model", "tiny-sd", "--runs-dir", str(tmp_path)])
+    one_line_error(train, f"{ds / 'captions.txt'}:2: the caption is 5,000,006 characters")
+
+
+def test_a_file_captioned_twice_is_refused_by_train_naming_both_lines(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    with open(ds / "captions.txt", "a", encoding="utf-8") as f:
+        f.write("img_000.png|a photo of sksToy toy on a shelf\n")
+    result = runner.invoke(app, ["train", "--dataset", str(ds), "--model", "tiny-sd", "--runs-dir", str(tmp_path)])
+    one_line_error(result, f"{ds / 'captions.txt'}:4: img_000.png is captioned again (first on line 2)")
+    assert not (tmp_path / "latest").exists()
+
+
+def test_tables_of_problems_show_the_first_rows_and_count_the_rest(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    unknown = "".join(f"ghost_{i:05d}.png|sksToy\n" for i in range(5000))
+    with open(ds / "captions.txt", "a", encoding="utf-8") as f:
+        f.write(unknown)
+    check = invoke(ds, "--check")
+    one_line_error(check, "5,000 problems")
+    assert check.stdout.count("ghost_") == 20 and "ghost_00019.png" in check.stdout
+    assert "... and 4,980 more problems: 4,980 missing image (the first 20 shown)" in check.stdout
+
+    (tmp_path / "mine.txt").write_text(unknown, encoding="utf-8")
+    imported = invoke(ds, "--from", tmp_path / "mine.txt")
+    assert imported.exit_code == 0, imported.output
+    assert "5,000 imported lines not used" in imported.stdout and imported.stdout.count("ghost_") == 20
+    assert "... and 4,980 more imported lines not used (the first 20 shown)" in imported.stdout
+
+
+def test_the_users_text_in_a_table_is_not_read_as_markup(tmp_path):
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    with open(ds / "captions.txt", "a", encoding="utf-8") as f:
+        f.write("x[/]y.png|sksToy [bold]\n")
+    check = invoke(ds, "--check")
+    one_line_error(check, "1 problems")
+    assert "x[/]y.png" in check.stdout
+    (tmp_path / "mine.txt").write_text("a[/]b.png|[/] sksToy\n", encoding="utf-8")
+    imported = invoke(ds, "--from", tmp_path / "mine.txt")
+    assert imported.exit_code == 0 and "a[/]b.png" in imported.stdout, imported.output

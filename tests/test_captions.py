@@ -19,6 +19,7 @@ from sdlora.data.captions import (
     insert_token,
     parse_captions,
     read_captions,
+    read_unique_captions,
     render_template,
     scan_captions,
     update_captions,
@@ -73,6 +74,57 @@ def test_update_keeps_comments_order_and_other_lines(tmp_path):
     assert path.read_text(encoding="utf-8") == (
         "# my notes\nb.png|mine sksToy\n# about a\na.png|new sksToy\nc.png|added sksToy\n"
     )
+
+
+@pytest.mark.parametrize("mark", ["\u2028", "\u2029", "\x85", "\x1c", "\x0b", "\x0c"])
+def test_lines_split_at_newline_only_not_at_unicode_line_breaks(tmp_path, mark):
+    # str.splitlines splits at these; an editor shows one line, and the format says one line per \n.
+    path = tmp_path / "captions.txt"
+    path.write_text(f"# c\r\na.png|sksToy on a{mark}table\r\nb.png|sksToy\n", encoding="utf-8", newline="")
+    lines, bad = scan_captions(path)
+    assert bad == [] and [(line.file, line.caption, line.line_no) for line in lines] == [
+        ("a.png", f"sksToy on a{mark}table", 2),
+        ("b.png", "sksToy", 3),
+    ]
+    update_captions(path, {"b.png": "sksToy again"})  # the other lines are kept as they were
+    assert path.read_text(encoding="utf-8") == f"# c\na.png|sksToy on a{mark}table\nb.png|sksToy again\n"
+
+
+def test_a_caption_over_2000_characters_is_refused_naming_its_line(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text(f"a.png|sksToy {'x' * 1993}\nb.png|sksToy {'x' * 5_000_000}\n", encoding="utf-8")
+    lines, bad = scan_captions(path)
+    assert [line.file for line in lines] == ["a.png"]  # 2,000 characters: the most a caption may have
+    assert [(m.line_no, m.text) for m in bad] == [(2, "b.png|sksToy " + "x" * 47)]
+    with pytest.raises(DataError, match=r"captions.txt:2: the caption is 5,000,007 characters; at most 2,000 "):
+        parse_captions(path)
+
+
+def test_check_never_hands_a_huge_caption_to_the_tokenizer(tmp_path):
+    # Tokenizing a 50 MB caption took 54 s and 6.3 GB; the length is checked first.
+    class Untouchable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the tokenizer was used ({name})")
+
+        def __call__(self, *args, **kwargs):
+            raise AssertionError("the tokenizer was called")
+
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    (ds / "captions.txt").write_text(f"img_001.png|sksToy {'red ' * 1_250_000}\n", encoding="utf-8")
+    result = check_captions(ds, tokenizer=Untouchable())
+    assert [(p.kind, p.line_no) for p in result.problems] == [
+        ("malformed line", 1),
+        ("no caption", None),
+        ("no caption", None),
+    ]
+
+
+def test_training_refuses_a_file_captioned_twice_naming_both_lines(tmp_path):
+    path = tmp_path / "captions.txt"
+    path.write_text("# c\na.png|sksToy one\nb.png|sksToy\na.png|sksToy two\n", encoding="utf-8")
+    assert read_captions(path)["a.png"] == "sksToy two"  # prepare and caption keep the last (and warn)
+    with pytest.raises(DataError, match=r"captions.txt:4: a.png is captioned again \(first on line 2\)"):
+        read_unique_captions(path)
 
 
 # ---------------------------------------------------------------------------- token and template

@@ -141,3 +141,13 @@ def test_a_tune_section_beside_the_train_config_is_left_to_sdlora_tune(tmp_path)
     path = tmp_path / "sweep.yaml"
     path.write_text("lora:\n  rank: 8\ntune:\n  grid:\n    lr: [1e-4, 2e-4]\n", encoding="utf-8")
     assert load_config(path).lora.rank == 8  # `sdlora train --config sweep.yaml` trains the fixed part
+
+
+def test_a_huge_value_is_shown_cut_short_in_the_error(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("lora:\n  rank: [" + ", ".join(["12345"] * 20_000) + "]\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    message = str(error.value)
+    assert message.startswith("--rank (lora.rank): expected a whole number, got [12345, 12345,") and len(message) < 200
+    assert message.endswith("... (140,000 characters)")

@@ -107,6 +107,37 @@ def test_bad_input_fails_in_one_line_before_training(tmp_path, datasets, args, f
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("tune:\n  grid:\n    lora.rank: [[2, 4], 8]\n", "tune.grid lora.rank: the value [2, 4] is a list"),
+        ("grid:\n  rank: [{a: 1}]\n", "tune.grid lora.rank: the value {'a': 1} is a mapping"),
+        ("grid:\n  rank: {a: 1}\n", "tune.grid lora.rank: the value {'a': 1} is a mapping"),
+        ("", "no search space in it"),
+        ("# nothing yet\n", "no search space in it"),
+        ("tune:\n", "no search space in it"),
+        ("tune:\n  grid: {}\n", "tune.grid is empty"),
+        ("tune:\n  grid:\n  steps: [2]\n", "tune.grid is empty"),
+        ("grid:\n  rank: [4]\nrandom: [2]\n", "tune.random must be a whole number >= 0, got '[2]'"),
+        ("grid:\n  rank: [4]\nseed: {a: 1}\n", "tune.seed must be a whole number >= 0"),
+        ("grid:\n  rank: [4]\nobjective: [dino]\n", "tune.objective must be one name"),
+    ],
+)
+def test_a_space_file_that_nests_or_is_empty_fails_in_one_line(tmp_path, datasets, monkeypatch, text, fragment):
+    from sdlora.train import loop
+
+    monkeypatch.setattr(loop, "run_training", lambda *a, **k: pytest.fail("trained"))
+    good, _ = datasets
+    space = tmp_path / "space.yaml"
+    space.write_text(text)
+    runs = tmp_path / "runs"
+    result = CliRunner().invoke(
+        app, ["tune", *TINY, "--dataset", str(good), "--runs-dir", str(runs), "--space", str(space)]
+    )
+    one_line_error(result, f"--space {space}: {fragment}")
+    assert not runs.exists()
+
+
 def test_dataset_without_val_photos_fails_before_training(tmp_path, datasets):
     _, novals = datasets
     result = CliRunner().invoke(app, ["tune", *TINY, "--dataset", str(novals), "--runs-dir", str(tmp_path)])

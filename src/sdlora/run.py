@@ -46,8 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from sdlora import yamlfile
 from sdlora.errors import RunError
 
 CONFIG = "config.yaml"
@@ -355,9 +354,9 @@ def load_run(run: str | Path) -> RunInfo:
     if not config_path.is_file():
         raise RunError(f"{path}: not a run folder (no {CONFIG})")
     try:
-        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise RunError(f"{config_path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
+        config = yamlfile.read(config_path)
+    except yamlfile.YamlError as exc:
+        raise RunError(str(exc)) from None
     for section, key in (("model", "name"), ("data", "dataset"), ("data", "token")):
         if not isinstance(config, dict) or key not in (config.get(section) or {}):
             raise RunError(f"{config_path}: missing {section}.{key}")

@@ -17,6 +17,7 @@ from sdlora.errors import ConfigError
 from sdlora.locks import folder_lock
 
 DEFAULT_MODEL: str = ModelArgs.__dataclass_fields__["name"].default  # train's --model default
+SHOWN = 20  # rows of a table of problems; the rest are counted (a 700k-line import is not a table)
 
 EPILOG = """\
 Examples (DATASET defaults to ./dataset):
@@ -155,7 +156,7 @@ def load_tokenizer(model: str):
 
 
 def _render_result(result: CaptionResult) -> None:
-    table = Table(title=f"{result.captions_path}", title_justify="left")
+    table = Table(title=escape(str(result.captions_path)), title_justify="left")
     table.add_column("captions")
     table.add_column("images", justify="right")
     counts: dict[str, int] = {}
@@ -181,24 +182,32 @@ def _render_result(result: CaptionResult) -> None:
     if result.class_word_changed_from is not None:
         console.print(f"class word: {result.class_word_changed_from} -> {result.class_word} (manifest.json updated)")
     if result.unmatched:
-        skipped = Table(title=f"{len(result.unmatched)} imported lines not used", title_justify="left")
+        skipped = Table(title=f"{len(result.unmatched):,} imported lines not used", title_justify="left")
         skipped.add_column("where", overflow="fold")
         skipped.add_column("why", overflow="fold")
-        for where, why in result.unmatched:
-            skipped.add_row(where, why)
+        for where, why in result.unmatched[:SHOWN]:
+            skipped.add_row(escape(where), escape(why))  # the user's text: [/] is not markup
         console.print(skipped)
+        _more(len(result.unmatched), "imported lines not used")
     if result.stray:
         err_console.print(
-            f"[yellow]warning:[/] {len(result.stray)} caption lines name images not in the dataset "
-            f"(e.g. {result.stray[0]}); kept, see `sdlora caption --check`",
+            f"[yellow]warning:[/] {len(result.stray):,} caption lines name images not in the dataset "
+            f"(e.g. {escape(result.stray[0])}); kept, see `sdlora caption --check`",
             highlight=False,
             soft_wrap=True,
         )
-    for name, line_nos in result.repeated.items():
-        nos = ", ".join(map(str, line_nos))
+    for name, line_nos in list(result.repeated.items())[:SHOWN]:
+        nos = ", ".join(map(str, line_nos[:SHOWN])) + (", ..." if len(line_nos) > SHOWN else "")
         err_console.print(
             f"[yellow]warning:[/] {escape(str(result.captions_path))} lists {escape(name)} {len(line_nos)} times "
             f"(lines {nos}); the last one is used, remove the others",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if len(result.repeated) > SHOWN:
+        err_console.print(
+            f"[yellow]warning:[/] and {len(result.repeated) - SHOWN:,} more files listed more than once "
+            "(see `sdlora caption --check`)",
             highlight=False,
             soft_wrap=True,
         )
@@ -206,29 +215,49 @@ def _render_result(result: CaptionResult) -> None:
     console.print(f"{total} images captioned with {result.token!r}; {len(result.written)} written", highlight=False)
 
 
+def _more(total: int, what: str, kinds: list[str] | None = None) -> None:
+    """The line under a table cut at SHOWN rows: "and 699,412 more imported lines not used"."""
+    if total <= SHOWN:
+        return
+    counts = ""
+    if kinds:
+        by_kind: dict[str, int] = {}
+        for kind in kinds[SHOWN:]:
+            by_kind[kind] = by_kind.get(kind, 0) + 1
+        counts = ": " + ", ".join(f"{n:,} {kind}" for kind, n in by_kind.items())
+    console.print(f"... and {total - SHOWN:,} more {what}{counts} (the first {SHOWN} shown)", highlight=False)
+
+
 def _render_check(result: CheckResult) -> None:
-    for w in result.warnings:
+    for w in result.warnings[:SHOWN]:
         err_console.print(
             f"[yellow]warning:[/] {escape(str(result.captions_path))}:{w.line_no}: {escape(w.file)}: {w.kind}, "
             f"{escape(w.detail)}",
             highlight=False,
             soft_wrap=True,
         )
+    if len(result.warnings) > SHOWN:
+        err_console.print(
+            f"[yellow]warning:[/] and {len(result.warnings) - SHOWN:,} more captions too long", highlight=False
+        )
     if result.ok:
         checked = "" if result.lengths_checked else "; lengths not checked"
-        console.print(f"{result.n_captions} captions OK ({result.captions_path}{checked})", highlight=False)
+        console.print(
+            f"{result.n_captions} captions OK ({escape(str(result.captions_path))}{checked})", highlight=False
+        )
         return
-    table = Table(title=f"{result.captions_path}: {len(result.problems)} problems", title_justify="left")
+    table = Table(title=f"{escape(str(result.captions_path))}: {len(result.problems):,} problems", title_justify="left")
     table.add_column("problem")
     table.add_column("line", justify="right")
     table.add_column("file", overflow="fold")
     table.add_column("detail", overflow="fold")
-    for problem in result.problems:
-        table.add_row(problem.kind, str(problem.line_no or ""), problem.file, problem.detail)
+    for problem in result.problems[:SHOWN]:
+        table.add_row(problem.kind, str(problem.line_no or ""), escape(problem.file), escape(problem.detail))
     console.print(table)
+    _more(len(result.problems), "problems", [p.kind for p in result.problems])
     err_console.print(
-        f"[bold red]error:[/] {result.captions_path}: {len(result.problems)} problems "
-        f"({result.n_captions} caption lines, {result.n_images} images)",
+        f"[bold red]error:[/] {escape(str(result.captions_path))}: {len(result.problems):,} problems "
+        f"({result.n_captions:,} caption lines, {result.n_images:,} images)",
         highlight=False,
         soft_wrap=True,
     )

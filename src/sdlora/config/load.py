@@ -18,8 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-
+from sdlora import yamlfile
 from sdlora.config.schema import GROUPS, PRESETS, Config
 from sdlora.errors import ConfigError
 
@@ -37,45 +36,51 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return _coerce(value, inner, where)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+            raise ConfigError(f"{where}: {_show(value)} is not one of {', '.join(map(str, args))}")
         return value
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {_show(value)}")
         return [_coerce(v, args[0], where) for v in value]
     if hint is bool:
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
             return value.lower() in ("true", "yes", "1", "on")
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        raise ConfigError(f"{where}: expected true or false, got {_show(value)}")
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, str, float)):
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{where}: expected a whole number, got {_show(value)}")
         try:
             number = float(value) if isinstance(value, str) else value
         except ValueError:
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a whole number, got {_show(value)}") from None
         if isinstance(number, float) and not number.is_integer():
-            raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+            raise ConfigError(f"{where}: expected a whole number, got {_show(value)}")
         return int(number)
     if hint is float:
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}")
         try:
             number = float(value)
         except (TypeError, ValueError):
-            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+            raise ConfigError(f"{where}: expected a number, got {_show(value)}") from None
         if not math.isfinite(number):
-            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+            raise ConfigError(f"{where}: expected a finite number, got {_show(value)}")
         return number
     if hint is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"{where}: expected text, got {value!r}")
+            raise ConfigError(f"{where}: expected text, got {_show(value)}")
         return str(value)
     raise TypeError(f"unsupported config type {hint!r}")
+
+
+def _show(value: Any) -> str:
+    """`value` for a one-line message: its repr, cut short (a config value can be a huge list)."""
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:60]}... ({len(text):,} characters)"
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -108,7 +113,7 @@ def build_config(*layers: dict[str, Any], sources: tuple[str, ...] = ()) -> Conf
             if values is None:
                 continue
             if not isinstance(values, dict):
-                problems.append(f"{where}: section {section!r} must be a mapping, got {values!r}")
+                problems.append(f"{where}: section {section!r} must be a mapping, got {_show(values)}")
                 continue
             cls = GROUPS[section]
             hints = typing.get_type_hints(cls)
@@ -147,8 +152,8 @@ def parse_dotted(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
             continue
         section, name = key.strip().split(".", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
+            value = yamlfile.loads(raw, f"override {key}") if raw.strip() else None
+        except yamlfile.YamlError:
             value = raw
         nested.setdefault(section, {})[name] = value
     if problems:
@@ -166,20 +171,16 @@ def flat_to_nested(flat: dict[str, Any]) -> dict[str, Any]:
 
 def read_yaml(source: str | Path) -> dict[str, Any]:
     """A config file, or a packaged preset by name (`sd15`, `sdxl`, `tiny`)."""
-    text: str
     path = Path(source)
     if str(source) in PRESETS and not path.exists():
-        text = resources.files("sdlora").joinpath("configs", f"{source}.yaml").read_text(encoding="utf-8")
         where = f"preset {source}"
+        text = resources.files("sdlora").joinpath("configs", f"{source}.yaml").read_text(encoding="utf-8")
+        data = yamlfile.loads(text, f"--config {where}") or {}
     else:
         if not path.is_file():
             raise ConfigError(f"--config {source}: no such file (or give a preset: {', '.join(PRESETS)})")
-        text = path.read_text(encoding="utf-8")
         where = str(path)
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {where}: not valid YAML ({str(exc).splitlines()[0]})") from None
+        data = yamlfile.read(path, f"--config {where}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"--config {where}: expected sections such as 'model:' and 'train:'")
     return data
@@ -222,7 +223,7 @@ _HEADER = "# sdlora training config (fully resolved). Repeat this run: sdlora tr
 
 
 def config_yaml(cfg: Config, path: str | Path = "config.yaml") -> str:
-    return _HEADER.format(path=path) + yaml.safe_dump(cfg.to_dict(), sort_keys=False, allow_unicode=True)
+    return _HEADER.format(path=path) + yamlfile.dumps(cfg.to_dict())
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from sdlora.data.captions import clean_caption, insert_token, read_utf8
+from sdlora.data.captions import clean_caption, insert_token, read_utf8, split_lines, too_long
 from sdlora.data.manifest import CAPTIONS, Manifest
 from sdlora.errors import DataError
 
@@ -50,14 +50,20 @@ class StemIndex:
 
     def lookup(self, key: str) -> tuple[str | None, str]:
         """(image, "") or (None, why not)."""
-        name = PurePosixPath(key.strip().replace("\\", "/")).name.lower()
-        for table, probe in ((self._names, name), (self._stems, PurePosixPath(name).stem), (self._stems, name)):
+        name = key.strip().replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+        for table, probe in ((self._names, name), (self._stems, _stem(name)), (self._stems, name)):
             hits = table.get(probe)
             if hits and len(hits) == 1:
                 return next(iter(hits)), ""
             if hits:
                 return None, f"ambiguous, matches {', '.join(sorted(hits))}"
         return None, "no prepared image with this file name or source stem"
+
+
+def _stem(name: str) -> str:
+    """PurePosixPath(name).stem without building a path: a lookup runs once per line of a user's file."""
+    dot = name.rfind(".")
+    return name[:dot] if 0 < dot < len(name) - 1 else name
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,7 @@ _COLON_LINE = re.compile(r"^(?P<file>[^|:]+?\.[A-Za-z0-9]{2,5})\s*:\s*(?P<captio
 
 def _read_list_file(path: Path) -> tuple[list[ImportedCaption], list[tuple[str, str]]]:
     got, bad = [], []
-    for no, raw in enumerate(read_utf8(path, "--from ").splitlines(), start=1):
+    for no, raw in enumerate(split_lines(read_utf8(path, "--from ")), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -84,6 +90,9 @@ def _read_list_file(path: Path) -> tuple[list[ImportedCaption], list[tuple[str, 
             key, caption = colon["file"], colon["caption"]
         else:
             bad.append((f"{path.name}:{no}", f"expected 'file|caption' or 'file.png: caption', got {line[:50]!r}"))
+            continue
+        if why := too_long(caption):
+            bad.append((f"{path.name}:{no}", f"{key.strip()[:50]}: {why}"))
             continue
         got.append(ImportedCaption(key.strip(), clean_caption(caption), f"{path.name}:{no}"))
     return got, bad
@@ -111,7 +120,11 @@ def read_caption_source(source: str | Path) -> tuple[list[ImportedCaption], list
             got += more
             bad += worse
             continue
-        got.append(ImportedCaption(path.stem, clean_caption(read_utf8(path, "--from ")), where))
+        text = read_utf8(path, "--from ")
+        if why := too_long(text.strip()):
+            bad.append((where, why))
+            continue
+        got.append(ImportedCaption(path.stem, clean_caption(text), where))
     if not got and not bad:
         raise DataError(f"--from {source}: no caption files (.txt / .caption, one per image) in this folder")
     return got, bad

@@ -21,6 +21,9 @@ from sdlora.prompts import DEFAULT_PROMPT, fill_prompt, prompt_fit
 HEADER = "# sdlora captions: <file name>|<caption>, one image per line; every caption carries the token\n"
 DEFAULT_TEMPLATE = DEFAULT_PROMPT  # the caption `prepare` and `caption` write (sdlora.prompts)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+# The longest caption read: CLIP reads ~300 characters (77 tokens), T5-style encoders ~2,000 (512); a
+# longer one is a pasted file, which would cost minutes and gigabytes to clean and tokenize.
+MAX_CAPTION_CHARS = 2000
 _FIELD = re.compile(r"\{[^{}]*\}|[{}]")  # a template field (or brace) left after {token}/{class} are filled
 
 
@@ -50,6 +53,22 @@ def read_utf8(path: Path, what: str = "") -> str:
         raise DataError(f"{what}{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
 
 
+def split_lines(text: str) -> list[str]:
+    """The lines of a captions file, split at \\n (and \\r\\n) only, as the format says: str.splitlines
+    also splits at U+2028, U+0085 (NEL), \\x1c and other breaks no editor shows as a new line."""
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def too_long(caption: str) -> str:
+    """Why `caption` is refused ("" when it is not): longer than MAX_CAPTION_CHARS."""
+    if len(caption) <= MAX_CAPTION_CHARS:
+        return ""
+    return f"the caption is {len(caption):,} characters; at most {MAX_CAPTION_CHARS:,} (the text encoder reads ~300)"
+
+
 def scan_captions(path: str | Path) -> tuple[list[CaptionLine], list[Malformed]]:
     """Caption lines in file order (duplicates kept) and the malformed lines, for `--check`."""
     path = Path(path)
@@ -58,16 +77,19 @@ def scan_captions(path: str | Path) -> tuple[list[CaptionLine], list[Malformed]]
     except FileNotFoundError:
         raise DataError(f"{path}: missing (run `sdlora caption` to write template captions)") from None
     lines, bad = [], []
-    for no, raw in enumerate(text.splitlines(), start=1):
+    for no, raw in enumerate(split_lines(text), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if "|" not in line:
-            bad.append(Malformed(no, line, "expected '<file name>|<caption>'"))
+            bad.append(Malformed(no, line[:60], "expected '<file name>|<caption>'"))
             continue
         file, caption = line.split("|", 1)
         if not file.strip():
-            bad.append(Malformed(no, line, "no file name before '|'"))
+            bad.append(Malformed(no, line[:60], "no file name before '|'"))
+            continue
+        if why := too_long(caption):
+            bad.append(Malformed(no, line[:60], why))
             continue
         lines.append(CaptionLine(file.strip(), caption.strip(), no))
     return lines, bad
@@ -86,6 +108,22 @@ def read_captions(path: str | Path) -> dict[str, str]:
     return {line.file: line.caption for line in parse_captions(path)}
 
 
+def read_unique_captions(path: str | Path) -> dict[str, str]:
+    """file name -> caption, for training: a file captioned on two lines is a DataError naming both (which
+    caption did the user mean? `caption --check` lists it as a duplicate)."""
+    captions: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for line in parse_captions(path):
+        if line.file in first:
+            raise DataError(
+                f"{path}:{line.line_no}: {line.file} is captioned again (first on line {first[line.file]}); "
+                "keep one of the two lines"
+            )
+        first[line.file] = line.line_no
+        captions[line.file] = line.caption
+    return captions
+
+
 def write_captions(path: str | Path, captions: dict[str, str]) -> None:
     """Write captions.txt atomically, sorted by file name."""
     body = "".join(f"{name}|{captions[name]}\n" for name in sorted(captions))
@@ -99,7 +137,7 @@ def update_captions(path: str | Path, updates: dict[str, str]) -> None:
         write_captions(path, updates)
         return
     out, done = [], set()
-    for raw in read_utf8(path).splitlines():
+    for raw in split_lines(read_utf8(path)):
         line = raw.strip()
         if line and not line.startswith("#") and "|" in line:
             name = line.split("|", 1)[0].strip()
@@ -232,6 +270,7 @@ def check_captions(dataset_dir: str | Path, tokenizer: Any = None) -> CheckResul
     path = dataset_dir / CAPTIONS
     lines, bad = scan_captions(path)
     problems = [Problem("malformed line", "", m.line_no, f"{m.reason}, got {m.text[:60]!r}") for m in bad]
+    known = set(images)
     first: dict[str, int] = {}
     warnings: list[Problem] = []
     for line in lines:
@@ -239,7 +278,7 @@ def check_captions(dataset_dir: str | Path, tokenizer: Any = None) -> CheckResul
             problems.append(Problem("duplicate", line.file, line.line_no, f"also on line {first[line.file]}"))
         else:
             first[line.file] = line.line_no
-        if line.file not in images:
+        if line.file not in known:
             problems.append(Problem("missing image", line.file, line.line_no, f"not an image of {MANIFEST}"))
         elif line.file not in on_disk:
             problems.append(Problem("missing image", line.file, line.line_no, f"{IMAGES}/{line.file} does not exist"))

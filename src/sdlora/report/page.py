@@ -91,11 +91,11 @@ def render_report(run_dir: Path) -> str:
 
 
 def _run_meta(run_dir: Path) -> str:
-    import yaml
+    from sdlora import yamlfile
 
     bits = [f"<code>{escape(str(run_dir))}</code>"]
     try:
-        config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8"))
+        config = yamlfile.read(run_dir / CONFIG)
         model, data = config.get("model") or {}, config.get("data") or {}
         if model.get("name"):
             bits.append(f"base model {escape(str(model['name']))}")
@@ -103,7 +103,7 @@ def _run_meta(run_dir: Path) -> str:
             bits.append(f"token <b>{escape(str(data['token']))}</b> {escape(str(data.get('class_word', '')))}")
         if data.get("resolution"):
             bits.append(f"{escape(str(data['resolution']))} px")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+    except (OSError, ValueError, AttributeError, yamlfile.YamlError):
         pass
     if _is_tiny(run_dir):
         bits.append('<span class="warn">tiny random-weight model: its images are noise</span>')
@@ -112,13 +112,12 @@ def _run_meta(run_dir: Path) -> str:
 
 def _is_tiny(run_dir: Path) -> bool:
     try:
-        import yaml
-
+        from sdlora import yamlfile
         from sdlora.models.loading import is_tiny
 
-        config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8"))
+        config = yamlfile.read(run_dir / CONFIG)
         return is_tiny(str((config.get("model") or {}).get("name")))
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+    except (OSError, ValueError, AttributeError, yamlfile.YamlError):
         return False
 
 

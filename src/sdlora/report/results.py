@@ -202,17 +202,16 @@ def config_section(run_dir: Path, section: Section) -> Section:
 def mask_strip(config_text: str) -> str:
     """A few train images beside their subject masks (`prepare --masks`), with how the loss used them;
     empty when the dataset has no masks or is not where config.yaml says (moved, deleted)."""
-    import yaml
-
+    from sdlora import yamlfile
     from sdlora.data.manifest import load_manifest
     from sdlora.data.masks import MASKS
     from sdlora.errors import SdloraError
 
     try:
-        data = (yaml.safe_load(config_text) or {}).get("data") or {}
+        data = (yamlfile.loads(config_text, CONFIG) or {}).get("data") or {}
         dataset = Path(str(data["dataset"]))
         manifest = load_manifest(dataset)
-    except (SdloraError, OSError, KeyError, TypeError, AttributeError, yaml.YAMLError):
+    except (SdloraError, OSError, KeyError, TypeError, AttributeError):
         return ""
     names = [n for n in manifest.train if n in manifest.images and manifest.images[n].mask][:MASK_STRIP]
     if not names:

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from sdlora.data.buckets import cover_crop
-from sdlora.data.captions import has_token, read_captions
+from sdlora.data.captions import has_token, read_unique_captions
 from sdlora.data.manifest import CAPTIONS, IMAGES, Manifest
 from sdlora.data.masks import MASKS
 from sdlora.errors import DataError
@@ -47,7 +47,7 @@ def load_examples(dataset_dir: Path, manifest: Manifest, split: str, resolution:
     captions_path = dataset_dir / CAPTIONS
     if not captions_path.is_file():
         raise DataError(f"{captions_path}: missing (run `sdlora caption {dataset_dir}` to write template captions)")
-    captions = read_captions(captions_path)
+    captions = read_unique_captions(captions_path)
     names = list(getattr(manifest, split))
     examples, missing_caption, missing_token, missing_file = [], [], [], []
     for name in names:

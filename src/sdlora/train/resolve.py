@@ -181,8 +181,7 @@ def resume_run(
     Its config.yaml must be readable (one RunError line naming it otherwise); the checkpoint is chosen
     when training starts (train/checkpoint.py: the newest valid one, or step 0 with this config).
     """
-    import yaml
-
+    from sdlora import yamlfile
     from sdlora.run import resolve_run_dir
 
     run_path = Path(runs_dir) / "latest" if str(run) == "latest" else Path(run)
@@ -196,10 +195,9 @@ def resume_run(
         raise RunError(f"{run_dir}: not a run folder (no {CONFIG})")
     copy = " (each checkpoint in checkpoints/ holds a copy of it)"
     try:
-        saved = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise RunError(f"{config_path}: damaged, not a readable config ({reason}){copy}") from None
+        saved = yamlfile.read(config_path) or {}
+    except yamlfile.YamlError as exc:
+        raise RunError(f"{config_path}: damaged, not a readable config ({exc.reason}){copy}") from None
     if not isinstance(saved, dict):
         raise RunError(f"{config_path}: damaged, not a mapping of config sections{copy}")
     if not isinstance(saved.get("embedding", {}), (dict, type(None))):

@@ -113,7 +113,7 @@ def parse_range(text: str, where: str) -> Range | None:
 
 def _scalar(text: str) -> Any:
     """A command-line value as YAML would read it, with 1e-4 a number (YAML 1.1 reads it as text)."""
-    import yaml
+    from sdlora import yamlfile
 
     for number in (int, float):
         try:
@@ -121,8 +121,8 @@ def _scalar(text: str) -> Any:
         except ValueError:
             pass
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return yamlfile.loads(text, "--grid")
+    except yamlfile.YamlError:
         return text
 
 
@@ -171,6 +171,14 @@ def parse_values(key: str, raw: Any, where: str) -> list[Any] | Range:
         raw = [raw]
     if not raw:
         raise ConfigError(f"{where} {key}: empty value list; give at least one value, e.g. {key}=1e-4,2e-4")
+    for value in raw:
+        if isinstance(value, (list, tuple, dict, set)):
+            kind = "a mapping" if isinstance(value, dict) else "a list"
+            shown = repr(value) if len(repr(value)) <= 60 else f"{repr(value)[:50]}..."
+            raise ConfigError(
+                f"{where} {key}: the value {shown} is {kind}; each value of a dimension is one setting, "
+                f"e.g. {key}: [8, 16]"
+            )
     return list(dict.fromkeys(raw))
 
 
@@ -210,17 +218,40 @@ def parse_steps(raw: Any, where: str = "--steps") -> list[int]:
     return sorted(set(steps))
 
 
+def _whole(value: Any, where: str) -> int:
+    """A whole number >= 0 (tune.random, tune.seed)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not (math.isfinite(number) and number.is_integer() and number >= 0):
+        raise ConfigError(f"{where} must be a whole number >= 0, got {str(value)[:60]!r}")
+    return int(number)
+
+
 def parse_section(section: Any, where: str) -> dict[str, Any]:
-    """A `tune:` YAML section, checked: {grid: {key: values}, steps, random, objective, weights, seed}."""
-    if section is None:
-        return {}
+    """A `tune:` YAML section, checked: {grid: {key: values}, steps, random, objective, weights, seed}.
+
+    An empty one (an empty --space file, `tune:` alone) is an error, not the default space: whoever
+    wrote the file meant a space.
+    """
+    if not section:
+        raise ConfigError(
+            f"{where}: no search space in it; give a tune: section, e.g. tune: {{grid: {{lora.rank: [8, 16]}}, "
+            "steps: [250, 500]} (without a space file, sdlora tune searches its default space)"
+        )
     if not isinstance(section, dict):
         raise ConfigError(f"{where}: the tune section must be a mapping with grid:, steps:, ...")
     unknown = [k for k in section if k not in SPACE_KEYS]
     if unknown:
         raise ConfigError(f"{where}: unknown key tune.{unknown[0]} (the tune section takes {', '.join(SPACE_KEYS)})")
     out: dict[str, Any] = {k: v for k, v in section.items() if k != "grid"}
-    grid = section.get("grid") or {}
+    grid = section.get("grid", {})
+    if "grid" in section and not grid:
+        raise ConfigError(
+            f"{where}: tune.grid is empty; list the keys to vary (lora.rank: [8, 16]), or leave grid: out "
+            "for the default grid"
+        )
     if not isinstance(grid, dict):
         raise ConfigError(f"{where}: tune.grid must map keys to value lists (lora.rank: [8, 16])")
     out["grid"] = {}
@@ -229,6 +260,13 @@ def parse_section(section: Any, where: str) -> dict[str, Any]:
         out["grid"][key] = parse_values(key, values, f"{where}: tune.grid")
     if "steps" in out:
         out["steps"] = parse_steps(out["steps"], f"{where}: tune.steps")
+    for name in ("random", "seed"):
+        if out.get(name) is not None:
+            out[name] = _whole(out[name], f"{where}: tune.{name}")
+    if not isinstance(out.get("objective") or "", str):
+        raise ConfigError(f"{where}: tune.objective must be one name, e.g. objective: dino")
+    if not isinstance(out.get("weights") or "", (str, dict)):
+        raise ConfigError(f"{where}: tune.weights must map scores to weights, e.g. weights: {{dino: 1, clip-t: 1}}")
     return out
 
 

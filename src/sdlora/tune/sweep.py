@@ -236,14 +236,14 @@ def write_summary(sweep: Sweep) -> dict[str, Any]:
 
 def write_best(sweep: Sweep, data: dict[str, Any]) -> Path | None:
     """runs/<tune>/best: the winner's config with max_steps = the chosen step, that step's LoRA and scores."""
-    import yaml
+    from sdlora import yamlfile
 
     winner = data.get("winner")
     if not winner:
         return None
     trial_dir = sweep.tune_dir / winner["trial"]
     step_dir = trial_dir / "tune" / f"step-{winner['step']:06d}"
-    saved = yaml.safe_load((trial_dir / CONFIG).read_text(encoding="utf-8")) or {}
+    saved = yamlfile.read(trial_dir / CONFIG) or {}
     saved.setdefault("train", {})["max_steps"] = winner["step"]
     saved.setdefault("run", {}).update({"name": None, "runs_dir": str(sweep.tune_dir.parent)})
     cfg = config_mod.build_config(saved, sources=(str(trial_dir / CONFIG),))
