@@ -82,10 +82,27 @@ def resolve_lora_dir(run: RunInfo, lora: str | Path | None) -> Path:
 
 
 def check_lora_files(lora_dir: Path) -> None:
-    """RunError in one line if the LoRA file (or the embedding beside it) is missing, truncated or not safetensors."""
-    check(lora_dir / DIFFUSERS_LORA, "LoRA file")
+    """RunError in one line if the LoRA file (or the embedding beside it) is missing, truncated or not
+    safetensors, or if the two are not one export's pair."""
+    lora_meta = check(lora_dir / DIFFUSERS_LORA, "LoRA file")
     if (lora_dir / EMBEDDINGS).is_file():
-        check(lora_dir / EMBEDDINGS, "token embedding")
+        check_same_step(lora_dir, lora_meta, check(lora_dir / EMBEDDINGS, "token embedding"))
+
+
+STEPS = f"{META_PREFIX}steps"  # the step each exported file was written at (train/export.py)
+
+
+def check_same_step(lora_dir: Path, lora_meta: dict[str, str], embedding_meta: dict[str, str]) -> None:
+    """RunError when the LoRA and the token embedding beside it come from different steps (an older sdlora's
+    export cut short): the LoRA was trained with that step's embedding, so the pair would sample wrong.
+    Files without sdlora's step (written elsewhere) are not compared."""
+    lora_step, embedding_step = lora_meta.get(STEPS), embedding_meta.get(STEPS)
+    if lora_step is not None and embedding_step is not None and lora_step != embedding_step:
+        raise RunError(
+            f"{lora_dir}: {DIFFUSERS_LORA} is from step {lora_step} but {EMBEDDINGS} from step {embedding_step} "
+            "(a save was cut short); they only work as a pair: export both again "
+            "(sdlora train --resume on the run writes lora/ from its newest checkpoint) or train again"
+        )
 
 
 @dataclass
