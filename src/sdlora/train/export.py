@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 import sdlora
 from sdlora.errors import ConfigError
-from sdlora.fsutil import atomic_folder, atomic_path
+from sdlora.fsutil import atomic_folder, atomic_path, writing
 from sdlora.models.arch import Architecture
 from sdlora.train.kohya import (
     UNET,
@@ -280,8 +280,10 @@ def save_lora(
         **header,  # diffusers' own keys (format, lora_adapter_metadata) win
     }
     with atomic_path(out_dir / LORA_WEIGHTS) as diffusers_tmp, atomic_path(out_dir / kohya_file) as kohya_tmp:
-        save_file(tensors, str(diffusers_tmp), metadata=diffusers_meta)
-        save_file(kohya, str(kohya_tmp), metadata=kohya_meta)
+        with writing(out_dir / LORA_WEIGHTS):  # a full disk names the file being written, not the last one opened
+            save_file(tensors, str(diffusers_tmp), metadata=diffusers_meta)
+        with writing(out_dir / kohya_file):
+            save_file(kohya, str(kohya_tmp), metadata=kohya_meta)
 
 
 def export_lora(state: TrainState, out_dir: Path, *, main_only: bool = False) -> Path:
