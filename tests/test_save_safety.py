@@ -50,6 +50,7 @@ def train(*args: str):
 # ----------------------------------------------------------------------------- lora/ is one set
 
 
+@pytest.mark.slow  # three trainings: ~25-45 s
 def test_an_export_cut_by_a_second_signal_leaves_lora_whole_and_a_renamed_run_keeps_only_its_files(
     tmp_path: Path, tiny_dataset: Path, monkeypatch
 ):
@@ -100,15 +101,30 @@ def test_an_export_cut_by_a_second_signal_leaves_lora_whole_and_a_renamed_run_ke
     }
     no_temp_folders(run)
 
-    # A pair an older sdlora's cut export left: sample refuses it in one line, before loading a model.
+
+def with_step(path: Path, step: int) -> None:
+    """Rewrite an exported file's `sdlora.steps`."""
     from safetensors.torch import load_file, save_file
 
-    embedding = run / "lora" / "embeddings.safetensors"
-    with safe_open(str(embedding), "pt") as f:
-        metadata = {**f.metadata(), "sdlora.steps": "2"}
-    save_file(load_file(str(embedding)), str(embedding), metadata=metadata)
-    result = runner.invoke(app, ["sample", "sksToy on a beach", "--run", str(run), "-n", "1", "--steps", "1"])
+    with safe_open(str(path), "pt") as f:
+        metadata = {**(f.metadata() or {}), "sdlora.steps": str(step)}
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+def test_sample_refuses_a_lora_and_an_embedding_of_different_steps(tmp_path: Path):
+    """The pair an older sdlora's cut export left: one line, before any model loads."""
+    from run_helpers import make_run, save_embedding
+
+    run = make_run(tmp_path)
+    save_embedding(run / "lora")
+    with_step(run / "lora" / "pytorch_lora_weights.safetensors", 4)
+    with_step(run / "lora" / "embeddings.safetensors", 2)
+    args = ["sample", "sksToy on a beach", "--run", str(run), "-n", "1", "--steps", "1", "--no-baseline"]
+    result = runner.invoke(app, args)
     one_line_error(result, f"{run / 'lora'}: pytorch_lora_weights.safetensors is from step 4", "from step 2")
+    assert not (run / "samples").exists()
+    with_step(run / "lora" / "embeddings.safetensors", 4)  # one export's pair samples
+    assert runner.invoke(app, args).exit_code == 0
 
 
 def test_sample_finishes_an_export_a_kill_cut_between_its_renames(tmp_path: Path):
