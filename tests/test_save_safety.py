@@ -262,3 +262,31 @@ def test_a_full_disk_in_sample_names_the_file(tmp_path: Path, monkeypatch):
         app, ["sample", "sksToy on a beach", "--run", str(run), "-n", "1", "--steps", "1", "--no-baseline"]
     )
     one_line_error(result, f"{run / 'samples'}/", f".png: {NO_SPACE}; free some space")
+
+
+def test_a_full_disk_under_metrics_jsonl_names_it(tmp_path: Path):
+    from sdlora.fsutil import write_problem
+    from sdlora.train.monitor import MetricsWriter
+
+    class FullDisk:
+        closed = False
+
+        def write(self, text=""):
+            raise OSError(errno.ENOSPC, NO_SPACE)  # a buffered write names no file
+
+        flush = write
+
+        def fileno(self):
+            return 0
+
+        def close(self):
+            self.closed = True
+
+    writer = MetricsWriter(tmp_path / "metrics.jsonl")
+    writer._file.close()
+    writer._file = FullDisk()
+    for act in (lambda: writer.write({"step": 1}), writer.close):
+        with pytest.raises(OSError) as exc:
+            act()
+        assert write_problem(exc.value).startswith(f"{tmp_path / 'metrics.jsonl'}: {NO_SPACE}; free some space")
+    assert writer._file.closed
