@@ -140,6 +140,23 @@ def test_sample_finishes_an_export_a_kill_cut_between_its_renames(tmp_path: Path
     assert sorted(p.name for p in run.iterdir() if p.name.startswith(".lora")) == []
 
 
+def test_the_next_train_finishes_an_export_a_kill_cut_between_its_renames(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from sdlora.locks import release
+    from sdlora.train.runtime import lock_run
+
+    run = tmp_path / "runs" / "r"
+    for name, step in ((".lora.new.tmp", "4"), (".lora.old.tmp", "2"), (".best.new.tmp", "4")):
+        (run / name).mkdir(parents=True)
+        (run / name / "pytorch_lora_weights.safetensors").write_text(step)
+    (run / "best").mkdir()  # best/ whole; its unfinished new copy (a kill while writing it) goes
+    lock = lock_run(run, SimpleNamespace(is_main_process=True, num_processes=1))
+    release(lock)
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").read_text() == "4"
+    assert sorted(p.name for p in run.iterdir()) == ["best", "lora"]
+
+
 # ----------------------------------------------------------------------------- a signal during the final save
 
 
