@@ -2,9 +2,12 @@
 
 Everything sdlora writes goes through a temp file in the same folder (`.<name>.<random>.tmp`),
 then `os.replace`. A process killed mid-write (kill -9, power loss) can leave such a temp file;
-`remove_stale_tmp` clears them when the next command starts in that folder. `write_problem`
-turns an OSError from a failed write (full disk, read-only or unwritable folder) into the one
-line the CLI prints.
+`remove_stale_tmp` clears them when the next command starts in that folder. A set of files that
+belong together (a LoRA and its token embedding) is written as a folder: `atomic_folder` fills
+`.<name>.new.tmp`, then swaps it in for the old folder (`swap_folder`); a kill between the swap's
+two renames is finished by `recover_folder`. `writing` names the file in a failed write (full disk:
+an OSError from `write()` names none, safetensors raises its own `SafetensorError`), and
+`write_problem` turns that into the one line the CLI prints.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,10 +33,73 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with writing(path, tmp=tmp_path):
+            yield tmp_path
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _old(final: Path) -> Path:
+    return final.with_name(f".{final.name}.old.tmp")
+
+
+def _new(final: Path) -> Path:
+    return final.with_name(f".{final.name}.new.tmp")
+
+
+def leftovers(final: str | os.PathLike[str]) -> list[Path]:
+    """The temp folders an unfinished `atomic_folder` write of `final` left beside it."""
+    final = Path(final)
+    return [p for p in (_new(final), _old(final)) if p.exists()]
+
+
+def swap_folder(tmp: Path, final: Path) -> None:
+    """Rename the finished folder `tmp` to `final`; an existing `final` is renamed aside first
+    (`.<name>.old.tmp`, removed after). A kill between the two renames leaves no `final`, its old copy
+    and the finished `tmp`: `recover_folder` (or `atomic_folder` when `tmp` is its `.new.tmp`) ends it."""
+    old = _old(final)
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(final: str | os.PathLike[str]) -> None:
+    """Finish or undo an `atomic_folder` write of `final` that a kill cut short. The old folder is renamed
+    aside only once the new one is complete, so with no `final`, a new one beside an old one is complete
+    (it goes in) and an old one alone comes back; a new one beside `final`, or alone, may be half-written
+    (it goes). Call it where no live writer can be mid-swap (holding the folder's lock)."""
+    final = Path(final)
+    new, old = _new(final), _old(final)
+    if not final.exists():
+        if new.is_dir() and old.is_dir():
+            os.replace(new, final)
+        elif old.is_dir():
+            os.replace(old, final)
+    for path in (new, old):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield an empty temp folder beside `final` (`.<name>.new.tmp`); once the block ends, it replaces
+    `final` whole. On any failure or interrupt `final` stays as it was (or, cut between the swap's
+    renames, becomes the new folder): never a mix of old and new files. A write error names the file
+    under `final`, not its temp copy."""
+    final = Path(final)
+    new = _new(final)
+    recover_folder(final)
+    try:
+        with writing(final, tmp=new):
+            new.mkdir(parents=True)
+            yield new
+        swap_folder(new, final)
+    except BaseException:
+        recover_folder(final)
+        raise
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -98,6 +165,52 @@ WRITE_ERRNOS = {
     errno.EFBIG: "the file system refuses files this large; write elsewhere{flag}",
     errno.EMLINK: "the folder holds too many entries; write elsewhere{flag}",
 }
+
+
+_OS_ERROR = re.compile(r"os error (\d+)|Os \{ code: (\d+)")  # in SafetensorError's text (0.4: Os { code: 28, ...)
+
+
+def _errno(exc: BaseException) -> int | None:
+    """The errno of a failed write: an OSError's, or the OS error a safetensors writer wraps."""
+    if isinstance(exc, OSError):
+        return exc.errno
+    if type(exc).__name__ == "SafetensorError":
+        match = _OS_ERROR.search(str(exc))
+        return int(match.group(1) or match.group(2)) if match else None
+    return None
+
+
+def write_error(exc: BaseException, path: str | os.PathLike[str], tmp: Path | None = None) -> OSError | None:
+    """`exc` as an OSError naming the file, when it is a write failure a user can fix (WRITE_ERRNOS; a
+    SafetensorError too), else None. The file is `exc`'s own (one under `tmp`, a temp copy of `path`, is
+    named under `path`), else `path`."""
+    code = _errno(exc)
+    if code not in WRITE_ERRNOS:
+        return None
+    where: str | os.PathLike[str] = path
+    name = getattr(exc, "filename", None)
+    if name is not None:
+        inside = Path(os.fsdecode(name))
+        if tmp is not None and (inside == tmp or tmp in inside.parents):
+            where = Path(path) / inside.relative_to(tmp)
+        elif isinstance(exc, OSError):
+            return exc
+        else:
+            where = name
+    return OSError(code, os.strerror(code), os.fspath(where))
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike[str], tmp: Path | None = None) -> Iterator[None]:
+    """Re-raise a write failure of the block (see `write_error`) as an OSError naming `path` (or the file
+    it names), so the CLI's one line says where the disk is full."""
+    try:
+        yield
+    except Exception as exc:
+        error = write_error(exc, path, tmp)
+        if error is None or error is exc:
+            raise
+        raise error from exc
 
 
 def write_problem(exc: BaseException, flag: str | None = None) -> str | None:

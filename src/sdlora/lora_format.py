@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 META_PREFIX = "sdlora."  # sdlora's own header keys; kohya's `ss_*` and modelspec keys sit beside them
+STEPS = f"{META_PREFIX}steps"  # the training step each exported file was written at
 PEFT_CONFIG = f"{META_PREFIX}peft_config"  # a LoKr/LoHa run's peft configs (JSON), to rebuild its adapters
 
 # The token embedding's key per text encoder, as A1111 / ComfyUI / diffusers' advanced SDXL script write them.

@@ -343,8 +343,28 @@ class RunInfo:
         """The LoRA folder (`lora` or `best`); an error naming the run if it has no LoRA yet."""
         folder = self.path / which
         if not (folder / DIFFUSERS_LORA).is_file():
+            _finish_export(self.path, folder)
+        if not (folder / DIFFUSERS_LORA).is_file():
             raise RunError(f"{self.path}: no LoRA in {which}/ (is training finished? `sdlora train` writes it)")
         return folder
+
+
+def _finish_export(run_dir: Path, folder: Path) -> None:
+    """An export of lora/ (best/) that a kill cut between its renames (the folder gone, its new and old
+    copies beside it): finished now (`fsutil.recover_folder`), unless a live `sdlora train` holds the run."""
+    from sdlora.fsutil import leftovers, recover_folder
+    from sdlora.locks import acquire, release
+
+    if not leftovers(folder):
+        return
+    try:
+        lock = acquire(run_dir, "sample")
+    except (RunError, OSError):  # training (it finishes the swap itself), or a folder we may not write
+        return
+    try:
+        recover_folder(folder)
+    finally:
+        release(lock)
 
 
 def load_run(run: str | Path) -> RunInfo:

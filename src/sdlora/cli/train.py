@@ -210,13 +210,24 @@ def train(**params: Any) -> None:
     if main:  # one report per run: the main process's (also when stopped)
         refresh_report(result.run_dir)
     if result.interrupted:
-        console.print(
-            f"[yellow]stopped at step {result.steps}[/]; checkpoint and LoRA saved. "
-            f"Continue with: sdlora train --resume {result.run_dir}",
-            highlight=False,
-            soft_wrap=True,
-        )
+        console.print(_stopped_line(result), highlight=False, soft_wrap=True)
         raise typer.Exit(128 + (result.stop_signal or 2))  # 130 after Ctrl-C, 143 after SIGTERM
+
+
+def _stopped_line(result: Any) -> str:
+    """What a run stopped by Ctrl-C / SIGTERM saved, and how to go on."""
+    if not result.max_steps or result.steps < result.max_steps:
+        return (
+            f"[yellow]stopped at step {result.steps}[/]; checkpoint and LoRA saved. "
+            f"Continue with: sdlora train --resume {result.run_dir}"
+        )
+    import signal
+
+    name = signal.Signals(result.stop_signal or signal.SIGINT).name
+    return (
+        f"[yellow]stopped by {name} after the last step[/]: all {result.steps} steps trained; "
+        f"the LoRA was saved whole in {result.lora_dir}"
+    )
 
 
 train.__signature__ = _signature()  # type: ignore[attr-defined]

@@ -13,7 +13,7 @@ import torch
 
 from sdlora.devices import resolve_device
 from sdlora.errors import ConfigError, ModelError, RunError
-from sdlora.lora_format import META_PREFIX, PEFT_CONFIG, embedding_keys
+from sdlora.lora_format import META_PREFIX, PEFT_CONFIG, STEPS, embedding_keys
 from sdlora.models.arch import Architecture
 from sdlora.run import DIFFUSERS_LORA, EMBEDDINGS, RunInfo
 from sdlora.safetensors_io import check, load_file, read_metadata
@@ -100,11 +100,24 @@ def lora_file(lora: Path) -> Path:
 
 def check_lora_files(lora: Path) -> None:
     """RunError in one line if the LoRA file (`lora_file(lora)`) or the embedding beside it is missing,
-    truncated or not safetensors."""
+    truncated or not safetensors, or if the two are not one export's pair."""
     path = lora_file(lora)
-    check(path, "LoRA file")
+    lora_meta = check(path, "LoRA file")
     if (path.parent / EMBEDDINGS).is_file():
-        check(path.parent / EMBEDDINGS, "token embedding")
+        check_same_step(path, lora_meta, check(path.parent / EMBEDDINGS, "token embedding"))
+
+
+def check_same_step(lora_path: Path, lora_meta: dict[str, str], embedding_meta: dict[str, str]) -> None:
+    """RunError when the LoRA and the token embedding beside it come from different steps (an older sdlora's
+    export cut short): the LoRA was trained with that step's embedding, so the pair would sample wrong.
+    Files without sdlora's step (written elsewhere) are not compared."""
+    lora_step, embedding_step = lora_meta.get(STEPS), embedding_meta.get(STEPS)
+    if lora_step is not None and embedding_step is not None and lora_step != embedding_step:
+        raise RunError(
+            f"{lora_path.parent}: {lora_path.name} is from step {lora_step} but {EMBEDDINGS} from step "
+            f"{embedding_step} (a save was cut short); they only work as a pair: export both again "
+            "(sdlora train --resume on the run writes lora/ from its newest checkpoint) or train again"
+        )
 
 
 @dataclass

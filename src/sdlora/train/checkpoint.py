@@ -13,7 +13,8 @@
 
 Nothing here is loaded with pickle: a planted `*.pkl` or `*.bin` is never opened. A checkpoint is
 written into `checkpoints/.step-NNNNNN.tmp/` and renamed to `step-NNNNNN/` once complete, so a
-kill leaves either the whole checkpoint or a temp folder (removed by the next run). On resume the
+kill leaves either the whole checkpoint or a temp folder (removed by the next run); a failed write
+(a full disk) removes its temp folder and names the file in one line. On resume the
 newest checkpoint whose files match its manifest is loaded; each one skipped gets one warning line
 saying why. With none, the run starts again from step 0 with its own config.yaml (and says so).
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -41,7 +41,7 @@ import torch
 from sdlora import config as config_mod
 from sdlora.errors import RunError
 from sdlora.events import OnEvent
-from sdlora.fsutil import sha256_file, write_json, write_text
+from sdlora.fsutil import sha256_file, swap_folder, write_json, write_text, writing
 from sdlora.run import CHECKPOINTS, CONFIG, METRICS, Metric, point_latest
 from sdlora.train import ema
 from sdlora.train.optim import apply_config
@@ -219,31 +219,29 @@ def _seal(state: TrainState, folder: Path) -> None:
     )
 
 
-def _commit(tmp: Path, final: Path) -> None:
-    """Rename the finished temp folder into place (over an older copy of the same step)."""
-    old = final.with_name(f".{final.name}.old.tmp")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_checkpoint(state: TrainState) -> Path:
     """Write the checkpoint of `state.step` (temp folder, then rename); keeps the newest --keep-checkpoints."""
     acc, run_dir = state.accelerator, state.run_dir
     final, tmp = step_dir(run_dir, state.step), temp_dir(run_dir, state.step)
     if state.is_main:
         remove_temp(run_dir)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    save_state(tmp, f"rng_{acc.process_index}", rng_state())
+    try:
+        with writing(final, tmp=tmp):  # a full disk: one line naming the file (under the final folder's name)
+            if state.is_main:
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            save_state(tmp, f"rng_{acc.process_index}", rng_state())
+            if state.is_main:
+                _write_main(state, tmp)
+            acc.wait_for_everyone()
+            if state.is_main:
+                _seal(state, tmp)
+                swap_folder(tmp, final)  # over an older copy of the same step
+    except Exception:
+        if state.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a failed write leaves nothing on the full disk
+        raise
     if state.is_main:
-        _write_main(state, tmp)
-    acc.wait_for_everyone()
-    if state.is_main:
-        _seal(state, tmp)
-        _commit(tmp, final)
         prune(run_dir, state.cfg.checkpoint.keep_checkpoints, state.step)
         point_latest(run_dir)  # the run has something to resume from
         state.emit({"event": "checkpoint", "step": state.step, "path": str(final)})

@@ -11,7 +11,9 @@ Both files get the `sdlora.*` metadata of `build_metadata`, and `sdlora.format` 
 saying which programs read that file (the diffusers file is not for ComfyUI or A1111: their key maps
 know neither peft-style UNet keys nor text-encoder keys without `text_model.`). Nothing is written before both files
 are fully built, and each lands by rename: a failure leaves the previous files as they were.
-`export_lora` writes a training run's LoRA (and the token's embedding, when it trained) this way.
+`export_lora` writes a training run's LoRA (and the token's embedding, when it trained) as one set: into
+a temp folder that replaces `lora/` (or `best/`) whole (`fsutil.atomic_folder`). Every file carries
+the step in `sdlora.steps`; `sdlora sample` refuses a LoRA and an embedding of different steps.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from safetensors.torch import save_file
 
 import sdlora
 from sdlora.errors import ConfigError
-from sdlora.fsutil import atomic_path
+from sdlora.fsutil import atomic_folder, atomic_path, writing
 from sdlora.lora_format import META_PREFIX, PEFT_CONFIG
 from sdlora.models.arch import Architecture
 from sdlora.run import DIFFUSERS_LORA
@@ -278,8 +280,10 @@ def save_lora(
         **header,  # diffusers' own keys (format, lora_adapter_metadata) win
     }
     with atomic_path(out_dir / DIFFUSERS_LORA) as diffusers_tmp, atomic_path(out_dir / kohya_file) as kohya_tmp:
-        save_file(tensors, str(diffusers_tmp), metadata=diffusers_meta)
-        save_file(kohya, str(kohya_tmp), metadata=kohya_meta)
+        with writing(out_dir / DIFFUSERS_LORA):  # a full disk names the file being written, not the last one opened
+            save_file(tensors, str(diffusers_tmp), metadata=diffusers_meta)
+        with writing(out_dir / kohya_file):
+            save_file(kohya, str(kohya_tmp), metadata=kohya_meta)
 
 
 def export_lora(state: TrainState, out_dir: Path, *, main_only: bool = False) -> Path:
@@ -309,12 +313,15 @@ def export_lora(state: TrainState, out_dir: Path, *, main_only: bool = False) ->
     encoders = [state.unwrap(e) for e in state.text_encoders] if state.text_encoders else None
     if state.tokens is not None:
         metadata[f"{META_PREFIX}token_embedding"] = EMBEDDINGS  # the LoRA expects the token's embedding beside it
-    save_lora(out_dir, state.unwrap(state.unet), encoders, state.arch, metadata=metadata, kohya_name=state.run_dir.name)
-    if state.tokens is not None:
-        save_embeddings(
-            out_dir / EMBEDDINGS,
-            state.tokens,
-            state.arch,
-            {**metadata, f"{META_PREFIX}init_token": str(cfg.embedding.init_token)},
-        )
+    # One set: written into a temp folder that then replaces out_dir whole, so a kill or a full disk never
+    # leaves a LoRA beside an embedding of another step, nor an older run name's kohya file beside the new.
+    with atomic_folder(out_dir) as tmp:
+        save_lora(tmp, state.unwrap(state.unet), encoders, state.arch, metadata=metadata, kohya_name=state.run_dir.name)
+        if state.tokens is not None:
+            save_embeddings(
+                tmp / EMBEDDINGS,
+                state.tokens,
+                state.arch,
+                {**metadata, f"{META_PREFIX}init_token": str(cfg.embedding.init_token)},
+            )
     return out_dir

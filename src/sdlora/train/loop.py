@@ -53,6 +53,7 @@ class TrainResult:
     elapsed_s: float = 0.0
     checkpoint: Path | None = None
     stop_signal: int = 0  # the signal that stopped an interrupted run (SIGINT for `request_stop`)
+    max_steps: int = 0  # the run's --max-steps: an interrupted run with `steps` there was stopped after its last step
 
 
 def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None = None) -> TrainState:
@@ -187,6 +188,9 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
         acc.wait_for_everyone()
     finally:
         restore()
+    # A signal after the last step (its validation, checkpoint or the export above) found nothing left to
+    # stop: everything was saved whole. It still ends the command as a signal does (128 + N).
+    interrupted = interrupted or state.stop.is_set()
     result = TrainResult(
         run_dir=state.run_dir,
         steps=state.step,
@@ -197,6 +201,7 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
         elapsed_s=time.perf_counter() - started,
         checkpoint=state.last_checkpoint,
         stop_signal=state.stop_signal if interrupted else 0,
+        max_steps=total,
     )
     emit(runtime.end_event(result, interrupted))
     return result

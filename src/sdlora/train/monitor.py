@@ -20,6 +20,7 @@ from typing import Any, Iterable
 import psutil
 import torch
 
+from sdlora.fsutil import writing
 from sdlora.run import Metric
 
 _GIB = float(1 << 30)
@@ -35,14 +36,18 @@ class MetricsWriter:
 
     def write(self, record: dict) -> None:
         line = json.dumps(_plain(record), ensure_ascii=False, allow_nan=False)
-        self._file.write(line + "\n")  # one write per line: readers never see two half-lines
-        self._file.flush()
+        with writing(self.path):  # a full disk: one line naming metrics.jsonl
+            self._file.write(line + "\n")  # one write per line: readers never see two half-lines
+            self._file.flush()
 
     def close(self) -> None:
         if not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._file.close()
+            with writing(self.path):
+                try:
+                    self._file.flush()
+                    os.fsync(self._file.fileno())
+                finally:
+                    self._file.close()
 
     def __enter__(self) -> "MetricsWriter":
         return self

@@ -24,9 +24,9 @@ import torch
 from sdlora import config as config_mod
 from sdlora.config import Config
 from sdlora.errors import ConfigError, RunError
-from sdlora.fsutil import remove_stale_tmp
+from sdlora.fsutil import recover_folder, remove_stale_tmp
 from sdlora.locks import acquire
-from sdlora.run import CHECKPOINTS, CONFIG, METRICS, Metric
+from sdlora.run import BEST_DIR, CHECKPOINTS, CONFIG, LORA_DIR, METRICS, Metric
 from sdlora.train import monitor
 
 if TYPE_CHECKING:
@@ -92,6 +92,8 @@ def lock_run(folder: Path, accelerator: Any) -> Path | None:
             # Temp files of writes a kill cut short; samples/ is left alone (`sdlora sample` takes no run lock).
             remove_stale_tmp(folder, recursive=False)
             remove_stale_tmp(folder / CHECKPOINTS)
+            for name in (LORA_DIR, BEST_DIR):  # an export a kill cut short: finished or undone, never mixed
+                recover_folder(folder / name)
         except RunError as exc:
             message[1] = str(exc)
     if accelerator.num_processes > 1:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from sdlora.errors import RunError
+from sdlora.fsutil import writing
 
 _MARKERS = ("__tensor__", "__tuple__", "__ndarray__", "__items__")
 
@@ -74,8 +75,11 @@ def save_state(folder: Path, name: str, state: Any) -> list[str]:
     tensors: dict[str, torch.Tensor] = {}
     structure = _encode(state, tensors)
     folder = Path(folder)
-    save_file(tensors, str(folder / f"{name}.safetensors"))
-    (folder / f"{name}.json").write_text(json.dumps(structure) + "\n", encoding="utf-8")
+    tensors_path, json_path = folder / f"{name}.safetensors", folder / f"{name}.json"
+    with writing(tensors_path):  # a full disk: an OSError naming the file (safetensors raises its own error)
+        save_file(tensors, str(tensors_path))
+    with writing(json_path):
+        json_path.write_text(json.dumps(structure) + "\n", encoding="utf-8")
     return [f"{name}.safetensors", f"{name}.json"]
 
 
