@@ -62,8 +62,10 @@ def _unet(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor
             else:
                 index = per * block + int(parts[3]) + 1
                 rest = ".".join(parts[4:])
-                new = f"input_blocks.{index}.0.{_replace_all(rest, RESNET)}" if kind == "resnets" else (
-                    f"input_blocks.{index}.1.{rest}"
+                new = (
+                    f"input_blocks.{index}.0.{_replace_all(rest, RESNET)}"
+                    if kind == "resnets"
+                    else (f"input_blocks.{index}.1.{rest}")
                 )
         elif parts[0] == "mid_block":
             rest = ".".join(parts[3:])
@@ -79,8 +81,10 @@ def _unet(state: dict[str, torch.Tensor], config: Any) -> dict[str, torch.Tensor
             else:
                 index = per * block + int(parts[3])
                 rest = ".".join(parts[4:])
-                new = f"output_blocks.{index}.0.{_replace_all(rest, RESNET)}" if kind == "resnets" else (
-                    f"output_blocks.{index}.1.{rest}"
+                new = (
+                    f"output_blocks.{index}.0.{_replace_all(rest, RESNET)}"
+                    if kind == "resnets"
+                    else (f"output_blocks.{index}.1.{rest}")
                 )
         else:
             raise KeyError(f"unmapped UNet key {key}")
@@ -148,8 +152,14 @@ def _open_clip(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.T
                 qkv.setdefault(base + "attn.in_proj_" + parts[-1], {})[rest.split(".")[1]] = value
                 continue
             rest = _replace_all(
-                rest, (("self_attn.", "attn."), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("fc1", "c_fc"),
-                       ("fc2", "c_proj"))
+                rest,
+                (
+                    ("self_attn.", "attn."),
+                    ("layer_norm1", "ln_1"),
+                    ("layer_norm2", "ln_2"),
+                    ("fc1", "c_fc"),
+                    ("fc2", "c_proj"),
+                ),
             )
             out[base + rest] = value
         elif key != "embeddings.position_ids":

@@ -16,8 +16,8 @@ from typing import Any, Callable
 import torch
 
 from sdlora.errors import ModelError
-from sdlora.models.arch import Architecture, detect_architecture
 from sdlora.models import single_file
+from sdlora.models.arch import Architecture, detect_architecture
 from sdlora.models.hub import hub_error, hub_offline
 
 TINY_MODELS: dict[str, str] = {"tiny-sd": "tiny_sd", "tiny-sdxl": "tiny_sdxl"}

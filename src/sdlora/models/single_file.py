@@ -53,7 +53,7 @@ def _damaged(path: Path, exc: BaseException) -> ModelError:
 
 
 def family_of(path: str | os.PathLike[str]) -> str:
-    """"sd15" or "sdxl", from the file's header alone; ModelError (one line) for anything sdlora cannot load."""
+    """ "sd15" or "sdxl", from the file's header alone; ModelError (one line) for anything sdlora cannot load."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
