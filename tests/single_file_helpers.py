@@ -224,10 +224,11 @@ def tiny_pipeline(family: str) -> Any:
     return load_pipeline("tiny-sd")[0] if family == "sd15" else tiny_sdxl_wide()
 
 
-def tiny_configs(root: Path) -> Path:
-    """root/sd15 and root/sdxl with the tiny models' component configs (JSON only), as base_configs/ holds them."""
+def tiny_configs(root: Path, pipes: dict[str, Any] | None = None) -> Path:
+    """root/sd15 and root/sdxl with the tiny models' component configs (JSON only), as base_configs/ holds them;
+    `pipes` (family -> pipeline) saves building them again."""
     for family in ("sd15", "sdxl"):
-        pipe = tiny_pipeline(family)
+        pipe = (pipes or {}).get(family) or tiny_pipeline(family)
         folder = root / family
         index = {"_class_name": type(pipe).__name__}
         for name, component in pipe.components.items():
