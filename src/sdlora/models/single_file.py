@@ -61,7 +61,9 @@ def family_of(path: str | os.PathLike[str]) -> str:
         raise ModelError(f"{path}: no such file" if not path.is_dir() else f"{path}: a folder, not a checkpoint file")
     if path.suffix.lower() in PICKLES:
         out = path.with_suffix(SAFETENSORS)
-        raise ModelError(f"{path}: pickle checkpoints can run code when loaded; {CONVERT.format(path=path, out=out)}")
+        raise ModelError(
+            f"{path}: a pickle checkpoint, not opened (loading one can run code); {CONVERT.format(path=path, out=out)}"
+        )
     try:  # safe_open reads the header and checks that it covers the whole file: no tensor is read
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = set(f.keys())
