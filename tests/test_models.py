@@ -74,3 +74,18 @@ def test_local_diffusers_folder_loads(tmp_path):
     loaded, arch = load_pipeline(str(tmp_path / "m"))
     assert arch.name == "sd1"
     assert torch.equal(loaded.unet.conv_in.weight, pipe.unet.conv_in.weight)
+
+
+def test_a_folder_loads_with_the_current_dtype_argument(tmp_path):
+    """diffusers 0.42 deprecates `torch_dtype=` with a FutureWarning; sdlora passes `dtype=` where it is taken."""
+    import warnings
+
+    from sdlora.models.loading import load_base_vae
+
+    pipe, _ = load_pipeline("tiny-sd")
+    pipe.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        loaded, _ = load_pipeline(str(tmp_path / "m"), dtype=torch.bfloat16)
+        vae = load_base_vae(str(tmp_path / "m"), dtype=torch.bfloat16)
+    assert loaded.unet.dtype == torch.bfloat16 and vae.dtype == torch.bfloat16

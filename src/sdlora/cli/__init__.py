@@ -15,13 +15,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-# Library chatter (dtype-casting notes, deprecations) is not for users; --debug brings it back.
-if not os.environ.get("SDLORA_DEBUG"):
-    for _name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
-        os.environ.setdefault(_name, "error")
-
 from sdlora import __version__
 from sdlora.cli._common import err_console
+from sdlora.cli.quiet import quiet_libraries
 from sdlora.errors import SdloraError
 from sdlora.fsutil import write_problem
 
@@ -92,15 +88,17 @@ def _root(
     debug: Annotated[
         bool,
         typer.Option(
-            "--debug", metavar="", show_default=False, help="Show full tracebacks for errors (or set SDLORA_DEBUG=1)."
+            "--debug",
+            metavar="",
+            show_default=False,
+            help="Show full tracebacks, and the libraries' own logs and warnings (or set SDLORA_DEBUG=1).",
         ),
     ] = False,
     help_: HelpOpt = None,
 ) -> None:
     if debug:
         os.environ["SDLORA_DEBUG"] = "1"
-        for name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
-            os.environ[name] = "warning"
+    quiet_libraries()  # every verb: no third-party logs, bars or warnings unless --debug
 
 
 # The option that chooses where a verb writes, named in the hint of a write failure.

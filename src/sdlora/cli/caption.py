@@ -134,9 +134,10 @@ def load_tokenizer(model: str):
     warning that caption lengths were not checked (no network, not cached, not a model)."""
     from sdlora.models import is_tiny
     from sdlora.models.hub import hub_offline
+    from sdlora.models.single_file import is_single_file
 
     try:
-        if is_tiny(model):
+        if is_tiny(model) or is_single_file(model):  # a checkpoint file's is the real CLIP tokenizer, built offline
             from sdlora.models.tiny import clip_tokenizer
 
             return clip_tokenizer()

@@ -188,7 +188,6 @@ def train(**params: Any) -> None:
         if not in_launched_process():
             _relaunch(config, resume, flags, dotted, num_processes, accelerate_config)
             return
-    quiet_libraries()
     from sdlora.train.runtime import StopNow
 
     main = os.environ.get("RANK", "0") == "0"
@@ -259,19 +258,6 @@ def _relaunch(
     code = launch_processes(argv, num_processes, config_file=accelerate_config, cpu=not torch.cuda.is_available())
     if code:
         raise typer.Exit(code)
-
-
-def quiet_libraries() -> None:
-    """sdlora reports what matters itself; library chatter (dtype notes, deprecations) only with --debug."""
-    import os
-
-    if os.environ.get("SDLORA_DEBUG"):
-        return
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    transformers_logging.set_verbosity_error()
 
 
 class TrainRenderer:

@@ -302,7 +302,6 @@ def tune(**params: Any) -> None:
         highlight=False,
         soft_wrap=True,
     )
-    train_cli.quiet_libraries()
 
     def on_trial(record: dict[str, Any], data: dict[str, Any]) -> None:
         if record.get("status") == "failed":

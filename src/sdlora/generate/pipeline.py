@@ -216,7 +216,7 @@ def _quiet_diffusers() -> Iterator[None]:
     from diffusers.utils import logging as diffusers_logging
 
     level = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()
+    diffusers_logging.set_verbosity(max(level, diffusers_logging.ERROR))  # never louder than the CLI set it
     try:
         yield
     finally:

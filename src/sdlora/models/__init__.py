@@ -1,5 +1,5 @@
-"""Base models: loading (hub id, local folder, tiny random models), the SD 1.x / SDXL interface, and the
-hub checks every loader shares (reachable or offline, one-line errors)."""
+"""Base models: loading (hub id, local folder, single .safetensors file, tiny random models), the SD 1.x /
+SDXL interface, and the hub checks every loader shares (reachable or offline, one-line errors)."""
 
 from sdlora.models.arch import Architecture, detect_architecture
 from sdlora.models.hub import hub_error, hub_offline

@@ -1,4 +1,5 @@
-"""Load a base model: a hub id, a local diffusers folder, or a tiny random model.
+"""Load a base model: a hub id, a local diffusers folder, one SD 1.x / SDXL .safetensors file
+(models/single_file.py), or a tiny random model.
 
 Loading goes through diffusers and huggingface_hub with the normal HF cache, so a model
 downloaded once works offline afterwards. Before the first hub access `models.hub.hub_offline()`
@@ -15,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from sdlora.errors import ModelError
+from sdlora.models import single_file
 from sdlora.models.arch import Architecture, detect_architecture
 from sdlora.models.hub import hub_error, hub_offline
 
@@ -50,8 +52,6 @@ def _read_model_index(model: str, revision: str | None) -> dict[str, Any]:
         if not path.is_file():
             raise ModelError(f"{folder}: not a diffusers model folder (no model_index.json)")
         return json.loads(path.read_text(encoding="utf-8"))
-    if folder.suffix in {".safetensors", ".ckpt"}:
-        raise ModelError(f"{model}: single-file checkpoints are not supported; use a diffusers folder or hub id")
     from huggingface_hub import hf_hub_download
 
     hub_offline()
@@ -64,6 +64,13 @@ def _read_model_index(model: str, revision: str | None) -> dict[str, Any]:
 
 def _model_error(model: str, exc: Exception) -> ModelError:
     return hub_error(f"model {model}", exc, "or use --model tiny-sd for an offline try")
+
+
+def dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """`dtype=` where diffusers takes it (0.42 deprecates `torch_dtype` with a FutureWarning), else `torch_dtype=`."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}
 
 
 def load_pipeline(
@@ -79,9 +86,13 @@ def load_pipeline(
         pipe = _build_tiny(model)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
+    elif single_file.is_single_file(model):
+        family = single_file.family_of(model)  # before any weight is read: one line for a file it cannot load
+        extra = {"vae": load_vae(vae, dtype)} if vae else {}
+        pipe = single_file.load_pipeline(model, family, dtype_kwargs(dtype), **extra)
     else:
         cls = _pipeline_class(model, revision)
-        kwargs: dict[str, Any] = {"torch_dtype": dtype, "revision": revision, "variant": variant}
+        kwargs: dict[str, Any] = {**dtype_kwargs(dtype), "revision": revision, "variant": variant}
         if cls.__name__ == "StableDiffusionPipeline":
             kwargs.update(safety_checker=None, requires_safety_checker=False)
         if vae:
@@ -102,7 +113,7 @@ def load_vae(vae: str, dtype: torch.dtype) -> Any:
     if not Path(vae).is_dir():
         hub_offline()
     try:
-        return AutoencoderKL.from_pretrained(vae, torch_dtype=dtype)
+        return AutoencoderKL.from_pretrained(vae, **dtype_kwargs(dtype))
     except (OSError, ValueError) as exc:
         raise _model_error(vae, exc) from exc
 
@@ -114,6 +125,8 @@ def load_base_vae(
     same weights, from the same files. Not for the tiny models (built in memory, nothing to reload)."""
     if vae:
         return load_vae(vae, dtype)
+    if single_file.is_single_file(model):
+        return single_file.load_vae(model, single_file.family_of(model), dtype_kwargs(dtype))
     from diffusers import AutoencoderKL
 
     if not Path(model).is_dir():
@@ -121,7 +134,7 @@ def load_base_vae(
     kwargs = {"revision": revision, "variant": variant}
     try:
         return AutoencoderKL.from_pretrained(
-            model, subfolder="vae", torch_dtype=dtype, **{k: v for k, v in kwargs.items() if v is not None}
+            model, subfolder="vae", **dtype_kwargs(dtype), **{k: v for k, v in kwargs.items() if v is not None}
         )
     except (OSError, ValueError) as exc:
         raise _model_error(model, exc) from exc

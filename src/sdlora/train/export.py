@@ -35,6 +35,7 @@ from sdlora.run import DIFFUSERS_LORA
 from sdlora.train.kohya import (
     UNET,
     KohyaNames,
+    base_model_keys,
     load_kohya,
     lycoris_scales,
     module_alphas,
@@ -119,8 +120,8 @@ def kohya_metadata(arch: Architecture, lora_config: Any, metadata: Mapping[str, 
     elif lora_config.use_dora:  # dora_scale is LyCORIS's extension of the format
         out["ss_network_module"] = "lycoris.kohya"
         out["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True", "wd_on_output": "True"})
-    if "sdlora.base_model" in metadata:
-        out["ss_sd_model_name"] = metadata["sdlora.base_model"]
+    if "sdlora.base_model" in metadata:  # the name and, for a model file, its hashes (kohya's keys)
+        out.update(base_model_keys(metadata["sdlora.base_model"]))
     if "sdlora.steps" in metadata:
         out["ss_steps"] = metadata["sdlora.steps"]
     if "sdlora.resolution" in metadata:

@@ -28,6 +28,7 @@ load a DoRA from the diffusers-format file instead.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,3 +437,37 @@ def lycoris_scales(model: torch.nn.Module, adapter: str = "default") -> dict[str
         for path, module in model.named_modules()
         if isinstance(module, LycorisLayer) and adapter in module.r
     }
+
+
+# The base model, as sd-scripts' train_network.py records it: for a model file its name and two hashes
+# (`library/train_util.py`: `model_hash`, AUTOMATIC1111's old short hash, and `calculate_sha256`, its
+# new one, by which A1111, ComfyUI managers and Civitai find the checkpoint); a hub id as it is.
+LEGACY_HASH_AT, LEGACY_HASH_SIZE = 0x100000, 0x10000
+
+
+def legacy_model_hash(path: str | Path) -> str:
+    """AUTOMATIC1111's old model hash: the first 8 hex digits of sha256 over 64 KiB from 1 MiB in."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        f.seek(LEGACY_HASH_AT)
+        return hashlib.sha256(f.read(LEGACY_HASH_SIZE)).hexdigest()[:8]
+
+
+def base_model_keys(model: str) -> dict[str, str]:
+    """`ss_sd_model_name` and, for a single-file base, `ss_sd_model_hash` / `ss_new_sd_model_hash`."""
+    path = Path(model)
+    if not path.exists():  # a hub id or a tiny model
+        return {"ss_sd_model_name": model}
+    if path.is_dir():
+        return {"ss_sd_model_name": path.resolve().name}
+    stat = path.stat()
+    return {"ss_sd_model_name": path.name, **_file_hashes(str(path.resolve()), stat.st_size, stat.st_mtime_ns)}
+
+
+@functools.lru_cache(maxsize=4)
+def _file_hashes(path: str, size: int, mtime_ns: int) -> dict[str, str]:
+    """Hashed once per process and file version: a run exports its LoRA many times (checkpoints, best, last)."""
+    from sdlora.fsutil import sha256_file
+
+    return {"ss_sd_model_hash": legacy_model_hash(path), "ss_new_sd_model_hash": sha256_file(path)}
