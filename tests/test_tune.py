@@ -173,3 +173,75 @@ def test_ray_local_instance_gives_the_same_trials_and_winner(grid_sweep, tmp_pat
         for a, b in zip(ours["points"], theirs["points"]):
             assert a["step"] == b["step"] and a["dino"] == pytest.approx(b["dino"], abs=1e-4)
     assert (data["winner"]["trial"], data["winner"]["step"]) == (local["winner"]["trial"], local["winner"]["step"])
+
+
+def _signal_once(monkeypatch, module, name: str, signum: int) -> None:
+    """`module.name` sends this process `signum` on its first call (what Ctrl-C or `kill` would)."""
+    real, sent = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        if not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def test_ctrl_c_while_training_stops_the_sweep_and_resume_finishes_it(tmp_path, monkeypatch):
+    from sdlora.train import runtime
+
+    _signal_once(monkeypatch, runtime, "step_event", signal.SIGINT)  # during trial-00's first step
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    tune_dir = tmp_path / "runs" / "c"
+    args = tune_args(dataset, tmp_path / "runs", "c", "--grid", "lr=1e-3,2e-3", "--steps", "2")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert "trial-00 saved at step 1" in result.stderr and f"sdlora tune --resume {tune_dir}" in result.stderr
+    data = json.loads((tune_dir / "tune.json").read_text())
+    assert [t["status"] for t in data["trials"]] == ["interrupted", "pending"] and not data["failures"]
+    assert (tune_dir / "trial-00" / "checkpoints" / "step-000001").is_dir() and not (tune_dir / "trial-01").exists()
+    assert not (tune_dir / "best").exists()
+
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, ["tune", "--resume", str(tune_dir)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tune_dir / "tune.json").read_text())
+    assert [t["status"] for t in data["trials"]] == ["done", "done"]
+    steps = [r["step"] for r in read_metrics(tune_dir / "trial-00" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2]  # continued from its step-1 checkpoint
+
+
+def test_sigterm_while_scoring_stops_the_sweep_with_143(tmp_path, monkeypatch):
+    from sdlora.tune import trial
+
+    _signal_once(monkeypatch, trial, "_score", signal.SIGTERM)
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    tune_dir = tmp_path / "runs" / "t"
+    result = CliRunner().invoke(
+        app, tune_args(dataset, tmp_path / "runs", "t", "--grid", "lr=1e-3,2e-3", "--steps", "1")
+    )
+    assert result.exit_code == 143, result.output
+    assert f"continue with: sdlora tune --resume {tune_dir}" in result.stderr
+    data = json.loads((tune_dir / "tune.json").read_text())
+    assert [t["status"] for t in data["trials"]] == ["interrupted", "pending"]
+
+
+def test_a_big_space_runs_only_when_asked_for(tmp_path, monkeypatch):
+    from conftest import one_line_error
+    from sdlora.tune import sweep
+
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    big = ["--grid", "lr=" + ",".join(f"{i}e-4" for i in range(1, 18)), "--grid", "rank=2,4,8", "--steps", "1"]
+    result = CliRunner().invoke(app, tune_args(dataset, tmp_path / "runs", "big", *big))  # 51 trials, no tty
+    one_line_error(result, "the space has 51 trials (more than 50)", "--max-trials 51", "--yes", "--random")
+    assert not (tmp_path / "runs").exists()
+    result = CliRunner().invoke(app, tune_args(dataset, tmp_path / "runs", "big", *big, "--max-trials", "50"))
+    one_line_error(result, "51 trials, more than --max-trials 50")
+
+    started = []
+    monkeypatch.setattr(sweep, "plan_sweep", lambda _, __, space, *a, **kw: started.append(space) or sys.exit(0))
+    for flag in (["--max-trials", "51"], ["--yes"]):
+        result = CliRunner().invoke(app, tune_args(dataset, tmp_path / "runs", f"big{len(started)}", *big, *flag))
+        assert result.exit_code == 0, result.output
+    assert [sweep.trial_count(space) for space in started] == [51, 51]

@@ -15,9 +15,11 @@ rewrites tune.json then).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import tempfile
@@ -54,23 +56,64 @@ def run_local(
         on_done(record)
 
 
-def _worker(job: TrialJob, env: dict[str, str], max_points: int | None = None) -> dict[str, Any]:
+class _Workers:
+    """The live worker processes. Each has its own session, so a terminal's Ctrl-C reaches only this
+    process, which passes each signal on once (`stop`): the first has them save as `train` does, a second
+    stops their save. A worker that starts after the first gets it at once."""
+
+    def __init__(self) -> None:
+        self.procs: set[subprocess.Popen[str]] = set()
+        self.signum: int | None = None
+        self.lock = threading.Lock()
+
+    def add(self, proc: subprocess.Popen[str]) -> None:
+        with self.lock:
+            self.procs.add(proc)
+            if self.signum is not None:
+                _signal(proc, self.signum)
+
+    def discard(self, proc: subprocess.Popen[str]) -> None:
+        with self.lock:
+            self.procs.discard(proc)
+
+    def stop(self, signum: int) -> None:
+        with self.lock:
+            self.signum = signum
+            for proc in self.procs:
+                _signal(proc, signum)
+
+
+def _signal(proc: subprocess.Popen[str], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signum)
+
+
+def _worker(
+    job: TrialJob, env: dict[str, str], max_points: int | None = None, workers: _Workers | None = None
+) -> dict[str, Any]:
     """One trial in a worker process; a worker that dies (killed, out of memory) is a failed trial."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, encoding="utf-8") as f:
         json.dump({"job": job.to_dict(), "max_points": max_points}, f)
+    workers = workers or _Workers()
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "sdlora.tune.worker", f.name],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
+        workers.add(proc)
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            workers.discard(proc)
     finally:
         Path(f.name).unlink(missing_ok=True)
     record = read_record(job.record_path) or {"name": job.name, "settings": job.settings, "points": []}
     if proc.returncode != 0 and record.get("status") in (None, RUNNING, "pending"):
-        tail = [line for line in (proc.stderr or "").strip().splitlines() if line.strip()]
+        tail = [line for line in (stderr or "").strip().splitlines() if line.strip()]
         record["status"] = FAILED
         record["error"] = f"worker exited with {proc.returncode}" + (f": {tail[-1][:300]}" if tail else "")
         from sdlora.fsutil import write_json
@@ -81,7 +124,10 @@ def _worker(job: TrialJob, env: dict[str, str], max_points: int | None = None) -
 
 def run_parallel(jobs: list[TrialJob], parallel: int, on_done: OnDone, warm: TrialJob | None = None) -> None:
     """`parallel` worker processes, one GPU each when GPUs exist; `warm` first runs alone to one point
-    (it fills the dataset's latent and text caches, so no two workers encode the same images)."""
+    (it fills the dataset's latent and text caches, so no two workers encode the same images).
+
+    Ctrl-C / SIGTERM (`SweepStopped` here): no new trial starts, the running ones get the signal and
+    save, and it is raised again once they have exited."""
     gpus = gpu_count()
     if gpus and parallel > gpus:
         raise ConfigError(f"--parallel {parallel}: this machine has {gpus} GPU(s); give --parallel {gpus} or fewer")
@@ -89,6 +135,7 @@ def run_parallel(jobs: list[TrialJob], parallel: int, on_done: OnDone, warm: Tri
     for i in range(parallel):
         free.put(str(i) if gpus else None)
     lock = threading.Lock()
+    workers = _Workers()
 
     def env_for(device: str | None) -> dict[str, str]:
         env = dict(os.environ)
@@ -98,21 +145,34 @@ def run_parallel(jobs: list[TrialJob], parallel: int, on_done: OnDone, warm: Tri
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
         return env
 
-    if warm is not None:
-        _worker(warm, env_for(free.queue[0]), max_points=1)
-
     def one(job: TrialJob) -> None:
+        if workers.signum is not None:
+            return
         device = free.get()
         try:
-            record = _worker(job, env_for(device))
+            record = _worker(job, env_for(device), workers=workers)
         finally:
             free.put(device)
-        with lock:
-            on_done(record)
+        if workers.signum is None:
+            with lock:
+                on_done(record)
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
+        if warm is not None:
+            _worker(warm, env_for(free.queue[0]), max_points=1, workers=workers)
         for future in [pool.submit(one, job) for job in jobs]:
             future.result()
+    except KeyboardInterrupt as exc:
+        workers.stop(getattr(exc, "signum", signal.SIGINT))
+        while True:  # wait for the workers to save; a second Ctrl-C is passed on (they stop saving)
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+                break
+            except KeyboardInterrupt as again:
+                workers.stop(getattr(again, "signum", signal.SIGINT))
+        raise
+    pool.shutdown(wait=True)
 
 
 def import_ray() -> Any:
