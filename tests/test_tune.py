@@ -245,3 +245,33 @@ def test_a_big_space_runs_only_when_asked_for(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, tune_args(dataset, tmp_path / "runs", f"big{len(started)}", *big, *flag))
         assert result.exit_code == 0, result.output
     assert [sweep.trial_count(space) for space in started] == [51, 51]
+
+
+@pytest.mark.slow
+def test_ray_with_one_scored_step_per_trial_reports_every_point(tmp_path):
+    pytest.importorskip("ray")
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    args = tune_args(dataset, tmp_path / "runs", "one", "--grid", "lr=1e-3,2e-3", "--max-steps", "1")
+    # the local warm-up scores trial-00's only point: its Ray trial finds it done and must still report it
+    result = CliRunner().invoke(app, [*args, "--executor", "ray"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "runs" / "one" / "tune.json").read_text())
+    assert [(t["status"], [p["step"] for p in t["points"]]) for t in data["trials"]] == [("done", [1]), ("done", [1])]
+    assert data["winner"] is not None and "Traceback" not in result.output
+
+
+def test_a_ray_error_is_its_last_error_line():
+    from sdlora.tune.executors import ray_error_line
+
+    text = (
+        "Traceback (most recent call last):\n"
+        '  File "ray/tune/execution/tune_controller.py", line 1406, in _on_result\n'
+        "    raise ValueError(\n"
+        "ValueError: Trial returned a result which did not include the specified metric(s) `dino` that "
+        "`tune.TuneConfig()` expects.\n"
+        "Result: {'step': 1}\n"
+    )
+    assert ray_error_line(RuntimeError(text)).startswith("ValueError: Trial returned a result which did not")
+    assert ray_error_line(ConnectionError("could not reach 10.0.0.1:6379\nretrying")) == (
+        "ConnectionError: could not reach 10.0.0.1:6379"
+    )

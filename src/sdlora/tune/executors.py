@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -28,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from sdlora.errors import ConfigError
+from sdlora.errors import ConfigError, RunError, SdloraError
 from sdlora.events import OnEvent
-from sdlora.tune.trial import FAILED, RUNNING, STOPPED, TrialJob, one_line, read_record, run_trial
+from sdlora.tune.trial import FAILED, INTERRUPTED, RUNNING, STOPPED, TrialJob, one_line, read_record, run_trial
 
 OnDone = Callable[[dict[str, Any]], None]
 EXECUTORS = ("local", "ray")
@@ -219,10 +220,15 @@ def run_ray(
     init: dict[str, Any] = {"runtime_env": {"env_vars": env}, "ignore_reinit_error": True, "log_to_driver": False}
     if address:
         init["address"] = address
-    elif parallel:
-        init["num_cpus"] = parallel
+    else:  # a local instance: on this machine only, no dashboard
+        init.update(_node_ip_address="127.0.0.1", include_dashboard=False)
+        if parallel:
+            init["num_cpus"] = parallel
     started = not ray.is_initialized()
-    ray.init(**init)
+    try:
+        ray.init(**init)
+    except Exception as exc:  # a cluster that is not there, a version mismatch: one line
+        raise RunError(f"Ray: {ray_error_line(exc)}") from exc
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         resources = {"gpu": 1, "cpu": 1} if gpus else {"cpu": 1}
@@ -265,25 +271,55 @@ def run_ray(
                 name="ray", storage_path=str(Path(tune_dir).resolve() / ".ray"), callbacks=[Done(on_done)], verbose=0
             ),
         )
-        tuner.fit()
+        # Ctrl-C raises SweepStopped here (`trial.stop_on_signals`), not Ray's own graceful stop: its actors
+        # are stopped without a save, so their trials continue from their last checkpoints.
+        quiet = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            for job in jobs:
+                _reconcile(job.to_dict(), None, status=INTERRUPTED)
+            raise
+        except SdloraError:
+            raise
+        except Exception as exc:  # Ray's errors carry a whole traceback in their message: its last line
+            raise RunError(f"Ray: {ray_error_line(exc)}") from exc
+        finally:
+            if quiet is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = quiet
     finally:
         if started:
             ray.shutdown()
 
 
-def _reconcile(job: dict[str, Any], error: str | None) -> dict[str, Any]:
+def _reconcile(job: dict[str, Any], error: str | None, status: str | None = None) -> dict[str, Any]:
     """The trial's record after Ray is done with it: a trial ASHA stopped early is `stopped`; one whose
-    actor died before it could record anything is `failed` with Ray's error."""
+    actor died before it could record anything is `failed` with Ray's error; `status` (interrupted: the
+    sweep was stopped) for a trial left running."""
     job_ = TrialJob(**job)
+    if status is not None and not job_.record_path.is_file():
+        return {}  # never started: stays pending
     record = read_record(job_.record_path) or {"name": job_.name, "settings": job_.settings, "points": []}
     if record.get("status") in (None, RUNNING, "pending"):
-        record["status"] = FAILED if error else STOPPED
+        record["status"] = status or (FAILED if error else STOPPED)
         if error:
             record["error"] = record.get("error") or _error_line(error)
         from sdlora.fsutil import write_json
 
         write_json(job_.record_path, record)
     return record
+
+
+def ray_error_line(exc: BaseException) -> str:
+    """The line of a Ray exception that says what went wrong: its message's last `SomeError: ...` line
+    (Ray wraps the trial's traceback into the message), else its first line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*?: ", line)]
+    line = errors[-1] if errors else one_line(exc)
+    return line[:300] + ("..." if len(line) > 300 else "")
 
 
 def _error_line(error: str) -> str:

@@ -223,8 +223,10 @@ def run_trial(
 ) -> dict[str, Any]:
     """Run (or continue) one trial; returns its record (also written to `.trials/<name>.json`).
 
-    `report(point)` is called after each new point (Ray Tune's report; its early stopping may end the
-    trial there). `max_points` stops after that many points (the sweep's cache warm-up).
+    `report(point)` is called for each point in step order, those done on an earlier attempt (or by the
+    sweep's warm-up) included: Ray Tune needs every trial to report, and its early stopping counts
+    points (it may end the trial at any report). `max_points` stops after that many points (the
+    sweep's cache warm-up).
     """
     if isinstance(job, dict):
         job = TrialJob(**job)
@@ -233,12 +235,15 @@ def run_trial(
     for key in ("points", "base", "train_calls", "timings"):
         if saved.get(key) is not None:
             setattr(record, key, saved[key])
-    record.status, record.error = RUNNING, None
+    done = {p["step"]: p for p in record.points}
+    # a finished trial stays done while it reports its points again (Ray may end it at any report)
+    record.status, record.error = DONE if set(done) >= set(job.steps) else RUNNING, None
     write_json(job.record_path, asdict(record))
-    done = {p["step"] for p in record.points}
     try:
         for step in job.steps:
             if step in done:
+                if report is not None:
+                    report(done[step])
                 continue
             if max_points is not None and len(record.points) >= max_points:
                 break
