@@ -275,3 +275,27 @@ def test_a_ray_error_is_its_last_error_line():
     assert ray_error_line(ConnectionError("could not reach 10.0.0.1:6379\nretrying")) == (
         "ConnectionError: could not reach 10.0.0.1:6379"
     )
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_parallel_workers_stops_them_once_and_they_save(tmp_path):
+    import threading
+
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    tune_dir = tmp_path / "runs" / "p"
+    metrics = tune_dir / "trial-00" / "metrics.jsonl"
+
+    def ctrl_c_once_training() -> None:  # the worker warming the caches (trial-00) is training
+        deadline = time.time() + 300
+        while time.time() < deadline and not metrics.is_file():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_once_training, daemon=True).start()
+    args = tune_args(dataset, tmp_path / "runs", "p", "--grid", "lr=1e-3,2e-3", "--steps", "10", "--parallel", "2")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert f"sdlora tune --resume {tune_dir}" in result.stderr
+    data = json.loads((tune_dir / "tune.json").read_text())
+    assert [t["status"] for t in data["trials"]] == ["interrupted", "pending"] and not data["failures"]
+    assert list((tune_dir / "trial-00" / "checkpoints").iterdir())  # the worker saved before it exited

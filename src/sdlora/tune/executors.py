@@ -160,8 +160,8 @@ def run_parallel(jobs: list[TrialJob], parallel: int, on_done: OnDone, warm: Tri
 
     pool = ThreadPoolExecutor(max_workers=parallel)
     try:
-        if warm is not None:
-            _worker(warm, env_for(free.queue[0]), max_points=1, workers=workers)
+        if warm is not None:  # in the pool too: this thread only waits, so a Ctrl-C here waits for its save
+            pool.submit(_worker, warm, env_for(free.queue[0]), 1, workers).result()
         for future in [pool.submit(one, job) for job in jobs]:
             future.result()
     except KeyboardInterrupt as exc:
