@@ -188,10 +188,11 @@ def _signal_once(monkeypatch, module, name: str, signum: int) -> None:
     monkeypatch.setattr(module, name, wrapped)
 
 
-def test_ctrl_c_while_training_stops_the_sweep_and_resume_finishes_it(tmp_path, monkeypatch):
+def _ctrl_c_while_training(tmp_path, monkeypatch) -> Path:
+    """A 2-trial sweep stopped by Ctrl-C in trial-00's first of 2 steps: checked, returns the tune folder."""
     from sdlora.train import runtime
 
-    _signal_once(monkeypatch, runtime, "step_event", signal.SIGINT)  # during trial-00's first step
+    _signal_once(monkeypatch, runtime, "step_event", signal.SIGINT)
     dataset = write_tiny_dataset(tmp_path / "dataset")
     tune_dir = tmp_path / "runs" / "c"
     args = tune_args(dataset, tmp_path / "runs", "c", "--grid", "lr=1e-3,2e-3", "--steps", "2")
@@ -202,8 +203,17 @@ def test_ctrl_c_while_training_stops_the_sweep_and_resume_finishes_it(tmp_path, 
     assert [t["status"] for t in data["trials"]] == ["interrupted", "pending"] and not data["failures"]
     assert (tune_dir / "trial-00" / "checkpoints" / "step-000001").is_dir() and not (tune_dir / "trial-01").exists()
     assert not (tune_dir / "best").exists()
-
     monkeypatch.undo()
+    return tune_dir
+
+
+def test_ctrl_c_while_training_stops_the_sweep(tmp_path, monkeypatch):
+    _ctrl_c_while_training(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_ctrl_c_resumes_where_it_stopped(tmp_path, monkeypatch):
+    tune_dir = _ctrl_c_while_training(tmp_path, monkeypatch)
     result = CliRunner().invoke(app, ["tune", "--resume", str(tune_dir)])
     assert result.exit_code == 0, result.output
     data = json.loads((tune_dir / "tune.json").read_text())
