@@ -67,6 +67,7 @@ def test_grid_gives_four_run_folders_every_point_and_the_winner(grid_sweep):
     winner = data["winner"]
     assert (winner["trial"], winner["step"]) == by_hand(tune_dir, data)
     assert winner["trial"] in output and "CLIP-T" in output
+    assert "trial-00: done, 2 points in" in output and "; the other 3: about" in output  # the estimate
 
 
 @pytest.mark.slow

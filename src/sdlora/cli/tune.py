@@ -327,7 +327,7 @@ def tune(**params: Any) -> None:
         soft_wrap=True,
     )
     train_cli.quiet_libraries()
-    left = [len(jobs)]  # trials still to run
+    left, estimated = [len(jobs)], []  # trials still to run; whether the estimate was printed
 
     def on_trial(record: dict[str, Any], data: dict[str, Any]) -> None:
         left[0] -= 1
@@ -338,7 +338,8 @@ def tune(**params: Any) -> None:
             return
         seconds = sum((record.get("timings") or {}).values())
         estimate = ""
-        if left[0] > 0 and left[0] == len(jobs) - 1 and seconds > 0:  # once, from the first trial
+        if left[0] > 0 and not estimated and seconds > 0:  # once, from the first trial that ran
+            estimated.append(True)
             estimate = f"; the other {left[0]}: about {_duration(seconds * left[0] / sweep.parallel)}"
         console.print(
             f"{record['name']}: {record.get('status')}, {len(record.get('points') or [])} points "
