@@ -249,3 +249,18 @@ def test_resume_removes_temp_files_that_killed_writes_left(trained, tmp_path: Pa
     resume(run, steps=2)
     assert not any(path.exists() for path in stale)
     assert sample_tmp.exists()
+
+
+@pytest.mark.parametrize("bad", [b"\xff\xfe\x00garbage \x80\x81\n", b'{"step": "x"}\n'], ids=["binary", "step-x"])
+def test_resume_keeps_the_good_metrics_lines_and_drops_bad_ones(trained, tmp_path: Path, bad: bytes):
+    run = copy_run(trained, tmp_path)
+    path = run / "metrics.jsonl"
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(lines[0] + bad + b"".join(lines[1:]) + bad)  # line 2 and the last line are bad
+    result = runner.invoke(app, ["train", "--resume", str(run), "--max-steps", "3"])
+    assert result.exit_code == 0, result.output
+    assert f"{path}: skipped 2 unreadable lines" in result.stderr and "first: line 2" in result.stderr
+    assert [r["step"] for r in read_metrics(path) if "loss" in r] == [1, 2, 3]
+    assert bad not in path.read_bytes()
+    report = runner.invoke(app, ["report", "--run", str(run)])
+    assert report.exit_code == 0, report.output

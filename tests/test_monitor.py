@@ -158,3 +158,13 @@ def test_running_mean_rejects_bad_settings():
         RunningMean(window=0)
     with pytest.raises(ValueError):
         RunningMean(beta=1.0)
+
+
+def test_read_metrics_skips_and_reports_bad_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"step": 1}\n\xff\xfe garbage\n{"step": "x"}\n\n{"step": 2}\n[3]\n{"step": 3, "lo')
+    seen = []
+    assert read_metrics(path, on_warning=seen.append) == [{"step": 1}, {"step": 2}]
+    assert seen == [f"{path}: skipped 3 unreadable lines (not a JSON record with a step; first: line 2)"]
+    with pytest.warns(UserWarning, match="skipped 3 unreadable lines"):
+        read_metrics(path)

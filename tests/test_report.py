@@ -176,6 +176,16 @@ def test_token_embedding_norm_is_plotted(tmp_path):
     assert "Token embedding norm" in training and "embeddings" in training  # its grad-norm group too
 
 
+def test_bad_metrics_lines_are_named_and_the_rest_plotted(tmp_path):
+    run = write_config(tmp_path / "runs" / "r1")
+    path = write_metrics(run, steps=20)
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:3]) + b"\xff\xfe\x00\n" + b'{"step": "x"}\n' + b"".join(lines[3:]))
+    training = section(render_report(run), "training")
+    assert "skipped 2 unreadable lines" in training and "first: line 4" in training
+    assert "Loss" in training and "last step 20" in training
+
+
 def test_report_is_self_contained_with_small_decodable_thumbnails(full_run):
     html = write_report(full_run).read_text()
     sources = re.findall(r'(?:src|href)="([^"#][^"]*)"', html)

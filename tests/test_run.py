@@ -50,3 +50,17 @@ def test_bad_yaml(tmp_path):
     (run / "config.yaml").write_text("model: [unclosed")
     with pytest.raises(RunError, match="not valid YAML"):
         load_run(run)
+
+
+def test_a_dangling_latest_link_names_where_it_points(tmp_path):
+    run = _run(tmp_path, "gone")
+    point_latest(run)
+    run.rename(tmp_path / "runs" / "moved")
+    latest = tmp_path / "runs" / "latest"
+    with pytest.raises(RunError) as info:
+        load_run(latest)
+    assert str(info.value).startswith(f"{latest}: a link to {tmp_path / 'runs' / 'gone'}, which does not exist")
+    latest.unlink()
+    latest.write_text("gone\n")  # where links fail: a text file naming the run
+    with pytest.raises(RunError, match="names the run 'gone', which does not exist"):
+        load_run(latest)

@@ -67,6 +67,7 @@ def test_grid_gives_four_run_folders_every_point_and_the_winner(grid_sweep):
     winner = data["winner"]
     assert (winner["trial"], winner["step"]) == by_hand(tune_dir, data)
     assert winner["trial"] in output and "CLIP-T" in output
+    assert "trial-00: done, 2 points in" in output and "; the other 3: about" in output  # the estimate
 
 
 @pytest.mark.slow
@@ -173,3 +174,139 @@ def test_ray_local_instance_gives_the_same_trials_and_winner(grid_sweep, tmp_pat
         for a, b in zip(ours["points"], theirs["points"]):
             assert a["step"] == b["step"] and a["dino"] == pytest.approx(b["dino"], abs=1e-4)
     assert (data["winner"]["trial"], data["winner"]["step"]) == (local["winner"]["trial"], local["winner"]["step"])
+
+
+def _signal_once(monkeypatch, module, name: str, signum: int) -> None:
+    """`module.name` sends this process `signum` on its first call (what Ctrl-C or `kill` would)."""
+    real, sent = getattr(module, name), []
+
+    def wrapped(*args, **kwargs):
+        if not sent:
+            sent.append(signum)
+            os.kill(os.getpid(), signum)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapped)
+
+
+def _ctrl_c_while_training(tmp_path, monkeypatch) -> Path:
+    """A 2-trial sweep stopped by Ctrl-C in trial-00's first of 2 steps: checked, returns the tune folder."""
+    from sdlora.train import runtime
+
+    _signal_once(monkeypatch, runtime, "step_event", signal.SIGINT)
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    tune_dir = tmp_path / "runs" / "c"
+    args = tune_args(dataset, tmp_path / "runs", "c", "--grid", "lr=1e-3,2e-3", "--steps", "2")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert "trial-00 saved at step 1" in result.stderr and f"sdlora tune --resume {tune_dir}" in result.stderr
+    data = json.loads((tune_dir / "tune.json").read_text())
+    assert [t["status"] for t in data["trials"]] == ["interrupted", "pending"] and not data["failures"]
+    assert (tune_dir / "trial-00" / "checkpoints" / "step-000001").is_dir() and not (tune_dir / "trial-01").exists()
+    assert not (tune_dir / "best").exists()
+    monkeypatch.undo()
+    return tune_dir
+
+
+def test_ctrl_c_while_training_stops_the_sweep(tmp_path, monkeypatch):
+    _ctrl_c_while_training(tmp_path, monkeypatch)
+
+
+@pytest.mark.slow
+def test_a_sweep_stopped_by_ctrl_c_resumes_where_it_stopped(tmp_path, monkeypatch):
+    tune_dir = _ctrl_c_while_training(tmp_path, monkeypatch)
+    result = CliRunner().invoke(app, ["tune", "--resume", str(tune_dir)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tune_dir / "tune.json").read_text())
+    assert [t["status"] for t in data["trials"]] == ["done", "done"]
+    steps = [r["step"] for r in read_metrics(tune_dir / "trial-00" / "metrics.jsonl") if "loss" in r]
+    assert steps == [1, 2]  # continued from its step-1 checkpoint
+
+
+def test_sigterm_while_scoring_stops_the_sweep_with_143(tmp_path, monkeypatch):
+    from sdlora.tune import trial
+
+    _signal_once(monkeypatch, trial, "_score", signal.SIGTERM)
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    tune_dir = tmp_path / "runs" / "t"
+    result = CliRunner().invoke(
+        app, tune_args(dataset, tmp_path / "runs", "t", "--grid", "lr=1e-3,2e-3", "--steps", "1")
+    )
+    assert result.exit_code == 143, result.output
+    assert f"continue with: sdlora tune --resume {tune_dir}" in result.stderr
+    data = json.loads((tune_dir / "tune.json").read_text())
+    assert [t["status"] for t in data["trials"]] == ["interrupted", "pending"]
+
+
+def test_a_big_space_runs_only_when_asked_for(tmp_path, monkeypatch):
+    from conftest import one_line_error
+    from sdlora.tune import sweep
+
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    big = ["--grid", "lr=" + ",".join(f"{i}e-4" for i in range(1, 18)), "--grid", "rank=2,4,8", "--steps", "1"]
+    result = CliRunner().invoke(app, tune_args(dataset, tmp_path / "runs", "big", *big))  # 51 trials, no tty
+    one_line_error(result, "the space has 51 trials (more than 50)", "--max-trials 51", "--yes", "--random")
+    assert not (tmp_path / "runs").exists()
+    result = CliRunner().invoke(app, tune_args(dataset, tmp_path / "runs", "big", *big, "--max-trials", "50"))
+    one_line_error(result, "51 trials, more than --max-trials 50")
+
+    started = []
+    monkeypatch.setattr(sweep, "plan_sweep", lambda _, __, space, *a, **kw: started.append(space) or sys.exit(0))
+    for flag in (["--max-trials", "51"], ["--yes"]):
+        result = CliRunner().invoke(app, tune_args(dataset, tmp_path / "runs", f"big{len(started)}", *big, *flag))
+        assert result.exit_code == 0, result.output
+    assert [sweep.trial_count(space) for space in started] == [51, 51]
+
+
+@pytest.mark.slow
+def test_ray_with_one_scored_step_per_trial_reports_every_point(tmp_path):
+    pytest.importorskip("ray")
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    args = tune_args(dataset, tmp_path / "runs", "one", "--grid", "lr=1e-3,2e-3", "--max-steps", "1")
+    # the local warm-up scores trial-00's only point: its Ray trial finds it done and must still report it
+    result = CliRunner().invoke(app, [*args, "--executor", "ray"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "runs" / "one" / "tune.json").read_text())
+    assert [(t["status"], [p["step"] for p in t["points"]]) for t in data["trials"]] == [("done", [1]), ("done", [1])]
+    assert data["winner"] is not None and "Traceback" not in result.output
+
+
+def test_a_ray_error_is_its_last_error_line():
+    from sdlora.tune.executors import ray_error_line
+
+    text = (
+        "Traceback (most recent call last):\n"
+        '  File "ray/tune/execution/tune_controller.py", line 1406, in _on_result\n'
+        "    raise ValueError(\n"
+        "ValueError: Trial returned a result which did not include the specified metric(s) `dino` that "
+        "`tune.TuneConfig()` expects.\n"
+        "Result: {'step': 1}\n"
+    )
+    assert ray_error_line(RuntimeError(text)).startswith("ValueError: Trial returned a result which did not")
+    assert ray_error_line(ConnectionError("could not reach 10.0.0.1:6379\nretrying")) == (
+        "ConnectionError: could not reach 10.0.0.1:6379"
+    )
+
+
+@pytest.mark.slow
+def test_ctrl_c_with_parallel_workers_stops_them_once_and_they_save(tmp_path):
+    import threading
+
+    dataset = write_tiny_dataset(tmp_path / "dataset")
+    tune_dir = tmp_path / "runs" / "p"
+    metrics = tune_dir / "trial-00" / "metrics.jsonl"
+
+    def ctrl_c_once_training() -> None:  # the worker warming the caches (trial-00) is training
+        deadline = time.time() + 300
+        while time.time() < deadline and not metrics.is_file():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=ctrl_c_once_training, daemon=True).start()
+    args = tune_args(dataset, tmp_path / "runs", "p", "--grid", "lr=1e-3,2e-3", "--steps", "10", "--parallel", "2")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130, result.output
+    assert f"sdlora tune --resume {tune_dir}" in result.stderr
+    data = json.loads((tune_dir / "tune.json").read_text())
+    assert [t["status"] for t in data["trials"]] == ["interrupted", "pending"] and not data["failures"]
+    assert list((tune_dir / "trial-00" / "checkpoints").iterdir())  # the worker saved before it exited

@@ -42,9 +42,10 @@ where links fail); a run that failed before either does not move it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from sdlora import yamlfile
 from sdlora.errors import RunError
@@ -113,26 +114,56 @@ class Metric:
         return Metric.EMBEDDING_NORM_PREFIX + encoder
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The complete records of a metrics.jsonl: a last line still being written (or cut by a crash) and
-    lines that are not JSON objects are skipped, so a reader works while training runs."""
+def parse_metrics(path: Path) -> tuple[list[tuple[str, dict[str, Any]]], list[int]]:
+    """Each good line of a metrics.jsonl with its record, and the numbers (from 1) of the bad lines.
+
+    A good line is UTF-8 JSON: an object whose "step" is a whole number (every record the loop
+    writes has one). A last line without its newline is still being written (or was cut by a
+    crash): skipped, and not counted as bad, so a reader works while training runs.
+    """
     import json
 
+    good: list[tuple[str, dict[str, Any]]] = []
+    bad: list[int] = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n") or not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+                record = json.loads(line)
+            except ValueError:  # UnicodeDecodeError and JSONDecodeError are both ValueErrors
+                bad.append(number)
+                continue
+            step = record.get(Metric.STEP) if isinstance(record, dict) else None
+            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+                bad.append(number)
+                continue
+            good.append((line, record))
+    return good, bad
+
+
+def bad_metrics_lines(path: Path, bad: list[int]) -> str:
+    """The warning for a metrics.jsonl with bad lines: how many, and the first."""
+    lines = "line" if len(bad) == 1 else "lines"
+    return f"{path}: skipped {len(bad)} unreadable {lines} (not a JSON record with a step; first: line {bad[0]})"
+
+
+def read_metrics(path: Path, on_warning: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (`parse_metrics`); bad lines are skipped and reported once
+    through `on_warning` (default: `warnings.warn`) with their count and the first one's number."""
     path = Path(path)
     if not path.is_file():
         return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if not line.endswith("\n") or not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    good, bad = parse_metrics(path)
+    if bad:
+        if on_warning is None:
+            import warnings
+
+            warnings.warn(bad_metrics_lines(path, bad), stacklevel=2)
+        else:
+            on_warning(bad_metrics_lines(path, bad))
+    return [record for _, record in good]
 
 
 # ---- samples.json and scores.json ------------------------------------------------------------------
@@ -272,8 +303,14 @@ def write_scores(path: Path, data: dict[str, Any]) -> Path:
 def resolve_run_dir(run: str | Path) -> Path:
     """Follow `runs/latest` (a symlink, or a file naming the run) to the real run folder."""
     run = Path(run)
+    if run.is_symlink() and not run.exists():  # dangling: its run was moved or deleted
+        target = run.parent / os.readlink(run)
+        raise RunError(f"{run}: a link to {target}, which does not exist (moved or deleted?); give --run runs/<name>")
     if run.is_file() and run.name == "latest":
-        run = run.parent / run.read_text(encoding="utf-8").strip()
+        named = run.read_text(encoding="utf-8", errors="replace").strip()
+        if not (run.parent / named).is_dir():
+            raise RunError(f"{run}: names the run {named!r}, which does not exist; give --run runs/<name>")
+        run = run.parent / named
     if not run.exists():
         hint = " (train one with `sdlora train`)" if run.name == "latest" else ""
         raise RunError(f"{run}: no such run folder{hint}")

@@ -7,6 +7,7 @@ trials; the space varies the rest. The core is `sdlora.tune`.
 from __future__ import annotations
 
 import inspect
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -32,6 +33,7 @@ Examples (the dataset defaults to ./dataset; the sweep goes to ./runs/<name>):
 
 TUNE = "Tune"
 SCORING = "Scoring"
+ASK_ABOVE = 50  # trials: a bigger sweep runs only after --max-trials, --yes or a yes at the prompt
 
 
 def _scoring_option(flag: str, metavar: str, help_text: str) -> Any:
@@ -134,6 +136,27 @@ def _options(
             rich_help_panel=TUNE,
             show_default=False,
             help="Ray: stop trials whose first scored point is in the bottom half (ASHA).",
+        ),
+    ] = False,
+    max_trials: Annotated[
+        Optional[int],
+        typer.Option(
+            "--max-trials",
+            metavar="N",
+            rich_help_panel=TUNE,
+            show_default=False,
+            help=f"The most trials this sweep may have (above {ASK_ABOVE} it asks first; default: ask).",
+        ),
+    ] = None,
+    yes: Annotated[
+        bool,
+        typer.Option(
+            "--yes",
+            "-y",
+            metavar="",
+            rich_help_panel=TUNE,
+            show_default=False,
+            help=f"Start a sweep of more than {ASK_ABOVE} trials without asking.",
         ),
     ] = False,
     resume: Annotated[
@@ -271,6 +294,7 @@ def tune(**params: Any) -> None:
             clip_model=params["clip_model"],
             clip_pretrained=params["clip_pretrained"],
         )
+        _check_count(sweep_mod.trial_count(space), params["max_trials"], params["yes"])
         runs_dir = Path(config_mod.build_config(*layers, sources=sources).run.runs_dir).expanduser()
         name = params["name"] or time.strftime("tune-%Y%m%d-%H%M%S")
         if not name.strip() or "/" in name or name in (".", "..", "latest"):
@@ -302,25 +326,48 @@ def tune(**params: Any) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    left, estimated = [len(jobs)], []  # trials still to run; whether the estimate was printed
 
     def on_trial(record: dict[str, Any], data: dict[str, Any]) -> None:
+        left[0] -= 1
         if record.get("status") == "failed":
             err_console.print(
                 f"[red]{record['name']} failed:[/] {record.get('error')}", highlight=False, soft_wrap=True
             )
-        else:
-            console.print(
-                f"{record['name']}: {record.get('status')}, {len(record.get('points') or [])} points", highlight=False
-            )
+            return
+        seconds = sum((record.get("timings") or {}).values())
+        estimate = ""
+        if left[0] > 0 and not estimated and seconds > 0:  # once, from the first trial that ran
+            estimated.append(True)
+            estimate = f"; the other {left[0]}: about {_duration(seconds * left[0] / sweep.parallel)}"
+        console.print(
+            f"{record['name']}: {record.get('status')}, {len(record.get('points') or [])} points "
+            f"in {_duration(seconds)}{estimate}",
+            highlight=False,
+        )
 
-    data = sweep_mod.run_sweep(
-        sweep,
-        jobs,
-        on_trial=on_trial,
-        ray_address=params["ray_address"],
-        early_stop=params["early_stop"],
-        on_event=lambda job: train_cli.TrainRenderer(),
-    )
+    renderers: list[Any] = []
+
+    def renderer(job: Any) -> Any:
+        renderers.append(train_cli.TrainRenderer())
+        return renderers[-1]
+
+    try:
+        data = sweep_mod.run_sweep(
+            sweep,
+            jobs,
+            on_trial=on_trial,
+            ray_address=params["ray_address"],
+            early_stop=params["early_stop"],
+            on_event=renderer,
+        )
+    except KeyboardInterrupt as stop:  # Ctrl-C / SIGTERM: SweepStopped, or StopNow (a second one, mid-save)
+        for r in renderers:
+            r.close()
+        _stopped(stop, sweep.tune_dir)
+    finally:
+        for r in renderers:
+            r.close()
     _render(data)
     winner = data.get("winner")
     if winner:
@@ -338,6 +385,52 @@ def tune(**params: Any) -> None:
 
 
 tune.__signature__ = _signature()  # type: ignore[attr-defined]
+
+
+def _check_count(count: int, max_trials: int | None, yes: bool) -> None:
+    """A sweep of more than ASK_ABOVE trials (or --max-trials) runs only when asked for: --max-trials N
+    at least its size, --yes, or a yes at the prompt; without a terminal to ask, one line naming the flags."""
+    if max_trials is not None:
+        if max_trials < 1:
+            raise ConfigError(f"--max-trials {max_trials}: must be at least 1")
+        if count > max_trials:
+            raise ConfigError(
+                f"the space has {count} trials, more than --max-trials {max_trials}: "
+                "give fewer --grid values, or --random N for N random points of it"
+            )
+        return
+    if count <= ASK_ABOVE or yes:
+        return
+    hint = f"give --max-trials {count} (or --yes) to run them all, or --random N for N random points"
+    if not sys.stdin.isatty():
+        raise ConfigError(f"the space has {count} trials (more than {ASK_ABOVE}): {hint}")
+    if not typer.confirm(f"The space has {count} trials (more than {ASK_ABOVE}); run them all?", default=False):
+        raise ConfigError(f"not started: {hint}")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _stopped(stop: KeyboardInterrupt, tune_dir: Path) -> None:
+    """The line after Ctrl-C / SIGTERM, and the exit: 128 + the signal (130, 143)."""
+    from sdlora.train.runtime import StopNow
+
+    signum = getattr(stop, "signum", 2)
+    resume = f"continue with: sdlora tune --resume {tune_dir}"
+    trial = getattr(stop, "trial", None)
+    if isinstance(stop, StopNow):
+        what = "stopped without saving: the trial continues from its last checkpoint"
+    elif trial is not None:
+        what = f"stopped: {trial} saved at step {stop.step} (it continues from there)"  # type: ignore[attr-defined]
+    else:
+        what = "stopped: the trials continue from their last checkpoints"
+    err_console.print(f"[yellow]{what}[/]; {resume}", highlight=False, soft_wrap=True)
+    raise typer.Exit(128 + signum)
 
 
 def _fmt(value: Any) -> str:

@@ -29,11 +29,13 @@ def training_section(run_dir: Path, section: Section) -> Section:
     if not path.is_file():
         section.body, section.status = not_yet(f"no {METRICS} (written by `sdlora train` while it runs)"), "missing"
         return section
-    records = read_metrics(path)
+    problems: list[str] = []  # bad lines: shown above the curves, the rest still plotted
+    records = read_metrics(path, on_warning=problems.append)
+    warn = "".join(f'<p class="warn">{escape(p)}</p>' for p in problems)
     steps = [r for r in records if Metric.LOSS in r]
     vals = [r for r in records if Metric.VAL_LOSS in r]
     if not records:
-        section.body, section.status = not_yet(f"{METRICS} has no records yet"), "missing"
+        section.body, section.status = warn + not_yet(f"{METRICS} has no records yet"), "missing"
         return section
     plots = []
     loss = [
@@ -113,7 +115,7 @@ def training_section(run_dir: Path, section: Section) -> Section:
                 ylabel="cosine",
             )
         )
-    section.body = _training_summary(steps, vals, records) + '<div class="plots">' + "".join(plots) + "</div>"
+    section.body = warn + _training_summary(steps, vals, records) + '<div class="plots">' + "".join(plots) + "</div>"
     return section
 
 

@@ -42,7 +42,7 @@ from sdlora import config as config_mod
 from sdlora.errors import RunError
 from sdlora.events import OnEvent
 from sdlora.fsutil import sha256_file, swap_folder, write_json, write_text, writing
-from sdlora.run import CHECKPOINTS, CONFIG, METRICS, Metric, point_latest
+from sdlora.run import CHECKPOINTS, CONFIG, METRICS, Metric, bad_metrics_lines, parse_metrics, point_latest
 from sdlora.train import ema
 from sdlora.train.optim import apply_config
 from sdlora.train.runtime import saved_config
@@ -297,8 +297,7 @@ def load_checkpoint(state: TrainState) -> None:
                 f"training again from step 0 with its {CONFIG}",
             }
         )
-        if state.is_main:
-            truncate_metrics(state.run_dir / METRICS, 0)
+        _truncate_metrics(state, 0)
         return
     step, folder = chosen
     saved = read_state(folder)
@@ -339,24 +338,22 @@ def load_checkpoint(state: TrainState) -> None:
     if saved.get("loss_mean"):
         state.loss_mean.load_state_dict(saved["loss_mean"])
     state.last_checkpoint = folder
-    if state.is_main:
-        truncate_metrics(state.run_dir / METRICS, state.step)
+    _truncate_metrics(state, state.step)
     state.emit({"event": "resumed", "step": state.step, "path": str(folder)})
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint (a crashed run's tail), so the resumed curve has no duplicates."""
+def _truncate_metrics(state: TrainState, step: int) -> None:
+    if state.is_main:
+        problem = truncate_metrics(state.run_dir / METRICS, step)
+        if problem:
+            state.emit({"event": "warning", "message": f"{problem}; dropped them"})
+
+
+def truncate_metrics(path: Path, step: int) -> str | None:
+    """Drop metrics logged after the checkpoint (a crashed run's tail), so the resumed curve has no
+    duplicates; bad lines (`sdlora.run.parse_metrics`) go too. Returns the warning naming them, if any."""
     if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        if not line.endswith("\n"):
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(record, dict) or record.get(Metric.STEP, 0) > step:
-            continue
-        keep.append(line)
-    write_text(path, "".join(keep))
+        return None
+    good, bad = parse_metrics(path)
+    write_text(path, "".join(line for line, record in good if record[Metric.STEP] <= step))
+    return bad_metrics_lines(path, bad) if bad else None

@@ -12,7 +12,7 @@ report.py     runs/<tune>/report.html
 from sdlora.tune.objective import OBJECTIVES, Objective, choose, rank_points
 from sdlora.tune.space import DEFAULT_GRID, DEFAULT_STEPS, Space, build_space
 from sdlora.tune.sweep import TUNE_JSON, Sweep, load_sweep, plan_sweep, run_sweep
-from sdlora.tune.trial import Scoring, TrialJob, run_trial
+from sdlora.tune.trial import Scoring, SweepStopped, TrialJob, run_trial
 
 __all__ = [
     "DEFAULT_GRID",
@@ -23,6 +23,7 @@ __all__ = [
     "Scoring",
     "Space",
     "Sweep",
+    "SweepStopped",
     "TrialJob",
     "build_space",
     "choose",

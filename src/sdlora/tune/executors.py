@@ -15,9 +15,12 @@ rewrites tune.json then).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -26,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
-from sdlora.errors import ConfigError
+from sdlora.errors import ConfigError, RunError, SdloraError
 from sdlora.events import OnEvent
-from sdlora.tune.trial import FAILED, RUNNING, STOPPED, TrialJob, one_line, read_record, run_trial
+from sdlora.tune.trial import FAILED, INTERRUPTED, RUNNING, STOPPED, TrialJob, one_line, read_record, run_trial
 
 OnDone = Callable[[dict[str, Any]], None]
 EXECUTORS = ("local", "ray")
@@ -54,23 +57,64 @@ def run_local(
         on_done(record)
 
 
-def _worker(job: TrialJob, env: dict[str, str], max_points: int | None = None) -> dict[str, Any]:
+class _Workers:
+    """The live worker processes. Each has its own session, so a terminal's Ctrl-C reaches only this
+    process, which passes each signal on once (`stop`): the first has them save as `train` does, a second
+    stops their save. A worker that starts after the first gets it at once."""
+
+    def __init__(self) -> None:
+        self.procs: set[subprocess.Popen[str]] = set()
+        self.signum: int | None = None
+        self.lock = threading.Lock()
+
+    def add(self, proc: subprocess.Popen[str]) -> None:
+        with self.lock:
+            self.procs.add(proc)
+            if self.signum is not None:
+                _signal(proc, self.signum)
+
+    def discard(self, proc: subprocess.Popen[str]) -> None:
+        with self.lock:
+            self.procs.discard(proc)
+
+    def stop(self, signum: int) -> None:
+        with self.lock:
+            self.signum = signum
+            for proc in self.procs:
+                _signal(proc, signum)
+
+
+def _signal(proc: subprocess.Popen[str], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signum)
+
+
+def _worker(
+    job: TrialJob, env: dict[str, str], max_points: int | None = None, workers: _Workers | None = None
+) -> dict[str, Any]:
     """One trial in a worker process; a worker that dies (killed, out of memory) is a failed trial."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False, encoding="utf-8") as f:
         json.dump({"job": job.to_dict(), "max_points": max_points}, f)
+    workers = workers or _Workers()
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "sdlora.tune.worker", f.name],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,
         )
+        workers.add(proc)
+        try:
+            _, stderr = proc.communicate()
+        finally:
+            workers.discard(proc)
     finally:
         Path(f.name).unlink(missing_ok=True)
     record = read_record(job.record_path) or {"name": job.name, "settings": job.settings, "points": []}
     if proc.returncode != 0 and record.get("status") in (None, RUNNING, "pending"):
-        tail = [line for line in (proc.stderr or "").strip().splitlines() if line.strip()]
+        tail = [line for line in (stderr or "").strip().splitlines() if line.strip()]
         record["status"] = FAILED
         record["error"] = f"worker exited with {proc.returncode}" + (f": {tail[-1][:300]}" if tail else "")
         from sdlora.fsutil import write_json
@@ -81,7 +125,10 @@ def _worker(job: TrialJob, env: dict[str, str], max_points: int | None = None) -
 
 def run_parallel(jobs: list[TrialJob], parallel: int, on_done: OnDone, warm: TrialJob | None = None) -> None:
     """`parallel` worker processes, one GPU each when GPUs exist; `warm` first runs alone to one point
-    (it fills the dataset's latent and text caches, so no two workers encode the same images)."""
+    (it fills the dataset's latent and text caches, so no two workers encode the same images).
+
+    Ctrl-C / SIGTERM (`SweepStopped` here): no new trial starts, the running ones get the signal and
+    save, and it is raised again once they have exited."""
     gpus = gpu_count()
     if gpus and parallel > gpus:
         raise ConfigError(f"--parallel {parallel}: this machine has {gpus} GPU(s); give --parallel {gpus} or fewer")
@@ -89,6 +136,7 @@ def run_parallel(jobs: list[TrialJob], parallel: int, on_done: OnDone, warm: Tri
     for i in range(parallel):
         free.put(str(i) if gpus else None)
     lock = threading.Lock()
+    workers = _Workers()
 
     def env_for(device: str | None) -> dict[str, str]:
         env = dict(os.environ)
@@ -98,21 +146,34 @@ def run_parallel(jobs: list[TrialJob], parallel: int, on_done: OnDone, warm: Tri
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
         return env
 
-    if warm is not None:
-        _worker(warm, env_for(free.queue[0]), max_points=1)
-
     def one(job: TrialJob) -> None:
+        if workers.signum is not None:
+            return
         device = free.get()
         try:
-            record = _worker(job, env_for(device))
+            record = _worker(job, env_for(device), workers=workers)
         finally:
             free.put(device)
-        with lock:
-            on_done(record)
+        if workers.signum is None:
+            with lock:
+                on_done(record)
 
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
+        if warm is not None:  # in the pool too: this thread only waits, so a Ctrl-C here waits for its save
+            pool.submit(_worker, warm, env_for(free.queue[0]), 1, workers).result()
         for future in [pool.submit(one, job) for job in jobs]:
             future.result()
+    except KeyboardInterrupt as exc:
+        workers.stop(getattr(exc, "signum", signal.SIGINT))
+        while True:  # wait for the workers to save; a second Ctrl-C is passed on (they stop saving)
+            try:
+                pool.shutdown(wait=True, cancel_futures=True)
+                break
+            except KeyboardInterrupt as again:
+                workers.stop(getattr(again, "signum", signal.SIGINT))
+        raise
+    pool.shutdown(wait=True)
 
 
 def import_ray() -> Any:
@@ -159,10 +220,15 @@ def run_ray(
     init: dict[str, Any] = {"runtime_env": {"env_vars": env}, "ignore_reinit_error": True, "log_to_driver": False}
     if address:
         init["address"] = address
-    elif parallel:
-        init["num_cpus"] = parallel
+    else:  # a local instance: on this machine only, no dashboard
+        init.update(_node_ip_address="127.0.0.1", include_dashboard=False)
+        if parallel:
+            init["num_cpus"] = parallel
     started = not ray.is_initialized()
-    ray.init(**init)
+    try:
+        ray.init(**init)
+    except Exception as exc:  # a cluster that is not there, a version mismatch: one line
+        raise RunError(f"Ray: {ray_error_line(exc)}") from exc
     try:
         gpus = int(ray.cluster_resources().get("GPU", 0))
         resources = {"gpu": 1, "cpu": 1} if gpus else {"cpu": 1}
@@ -205,25 +271,55 @@ def run_ray(
                 name="ray", storage_path=str(Path(tune_dir).resolve() / ".ray"), callbacks=[Done(on_done)], verbose=0
             ),
         )
-        tuner.fit()
+        # Ctrl-C raises SweepStopped here (`trial.stop_on_signals`), not Ray's own graceful stop: its actors
+        # are stopped without a save, so their trials continue from their last checkpoints.
+        quiet = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        try:
+            tuner.fit()
+        except KeyboardInterrupt:
+            for job in jobs:
+                _reconcile(job.to_dict(), None, status=INTERRUPTED)
+            raise
+        except SdloraError:
+            raise
+        except Exception as exc:  # Ray's errors carry a whole traceback in their message: its last line
+            raise RunError(f"Ray: {ray_error_line(exc)}") from exc
+        finally:
+            if quiet is None:
+                os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+            else:
+                os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = quiet
     finally:
         if started:
             ray.shutdown()
 
 
-def _reconcile(job: dict[str, Any], error: str | None) -> dict[str, Any]:
+def _reconcile(job: dict[str, Any], error: str | None, status: str | None = None) -> dict[str, Any]:
     """The trial's record after Ray is done with it: a trial ASHA stopped early is `stopped`; one whose
-    actor died before it could record anything is `failed` with Ray's error."""
+    actor died before it could record anything is `failed` with Ray's error; `status` (interrupted: the
+    sweep was stopped) for a trial left running."""
     job_ = TrialJob(**job)
+    if status is not None and not job_.record_path.is_file():
+        return {}  # never started: stays pending
     record = read_record(job_.record_path) or {"name": job_.name, "settings": job_.settings, "points": []}
     if record.get("status") in (None, RUNNING, "pending"):
-        record["status"] = FAILED if error else STOPPED
+        record["status"] = status or (FAILED if error else STOPPED)
         if error:
             record["error"] = record.get("error") or _error_line(error)
         from sdlora.fsutil import write_json
 
         write_json(job_.record_path, record)
     return record
+
+
+def ray_error_line(exc: BaseException) -> str:
+    """The line of a Ray exception that says what went wrong: its message's last `SomeError: ...` line
+    (Ray wraps the trial's traceback into the message), else its first line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*?: ", line)]
+    line = errors[-1] if errors else one_line(exc)
+    return line[:300] + ("..." if len(line) > 300 else "")
 
 
 def _error_line(error: str) -> str:

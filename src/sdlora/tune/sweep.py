@@ -25,7 +25,17 @@ from sdlora.fsutil import write_json
 from sdlora.run import CONFIG, LORA_DIR, SCORES_JSON
 from sdlora.tune import objective as objective_mod
 from sdlora.tune.space import Space
-from sdlora.tune.trial import DONE, FAILED, STOPPED, TRIALS_DIR, Scoring, TrialJob, read_record, record_path
+from sdlora.tune.trial import (
+    DONE,
+    FAILED,
+    STOPPED,
+    TRIALS_DIR,
+    Scoring,
+    TrialJob,
+    read_record,
+    record_path,
+    stop_on_signals,
+)
 
 TUNE_JSON = "tune.json"
 BEST = "best"
@@ -65,6 +75,13 @@ def _given(layers: list[dict[str, Any]], section: str, key: str) -> Any:
         if key in ((layer or {}).get(section) or {}):
             found = layer[section][key]
     return found
+
+
+def trial_count(space: Space) -> int:
+    """How many trials the space makes (without listing them: a huge grid is counted at once)."""
+    import math
+
+    return space.random or math.prod(len(v) for v in space.grid.values())  # type: ignore[arg-type]
 
 
 def plan_sweep(
@@ -274,13 +291,18 @@ def run_sweep(
     early_stop: bool = False,
     on_event: Callable[[TrialJob], Any] | None = None,
 ) -> dict[str, Any]:
-    """Run `jobs` on the sweep's executor, rewriting tune.json after each trial; then best/ and the report."""
+    """Run `jobs` on the sweep's executor, rewriting tune.json after each trial; then best/ and the report.
+
+    Ctrl-C or SIGTERM stops the sweep: the running trial saves (as `sdlora train` does) and is recorded
+    `interrupted`, tune.json is rewritten, and `SweepStopped` (a KeyboardInterrupt) is raised;
+    `sdlora tune --resume` continues where it stopped.
+    """
     from sdlora.locks import folder_lock
     from sdlora.tune import executors
 
     sweep.tune_dir.mkdir(parents=True, exist_ok=True)
     (sweep.tune_dir / TRIALS_DIR).mkdir(exist_ok=True)
-    with folder_lock(sweep.tune_dir, "tune"):
+    with folder_lock(sweep.tune_dir, "tune"), stop_on_signals():
         write_summary(sweep)
 
         def done(record: dict[str, Any]) -> None:
@@ -289,20 +311,24 @@ def run_sweep(
                 on_trial(record, data)
 
         warm = jobs[0] if jobs and len(jobs) > 1 and (sweep.executor == "ray" or sweep.parallel > 1) else None
-        if sweep.executor == "ray":
-            executors.run_ray(
-                jobs,
-                done,
-                tune_dir=sweep.tune_dir,
-                address=ray_address,
-                parallel=sweep.parallel if sweep.parallel > 1 else None,
-                early_stop=early_stop,
-                warm=warm,
-            )
-        elif sweep.parallel > 1:
-            executors.run_parallel(jobs, sweep.parallel, done, warm=warm)
-        else:
-            executors.run_local(jobs, done, on_event)
+        try:
+            if sweep.executor == "ray":
+                executors.run_ray(
+                    jobs,
+                    done,
+                    tune_dir=sweep.tune_dir,
+                    address=ray_address,
+                    parallel=sweep.parallel if sweep.parallel > 1 else None,
+                    early_stop=early_stop,
+                    warm=warm,
+                )
+            elif sweep.parallel > 1:
+                executors.run_parallel(jobs, sweep.parallel, done, warm=warm)
+            else:
+                executors.run_local(jobs, done, on_event)
+        except KeyboardInterrupt:
+            write_summary(sweep)  # the interrupted trial shows as such; no best/ or report for a stopped sweep
+            raise
         data = write_summary(sweep)
         write_best(sweep, data)
         from sdlora.tune.report import write_tune_report

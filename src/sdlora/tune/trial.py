@@ -15,25 +15,63 @@ per segment, so there it differs from one straight run: the sweep warns.
 `run_trial(job)` is what every executor runs (in this process, in a worker process, in a Ray actor):
 it picks up where the record and the run folder's newest checkpoint left off, so an interrupted
 trial resumes and a finished point is never trained or scored again. An exception (out of memory, a
-NaN loss) is caught and recorded as the trial's one-line error.
+NaN loss) is caught and recorded as the trial's one-line error. Ctrl-C or SIGTERM is not a failure: the
+training saves as `sdlora train` does, the trial is recorded `interrupted` (it continues on `sdlora tune
+--resume`) and `SweepStopped` stops the sweep (`stop_on_signals` raises it outside training).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
-from sdlora.errors import RunError
 from sdlora.events import OnEvent
 from sdlora.fsutil import write_json
 
 TRIALS_DIR = ".trials"
 TUNE_SUBDIR = "tune"
 DONE, FAILED, RUNNING, STOPPED, PENDING = "done", "failed", "running", "stopped", "pending"
+INTERRUPTED = "interrupted"  # Ctrl-C / SIGTERM: saved, continues on `sdlora tune --resume` (STOPPED: by ASHA)
+
+
+class SweepStopped(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) or SIGTERM during a sweep: the sweep stops; the exit code is 128 + `signum`."""
+
+    def __init__(self, signum: int, trial: str | None = None, step: int | None = None):
+        self.signum, self.trial, self.step = int(signum), trial, step
+        super().__init__(signal.Signals(self.signum).name)
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled by worker processes and Ray
+        return (SweepStopped, (self.signum, self.trial, self.step))
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While a sweep runs, SIGINT and SIGTERM raise `SweepStopped` (SIGTERM would otherwise kill the
+    process before it records anything). While a trial trains, the loop's own handlers take over
+    (stop after the step and save) and put these back after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def handler(signum: int, frame: Any) -> None:
+        raise SweepStopped(signum)
+
+    for sig in previous:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -118,9 +156,17 @@ def _train_to(job: TrialJob, step: int, on_event: OnEvent | None) -> None:
         resume, cfg, _ = resolve.resume_run(run_dir, [{"train": {"max_steps": step}}], ("tune",))
     else:
         cfg = config_mod.build_config(job.config, {"train": {"max_steps": step}}, sources=("tune", "tune"))
-    result = loop.run_training(cfg, resume=resume, on_event=on_event)
-    if result.interrupted:
-        raise RunError(f"training stopped at step {result.steps}; continue with sdlora tune --resume {job.tune_dir}")
+    stopping: list[int] = []  # the signal the loop's handler took (also one during the last step's save)
+
+    def events(event: dict[str, Any]) -> None:
+        if event.get("event") == "stopping":
+            stopping.append(int(signal.Signals[event["signal"]]))
+        if on_event is not None:
+            on_event(event)
+
+    result = loop.run_training(cfg, resume=resume, on_event=events)
+    if result.interrupted or stopping:  # saved as `train` saves: the sweep stops, the trial resumes later
+        raise SweepStopped(result.stop_signal or stopping[0], job.name, result.steps)
 
 
 def _score(job: TrialJob, step: int, baseline: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
@@ -177,8 +223,10 @@ def run_trial(
 ) -> dict[str, Any]:
     """Run (or continue) one trial; returns its record (also written to `.trials/<name>.json`).
 
-    `report(point)` is called after each new point (Ray Tune's report; its early stopping may end the
-    trial there). `max_points` stops after that many points (the sweep's cache warm-up).
+    `report(point)` is called for each point in step order, those done on an earlier attempt (or by the
+    sweep's warm-up) included: Ray Tune needs every trial to report, and its early stopping counts
+    points (it may end the trial at any report). `max_points` stops after that many points (the
+    sweep's cache warm-up).
     """
     if isinstance(job, dict):
         job = TrialJob(**job)
@@ -187,12 +235,15 @@ def run_trial(
     for key in ("points", "base", "train_calls", "timings"):
         if saved.get(key) is not None:
             setattr(record, key, saved[key])
-    record.status, record.error = RUNNING, None
+    done = {p["step"]: p for p in record.points}
+    # a finished trial stays done while it reports its points again (Ray may end it at any report)
+    record.status, record.error = DONE if set(done) >= set(job.steps) else RUNNING, None
     write_json(job.record_path, asdict(record))
-    done = {p["step"] for p in record.points}
     try:
         for step in job.steps:
             if step in done:
+                if report is not None:
+                    report(done[step])
                 continue
             if max_points is not None and len(record.points) >= max_points:
                 break
@@ -216,5 +267,9 @@ def run_trial(
         record.status = DONE if complete else RUNNING
     except Exception as exc:  # a failed trial is recorded and the sweep goes on
         record.status, record.error = FAILED, one_line(exc)
+    except KeyboardInterrupt:  # Ctrl-C / SIGTERM (also a second one, mid-save): not a failure; the sweep stops
+        record.status = INTERRUPTED
+        write_json(job.record_path, asdict(record))
+        raise
     write_json(job.record_path, asdict(record))
     return asdict(record)
