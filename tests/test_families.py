@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 import sdlora
-from sdlora.models import families, load_pipeline
+from sdlora.models import families, load_pipeline, single_file
 from sdlora.models.families import FAMILIES, SD1, SDXL, Family, UnknownFamily, detect_family
 
 
@@ -147,9 +149,18 @@ def test_a_registered_family_is_detected_without_touching_other_code(tmp_path: P
     (folder / "model_index.json").write_text(json.dumps({"_class_name": "FakePipeline"}))
     pipe, family = load_pipeline(str(folder))
     assert family is FAKE and pipe.source == str(folder)
-    # and its tiny model is a `--model` name.
+    # its tiny model is a `--model` name, and a checkpoint file with its key is recognised from the header.
     pipe, family = load_pipeline("tiny-fake")
     assert family is FAKE and pipe.source == "built"
+    checkpoint = tmp_path / "some-model.safetensors"
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+            "fake_text_encoder.w": torch.zeros(1),
+        },
+        str(checkpoint),
+    )
+    assert single_file.detect(checkpoint) is FAKE
     monkeypatch.undo()
     with pytest.raises(UnknownFamily):
         detect_family({"_class_name": "FakePipeline"})

@@ -16,23 +16,24 @@ import torch
 
 @dataclass(frozen=True)
 class Family:
-    """One model family. A family module provides every field and every method that raises here.
+    """One model family. A family module fills every field and every method that raises here.
 
-     Fields (facts files and tools record; `name` is written into config.yaml, LoRA metadata
-     `sdlora.architecture` and cache keys, so it never changes once released):
-       name, label (messages), title (model cards), default_resolution,
-       pipeline_classes (the diffusers class names `model_index.json`'s `_class_name` may give; the first is
-       the one loaded), text_encoders / tokenizers (pipeline attributes, in order), uses_pooled,
-       kohya_base_version / kohya_te_prefixes / kohya_unet_layout (the kohya export names),
-       modelspec_architecture / modelspec_implementation, embedding_keys (text encoder -> key in
-       embeddings.safetensors), hub_tag and licenses (the Hub card), single_file_key / base_config (how a
-       single checkpoint file is recognised, and the shipped config folder it loads with), tiny_model.
+    Fields: facts that files and tools record. `name` is written into config.yaml, the LoRA metadata
+    (`sdlora.architecture`) and cache keys, so it never changes once released. The rest: label
+    (messages), title (model cards), default_resolution, pipeline_classes (the diffusers class names
+    `model_index.json`'s `_class_name` may give; the first is the one loaded), text_encoders /
+    tokenizers (pipeline attributes, in order), uses_pooled, kohya_base_version / kohya_te_prefixes /
+    kohya_unet_layout (kohya export), modelspec_architecture / modelspec_implementation,
+    embedding_keys (text encoder -> key in embeddings.safetensors), hub_tag and licenses (the Hub
+    card), single_file_key / base_config (how a checkpoint file is recognised and the shipped configs
+    it loads with), tiny_model (the `--model` name of its tiny random-weight model).
 
-     Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`) and prompt
-     conditioning (`tokenize`, `encode_tokens`, `encode_prompts`, `stack_pooled`, `unet_kwargs`,
-    , `prompt_embeds_kwargs`). A family whose denoiser is not a UNet with CLIP text encoders
-     (the flow-matching transformers) will add here what the shared loop then asks instead of assuming:
-     the training target and timestep sampling, latent packing, its LoRA targets and sampling.
+    Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`) and prompt
+    conditioning (`tokenize`, `encode_tokens`, `encode_prompts`, `stack_pooled`, `unet_kwargs`,
+    `prompt_embeds_kwargs`). A family whose denoiser is not a UNet with CLIP text encoders (the
+    flow-matching transformers) adds here what the shared loop then asks instead of assuming: the
+    training target and timestep sampling, latent packing, its LoRA targets, sampling, and the kohya
+    key map of its denoiser.
     """
 
     name: str  # recorded in files: "sd1", "sdxl"
