@@ -29,7 +29,7 @@ class TrainState:
     cfg: Config
     accelerator: Any
     pipe: Any
-    arch: Family
+    arch: Family  # the model family (models/families/); "arch" as run files and events record it
     unet: Any  # prepared (maybe DDP-wrapped)
     text_encoders: list[Any]  # prepared, only those with a LoRA being trained
     noise_scheduler: Any
