@@ -69,7 +69,7 @@ def main(folder: Path, model: str, token: str) -> int:
         else:
             with safe_open(str(embeddings), framework="pt") as f:
                 vectors = {k: f.get_tensor(k) for k in f.keys()}
-            keys = ["clip_l", "clip_g"] if arch.is_sdxl else ["emb_params"]
+            keys = ["clip_l", "clip_g"] if arch.uses_pooled else ["emb_params"]
             for tokenizer_name, encoder_name, key in zip(arch.tokenizers, arch.text_encoders, keys):
                 token_id = getattr(pipe, tokenizer_name).convert_tokens_to_ids(token)
                 row = getattr(pipe, encoder_name).get_input_embeddings().weight[token_id].detach().float()

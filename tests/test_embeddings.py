@@ -79,7 +79,7 @@ def test_saved_file_loads_into_a_fresh_pipeline_with_the_same_encoding(model, tm
     save_embeddings(path, tokens, arch, {"sdlora.token": TOKEN})
 
     with safe_open(str(path), "pt") as f:
-        expected_keys = {"clip_l", "clip_g"} if arch.is_sdxl else {"emb_params"}
+        expected_keys = {"clip_l", "clip_g"} if arch.uses_pooled else {"emb_params"}
         assert set(f.keys()) == expected_keys  # what A1111 / ComfyUI / diffusers read
         assert f.metadata()["sdlora.token"] == TOKEN
 
@@ -87,7 +87,7 @@ def test_saved_file_loads_into_a_fresh_pipeline_with_the_same_encoding(model, tm
     load_embeddings(fresh, arch, path, TOKEN)
     loaded = encode(fresh, arch)
     assert torch.allclose(trained[0], loaded[0], atol=1e-6)
-    if arch.is_sdxl:
+    if arch.uses_pooled:
         assert torch.allclose(trained[1], loaded[1], atol=1e-6)
 
 

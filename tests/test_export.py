@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 import sdlora
 from sdlora.errors import ConfigError, RunError, SdloraError
 from sdlora.models import load_pipeline
-from sdlora.models.arch import SD1, SDXL
+from sdlora.models.families import SD1, SDXL
 from sdlora.run import DIFFUSERS_LORA
 from sdlora.train import export
 from sdlora.train.export import build_metadata, check_exportable, save_lora

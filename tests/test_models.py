@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from sdlora.errors import ModelError
-from sdlora.models import detect_architecture, load_pipeline
+from sdlora.models import detect_family, load_pipeline
 from sdlora.models.loading import default_resolution
 from sdlora.models.tiny import clip_tokenizer
 
@@ -28,7 +28,7 @@ def test_tiny_models_build_and_encode(model, arch_name, width):
     assert default_resolution(model, arch) == 64
     embeds, pooled = arch.encode_prompts(pipe, ["a photo of sksToy toy", "a dog"])
     assert embeds.shape == (2, 77, width)
-    assert (pooled is not None) == arch.is_sdxl
+    assert (pooled is not None) == arch.uses_pooled
 
 
 def test_tiny_models_are_identical_in_every_process():
@@ -49,10 +49,10 @@ def test_tiny_sdxl_unet_accepts_the_arch_conditioning():
 
 
 def test_detect_architecture_from_config_not_name():
-    assert detect_architecture({"addition_embed_type": "text_time", "cross_attention_dim": 2048}).name == "sdxl"
-    assert detect_architecture({"cross_attention_dim": 768}).name == "sd1"
+    assert detect_family(unet_config={"addition_embed_type": "text_time", "cross_attention_dim": 2048}).name == "sdxl"
+    assert detect_family(unet_config={"cross_attention_dim": 768}).name == "sd1"
     with pytest.raises(ValueError):
-        detect_architecture({})
+        detect_family(unet_config={})
 
 
 def test_uncached_hub_model_offline_is_one_clear_line(monkeypatch):

@@ -64,7 +64,7 @@ def test_embedding_trains_alone_and_loads_back_as_training_saw_it(tmp_path: Path
     with torch.no_grad():
         loaded = arch.encode_prompts(fresh, [PROMPT])
     assert torch.allclose(seen[0], loaded[0], atol=1e-6)
-    if arch.is_sdxl:
+    if arch.uses_pooled:
         assert torch.allclose(seen[1], loaded[1], atol=1e-6)
 
     # Logged as its own gradient-norm group, with its learning rate and the vectors' norms.

@@ -14,7 +14,7 @@ import torch
 from sdlora.devices import resolve_device
 from sdlora.errors import ConfigError, ModelError, RunError
 from sdlora.lora_format import META_PREFIX, PEFT_CONFIG, STEPS, embedding_keys
-from sdlora.models.arch import Architecture
+from sdlora.models.families import Family
 from sdlora.run import DIFFUSERS_LORA, EMBEDDINGS, RunInfo
 from sdlora.safetensors_io import check, load_file, read_metadata
 
@@ -128,7 +128,7 @@ class LoadedLora:
     base_tokenizers: dict[str, Any] = field(default_factory=dict)  # tokenizers before the embedding was added
 
 
-def load_lora(pipe: Any, arch: Architecture, lora: Path, token: str) -> LoadedLora:
+def load_lora(pipe: Any, arch: Family, lora: Path, token: str) -> LoadedLora:
     """Load a LoRA file (`lora_file(lora)`: diffusers/peft keys, or kohya keys from any trainer, which
     diffusers converts for SD 1.x and SDXL), and a textual-inversion embedding beside it, into `pipe`.
 
@@ -188,7 +188,7 @@ def _load_peft_adapters(pipe: Any, path: Path) -> None:
             raise KeyError(f"{len(result.unexpected_keys)} weights fit no {config.peft_type} layer of {name}")
 
 
-def load_embeddings(pipe: Any, arch: Architecture, path: Path, token: str) -> None:
+def load_embeddings(pipe: Any, arch: Family, path: Path, token: str) -> None:
     """A textual-inversion embedding for `token`, keys as `sdlora.lora_format.embedding_keys` names them: one
     tensor per text encoder (SDXL: `clip_l` + `clip_g`), or SD 1.x's single `emb_params`."""
     state, _ = load_file(path, "token embedding")
@@ -251,7 +251,7 @@ class SamplerOptions:
 
 def prepare_pipeline(
     run: RunInfo, lora: Path, options: SamplerOptions, scheduler: str | None = None
-) -> tuple[Any, Architecture, torch.device, LoadedLora]:
+) -> tuple[Any, Family, torch.device, LoadedLora]:
     """The run's base model with a LoRA (file or folder, `load_lora`) loaded, on its device: (pipe, arch,
     device, loaded files).
 

@@ -1,5 +1,5 @@
-"""Load a base model: a hub id, a local diffusers folder, one SD 1.x / SDXL .safetensors file
-(models/single_file.py), or a tiny random model.
+"""Load a base model: a hub id, a local diffusers folder, one .safetensors checkpoint file
+(models/single_file.py), or a tiny random model, of any family in models/families/.
 
 Loading goes through diffusers and huggingface_hub with the normal HF cache, so a model
 downloaded once works offline afterwards. Before the first hub access `models.hub.hub_offline()`
@@ -11,38 +11,38 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from sdlora.errors import ModelError
-from sdlora.models import single_file
-from sdlora.models.arch import Architecture, detect_architecture
+from sdlora.models import families, single_file
+from sdlora.models.families import Family, UnknownFamily
 from sdlora.models.hub import hub_error, hub_offline
 
-TINY_MODELS: dict[str, str] = {"tiny-sd": "tiny_sd", "tiny-sdxl": "tiny_sdxl"}
 TINY_WARNING = "tiny random-weight model: its images are noise (use a real --model for real results)"
 
 
+def tiny_models() -> tuple[str, ...]:
+    """The `--model` names of the families' tiny random-weight models."""
+    return tuple(family.tiny_model for family in families.FAMILIES)
+
+
 def is_tiny(model: str) -> bool:
-    return model in TINY_MODELS
+    return families.tiny_family(model) is not None
 
 
-def _build_tiny(model: str) -> Any:
-    from sdlora.models import tiny
-
-    builder: Callable[[], Any] = getattr(tiny, TINY_MODELS[model])
-    return builder()
-
-
-def _pipeline_class(model: str, revision: str | None) -> Any:
-    """The pipeline class for a hub id or folder, from its model_index.json (SD 1.x or SDXL)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+def _family(model: str, revision: str | None) -> Family:
+    """The family of a hub id or folder, from its model_index.json (a local folder's UNet config where
+    the index names no known pipeline class)."""
     index = _read_model_index(model, revision)
-    if "text_encoder_2" in index or "XL" in str(index.get("_class_name", "")):
-        return StableDiffusionXLPipeline
-    return StableDiffusionPipeline
+    unet_config = Path(model) / "unet" / "config.json"
+    try:
+        return families.detect_family(
+            index, unet_config=json.loads(unet_config.read_text(encoding="utf-8")) if unet_config.is_file() else None
+        )
+    except UnknownFamily as exc:
+        raise UnknownFamily(f"{model}: {exc}") from None
 
 
 def _read_model_index(model: str, revision: str | None) -> dict[str, Any]:
@@ -80,30 +80,30 @@ def load_pipeline(
     variant: str | None = None,
     vae: str | None = None,
     dtype: torch.dtype = torch.float32,
-) -> tuple[Any, Architecture]:
-    """The diffusers pipeline for `model` and its architecture (SD 1.x or SDXL)."""
-    if is_tiny(model):
-        pipe = _build_tiny(model)
+) -> tuple[Any, Family]:
+    """The diffusers pipeline for `model` and its family."""
+    tiny = families.tiny_family(model)
+    if tiny is not None:
+        pipe = tiny.build_tiny()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     elif single_file.is_single_file(model):
-        family = single_file.family_of(model)  # before any weight is read: one line for a file it cannot load
+        family = single_file.detect(model)  # before any weight is read: one line for a file it cannot load
         extra = {"vae": load_vae(vae, dtype)} if vae else {}
         pipe = single_file.load_pipeline(model, family, dtype_kwargs(dtype), **extra)
     else:
-        cls = _pipeline_class(model, revision)
+        family = _family(model, revision)
         kwargs: dict[str, Any] = {**dtype_kwargs(dtype), "revision": revision, "variant": variant}
-        if cls.__name__ == "StableDiffusionPipeline":
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        kwargs.update(family.pipeline_kwargs())
         if vae:
             kwargs["vae"] = load_vae(vae, dtype)
         try:
-            pipe = cls.from_pretrained(model, **{k: v for k, v in kwargs.items() if v is not None})
+            pipe = family.pipeline_cls().from_pretrained(model, **{k: v for k, v in kwargs.items() if v is not None})
         except ModelError:
             raise
         except (OSError, EnvironmentError, ValueError) as exc:
             raise _model_error(model, exc) from exc
-    return pipe, detect_architecture(pipe.unet.config)
+    return pipe, families.family_of_pipeline(pipe)
 
 
 def load_vae(vae: str, dtype: torch.dtype) -> Any:
@@ -126,7 +126,7 @@ def load_base_vae(
     if vae:
         return load_vae(vae, dtype)
     if single_file.is_single_file(model):
-        return single_file.load_vae(model, single_file.family_of(model), dtype_kwargs(dtype))
+        return single_file.load_vae(model, single_file.detect(model), dtype_kwargs(dtype))
     from diffusers import AutoencoderKL
 
     if not Path(model).is_dir():
@@ -140,10 +140,10 @@ def load_base_vae(
         raise _model_error(model, exc) from exc
 
 
-def default_resolution(model: str, arch: Architecture) -> int:
+def default_resolution(model: str, family: Family) -> int:
     """The training and sampling resolution a model was made for (64 for the tiny models)."""
     if is_tiny(model):
         from sdlora.models.tiny import TINY_RESOLUTION
 
         return TINY_RESOLUTION
-    return arch.default_resolution
+    return family.default_resolution

@@ -1,9 +1,10 @@
-"""Base models from one checkpoint file, as Civitai, ComfyUI and Forge keep them: SD 1.x and SDXL `.safetensors`.
+"""Base models from one checkpoint file, as Civitai, ComfyUI and Forge keep them: `.safetensors` files.
 
-The family is read from the file's header, never from its name and without loading a tensor: SDXL has a
-second text encoder (`conditioner.embedders.1.*`), SD 1.x one CLIP (`cond_stage_model.transformer.*`).
+The family is read from the file's header, never from its name and without loading a tensor: each family
+declares a key prefix only its files have (`Family.single_file_key`: SDXL's second text encoder
+`conditioner.embedders.1.*`, SD 1.x's one CLIP `cond_stage_model.transformer.*`), asked in registry order.
 What the file lacks (component configs, tokenizers) comes from the package, never from the hub: the
-configs of SD 1.5 and SDXL base ship in `base_configs/<family>/`, and the real CLIP tokenizer is built
+configs of each family's base model ship in `base_configs/<Family.base_config>/`, and the real CLIP tokenizer is built
 offline from open_clip's BPE file (models/tiny.py). They are assembled once into a diffusers-style folder
 in sdlora's cache, which diffusers' `from_single_file(config=folder, local_files_only=True)` reads.
 v-prediction cannot be told from the keys, so the scheduler is the family's own (epsilon), as in diffusers.
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from sdlora.errors import ModelError
+from sdlora.models import families
+from sdlora.models.families import Family
 
 SAFETENSORS = ".safetensors"
 PICKLES = (".ckpt", ".pt", ".pth", ".bin")
@@ -29,11 +32,6 @@ CONFIGS = Path(__file__).parent / "base_configs"
 
 UNET_PREFIX = "model.diffusion_model."
 UNET_CONV_IN = UNET_PREFIX + "input_blocks.0.0.weight"
-# family -> (the key prefix only that family's files have, how a message names it); SDXL is asked first.
-FAMILIES = {
-    "sdxl": ("conditioner.embedders.1.", "SDXL"),
-    "sd15": ("cond_stage_model.transformer.", "SD 1.x"),
-}
 CONVERT = (
     'convert it to .safetensors first: python -c "import torch, safetensors.torch as st; '
     "sd = torch.load('{path}', weights_only=True); sd = sd.get('state_dict', sd); "
@@ -53,7 +51,12 @@ def _damaged(path: Path, exc: BaseException) -> ModelError:
 
 
 def family_of(path: str | os.PathLike[str]) -> str:
-    """ "sd15" or "sdxl", from the file's header alone; ModelError (one line) for anything sdlora cannot load."""
+    """The name of the shipped config folder the file loads with ("sd15", "sdxl"): `detect(path).base_config`."""
+    return detect(path).base_config
+
+
+def detect(path: str | os.PathLike[str]) -> Family:
+    """The file's family, from its header alone; ModelError (one line) for anything sdlora cannot load."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -72,11 +75,12 @@ def family_of(path: str | os.PathLike[str]) -> str:
         raise _damaged(path, exc) from None
     if conv_in is None:
         raise ModelError(f"{path}: not a Stable Diffusion checkpoint (no {UNET_PREFIX}* weights)")
-    family = next((name for name, (prefix, _) in FAMILIES.items() if any(k.startswith(prefix) for k in keys)), None)
+    family = next((f for f in families.FAMILIES if any(k.startswith(f.single_file_key) for k in keys)), None)
     if family is None:
+        known = " or ".join(f.label for f in families.FAMILIES)
         raise ModelError(
-            f"{path}: an unsupported model family (neither SD 1.x's nor SDXL's text encoders; "
-            "SD 2.x and the SDXL refiner are not supported); use an SD 1.x or SDXL checkpoint"
+            f"{path}: an unsupported model family (not the text encoders of {known}; "
+            f"SD 2.x and the SDXL refiner are not supported); use an {known} checkpoint"
         )
     if len(conv_in) != 4 or conv_in[1] != 4:
         raise ModelError(
@@ -86,25 +90,21 @@ def family_of(path: str | os.PathLike[str]) -> str:
     return family
 
 
-def label(family: str) -> str:
-    return FAMILIES[family][1]
-
-
-def config_folder(family: str) -> Path:
+def config_folder(name: str) -> Path:
     """A diffusers-style folder with the family's configs and tokenizers, made once in sdlora's cache.
 
     Its name carries a digest of the shipped configs, so a changed config gets a new folder; it is
     written to a temp folder and renamed, so a process never reads a half-written one."""
     from sdlora.fsutil import cache_dir
 
-    source = CONFIGS / family
+    source = CONFIGS / name
     files = sorted(p for p in source.rglob("*.json") if p.is_file())
     if not files:
-        raise ModelError(f"{source}: no configs for {family} (a broken sdlora install?)")
+        raise ModelError(f"{source}: no configs for {name} (a broken sdlora install?)")
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.relative_to(source).as_posix().encode() + b"\0" + file.read_bytes())
-    folder = cache_dir() / "base-configs" / f"{family}-{digest.hexdigest()[:16]}"
+    folder = cache_dir() / "base-configs" / f"{name}-{digest.hexdigest()[:16]}"
     if (folder / "model_index.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -138,23 +138,19 @@ def _write_tokenizers(folder: Path) -> None:
             clip_tokenizer(pad_token=pad).save_pretrained(str(folder / name))
 
 
-def _failed(path: Path, family: str, exc: BaseException) -> ModelError:
+def _failed(path: Path, family: Family, exc: BaseException) -> ModelError:
     lines = str(exc).strip().splitlines()
     reason = lines[0][:200] if lines else type(exc).__name__
-    return ModelError(f"{path}: could not be loaded as an {label(family)} checkpoint ({reason})")
+    return ModelError(f"{path}: could not be loaded as an {family.label} checkpoint ({reason})")
 
 
-def load_pipeline(path: str, family: str, dtype_kwargs: dict[str, Any], **components: Any) -> Any:
+def load_pipeline(path: str, family: Family, dtype_kwargs: dict[str, Any], **components: Any) -> Any:
     """The diffusers pipeline from one file, with the family's shipped configs (`components` replace parts,
     e.g. vae=...)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    cls = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
-    if cls is StableDiffusionPipeline:
-        components.update(safety_checker=None, requires_safety_checker=False)
+    components = {**family.pipeline_kwargs(), **components}
     try:
-        return cls.from_single_file(
-            path, config=str(config_folder(family)), local_files_only=True, **dtype_kwargs, **components
+        return family.pipeline_cls().from_single_file(
+            path, config=str(config_folder(family.base_config)), local_files_only=True, **dtype_kwargs, **components
         )
     except ModelError:
         raise
@@ -162,13 +158,13 @@ def load_pipeline(path: str, family: str, dtype_kwargs: dict[str, Any], **compon
         raise _failed(Path(path), family, exc) from exc
 
 
-def load_vae(path: str, family: str, dtype_kwargs: dict[str, Any]) -> Any:
+def load_vae(path: str, family: Family, dtype_kwargs: dict[str, Any]) -> Any:
     """Only the VAE of the file (the same weights `load_pipeline` gives it)."""
     from diffusers import AutoencoderKL
 
     try:
         return AutoencoderKL.from_single_file(
-            path, config=str(config_folder(family)), subfolder="vae", local_files_only=True, **dtype_kwargs
+            path, config=str(config_folder(family.base_config)), subfolder="vae", local_files_only=True, **dtype_kwargs
         )
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
         raise _failed(Path(path), family, exc) from exc

@@ -45,20 +45,6 @@ if TYPE_CHECKING:
 CARD = "README.md"  # in the run folder and at the root of the pushed repo
 MAX_PROMPTS = 4  # sample prompts shown (one LoRA image and its baseline each)
 
-# What the Hub and its users call each architecture (sdlora.models.arch names). This belongs with the
-# model families once they each have a module; it is the only place the card names one.
-FAMILIES: dict[str, tuple[str, str]] = {
-    "sd1": ("stable-diffusion", "Stable Diffusion 1.x"),
-    "sdxl": ("stable-diffusion-xl", "Stable Diffusion XL"),
-}
-TINY_ARCH = {"tiny-sd": "sd1", "tiny-sdxl": "sdxl"}
-# Licenses of the base models sdlora's presets use; another hub model's comes from its own cached card.
-KNOWN_LICENSES = {
-    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
-    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
-    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
-    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
-}
 METRIC_LABELS = dict(zip(SCORE_METRICS, ("DINO", "CLIP-I", "CLIP-T", "CLIP-T +token"), strict=True))
 CEILING_KEY = "ceiling"  # scores.json: the real photos scored against each other, when `score` writes it
 
@@ -113,7 +99,10 @@ def lora_files(run: RunInfo) -> LoraFiles:
 def architecture(run: RunInfo, metadata: dict[str, str]) -> str | None:
     """sd1 / sdxl from the LoRA's metadata, a tiny model's name, or the base model's model_index.json
     (a local folder, or the hub's copy in the local cache); None when none of them says."""
-    arch = metadata.get("sdlora.architecture") or TINY_ARCH.get(run.model)
+    from sdlora.models import families
+
+    tiny = families.tiny_family(run.model)
+    arch = metadata.get("sdlora.architecture") or (tiny.name if tiny else None)
     if arch:
         return arch
     index = _cached_file(run.model, "model_index.json", run.revision)
@@ -123,7 +112,10 @@ def architecture(run: RunInfo, metadata: dict[str, str]) -> str | None:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return "sdxl" if "text_encoder_2" in data or "XL" in str(data.get("_class_name", "")) else "sd1"
+    try:
+        return families.detect_family(data).name
+    except families.UnknownFamily:
+        return None
 
 
 def _cached_file(model: str, name: str, revision: str | None) -> Path | None:
@@ -141,9 +133,22 @@ def _cached_file(model: str, name: str, revision: str | None) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
+def _is_tiny(model: str) -> bool:
+    from sdlora.models import families
+
+    return families.tiny_family(model) is not None
+
+
+def _family(arch: str | None) -> Any:
+    """The model family a LoRA records (`sdlora.architecture`), or None for an unknown one."""
+    from sdlora.models import families
+
+    return families.find_family(arch)
+
+
 def is_hub_id(model: str) -> bool:
     """`org/name` (what a card's base_model may name), not a tiny model, a path or a file."""
-    if model in TINY_ARCH or Path(model).exists() or model.endswith((".safetensors", ".ckpt")):
+    if _is_tiny(model) or Path(model).exists() or model.endswith((".safetensors", ".ckpt")):
         return False
     parts = model.split("/")
     return len(parts) == 2 and all(parts) and not model.startswith((".", "~"))
@@ -151,8 +156,12 @@ def is_hub_id(model: str) -> bool:
 
 def base_license(run: RunInfo) -> str:
     """The base model's license where known (sdlora's presets, or the model's own cached card), else other."""
-    if run.model in KNOWN_LICENSES:
-        return KNOWN_LICENSES[run.model]
+    from sdlora.models import families
+
+    # The families' well-known base models; another hub model's comes from its own cached card.
+    known = dict(pair for family in families.FAMILIES for pair in family.licenses)
+    if run.model in known:
+        return known[run.model]
     card = _cached_file(run.model, CARD, run.revision)
     if card is not None:
         from huggingface_hub import metadata_load
@@ -265,11 +274,11 @@ def build_card(run: RunInfo | Path | str, repo_id: str | None = None) -> ModelCa
     run = run if isinstance(run, RunInfo) else load_run(run)
     files = lora_files(run)
     arch = architecture(run, files.metadata)
-    tiny = run.model in TINY_ARCH
+    tiny = _is_tiny(run.model)
     shown = shown_samples(run)
     scores = _scores(run)
-    family = FAMILIES.get(arch or "")
-    tags = ["text-to-image", "diffusers", "lora", *([family[0]] if family else []), "sdlora"]
+    family = _family(arch)
+    tags = ["text-to-image", "diffusers", "lora", *([family.hub_tag] if family else []), "sdlora"]
     if files.embedding is not None:
         tags.append("textual-inversion")
     data = ModelCardData(
@@ -312,14 +321,15 @@ def _scores(run: RunInfo) -> dict[str, Any] | None:
 
 def _base_name(run: RunInfo) -> str:
     """The base model as the card names it: a hub id, or a local folder's name only (no private paths)."""
-    if is_hub_id(run.model) or run.model in TINY_ARCH:
+    if is_hub_id(run.model) or _is_tiny(run.model):
         return run.model
     return Path(run.model).name
 
 
 def _intro(run: RunInfo, arch: str | None, tiny: bool, repo_id: str | None) -> str:
     title = repo_id.split("/")[-1] if repo_id else run.name
-    family = FAMILIES.get(arch or "", ("", "an unrecognised architecture"))[1]
+    known = _family(arch)
+    family = known.title if known else "an unrecognised architecture"
     if tiny:
         base = (
             f"`{run.model}`, sdlora's **tiny random-weight model** ({family} architecture, built in memory for "
@@ -445,7 +455,8 @@ def _cell(text: str) -> str:
 def _diffusers_section(run: RunInfo, files: LoraFiles, arch: str | None, tiny: bool, repo_id: str | None) -> str:
     token, prompt = run.token, f"a photo of {run.token} {run.class_word} on a beach"
     lycoris = (run.config.get("lora") or {}).get("lora_type", "lora") not in ("lora", None)
-    pipe_class = "StableDiffusionXLPipeline" if arch == "sdxl" else "StableDiffusionPipeline"
+    known = _family(arch)
+    pipe_class = known.pipeline_classes[0] if known else "DiffusionPipeline"
     if tiny:
         load_base = [
             "from sdlora.models import load_pipeline",
@@ -500,9 +511,8 @@ def _embedding_code(
     """(imports, lines) that load the token's embedding: as `sdlora.generate.load_embeddings` does, one vector
     per text encoder when the architecture has several (the keys as `sdlora.lora_format.embedding_keys` names them)."""
     from sdlora.lora_format import embedding_keys
-    from sdlora.models.arch import SD1, SDXL
 
-    known = {a.name: a for a in (SD1, SDXL)}.get(arch or "")
+    known = _family(arch)
     keys = embedding_keys(known) if known is not None else {}
     if known is not None and len(keys) > 1 and set(keys.values()) <= set(files.embedding_keys):
         imports = ["from safetensors.torch import load_file"]

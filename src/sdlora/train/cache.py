@@ -21,7 +21,7 @@ import torch
 
 from sdlora.events import ProgressFn
 from sdlora.fsutil import atomic_path, sha256_file
-from sdlora.models.arch import Architecture
+from sdlora.models.families import Family
 
 CACHE_DIR = ".cache"
 
@@ -201,7 +201,7 @@ def encode_masks(
 
 @torch.no_grad()
 def encode_texts(
-    arch: Architecture,
+    arch: Family,
     pipe: Any,
     captions: Sequence[str],
     *,

@@ -30,7 +30,7 @@ import sdlora
 from sdlora.errors import ConfigError
 from sdlora.fsutil import atomic_folder, atomic_path, writing
 from sdlora.lora_format import META_PREFIX, PEFT_CONFIG
-from sdlora.models.arch import Architecture
+from sdlora.models.families import Family
 from sdlora.run import DIFFUSERS_LORA
 from sdlora.train.kohya import (
     UNET,
@@ -58,11 +58,6 @@ KOHYA_USE = (
     "(pipe.load_lora_weights(folder, weight_name=this file's name))"
 )
 
-# modelspec (https://github.com/Stability-AI/ModelSpec) architecture and implementation per arch,
-# as sd-scripts' library/sai_model_spec.py writes them for LoRAs.
-MODELSPEC_ARCH = {"sd1": "stable-diffusion-v1/lora", "sdxl": "stable-diffusion-xl-v1-base/lora"}
-MODELSPEC_IMPL = {"sd1": "diffusers", "sdxl": "https://github.com/Stability-AI/generative-models"}
-
 
 def _number(value: float) -> str:
     """16.0 -> "16", 0.5 -> "0.5": how sd-scripts prints network_alpha."""
@@ -72,7 +67,7 @@ def _number(value: float) -> str:
 def build_metadata(
     *,
     base_model: str,
-    arch: Architecture,
+    arch: Family,
     rank: int,
     alpha: float,
     token: str,
@@ -97,7 +92,7 @@ def build_metadata(
     return {META_PREFIX + key: value for key, value in metadata.items()}
 
 
-def kohya_metadata(arch: Architecture, lora_config: Any, metadata: Mapping[str, str], title: str) -> dict[str, str]:
+def kohya_metadata(arch: Family, lora_config: Any, metadata: Mapping[str, str], title: str) -> dict[str, str]:
     """The keys AUTOMATIC1111 / ComfyUI / civitai read from a kohya LoRA (sd-scripts' train_network.py)."""
     out = {
         # A1111 files a LoRA as SDXL only by this key.
@@ -106,8 +101,8 @@ def kohya_metadata(arch: Architecture, lora_config: Any, metadata: Mapping[str, 
         "ss_network_dim": str(int(lora_config.r)),
         "ss_network_alpha": _number(getattr(lora_config, "lora_alpha", None) or lora_config.alpha),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": MODELSPEC_ARCH[arch.name],
-        "modelspec.implementation": MODELSPEC_IMPL[arch.name],
+        "modelspec.architecture": arch.modelspec_architecture,
+        "modelspec.implementation": arch.modelspec_implementation,
         "modelspec.title": title,
     }
     algo = lycoris_algo(lora_config)
@@ -164,7 +159,7 @@ def adapter_metadata(config: Any) -> dict[str, Any]:
 
 
 def _components(
-    unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Architecture
+    unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Family
 ) -> dict[str, torch.nn.Module]:
     """Pipeline attribute name -> model carrying the LoRA adapter."""
     models = {UNET: unet}
@@ -181,12 +176,10 @@ def _components(
 
 
 def _diffusers_file(
-    folder: Path, arch: Architecture, lora: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any]
+    folder: Path, arch: Family, lora: Mapping[str, Mapping[str, torch.Tensor]], configs: Mapping[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header of the file the pipeline's own `save_lora_weights` writes (in a temp folder)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    pipeline_class = StableDiffusionXLPipeline if arch.is_sdxl else StableDiffusionPipeline
+    pipeline_class = arch.pipeline_cls()
     kwargs: dict[str, Any] = {}
     for name, state_dict in lora.items():
         # peft keys as they are: `convert_state_dict_to_diffusers` renames only the attention
@@ -220,9 +213,7 @@ def _json_value(value: Any) -> Any:
     return sorted(value) if isinstance(value, (set, frozenset)) else str(value)
 
 
-def check_exportable(
-    unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Architecture
-) -> None:
+def check_exportable(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Family) -> None:
     """Raise `KohyaKeyError` now if `save_lora` could not name a LoRA module: call it before training."""
     names = KohyaNames.for_models(arch, unet.config, text_encoders)
     for name, model in _components(unet, text_encoders, arch).items():
@@ -234,7 +225,7 @@ def save_lora(
     out_dir: Path,
     unet: torch.nn.Module,
     text_encoders: Sequence[torch.nn.Module] | None,
-    arch: Architecture,
+    arch: Family,
     *,
     metadata: dict[str, str],
     kohya_name: str,

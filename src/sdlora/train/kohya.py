@@ -37,7 +37,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from sdlora.errors import SdloraError
-from sdlora.models.arch import Architecture
+from sdlora.models.families import Family
 
 UNET = "unet"
 UNET_PREFIX = "lora_unet"
@@ -106,7 +106,7 @@ class KohyaKeyError(SdloraError, ValueError):
 class KohyaNames:
     """Module names of one model family: diffusers/transformers paths <-> kohya names."""
 
-    arch: Architecture
+    family: Family
     layers_per_block: int  # the UNet's; SDXL block numbers depend on it
     # Per text encoder, the path of its CLIP text transformer inside the model: "text_model." for
     # CLIPTextModelWithProjection (and CLIPTextModel before transformers 5), "" for transformers 5's
@@ -115,22 +115,27 @@ class KohyaNames:
 
     @classmethod
     def for_models(
-        cls, arch: Architecture, unet_config: Mapping[str, Any], text_encoders: Sequence[torch.nn.Module] | None = None
+        cls, family: Family, unet_config: Mapping[str, Any], text_encoders: Sequence[torch.nn.Module] | None = None
     ) -> "KohyaNames":
         """Names for a UNet config and (optionally) the text encoders paths are read from and written for."""
         layers = unet_config.get("layers_per_block")
         if not isinstance(layers, int):
             raise KohyaKeyError(f"the kohya format needs one layers_per_block for the whole UNet, got {layers!r}")
         roots = tuple(_text_root(encoder) for encoder in text_encoders or ())
-        return cls(arch, layers, roots)
+        return cls(family, layers, roots)
+
+    @property
+    def _sgm(self) -> bool:
+        """Whether kohya names the UNet's layers by SGM's paths (`Family.kohya_unet_layout`), not diffusers'."""
+        return self.family.kohya_unet_layout == "sgm"
 
     @property
     def prefixes(self) -> dict[str, str]:
         """Component (pipeline attribute) -> kohya prefix."""
-        return {UNET: UNET_PREFIX, **dict(zip(self.arch.text_encoders, self.arch.kohya_te_prefixes))}
+        return {UNET: UNET_PREFIX, **dict(zip(self.family.text_encoders, self.family.kohya_te_prefixes))}
 
     def _root(self, component: str) -> str:
-        index = self.arch.text_encoders.index(component)
+        index = self.family.text_encoders.index(component)
         return self.text_roots[index] if index < len(self.text_roots) else "text_model."
 
     # ------------------------------------------------------------------ to kohya
@@ -138,7 +143,7 @@ class KohyaNames:
     def to_kohya(self, component: str, path: str) -> str:
         prefix = self.prefixes.get(component)
         if prefix is None:
-            raise KohyaKeyError(f"no kohya prefix for model part {component!r} of an {self.arch.name} pipeline")
+            raise KohyaKeyError(f"no kohya prefix for model part {component!r} of an {self.family.name} pipeline")
         if component == UNET:
             inner = self._unet_to_kohya(path)
         else:
@@ -164,7 +169,7 @@ class KohyaNames:
         else:
             return None
         table = ATTENTION_MODULES if part == "attentions" else RESNET_MODULES
-        if not self.arch.is_sdxl:
+        if not self._sgm:
             return path.replace(".", "_") if _translate(inner, table) is not None else None
         sgm_inner = _translate(inner, table, dst_sep="_")
         sgm_block = self._sgm_block(kind, int(block), part, int(index))
@@ -201,15 +206,15 @@ class KohyaNames:
                 if path is not None:
                     return component, path
                 break
-        raise KohyaKeyError(f"unrecognised kohya module {name!r} for an {self.arch.name} LoRA")
+        raise KohyaKeyError(f"unrecognised kohya module {name!r} for an {self.family.name} LoRA")
 
     def _unet_from_kohya(self, body: str) -> str | None:
-        block = self._parse_sgm(body) if self.arch.is_sdxl else self._parse_diffusers(body)
+        block = self._parse_sgm(body) if self._sgm else self._parse_diffusers(body)
         if block is None:
             return None
         prefix, part, inner = block
         table = ATTENTION_MODULES if part == "attentions" else RESNET_MODULES
-        pairs = [(sgm, d) for d, sgm in table] if self.arch.is_sdxl else [(d, d) for d, _ in table]
+        pairs = [(sgm, d) for d, sgm in table] if self._sgm else [(d, d) for d, _ in table]
         inner_path = _translate(inner, pairs, src_sep="_")
         return None if inner_path is None else f"{prefix}.{inner_path}"
 

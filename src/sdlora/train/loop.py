@@ -1,4 +1,4 @@
-"""The training loop: one for SD 1.x and SDXL, read top to bottom.
+"""The training loop: one for every model family, read top to bottom.
 
     state = setup(cfg)          # dataset, model, caches, LoRA, optimizer, accelerate, run folder
     result = train(state)       # steps; validation, checkpoints and metrics on the way; the LoRA at the end
@@ -7,8 +7,8 @@
 `run_training(cfg)` does the three. Each step of `setup` is a builder in the module that owns it:
 train/resolve.py (config), train/lora.py (models), train/encode.py (caches), train/optim.py,
 train/runtime.py (accelerate, run folder, logging), train/checkpoint.py, train/validation.py,
-train/export.py. What differs between SD 1.x and SDXL (text encoders, pooled embeddings, time
-ids) is asked of `state.arch`; nothing here branches on the model. Progress goes out as plain
+train/export.py. What differs between model families (text encoders, pooled embeddings, time
+ids) is asked of `state.arch`, the model's `models.families.Family`; nothing here branches on the model. Progress goes out as plain
 dict events through `on_event` (only on the main process); the CLI renders them. Everything a
 user can cause raises an `SdloraError` with one clear line.
 
@@ -32,7 +32,7 @@ from sdlora.config import Config
 from sdlora.devices import free_memory
 from sdlora.events import OnEvent, no_event
 from sdlora.locks import acquire, release
-from sdlora.models.arch import OnDevice
+from sdlora.models.families import OnDevice
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
 from sdlora.train import compiling, dropout, ema, encode, lora, losses, monitor, optim, resolve, runtime, validation

@@ -15,13 +15,13 @@ import torch
 from sdlora.config import Config
 from sdlora.errors import ConfigError
 from sdlora.events import OnEvent
-from sdlora.models.arch import Architecture
+from sdlora.models.families import Family
 from sdlora.train import losses
 
 ADAPTER = "default"
 
 
-def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Architecture, Any]:
+def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Family, Any]:
     """The base pipeline (float32), its architecture and the training noise scheduler.
 
     The noise schedule and target (epsilon or v-prediction) come from the model's own scheduler.
@@ -88,7 +88,7 @@ def _targeted(model: Any, targets: Sequence[str]) -> list[tuple[str, int]]:
     return found
 
 
-def check_rank(cfg: Config, pipe: Any, arch: Architecture, emit: OnEvent) -> None:
+def check_rank(cfg: Config, pipe: Any, arch: Family, emit: OnEvent) -> None:
     """`--rank` no larger than the narrowest targeted layer (a wider LoRA only costs time and memory);
     a warning above `HIGH_RANK`. Runs before the encoders, on the loaded base model."""
     rank = cfg.lora.rank
@@ -113,7 +113,7 @@ def check_rank(cfg: Config, pipe: Any, arch: Architecture, emit: OnEvent) -> Non
         )
 
 
-def token_embedding(cfg: Config, pipe: Any, arch: Architecture) -> Any:
+def token_embedding(cfg: Config, pipe: Any, arch: Family) -> Any:
     """Pivotal tuning (`embedding.train`): the token joins the tokenizers with vectors of its own to train
     (`TokenEmbeddings`, train/embeddings.py); None when only the LoRA trains."""
     if not cfg.embedding.train:
@@ -124,7 +124,7 @@ def token_embedding(cfg: Config, pipe: Any, arch: Architecture) -> Any:
 
 
 def inject_lora(
-    cfg: Config, pipe: Any, arch: Architecture, device: Any, weight_dtype: torch.dtype
+    cfg: Config, pipe: Any, arch: Family, device: Any, weight_dtype: torch.dtype
 ) -> tuple[Any, list[Any]]:
     """LoRA on the UNet (and text encoders): frozen weights in the compute dtype, trainable ones in float32.
 
@@ -156,7 +156,7 @@ def inject_lora(
 
 
 def token_encoders(
-    tokens: Any, trained: Sequence[Any], pipe: Any, arch: Architecture, device: Any, weight_dtype: torch.dtype
+    tokens: Any, trained: Sequence[Any], pipe: Any, arch: Family, device: Any, weight_dtype: torch.dtype
 ) -> list[Any]:
     """The token's vectors to the device; and, when no text encoder trains, the text encoders frozen on the
     device for the vectors to train through (else none: the trained encoders carry them)."""

@@ -20,7 +20,7 @@ from sdlora.config import Config
 from sdlora.config.schema import ADAPTIVE_OPTIMIZERS as ADAPTIVE
 from sdlora.config.schema import SCHEDULE_FREE_OPTIMIZERS as SCHEDULE_FREE
 from sdlora.errors import ConfigError
-from sdlora.models.arch import Architecture
+from sdlora.models.families import Family
 from sdlora.run import Metric
 
 
@@ -103,7 +103,7 @@ LORAPLUS_SUFFIX = "_B"  # LoRA+: a group's B (up) matrices are the group `<name>
 def param_groups(
     unet: torch.nn.Module,
     text_encoders: Sequence[torch.nn.Module],
-    arch: Architecture,
+    arch: Family,
     tokens: Any = None,
     loraplus: bool = False,
 ) -> dict[str, list[torch.nn.Parameter]]:

@@ -22,7 +22,7 @@ import torch
 from sdlora.errors import ConfigError
 from sdlora.events import ProgressFn
 from sdlora.fsutil import atomic_path
-from sdlora.models.arch import Architecture
+from sdlora.models.families import Family
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
 _GENERATED = re.compile(r"^class-[0-9a-f]{10}-\d{4}\.png$")
@@ -36,7 +36,7 @@ def class_image_key(model_id: str, class_prompt: str, resolution: int, seed: int
 
 def ensure_class_images(
     pipe: Any,
-    arch: Architecture,
+    arch: Family,
     *,
     class_prompt: str,
     num_images: int,

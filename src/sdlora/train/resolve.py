@@ -15,7 +15,7 @@ import torch
 from sdlora import config as config_mod
 from sdlora.config import Config
 from sdlora.errors import ConfigError, DataError, RunError
-from sdlora.models.arch import Architecture
+from sdlora.models.families import Family
 from sdlora.run import CONFIG
 from sdlora.train.data import Example, load_examples
 
@@ -121,7 +121,7 @@ def embedding_steps(cfg: Config) -> int:
     return max(1, math.ceil(cfg.embedding.steps_fraction * cfg.train.max_steps))
 
 
-def resolve_token_embedding(cfg: Config, pipe: Any, arch: Architecture) -> Config:
+def resolve_token_embedding(cfg: Config, pipe: Any, arch: Family) -> Config:
     """`embedding.train` unset: on when the tokenizer splits the token (sksToy), off for a known word (sks).
 
     The init token defaults to the class word. Both land resolved in the run's config.yaml.

@@ -17,7 +17,7 @@ import torch
 
 from sdlora.config import Config
 from sdlora.events import OnEvent
-from sdlora.models.arch import Architecture
+from sdlora.models.families import Family
 from sdlora.train import monitor
 from sdlora.train.data import BatchPlan, LatentSet
 
@@ -29,7 +29,7 @@ class TrainState:
     cfg: Config
     accelerator: Any
     pipe: Any
-    arch: Architecture
+    arch: Family  # the model family (models/families/); "arch" as run files and events record it
     unet: Any  # prepared (maybe DDP-wrapped)
     text_encoders: list[Any]  # prepared, only those with a LoRA being trained
     noise_scheduler: Any

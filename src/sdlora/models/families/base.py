@@ -1,0 +1,124 @@
+"""The interface every model family fills: what sdlora asks of a model, and nothing of its name.
+
+A family is one frozen declaration (the fields) plus the methods below. The loop, the caches, export,
+sampling, the single-file loader and the model card ask these; they never name a family. A new family
+(FLUX.1, FLUX.2 [klein], Z-Image, ...) is one module in this package that fills this class and is
+listed in `families.FAMILIES`; nothing outside the package changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family. A family module fills every field and every method that raises here.
+
+    Fields: facts that files and tools record. `name` is written into config.yaml, the LoRA metadata
+    (`sdlora.architecture`) and cache keys, so it never changes once released. The rest: label
+    (messages), title (model cards), default_resolution, pipeline_classes (the diffusers class names
+    `model_index.json`'s `_class_name` may give; the first is the one loaded), text_encoders /
+    tokenizers (pipeline attributes, in order), uses_pooled, kohya_base_version / kohya_te_prefixes /
+    kohya_unet_layout (kohya export), modelspec_architecture / modelspec_implementation,
+    embedding_keys (text encoder -> key in embeddings.safetensors), hub_tag and licenses (the Hub
+    card), single_file_key / base_config (how a checkpoint file is recognised and the shipped configs
+    it loads with), tiny_model (the `--model` name of its tiny random-weight model).
+
+    Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`) and prompt
+    conditioning (`tokenize`, `encode_tokens`, `encode_prompts`, `stack_pooled`, `unet_kwargs`,
+    `prompt_embeds_kwargs`). A family whose denoiser is not a UNet with CLIP text encoders (the
+    flow-matching transformers) adds here what the shared loop then asks instead of assuming: the
+    training target and timestep sampling, latent packing, its LoRA targets, sampling, and the kohya
+    key map of its denoiser.
+    """
+
+    name: str  # recorded in files: "sd1", "sdxl"
+    label: str  # short, for messages: "SD 1.x"
+    title: str  # long, for model cards: "Stable Diffusion 1.x"
+    default_resolution: int
+    pipeline_classes: tuple[str, ...]
+    text_encoders: tuple[str, ...]  # pipeline attribute names, in order
+    tokenizers: tuple[str, ...]
+    # Whether prompts give a pooled embedding beside the per-token ones (and the denoiser takes it).
+    uses_pooled: bool
+    kohya_base_version: str  # `ss_base_model_version`: how A1111 files the LoRA
+    kohya_te_prefixes: tuple[str, ...]  # kohya key prefix per text encoder
+    kohya_unet_layout: str  # "diffusers" or "sgm": the module paths kohya names the UNet's layers by
+    # modelspec (https://github.com/Stability-AI/ModelSpec) keys, as sd-scripts' library/sai_model_spec.py
+    # writes them for LoRAs.
+    modelspec_architecture: str
+    modelspec_implementation: str
+    # The token embedding's key per text encoder, as A1111 / ComfyUI / diffusers' scripts write them.
+    embedding_keys: tuple[tuple[str, str], ...]
+    hub_tag: str  # the Hub's tag for the family
+    licenses: tuple[tuple[str, str], ...]  # (hub id, license) of the family's well-known base models
+    single_file_key: str  # a key prefix only this family's single-file checkpoints have
+    base_config: str  # the folder under models/base_configs/ a single file loads with
+    tiny_model: str  # the `--model` name of its tiny random-weight model
+
+    # ---- loading
+
+    def matches_unet(self, unet_config: Mapping[str, Any]) -> bool:
+        """Whether a denoiser config (a dict or diffusers FrozenDict) is this family's: the fallback when
+        there is no pipeline class name to go by (`families.detect_family`)."""
+        raise NotImplementedError
+
+    def pipeline_cls(self) -> Any:
+        """The diffusers pipeline class that loads the family."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_classes[0])
+
+    def pipeline_kwargs(self) -> dict[str, Any]:
+        """Extra keyword arguments for `from_pretrained` / `from_single_file`."""
+        return {}
+
+    def build_tiny(self) -> Any:
+        """The family's tiny random-weight pipeline, built in memory (`--model <tiny_model>`)."""
+        raise NotImplementedError
+
+    # ---- prompt conditioning
+
+    def tokenize(self, pipe: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def encode_tokens(
+        self, text_encoders: Sequence[Any], token_ids: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def encode_prompts(self, pipe: Any, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        encoders = [getattr(pipe, name) for name in self.text_encoders]
+        return self.encode_tokens(encoders, self.tokenize(pipe, prompts))
+
+    def stack_pooled(self, pooled: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+        """Per-prompt pooled embeddings as one (N, Dp) batch; None for a family without them."""
+        return torch.stack(list(pooled)) if self.uses_pooled else None  # type: ignore[arg-type]
+
+    def unet_kwargs(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict[str, Any]:
+        """Extra keyword arguments for the denoiser's forward."""
+        raise NotImplementedError
+
+    def prompt_embeds_kwargs(
+        self,
+        pipe: Any,
+        cond: tuple[torch.Tensor, torch.Tensor | None],
+        negative: tuple[torch.Tensor, torch.Tensor | None],
+        device: Any,
+    ) -> dict[str, Any]:
+        """Pipeline keyword arguments for one prompt from cached embeddings."""
+        raise NotImplementedError
+
+
+class OnDevice:
+    """A (possibly DDP-wrapped) text encoder with the `.device` that `Family.encode_tokens` reads."""
+
+    def __init__(self, module: Any, device: torch.device):
+        self.module, self.device = module, device
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)

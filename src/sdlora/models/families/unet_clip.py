@@ -1,0 +1,87 @@
+"""What the UNet + CLIP families (SD 1.x, SDXL) share: CLIP tokenizing and encoding, and the UNet's
+added conditions (pooled text and size time ids) for the families that use them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from sdlora.models.families.base import Family
+
+
+@dataclass(frozen=True)
+class UNetClipFamily(Family):
+    """A UNet denoiser conditioned on CLIP text encoders; `uses_pooled` adds SDXL-style added conditions
+    (the last encoder's pooled embedding and the six micro-conditioning time ids)."""
+
+    def tokenize(self, pipe: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """Token ids per tokenizer, padded to the model's 77 positions."""
+        ids = []
+        for name in self.tokenizers:
+            tokenizer = getattr(pipe, name)
+            ids.append(
+                tokenizer(
+                    list(prompts),
+                    padding="max_length",
+                    max_length=tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids
+            )
+        return ids
+
+    def encode_tokens(
+        self, text_encoders: Sequence[Any], token_ids: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt embeddings (and the pooled embedding) exactly as the diffusers pipelines make them.
+
+        One encoder, no pooled: its last hidden state. With pooled: the penultimate hidden states of all
+        encoders, concatenated, plus the projected pooled output of the last.
+        """
+        if not self.uses_pooled:
+            encoder, ids = text_encoders[0], token_ids[0]
+            return encoder(ids.to(encoder.device))[0], None
+        hidden, pooled = [], None
+        for encoder, ids in zip(text_encoders, token_ids):
+            out = encoder(ids.to(encoder.device), output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of CLIPTextModelWithProjection (the last encoder)
+        return torch.cat(hidden, dim=-1), pooled
+
+    @staticmethod
+    def time_ids(
+        original_size: tuple[int, int], crop_top_left: tuple[int, int], target_size: tuple[int, int]
+    ) -> torch.Tensor:
+        """SDXL micro-conditioning: (orig_h, orig_w, crop_top, crop_left, target_h, target_w)."""
+        return torch.tensor([*original_size, *crop_top_left, *target_size], dtype=torch.float32)
+
+    def unet_kwargs(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict[str, Any]:
+        """Extra keyword arguments for the UNet forward: the added conditions, for a family that uses them."""
+        if not self.uses_pooled:
+            return {}
+        if pooled is None or time_ids is None:
+            raise ValueError(f"{self.label} needs pooled text embeddings and time ids")
+        return {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": time_ids}}
+
+    def prompt_embeds_kwargs(
+        self,
+        pipe: Any,
+        cond: tuple[torch.Tensor, torch.Tensor | None],
+        negative: tuple[torch.Tensor, torch.Tensor | None],
+        device: Any,
+    ) -> dict[str, Any]:
+        """Pipeline keyword arguments for one prompt from cached embeddings (77, D) and pooled (Dp,), with the
+        empty prompt's as the negative: what the pipeline itself does for `prompt=` without a negative prompt
+        (SDXL pipelines with `force_zeros_for_empty_prompt` use zeros for it)."""
+        (embeds, pooled), (neg, neg_pooled) = cond, negative
+        kwargs: dict[str, Any] = {}
+        if self.uses_pooled:
+            if pipe.config.get("force_zeros_for_empty_prompt", False):
+                neg, neg_pooled = torch.zeros_like(neg), torch.zeros_like(neg_pooled)
+            kwargs.update(
+                pooled_prompt_embeds=pooled[None].to(device),  # type: ignore[index]
+                negative_pooled_prompt_embeds=neg_pooled[None].to(device),  # type: ignore[index]
+            )
+        return {"prompt_embeds": embeds[None].to(device), "negative_prompt_embeds": neg[None].to(device), **kwargs}
