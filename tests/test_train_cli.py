@@ -31,8 +31,9 @@ PIPELINE = (
     "score",
     "tune",
     "report",
+    "push",
     "demo",
-)  # tune: train + sample + score, many times
+)  # tune: train + sample + score, many times; push shares what report shows
 
 
 def print_config(*args: str) -> dict:
