@@ -28,7 +28,7 @@ from sdlora.world import vocab
 
 HOLD_OUT = 4  # one composition in HOLD_OUT is held out for novel objects
 NOVEL_SHUFFLE_SEED = 19  # the order of the held-out compositions, so novel object 0 is not always a toy
-SUPERSAMPLE = 4  # objects are drawn this much larger and reduced, for smooth edges at 32 px
+SMOOTH_AT = 256  # a layer smaller than this many pixels is drawn larger and reduced, for smooth edges
 
 
 @dataclass(frozen=True)
@@ -159,9 +159,9 @@ def _pattern_fill(size: int, comp: Composition, d: Details) -> Image.Image:
     if comp.pattern == "stripes":
         for i in range(n):
             x = i * step
-            draw.rectangle([x, 0, x + step * 0.45, big], fill=second)
+            draw.rectangle([x, 0, x + step * 0.4, big], fill=second)
     elif comp.pattern == "dots":
-        r = step * 0.22
+        r = step * 0.3
         for i, j in itertools.product(range(n), range(n)):
             cx, cy = (i + 0.5 * (j % 2)) * step, j * step * 0.87
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=second)
@@ -237,12 +237,12 @@ def _silhouette(cls: str, a: float) -> tuple[list[tuple[str, tuple]], dict]:
 def draw_object(obj: WorldObject, size: int) -> Image.Image:
     """The object on a transparent `size` x `size` RGBA layer, upright, facing right; its alpha is its mask."""
     comp, d = obj.composition, obj.details
-    s = size * SUPERSAMPLE
+    s = size * max(1, min(4, -(-SMOOTH_AT // size)))
     px = lambda box: tuple(v * s for v in box)  # noqa: E731
     body, at = _silhouette(comp.cls, d.aspect)
     feats = comp.drawn_features
     colour = vocab.COLOURS[comp.colour]
-    dark = shade(colour, 0.7) if comp.colour != "black" else (70, 70, 75)
+    dark = shade(colour, 0.85) if comp.colour != "black" else (70, 70, 75)
 
     layer = Image.new("RGBA", (s, s), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)

@@ -1,0 +1,197 @@
+"""How fast the miniature world's base models learn on this CPU: the numbers that size `python -m sdlora.world build`.
+
+Run by hand, niced, a part at a time (each stops itself after --minutes of training):
+
+    nice -n 19 python benchmarks/world_feasibility.py render              # scenes/s at 32 and 64 px
+    nice -n 19 python benchmarks/world_feasibility.py vae --minutes 4     # AutoencoderKL reconstruction curves
+    nice -n 19 python benchmarks/world_feasibility.py unet                # UNet2DConditionModel s/step at batch 32
+
+`vae` trains each VAE of VAES (name: block_out_channels, image size; the latent is image size /
+2^(blocks-1)) on pre-rendered base scenes (AdamW, MSE + 1e-6 KL, batch 32) for --minutes each and
+prints steps/s and the held-out reconstruction error (MSE on [-1, 1] pixels, and PSNR) as it
+goes. `unet` times forward + backward + AdamW steps of each UNet of UNETS (epsilon loss, a
+77-token, 128-wide text context as the world's CLIP would give) at each latent size. Times are
+wall clock on however many cores torch is given (--threads), and the process's CPU seconds per
+step: on a shared machine (the load average is printed beside them) the wall clock is whatever the
+neighbours leave, and CPU-s/step divided by the threads is what a step takes on idle cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from sdlora.world.scenes import batches
+
+VAES = {
+    "vae-2blk-64px": ((32, 64), 64),  # 64 px -> 32x32x4 latents (the tiny-sd layout)
+    "vae-3blk-32px": ((32, 64, 64), 32),  # 32 px -> 8x8x4
+    "vae-4blk-64px": ((32, 64, 64, 64), 64),  # 64 px -> 8x8x4 (SD's factor 8)
+}
+UNETS = {
+    "unet-3.2M": dict(block_out_channels=(32, 64, 128), layers_per_block=1),
+    "unet-4.5M": dict(block_out_channels=(64, 128), layers_per_block=2),
+}
+LATENTS = (8, 16, 32)
+BATCH = 32
+CONTEXT = (77, 128)  # tokens, width of the text encoder's output
+
+
+def load() -> str:
+    return "load average %.1f %.1f %.1f" % os.getloadavg()
+
+
+def scenes(count: int, size: int, seed: int) -> torch.Tensor:
+    """`count` base scenes at `size` px as a float tensor in [-1, 1], (count, 3, size, size)."""
+    it = batches(seed, size, min(count, 64))
+    out = []
+    while sum(len(b) for b in out) < count:
+        out.append(next(it).images)
+    x = np.concatenate(out)[:count]
+    return torch.from_numpy(x).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+
+
+def bench_render() -> None:
+    for size in (32, 64, 128):
+        t = time.perf_counter()
+        scenes(64, size, seed=1)
+        dt = time.perf_counter() - t
+        print(f"render {size:3d} px: {64 / dt:6.1f} scenes/s ({1000 * dt / 64:.1f} ms each)  [{load()}]", flush=True)
+
+
+def vae_model(blocks: tuple[int, ...]):
+    from diffusers import AutoencoderKL
+
+    n = len(blocks)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=blocks,
+        down_block_types=["DownEncoderBlock2D"] * n,
+        up_block_types=["UpDecoderBlock2D"] * n,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=16,
+    )
+
+
+def bench_vae(names: list[str], minutes: float, train_count: int) -> None:
+    for name in names:
+        blocks, size = VAES[name]
+        torch.manual_seed(0)
+        t = time.perf_counter()
+        train, val = scenes(train_count, size, seed=0), scenes(128, size, seed=10_000)
+        print(
+            f"\n{name}: rendered {train_count + 128} scenes at {size} px in {time.perf_counter() - t:.0f} s", flush=True
+        )
+        vae = vae_model(blocks)
+        params = sum(p.numel() for p in vae.parameters()) / 1e6
+        print(
+            f"{name}: {params:.2f} M parameters, latent {size // 2 ** (len(blocks) - 1)}x{size // 2 ** (len(blocks) - 1)}x4",
+            flush=True,
+        )
+        opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+        g = torch.Generator().manual_seed(0)
+        start, cpu0, step, next_eval = time.perf_counter(), time.process_time(), 0, 0.0
+        while True:
+            elapsed = time.perf_counter() - start
+            if elapsed >= next_eval or elapsed >= minutes * 60:
+                vae.eval()
+                with torch.no_grad():
+                    rec = vae(val, sample_posterior=False).sample
+                mse = float(torch.mean((rec - val) ** 2))
+                psnr = 10 * math.log10(4 / mse)  # peak-to-peak 2 on [-1, 1]
+                rate = step / elapsed if elapsed else 0.0
+                cpu = (time.process_time() - cpu0) / step if step else 0.0
+                print(
+                    f"{name}: {elapsed:6.0f} s  step {step:5d}  {rate:.2f} steps/s  {cpu:.2f} CPU-s/step  "
+                    f"val MSE {mse:.4f}  PSNR {psnr:.1f} dB  [{load()}]",
+                    flush=True,
+                )
+                vae.train()
+                next_eval += 30
+                if elapsed >= minutes * 60:
+                    break
+            idx = torch.randint(0, len(train), (BATCH,), generator=g)
+            x = train[idx]
+            post = vae.encode(x).latent_dist
+            rec = vae.decode(post.sample(generator=g)).sample
+            loss = torch.nn.functional.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+
+
+def unet_model(spec: dict, latent: int):
+    from diffusers import UNet2DConditionModel
+
+    k = len(spec["block_out_channels"])
+    return UNet2DConditionModel(
+        sample_size=latent,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * (k - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (k - 1),
+        cross_attention_dim=CONTEXT[1],
+        attention_head_dim=8,
+        norm_num_groups=16,
+        **spec,
+    )
+
+
+def bench_unet(names: list[str], latents: list[int], steps: int) -> None:
+    for name in names:
+        for latent in latents:
+            torch.manual_seed(0)
+            unet = unet_model(UNETS[name], latent)
+            params = sum(p.numel() for p in unet.parameters()) / 1e6
+            opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+            x = torch.randn(BATCH, 4, latent, latent)
+            ctx = torch.randn(BATCH, *CONTEXT)
+            times, cpus = [], []
+            for _ in range(steps + 1):  # the first is warm-up
+                t, c = time.perf_counter(), time.process_time()
+                ts = torch.randint(0, 1000, (BATCH,))
+                noise = torch.randn_like(x)
+                loss = torch.nn.functional.mse_loss(unet(x + noise, ts, encoder_hidden_states=ctx).sample, noise)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                times.append(time.perf_counter() - t)
+                cpus.append(time.process_time() - c)
+            per, cpu = float(np.median(times[1:])), float(np.median(cpus[1:]))
+            print(
+                f"{name} ({params:.2f} M) at {latent}x{latent}x4, batch {BATCH}: {per:.2f} s/step, {cpu:.2f} CPU-s/step (medians of {steps})  [{load()}]",
+                flush=True,
+            )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("part", choices=["render", "vae", "unet"])
+    ap.add_argument("--minutes", type=float, default=3.0, help="vae: training time per VAE")
+    ap.add_argument("--train-count", type=int, default=2048, help="vae: pre-rendered training scenes")
+    ap.add_argument("--vaes", nargs="+", default=list(VAES), choices=list(VAES))
+    ap.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
+    ap.add_argument("--latents", nargs="+", type=int, default=list(LATENTS))
+    ap.add_argument("--steps", type=int, default=4, help="unet: timed steps per row")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs  [{load()}]", flush=True)
+    if args.part == "render":
+        bench_render()
+    elif args.part == "vae":
+        bench_vae(args.vaes, args.minutes, args.train_count)
+    else:
+        bench_unet(args.unets, args.latents, args.steps)
+
+
+if __name__ == "__main__":
+    main()
