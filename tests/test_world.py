@@ -224,3 +224,8 @@ def test_photos_bad_input_is_one_line_and_writes_nothing(tmp_path):
         world_app, ["photos", "--object", "1", "--count", "2", "--out", str(inside), "--masks", str(inside / "m")]
     )
     assert result.exit_code == 1 and "--masks" in result.stderr and not inside.exists()
+    (tmp_path / "file").write_text("")
+    result = runner.invoke(
+        world_app, ["photos", "--object", "1", "--count", "1", "--out", str(tmp_path / "file" / "p")]
+    )
+    assert result.exit_code == 1 and "Not a directory" in result.stderr and "(--out)" in result.stderr

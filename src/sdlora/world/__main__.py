@@ -29,8 +29,16 @@ def _root() -> None:
     """Keeps the commands as subcommands (Typer runs a lone command directly otherwise)."""
 
 
-def _fail(exc: SdloraError) -> typer.Exit:
-    err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True, markup=True)
+def _fail(exc: SdloraError | OSError, flag: str = "--out") -> typer.Exit:
+    """One red line for a problem the user can fix (bad options, a place that cannot be written)."""
+    from rich.markup import escape
+
+    from sdlora.fsutil import write_problem
+
+    line = str(exc) if isinstance(exc, SdloraError) else write_problem(exc, flag)
+    if line is None:
+        raise exc
+    err_console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
     return typer.Exit(1)
 
 
@@ -53,7 +61,7 @@ def photos(
 
     try:
         paths = write_photos(out, object_, count, seed=seed, clutter=clutter, masks=masks)
-    except SdloraError as exc:
+    except (SdloraError, OSError) as exc:
         raise _fail(exc) from None
     typer.echo(f"{len(paths)} photos of {novel_object(object_).composition.phrase} in {out}")
 
@@ -81,8 +89,11 @@ def scenes(
         image, caption, _, _ = sample_scene(rng, size)
         sheet.paste(image, ((i % cols) * size, (i // cols) * size))
         typer.echo(f"{i:3d} {caption}")
-    with atomic_path(out) as tmp:
-        sheet.save(tmp, format="PNG")
+    try:
+        with atomic_path(out) as tmp:
+            sheet.save(tmp, format="PNG")
+    except OSError as exc:
+        raise _fail(exc) from None
 
 
 if __name__ == "__main__":
