@@ -4,6 +4,7 @@ Run by hand, niced, a part at a time (each stops itself after --minutes of train
 
     nice -n 19 python benchmarks/world_feasibility.py render              # scenes/s at 32 and 64 px
     nice -n 19 python benchmarks/world_feasibility.py vae --minutes 4     # AutoencoderKL reconstruction curves
+    nice -n 19 python benchmarks/world_feasibility.py vae-steps           # AutoencoderKL s/step at batch 32 only
     nice -n 19 python benchmarks/world_feasibility.py unet                # UNet2DConditionModel s/step at batch 32
 
 `vae` trains each VAE of VAES (name: block_out_channels, image size; the latent is image size /
@@ -30,6 +31,7 @@ from sdlora.world.scenes import batches
 
 VAES = {
     "vae-2blk-64px": ((32, 64), 64),  # 64 px -> 32x32x4 latents (the tiny-sd layout)
+    "vae-2blk-32px": ((32, 64), 32),  # 32 px -> 16x16x4
     "vae-3blk-32px": ((32, 64, 64), 32),  # 32 px -> 8x8x4
     "vae-4blk-64px": ((32, 64, 64, 64), 64),  # 64 px -> 8x8x4 (SD's factor 8)
 }
@@ -80,7 +82,7 @@ def vae_model(blocks: tuple[int, ...]):
     )
 
 
-def bench_vae(names: list[str], minutes: float, train_count: int) -> None:
+def bench_vae(names: list[str], minutes: float, train_count: int, eval_every: int) -> None:
     for name in names:
         blocks, size = VAES[name]
         torch.manual_seed(0)
@@ -97,10 +99,10 @@ def bench_vae(names: list[str], minutes: float, train_count: int) -> None:
         )
         opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
         g = torch.Generator().manual_seed(0)
-        start, cpu0, step, next_eval = time.perf_counter(), time.process_time(), 0, 0.0
+        start, cpu0, step = time.perf_counter(), time.process_time(), 0
         while True:
             elapsed = time.perf_counter() - start
-            if elapsed >= next_eval or elapsed >= minutes * 60:
+            if step % eval_every == 0 or elapsed >= minutes * 60:
                 vae.eval()
                 with torch.no_grad():
                     rec = vae(val, sample_posterior=False).sample
@@ -114,7 +116,6 @@ def bench_vae(names: list[str], minutes: float, train_count: int) -> None:
                     flush=True,
                 )
                 vae.train()
-                next_eval += 30
                 if elapsed >= minutes * 60:
                     break
             idx = torch.randint(0, len(train), (BATCH,), generator=g)
@@ -126,6 +127,31 @@ def bench_vae(names: list[str], minutes: float, train_count: int) -> None:
             loss.backward()
             opt.step()
             step += 1
+
+
+def bench_vae_steps(names: list[str], steps: int) -> None:
+    """CPU-s per training step of each VAE at batch BATCH (no learning curve: cheap)."""
+    for name in names:
+        blocks, size = VAES[name]
+        torch.manual_seed(0)
+        x = scenes(BATCH, size, seed=0)
+        vae = vae_model(blocks)
+        opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+        times, cpus = [], []
+        for _ in range(steps + 1):  # the first is warm-up
+            t, c = time.perf_counter(), time.process_time()
+            post = vae.encode(x).latent_dist
+            loss = torch.nn.functional.mse_loss(vae.decode(post.sample()).sample, x) + 1e-6 * post.kl().mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t)
+            cpus.append(time.process_time() - c)
+        per, cpu = float(np.median(times[1:])), float(np.median(cpus[1:]))
+        print(
+            f"{name} at {size} px, batch {BATCH}: {per:.2f} s/step, {cpu:.2f} CPU-s/step (medians of {steps})  [{load()}]",
+            flush=True,
+        )
 
 
 def unet_model(spec: dict, latent: int):
@@ -174,13 +200,14 @@ def bench_unet(names: list[str], latents: list[int], steps: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["render", "vae", "unet"])
+    ap.add_argument("part", choices=["render", "vae", "vae-steps", "unet"])
     ap.add_argument("--minutes", type=float, default=3.0, help="vae: training time per VAE")
     ap.add_argument("--train-count", type=int, default=2048, help="vae: pre-rendered training scenes")
+    ap.add_argument("--eval-every", type=int, default=25, help="vae: steps between held-out evaluations")
     ap.add_argument("--vaes", nargs="+", default=list(VAES), choices=list(VAES))
     ap.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
     ap.add_argument("--latents", nargs="+", type=int, default=list(LATENTS))
-    ap.add_argument("--steps", type=int, default=4, help="unet: timed steps per row")
+    ap.add_argument("--steps", type=int, default=3, help="vae-steps, unet: timed steps per row")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -188,7 +215,9 @@ def main() -> None:
     if args.part == "render":
         bench_render()
     elif args.part == "vae":
-        bench_vae(args.vaes, args.minutes, args.train_count)
+        bench_vae(args.vaes, args.minutes, args.train_count, args.eval_every)
+    elif args.part == "vae-steps":
+        bench_vae_steps(args.vaes, args.steps)
     else:
         bench_unet(args.unets, args.latents, args.steps)
 

@@ -229,3 +229,9 @@ def test_photos_bad_input_is_one_line_and_writes_nothing(tmp_path):
         world_app, ["photos", "--object", "1", "--count", "1", "--out", str(tmp_path / "file" / "p")]
     )
     assert result.exit_code == 1 and "Not a directory" in result.stderr and "(--out)" in result.stderr
+
+
+def test_scenes_contact_sheet(tmp_path):
+    result = runner.invoke(world_app, ["scenes", "--count", "3", "--size", "16", "--out", str(tmp_path / "s.png")])
+    assert result.exit_code == 0 and len(result.stdout.strip().splitlines()) == 3
+    assert Image.open(tmp_path / "s.png").size == (48, 16)
