@@ -15,6 +15,19 @@ goes. `unet` times forward + backward + AdamW steps of each UNet of UNETS (epsil
 wall clock on however many cores torch is given (--threads), and the process's CPU seconds per
 step: on a shared machine (the load average is printed beside them) the wall clock is whatever the
 neighbours leave, and CPU-s/step divided by the threads is what a step takes on idle cores.
+
+Measured 2026-12-06 on the shared 2-core machine (load average 3-10), batch 32, CPU-s per step
+with --threads 1 (about the wall time on an idle core). With --threads 2 on a loaded machine the
+same steps took 2.4-4.1 CPU-s and 8 s of wall clock (OpenMP threads spinning at their barriers): the
+build should run one thread per process, two processes side by side.
+
+    render (one scene, any part)       32 px 14 ms, 64 px 32 ms, 128 px 43 ms
+    VAE (32, 64, 64), 32 px -> 8x8x4     0.95 M   0.49-0.59 s/step
+        held-out PSNR: 15.2 dB at step 50, 16.8 at 100, 19.2 at 200, 20.6 at 350, 21.5 at 500, 21.7 at 550
+    VAE (32, 64), 32 px -> 16x16x4       0.66 M   0.70 s/step; PSNR 15.1 at 20, 16.2 at 40, 17.5 at 80, 19.5 at 128
+    VAE (32, 64), 64 px -> 32x32x4       0.66 M   2.74 s/step
+    UNet (32, 64, 128), 1 layer/block  3.22 M   8x8: 0.24-0.31 s/step, 16x16: 0.70, 32x32: 4.1
+    UNet (64, 128), 2 layers/block     4.46 M   8x8: 0.60 s/step, 16x16: 1.42, 32x32: 8.8
 """
 
 from __future__ import annotations
@@ -82,7 +95,18 @@ def vae_model(blocks: tuple[int, ...]):
     )
 
 
-def bench_vae(names: list[str], minutes: float, train_count: int, eval_every: int) -> None:
+def save_pairs(path: str, originals: torch.Tensor, reconstructions: torch.Tensor) -> None:
+    """Held-out scenes over their reconstructions, 16 across, as one PNG."""
+    from PIL import Image
+
+    pair = torch.cat([originals[:16], reconstructions[:16]])  # (32, 3, h, w)
+    n, _, h, w = pair.shape
+    grid = pair.clamp(-1, 1).add(1).mul(127.5).round().byte().reshape(2, 16, 3, h, w)
+    grid = grid.permute(0, 3, 1, 4, 2).reshape(2 * h, 16 * w, 3).numpy()
+    Image.fromarray(grid).save(path)
+
+
+def bench_vae(names: list[str], minutes: float, train_count: int, eval_every: int, save: str | None) -> None:
     for name in names:
         blocks, size = VAES[name]
         torch.manual_seed(0)
@@ -117,6 +141,8 @@ def bench_vae(names: list[str], minutes: float, train_count: int, eval_every: in
                 )
                 vae.train()
                 if elapsed >= minutes * 60:
+                    if save:
+                        save_pairs(os.path.join(save, f"{name}.png"), val, rec)
                     break
             idx = torch.randint(0, len(train), (BATCH,), generator=g)
             x = train[idx]
@@ -204,6 +230,7 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3.0, help="vae: training time per VAE")
     ap.add_argument("--train-count", type=int, default=2048, help="vae: pre-rendered training scenes")
     ap.add_argument("--eval-every", type=int, default=25, help="vae: steps between held-out evaluations")
+    ap.add_argument("--save", help="vae: folder for a PNG of held-out scenes over their reconstructions")
     ap.add_argument("--vaes", nargs="+", default=list(VAES), choices=list(VAES))
     ap.add_argument("--unets", nargs="+", default=list(UNETS), choices=list(UNETS))
     ap.add_argument("--latents", nargs="+", type=int, default=list(LATENTS))
@@ -215,7 +242,7 @@ def main() -> None:
     if args.part == "render":
         bench_render()
     elif args.part == "vae":
-        bench_vae(args.vaes, args.minutes, args.train_count, args.eval_every)
+        bench_vae(args.vaes, args.minutes, args.train_count, args.eval_every, args.save)
     elif args.part == "vae-steps":
         bench_vae_steps(args.vaes, args.steps)
     else:
