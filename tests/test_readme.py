@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from sdlora.cli import app
 from sdlora.config.schema import GROUPS
+from sdlora.world.__main__ import app as world_app
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -30,13 +31,12 @@ OPTION = re.compile(r"^--?[a-zA-Z][\w-]*")
 OTHER_PROGRAMS = {"-m", "-e", "-v", "--head", "--address", "--debug", "--version", "--help"}
 
 
-def _cli():
-    return typer.main.get_command(app)
+WORLD = ["python", "-m", "sdlora.world"]  # the miniature world's own command line
 
 
-def verb_options() -> dict[str, set[str]]:
+def verb_options(cli=app) -> dict[str, set[str]]:
     """Each verb's accepted options (hidden `--no-x` switches included), as the CLI parses them."""
-    group = _cli()
+    group = typer.main.get_command(cli)
     options = {"": {opt for param in group.params for opt in (*param.opts, *param.secondary_opts)}}
     for name, command in group.commands.items():
         options[name] = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
@@ -90,13 +90,16 @@ def test_the_pages_show_sdlora_commands():
 
 
 def test_every_sdlora_command_shown_uses_options_its_verb_has():
-    options = verb_options()
     problems = []
     for page, command in shown_commands():
         if command[0] == "accelerate" and "sdlora" in command:  # accelerate launch -m sdlora VERB ...
             command = command[command.index("sdlora") :]
-        if command[0] != "sdlora":
+        if command[: len(WORLD)] == WORLD:
+            command, options = ["sdlora", *command[len(WORLD) :]], verb_options(world_app)
+        elif command[0] != "sdlora":
             continue
+        else:
+            options = verb_options()
         verb = command[1] if len(command) > 1 and not command[1].startswith("-") else ""
         if verb.startswith("<"):  # `sdlora <verb> --help`
             continue
@@ -135,7 +138,7 @@ def test_every_benchmark_command_shown_uses_options_its_script_has():
 
 def test_every_option_named_anywhere_exists():
     """Options named in prose too (`--val-fraction`): each belongs to a verb, a benchmark or a known tool."""
-    known = set().union(*verb_options().values(), OTHER_PROGRAMS)
+    known = set().union(*verb_options().values(), *verb_options(world_app).values(), OTHER_PROGRAMS)
     benchmarks = " ".join(p.read_text(encoding="utf-8") for p in (ROOT / "benchmarks").glob("*.py"))
     problems = []
     for page in PAGES:
