@@ -189,33 +189,11 @@ def write_single_file(pipe: Any, path: Path) -> Path:
 
 
 def tiny_sdxl_wide() -> Any:
-    """tiny-sdxl with a 48-wide second text encoder (the UNet's text width and pooled input grow with it)."""
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
+    """tiny-sdxl with a 48-wide second text encoder: diffusers' single-file loader tells SDXL's two text
+    encoders apart by width, so tiny-sdxl's two 32-wide ones would load into each other."""
     from sdlora.models import tiny
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNet2DConditionModel(
-            **tiny._UNET,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=96,  # 6 time ids x 8 + pooled text 48
-            cross_attention_dim=80,  # text encoder 32 + text encoder 2 48
-        )
-        return StableDiffusionXLPipeline(
-            unet=unet,
-            vae=tiny._vae(0.13025),
-            text_encoder=CLIPTextModel(tiny._text_config(32, 32)).eval(),
-            text_encoder_2=CLIPTextModelWithProjection(tiny._text_config(48, 48)).eval(),
-            tokenizer=tiny.clip_tokenizer(),
-            tokenizer_2=tiny.clip_tokenizer(pad_token="!"),
-            scheduler=tiny._scheduler(),
-        )
+    return tiny.tiny_sdxl(text_encoder_2_width=48)
 
 
 def tiny_pipeline(family: str) -> Any:

@@ -23,6 +23,7 @@ from sdlora.data.captions import check_captions
 from sdlora.data.manifest import Manifest, load_manifest
 from sdlora.errors import DataError
 from sdlora.locks import LOCK_FILE
+from test_locks import hold
 
 runner = CliRunner()
 INCOMPLETE = ".sdlora-incomplete"  # the marker of a dataset prepare began and has not finished
@@ -184,22 +185,11 @@ def test_second_prepare_or_caption_on_a_dataset_in_use_fails_naming_the_pid(tmp_
     assert not (out / LOCK_FILE).exists()
 
 
-def held_lock(folder: Path, verb: str, shared: bool) -> subprocess.Popen:
-    """Another process holding the dataset's lock, as `train` (shared) or `prepare` (exclusive) does."""
-    code = (
-        "import sys, time; from sdlora.locks import acquire;"
-        f" acquire(sys.argv[1], {verb!r}, shared={shared}); print('held', flush=True); time.sleep(60)"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def test_prepare_refuses_a_dataset_that_train_reads_naming_it_and_the_pid(tmp_path):
     src, out = photos(tmp_path / "photos", 3), tmp_path / "ds"
     ingest.prepare_dataset(str(src), out, resolution=64, workers=1)
     before = {p.name: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
-    reader = held_lock(out, "train", shared=True)
+    reader = hold(out, "train", shared=True)
     try:
         result = runner.invoke(app, ["prepare", str(src), "--out", str(out), "--resolution", "32", "--workers", "2"])
         one_line_error(result, str(out), f"`sdlora train` (pid {reader.pid})", "reads it")
@@ -215,7 +205,7 @@ def test_prepare_refuses_a_dataset_that_train_reads_naming_it_and_the_pid(tmp_pa
 def test_train_refuses_a_dataset_that_prepare_writes_before_loading_a_model(tmp_path):
     src, out = photos(tmp_path / "photos", 3), tmp_path / "ds"
     ingest.prepare_dataset(str(src), out, resolution=64, workers=1)
-    writer = held_lock(out, "prepare", shared=False)
+    writer = hold(out, "prepare", shared=False)
     try:
         runs = tmp_path / "runs"
         args = ["train", "--model", "tiny-sd", "--dataset", str(out), "--runs-dir", str(runs), "--max-steps", "1"]

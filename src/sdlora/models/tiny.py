@@ -102,10 +102,10 @@ def _scheduler():
 
 def _seeded(build):
     @functools.wraps(build)
-    def wrapper():
+    def wrapper(*args, **kwargs):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return build()
+            return build(*args, **kwargs)
 
     return wrapper
 
@@ -142,8 +142,9 @@ def tiny_sd():
 
 
 @_seeded
-def tiny_sdxl():
-    """A StableDiffusionXLPipeline with tiny random weights and two text encoders."""
+def tiny_sdxl(text_encoder_2_width: int = 32):
+    """A StableDiffusionXLPipeline with tiny random weights and two text encoders (the second may be wider,
+    as SDXL's 1280 beside 768)."""
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -154,14 +155,14 @@ def tiny_sdxl():
         addition_embed_type="text_time",
         addition_time_embed_dim=8,
         transformer_layers_per_block=(1, 2),
-        projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + pooled text 32
-        cross_attention_dim=64,  # text encoder 32 + text encoder 2 32
+        projection_class_embeddings_input_dim=6 * 8 + text_encoder_2_width,  # 6 time ids x 8 + pooled text
+        cross_attention_dim=32 + text_encoder_2_width,  # text encoder 32 + text encoder 2
     )
     return StableDiffusionXLPipeline(
         unet=unet,
         vae=_vae(0.13025),
         text_encoder=CLIPTextModel(_text_config(32, 32)).eval(),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(32, 32)).eval(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config(text_encoder_2_width, text_encoder_2_width)).eval(),
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(pad_token="!"),
         scheduler=_scheduler(),
