@@ -19,6 +19,9 @@ from rich.markup import escape
 if not os.environ.get("SDLORA_DEBUG"):
     for _name in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
         os.environ.setdefault(_name, "error")
+# Idle OpenMP threads sleep instead of spinning (libgomp spins by default): a spinning thread holds a core
+# that its own step's other thread, or another process, is waiting for. Set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from sdlora import __version__
 from sdlora.cli._common import err_console
