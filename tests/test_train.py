@@ -119,7 +119,6 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
         "step_time_s",
         "images_per_s",
         "cpu_percent",
-        "cpu_threads",  # the CPU threads the next steps use (sdlora.devices.fit_cpu_threads)
         "rss_gb",
     ):
         assert key in steps[0], key

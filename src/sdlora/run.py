@@ -86,7 +86,6 @@ class Metric:
     RSS_GB = "rss_gb"
     CPU_PERCENT = "cpu_percent"  # this process (can exceed 100 on several cores)
     SYSTEM_CPU_PERCENT = "system_cpu_percent"
-    CPU_THREADS = "cpu_threads"  # the intra-op threads the next steps use (sdlora.devices.fit_cpu_threads)
     CUDA_PREFIX = "cuda_"  # cuda_allocated_gb, cuda_peak_gb, ...: memory keys end in _gb
     CUDA_PEAK_GB = "cuda_peak_gb"
     CUDA_UTILIZATION = "cuda_utilization_percent"

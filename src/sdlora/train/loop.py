@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from sdlora.config import Config
-from sdlora.devices import fit_cpu_threads, free_memory
+from sdlora.devices import free_memory
 from sdlora.events import OnEvent, no_event
 from sdlora.locks import release
 from sdlora.models.arch import OnDevice
@@ -149,7 +149,6 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
     started = time.perf_counter()
     restore = runtime.install_signal_handlers(state)
     monitor.machine_load(state.device)  # primes the CPU counters
-    most_threads = torch.get_num_threads()  # fit_cpu_threads goes no higher
     interrupted = False
     try:
         while state.step < total:
@@ -163,11 +162,6 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
             monitor.add_timing(record, elapsed, effective, state.plan.epoch(step))
             if step % cfg.logging.log_every == 0 or step == total:
                 record.update(monitor.machine_load(state.device))
-                threads = fit_cpu_threads(
-                    state.device, record[Metric.SYSTEM_CPU_PERCENT], record[Metric.CPU_PERCENT], most_threads
-                )
-                if threads is not None:  # the next steps' threads: the cores the other processes left free
-                    record[Metric.CPU_THREADS] = threads
                 runtime.log(state, {Metric.STEP: step, **record})
             emit(runtime.step_event(step, total, record, elapsed))
             if step == total or (cfg.validation.validate_every and step % cfg.validation.validate_every == 0):
