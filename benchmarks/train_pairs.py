@@ -10,8 +10,10 @@ whichever side runs then. So each pair runs the example, then `sdlora train`, th
 floor (train_speed.py's worker), one right after the other, and the pairs repeat; every figure is
 quoted pair by pair with the 1-minute load average sampled while it ran, then the median of the
 pairs and their spread (min-max). Each side's s/step is the marginal between runs of `--steps`
-counts (../shared/PERFORMANCE.md); sdlora's in-loop median `step_time_s` from its metrics.jsonl
-(steps after the first) stands beside it, as a check on the marginal.
+counts (../shared/PERFORMANCE.md); beside it stands the in-loop step: sdlora's median `step_time_s`
+from its metrics.jsonl (steps after the first), the example's last rate on its tqdm bar. Under load
+the in-loop figures are the ones to read: a run's start-up (model load, page faults) then varies by
+more than two or three steps cost, which the marginal takes as steps.
 
 Threads: accelerate's launcher gives the example OMP_NUM_THREADS=1 unless it is set or `--cpu` is
 passed; `--threads N` sets OMP_NUM_THREADS=N for all three processes (equal settings), and without
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import shutil
 import statistics
@@ -86,6 +89,16 @@ def in_loop_median(metrics: Path, skip_first: int = 1) -> float | None:
     return statistics.median(times) if times else None
 
 
+def tqdm_step_s(output: str) -> float | None:
+    """The step time of the last rate a tqdm progress bar printed (the diffusers example's), or None.
+    tqdm shows an exponential mean of the recent steps' rates, as `6.71s/it` or `1.52it/s`."""
+    rates = re.findall(r"(\d+(?:\.\d+)?)(s/it|it/s)", output)
+    if not rates:
+        return None
+    value, unit = rates[-1]
+    return float(value) if unit == "s/it" else 1.0 / float(value) if float(value) else None
+
+
 class LoadSampler:
     """The 1-minute load average, sampled every `every` s while a block runs: its mean, min and max."""
 
@@ -126,6 +139,7 @@ class LoadSampler:
 SIDE_ENV = {
     "floor": {"OMP_WAIT_POLICY": "PASSIVE"},
     "sdlora-spin": {"OMP_WAIT_POLICY": "", "OMP_NUM_THREADS": str(os.cpu_count() or 1)},
+    "sdlora-1thread": {"OMP_NUM_THREADS": "1"},  # the example's thread count (accelerate's launcher gives it 1)
 }
 
 
@@ -138,15 +152,16 @@ def side_env(side: str, threads: int | None, base: dict[str, str] | None = None)
 
 
 def run_example(args: argparse.Namespace, model: Path, photos: Path, work: Path) -> dict:
-    walls = []
+    walls, in_loop = [], None
     for steps in args.steps:
         out = work / f"out-{steps}"
         cmd = train_speed.diffusers_cmd(args.diffusers_script, model, photos, out, args, steps, "no")
         run = train_speed.timed(cmd, env=side_env("example", args.threads))
         walls.append((steps, run["wall_s"]))
+        in_loop = tqdm_step_s(run["stderr"])  # the larger run's, the last one read
         shutil.rmtree(out, ignore_errors=True)
     per_step, startup = marginal(*walls)
-    return {"s_per_step": per_step, "startup_s": startup}
+    return {"s_per_step": per_step, "startup_s": startup, "in_loop_s": in_loop}
 
 
 def run_sdlora(args: argparse.Namespace, model: Path, dataset: Path, work: Path, help_text: str, side: str) -> dict:
@@ -181,12 +196,15 @@ def report(results: dict[tuple[int, str], dict], pairs: int, sides: Sequence[str
     trainers = [s for s in sides if s.startswith("sdlora")]
     head = [f"{side} s/step @ load" for side in sides] + [f"{t} in-loop" for t in trainers]
     head += [f"x example ({t})" for t in trainers if "example" in sides]
+    if "example" in sides:
+        head.insert(len(sides), "example in-loop (tqdm)")
     print()
     print("| pair | " + " | ".join(head) + " |")
     print("|---" * (len(head) + 1) + "|")
     for p in range(pairs):
         cells = [f"{r['s_per_step']:.2f} @ {r['load']}" if (r := results.get((p, side))) else "-" for side in sides]
-        cells += [f"{v:.2f}" if (v := fig(p, t, "in_loop_s")) else "-" for t in trainers]
+        looped = ["example"] if "example" in sides else []
+        cells += [f"{v:.2f}" if (v := fig(p, t, "in_loop_s")) else "-" for t in looped + trainers]
         if "example" in sides:
             for t in trainers:
                 ratio = pair_ratios([fig(p, "example")], [fig(p, t)])
@@ -199,7 +217,8 @@ def report(results: dict[tuple[int, str], dict], pairs: int, sides: Sequence[str
         loop = [fig(p, t, "in_loop_s") for p in range(pairs)]
         if "example" in sides:
             print(f"  example / {t} (x the example's steps/s), marginal: {pair_ratios(column['example'], column[t])}")
-            print(f"  example / {t}, {t}'s in-loop median step:      {pair_ratios(column['example'], loop)}")
+            ex_loop = [fig(p, "example", "in_loop_s") for p in range(pairs)]
+            print(f"  example / {t}, in-loop (tqdm's / the median step_time_s): {pair_ratios(ex_loop, loop)}")
         if "floor" in sides:
             print(f"  {t} / floor, marginal: {pair_ratios(column[t], column['floor'])}")
             print(f"  {t} / floor, in-loop:  {pair_ratios(loop, column['floor'])}")
@@ -217,6 +236,9 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=3, help="timed UNet floor steps after one warm-up")
     parser.add_argument("--no-floor", action="store_true", help="leave the bare UNet floor out of the pairs")
     parser.add_argument(
+        "--with-one-thread", action="store_true", help="also sdlora on one thread, as the example runs (sdlora-1thread)"
+    )
+    parser.add_argument(
         "--with-spin",
         action="store_true",
         help="also sdlora as before issue 22: libgomp's spinning wait, all cores' threads (side sdlora-spin)",
@@ -232,8 +254,9 @@ def main() -> None:
     model = train_speed.build_random("sd15", args.model_dir or train_speed.default_cache("sd15"))
     help_text = train_speed.sdlora_help("train")
     sides = [s for s in SIDES if not (args.no_floor and s == "floor")]
-    if args.with_spin:
-        sides.insert(sides.index("sdlora") + 1, "sdlora-spin")
+    for flag, side in ((args.with_one_thread, "sdlora-1thread"), (args.with_spin, "sdlora-spin")):
+        if flag:
+            sides.insert(sides.index("sdlora") + 1, side)
     work = Path(tempfile.mkdtemp(prefix="sdlora-bench-pairs-"))
     threads = f"OMP_NUM_THREADS={args.threads} for all" if args.threads else "each its own default threads"
     print(f"{args.pairs} pairs of {', '.join(sides)}; steps {args.steps}; {threads}; {os.cpu_count()} CPUs", flush=True)

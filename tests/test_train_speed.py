@@ -116,3 +116,10 @@ def test_each_side_gets_its_threads_and_wait_policy():
     assert train_pairs.side_env("floor", None, base)["OMP_WAIT_POLICY"] == "PASSIVE"  # as sdlora's CLI sets it
     spin = train_pairs.side_env("sdlora-spin", None, base)
     assert spin["OMP_WAIT_POLICY"] == ""  # ignored by libgomp (its default spin), kept by sdlora's setdefault
+
+
+def test_the_examples_in_loop_step_is_its_progress_bars_last_rate():
+    bar = "Steps:  40%|####      | 2/5 [00:30<00:45, 15.02s/it]\rSteps: 100%|##########| 5/5 [01:00<00:00, 6.71s/it, loss=0.1]"
+    assert train_pairs.tqdm_step_s(bar) == 6.71
+    assert train_pairs.tqdm_step_s("Steps: 100%|#| 5/5 [00:02<00:00, 2.50it/s]") == 0.4
+    assert train_pairs.tqdm_step_s("no bar") is None
