@@ -328,6 +328,7 @@ def timed(
     *,
     rss_cap_gb: float | None = None,
     done_file: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> dict:
     """Wall time, peak RSS (GB) and output of one process.
 
@@ -335,6 +336,7 @@ def timed(
     does not fit must not push the shared machine into the OOM killer); the result says `over_cap`.
     `done_file`: the clock stops when this file is written (its size is steady for a poll) and the
     command is stopped there: what it does afterwards is not timed.
+    `env`: the command's environment (default: this one's).
     """
     import psutil
 
@@ -343,7 +345,7 @@ def timed(
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     out, err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
     start = time.perf_counter()
-    proc = subprocess.Popen(full, cwd=cwd, stdout=out, stderr=err, text=True)
+    proc = subprocess.Popen(full, cwd=cwd, stdout=out, stderr=err, text=True, env=env)
     wall, polled_gb, over_cap, done, last_size, seen = None, 0.0, False, False, -1, None
     while proc.poll() is None:
         time.sleep(0.5)
@@ -399,7 +401,8 @@ def timed(
     }
 
 
-def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool = False) -> dict | str:
+def unet_cmd(model: Path, args: argparse.Namespace, precision: str, gc: bool = False) -> list[str]:
+    """The floor's worker process (`unet_worker`): its last stdout line is its JSON result."""
     cmd = [
         sys.executable,
         __file__,
@@ -416,7 +419,13 @@ def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool
     ]
     if gc:
         cmd.append("--worker-gc")
-    run = timed(cmd, rss_cap_gb=args.rss_cap_gb, allow_failure=args.rss_cap_gb is not None)
+    return cmd
+
+
+def measure_unet(model: Path, args: argparse.Namespace, precision: str, gc: bool = False) -> dict | str:
+    run = timed(
+        unet_cmd(model, args, precision, gc), rss_cap_gb=args.rss_cap_gb, allow_failure=args.rss_cap_gb is not None
+    )
     if run["over_cap"]:
         return f"did not fit: stopped at {run['rss_gb']:.2f} GB peak RSS (cap {args.rss_cap_gb:g} GB)"
     if run["code"]:

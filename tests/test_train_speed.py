@@ -62,3 +62,64 @@ def test_sdxl_folder_is_written_part_by_part_and_loads_as_sdxl(tmp_path, monkeyp
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
     assert torch.equal(pipe.unet.conv_in.weight, tiny.unet.conv_in.weight)
+
+
+# ----------------------------------------------------------------------------- train_pairs.py: the pairing
+import train_pairs  # noqa: E402
+
+
+def test_pairs_run_every_side_once_per_pair_in_turn():
+    assert train_pairs.schedule(2, ["example", "sdlora"]) == [
+        (0, "example"),
+        (0, "sdlora"),
+        (1, "example"),
+        (1, "sdlora"),
+    ]
+
+
+def test_ratios_are_taken_within_each_pair_then_summarised():
+    # The machine slowed in pair 2: both sides took twice as long, the ratio did not move.
+    spread = train_pairs.pair_ratios([6.0, 12.0, 6.6, None], [3.0, 6.0, 2.0, 4.0])
+    assert spread.values == [2.0, 2.0, pytest.approx(3.3)]  # a pair missing a side is left out
+    assert (spread.median, spread.low, spread.high) == (2.0, 2.0, pytest.approx(3.3))
+    assert str(spread) == "2.00 (2.00-3.30)"
+    assert train_pairs.pair_ratios([1.0], [None]).values == []
+
+
+def test_marginal_step_cancels_start_up():
+    per_step, startup = train_pairs.marginal((2, 30.0), (5, 45.0))
+    assert (per_step, startup) == (5.0, 20.0)
+
+
+def test_in_loop_median_skips_the_first_step_and_lines_without_a_step_time(tmp_path):
+    metrics = tmp_path / "metrics.jsonl"
+    lines = [{"step": 1, "step_time_s": 30.0}, {"val_loss": 0.1}, *({"step_time_s": t} for t in (4.0, 5.0, 9.0))]
+    metrics.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step_time_s": 1')  # a half-written line
+    assert train_pairs.in_loop_median(metrics) == 5.0
+    assert train_pairs.in_loop_median(tmp_path / "missing.jsonl") is None
+
+
+def test_load_is_sampled_while_a_side_runs():
+    readings = iter([2.0, 4.0, 9.0, 9.0, 9.0])
+    sampler = train_pairs.LoadSampler(every=0.01, read=lambda: next(readings, 9.0))
+    with sampler.sampling():
+        while len(sampler.samples) < 3:
+            pass
+    assert sampler.samples[:3] == [2.0, 4.0, 9.0]
+    assert str(train_pairs.LoadSampler()) == "-"
+
+
+def test_each_side_gets_its_threads_and_wait_policy():
+    base = {"PATH": "/bin", "OMP_NUM_THREADS": "4"}
+    assert train_pairs.side_env("example", None, base) == base  # accelerate decides the example's own
+    assert train_pairs.side_env("sdlora", 1, base)["OMP_NUM_THREADS"] == "1"
+    assert train_pairs.side_env("floor", None, base)["OMP_WAIT_POLICY"] == "PASSIVE"  # as sdlora's CLI sets it
+    spin = train_pairs.side_env("sdlora-spin", None, base)
+    assert spin["OMP_WAIT_POLICY"] == ""  # ignored by libgomp (its default spin), kept by sdlora's setdefault
+
+
+def test_the_examples_in_loop_step_is_its_progress_bars_last_rate():
+    bar = "Steps:  40%|####      | 2/5 [00:30<00:45, 15.02s/it]\rSteps: 100%|##########| 5/5 [01:00<00:00, 6.71s/it, loss=0.1]"
+    assert train_pairs.tqdm_step_s(bar) == 6.71
+    assert train_pairs.tqdm_step_s("Steps: 100%|#| 5/5 [00:02<00:00, 2.50it/s]") == 0.4
+    assert train_pairs.tqdm_step_s("no bar") is None

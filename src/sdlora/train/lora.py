@@ -123,9 +123,7 @@ def token_embedding(cfg: Config, pipe: Any, arch: Family) -> Any:
     return add_token(pipe, arch, str(cfg.data.token), str(cfg.embedding.init_token))
 
 
-def inject_lora(
-    cfg: Config, pipe: Any, arch: Family, device: Any, weight_dtype: torch.dtype
-) -> tuple[Any, list[Any]]:
+def inject_lora(cfg: Config, pipe: Any, arch: Family, device: Any, weight_dtype: torch.dtype) -> tuple[Any, list[Any]]:
     """LoRA on the UNet (and text encoders): frozen weights in the compute dtype, trainable ones in float32.
 
     Returns the UNet and the text encoders being trained (none without `--train-text-encoder`), in training mode.
