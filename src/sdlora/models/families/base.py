@@ -9,9 +9,12 @@ listed in `families.FAMILIES`; nothing outside the package changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from sdlora.train.objective import Objective
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,12 @@ class Family:
     card), single_file_key / base_config (how a checkpoint file is recognised and the shipped configs
     it loads with), tiny_model (the `--model` name of its tiny random-weight model).
 
-    Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`) and prompt
+    Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`), training
+    (`training_objective`: DDPM noise prediction or flow matching, train/objective.py) and prompt
     conditioning (`tokenize`, `encode_tokens`, `encode_prompts`, `stack_pooled`, `unet_kwargs`,
     `prompt_embeds_kwargs`). A family whose denoiser is not a UNet with CLIP text encoders (the
     flow-matching transformers) adds here what the shared loop then asks instead of assuming: the
-    training target and timestep sampling, latent packing, its LoRA targets, sampling, and the kohya
-    key map of its denoiser.
+    latent packing, its LoRA targets, sampling, and the kohya key map of its denoiser.
     """
 
     name: str  # recorded in files: "sd1", "sdxl"
@@ -79,6 +82,12 @@ class Family:
 
     def build_tiny(self) -> Any:
         """The family's tiny random-weight pipeline, built in memory (`--model <tiny_model>`)."""
+        raise NotImplementedError
+
+    def training_objective(self, pipe: Any, train: Any) -> "Objective":
+        """The training objective (train/objective.py) for the loaded `pipe` under the train settings
+        `train` (`Config.train`): what the loop and the batch plan ask for timesteps, noisy input,
+        target and loss weights. ConfigError (one line) for settings the objective cannot train."""
         raise NotImplementedError
 
     # ---- prompt conditioning
