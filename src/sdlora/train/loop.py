@@ -287,8 +287,8 @@ def predict(state: TrainState, part: Any, unet: Any = None) -> tuple[torch.Tenso
     latents, noise, t = part.latents.to(device), part.noise.to(device), part.timesteps.to(device)
     noisy = objective.noisy_input(latents, noise, t)
     embeds, pooled = condition(state, part.cond)
-    kwargs = state.arch.unet_kwargs(pooled, part.time_ids.to(device))
-    pred = (unet or state.unet)(noisy, objective.model_timesteps(t), embeds, return_dict=False, **kwargs)[0]
+    timesteps, time_ids = objective.model_timesteps(t), part.time_ids.to(device)
+    pred = state.arch.denoise(unet or state.unet, noisy, timesteps, embeds, pooled, time_ids)
     return pred, objective.target(latents, noise, t), objective.loss_weights(t)
 
 

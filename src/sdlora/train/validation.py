@@ -123,10 +123,10 @@ def validation_loss(state: TrainState) -> float:
     for batch in batches:
         latents, noise, t = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
         embeds, pooled = _eval_condition(state, batch.cond)
-        kwargs = state.arch.unet_kwargs(pooled, batch.time_ids.to(device))
         with state.accelerator.autocast():
             noisy = objective.noisy_input(latents, noise, t)
-            pred = unet(noisy, objective.model_timesteps(t), embeds, return_dict=False, **kwargs)[0]
+            timesteps, time_ids = objective.model_timesteps(t), batch.time_ids.to(device)
+            pred = state.arch.denoise(unet, noisy, timesteps, embeds, pooled, time_ids)
         target = objective.target(latents, noise, t)
         per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         total += per_sample.sum().item()

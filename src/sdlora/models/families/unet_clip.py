@@ -23,6 +23,18 @@ class UNetClipFamily(Family):
 
         return NoisePrediction.of_pipeline(pipe, train.snr_gamma)
 
+    def denoise(
+        self,
+        denoiser: Any,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The UNet's forward on the latents as they are, with the added conditions where the family has them."""
+        return denoiser(noisy, timesteps, embeds, return_dict=False, **self.unet_kwargs(pooled, time_ids))[0]
+
     def tokenize(self, pipe: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
         """Token ids per tokenizer, padded to the model's 77 positions."""
         ids = []
