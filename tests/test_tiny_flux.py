@@ -48,3 +48,47 @@ def test_tiny_flux_is_a_flux_pipeline_that_generates_at_64_px():
     again = tiny_flux()
     for (name, a), (_, b) in zip(pipe.transformer.state_dict().items(), again.transformer.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_a_flow_matching_step_on_the_tiny_flux_transformer_trains():
+    """What the FLUX.1 family will do behind `Family.denoise`: pack 2 x 2 latent cells into tokens, call the
+    transformer with sigma as its timestep and the guidance value, unpack; the flow-matching loss then
+    gives finite gradients and one SGD step lowers it on the same batch."""
+    from diffusers import FluxPipeline
+
+    from sdlora.train.flow_matching import FlowMatching, ResolutionShift
+    from sdlora.train.losses import diffusion_loss
+
+    pipe = tiny_flux()
+    objective = FlowMatching(resolution_shift=ResolutionShift(), timestep_scale=1.0)  # FLUX.1 takes sigma
+    with torch.no_grad():
+        embeds, pooled, text_ids = pipe.encode_prompt(["a photo of sks toy"] * 2, None, max_sequence_length=16)
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(2, 16, 32, 32, generator=gen), torch.randn(2, 16, 32, 32, generator=gen)
+    t = objective.sample_timesteps(gen, 2, latents.shape[1:])
+    image_ids = FluxPipeline._prepare_latent_image_ids(2, 16, 16, "cpu", torch.float32)
+
+    def loss() -> torch.Tensor:
+        noisy = FluxPipeline._pack_latents(objective.noisy_input(latents, noise, t), 2, 16, 32, 32)
+        packed = pipe.transformer(
+            hidden_states=noisy,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            timestep=objective.model_timesteps(t),
+            img_ids=image_ids,
+            txt_ids=text_ids,
+            guidance=torch.full((2,), 3.5),
+            return_dict=False,
+        )[0]
+        pred = FluxPipeline._unpack_latents(packed, 64, 64, pipe.vae_scale_factor)
+        return diffusion_loss(pred, objective.target(latents, noise, t), objective.loss_weights(t))
+
+    before = loss()
+    before.backward()
+    grads = [p.grad for p in pipe.transformer.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    with torch.no_grad():
+        for p in pipe.transformer.parameters():
+            if p.grad is not None:
+                p.sub_(1e-2 * p.grad)
+        assert float(loss()) < float(before)
