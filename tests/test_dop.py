@@ -45,12 +45,12 @@ def test_the_target_is_the_base_models_own_prediction_for_the_class_caption(tmp_
             for name, param in unet.named_parameters():
                 if "lora_B" in name:
                     param.add_(0.05)  # a trained LoRA: its output differs from the base model's
-        pipe, arch, scheduler = lora.load_base(state.cfg, no_event)  # the base model, fresh
+        pipe, arch, objective = lora.load_base(state.cfg, no_event)  # the base model, fresh
         prompt = "a photo of toy"
         with torch.no_grad():
             embeds, _ = arch.encode_tokens([pipe.text_encoder], arch.tokenize(pipe, [prompt]))
             torch.testing.assert_close(batch.class_cond.embeds[:1], embeds.float(), atol=1e-5, rtol=0)
-            noisy = scheduler.add_noise(batch.latents, batch.noise, batch.timesteps)
+            noisy = objective.noisy_input(batch.latents, batch.noise, batch.timesteps)
             cond = batch.class_cond.embeds
 
             def run(model):

@@ -57,7 +57,8 @@ def test_every_family_declares_every_field(family: Family):
     assert (Path(sdlora.__file__).parent / "models" / "base_configs" / family.base_config).is_dir()
     assert families.family_named(family.name) is family and families.tiny_family(family.tiny_model) is family
     # Every method of the interface is filled in (the base raises NotImplementedError).
-    for method in ("matches_unet", "build_tiny", "tokenize", "encode_tokens", "unet_kwargs", "prompt_embeds_kwargs"):
+    methods = ("matches_unet", "build_tiny", "training_objective", "denoise", "tokenize", "encode_tokens")
+    for method in (*methods, "unet_kwargs", "prompt_embeds_kwargs"):
         assert getattr(type(family), method) is not getattr(Family, method), method
 
 

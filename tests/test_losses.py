@@ -170,3 +170,34 @@ def test_diffusion_loss_gradient_flows():
 def test_diffusion_loss_shape_mismatch():
     with pytest.raises(ValueError):
         diffusion_loss(torch.zeros(2, 4), torch.zeros(2, 5), None)
+
+
+# ----------------------------------------------------------------------------- the UNet families' objective
+
+
+def test_noise_prediction_objective_is_the_ddpm_pieces():
+    from sdlora.train.objective import NoisePrediction
+
+    for prediction_type in ("epsilon", "v_prediction"):
+        scheduler = sd_scheduler(prediction_type)
+        objective = NoisePrediction(scheduler, snr_gamma=5.0)
+        assert objective.prediction_type == prediction_type
+        latents, noise, t = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2), torch.tensor([5, 500, 999])
+        assert torch.equal(objective.noisy_input(latents, noise, t), scheduler.add_noise(latents, noise, t))
+        assert torch.equal(objective.target(latents, noise, t), prediction_target(scheduler, latents, noise, t))
+        assert torch.equal(objective.loss_weights(t), min_snr_weights(scheduler, t, 5.0))
+        assert objective.model_timesteps(t) is t  # the UNet takes the integer step
+        draw = objective.sample_timesteps(torch.Generator().manual_seed(4), 8, (4, 2, 2))
+        assert torch.equal(draw, sample_timesteps(scheduler, 8, generator=torch.Generator().manual_seed(4)))
+    assert NoisePrediction(sd_scheduler()).loss_weights(t) is None  # no --snr-gamma
+    # The validation loss's timesteps: evenly spaced, as sdlora always had them.
+    assert NoisePrediction(sd_scheduler()).validation_timesteps(4).tolist() == [125, 375, 625, 875]
+
+
+def test_noise_prediction_refuses_a_prediction_type_it_cannot_train():
+    from sdlora.train.objective import NoisePrediction
+
+    scheduler = sd_scheduler()
+    scheduler.register_to_config(prediction_type="sample")
+    with pytest.raises(ConfigError, match="'sample'"):
+        NoisePrediction(scheduler)

@@ -22,6 +22,7 @@ from sdlora.run import Metric
 from sdlora.train import cache as cache_mod
 from sdlora.train import loop, losses
 from sdlora.train.data import BatchPlan, Conditioning, LatentSet
+from sdlora.train.objective import NoisePrediction
 from test_train import steps_of, tiny_cfg
 
 
@@ -143,7 +144,7 @@ def test_the_mask_follows_its_latent_through_flips_and_buckets():
         process_index=0,
         gradient_accumulation=1,
         noise_offset=0.0,
-        noise_scheduler=DDPMScheduler(num_train_timesteps=1000),
+        objective=NoisePrediction(DDPMScheduler(num_train_timesteps=1000)),
     )
     seen_flip = seen_plain = False
     for step in range(12):

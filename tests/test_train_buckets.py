@@ -18,6 +18,7 @@ from conftest import LANDSCAPE, PORTRAIT, SQUARE, write_aspect_dataset
 from sdlora.run import read_metrics
 from sdlora.train import loop
 from sdlora.train.data import BatchPlan, Conditioning, Example, LatentSet, time_ids_for, validation_batches
+from sdlora.train.objective import NoisePrediction
 from test_train import Events, steps_of, tiny_cfg
 
 TRAIN = [LANDSCAPE] * 3 + [PORTRAIT] * 2 + [SQUARE] * 2
@@ -97,7 +98,7 @@ def make_plan(
         process_index=process_index,
         gradient_accumulation=accumulation,
         noise_offset=0.05,
-        noise_scheduler=DDPMScheduler(),
+        objective=NoisePrediction(DDPMScheduler()),
     )
 
 
@@ -145,8 +146,10 @@ def test_two_processes_and_accumulation_see_the_batches_of_one_process():
 
 
 def test_validation_batches_group_images_of_one_size():
+    from diffusers import DDPMScheduler
+
     data = fake_set([(192, 320), (256, 256), (192, 320), (256, 256), (256, 256)])
-    kwargs = dict(seed=0, loss_timesteps=2, num_train_timesteps=1000, batch_size=4)
+    kwargs = dict(seed=0, timesteps=NoisePrediction(DDPMScheduler()).validation_timesteps(2), batch_size=4)
     batches = list(validation_batches(data, **kwargs))
     counts: dict[int, int] = {}
     for batch in batches:

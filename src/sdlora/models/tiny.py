@@ -1,4 +1,4 @@
-"""Small random-weight models of the real SD 1.x and SDXL architectures, built in memory.
+"""Small random-weight models of the real SD 1.x, SDXL and FLUX.1 architectures, built in memory.
 
 They follow diffusers' own test configs (UNet `block_out_channels=(32, 64)`, two-block VAE,
 small CLIP text encoders) and use a real CLIP tokenizer built offline from the BPE file that
@@ -166,6 +166,104 @@ def tiny_sdxl(text_encoder_2_width: int = 32):
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(pad_token="!"),
         scheduler=_scheduler(),
+    )
+
+
+# A word-level T5 vocabulary for the tiny FLUX.1's second tokenizer: SentencePiece's Unigram pieces ("▁" starts
+# a word), each word of the test prompts whole, any other text spelled out in characters.
+_T5_WORDS = "a an the photo picture of sks toy dog cat person on in at with and style".split()
+_T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
+
+
+def t5_tokenizer(model_max_length: int = 512):
+    """A T5 tokenizer (`T5TokenizerFast`: <pad> 0, </s> 1, <unk> 2, a </s> after each text) over a small
+    Unigram vocabulary, built in memory with `tokenizers` (no hub, no SentencePiece file)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -5.0)]
+    vocab += [("\u2581" + word, -3.0) for word in _T5_WORDS] + [(c, -8.0) for c in _T5_CHARS]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=2))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    return T5TokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_ids=0,
+        model_max_length=model_max_length,
+    )
+
+
+@_seeded
+def tiny_flux():
+    """A FluxPipeline (FLUX.1 [dev]'s architecture) with tiny random weights: a 1 + 1 block transformer
+    with the guidance embedding, a 16-channel VAE, CLIP and T5 text encoders, and FLUX.1-dev's
+    flow-matching scheduler config (dynamic shifting, base_shift 0.5 / max_shift 1.15 over 256..4096 tokens).
+    Groundwork for the FLUX.1 family: no `--model` names it yet."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    tokenizer_2 = t5_tokenizer()
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,  # 16 latent channels x 2 x 2 packed cells
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's d_model
+        pooled_projection_dim=32,  # CLIP's pooled output
+        guidance_embeds=True,
+        axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
+    )
+    vae = AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=16,
+        sample_size=TINY_RESOLUTION,
+        scaling_factor=0.3611,  # FLUX.1's VAE
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    t5 = T5Config(
+        vocab_size=len(tokenizer_2),
+        d_model=32,
+        d_kv=8,
+        d_ff=37,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=CLIPTextModel(_text_config(32, 32)).eval(),
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=T5EncoderModel(t5).eval(),
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
     )
 
 

@@ -26,6 +26,7 @@ from sdlora.data.manifest import CAPTIONS, IMAGES, Manifest
 from sdlora.data.masks import MASKS
 from sdlora.errors import DataError
 from sdlora.train import losses
+from sdlora.train.objective import Objective
 
 _MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads (seed, position) over the seed space
 
@@ -305,7 +306,7 @@ class BatchPlan:
         process_index: int,
         gradient_accumulation: int,
         noise_offset: float,
-        noise_scheduler: Any,
+        objective: Objective,
     ):
         self.instances, self.classes = instances, classes
         self.seed = seed
@@ -314,7 +315,7 @@ class BatchPlan:
         self.process_index = process_index
         self.accum = gradient_accumulation
         self.noise_offset = noise_offset
-        self.noise_scheduler = noise_scheduler
+        self.objective = objective
         self.buckets = instances.buckets()
         self.batches_per_epoch = sum(len(cut_batches(b, self.global_batch)) for b in self.buckets)
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
@@ -366,7 +367,7 @@ class BatchPlan:
             gen = sample_generator(self.seed, stream, pos)
             flip = data.flipped is not None and bool(torch.randint(0, 2, (1,), generator=gen).item())
             latent = (data.flipped if flip else data.latents)[i]  # type: ignore[index]
-            timesteps.append(losses.sample_timesteps(self.noise_scheduler, 1, generator=gen))
+            timesteps.append(self.objective.sample_timesteps(gen, 1, latent.shape))
             noise.append(losses.offset_noise(latent[None], self.noise_offset, generator=gen)[0])
             latents.append(latent)
             time_ids.append((data.time_ids_flipped if flip else data.time_ids)[i])
@@ -397,18 +398,19 @@ class BatchPlan:
         return (step * self.accum) / max(1, self.batches_per_epoch)
 
 
-def validation_batches(data: LatentSet, *, seed: int, loss_timesteps: int, num_train_timesteps: int, batch_size: int):
-    """The fixed validation set: each val image at `loss_timesteps` evenly spaced timesteps, fixed noise.
+def validation_batches(data: LatentSet, *, seed: int, timesteps: torch.Tensor, batch_size: int):
+    """The fixed validation set: each val image at each of `timesteps` (the objective's
+    `validation_timesteps`, evenly spaced), fixed noise.
 
     Same tensors at every call (generators seeded here), so val losses are comparable across steps;
     a batch holds images of one size.
     """
+    count = len(timesteps)
     for bucket in data.buckets():
         items = []
         for i in bucket:
-            for k in range(loss_timesteps):
-                t = int((k + 0.5) * num_train_timesteps / loss_timesteps)
-                gen = sample_generator(seed, 2, i * loss_timesteps + k)
+            for k, t in enumerate(timesteps):
+                gen = sample_generator(seed, 2, i * count + k)
                 items.append((i, t, torch.randn(data.latents[i].shape, generator=gen)))
         for start in range(0, len(items), batch_size):
             chunk = items[start : start + batch_size]
@@ -416,7 +418,7 @@ def validation_batches(data: LatentSet, *, seed: int, loss_timesteps: int, num_t
             yield Batch(
                 latents=torch.stack([data.latents[i] for i, _, _ in chunk]),
                 noise=torch.stack([n for _, _, n in chunk]),
-                timesteps=torch.tensor([t for _, t, _ in chunk], dtype=torch.long),
+                timesteps=torch.stack([t for _, t, _ in chunk]),
                 cond=data.cond.take(index),
                 time_ids=data.time_ids[index],
             )

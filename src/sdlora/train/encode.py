@@ -21,6 +21,7 @@ from sdlora.models.families import Family
 from sdlora.prompts import fill_prompt
 from sdlora.train import cache as cache_mod
 from sdlora.train.data import BatchPlan, Conditioning, Example, LatentSet, time_ids_for
+from sdlora.train.objective import Objective
 
 if TYPE_CHECKING:
     from sdlora.train.state import TrainState
@@ -203,7 +204,7 @@ def encode_examples(
     )
 
 
-def batch_plan(cfg: Config, data: Encoded, accelerator: Any, noise_scheduler: Any) -> BatchPlan:
+def batch_plan(cfg: Config, data: Encoded, accelerator: Any, objective: Objective) -> BatchPlan:
     """This process's batches over the encoded train (and class) images (train/data.py)."""
     return BatchPlan(
         data.train,
@@ -214,7 +215,7 @@ def batch_plan(cfg: Config, data: Encoded, accelerator: Any, noise_scheduler: An
         process_index=accelerator.process_index,
         gradient_accumulation=cfg.train.gradient_accumulation,
         noise_offset=cfg.train.noise_offset,
-        noise_scheduler=noise_scheduler,
+        objective=objective,
     )
 
 

@@ -78,7 +78,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             locks.append(runtime.lock_run(Path(resume), accelerator))  # before minutes of loading
         validation.check_scorer(cfg, val_examples, accelerator)
 
-        pipe, arch, noise_scheduler = lora.load_base(cfg, emit)
+        pipe, arch, objective = lora.load_base(cfg, emit)
         lora.check_rank(cfg, pipe, arch, emit)  # before minutes of encoding
         device, weight_dtype = accelerator.device, resolve.weight_dtype(cfg)
         cfg = resolve.resolve_token_embedding(cfg, pipe, arch)
@@ -116,10 +116,10 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             arch=arch,
             unet=unet,
             text_encoders=encoders,
-            noise_scheduler=noise_scheduler,
+            objective=objective,
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
-            plan=encode.batch_plan(cfg, data, accelerator, noise_scheduler),
+            plan=encode.batch_plan(cfg, data, accelerator, objective),
             val_data=data.val,
             sample_conds=data.sample_conds,
             negative_cond=data.negative_cond,
@@ -254,7 +254,7 @@ def _train_step(state: TrainState) -> dict[str, Any]:
 
 
 def compute_loss(state: TrainState, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Noise-prediction loss of one batch: the instance part (weighted by the subject masks with
+    """The objective's loss of one batch: the instance part (weighted by the subject masks with
     --masked-loss), plus the weighted class part of prior preservation or of --preservation dop.
 
     Class images are square: beside an aspect bucket of another size they take a forward of their own.
@@ -281,16 +281,15 @@ def compute_loss(state: TrainState, batch: Any) -> tuple[torch.Tensor, dict[str,
 
 
 def predict(state: TrainState, part: Any, unet: Any = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The UNet's prediction for a batch (part) on its noisy latents, the target, and the Min-SNR weights."""
-    device, scheduler, cfg = state.device, state.noise_scheduler, state.cfg
-    latents, noise, timesteps = part.latents.to(device), part.noise.to(device), part.timesteps.to(device)
-    noisy = scheduler.add_noise(latents, noise, timesteps)
+    """The denoiser's prediction for a batch (part) on its noisy latents, the target, and the loss weights
+    (Min-SNR's, say): all as the objective (train/objective.py) has them."""
+    device, objective = state.device, state.objective
+    latents, noise, t = part.latents.to(device), part.noise.to(device), part.timesteps.to(device)
+    noisy = objective.noisy_input(latents, noise, t)
     embeds, pooled = condition(state, part.cond)
-    kwargs = state.arch.unet_kwargs(pooled, part.time_ids.to(device))
-    pred = (unet or state.unet)(noisy, timesteps, embeds, return_dict=False, **kwargs)[0]
-    target = losses.prediction_target(scheduler, latents, noise, timesteps)
-    weights = losses.min_snr_weights(scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
-    return pred, target, weights
+    timesteps, time_ids = objective.model_timesteps(t), part.time_ids.to(device)
+    pred = state.arch.denoise(unet or state.unet, noisy, timesteps, embeds, pooled, time_ids)
+    return pred, objective.target(latents, noise, t), objective.loss_weights(t)
 
 
 def _weight_map(state: TrainState, part: Any) -> torch.Tensor | None:

@@ -16,30 +16,27 @@ from sdlora.config import Config
 from sdlora.errors import ConfigError
 from sdlora.events import OnEvent
 from sdlora.models.families import Family
-from sdlora.train import losses
+from sdlora.train.objective import Objective
 
 ADAPTER = "default"
 
 
-def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Family, Any]:
-    """The base pipeline (float32), its architecture and the training noise scheduler.
+def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Family, Objective]:
+    """The base pipeline (float32), its architecture and its training objective (train/objective.py).
 
-    The noise schedule and target (epsilon or v-prediction) come from the model's own scheduler.
+    The family gives the objective from the model's own scheduler (a UNet's noise schedule and target:
+    epsilon or v-prediction).
     """
-    from diffusers import DDPMScheduler
-
     from sdlora.models.loading import TINY_WARNING, default_resolution, is_tiny, load_pipeline
 
     pipe, arch = load_pipeline(
         cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant, vae=cfg.model.vae, dtype=torch.float32
     )
     pipe.set_progress_bar_config(disable=True)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    if noise_scheduler.config.prediction_type not in losses.PREDICTION_TYPES:
-        raise ConfigError(
-            f"{cfg.model.name}: prediction_type {noise_scheduler.config.prediction_type!r} "
-            "is not supported (epsilon or v_prediction)"
-        )
+    try:
+        objective = arch.training_objective(pipe, cfg.train)
+    except ConfigError as error:
+        raise ConfigError(f"{cfg.model.name}: {error}") from None
     if is_tiny(cfg.model.name):
         emit({"event": "warning", "message": TINY_WARNING})
     native = default_resolution(cfg.model.name, arch)
@@ -50,7 +47,7 @@ def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Family, Any]:
                 "message": f"training at {cfg.data.resolution} px; {cfg.model.name} was made for {native} px",
             }
         )
-    return pipe, arch, noise_scheduler
+    return pipe, arch, objective
 
 
 def vae_reloadable(cfg: Config) -> bool:

@@ -42,7 +42,7 @@ def min_snr_weights(noise_scheduler: Any, timesteps: Tensor, snr_gamma: float) -
         raise ConfigError(f"--snr-gamma must be positive (5.0 is the paper's choice), got {snr_gamma}")
     snr = compute_snr(noise_scheduler, timesteps)
     clamped = torch.clamp(snr, max=snr_gamma)
-    prediction_type = _prediction_type(noise_scheduler)
+    prediction_type = check_prediction_type(noise_scheduler)
     if prediction_type == "epsilon":
         return torch.where(snr > 0, clamped / snr.clamp(min=torch.finfo(snr.dtype).tiny), torch.ones_like(snr))
     return clamped / (snr + 1.0)
@@ -50,7 +50,7 @@ def min_snr_weights(noise_scheduler: Any, timesteps: Tensor, snr_gamma: float) -
 
 def prediction_target(noise_scheduler: Any, latents: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
     """What the UNet should predict: the noise (epsilon) or the velocity (v-prediction)."""
-    prediction_type = _prediction_type(noise_scheduler)
+    prediction_type = check_prediction_type(noise_scheduler)
     if prediction_type == "epsilon":
         return noise
     return noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -125,7 +125,8 @@ def mask_weights(mask: Tensor, unmasked_weight: float) -> Tensor:
     return unmasked_weight + (1.0 - unmasked_weight) * mask.float()
 
 
-def _prediction_type(noise_scheduler: Any) -> str:
+def check_prediction_type(noise_scheduler: Any) -> str:
+    """The scheduler's prediction type; ConfigError for one sdlora does not train."""
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type not in PREDICTION_TYPES:
         raise ConfigError(

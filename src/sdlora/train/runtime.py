@@ -207,7 +207,7 @@ def start_event(state: TrainState, effective_batch: int) -> dict[str, Any]:
         "device": str(state.device),
         "mixed_precision": cfg.train.mixed_precision,
         "compile": compiled_blocks(state.unwrap(state.unet)),  # --compile: the UNet blocks compiled (0: off)
-        "prediction_type": state.noise_scheduler.config.prediction_type,
+        "prediction_type": state.objective.prediction_type,
         "masked_loss": None
         if state.plan.instances.masks is None
         else {

@@ -20,6 +20,7 @@ from sdlora.events import OnEvent
 from sdlora.models.families import Family
 from sdlora.train import monitor
 from sdlora.train.data import BatchPlan, LatentSet
+from sdlora.train.objective import Objective
 
 
 @dataclass
@@ -32,7 +33,7 @@ class TrainState:
     arch: Family  # the model family (models/families/); "arch" as run files and events record it
     unet: Any  # prepared (maybe DDP-wrapped)
     text_encoders: list[Any]  # prepared, only those with a LoRA being trained
-    noise_scheduler: Any
+    objective: Objective  # the training objective the family gives (train/objective.py)
     optimizer: Any
     lr_scheduler: Any
     plan: BatchPlan

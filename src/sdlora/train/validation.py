@@ -22,7 +22,6 @@ from sdlora.devices import free_memory
 from sdlora.errors import DataError
 from sdlora.prompts import fill_prompt
 from sdlora.run import BEST_DIR, SAMPLES_DIR, Metric
-from sdlora.train import losses
 from sdlora.train.data import Conditioning, Example, validation_batches
 from sdlora.train.export import export_lora
 from sdlora.train.runtime import log
@@ -117,19 +116,18 @@ def validation_loss(state: TrainState) -> float:
     batches = validation_batches(
         state.val_data,
         seed=state.cfg.validation.seed,
-        loss_timesteps=state.cfg.validation.loss_timesteps,
-        num_train_timesteps=int(state.noise_scheduler.config.num_train_timesteps),
+        timesteps=state.objective.validation_timesteps(state.cfg.validation.loss_timesteps),
         batch_size=max(4, state.cfg.train.batch_size),
     )
-    device, scheduler = state.device, state.noise_scheduler
+    device, objective = state.device, state.objective
     for batch in batches:
-        latents, noise, timesteps = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
+        latents, noise, t = batch.latents.to(device), batch.noise.to(device), batch.timesteps.to(device)
         embeds, pooled = _eval_condition(state, batch.cond)
-        kwargs = state.arch.unet_kwargs(pooled, batch.time_ids.to(device))
         with state.accelerator.autocast():
-            noisy = scheduler.add_noise(latents, noise, timesteps)
-            pred = unet(noisy, timesteps, embeds, return_dict=False, **kwargs)[0]
-        target = losses.prediction_target(scheduler, latents, noise, timesteps)
+            noisy = objective.noisy_input(latents, noise, t)
+            timesteps, time_ids = objective.model_timesteps(t), batch.time_ids.to(device)
+            pred = state.arch.denoise(unet, noisy, timesteps, embeds, pooled, time_ids)
+        target = objective.target(latents, noise, t)
         per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
         total += per_sample.sum().item()
         count += per_sample.numel()

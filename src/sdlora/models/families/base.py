@@ -9,9 +9,12 @@ listed in `families.FAMILIES`; nothing outside the package changes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
+
+if TYPE_CHECKING:
+    from sdlora.train.objective import Objective
 
 
 @dataclass(frozen=True)
@@ -28,12 +31,13 @@ class Family:
     card), single_file_key / base_config (how a checkpoint file is recognised and the shipped configs
     it loads with), tiny_model (the `--model` name of its tiny random-weight model).
 
-    Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`) and prompt
+    Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`), training
+    (`training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the
+    denoiser's forward) and prompt
     conditioning (`tokenize`, `encode_tokens`, `encode_prompts`, `stack_pooled`, `unet_kwargs`,
     `prompt_embeds_kwargs`). A family whose denoiser is not a UNet with CLIP text encoders (the
-    flow-matching transformers) adds here what the shared loop then asks instead of assuming: the
-    training target and timestep sampling, latent packing, its LoRA targets, sampling, and the kohya
-    key map of its denoiser.
+    flow-matching transformers) adds here what the shared loop then asks instead of assuming: its LoRA
+    targets, sampling, and the kohya key map of its denoiser.
     """
 
     name: str  # recorded in files: "sd1", "sdxl"
@@ -79,6 +83,26 @@ class Family:
 
     def build_tiny(self) -> Any:
         """The family's tiny random-weight pipeline, built in memory (`--model <tiny_model>`)."""
+        raise NotImplementedError
+
+    def training_objective(self, pipe: Any, train: Any) -> "Objective":
+        """The training objective (train/objective.py) for the loaded `pipe` under the train settings
+        `train` (`Config.train`): what the loop and the batch plan ask for timesteps, noisy input,
+        target and loss weights. ConfigError (one line) for settings the objective cannot train."""
+        raise NotImplementedError
+
+    def denoise(
+        self,
+        denoiser: Any,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The denoiser's prediction for `noisy` latents (B, C, h, w), in their shape: the one forward call
+        the loop and validation make. `timesteps` are in the model's form (`Objective.model_timesteps`). A
+        family whose denoiser takes its latents packed into tokens (FLUX) packs and unpacks here."""
         raise NotImplementedError
 
     # ---- prompt conditioning

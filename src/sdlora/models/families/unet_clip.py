@@ -16,6 +16,25 @@ class UNetClipFamily(Family):
     """A UNet denoiser conditioned on CLIP text encoders; `uses_pooled` adds SDXL-style added conditions
     (the last encoder's pooled embedding and the six micro-conditioning time ids)."""
 
+    def training_objective(self, pipe: Any, train: Any) -> Any:
+        """DDPM noise prediction on the pipeline's own noise schedule (epsilon or v-prediction), with
+        `--snr-gamma`'s Min-SNR weights."""
+        from sdlora.train.objective import NoisePrediction
+
+        return NoisePrediction.of_pipeline(pipe, train.snr_gamma)
+
+    def denoise(
+        self,
+        denoiser: Any,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The UNet's forward on the latents as they are, with the added conditions where the family has them."""
+        return denoiser(noisy, timesteps, embeds, return_dict=False, **self.unet_kwargs(pooled, time_ids))[0]
+
     def tokenize(self, pipe: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
         """Token ids per tokenizer, padded to the model's 77 positions."""
         ids = []
