@@ -113,8 +113,9 @@ def test_interrupted_trainer_resumes_exactly(tmp_path):
 
     def run(ckpt: Path, stop_at: int | None) -> torch.Tensor:
         torch.manual_seed(0)
-        model = torch.nn.Linear(4, 1)
-        trainer = common.Trainer("t", model, common.adamw(model, 0.1), 6, 0.1, 2, ckpt, every=2, ckpt_every=1)
+        model, ema = torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)
+        opt = common.adamw(model, 0.1)
+        trainer = common.Trainer("t", model, opt, 6, 0.1, 2, ckpt, every=2, ckpt_every=1, ema=ema, ema_decay=0.5)
 
         def step(i: int):
             if i == stop_at:
@@ -123,7 +124,7 @@ def test_interrupted_trainer_resumes_exactly(tmp_path):
             return model(x).pow(2).mean()
 
         trainer.run(step)
-        return model.weight.detach().clone()
+        return torch.cat([model.weight.detach(), ema.weight.detach()])
 
     whole = run(tmp_path / "a.pt", None)
     with pytest.raises(KeyboardInterrupt):

@@ -72,6 +72,10 @@ class Trainer:
     every: int = 50
     ckpt_every: int = 250
     clip_grad: float = 1.0
+    ema: torch.nn.Module | None = (
+        None  # a copy of `model` that follows it: avg += (1 - ema_decay) * (weight - avg) each step
+    )
+    ema_decay: float = 0.999
 
     def run(self, step_fn: Callable[[int], torch.Tensor | tuple[torch.Tensor, dict[str, float]]]) -> list[dict]:
         start, curve = self._resume()
@@ -88,6 +92,10 @@ class Trainer:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
             self.opt.step()
+            if self.ema is not None:
+                with torch.no_grad():
+                    for avg, p in zip(self.ema.parameters(), self.model.parameters()):
+                        avg.lerp_(p, 1 - self.ema_decay)
             for key, value in {"loss": loss.item(), **extra}.items():
                 window.setdefault(key, []).append(value)
             done = step + 1
@@ -108,10 +116,14 @@ class Trainer:
         state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         return int(state["step"]), list(state["curve"])
 
     def _save(self, step: int, curve: list[dict]) -> None:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": step, "curve": curve}
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         with atomic_path(self.ckpt) as tmp:
             torch.save(state, tmp)
 

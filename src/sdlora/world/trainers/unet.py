@@ -3,12 +3,14 @@ the CLIP text tower's 77x128 embeddings; then world-sd, the StableDiffusionPipel
 
 The late-attention 4.2 M UNet of benchmarks/world_feasibility.py (0.42 s/step at 16x16, batch 32):
 cross-attention only on the two coarser levels. Epsilon prediction on SD 1.x's noise schedule;
-one caption in ten is dropped to "" so classifier-free guidance works. The pool's latents are
+one caption in ten is dropped to "" so classifier-free guidance works; world-sd gets the weights'
+exponential moving average (decay EMA_DECAY). The pool's latents are
 encoded once (mean and std, sampled per step), the captions' embeddings once each.
 """
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ BATCH = 32
 LR = 3e-4
 WARMUP = 200
 CAPTION_DROPOUT = 0.1
+EMA_DECAY = 0.999
 
 
 def scheduler():
@@ -123,6 +126,7 @@ def train(out: Path, scale: float = 1.0):
     embed = Embeddings(encoder, tokenizer)
     noise_schedule = scheduler()
     model = build_model().train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # what world-sd ships: smoother samples
     opt = common.adamw(model, LR)
 
     def step(i: int):
@@ -138,10 +142,11 @@ def train(out: Path, scale: float = 1.0):
         return torch.nn.functional.mse_loss(pred, noise)
 
     steps = common.scaled(STEPS, scale)
-    common.Trainer(NAME, model, opt, steps, LR, common.scaled(WARMUP, scale), out / common.WORK / f"{NAME}.pt").run(
+    ckpt = out / common.WORK / f"{NAME}.pt"
+    common.Trainer(NAME, model, opt, steps, LR, common.scaled(WARMUP, scale), ckpt, ema=ema, ema_decay=EMA_DECAY).run(
         step
     )
-    return model.eval(), autoencoder, encoder, tokenizer
+    return ema, autoencoder, encoder, tokenizer
 
 
 def pipeline(unet, autoencoder, encoder, tokenizer):
