@@ -16,14 +16,15 @@ The build runs in phases of two one-thread processes side by side (orchestrate.p
 scene pool (two shards), A trains the VAE and the CLIP, B the UNet (on the VAE's latents and the
 CLIP text tower's embeddings) and the DINO-style ViT.
 
-Measured 2026-12-06 on the shared 2-core machine (load 3-10), one thread, CPU seconds per step
+Measured 2026-12-06 on the shared 2-core machine (load about 3), one thread, CPU seconds per step
 (about the wall time on an idle core), from each trainer's printed curve:
 
-    pool   12,000 scenes a shard, ~14 ms each                              ~3 min
-    A      vae  3000 steps x 0.65 s (batch 32)          ~33 min  |  clip 3500 x 0.47 s (batch 64)  ~27 min
-    B      unet 8000 steps x 0.61 s (batch 32, EMA)     ~81 min  |  dino 3500 x 0.94 s (32 pairs)  ~55 min
+    0      pool: 12,000 scenes a shard, ~14 ms each                                    ~3 min
+    A      vae  3000 steps x 0.65-0.70 s (batch 32)   ~35 min  |  clip 4000 x 0.44 s (batch 64)   ~29 min
+    B      unet 8000 steps x 0.42 s (batch 32, EMA)   ~56 min  |  dino 4000 x 0.74 s (32 pairs)   ~49 min
 
-so the whole build takes about 3 + 33 + 81 = ~2 hours on two idle cores (longer on a busy
-machine). Shipped sizes, fp16: world-sd 12 MB (UNet 8.2, text encoder 1.8, VAE 1.3), world-clip
-3.4 MB, world-dino 2.2 MB.
+so the whole build takes about 3 + 35 + 56 = ~95 minutes on two idle cores. Two processes that
+share the cores with other work slow down (0.61 s a UNet step with a third process running).
+Shipped sizes, fp16: world-sd 12 MB (UNet 8.2, text encoder 1.8, VAE 1.3), world-clip 3.4 MB,
+world-dino 2.2 MB.
 """
