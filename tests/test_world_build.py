@@ -170,3 +170,31 @@ def test_short_build_samples_and_scores(tmp_path):
     # Run again: everything is already built, nothing retrains.
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "step" not in again.stdout.replace("--steps-scale", "")
+
+
+def test_checkpoint_of_another_length_is_refused(tmp_path, capsys):
+    """A checkpoint from a build with another --steps-scale is not silently resumed: one line, exit 1."""
+    from sdlora.errors import ConfigError
+
+    def trainer(steps: int) -> common.Trainer:
+        model = torch.nn.Linear(2, 1)
+        return common.Trainer("t", model, common.adamw(model, 0.1), steps, 0.1, 1, tmp_path / "t.pt")
+
+    def step(i: int):
+        return trainer_model.weight.sum() ** 2
+
+    first = trainer(2)
+    trainer_model = first.model
+    first.run(step)
+    with pytest.raises(ConfigError, match="t.pt: a checkpoint of a 2-step training, this one has 3 steps"):
+        trainer(3).run(step)
+    # Through a trainer's entry point: the VAE's checkpoint of a 2-step build, rebuilt at 3 steps.
+    work = tmp_path / "out" / common.WORK
+    work.mkdir(parents=True)
+    model = vae.build_model()
+    torch.save({"model": model.state_dict(), "opt": {}, "step": 2, "steps": 2, "curve": []}, work / "vae.pt")
+    with pytest.raises(SystemExit) as exit_:
+        vae.main(["--out", str(tmp_path / "out"), "--steps-scale", "0.001"])
+    assert exit_.value.code == 1
+    assert "vae.pt: a checkpoint of a 2-step training, this one has 3 steps" in capsys.readouterr().err
+    assert not (work / vae.NAME).exists()

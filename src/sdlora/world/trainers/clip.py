@@ -217,7 +217,10 @@ def save(model: torch.nn.Module, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = common.parse_args(NAME, argv)
+    common.main(NAME, _build, argv)
+
+
+def _build(args) -> None:
     if (args.out / NAME).is_dir() and (args.out / common.WORK / "text").is_dir():
         print(f"[{NAME}] already built in {args.out / NAME}", flush=True)
         return

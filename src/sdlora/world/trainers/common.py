@@ -114,6 +114,13 @@ class Trainer:
         if not self.ckpt.is_file():
             return 0, []
         state = torch.load(self.ckpt, map_location="cpu", weights_only=True)
+        if state.get("steps") != self.steps:
+            from sdlora.errors import ConfigError
+
+            raise ConfigError(
+                f"{self.ckpt}: a checkpoint of a {state.get('steps')}-step training, this one has {self.steps} "
+                "steps; build with the --steps-scale that made it, or delete it to start over"
+            )
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["opt"])
         if self.ema is not None:
@@ -122,6 +129,7 @@ class Trainer:
 
     def _save(self, step: int, curve: list[dict]) -> None:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(), "step": step, "curve": curve}
+        state["steps"] = self.steps
         if self.ema is not None:
             state["ema"] = self.ema.state_dict()
         with atomic_path(self.ckpt) as tmp:
@@ -144,6 +152,21 @@ def publish(final: Path, write: Callable[[Path], Any]) -> None:
         os.replace(final, old)
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def main(name: str, body: Callable[[Any], None], argv: list[str] | None) -> None:
+    """A trainer module's entry point: parse its options, run `body(args)`, and turn an sdlora error
+    into one line on stderr and exit status 1."""
+    import sys
+
+    from sdlora.errors import SdloraError
+
+    args = parse_args(name, argv)
+    try:
+        body(args)
+    except SdloraError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
 
 
 def parse_args(name: str, argv: list[str] | None):

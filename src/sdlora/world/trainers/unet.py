@@ -165,7 +165,10 @@ def pipeline(unet, autoencoder, encoder, tokenizer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = common.parse_args(NAME, argv)
+    common.main(NAME, _build, argv)
+
+
+def _build(args) -> None:
     final = args.out / PIPELINE
     if final.is_dir():
         print(f"[{NAME}] already built in {final}", flush=True)

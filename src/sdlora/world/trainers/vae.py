@@ -72,7 +72,10 @@ def train(out: Path, scale: float = 1.0):
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = common.parse_args(NAME, argv)
+    common.main(NAME, _build, argv)
+
+
+def _build(args) -> None:
     final = args.out / common.WORK / NAME
     if final.is_dir():
         print(f"[{NAME}] already built in {final}", flush=True)
