@@ -3,6 +3,7 @@
 python -m sdlora.world photos --object 3 --count 24 --out photos/
 python -m sdlora.world photos --object 3 --count 24 --out room/ --clutter --masks room-masks/
 python -m sdlora.world scenes --count 16 --size 64 --out scenes.png
+python -m sdlora.world build --out world-models/     # about 2 hours on 2 cores; resumes if interrupted
 """
 
 from __future__ import annotations
@@ -93,6 +94,32 @@ def scenes(
         with atomic_path(out) as tmp:
             sheet.save(tmp, format="PNG")
     except OSError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def build(
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for world-sd/, world-clip/, world-dino/ (and work/).")
+    ] = Path("world-models"),
+    only: Annotated[
+        Optional[str], typer.Option("--only", help="Build one model: clip, vae, unet (needs clip and vae) or dino.")
+    ] = None,
+    steps_scale: Annotated[
+        float, typer.Option("--steps-scale", help="Multiply every trainer's steps (and the scene pool) by this.")
+    ] = 1.0,
+) -> None:
+    """Train the world's base models from seeds (two one-thread processes at a time), printing their curves."""
+    from sdlora.world.trainers.orchestrate import MODELS
+    from sdlora.world.trainers.orchestrate import build as run_build
+
+    if only is not None and only not in MODELS:
+        raise _fail(ConfigError(f"--only {only}: use one of {', '.join(MODELS)}"))
+    if not 0 < steps_scale <= 10:
+        raise _fail(ConfigError(f"--steps-scale {steps_scale}: give a number above 0 and at most 10"))
+    try:
+        run_build(out, only, steps_scale)
+    except (SdloraError, OSError) as exc:
         raise _fail(exc) from None
 
 
