@@ -93,7 +93,8 @@ def test_marginal_step_cancels_start_up():
 
 def test_in_loop_median_skips_the_first_step_and_lines_without_a_step_time(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
-    lines = [{"step": 1, "step_time_s": 30.0}, {"val_loss": 0.1}, *({"step_time_s": t} for t in (4.0, 5.0, 9.0))]
+    steps = [{"step": step, "step_time_s": t} for step, t in ((2, 4.0), (3, 5.0), (4, 9.0))]
+    lines = [{"step": 1, "step_time_s": 30.0}, {"step": 1, "val_loss": 0.1}, *steps]
     metrics.write_text("".join(json.dumps(r) + "\n" for r in lines) + '{"step_time_s": 1')  # a half-written line
     assert train_pairs.in_loop_median(metrics) == 5.0
     assert train_pairs.in_loop_median(tmp_path / "missing.jsonl") is None
