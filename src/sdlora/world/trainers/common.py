@@ -8,8 +8,6 @@ uninterrupted one would.
 from __future__ import annotations
 
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from sdlora.fsutil import atomic_path
+from sdlora.fsutil import atomic_folder, atomic_path
 
 WORK = "work"  # under the build's output folder: the pool and the checkpoints, not shipped
 
@@ -142,16 +140,18 @@ def adamw(model: torch.nn.Module, lr: float, weight_decay: float = 0.0) -> torch
 
 def publish(final: Path, write: Callable[[Path], Any]) -> None:
     """`write(tmp)` fills a temp folder beside `final`, which then replaces `final` whole."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    old = final.parent / f".{final.name}.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
+    with atomic_folder(final) as tmp:
+        write(tmp)
+
+
+def build_once(name: str, final: Path, train: Callable[[], Any]) -> None:
+    """Train a model and publish it in fp16 at `final`, unless a finished one is there already."""
+    if final.is_dir():
+        print(f"[{name}] already built in {final}", flush=True)
+        return
+    model = train()
+    publish(final, lambda tmp: model.to(torch.float16).save_pretrained(tmp))
+    print(f"[{name}] saved {final}", flush=True)
 
 
 def main(name: str, body: Callable[[Any], None], argv: list[str] | None) -> None:

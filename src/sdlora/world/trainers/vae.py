@@ -76,13 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _build(args) -> None:
-    final = args.out / common.WORK / NAME
-    if final.is_dir():
-        print(f"[{NAME}] already built in {final}", flush=True)
-        return
-    model = train(args.out, args.steps_scale)
-    common.publish(final, lambda tmp: model.to(torch.float16).save_pretrained(tmp))
-    print(f"[{NAME}] saved {final}", flush=True)
+    common.build_once(NAME, args.out / common.WORK / NAME, lambda: train(args.out, args.steps_scale))
 
 
 if __name__ == "__main__":
