@@ -13,6 +13,7 @@ import functools
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ def _text_config(hidden: int, projection: int):
     )
 
 
-def _vae(scaling_factor: float):
+def _vae(scaling_factor: float, latent_channels: int = 4, **extra: Any):
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
@@ -79,9 +80,10 @@ def _vae(scaling_factor: float):
         out_channels=3,
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=4,
+        latent_channels=latent_channels,
         sample_size=TINY_RESOLUTION,
         scaling_factor=scaling_factor,
+        **extra,
     )
 
 
@@ -205,7 +207,7 @@ def tiny_flux():
     with the guidance embedding, a 16-channel VAE, CLIP and T5 text encoders, and FLUX.1-dev's
     flow-matching scheduler config (dynamic shifting, base_shift 0.5 / max_shift 1.15 over 256..4096 tokens).
     Groundwork for the FLUX.1 family: no `--model` names it yet."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 
     tokenizer_2 = t5_tokenizer()
@@ -221,18 +223,8 @@ def tiny_flux():
         guidance_embeds=True,
         axes_dims_rope=(4, 4, 8),  # sums to attention_head_dim
     )
-    vae = AutoencoderKL(
-        block_out_channels=[32, 64],
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
-        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
-        latent_channels=16,
-        sample_size=TINY_RESOLUTION,
-        scaling_factor=0.3611,  # FLUX.1's VAE
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
+    vae = _vae(  # FLUX.1's VAE: 16 latent channels, its scale and shift, no quant convs
+        0.3611, latent_channels=16, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
     )
     t5 = T5Config(
         vocab_size=len(tokenizer_2),
