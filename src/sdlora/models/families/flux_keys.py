@@ -161,8 +161,8 @@ def _peft_modules(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str,
     for key, tensor in state_dict.items():
         suffix = next((s for s in (PEFT_A, PEFT_B) if key.endswith(s)), None)
         if suffix is None:
-            what = "DoRA (lora_magnitude_vector)" if "lora_magnitude_vector" in key else "a tensor"
-            raise FluxKeyError(f"{key}: {what} the FLUX.1 sd-scripts/ComfyUI export does not support")
+            what = "DoRA's magnitude" if "lora_magnitude_vector" in key else "this tensor"
+            raise FluxKeyError(f"{key}: {what} has no place in a FLUX.1 sd-scripts/ComfyUI file (lora_A, lora_B only)")
         modules.setdefault(_strip(key[: -len(suffix)]), {})[suffix] = tensor
     for path, tensors in modules.items():
         if len(tensors) != 2:
