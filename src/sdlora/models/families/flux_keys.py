@@ -26,7 +26,8 @@ Sources read (2026 snapshots):
   `loaders/lora_conversion_utils.py::_convert_kohya_flux_lora_to_diffusers` (0.42): the BFL -> diffusers
   module table, the scale alpha / rank, a fused module split densely (the whole down to every part) or,
   when rank % parts == 0 and lora_up is block-diagonal, in blocks; `final_layer.adaLN_modulation.1`
-  rows are (shift, scale) where diffusers' `norm_out.linear` has (scale, shift) (`swap_scale_shift`).
+  rows are (shift, scale) where diffusers' `norm_out.linear` has (scale, shift) (`swap_scale_shift`);
+  the final layer's two modules are read without their alpha, so here their scale is folded into lora_up.
 - diffusers `loaders/single_file_utils.py::convert_flux_transformer_checkpoint_to_diffusers`: the same
   table for whole checkpoints, q, k, v chunked in that order and `linear1` split (h, h, h, 4h);
   tests/test_flux_keys.py runs it on this module's output for the full-size FLUX.1 [dev].
@@ -84,6 +85,9 @@ DOUBLE_FUSED = {
 SINGLE_FUSED = {"linear1": (*_QKV, ("proj_mlp", 4))}  # FLUX.1's mlp_ratio 4
 # Output rows BFL orders (shift, scale) and diffusers (scale, shift).
 SWAPPED = {"norm_out.linear"}
+# diffusers' kohya loader reads the final layer's LoRA without its alpha ("TODO: alphas" in
+# `_convert_kohya_flux_lora_to_diffusers`), so there alpha / rank goes into lora_up and alpha = rank.
+SCALE_FOLDED = {"proj_out", "norm_out.linear"}
 
 _BLOCKS = {  # diffusers block list -> (BFL block list, unfused table, fused table)
     "transformer_blocks": ("double_blocks", DOUBLE, DOUBLE_FUSED),
@@ -188,8 +192,12 @@ def peft_to_kohya_flux(state_dict: Mapping[str, torch.Tensor], alphas: Mapping[s
         layout = diffusers_parts(name)
         if layout[0][1] is None:
             down, up, alpha = parts[0]
-            if layout[0][0] in SWAPPED:
+            path = layout[0][0]
+            if path in SWAPPED:
                 up = _swap_halves(up)
+            if path in SCALE_FOLDED and alpha != down.shape[0]:
+                up = (up.detach().to("cpu", torch.float32) * (alpha / down.shape[0])).to(up.dtype)
+                alpha = float(down.shape[0])
         else:
             down, up, alpha = _fuse(name, layout, parts)
         out[name + DOWN] = down.detach().to("cpu").contiguous()
