@@ -17,17 +17,23 @@ apart again when lora_up is block-diagonal (and drops a block that is all zero, 
 untrained part); a dense fused LoRA (sd-scripts' default) gives every part the whole lora_down and
 its rows of lora_up, which is exact too.
 
+Transformer only: a FLUX.1 file's CLIP-L keys (`lora_te1_...`) are SD's text-encoder names (train/kohya.py).
+DoRA has no place here (refused): a fused module's magnitude would need the untrained parts' base weights.
+
 Sources read (2026 snapshots):
 - sd-scripts `networks/lora_flux.py` (48d368f): `LORA_PREFIX_FLUX = "lora_unet"`, names are the BFL
   module path with `_`; `split_qkv` trains q, k, v (and mlp for `linear1`) apart and `state_dict()`
   saves them fused as cat(downs) and a block-diagonal up, but leaves alpha unchanged, so readers scale
   those modules by 1/3 or 1/4 (sd-scripts issue #2204, open); here alpha is multiplied by the part count.
-- sd-scripts `networks/convert_flux_lora.py` as diffusers adapted it: diffusers
+- sd-scripts `networks/convert_flux_lora.py` (same commit): `convert_ai_toolkit_to_sd_scripts` fuses a
+  diffusers-layout LoRA the same way (cat of the downs, block-diagonal up, alpha = the fused rank for
+  scale-1 parts), needing every part present; the other direction is diffusers' adaptation of it,
   `loaders/lora_conversion_utils.py::_convert_kohya_flux_lora_to_diffusers` (0.42): the BFL -> diffusers
   module table, the scale alpha / rank, a fused module split densely (the whole down to every part) or,
   when rank % parts == 0 and lora_up is block-diagonal, in blocks; `final_layer.adaLN_modulation.1`
   rows are (shift, scale) where diffusers' `norm_out.linear` has (scale, shift) (`swap_scale_shift`);
-  the final layer's two modules are read without their alpha, so here their scale is folded into lora_up.
+  the final layer's two modules are read without their alpha, so here their scale is folded into lora_up
+  (and the modules outside the blocks come out without `transformer.`, so `load_lora_weights` skips them).
 - diffusers `loaders/single_file_utils.py::convert_flux_transformer_checkpoint_to_diffusers`: the same
   table for whole checkpoints, q, k, v chunked in that order and `linear1` split (h, h, h, 4h);
   tests/test_flux_keys.py runs it on this module's output for the full-size FLUX.1 [dev].
