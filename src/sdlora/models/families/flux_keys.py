@@ -173,7 +173,12 @@ def _peft_modules(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str,
         if suffix is None:
             what = "DoRA's magnitude" if "lora_magnitude_vector" in key else "this tensor"
             raise FluxKeyError(f"{key}: {what} has no place in a FLUX.1 sd-scripts/ComfyUI file (lora_A, lora_B only)")
-        modules.setdefault(_strip(key[: -len(suffix)]), {})[suffix] = tensor
+        path = _strip(key[: -len(suffix)])
+        try:
+            kohya_module(path)
+        except FluxKeyError as error:
+            raise FluxKeyError(f"{key}: {error}") from None
+        modules.setdefault(path, {})[suffix] = tensor
     for path, tensors in modules.items():
         if len(tensors) != 2:
             raise FluxKeyError(f"FLUX.1 LoRA module {path!r} lacks lora_A or lora_B")
