@@ -18,9 +18,11 @@ Figures (cosines as score reports them, -1..1):
   train_s                  wall seconds of run_training (model load included)
 
 Threads: every run, in this process or a pool worker, gets ONE thread and OMP_WAIT_POLICY=PASSIVE,
-set here before torch is imported. With torch's default 2 threads beside a busy neighbour, OpenMP
-threads spin at their barriers: sampling two 32 px images took 85 s instead of 1 s (measured
-2026-12-06 beside the world build). Two runs side by side (--jobs 2) use both cores.
+set here before torch is imported (the `sdlora` CLI sets PASSIVE in sdlora/cli/__init__.py, but
+these scripts import sdlora as a library). Beside a busy neighbour, sampling two 32 px images took
+85 s with torch's 2 threads spinning at their barriers (OMP_WAIT_POLICY unset), 1.6 s with PASSIVE
+and 1.0 s with one thread (measured 2026-12-06 beside the world build). Two runs side by side
+(--jobs 2) use both cores.
 
 Not a script: the two benchmarks import it (benchmarks/ is a folder of scripts).
 """
@@ -31,6 +33,7 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported (module docstring)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the world's models are local: no hub probes
 
 import functools  # noqa: E402
 import shutil  # noqa: E402
@@ -260,10 +263,16 @@ def measure(
 
 
 def one_thread() -> None:
-    """One torch thread in this process (module docstring); pool workers run it first."""
+    """One torch thread in this process (module docstring), and no loading bars or library chatter
+    between the figures; pool workers run it first."""
     import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
 
     torch.set_num_threads(1)
+    for logging in (diffusers_logging, transformers_logging):
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
 
 
 def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], workers: int, estimate_s: float) -> Iterable[Any]:
@@ -296,12 +305,18 @@ class Spread:
     """Mean and spread of one figure over runs: printed "mean ±std" (sample std); min and max kept."""
 
     values: list[float] = field(default_factory=list)
+    digits: int = 3
+
+    @classmethod
+    def of(cls, figure: str, values: list[float]) -> "Spread":
+        """Seconds (figures named *_s) as whole numbers, cosines and shares to 3 decimals."""
+        return cls(values, 0 if figure.endswith("_s") else 3)
 
     def __str__(self) -> str:
         if not self.values:
             return "-"
-        mean = statistics.fmean(self.values)
-        return f"{mean:.3f}" if len(self.values) == 1 else f"{mean:.3f} ±{self.std:.3f}"
+        mean, d = statistics.fmean(self.values), self.digits
+        return f"{mean:.{d}f}" if len(self.values) == 1 else f"{mean:.{d}f} ±{self.std:.{d}f}"
 
     @property
     def std(self) -> float:

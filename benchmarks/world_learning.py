@@ -26,8 +26,9 @@ against 12 held-out photos of the object (photo seed 1000 + S, never trained on)
   train s / run s    wall seconds of training / of the whole run (prepare, train, sample, score)
 Every run is printed as it finishes; then the table per object and over all runs.
 
-Time on the 2-core machine (--jobs 2, one thread per run): the estimate is printed before
-starting; about 1.5-2 min per run, so ~8-10 min for the 9 runs, plus ~1 min for part `base`.
+Time (--jobs 2 on the 2-core machine, one thread per run; the estimate is printed before starting):
+about 1.5 min a run (36 photos rendered, 300 steps, 16 images), so ~8 min for the 9 runs, plus 1-2
+min for part `base`. Beside a busy neighbour it takes 2-5 times as long.
 """
 
 from __future__ import annotations
@@ -171,7 +172,7 @@ def part_lora(objects: list[int], seeds: list[int], work: Path, steps_scale: flo
     n = len(objects) * len(seeds)
     estimate = per_run * -(-n // jobs)
     print(f"\nA LoRA learns the object: objects {objects}, seeds {seeds}, {steps:.0f} steps; ~{per_run:.0f} s a run")
-    runs = []
+    runs, start = [], time.perf_counter()
     for figures in wc.run_jobs(
         learn, [(k, s, work, here, steps_scale) for k in objects for s in seeds], jobs, estimate
     ):
@@ -183,9 +184,12 @@ def part_lora(objects: list[int], seeds: list[int], work: Path, steps_scale: flo
             flush=True,
         )
     groups = [(f"{k} {wc.object_class(k)}", [r for r in runs if r["object"] == k]) for k in objects]
-    rows = [[label, str(len(rs)), *(str(wc.Spread([r[f] for r in rs])) for f in FIGURES)] for label, rs in groups]
-    rows.append(["all", str(len(runs)), *(str(wc.Spread([r[f] for r in runs])) for f in FIGURES)])
-    print(f"\nA LoRA learns the object (mean ±std over seeds; world-DINO to {wc.HELDOUT_PHOTOS} held-out photos)")
+    rows = [[label, str(len(rs)), *(str(wc.Spread.of(f, [r[f] for r in rs])) for f in FIGURES)] for label, rs in groups]
+    rows.append(["all", str(len(runs)), *(str(wc.Spread.of(f, [r[f] for r in runs])) for f in FIGURES)])
+    took = (time.perf_counter() - start) / 60
+    print(
+        f"\nA LoRA learns the object (mean ±std over runs; world-DINO to {wc.HELDOUT_PHOTOS} held-out photos; {took:.1f} min)"
+    )
     print(wc.table(HEADER, rows))
     return runs
 

@@ -38,8 +38,9 @@ data.masked_loss; does the LoRA still draw the room when asked for the beach? se
 dropout 0.1. Not here: the `sdlora tune` winner (issue 19 asks for it too).
 
 Time: the estimate is printed before starting. Default settings (17 rows, 16 training runs x 2
-seeds x 1 object) with --jobs 2 on the 2-core machine: about 35-45 min; --steps-scale 0.05 with
-two rows about 3 min.
+seeds x 1 object = 32 runs) with --jobs 2 on the 2-core machine: about 20-25 min (1 min of it
+rendering photos); beside a busy neighbour 2-5 times as long (a check of 6 rows at --steps-scale
+0.05 took 10 min beside the world build and a test suite).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def summary(runs: list[dict], levers: list[Lever]) -> str:
     ]
     for lever in levers:
         rs = [r for r in runs if r["lever"] == lever.key]
-        spread = {f: str(wc.Spread([r[f] for r in rs])) for f in FIGURES}
+        spread = {f: str(wc.Spread.of(f, [r[f] for r in rs])) for f in FIGURES}
         delta = {f: "" if lever is DEFAULTS else str(paired(rs, f)) for f in ("dino_lora", "clip_t_lora")}
         rows.append(
             [lever.label, str(len(rs)), spread["dino_lora"], delta["dino_lora"], spread["clip_t_lora"]]
@@ -212,7 +213,10 @@ def main(argv: list[str] | None = None) -> None:
     rooms = len({lever.photos == "plain" for lever in levers})  # plain photos, the cluttered room's, or both
     photos = len(objects) * len(seeds) * (wc.HELDOUT_PHOTOS + rooms * wc.TRAIN_PHOTOS)
     print(f"{len(levers)} rows, objects {objects}, seeds {seeds}, steps x{args.steps_scale}", file=sys.stderr)
-    print(f"rendering {photos} photos first: about {photos * wc.PHOTO_S / 60:.0f} min", file=sys.stderr)
+    print(
+        f"rendering {photos} photos first (none already in --work): about {photos * wc.PHOTO_S / 60:.0f} min",
+        file=sys.stderr,
+    )
     start = time.perf_counter()
     for k in objects:  # render and prepare the shared photos once, before the workers race for them
         for s in seeds:
