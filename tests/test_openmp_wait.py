@@ -1,4 +1,4 @@
-"""The `sdlora` command makes idle OpenMP threads sleep instead of spin (issue 22).
+"""sdlora (the command and the package: `import sdlora`) makes idle OpenMP threads sleep instead of spin (issue 22).
 
 torch's OpenMP (libgomp) lets a thread that waits at the end of a parallel region spin on its core
 first. On a shared CPU that core is what the step's other thread, or another process, is waiting for:
@@ -14,17 +14,19 @@ import sys
 
 import pytest
 
-PROBE = "import os, sys; import sdlora.cli; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+PROBE = "import os, sys; import {module}; print(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
 
 
-def _probe(**env: str) -> list[str]:
+def _probe(module: str = "sdlora.cli", **env: str) -> list[str]:
     base = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env={**base, **env}, check=True)
+    code = PROBE.format(module=module)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**base, **env}, check=True)
     return out.stdout.split()
 
 
-def test_the_cli_sets_a_passive_wait_before_torch_loads():
-    assert _probe() == ["PASSIVE", "False"]
+@pytest.mark.parametrize("module", ["sdlora.cli", "sdlora.demo"])  # the command, and the Python API
+def test_sdlora_sets_a_passive_wait_before_torch_loads(module):
+    assert _probe(module) == ["PASSIVE", "False"]
 
 
 @pytest.mark.parametrize("chosen", ["ACTIVE", "passive"])

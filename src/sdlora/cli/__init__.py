@@ -15,10 +15,6 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-# Idle OpenMP threads sleep instead of spinning (libgomp spins by default): a spinning thread holds a core
-# that its own step's other thread, or another process, is waiting for. Set before torch loads OpenMP.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from sdlora import __version__
 from sdlora.cli._common import err_console
 from sdlora.cli.quiet import quiet_libraries
