@@ -68,15 +68,18 @@ def image_file(subdir: str, variant: str, seed: int) -> str:
     return f"{subdir}/{VARIANT_STEM[variant]}-{seed:02d}.png"
 
 
-def _generate(pipe: Any, prompt: str, s: Settings, tick: Callable[[], None]) -> Iterator[tuple[int, Any]]:
-    """(index, image) for one prompt; image i from its own CPU generator seeded `s.seed + i`."""
+def _generate(
+    pipe: Any, arch: Any, prompt: str, s: Settings, tick: Callable[[], None]
+) -> Iterator[tuple[int, Any]]:
+    """(index, image) for one prompt; image i from its own CPU generator seeded `s.seed + i`. Guidance and
+    the negative prompt go in as the family's pipeline takes them (`Family.sampling_kwargs`)."""
     for start in range(0, s.num_images, s.batch_size):
         indices = list(range(start, min(start + s.batch_size, s.num_images)))
+        negative = None if s.negative_prompt is None else [s.negative_prompt] * len(indices)
         out = pipe(
             prompt=[prompt] * len(indices),
-            negative_prompt=None if s.negative_prompt is None else [s.negative_prompt] * len(indices),
             num_inference_steps=s.steps,
-            guidance_scale=s.guidance,
+            **arch.sampling_kwargs(s.guidance, negative),
             height=s.height,
             width=s.width,
             generator=[torch.Generator("cpu").manual_seed(s.seed + i) for i in indices],
@@ -94,7 +97,7 @@ def generate_samples(
     num_images: int = 4,
     seed: int = 0,
     steps: int = 30,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     baseline: bool = True,
     lora_scale: float = 1.0,
     negative_prompt: str | None = None,
@@ -133,6 +136,8 @@ def generate_samples(
         device=device, dtype=dtype, attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload
     )
     pipe, arch, _, loaded = prepare_pipeline(run, lora, options, scheduler)
+    guidance = arch.sample_guidance if guidance is None else guidance  # the family's pipeline default
+    arch.sampling_kwargs(guidance, negative_prompt)  # a setting the family refuses fails before any image
     pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
     s = Settings(
         num_images=num_images,
@@ -177,7 +182,7 @@ def generate_samples(
     for variant in s.variants:
         with base_model_only(pipe, loaded) if variant == "baseline" else contextlib.nullcontext():
             for written, prompt in expanded.items():
-                for i, image in _generate(pipe, prompt, s, tick):
+                for i, image in _generate(pipe, arch, prompt, s, tick):
                     rel = image_file(subdirs[written], variant, seed + i)
                     entry = {
                         "file": rel,

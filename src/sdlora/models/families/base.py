@@ -38,6 +38,9 @@ class Family:
     `prompt_embeds_kwargs`). A family whose denoiser is not a UNet with CLIP text encoders (the
     flow-matching transformers) adds here what the shared loop then asks instead of assuming: its LoRA
     targets, sampling, and the kohya key map of its denoiser.
+
+    Options and output: `check_options` (what the family refuses), `pivotal_tuning`, `writes_kohya` (export's kohya file),
+    `sampling_kwargs` (guidance and negative prompt as its pipeline takes them).
     """
 
     name: str  # recorded in files: "sd1", "sdxl"
@@ -63,6 +66,25 @@ class Family:
     single_file_key: str  # a key prefix only this family's single-file checkpoints have
     base_config: str  # the folder under models/base_configs/ a single file loads with
     tiny_model: str  # the `--model` name of its tiny random-weight model
+    denoiser: str  # the pipeline attribute of the denoiser the LoRA trains: "unet", "transformer"
+    lora_targets: tuple[str, ...]  # the denoiser's modules a LoRA wraps by default (`--target-modules`)
+    sample_guidance: float  # `sdlora sample`'s default --guidance for the family's pipeline
+
+    # ---- options
+
+    def check_options(self, cfg: Any) -> None:
+        """ConfigError (one line) for a resolved run config (`sdlora.config.Config`) asking for what the
+        family cannot train; called as the base model loads, before any encoding."""
+
+    def pivotal_tuning(self) -> bool:
+        """Whether the token can get its own trained embedding (`embedding.train`, on by default for a new
+        token): train/embeddings.py covers the family's text encoders."""
+        return True
+
+    def writes_kohya(self) -> bool:
+        """Whether export writes the kohya/ComfyUI file beside the diffusers one (train/kohya.py's key map
+        covers the family's denoiser and text encoders)."""
+        return True
 
     # ---- loading
 
@@ -136,6 +158,13 @@ class Family:
     ) -> dict[str, Any]:
         """Pipeline keyword arguments for one prompt from cached embeddings."""
         raise NotImplementedError
+
+    # ---- sampling
+
+    def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
+        """The pipeline's keyword arguments for `--guidance` and `--negative-prompt` (a string, a list of
+        strings, or None): classifier-free guidance with the negative prompt for the UNet families."""
+        return {"guidance_scale": guidance, "negative_prompt": negative_prompt}
 
 
 class OnDevice:

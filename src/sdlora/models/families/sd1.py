@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sdlora.models.families.unet_clip import UNetClipFamily
+from sdlora.models.families.unet_clip import UNET_ATTENTION, UNetClipFamily
 
 
 @dataclass(frozen=True)
@@ -47,4 +47,7 @@ SD1 = StableDiffusion1(
     single_file_key="cond_stage_model.transformer.",
     base_config="sd15",
     tiny_model="tiny-sd",
+    denoiser="unet",
+    lora_targets=UNET_ATTENTION,
+    sample_guidance=7.5,
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sdlora.models.families.unet_clip import UNetClipFamily
+from sdlora.models.families.unet_clip import UNET_ATTENTION, UNetClipFamily
 
 
 @dataclass(frozen=True)
@@ -40,4 +40,7 @@ SDXL = StableDiffusionXL(
     single_file_key="conditioner.embedders.1.",
     base_config="sdxl",
     tiny_model="tiny-sdxl",
+    denoiser="unet",
+    lora_targets=UNET_ATTENTION,
+    sample_guidance=7.5,
 )
