@@ -68,9 +68,7 @@ def image_file(subdir: str, variant: str, seed: int) -> str:
     return f"{subdir}/{VARIANT_STEM[variant]}-{seed:02d}.png"
 
 
-def _generate(
-    pipe: Any, arch: Any, prompt: str, s: Settings, tick: Callable[[], None]
-) -> Iterator[tuple[int, Any]]:
+def _generate(pipe: Any, arch: Any, prompt: str, s: Settings, tick: Callable[[], None]) -> Iterator[tuple[int, Any]]:
     """(index, image) for one prompt; image i from its own CPU generator seeded `s.seed + i`. Guidance and
     the negative prompt go in as the family's pipeline takes them (`Family.sampling_kwargs`)."""
     for start in range(0, s.num_images, s.batch_size):

@@ -77,7 +77,9 @@ class Flux1(Family):
         )
         for asked, what in refused:
             if asked:
-                raise ConfigError(f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone")
+                raise ConfigError(
+                    f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
+                )
 
     def pivotal_tuning(self) -> bool:
         return False  # CLIP-L's and T5's token embeddings: not in this version
@@ -144,8 +146,9 @@ class Flux1(Family):
         clip, t5 = (getattr(pipe, name) for name in self.tokenizers)
         windows = (clip.model_max_length, min(T5_WINDOW, t5.model_max_length))
         return [
-            tokenizer(list(prompts), padding="max_length", max_length=window, truncation=True, return_tensors="pt")
-            .input_ids
+            tokenizer(
+                list(prompts), padding="max_length", max_length=window, truncation=True, return_tensors="pt"
+            ).input_ids
             for tokenizer, window in zip((clip, t5), windows)
         ]
 
