@@ -157,7 +157,7 @@ class LoraArgs(_Group):
     dropout: float = 0.0
     """Dropout on the LoRA input: a little (0.05-0.1) can reduce overfitting on few photos."""
     target_modules: Optional[list[str]] = None
-    """Denoiser modules that get a LoRA; default: the model's attention projections (UNet: to_q,to_k,to_v,to_out.0; FLUX.1 adds add_q_proj,add_k_proj,add_v_proj,to_add_out); add ff.net.0.proj,ff.net.2 (feed-forward) for more capacity."""
+    """Denoiser modules that get a LoRA; default: the model's attention projections (UNet: to_q, to_k, to_v, to_out.0; FLUX.1 also add_q_proj, add_k_proj, add_v_proj, to_add_out); add ff.net.0.proj,ff.net.2 (feed-forward) for more capacity."""
     text_encoder_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], metadata=cli("--text-encoder-modules")
     )
@@ -274,8 +274,8 @@ class OptimArgs(_Group):
     """Seed for LoRA init, data order, noise and timesteps: the same seed repeats a run exactly."""
     snr_gamma: Optional[float] = None
     """Min-SNR loss weighting gamma (5.0 is the paper's): faster convergence; off by default."""
-    timestep_sampling: Optional[Literal["uniform", "logit-normal", "sigmoid"]] = None
-    """Flow-matching models (FLUX.1): how training sigmas are drawn: uniform (default, diffusers' FLUX LoRA script), logit-normal (SD3's) or sigmoid (sd-scripts' FLUX example)."""
+    timestep_sampling: Literal["uniform", "logit-normal", "sigmoid"] = "uniform"
+    """Flow-matching models (FLUX.1): how training sigmas are drawn: uniform (diffusers' FLUX LoRA script; the UNets' only kind), logit-normal (SD3's) or sigmoid (sd-scripts' FLUX example)."""
     shift: Optional[float] = None
     """Flow-matching models (FLUX.1): shift training sigmas towards noise, s' = S*s/(1+(S-1)*s); sd-scripts' FLUX example uses 3.1582 with sigmoid. Default: none."""
     noise_offset: float = 0.0

@@ -109,8 +109,8 @@ class Flux1(Family):
         example: sigmoid with a shift of 3.1582). The transformer takes sigma itself (timestep_scale 1)."""
         from sdlora.train.flow_matching import FlowMatching
 
-        sampling = (getattr(train, "timestep_sampling", None) or "uniform").replace("-", "_")
-        return FlowMatching(sampling=sampling, shift=getattr(train, "shift", None), timestep_scale=1.0)
+        sampling = train.timestep_sampling.replace("-", "_")  # logit-normal: FlowMatching's logit_normal
+        return FlowMatching(sampling=sampling, shift=train.shift, timestep_scale=1.0)
 
     def denoise(
         self,

@@ -21,13 +21,21 @@ class UNetClipFamily(Family):
     (the last encoder's pooled embedding and the six micro-conditioning time ids)."""
 
     def check_options(self, cfg: Any) -> None:
-        """The flow-matching options have nothing to act on in DDPM noise prediction: refused, not ignored."""
-        for key, flag in (("timestep_sampling", "--timestep-sampling"), ("shift", "--shift")):
-            if getattr(cfg.train, key, None) is not None:
-                raise ConfigError(
-                    f"{flag} is for the flow-matching models (FLUX); {self.label} trains by DDPM noise "
-                    "prediction (its timesteps are uniform; --snr-gamma weights them)"
-                )
+        """The flow-matching options have nothing to act on in DDPM noise prediction (its timesteps are drawn
+        uniformly): refused, not ignored."""
+        asked = [
+            flag
+            for flag, on in (
+                ("--timestep-sampling", cfg.train.timestep_sampling != "uniform"),
+                ("--shift", cfg.train.shift is not None),
+            )
+            if on
+        ]
+        if asked:
+            raise ConfigError(
+                f"{asked[0]} is for the flow-matching models (FLUX); {self.label} trains by DDPM noise "
+                "prediction (its timesteps are uniform; --snr-gamma weights them)"
+            )
 
     def training_objective(self, pipe: Any, train: Any) -> Any:
         """DDPM noise prediction on the pipeline's own noise schedule (epsilon or v-prediction), with
