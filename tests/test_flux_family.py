@@ -97,6 +97,7 @@ def test_golden_loss_default_targets_and_the_diffusers_file_loads_back(tmp_path:
 
         saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
         assert saved["lora"]["target_modules"] == list(ATTENTION) and saved["embedding"]["train"] is False
+        assert saved["validation"]["guidance"] == FLUX1.sample_guidance
         wrapped = {name.rsplit(".", 1)[-1] for name, m in state.unet.named_modules() if hasattr(m, "lora_A")}
         assert {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "to_q", "to_out"} <= wrapped | {"to_out"}
 

@@ -381,8 +381,8 @@ class ValidationArgs(_Group):
     """Sample images per prompt (seeds seed, seed+1, ...): more shows variety, costs time."""
     steps: int = field(default=20, metadata=cli("--validation-steps"))
     """Inference steps per sample image: fewer is cheaper and rougher."""
-    guidance: float = field(default=7.5, metadata=cli("--validation-guidance"))
-    """Classifier-free guidance scale of the sample images."""
+    guidance: Optional[float] = field(default=None, metadata=cli("--validation-guidance"))
+    """Guidance scale of the sample images; default: the model's (7.5 classifier-free for SD, 3.5 FLUX.1 [dev]'s distilled)."""
     seed: int = field(default=0, metadata=cli("--validation-seed"))
     """Seed of the sample images and of the fixed validation noise (same across steps and runs)."""
     loss_timesteps: int = field(default=5, metadata=cli("--val-loss-timesteps"))

@@ -116,11 +116,14 @@ def resolve_alpha(cfg: Config) -> Config:
     return config_mod.replace(cfg, lora={"alpha": cfg.effective_alpha})
 
 
-def resolve_targets(cfg: Config, arch: Family) -> Config:
-    """`--target-modules` unset: the family's default LoRA targets (`Family.lora_targets`)."""
-    if cfg.lora.target_modules is not None:
-        return cfg
-    return config_mod.replace(cfg, lora={"target_modules": list(arch.lora_targets)})
+def resolve_family_defaults(cfg: Config, arch: Family) -> Config:
+    """What defaults to the model family's: `--target-modules` (`Family.lora_targets`) and
+    `--validation-guidance` (`Family.sample_guidance`)."""
+    if cfg.lora.target_modules is None:
+        cfg = config_mod.replace(cfg, lora={"target_modules": list(arch.lora_targets)})
+    if cfg.validation.guidance is None:
+        cfg = config_mod.replace(cfg, validation={"guidance": arch.sample_guidance})
+    return cfg
 
 
 def embedding_steps(cfg: Config) -> int:
