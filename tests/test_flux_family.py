@@ -196,7 +196,9 @@ def test_train_then_sample_through_the_cli(tmp_path: Path, tiny_dataset: Path, m
 )
 def test_what_a_family_cannot_train_is_refused_in_one_line(tmp_path, tiny_dataset, model, flags, fragment):
     result = runner.invoke(
-        app, ["train", "--model", model, "--dataset", str(tiny_dataset), "--runs-dir", str(tmp_path / "runs"), *flags]
+        app,
+        ["train", "--model", model, "--dataset", str(tiny_dataset), "--runs-dir", str(tmp_path / "runs")]
+        + ["--max-steps", "1", "--validate-every", "0", *flags],  # one quick step where a refusal were missing
     )
     one_line_error(result, fragment)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
