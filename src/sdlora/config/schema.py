@@ -98,7 +98,7 @@ class ModelArgs(_Group):
     name: str = field(
         default="stable-diffusion-v1-5/stable-diffusion-v1-5", metadata=cli("--model", "-m", metavar="NAME")
     )
-    """Base model: a hub id, a local diffusers folder, an SD 1.x / SDXL .safetensors file, or tiny-sd / tiny-sdxl (random weights, for tests)."""
+    """Base model: a hub id or local diffusers folder (SD 1.x, SDXL, FLUX.1), an SD 1.x / SDXL .safetensors file, or tiny-sd / tiny-sdxl / tiny-flux (random weights, for tests)."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of the base model."""
     variant: Optional[str] = None
