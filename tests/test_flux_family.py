@@ -179,9 +179,15 @@ def test_train_then_sample_through_the_cli(tmp_path: Path, tiny_dataset: Path, m
     assert data["guidance"] == FLUX1.sample_guidance  # FLUX.1 [dev]'s default, not SD's 7.5
     assert all((run / "samples" / e["file"]).is_file() for e in data["images"])
     refused = runner.invoke(app, ["sample", "sksToy", "--run", str(run), "-n", "1", "--negative-prompt", "blurry"])
-    # refused once the model is known (after tiny-flux's own warning), before any image
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert refused.exit_code == 1 and len(errors) == 1 and "--negative-prompt" in errors[0], refused.stderr
+    # ... known from the LoRA's header (sdlora.architecture), before minutes of loading a real FLUX.1
+    from sdlora.generate import samples
+    from sdlora.run import load_run
+
+    monkeypatch.setattr(samples, "prepare_pipeline", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(ConfigError, match="--negative-prompt"):
+        samples.generate_samples(load_run(run.resolve()), ["sksToy"], num_images=1, negative_prompt="blurry")
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,20 @@ def prompt_too_long(pipe: Any, arch: Any, prompt: str, token: str) -> str | None
     )
 
 
+def recorded_family(lora: Path) -> Any:
+    """The model family an sdlora LoRA file records (`sdlora.architecture`), read from its header before any
+    model loads; None for another trainer's file or one that cannot be read (loading it says why)."""
+    from sdlora.errors import SdloraError
+    from sdlora.lora_format import META_PREFIX
+    from sdlora.models.families import find_family
+    from sdlora.safetensors_io import read_metadata
+
+    try:
+        return find_family(read_metadata(lora, "LoRA file").get(f"{META_PREFIX}architecture"))
+    except SdloraError:
+        return None
+
+
 def image_file(subdir: str, variant: str, seed: int) -> str:
     """An image's path under samples/: `<prompt-slug>/lora-<seed>.png` (base- for the baseline)."""
     return f"{subdir}/{VARIANT_STEM[variant]}-{seed:02d}.png"
@@ -133,6 +147,9 @@ def generate_samples(
     options = SamplerOptions(
         device=device, dtype=dtype, attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload
     )
+    recorded = recorded_family(lora)  # an sdlora LoRA's family: its refusals come before minutes of loading
+    if recorded is not None:
+        recorded.sampling_kwargs(recorded.sample_guidance if guidance is None else guidance, negative_prompt)
     pipe, arch, _, loaded = prepare_pipeline(run, lora, options, scheduler)
     guidance = arch.sample_guidance if guidance is None else guidance  # the family's pipeline default
     arch.sampling_kwargs(guidance, negative_prompt)  # a setting the family refuses fails before any image
