@@ -134,6 +134,7 @@ def load_tokenizer(model: str):
     warning that caption lengths were not checked (no network, not cached, not a model)."""
     from sdlora.models import is_tiny
     from sdlora.models.hub import hub_offline
+    from sdlora.models.loading import local_source
     from sdlora.models.single_file import is_single_file
 
     try:
@@ -143,8 +144,10 @@ def load_tokenizer(model: str):
             return clip_tokenizer()
         from transformers import CLIPTokenizer
 
-        hub_offline()
-        return CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
+        source = local_source(model)  # world-sd: the shipped folder
+        if not Path(source).is_dir():
+            hub_offline()
+        return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
     except Exception as exc:  # noqa: BLE001 - any failure to load means "not checked", never a crash
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         err_console.print(

@@ -1,4 +1,4 @@
-"""`sdlora demo`: the whole pipeline offline, on rendered example photos and tiny models."""
+"""`sdlora demo`: the whole pipeline offline, in the miniature world (a novel object, world-sd)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ Examples (photos/, dataset/ and runs/ go under --out):
 
   sdlora demo
 
-  sdlora demo --out /tmp/demo --steps 60 --model tiny-sdxl
+  sdlora demo --out /tmp/demo --steps 600
+
+  sdlora demo --model tiny-sdxl
 
   sdlora demo --photos ./my-photos
 """
@@ -30,24 +32,34 @@ def demo(
             "--photos",
             metavar="DIR",
             show_default=False,
-            help="Use these photos instead of the rendered example toy (a dry run of your data on tiny models).",
+            help="Use these photos instead of the rendered world object (a dry run of your data at 32 px).",
         ),
     ] = None,
-    model: Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="tiny-sd or tiny-sdxl.")] = "tiny-sd",
-    steps: Annotated[int, typer.Option("--steps", metavar="INT", help="Training steps (at least 1).")] = 30,
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", metavar="NAME", help="world-sd (learns), or tiny-sd / tiny-sdxl (random: noise)."
+        ),
+    ] = "world-sd",
+    steps: Annotated[
+        Optional[int],
+        typer.Option("--steps", metavar="INT", show_default=False, help="Training steps (default: the preset's)."),
+    ] = None,
 ) -> None:
-    """Run prepare, caption, train, sample, score and report offline on tiny models (about a minute)."""
+    """Run prepare, caption, train, sample, score and report offline in the miniature world (a few minutes)."""
     from sdlora.cli.train import TrainRenderer
-    from sdlora.demo import run_demo
+    from sdlora.demo import DEMO_MODELS, run_demo
     from sdlora.models.loading import TINY_WARNING, is_tiny
 
-    if not is_tiny(model):
+    if model not in DEMO_MODELS:
         raise typer.BadParameter(
-            "the demo runs offline on tiny-sd or tiny-sdxl; use the five verbs for a real model", param_hint="--model"
+            f"the demo runs offline on {', '.join(DEMO_MODELS)}; use the five verbs for a real model",
+            param_hint="--model",
         )
-    if steps < 1:
+    if steps is not None and steps < 1:
         raise typer.BadParameter(f"must be at least 1, got {steps}", param_hint="--steps")
-    err_console.print(f"[yellow]note:[/] {TINY_WARNING}", highlight=False, soft_wrap=True)
+    if is_tiny(model):
+        err_console.print(f"[yellow]note:[/] {TINY_WARNING}", highlight=False, soft_wrap=True)
     renderer = TrainRenderer()
     with progress_bar(transient=True) as on_progress:
         result = run_demo(
@@ -69,6 +81,7 @@ def demo(
         console.print(f"{variant:>8}: {shown}", highlight=False)
     console.print(
         f"[green]demo finished.[/] Report: {report or 'not written (see the warning above)'}\n"
+        f"Photos, base model and LoRA side by side: {result.sheet}\n"
         f"Next: real photos and a real model (needs a GPU and a download): "
         f'sdlora prepare ./photos && sdlora train && sdlora sample "sksToy on a beach" && sdlora score',
         highlight=False,

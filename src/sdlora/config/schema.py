@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 from sdlora.data.buckets import resolution_problem
 from sdlora.errors import ConfigError
 
-PRESETS = ("sd15", "sdxl", "tiny")
+PRESETS = ("sd15", "sdxl", "tiny", "world")
 # `--optimizer` choices, in the order of train/optim.py's OPTIMIZERS table (a test keeps the two equal);
 # ADAPTIVE ones find the learning rate themselves (--learning-rate is a multiplier, 1.0 normally).
 OPTIMIZER_NAMES = ("adamw", "adamw8bit", "prodigy", "adamw-schedulefree")

@@ -119,8 +119,13 @@ def _load(model_name: str, pretrained: str | None, device: str) -> ClipScorer:
     import open_clip
     from open_clip.pretrained import get_pretrained_cfg, list_pretrained_tags_by_model
 
+    from sdlora.world.shipped import shipped_folder
+
+    world = shipped_folder(model_name)  # world-clip: an open_clip local-dir: folder shipped in the package
+    source = f"local-dir:{world}" if world is not None else model_name
+    pretrained = None if world is not None else pretrained
     label = model_name if not pretrained else f"{model_name} ({pretrained})"
-    has_schema = model_name.startswith(("hf-hub:", "local-dir:"))
+    has_schema = source.startswith(("hf-hub:", "local-dir:"))
     tag_cfg: dict[str, Any] = {}
     if not has_schema:
         if model_name not in open_clip.list_models():
@@ -143,12 +148,12 @@ def _load(model_name: str, pretrained: str | None, device: str) -> ClipScorer:
     try:
         with _quiet_logging():
             model, _, preprocess = open_clip.create_model_and_transforms(
-                model_name,
+                source,
                 pretrained=None if has_schema else pretrained,
                 device=device,
                 force_quick_gelu=quick_gelu,
             )
-            tokenizer = open_clip.get_tokenizer(model_name)
+            tokenizer = open_clip.get_tokenizer(source)
     except (RuntimeError, OSError, ValueError) as exc:
         raise hub_error(f"scorer model {label}", exc, f"or use --clip-model {TINY_CLIP} for an offline try") from exc
     return ClipScorer(
@@ -158,7 +163,7 @@ def _load(model_name: str, pretrained: str | None, device: str) -> ClipScorer:
         preprocess,
         tokenizer,
         torch.device(device),
-        revision=_revision(model_name, pretrained, tag_cfg),
+        revision=_revision(source, pretrained, tag_cfg),
         quick_gelu=quick_gelu,
     )
 

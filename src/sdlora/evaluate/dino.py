@@ -105,6 +105,10 @@ def _load(model_id: str, device: str) -> DinoScorer:
         return DinoScorer(TINY_DINO, tiny_dino().to(device), torch.device(device), revision=f"random-seed-{SEED}")
     from transformers import AutoConfig, AutoModel, ViTModel
 
+    from sdlora.world.shipped import shipped_folder
+
+    world = shipped_folder(model_id)  # world-dino: a ViTModel folder shipped in the package
+    name, model_id = model_id, str(world) if world is not None else model_id
     if not Path(model_id).is_dir():
         hub_offline()
     try:
@@ -126,7 +130,7 @@ def _load(model_id: str, device: str) -> DinoScorer:
     revision = (
         folder_fingerprint(Path(model_id)) if Path(model_id).is_dir() else cached_revision(model_id, ("config.json",))
     )
-    return DinoScorer(model_id, model.eval().to(device), torch.device(device), revision=revision)
+    return DinoScorer(name, model.eval().to(device), torch.device(device), revision=revision)
 
 
 def _error(model_id: str, exc: BaseException) -> ModelError:

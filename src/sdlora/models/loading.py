@@ -23,6 +23,14 @@ from sdlora.models.hub import hub_error, hub_offline
 TINY_WARNING = "tiny random-weight model: its images are noise (use a real --model for real results)"
 
 
+def local_source(model: str) -> str:
+    """Where `model` loads from: a shipped world model's folder (`world-sd`), else `model` as given."""
+    from sdlora.world.shipped import shipped_folder
+
+    folder = shipped_folder(model)
+    return str(folder) if folder is not None else model
+
+
 def tiny_models() -> tuple[str, ...]:
     """The `--model` names of the families' tiny random-weight models."""
     return tuple(family.tiny_model for family in families.FAMILIES)
@@ -82,6 +90,7 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Any, Family]:
     """The diffusers pipeline for `model` and its family."""
+    model = local_source(model)
     tiny = families.tiny_family(model)
     if tiny is not None:
         pipe = tiny.build_tiny()
@@ -123,6 +132,7 @@ def load_base_vae(
 ) -> Any:
     """The VAE `load_pipeline` gives `model` (the replacement `vae` when given), loaded on its own: the
     same weights, from the same files. Not for the tiny models (built in memory, nothing to reload)."""
+    model = local_source(model)
     if vae:
         return load_vae(vae, dtype)
     if single_file.is_single_file(model):
@@ -141,9 +151,18 @@ def load_base_vae(
 
 
 def default_resolution(model: str, family: Family) -> int:
-    """The training and sampling resolution a model was made for (64 for the tiny models)."""
+    """The training and sampling resolution a model was made for (64 for the tiny models): a local
+    folder's own, from its denoiser's sample size and its VAE's downscaling (diffusers' pipelines take
+    their default height the same way), else the family's."""
     if is_tiny(model):
         from sdlora.models.tiny import TINY_RESOLUTION
 
         return TINY_RESOLUTION
+    folder = Path(local_source(model))
+    unet, vae = folder / "unet" / "config.json", folder / "vae" / "config.json"
+    if unet.is_file() and vae.is_file():
+        sample_size = json.loads(unet.read_text(encoding="utf-8")).get("sample_size")
+        levels = len(json.loads(vae.read_text(encoding="utf-8")).get("block_out_channels", ()))
+        if isinstance(sample_size, int) and levels:
+            return sample_size * 2 ** (levels - 1)
     return family.default_resolution

@@ -150,14 +150,16 @@ def train(out: Path, scale: float = 1.0):
 
 
 def pipeline(unet, autoencoder, encoder, tokenizer):
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
 
     return StableDiffusionPipeline(
         unet=unet,
         vae=autoencoder,
         text_encoder=encoder,
         tokenizer=tokenizer,
-        scheduler=scheduler(),
+        # The training schedule's betas with a sampler that is good in 20-30 steps (DDPM's is not);
+        # training reads only the betas and prediction type (train/objective.py).
+        scheduler=DPMSolverMultistepScheduler.from_config(scheduler().config),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

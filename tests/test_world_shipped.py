@@ -1,0 +1,42 @@
+"""The world's shipped models: `--model world-sd`, `--clip-model world-clip`, `--dino-model world-dino`
+load from the package's own folders, offline, through the real loaders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sdlora.errors import ModelError
+from sdlora.models.loading import default_resolution, load_pipeline
+from sdlora.world import shipped
+
+
+def test_world_sd_loads_as_an_sd1_pipeline_made_for_32_px():
+    pipe, family = load_pipeline(shipped.BASE)
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and family.name == "sd1"
+    # 16x16 latents, a VAE that halves each side: what world-sd was trained on
+    assert default_resolution(shipped.BASE, family) == 32
+    config = json.loads((shipped.shipped_folder(shipped.BASE) / "unet" / "config.json").read_text())
+    assert config["sample_size"] == 16
+
+
+def test_world_scorers_load_by_name():
+    from sdlora.evaluate.clip import load_clip
+    from sdlora.evaluate.dino import load_dino
+
+    clip = load_clip(shipped.CLIP, "openai")  # score's default --clip-pretrained is ignored for a folder
+    dino = load_dino(shipped.DINO)
+    assert (clip.model_name, clip.pretrained, dino.model_id) == ("world-clip", None, "world-dino")
+    assert clip.revision.startswith("local-") and dino.revision.startswith("local-")
+
+
+def test_a_missing_world_model_is_one_line(monkeypatch, tmp_path):
+    monkeypatch.setattr(shipped, "WEIGHTS", tmp_path)
+    with pytest.raises(ModelError, match=r"world-sd: not installed with this copy of sdlora .*world build"):
+        load_pipeline(shipped.BASE)
+
+
+def test_other_names_are_not_world_models():
+    assert shipped.shipped_folder("tiny-sd") is None
+    assert shipped.shipped_folder("stable-diffusion-v1-5/stable-diffusion-v1-5") is None
