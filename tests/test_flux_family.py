@@ -21,6 +21,7 @@ from sdlora.errors import ConfigError
 from sdlora.models import families, load_pipeline
 from sdlora.models.families import FLUX1, SD1, detect_family
 from sdlora.models.families.flux import ATTENTION, latent_ids, pack_latents, unpack_latents
+from sdlora.models.families.flux_keys import kohya_flux_to_peft
 from sdlora.run import DIFFUSERS_LORA
 from sdlora.train import loop, resolve
 from sdlora.train.flow_matching import FlowMatching
@@ -29,6 +30,13 @@ from sdlora.train.flow_matching import FlowMatching
 GOLDEN_LOSSES = [1.4171773195266724, 1.4043760299682617]
 
 runner = CliRunner()
+
+
+def headers(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata() or {})
 
 
 def flux_cfg(tmp_path: Path, dataset: Path, **flags):
@@ -101,12 +109,16 @@ def test_golden_loss_default_targets_and_the_diffusers_file_loads_back(tmp_path:
         wrapped = {name.rsplit(".", 1)[-1] for name, m in state.unet.named_modules() if hasattr(m, "lora_A")}
         assert {"add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "to_q", "to_out"} <= wrapped | {"to_out"}
 
-        assert sorted(p.name for p in (run / "lora").iterdir()) == [DIFFUSERS_LORA]
+        assert sorted(p.name for p in (run / "lora").iterdir()) == sorted([DIFFUSERS_LORA, "f.safetensors"])
         tensors = load_file(run / "lora" / DIFFUSERS_LORA)
         assert tensors and all(key.startswith("transformer.") for key in tensors)
+        kohya = load_file(run / "lora" / "f.safetensors")  # sd-scripts' layout: q, k, v fused
+        assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
+        assert "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight" in kohya
+        assert all(key.startswith("lora_unet_") for key in kohya)
+        header = headers(run / "lora" / "f.safetensors")
+        assert (header["ss_network_module"], header["ss_base_model_version"]) == ("networks.lora_flux", "flux1")
 
-        pipe, _ = load_pipeline("tiny-flux")
-        pipe.load_lora_weights(run / "lora")
         g = torch.Generator().manual_seed(1)
         noisy, embeds, pooled = (
             torch.randn(1, 16, 8, 8, generator=g),
@@ -114,13 +126,29 @@ def test_golden_loss_default_targets_and_the_diffusers_file_loads_back(tmp_path:
             torch.randn(1, 32, generator=g),
         )
         sigma = torch.tensor([0.6])
-        with torch.no_grad():
-            state.unet.eval()
-            trained = FLUX1.denoise(state.unet, noisy, sigma, embeds, pooled, None)
-            loaded = FLUX1.denoise(pipe.transformer, noisy, sigma, embeds, pooled, None)
-            pipe.disable_lora()
-            base = FLUX1.denoise(pipe.transformer, noisy, sigma, embeds, pooled, None)
-        assert torch.allclose(loaded, trained, atol=1e-5) and not torch.allclose(base, trained, atol=1e-4)
+
+        def predict(transformer):
+            with torch.no_grad():
+                return FLUX1.denoise(transformer, noisy, sigma, embeds, pooled, None)
+
+        state.unet.eval()
+        trained = predict(state.unet)
+        # The diffusers file, loaded by diffusers into a fresh tiny-flux, predicts what the trained transformer does.
+        pipe, _ = load_pipeline("tiny-flux")
+        base = predict(pipe.transformer)
+        pipe.load_lora_weights(run / "lora")
+        assert torch.allclose(predict(pipe.transformer), trained, atol=1e-5)
+        assert not torch.allclose(base, trained, atol=1e-4)  # the LoRA changed the prediction
+        # The kohya file makes the same weight deltas, module by module (diffusers' kohya FLUX reader assumes
+        # FLUX.1's full widths, so tests/test_flux_keys.py loads such files at full size, on the meta device).
+        back, alphas = kohya_flux_to_peft(kohya)
+        scale = float(saved["lora"]["alpha"]) / float(saved["lora"]["rank"])
+        paths = {key[len("transformer.") : -len(".lora_A.weight")] for key in tensors if key.endswith(".lora_A.weight")}
+        assert paths == {key[: -len(".lora_A.weight")] for key in back if key.endswith(".lora_A.weight")}
+        for path in paths:
+            a, b = tensors[f"transformer.{path}.lora_A.weight"], tensors[f"transformer.{path}.lora_B.weight"]
+            ka, kb = back[f"{path}.lora_A.weight"], back[f"{path}.lora_B.weight"]
+            torch.testing.assert_close(kb @ ka * (alphas[path] / ka.shape[0]), b @ a * scale, atol=1e-6, rtol=1e-5)
     finally:
         loop.cleanup(state)
 
@@ -240,3 +268,15 @@ def test_two_processes_match_one_with_accumulation(tmp_path: Path, tiny_dataset:
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-7, rtol=0)
+
+
+def test_the_kohya_file_is_written_for_a_lora_only():
+    """LoKr / LoHa have no fused FLUX layout, and DoRA's magnitude of a fused module would need the untrained
+    parts' weights: those runs write the diffusers / peft file alone."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    assert FLUX1.writes_kohya(LoraConfig(r=4, target_modules=["to_q"]))
+    assert not FLUX1.writes_kohya(LoraConfig(r=4, target_modules=["to_q"], use_dora=True))
+    assert not FLUX1.writes_kohya(LoKrConfig(r=4, target_modules=["to_q"]))
+    assert not FLUX1.writes_kohya(LoHaConfig(r=4, target_modules=["to_q"]))
+    assert SD1.writes_kohya(LoKrConfig(r=4, target_modules=["to_q"]))  # the UNets' LyCORIS layout

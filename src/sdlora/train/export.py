@@ -38,7 +38,6 @@ from sdlora.train.kohya import (
     load_kohya,
     lycoris_scales,
     module_alphas,
-    peft_to_kohya,
     peft_to_lycoris,
 )
 
@@ -100,7 +99,7 @@ def kohya_metadata(arch: Family, lora_config: Any, metadata: Mapping[str, str], 
     out = {
         # A1111 files a LoRA as SDXL only by this key.
         "ss_base_model_version": arch.kohya_base_version,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": arch.kohya_network_module,
         "ss_network_dim": str(int(lora_config.r)),
         "ss_network_alpha": _number(getattr(lora_config, "lora_alpha", None) or lora_config.alpha),
         "modelspec.sai_model_spec": "1.0.0",
@@ -219,12 +218,10 @@ def _json_value(value: Any) -> Any:
 def check_exportable(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Family) -> None:
     """Raise `KohyaKeyError` now if `save_lora` could not name a LoRA module: call it before training."""
     models = _components(unet, text_encoders, arch)
-    if not arch.writes_kohya():
+    if not arch.writes_kohya(models[arch.denoiser].peft_config[ADAPTER]):
         return
-    names = KohyaNames.for_models(arch, unet.config, text_encoders)
-    for name, model in models.items():
-        for path in [*module_alphas(model, ADAPTER), *lycoris_scales(model, ADAPTER)]:
-            names.to_kohya(name, path)
+    paths = {name: [*module_alphas(model, ADAPTER), *lycoris_scales(model, ADAPTER)] for name, model in models.items()}
+    arch.check_kohya_names(paths, unet.config, text_encoders)
 
 
 def save_lora(
@@ -288,15 +285,16 @@ def _kohya_file(
     metadata: Mapping[str, str],
     kohya_name: str,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
-    """Tensors and header of the kohya file; None for a family that writes none (`Family.writes_kohya`).
-    Built before anything is written: an unmappable module fails first."""
-    if not arch.writes_kohya():
+    """Tensors and header of the kohya file; None where the family writes none for this adapter
+    (`Family.writes_kohya`). Built before anything is written: an unmappable module fails first."""
+    if not arch.writes_kohya(configs[arch.denoiser]):
         return None
-    names = KohyaNames.for_models(arch, unet.config, text_encoders)
     algo = lycoris_algo(configs[arch.denoiser])
     if algo is None:
-        kohya = peft_to_kohya(lora, {name: module_alphas(model, ADAPTER) for name, model in models.items()}, names)
-    else:
+        alphas = {name: module_alphas(model, ADAPTER) for name, model in models.items()}
+        kohya = arch.kohya_lora(lora, alphas, unet.config, text_encoders)
+    else:  # LyCORIS: train/kohya.py's names (families with a layout of their own write none, above)
+        names = KohyaNames.for_models(arch, unet.config, text_encoders)
         kohya = peft_to_lycoris(lora, {name: lycoris_scales(model, ADAPTER) for name, model in models.items()}, names)
     kohya_meta = {
         **metadata,

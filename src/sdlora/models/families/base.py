@@ -39,7 +39,8 @@ class Family:
     flow-matching transformers) adds here what the shared loop then asks instead of assuming: its LoRA
     targets, sampling, and the kohya key map of its denoiser.
 
-    Options and output: `check_options` (what the family refuses), `pivotal_tuning`, `writes_kohya` (export's kohya file),
+    Options and output: `check_options` (what the family refuses), `pivotal_tuning`, the kohya file (`writes_kohya`,
+    `check_kohya_names`, `kohya_lora`),
     `sampling_kwargs` (guidance and negative prompt as its pipeline takes them).
     """
 
@@ -55,6 +56,7 @@ class Family:
     kohya_base_version: str  # `ss_base_model_version`: how A1111 files the LoRA
     kohya_te_prefixes: tuple[str, ...]  # kohya key prefix per text encoder
     kohya_unet_layout: str  # "diffusers" or "sgm": the module paths kohya names the UNet's layers by
+    kohya_network_module: str  # `ss_network_module` of a kohya LoRA file: sd-scripts' module that trains it
     # modelspec (https://github.com/Stability-AI/ModelSpec) keys, as sd-scripts' library/sai_model_spec.py
     # writes them for LoRAs.
     modelspec_architecture: str
@@ -81,10 +83,37 @@ class Family:
         token): train/embeddings.py covers the family's text encoders."""
         return True
 
-    def writes_kohya(self) -> bool:
-        """Whether export writes the kohya/ComfyUI file beside the diffusers one (train/kohya.py's key map
-        covers the family's denoiser and text encoders)."""
+    # ---- the kohya / ComfyUI file (train/export.py)
+
+    def writes_kohya(self, adapter_config: Any) -> bool:
+        """Whether export writes the kohya/ComfyUI file beside the diffusers one for an adapter of this peft
+        config (LoRA, DoRA, LoKr, LoHa)."""
         return True
+
+    def check_kohya_names(
+        self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
+    ) -> None:
+        """Raise (one line) for a LoRA module the kohya file could not name: pipeline component -> module
+        paths, checked before training. The UNet families: train/kohya.py's names."""
+        from sdlora.train.kohya import KohyaNames
+
+        names = KohyaNames.for_models(self, denoiser_config, text_encoders)
+        for component, component_paths in paths.items():
+            for path in component_paths:
+                names.to_kohya(component, path)
+
+    def kohya_lora(
+        self,
+        lora: Mapping[str, Mapping[str, torch.Tensor]],
+        alphas: Mapping[str, Mapping[str, float]],
+        denoiser_config: Any,
+        text_encoders: Sequence[Any] | None,
+    ) -> dict[str, torch.Tensor]:
+        """A LoRA (peft state dict and lora_alpha per module path, per pipeline component) in the kohya layout
+        ComfyUI, AUTOMATIC1111 and sd-scripts read. The UNet families: train/kohya.py's `peft_to_kohya`."""
+        from sdlora.train.kohya import KohyaNames, peft_to_kohya
+
+        return peft_to_kohya(lora, alphas, KohyaNames.for_models(self, denoiser_config, text_encoders))
 
     # ---- loading
 

@@ -84,11 +84,34 @@ class Flux1(Family):
     def pivotal_tuning(self) -> bool:
         return False  # CLIP-L's and T5's token embeddings: not in this version
 
-    def writes_kohya(self) -> bool:
-        # The kohya/ComfyUI file (sd-scripts' lora_flux.py layout: lora_unet_double_blocks_N_img_attn_qkv with
-        # q, k, v fused) needs FLUX's own key map (models/families/flux_keys.py, to come): until then only
-        # the diffusers file is written.
-        return False
+    # ---- the kohya / ComfyUI file: sd-scripts' lora_flux.py layout (lora_unet_double_blocks_N_img_attn_qkv,
+    # q, k, v fused), models/families/flux_keys.py
+
+    def writes_kohya(self, adapter_config: Any) -> bool:
+        """A LoRA: yes. LoKr / LoHa (no fused LyCORIS layout) and DoRA (a fused module's magnitude would need
+        the untrained parts' weights): the diffusers / peft file alone."""
+        kind = str(getattr(adapter_config, "peft_type", "")).rsplit(".", 1)[-1].lower()
+        return kind == "lora" and not getattr(adapter_config, "use_dora", False)
+
+    def check_kohya_names(
+        self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
+    ) -> None:
+        from sdlora.models.families.flux_keys import kohya_module
+
+        for path in paths.get(self.denoiser, ()):
+            kohya_module(path)
+
+    def kohya_lora(
+        self,
+        lora: Mapping[str, Mapping[str, torch.Tensor]],
+        alphas: Mapping[str, Mapping[str, float]],
+        denoiser_config: Any,
+        text_encoders: Sequence[Any] | None,
+    ) -> dict[str, torch.Tensor]:
+        """The transformer's LoRA (text-encoder LoRAs are refused for FLUX.1 here: `check_options`)."""
+        from sdlora.models.families.flux_keys import peft_to_kohya_flux
+
+        return peft_to_kohya_flux(lora[self.denoiser], alphas[self.denoiser])
 
     # ---- loading
 
@@ -199,6 +222,7 @@ FLUX1 = Flux1(
     kohya_base_version="flux1",  # sd-scripts' ss_base_model_version for FLUX.1
     kohya_te_prefixes=("lora_te1", "lora_te3"),  # sd-scripts' lora_flux.py: CLIP-L, T5-XXL
     kohya_unet_layout="bfl",  # sd-scripts names the transformer's layers by BFL's own modules (double_blocks...)
+    kohya_network_module="networks.lora_flux",  # sd-scripts' FLUX.1 LoRA module
     modelspec_architecture="flux-1-dev/lora",  # sd-scripts' sai_model_spec.py
     modelspec_implementation="https://github.com/black-forest-labs/flux",
     embedding_keys=(("text_encoder", "clip_l"), ("text_encoder_2", "t5")),  # diffusers' advanced Flux script

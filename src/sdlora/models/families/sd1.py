@@ -35,6 +35,7 @@ SD1 = StableDiffusion1(
     kohya_base_version="sd_v1",
     kohya_te_prefixes=("lora_te",),
     kohya_unet_layout="diffusers",  # sd-scripts trains SD 1.x on a diffusers-layout UNet
+    kohya_network_module="networks.lora",
     modelspec_architecture="stable-diffusion-v1/lora",
     modelspec_implementation="diffusers",
     embedding_keys=(("text_encoder", "emb_params"),),

@@ -32,6 +32,7 @@ SDXL = StableDiffusionXL(
     kohya_base_version="sdxl_base_v1-0",
     kohya_te_prefixes=("lora_te1", "lora_te2"),
     kohya_unet_layout="sgm",  # sd-scripts trains SDXL on SGM's own UNet
+    kohya_network_module="networks.lora",
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
     modelspec_implementation="https://github.com/Stability-AI/generative-models",
     embedding_keys=(("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")),
