@@ -26,22 +26,20 @@ class Family:
     (messages), title (model cards), default_resolution, pipeline_classes (the diffusers class names
     `model_index.json`'s `_class_name` may give; the first is the one loaded), text_encoders /
     tokenizers (pipeline attributes, in order), uses_pooled, kohya_base_version / kohya_te_prefixes /
-    kohya_unet_layout (kohya export), modelspec_architecture / modelspec_implementation,
+    kohya_unet_layout / kohya_network_module (kohya export), modelspec_architecture / modelspec_implementation,
     embedding_keys (text encoder -> key in embeddings.safetensors), hub_tag and licenses (the Hub
     card), single_file_key / base_config (how a checkpoint file is recognised and the shipped configs
-    it loads with), tiny_model (the `--model` name of its tiny random-weight model).
+    it loads with), tiny_model (the `--model` name of its tiny random-weight model), denoiser (the
+    pipeline attribute the LoRA trains: "unet", "transformer"), lora_targets (`--target-modules`'
+    default) and sample_guidance (`--guidance`'s default).
 
-    Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`), training
+    Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`), options
+    (`check_options`: what the family refuses, one line before any encoding; `pivotal_tuning`), training
     (`training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the
-    denoiser's forward) and prompt
-    conditioning (`tokenize`, `encode_tokens`, `encode_prompts`, `stack_pooled`, `unet_kwargs`,
-    `prompt_embeds_kwargs`). A family whose denoiser is not a UNet with CLIP text encoders (the
-    flow-matching transformers) adds here what the shared loop then asks instead of assuming: its LoRA
-    targets, sampling, and the kohya key map of its denoiser.
-
-    Options and output: `check_options` (what the family refuses), `pivotal_tuning`, the kohya file (`writes_kohya`,
-    `check_kohya_names`, `kohya_lora`),
-    `sampling_kwargs` (guidance and negative prompt as its pipeline takes them).
+    denoiser's forward, packing latents where the family does), prompt conditioning (`tokenize`,
+    `encode_tokens`, `encode_prompts`, `stack_pooled`, `unet_kwargs`, `prompt_embeds_kwargs`), the kohya
+    file (`writes_kohya`, `check_kohya_names`, `kohya_lora`) and sampling (`sampling_kwargs`: guidance
+    and the negative prompt as the family's pipeline takes them).
     """
 
     name: str  # recorded in files: "sd1", "sdxl"
