@@ -5,7 +5,9 @@
   plus each adapter's LoraConfig as diffusers' adapter metadata, so a lora_alpha other than the
   rank survives loading), so that `pipe.load_lora_weights(out_dir)` loads it.
 - `<kohya_name>.safetensors`: the same weights in kohya's format for AUTOMATIC1111 / ComfyUI
-  (train/kohya.py), with the `ss_*` and `modelspec.*` keys those tools read.
+  (the family's `kohya_lora`: train/kohya.py for the UNets, models/families/flux_keys.py for FLUX.1),
+  with the `ss_*` and `modelspec.*` keys those tools read; not written where the family has no layout
+  for the adapter (`Family.writes_kohya`: FLUX.1's LoKr, LoHa, DoRA).
 
 Both files get the `sdlora.*` metadata of `build_metadata`, and `sdlora.format` / `sdlora.load_in`
 saying which programs read that file (the diffusers file is not for ComfyUI or A1111: their key maps
