@@ -51,7 +51,7 @@ def _unet_inputs() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_compile_unet_swaps_block_forwards_only_for_training_and_errors_are_one_line(monkeypatch):
     cfg = load_config(None, {"model.name": "tiny-sd", "train.compile": True})
     unet = tiny_sd().unet
-    add_lora(unet, cfg.lora.target_modules, cfg, "--target-modules", "UNet")
+    add_lora(unet, ["to_q", "to_k", "to_v", "to_out.0"], cfg, "--target-modules", "UNet")
     names = [name for name, _ in unet.named_parameters()]
     calls: list[Any] = []
     monkeypatch.setattr(torch, "compile", _failing_compile(calls))

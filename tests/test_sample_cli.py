@@ -144,7 +144,7 @@ def test_defaults(run, fake_sampler, monkeypatch):
         "num_images": 4,
         "seed": 0,
         "steps": 30,
-        "guidance": 7.5,
+        "guidance": None,  # the model family's (Family.sample_guidance), known once the model loads
         "baseline": True,
         "lora_scale": 1.0,
         "height": None,
@@ -190,6 +190,7 @@ def test_end_to_end_on_tiny_sd(run):
     result = invoke("sksToy on a beach", "--run", run, "-n", 2, "--steps", 2, "--batch-size", 2, "--seed", 9)
     assert result.exit_code == 0, result.output
     data = json.loads((run / "samples" / "samples.json").read_text())
+    assert data["guidance"] == 7.5  # SD's default guidance
     assert sorted((e["variant"], e["seed"]) for e in data["images"]) == [
         ("baseline", 9),
         ("baseline", 10),

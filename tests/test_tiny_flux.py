@@ -1,6 +1,6 @@
 """The tiny FLUX.1 (models/tiny.py `tiny_flux`): built offline, a real FluxPipeline that generates.
 
-Groundwork for the FLUX.1 family: no family or `--model` uses it yet."""
+`--model tiny-flux` of the FLUX.1 family (tests/test_flux_family.py trains it)."""
 
 from __future__ import annotations
 

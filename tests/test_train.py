@@ -104,6 +104,8 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
     assert info.dataset == tiny_dataset.resolve()
     saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     assert saved["lora"]["alpha"] == 16.0
+    assert saved["lora"]["target_modules"] == ["to_q", "to_k", "to_v", "to_out.0"]  # the family's defaults
+    assert saved["validation"]["guidance"] == 7.5
     assert saved["train"]["mixed_precision"] == "no"  # the golden losses are fp32's
 
     # metrics.jsonl: one line per step with the promised keys, val loss at 2 and 4.

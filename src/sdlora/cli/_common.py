@@ -26,7 +26,8 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         metavar="NAME",
-        help="Base model: a hub id, a local diffusers folder, an SD 1.x / SDXL .safetensors file, or tiny-sd / tiny-sdxl (random weights, offline).",
+        help="Base model: a hub id or local diffusers folder (SD 1.x, SDXL, FLUX.1), an SD 1.x / SDXL .safetensors "
+        "file, or tiny-sd / tiny-sdxl / tiny-flux (random weights, offline).",
     ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="INT", help="Random seed.")]

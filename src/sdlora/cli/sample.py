@@ -51,8 +51,13 @@ def sample(
     ] = 0,
     steps: Annotated[int, typer.Option("--steps", metavar="N", help="Denoising steps.")] = 30,
     guidance: Annotated[
-        float, typer.Option("--guidance", metavar="FLOAT", help="Classifier-free guidance scale.")
-    ] = 7.5,
+        Optional[float],
+        typer.Option(
+            "--guidance",
+            metavar="FLOAT",
+            help="Guidance scale (default: the model's: 7.5 classifier-free for SD, 3.5 FLUX.1 [dev]'s distilled).",
+        ),
+    ] = None,
     scheduler: Annotated[
         Optional[str],
         typer.Option(

@@ -98,7 +98,7 @@ class ModelArgs(_Group):
     name: str = field(
         default="stable-diffusion-v1-5/stable-diffusion-v1-5", metadata=cli("--model", "-m", metavar="NAME")
     )
-    """Base model: a hub id, a local diffusers folder, an SD 1.x / SDXL .safetensors file, or tiny-sd / tiny-sdxl (random weights, for tests)."""
+    """Base model: a hub id or local diffusers folder (SD 1.x, SDXL, FLUX.1), an SD 1.x / SDXL .safetensors file, or tiny-sd / tiny-sdxl / tiny-flux (random weights, for tests)."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of the base model."""
     variant: Optional[str] = None
@@ -156,8 +156,8 @@ class LoraArgs(_Group):
     """LoRA alpha (the update is scaled by alpha/rank); default: equal to the rank."""
     dropout: float = 0.0
     """Dropout on the LoRA input: a little (0.05-0.1) can reduce overfitting on few photos."""
-    target_modules: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    """UNet modules that get a LoRA; add ff.net.0.proj,ff.net.2 (feed-forward) for more capacity."""
+    target_modules: Optional[list[str]] = None
+    """Denoiser modules that get a LoRA; default: the model's attention projections (UNet: to_q, to_k, to_v, to_out.0; FLUX.1 also add_q_proj, add_k_proj, add_v_proj, to_add_out); add ff.net.0.proj,ff.net.2 (feed-forward) for more capacity."""
     text_encoder_target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], metadata=cli("--text-encoder-modules")
     )
@@ -185,7 +185,7 @@ class LoraArgs(_Group):
         problems = self._minimums(at_least_1=("rank",)) + self._positive("alpha")
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"{self.flag('dropout')} must be in [0, 1), got {self.dropout}")
-        if not self.target_modules:
+        if self.target_modules is not None and not self.target_modules:
             problems.append(f"{self.flag('target_modules')} is empty; give e.g. to_q,to_k,to_v,to_out.0")
         if not 0.0 <= self.ema_decay < 1.0:
             problems.append(f"{self.flag('ema_decay')} must be in [0, 1) (e.g. 0.999; 0 is off), got {self.ema_decay}")
@@ -274,6 +274,10 @@ class OptimArgs(_Group):
     """Seed for LoRA init, data order, noise and timesteps: the same seed repeats a run exactly."""
     snr_gamma: Optional[float] = None
     """Min-SNR loss weighting gamma (5.0 is the paper's): faster convergence; off by default."""
+    timestep_sampling: Literal["uniform", "logit-normal", "sigmoid"] = "uniform"
+    """Flow-matching models (FLUX.1): how training sigmas are drawn: uniform (diffusers' FLUX LoRA script; the UNets' only kind), logit-normal (SD3's) or sigmoid (sd-scripts' FLUX example)."""
+    shift: Optional[float] = None
+    """Flow-matching models (FLUX.1): shift training sigmas towards noise, s' = S*s/(1+(S-1)*s); sd-scripts' FLUX example uses 3.1582 with sigmoid. Default: none."""
     noise_offset: float = 0.0
     """Offset noise (e.g. 0.05): lets the model learn very dark or bright images."""
     prodigy_d_coef: float = field(default=1.0, metadata=cli(panel=_MEMORY))
@@ -287,7 +291,7 @@ class OptimArgs(_Group):
         problems = self._minimums(
             at_least_1=("max_steps", "batch_size", "gradient_accumulation"),
             non_negative=("lr_warmup_steps", "max_grad_norm", "noise_offset"),
-        ) + self._positive("learning_rate", "text_encoder_lr")
+        ) + self._positive("learning_rate", "text_encoder_lr", "shift")
         if self.optimizer in SCHEDULE_FREE_OPTIMIZERS and self.lr_scheduler != "constant":
             problems.append(
                 f"{self.flag('optimizer')} {self.optimizer} has no learning-rate schedule: drop "
@@ -377,8 +381,8 @@ class ValidationArgs(_Group):
     """Sample images per prompt (seeds seed, seed+1, ...): more shows variety, costs time."""
     steps: int = field(default=20, metadata=cli("--validation-steps"))
     """Inference steps per sample image: fewer is cheaper and rougher."""
-    guidance: float = field(default=7.5, metadata=cli("--validation-guidance"))
-    """Classifier-free guidance scale of the sample images."""
+    guidance: Optional[float] = field(default=None, metadata=cli("--validation-guidance"))
+    """Guidance scale of the sample images; default: the model's (7.5 classifier-free for SD, 3.5 FLUX.1 [dev]'s distilled)."""
     seed: int = field(default=0, metadata=cli("--validation-seed"))
     """Seed of the sample images and of the fixed validation noise (same across steps and runs)."""
     loss_timesteps: int = field(default=5, metadata=cli("--val-loss-timesteps"))

@@ -63,20 +63,35 @@ def prompt_too_long(pipe: Any, arch: Any, prompt: str, token: str) -> str | None
     )
 
 
+def recorded_family(lora: Path) -> Any:
+    """The model family an sdlora LoRA file records (`sdlora.architecture`), read from its header before any
+    model loads; None for another trainer's file or one that cannot be read (loading it says why)."""
+    from sdlora.errors import SdloraError
+    from sdlora.lora_format import META_PREFIX
+    from sdlora.models.families import find_family
+    from sdlora.safetensors_io import read_metadata
+
+    try:
+        return find_family(read_metadata(lora, "LoRA file").get(f"{META_PREFIX}architecture"))
+    except SdloraError:
+        return None
+
+
 def image_file(subdir: str, variant: str, seed: int) -> str:
     """An image's path under samples/: `<prompt-slug>/lora-<seed>.png` (base- for the baseline)."""
     return f"{subdir}/{VARIANT_STEM[variant]}-{seed:02d}.png"
 
 
-def _generate(pipe: Any, prompt: str, s: Settings, tick: Callable[[], None]) -> Iterator[tuple[int, Any]]:
-    """(index, image) for one prompt; image i from its own CPU generator seeded `s.seed + i`."""
+def _generate(pipe: Any, arch: Any, prompt: str, s: Settings, tick: Callable[[], None]) -> Iterator[tuple[int, Any]]:
+    """(index, image) for one prompt; image i from its own CPU generator seeded `s.seed + i`. Guidance and
+    the negative prompt go in as the family's pipeline takes them (`Family.sampling_kwargs`)."""
     for start in range(0, s.num_images, s.batch_size):
         indices = list(range(start, min(start + s.batch_size, s.num_images)))
+        negative = None if s.negative_prompt is None else [s.negative_prompt] * len(indices)
         out = pipe(
             prompt=[prompt] * len(indices),
-            negative_prompt=None if s.negative_prompt is None else [s.negative_prompt] * len(indices),
             num_inference_steps=s.steps,
-            guidance_scale=s.guidance,
+            **arch.sampling_kwargs(s.guidance, negative),
             height=s.height,
             width=s.width,
             generator=[torch.Generator("cpu").manual_seed(s.seed + i) for i in indices],
@@ -94,7 +109,7 @@ def generate_samples(
     num_images: int = 4,
     seed: int = 0,
     steps: int = 30,
-    guidance: float = 7.5,
+    guidance: float | None = None,
     baseline: bool = True,
     lora_scale: float = 1.0,
     negative_prompt: str | None = None,
@@ -132,7 +147,12 @@ def generate_samples(
     options = SamplerOptions(
         device=device, dtype=dtype, attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload
     )
+    recorded = recorded_family(lora)  # an sdlora LoRA's family: its refusals come before minutes of loading
+    if recorded is not None:
+        recorded.sampling_kwargs(recorded.sample_guidance if guidance is None else guidance, negative_prompt)
     pipe, arch, _, loaded = prepare_pipeline(run, lora, options, scheduler)
+    guidance = arch.sample_guidance if guidance is None else guidance  # the family's pipeline default
+    arch.sampling_kwargs(guidance, negative_prompt)  # a setting the family refuses fails before any image
     pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
     s = Settings(
         num_images=num_images,
@@ -177,7 +197,7 @@ def generate_samples(
     for variant in s.variants:
         with base_model_only(pipe, loaded) if variant == "baseline" else contextlib.nullcontext():
             for written, prompt in expanded.items():
-                for i, image in _generate(pipe, prompt, s, tick):
+                for i, image in _generate(pipe, arch, prompt, s, tick):
                     rel = image_file(subdirs[written], variant, seed + i)
                     entry = {
                         "file": rel,

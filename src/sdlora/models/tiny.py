@@ -206,7 +206,7 @@ def tiny_flux():
     """A FluxPipeline (FLUX.1 [dev]'s architecture) with tiny random weights: a 1 + 1 block transformer
     with the guidance embedding, a 16-channel VAE, CLIP and T5 text encoders, and FLUX.1-dev's
     flow-matching scheduler config (dynamic shifting, base_shift 0.5 / max_shift 1.15 over 256..4096 tokens).
-    Groundwork for the FLUX.1 family: no `--model` names it yet."""
+    `--model tiny-flux` (models/families/flux.py)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5Config, T5EncoderModel
 

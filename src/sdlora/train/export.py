@@ -5,7 +5,9 @@
   plus each adapter's LoraConfig as diffusers' adapter metadata, so a lora_alpha other than the
   rank survives loading), so that `pipe.load_lora_weights(out_dir)` loads it.
 - `<kohya_name>.safetensors`: the same weights in kohya's format for AUTOMATIC1111 / ComfyUI
-  (train/kohya.py), with the `ss_*` and `modelspec.*` keys those tools read.
+  (the family's `kohya_lora`: train/kohya.py for the UNets, models/families/flux_keys.py for FLUX.1),
+  with the `ss_*` and `modelspec.*` keys those tools read; not written where the family has no layout
+  for the adapter (`Family.writes_kohya`: FLUX.1's LoKr, LoHa, DoRA).
 
 Both files get the `sdlora.*` metadata of `build_metadata`, and `sdlora.format` / `sdlora.load_in`
 saying which programs read that file (the diffusers file is not for ComfyUI or A1111: their key maps
@@ -33,13 +35,11 @@ from sdlora.lora_format import META_PREFIX, PEFT_CONFIG
 from sdlora.models.families import Family
 from sdlora.run import DIFFUSERS_LORA
 from sdlora.train.kohya import (
-    UNET,
     KohyaNames,
     base_model_keys,
     load_kohya,
     lycoris_scales,
     module_alphas,
-    peft_to_kohya,
     peft_to_lycoris,
 )
 
@@ -52,6 +52,10 @@ ADAPTER = "default"
 DIFFUSERS_USE = (
     "diffusers only: pipe.load_lora_weights(folder). Not for ComfyUI, AUTOMATIC1111 or Forge "
     "(their loaders do not map these peft-style keys): use {kohya_file} beside it"
+)
+# A family without a kohya key map yet (`Family.writes_kohya`): the diffusers file alone.
+DIFFUSERS_ONLY_USE = (
+    "diffusers: pipe.load_lora_weights(folder). No ComfyUI / AUTOMATIC1111 file is written for this model family yet"
 )
 KOHYA_USE = (
     "ComfyUI, AUTOMATIC1111, Forge, kohya sd-scripts; diffusers reads it too "
@@ -97,7 +101,7 @@ def kohya_metadata(arch: Family, lora_config: Any, metadata: Mapping[str, str], 
     out = {
         # A1111 files a LoRA as SDXL only by this key.
         "ss_base_model_version": arch.kohya_base_version,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": arch.kohya_network_module,
         "ss_network_dim": str(int(lora_config.r)),
         "ss_network_alpha": _number(getattr(lora_config, "lora_alpha", None) or lora_config.alpha),
         "modelspec.sai_model_spec": "1.0.0",
@@ -161,8 +165,8 @@ def adapter_metadata(config: Any) -> dict[str, Any]:
 def _components(
     unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Family
 ) -> dict[str, torch.nn.Module]:
-    """Pipeline attribute name -> model carrying the LoRA adapter."""
-    models = {UNET: unet}
+    """Pipeline attribute name -> model carrying the LoRA adapter (the denoiser under `arch.denoiser`)."""
+    models = {arch.denoiser: unet}
     if text_encoders:
         if len(text_encoders) != len(arch.text_encoders):
             raise ValueError(
@@ -215,10 +219,11 @@ def _json_value(value: Any) -> Any:
 
 def check_exportable(unet: torch.nn.Module, text_encoders: Sequence[torch.nn.Module] | None, arch: Family) -> None:
     """Raise `KohyaKeyError` now if `save_lora` could not name a LoRA module: call it before training."""
-    names = KohyaNames.for_models(arch, unet.config, text_encoders)
-    for name, model in _components(unet, text_encoders, arch).items():
-        for path in [*module_alphas(model, ADAPTER), *lycoris_scales(model, ADAPTER)]:
-            names.to_kohya(name, path)
+    models = _components(unet, text_encoders, arch)
+    if not arch.writes_kohya(models[arch.denoiser].peft_config[ADAPTER]):
+        return
+    paths = {name: [*module_alphas(model, ADAPTER), *lycoris_scales(model, ADAPTER)] for name, model in models.items()}
+    arch.check_kohya_names(paths, unet.config, text_encoders)
 
 
 def save_lora(
@@ -249,33 +254,57 @@ def save_lora(
     models = _components(unet, text_encoders, arch)
     lora = {name: get_peft_model_state_dict(model, adapter_name=ADAPTER) for name, model in models.items()}
     configs = {name: model.peft_config[ADAPTER] for name, model in models.items()}
-    # Build the kohya tensors first: an unmappable module fails before anything is written.
-    names = KohyaNames.for_models(arch, unet.config, text_encoders)
-    algo = lycoris_algo(configs[UNET])
-    if algo is None:
-        kohya = peft_to_kohya(lora, {name: module_alphas(model, ADAPTER) for name, model in models.items()}, names)
-    else:
-        kohya = peft_to_lycoris(lora, {name: lycoris_scales(model, ADAPTER) for name, model in models.items()}, names)
-    kohya_meta = {
-        **metadata,
-        **kohya_metadata(arch, configs[UNET], metadata, title=kohya_name),
-        f"{META_PREFIX}format": "kohya",
-        f"{META_PREFIX}load_in": KOHYA_USE,
-    }
+    algo = lycoris_algo(configs[arch.denoiser])
+    kohya = _kohya_file(arch, unet, text_encoders, models, lora, configs, metadata, kohya_name)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors, header = _diffusers_file(out_dir, arch, lora, configs) if algo is None else _peft_file(lora, configs)
+    use = DIFFUSERS_USE if algo is None else PEFT_USE
+    if kohya is None:  # no kohya file beside it to point to
+        use = DIFFUSERS_ONLY_USE if algo is None else PEFT_USE.split(". For ComfyUI")[0]
     diffusers_meta = {
         **metadata,
         f"{META_PREFIX}format": "diffusers",
-        f"{META_PREFIX}load_in": (DIFFUSERS_USE if algo is None else PEFT_USE).format(kohya_file=kohya_file),
+        f"{META_PREFIX}load_in": use.format(kohya_file=kohya_file),
         **header,  # diffusers' own keys (format, lora_adapter_metadata) win
     }
-    with atomic_path(out_dir / DIFFUSERS_LORA) as diffusers_tmp, atomic_path(out_dir / kohya_file) as kohya_tmp:
+    with atomic_path(out_dir / DIFFUSERS_LORA) as diffusers_tmp:
         with writing(out_dir / DIFFUSERS_LORA):  # a full disk names the file being written, not the last one opened
             save_file(tensors, str(diffusers_tmp), metadata=diffusers_meta)
-        with writing(out_dir / kohya_file):
-            save_file(kohya, str(kohya_tmp), metadata=kohya_meta)
+        if kohya is None:
+            return
+        with atomic_path(out_dir / kohya_file) as kohya_tmp, writing(out_dir / kohya_file):
+            save_file(kohya[0], str(kohya_tmp), metadata=kohya[1])
+
+
+def _kohya_file(
+    arch: Family,
+    unet: torch.nn.Module,
+    text_encoders: Sequence[torch.nn.Module] | None,
+    models: Mapping[str, torch.nn.Module],
+    lora: Mapping[str, Mapping[str, torch.Tensor]],
+    configs: Mapping[str, Any],
+    metadata: Mapping[str, str],
+    kohya_name: str,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """Tensors and header of the kohya file; None where the family writes none for this adapter
+    (`Family.writes_kohya`). Built before anything is written: an unmappable module fails first."""
+    if not arch.writes_kohya(configs[arch.denoiser]):
+        return None
+    algo = lycoris_algo(configs[arch.denoiser])
+    if algo is None:
+        alphas = {name: module_alphas(model, ADAPTER) for name, model in models.items()}
+        kohya = arch.kohya_lora(lora, alphas, unet.config, text_encoders)
+    else:  # LyCORIS: train/kohya.py's names (families with a layout of their own write none, above)
+        names = KohyaNames.for_models(arch, unet.config, text_encoders)
+        kohya = peft_to_lycoris(lora, {name: lycoris_scales(model, ADAPTER) for name, model in models.items()}, names)
+    kohya_meta = {
+        **metadata,
+        **kohya_metadata(arch, configs[arch.denoiser], metadata, title=kohya_name),
+        f"{META_PREFIX}format": "kohya",
+        f"{META_PREFIX}load_in": KOHYA_USE,
+    }
+    return kohya, kohya_meta
 
 
 def export_lora(state: TrainState, out_dir: Path, *, main_only: bool = False) -> Path:

@@ -33,6 +33,7 @@ def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Family, Objective]:
         cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant, vae=cfg.model.vae, dtype=torch.float32
     )
     pipe.set_progress_bar_config(disable=True)
+    arch.check_options(cfg)  # what the family cannot train: one line, before any encoding
     try:
         objective = arch.training_objective(pipe, cfg.train)
     except ConfigError as error:
@@ -85,11 +86,16 @@ def _targeted(model: Any, targets: Sequence[str]) -> list[tuple[str, int]]:
     return found
 
 
+def denoiser_label(arch: Family) -> str:
+    """How messages name the family's denoiser: "UNet", "transformer"."""
+    return "UNet" if arch.denoiser == "unet" else arch.denoiser
+
+
 def check_rank(cfg: Config, pipe: Any, arch: Family, emit: OnEvent) -> None:
     """`--rank` no larger than the narrowest targeted layer (a wider LoRA only costs time and memory);
     a warning above `HIGH_RANK`. Runs before the encoders, on the loaded base model."""
     rank = cfg.lora.rank
-    models = [("UNet", pipe.unet, cfg.lora.target_modules)]
+    models = [(denoiser_label(arch), getattr(pipe, arch.denoiser), cfg.lora.target_modules)]
     if cfg.lora.train_text_encoder:
         models += [(name, getattr(pipe, name), cfg.lora.text_encoder_target_modules) for name in arch.text_encoders]
     layers = [(what, name, width) for what, model, targets in models for name, width in _targeted(model, targets)]
@@ -127,10 +133,10 @@ def inject_lora(cfg: Config, pipe: Any, arch: Family, device: Any, weight_dtype:
     """
     from diffusers.training_utils import cast_training_params
 
-    unet = pipe.unet
+    unet = getattr(pipe, arch.denoiser)  # the denoiser: a UNet or a transformer ("unet" in the loop's names)
     unet.requires_grad_(False)
     unet.to(device, dtype=weight_dtype)
-    add_lora(unet, cfg.lora.target_modules, cfg, "--target-modules", "UNet")
+    add_lora(unet, cfg.lora.target_modules, cfg, "--target-modules", denoiser_label(arch))
     encoders = []
     if cfg.lora.train_text_encoder:
         for name in arch.text_encoders:

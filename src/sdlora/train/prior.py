@@ -47,7 +47,7 @@ def ensure_class_images(
     on_progress: ProgressFn | None = None,
     model_id: str | None = None,
     num_inference_steps: int = 30,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     batch_size: int = 4,
     process_index: int = 0,
     num_processes: int = 1,
@@ -86,7 +86,7 @@ def ensure_class_images(
             seed=seed,
             device=device,
             steps=num_inference_steps,
-            guidance=guidance_scale,
+            guidance=arch.sample_guidance if guidance_scale is None else guidance_scale,  # the family's default
             batch_size=max(1, batch_size),
             on_progress=on_progress,
         )

@@ -116,13 +116,24 @@ def resolve_alpha(cfg: Config) -> Config:
     return config_mod.replace(cfg, lora={"alpha": cfg.effective_alpha})
 
 
+def resolve_family_defaults(cfg: Config, arch: Family) -> Config:
+    """What defaults to the model family's: `--target-modules` (`Family.lora_targets`) and
+    `--validation-guidance` (`Family.sample_guidance`)."""
+    if cfg.lora.target_modules is None:
+        cfg = config_mod.replace(cfg, lora={"target_modules": list(arch.lora_targets)})
+    if cfg.validation.guidance is None:
+        cfg = config_mod.replace(cfg, validation={"guidance": arch.sample_guidance})
+    return cfg
+
+
 def embedding_steps(cfg: Config) -> int:
     """Steps during which the token's embedding trains (--embedding-steps-fraction of --max-steps)."""
     return max(1, math.ceil(cfg.embedding.steps_fraction * cfg.train.max_steps))
 
 
 def resolve_token_embedding(cfg: Config, pipe: Any, arch: Family) -> Config:
-    """`embedding.train` unset: on when the tokenizer splits the token (sksToy), off for a known word (sks).
+    """`embedding.train` unset: on when the tokenizer splits the token (sksToy), off for a known word (sks)
+    and for a family without pivotal tuning (`Family.pivotal_tuning`).
 
     The init token defaults to the class word. Both land resolved in the run's config.yaml.
     """
@@ -130,7 +141,7 @@ def resolve_token_embedding(cfg: Config, pipe: Any, arch: Family) -> Config:
 
     train = cfg.embedding.train
     if train is None:
-        train = is_new_token(getattr(pipe, arch.tokenizers[0]), str(cfg.data.token))
+        train = arch.pivotal_tuning() and is_new_token(getattr(pipe, arch.tokenizers[0]), str(cfg.data.token))
     return config_mod.replace(
         cfg, embedding={"train": bool(train), "init_token": cfg.embedding.init_token or cfg.data.class_word}
     )

@@ -82,7 +82,7 @@ class Scoring:
     seeds: int = 2  # images per prompt: seeds seed, seed+1, ...
     seed: int = 0
     sample_steps: int = 30
-    guidance: float = 7.5
+    guidance: float | None = None  # None: the model family's (Family.sample_guidance)
     dino_model: str = "facebook/dino-vits16"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"

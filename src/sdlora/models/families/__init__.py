@@ -15,12 +15,14 @@ from typing import Any, Mapping
 
 from sdlora.errors import ModelError
 from sdlora.models.families.base import Family, OnDevice
+from sdlora.models.families.flux import FLUX1
 from sdlora.models.families.sd1 import SD1
 from sdlora.models.families.sdxl import SDXL
 
 # Asked in this order where several could match (an SDXL UNet config is also a text-conditioned UNet;
-# an SDXL checkpoint file also has SD 1.x-like keys): the more specific first.
-FAMILIES: tuple[Family, ...] = (SDXL, SD1)
+# an SDXL checkpoint file also has SD 1.x-like keys): the more specific first. FLUX.1's transformer config
+# matches neither UNet's.
+FAMILIES: tuple[Family, ...] = (SDXL, SD1, FLUX1)
 
 
 class UnknownFamily(ModelError, ValueError):
@@ -73,6 +75,7 @@ def family_of_pipeline(pipe: Any) -> Family:
 
 __all__ = [
     "FAMILIES",
+    "FLUX1",
     "Family",
     "OnDevice",
     "SD1",

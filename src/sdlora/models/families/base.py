@@ -26,18 +26,20 @@ class Family:
     (messages), title (model cards), default_resolution, pipeline_classes (the diffusers class names
     `model_index.json`'s `_class_name` may give; the first is the one loaded), text_encoders /
     tokenizers (pipeline attributes, in order), uses_pooled, kohya_base_version / kohya_te_prefixes /
-    kohya_unet_layout (kohya export), modelspec_architecture / modelspec_implementation,
+    kohya_unet_layout / kohya_network_module (kohya export), modelspec_architecture / modelspec_implementation,
     embedding_keys (text encoder -> key in embeddings.safetensors), hub_tag and licenses (the Hub
     card), single_file_key / base_config (how a checkpoint file is recognised and the shipped configs
-    it loads with), tiny_model (the `--model` name of its tiny random-weight model).
+    it loads with), tiny_model (the `--model` name of its tiny random-weight model), denoiser (the
+    pipeline attribute the LoRA trains: "unet", "transformer"), lora_targets (`--target-modules`'
+    default) and sample_guidance (`--guidance`'s default).
 
-    Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`), training
+    Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`), options
+    (`check_options`: what the family refuses, one line before any encoding; `pivotal_tuning`), training
     (`training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the
-    denoiser's forward) and prompt
-    conditioning (`tokenize`, `encode_tokens`, `encode_prompts`, `stack_pooled`, `unet_kwargs`,
-    `prompt_embeds_kwargs`). A family whose denoiser is not a UNet with CLIP text encoders (the
-    flow-matching transformers) adds here what the shared loop then asks instead of assuming: its LoRA
-    targets, sampling, and the kohya key map of its denoiser.
+    denoiser's forward, packing latents where the family does), prompt conditioning (`tokenize`,
+    `encode_tokens`, `encode_prompts`, `stack_pooled`, `unet_kwargs`, `prompt_embeds_kwargs`), the kohya
+    file (`writes_kohya`, `check_kohya_names`, `kohya_lora`) and sampling (`sampling_kwargs`: guidance
+    and the negative prompt as the family's pipeline takes them).
     """
 
     name: str  # recorded in files: "sd1", "sdxl"
@@ -52,6 +54,7 @@ class Family:
     kohya_base_version: str  # `ss_base_model_version`: how A1111 files the LoRA
     kohya_te_prefixes: tuple[str, ...]  # kohya key prefix per text encoder
     kohya_unet_layout: str  # "diffusers" or "sgm": the module paths kohya names the UNet's layers by
+    kohya_network_module: str  # `ss_network_module` of a kohya LoRA file: sd-scripts' module that trains it
     # modelspec (https://github.com/Stability-AI/ModelSpec) keys, as sd-scripts' library/sai_model_spec.py
     # writes them for LoRAs.
     modelspec_architecture: str
@@ -63,6 +66,52 @@ class Family:
     single_file_key: str  # a key prefix only this family's single-file checkpoints have
     base_config: str  # the folder under models/base_configs/ a single file loads with
     tiny_model: str  # the `--model` name of its tiny random-weight model
+    denoiser: str  # the pipeline attribute of the denoiser the LoRA trains: "unet", "transformer"
+    lora_targets: tuple[str, ...]  # the denoiser's modules a LoRA wraps by default (`--target-modules`)
+    sample_guidance: float  # `sdlora sample`'s default --guidance for the family's pipeline
+
+    # ---- options
+
+    def check_options(self, cfg: Any) -> None:
+        """ConfigError (one line) for a resolved run config (`sdlora.config.Config`) asking for what the
+        family cannot train; called as the base model loads, before any encoding."""
+
+    def pivotal_tuning(self) -> bool:
+        """Whether the token can get its own trained embedding (`embedding.train`, on by default for a new
+        token): train/embeddings.py covers the family's text encoders."""
+        return True
+
+    # ---- the kohya / ComfyUI file (train/export.py)
+
+    def writes_kohya(self, adapter_config: Any) -> bool:
+        """Whether export writes the kohya/ComfyUI file beside the diffusers one for an adapter of this peft
+        config (LoRA, DoRA, LoKr, LoHa)."""
+        return True
+
+    def check_kohya_names(
+        self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
+    ) -> None:
+        """Raise (one line) for a LoRA module the kohya file could not name: pipeline component -> module
+        paths, checked before training. The UNet families: train/kohya.py's names."""
+        from sdlora.train.kohya import KohyaNames
+
+        names = KohyaNames.for_models(self, denoiser_config, text_encoders)
+        for component, component_paths in paths.items():
+            for path in component_paths:
+                names.to_kohya(component, path)
+
+    def kohya_lora(
+        self,
+        lora: Mapping[str, Mapping[str, torch.Tensor]],
+        alphas: Mapping[str, Mapping[str, float]],
+        denoiser_config: Any,
+        text_encoders: Sequence[Any] | None,
+    ) -> dict[str, torch.Tensor]:
+        """A LoRA (peft state dict and lora_alpha per module path, per pipeline component) in the kohya layout
+        ComfyUI, AUTOMATIC1111 and sd-scripts read. The UNet families: train/kohya.py's `peft_to_kohya`."""
+        from sdlora.train.kohya import KohyaNames, peft_to_kohya
+
+        return peft_to_kohya(lora, alphas, KohyaNames.for_models(self, denoiser_config, text_encoders))
 
     # ---- loading
 
@@ -136,6 +185,13 @@ class Family:
     ) -> dict[str, Any]:
         """Pipeline keyword arguments for one prompt from cached embeddings."""
         raise NotImplementedError
+
+    # ---- sampling
+
+    def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
+        """The pipeline's keyword arguments for `--guidance` and `--negative-prompt` (a string, a list of
+        strings, or None): classifier-free guidance with the negative prompt for the UNet families."""
+        return {"guidance_scale": guidance, "negative_prompt": negative_prompt}
 
 
 class OnDevice:

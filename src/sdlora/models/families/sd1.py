@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sdlora.models.families.unet_clip import UNetClipFamily
+from sdlora.models.families.unet_clip import UNET_ATTENTION, UNetClipFamily
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,7 @@ SD1 = StableDiffusion1(
     kohya_base_version="sd_v1",
     kohya_te_prefixes=("lora_te",),
     kohya_unet_layout="diffusers",  # sd-scripts trains SD 1.x on a diffusers-layout UNet
+    kohya_network_module="networks.lora",
     modelspec_architecture="stable-diffusion-v1/lora",
     modelspec_implementation="diffusers",
     embedding_keys=(("text_encoder", "emb_params"),),
@@ -47,4 +48,7 @@ SD1 = StableDiffusion1(
     single_file_key="cond_stage_model.transformer.",
     base_config="sd15",
     tiny_model="tiny-sd",
+    denoiser="unet",
+    lora_targets=UNET_ATTENTION,
+    sample_guidance=7.5,
 )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from sdlora.models.families.unet_clip import UNetClipFamily
+from sdlora.models.families.unet_clip import UNET_ATTENTION, UNetClipFamily
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,7 @@ SDXL = StableDiffusionXL(
     kohya_base_version="sdxl_base_v1-0",
     kohya_te_prefixes=("lora_te1", "lora_te2"),
     kohya_unet_layout="sgm",  # sd-scripts trains SDXL on SGM's own UNet
+    kohya_network_module="networks.lora",
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
     modelspec_implementation="https://github.com/Stability-AI/generative-models",
     embedding_keys=(("text_encoder", "clip_l"), ("text_encoder_2", "clip_g")),
@@ -40,4 +41,7 @@ SDXL = StableDiffusionXL(
     single_file_key="conditioner.embedders.1.",
     base_config="sdxl",
     tiny_model="tiny-sdxl",
+    denoiser="unet",
+    lora_targets=UNET_ATTENTION,
+    sample_guidance=7.5,
 )

@@ -8,13 +8,34 @@ from typing import Any, Sequence
 
 import torch
 
+from sdlora.errors import ConfigError
 from sdlora.models.families.base import Family
+
+# The UNet's attention projections: diffusers' train_dreambooth_lora.py / train_text_to_image_lora.py targets.
+UNET_ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 @dataclass(frozen=True)
 class UNetClipFamily(Family):
     """A UNet denoiser conditioned on CLIP text encoders; `uses_pooled` adds SDXL-style added conditions
     (the last encoder's pooled embedding and the six micro-conditioning time ids)."""
+
+    def check_options(self, cfg: Any) -> None:
+        """The flow-matching options have nothing to act on in DDPM noise prediction (its timesteps are drawn
+        uniformly): refused, not ignored."""
+        asked = [
+            flag
+            for flag, on in (
+                ("--timestep-sampling", cfg.train.timestep_sampling != "uniform"),
+                ("--shift", cfg.train.shift is not None),
+            )
+            if on
+        ]
+        if asked:
+            raise ConfigError(
+                f"{asked[0]} is for the flow-matching models (FLUX); {self.label} trains by DDPM noise "
+                "prediction (its timesteps are uniform; --snr-gamma weights them)"
+            )
 
     def training_objective(self, pipe: Any, train: Any) -> Any:
         """DDPM noise prediction on the pipeline's own noise schedule (epsilon or v-prediction), with

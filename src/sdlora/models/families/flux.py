@@ -1,0 +1,242 @@
+"""FLUX.1 [dev] and [schnell]: a flow-matching transformer (19 double-stream + 38 single-stream blocks) on
+16-channel VAE latents packed into 2x2 tokens, conditioned on T5-XXL's hidden states and CLIP-L's pooled
+output; [dev] also takes the guidance value as an input (guidance distillation), [schnell] does not.
+
+What follows diffusers' FluxPipeline and examples/dreambooth/train_dreambooth_lora_flux.py:
+
+- prompts: CLIP-L's pooled output (77 tokens) and T5's last hidden states (up to 512 tokens, padded to the
+  full window as the pipeline does); the text position ids are zeros, made at the forward.
+- latents: the VAE's (latents - shift_factor) * scaling_factor (train/cache.py `vae_scale`), packed by
+  `pack_latents` into (B, h/2 * w/2, 64) tokens with `latent_ids` (0, row, column) per token, the model's
+  prediction unpacked back to (B, 16, h, w) so the loss, masks and DOP see the latents' own shape.
+- the transformer takes sigma itself as its timestep (it multiplies by 1000 inside), and, where
+  `guidance_embeds` is set ([dev]), the guidance value: TRAIN_GUIDANCE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from sdlora.errors import ConfigError
+from sdlora.models.families.base import Family
+
+# The training guidance [dev] is given. diffusers' train_dreambooth_lora_flux.py defaults `--guidance_scale`
+# to 3.5; sd-scripts' FLUX.1 LoRA example (docs/flux_train_network.md) trains with `--guidance_scale 1.0`,
+# the value its docs recommend for LoRA training of the guidance-distilled [dev]. sdlora follows sd-scripts.
+TRAIN_GUIDANCE = 1.0
+
+# The attention projections of both block kinds: to_q/k/v (+ to_out.0 in the double-stream blocks) on the
+# image stream, add_q/k/v_proj + to_add_out on the text stream: the attention part of the default
+# `--lora_layers` of diffusers' train_dreambooth_lora_flux.py (it adds the feed-forward layers too).
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+T5_WINDOW = 512  # FluxPipeline's max_sequence_length for [dev] (diffusers' training default too)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) latents as (B, h/2 * w/2, 4C) tokens of 2x2 cells: FluxPipeline._pack_latents."""
+    b, c, h, w = latents.shape
+    tokens = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return tokens.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """`pack_latents` undone: (B, h/2 * w/2, 4C) tokens as (B, C, h, w) for latents `height` x `width`."""
+    b, _, channels = tokens.shape
+    latents = tokens.view(b, height // 2, width // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(b, channels // 4, height, width)
+
+
+def latent_ids(height: int, width: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
+    """(h/2 * w/2, 3) position ids of the packed tokens: (0, row, column), FluxPipeline._prepare_latent_image_ids."""
+    rows, cols = height // 2, width // 2
+    ids = torch.zeros(rows, cols, 3)
+    ids[..., 1] = torch.arange(rows)[:, None]
+    ids[..., 2] = torch.arange(cols)[None, :]
+    return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)
+
+
+def _config(denoiser: Any) -> Any:
+    """The transformer's config through DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while not hasattr(denoiser, "config"):
+        denoiser = getattr(denoiser, "module", None) or denoiser._orig_mod
+    return denoiser.config
+
+
+@dataclass(frozen=True)
+class Flux1(Family):
+    def check_options(self, cfg: Any) -> None:
+        """What this first FLUX.1 version does not train, refused before any encoding."""
+        refused = (
+            (cfg.lora.train_text_encoder, "--train-text-encoder: text-encoder LoRAs"),
+            (cfg.embedding.train, "--train-token-embedding: pivotal tuning (the token's own embedding)"),
+            (cfg.train.snr_gamma is not None, "--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting)"),
+        )
+        for asked, what in refused:
+            if asked:
+                raise ConfigError(
+                    f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
+                )
+
+    def pivotal_tuning(self) -> bool:
+        return False  # CLIP-L's and T5's token embeddings: not in this version
+
+    # ---- the kohya / ComfyUI file: sd-scripts' lora_flux.py layout (lora_unet_double_blocks_N_img_attn_qkv,
+    # q, k, v fused), models/families/flux_keys.py
+
+    def writes_kohya(self, adapter_config: Any) -> bool:
+        """A LoRA: yes. LoKr / LoHa (no fused LyCORIS layout) and DoRA (a fused module's magnitude would need
+        the untrained parts' weights): the diffusers / peft file alone."""
+        kind = str(getattr(adapter_config, "peft_type", "")).rsplit(".", 1)[-1].lower()
+        return kind == "lora" and not getattr(adapter_config, "use_dora", False)
+
+    def check_kohya_names(
+        self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
+    ) -> None:
+        from sdlora.models.families.flux_keys import kohya_module
+
+        for path in paths.get(self.denoiser, ()):
+            kohya_module(path)
+
+    def kohya_lora(
+        self,
+        lora: Mapping[str, Mapping[str, torch.Tensor]],
+        alphas: Mapping[str, Mapping[str, float]],
+        denoiser_config: Any,
+        text_encoders: Sequence[Any] | None,
+    ) -> dict[str, torch.Tensor]:
+        """The transformer's LoRA (text-encoder LoRAs are refused for FLUX.1 here: `check_options`)."""
+        from sdlora.models.families.flux_keys import peft_to_kohya_flux
+
+        return peft_to_kohya_flux(lora[self.denoiser], alphas[self.denoiser])
+
+    # ---- loading
+
+    def matches_unet(self, unet_config: Mapping[str, Any]) -> bool:
+        # FluxTransformer2DModel's config: rotary axes and the joint (text) attention width.
+        return unet_config.get("axes_dims_rope") is not None and unet_config.get("joint_attention_dim") is not None
+
+    def build_tiny(self) -> Any:
+        from sdlora.models.tiny import tiny_flux
+
+        return tiny_flux()
+
+    # ---- training
+
+    def training_objective(self, pipe: Any, train: Any) -> Any:
+        """Flow matching with diffusers' train_dreambooth_lora_flux.py defaults (uniform sigmas, no shift, no
+        loss weighting); `--timestep-sampling` and `--shift` as sd-scripts offers them (its FLUX.1 LoRA
+        example: sigmoid with a shift of 3.1582). The transformer takes sigma itself (timestep_scale 1)."""
+        from sdlora.train.flow_matching import FlowMatching
+
+        sampling = train.timestep_sampling.replace("-", "_")  # logit-normal: FlowMatching's logit_normal
+        return FlowMatching(sampling=sampling, shift=train.shift, timestep_scale=1.0)
+
+    def denoise(
+        self,
+        denoiser: Any,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The transformer's velocity for `noisy` (B, 16, h, w): packed into tokens, unpacked back."""
+        batch, _, height, width = noisy.shape
+        device, dtype = noisy.device, noisy.dtype
+        guidance = None
+        if _config(denoiser).guidance_embeds:
+            guidance = torch.full((batch,), TRAIN_GUIDANCE, device=device, dtype=torch.float32)
+        out = denoiser(
+            hidden_states=pack_latents(noisy),
+            timestep=timesteps.to(device=device, dtype=dtype).expand(batch),
+            guidance=guidance,
+            pooled_projections=pooled,
+            encoder_hidden_states=embeds,
+            txt_ids=torch.zeros(embeds.shape[1], 3, device=device, dtype=dtype),
+            img_ids=latent_ids(height, width, device, dtype),
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, height, width)
+
+    # ---- prompt conditioning
+
+    def tokenize(self, pipe: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """CLIP-L's ids padded to its 77 positions, T5's padded to the full T5_WINDOW (as FluxPipeline pads)."""
+        clip, t5 = (getattr(pipe, name) for name in self.tokenizers)
+        windows = (clip.model_max_length, min(T5_WINDOW, t5.model_max_length))
+        return [
+            tokenizer(
+                list(prompts), padding="max_length", max_length=window, truncation=True, return_tensors="pt"
+            ).input_ids
+            for tokenizer, window in zip((clip, t5), windows)
+        ]
+
+    def encode_tokens(
+        self, text_encoders: Sequence[Any], token_ids: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """T5's last hidden states (N, L, D) and CLIP-L's pooled output (N, Dp): FluxPipeline.encode_prompt."""
+        clip, t5 = text_encoders
+        pooled = clip(token_ids[0].to(clip.device), output_hidden_states=False).pooler_output
+        embeds = t5(token_ids[1].to(t5.device), output_hidden_states=False)[0]
+        return embeds, pooled
+
+    def unet_kwargs(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict[str, Any]:
+        return {"pooled_projections": pooled}
+
+    def prompt_embeds_kwargs(
+        self,
+        pipe: Any,
+        cond: tuple[torch.Tensor, torch.Tensor | None],
+        negative: tuple[torch.Tensor, torch.Tensor | None],
+        device: Any,
+    ) -> dict[str, Any]:
+        """The cached T5 states (L, D) and CLIP pooled (Dp,) of one prompt; no negative ([dev] is distilled)."""
+        embeds, pooled = cond
+        return {"prompt_embeds": embeds[None].to(device), "pooled_prompt_embeds": pooled[None].to(device)}  # type: ignore[index]
+
+    # ---- sampling
+
+    def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
+        """[dev]'s distilled guidance value (FluxPipeline ignores it for [schnell]); a negative prompt would
+        need FluxPipeline's true CFG, twice the steps' cost: refused."""
+        if negative_prompt is not None:
+            raise ConfigError(
+                f"--negative-prompt: {self.label} is guidance-distilled and takes no negative prompt; drop it"
+            )
+        return {"guidance_scale": guidance}
+
+
+FLUX1 = Flux1(
+    name="flux1",
+    label="FLUX.1",
+    title="FLUX.1",
+    default_resolution=1024,
+    pipeline_classes=("FluxPipeline",),
+    text_encoders=("text_encoder", "text_encoder_2"),
+    tokenizers=("tokenizer", "tokenizer_2"),
+    uses_pooled=True,
+    kohya_base_version="flux1",  # sd-scripts' ss_base_model_version for FLUX.1
+    kohya_te_prefixes=("lora_te1", "lora_te3"),  # sd-scripts' lora_flux.py: CLIP-L, T5-XXL
+    kohya_unet_layout="bfl",  # sd-scripts names the transformer's layers by BFL's own modules (double_blocks...)
+    kohya_network_module="networks.lora_flux",  # sd-scripts' FLUX.1 LoRA module
+    modelspec_architecture="flux-1-dev/lora",  # sd-scripts' sai_model_spec.py
+    modelspec_implementation="https://github.com/black-forest-labs/flux",
+    embedding_keys=(("text_encoder", "clip_l"), ("text_encoder_2", "t5")),  # diffusers' advanced Flux script
+    hub_tag="flux",
+    licenses=(
+        ("black-forest-labs/FLUX.1-dev", "other"),  # the FLUX.1 [dev] non-commercial license
+        ("black-forest-labs/FLUX.1-schnell", "apache-2.0"),
+    ),
+    # Never reached: single_file.detect refuses a file without an SD UNet first (FLUX.1 files: diffusers
+    # folders or hub ids only, in this version).
+    single_file_key="model.diffusion_model.double_blocks.",
+    base_config="flux1",
+    tiny_model="tiny-flux",
+    denoiser="transformer",
+    lora_targets=ATTENTION,
+    sample_guidance=3.5,  # FluxPipeline's default guidance_scale
+)
