@@ -16,8 +16,6 @@ Examples (photos/, dataset/ and runs/ go under --out):
 
   sdlora demo --out /tmp/demo --steps 600
 
-  sdlora demo --model tiny-sdxl
-
   sdlora demo --photos ./my-photos
 """
 
