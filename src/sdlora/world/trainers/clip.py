@@ -18,10 +18,10 @@ from sdlora.world.trainers.tokenizer import CONTEXT, vocab_size, world_tokenizer
 
 NAME = "world-clip"
 SEED = 1
-STEPS = 4000  # about 0.44 s a step: done before phase A's VAE (3000 x 0.65-0.70 s)
+STEPS = 2000  # about 0.5 s a step: done before phase A's VAE (1500 x 0.65-0.85 s)
 BATCH = 64
 LR = 5e-4
-WARMUP = 100
+WARMUP = 50
 WEIGHT_DECAY = 0.1
 WIDTH = 128  # the text tower's width: world-sd's cross-attention width
 MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's (OpenAI's) defaults, what its transform uses

@@ -19,10 +19,10 @@ from sdlora.world.trainers import common, pool
 
 NAME = "world-dino"
 SEED = 4
-STEPS = 4000  # about 0.74 s a step (rendering included): done before phase B's UNet (8000 x 0.42 s)
+STEPS = 2000  # about 0.65 s a step (rendering included): done before phase B's UNet (4000 x 0.45 s)
 BATCH = 32  # objects per step, two views each
 LR = 5e-4
-WARMUP = 100
+WARMUP = 50
 WEIGHT_DECAY = 0.05
 TEMPERATURE = 0.1
 

@@ -16,7 +16,7 @@ from sdlora.world.scenes import sample_scene
 from sdlora.world.trainers.common import WORK
 
 SIZE = 32  # the world's image side: 16x16x4 latents through the two-block VAE
-COUNT = 24_000  # scenes in the pool, in all
+COUNT = 12_000  # scenes in the pool, in all
 SHARDS = 2
 SEED = 1919
 

@@ -20,10 +20,10 @@ from sdlora.world.trainers import clip, common, pool, vae
 NAME = "unet"
 PIPELINE = "world-sd"
 SEED = 3
-STEPS = 8000
+STEPS = 4000
 BATCH = 32
 LR = 3e-4
-WARMUP = 200
+WARMUP = 100
 CAPTION_DROPOUT = 0.1
 EMA_DECAY = 0.999
 

@@ -15,10 +15,10 @@ from sdlora.world.trainers import common, pool
 
 NAME = "vae"
 SEED = 2
-STEPS = 3000
+STEPS = 1500
 BATCH = 32
 LR = 1e-3
-WARMUP = 50
+WARMUP = 25
 KL_WEIGHT = 1e-6
 SCALE_SAMPLES = 1024  # pool scenes that measure the latents' standard deviation
 
