@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from sdlora.fsutil import atomic_path, sha256_file, write_json, write_text
@@ -187,3 +189,20 @@ def test_other_errors_pass_through_writing_unchanged(tmp_path):
             with writing(tmp_path / "y"):
                 raise exc
         assert raised.value is exc
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_atomic_path_gives_the_mode_a_plain_write_would(tmp_path):
+    """mkstemp's private 0600 must not leak into samples, reports and configs others read."""
+    old = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "new.png") as tmp:
+            tmp.write_bytes(b"x")
+        assert (tmp_path / "new.png").stat().st_mode & 0o777 == 0o644
+        (tmp_path / "kept.txt").write_text("x")
+        os.chmod(tmp_path / "kept.txt", 0o640)
+        with atomic_path(tmp_path / "kept.txt") as tmp:
+            tmp.write_text("y")
+        assert (tmp_path / "kept.txt").stat().st_mode & 0o777 == 0o640  # a replaced file keeps its mode
+    finally:
+        os.umask(old)

@@ -33,11 +33,23 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        # mkstemp makes the file private (0600); the result gets the mode a plain open() would give it
+        # (or the replaced file's), so images, reports and configs stay readable as the user's umask says.
+        os.chmod(tmp_path, _file_mode(path))
         with writing(path, tmp=tmp_path):
             yield tmp_path
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _file_mode(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o777
+    except OSError:
+        mask = os.umask(0)  # the only way to read the umask is to set it: set it straight back
+        os.umask(mask)
+        return 0o666 & ~mask
 
 
 def _old(final: Path) -> Path:
