@@ -56,6 +56,7 @@ HELDOUT_SEED = 1000  # held-out photos use photo seed HELDOUT_SEED + S: other po
 SAMPLE_BACKGROUNDS = ("beach", "snow", "grass", "night")  # not "table": the cluttered room is one
 IMAGES_PER_PROMPT = 2
 SAMPLE_STEPS = 20
+GUIDANCE = 7.5  # sdlora sample's default for SD 1.x; world_levers.py's guidance rows change it
 FIRST_OBJECT = 60  # the demo's object (a toy)
 
 
@@ -227,16 +228,29 @@ def _pooled(entries: Iterable[dict[str, Any]], key: str) -> float:
 
 
 def measure(
-    run: Any, heldout: Sequence[Path], out_dir: Path, *, drift: bool = False, lora: Path | None = None
+    run: Any,
+    heldout: Sequence[Path],
+    out_dir: Path,
+    *,
+    drift: bool = False,
+    lora: Path | None = None,
+    guidance: float = GUIDANCE,
 ) -> dict[str, float]:
-    """Sample the run (LoRA and baseline, same seeds) and score it against `heldout` (module docstring)."""
+    """Sample the run (LoRA and baseline, same seeds, classifier-free `guidance`) and score it against
+    `heldout` (module docstring)."""
     from sdlora.evaluate.score import load_samples, score_samples
     from sdlora.generate import generate_samples
 
     backgrounds = subject_prompts(run.class_word, run.token)
     prompts = list(backgrounds) + ([class_prompt(run.class_word)] if drift else [])
     samples_json = generate_samples(
-        run, prompts, out_dir=out_dir, num_images=IMAGES_PER_PROMPT, steps=SAMPLE_STEPS, lora_dir=lora
+        run,
+        prompts,
+        out_dir=out_dir,
+        num_images=IMAGES_PER_PROMPT,
+        steps=SAMPLE_STEPS,
+        guidance=guidance,
+        lora_dir=lora,
     )
     samples = load_samples(samples_json)
     dino, clip = scorers()

@@ -12,7 +12,8 @@ with the world preset (rank 8, lr 1e-3, 300 steps, 32 px) and one lever changed,
 on 4 backgrounds and "a photo of a <class>", 2 images each, with the LoRA and without, and scores
 them against 12 held-out photos of the object (world_common.py says exactly how). The defaults
 row always runs: every other row is compared with it run by run (same object, same seed).
-Rows that train the same settings share one training run ("no embedding" reuses "defaults").
+Rows that train the same settings share one training run ("no embedding" and the guidance rows
+reuse "defaults").
 
 Columns (mean ±std over the runs of a row):
   DINO        world-DINO of the LoRA's images to the held-out photos (higher: more the object)
@@ -29,6 +30,7 @@ Below the table: the ceiling, world-DINO of the held-out photos to the training 
 
 Rows (--rows, comma-separated; `--list` prints them): rank 4 / 16 (alpha = rank, as the preset's
 8/8), learning rate x0.3 / x3, steps x0.5 / x2, pivotal tuning off (embedding.train false),
+sampling at guidance 3 and 5 instead of 7.5 (same LoRA as the defaults row),
 sampling without the trained token embedding (`sdlora sample` has no option for it: the LoRA file
 is copied alone into a folder and sampled from there, since the embedding is loaded only from
 beside it), cluttered photos without and with masks (photos of one cluttered room,
@@ -37,7 +39,7 @@ data.masked_loss; does the LoRA still draw the room when asked for the beach? se
 (prior.preservation dop), Prodigy (lr 1.0), LoKr, LoHa, EMA (lora.ema_decay 0.995) and caption
 dropout 0.1. Not here: the `sdlora tune` winner (issue 19 asks for it too).
 
-Time: the estimate is printed before starting. Default settings (17 rows, 16 training runs x 2
+Time: the estimate is printed before starting. Default settings (19 rows, 16 training runs x 2
 seeds x 1 object = 32 runs) with --jobs 2 on the 2-core machine: about 20-25 min (1 min of it
 rendering photos); beside a busy neighbour 2-5 times as long (a check of 6 rows at --steps-scale
 0.05 took 10 min beside the world build and a test suite).
@@ -69,6 +71,7 @@ class Lever:
     steps: float = 1.0  # times the preset's steps
     photos: str = "plain"  # one of PHOTOS
     embedding: bool = True  # sample with the trained token embedding
+    guidance: float = wc.GUIDANCE  # sampling's classifier-free guidance
 
     @property
     def training(self) -> tuple:
@@ -86,6 +89,8 @@ LEVERS = (
     Lever("steps2", "steps x2", steps=2.0),
     Lever("pivotal-off", "pivotal tuning off", (("embedding.train", False),)),
     Lever("no-embedding", "sampled without the token embedding", embedding=False),
+    Lever("guidance3", "sampled at guidance 3 (not 7.5)", guidance=3.0),
+    Lever("guidance5", "sampled at guidance 5", guidance=5.0),
     Lever("clutter", "cluttered room, no masks", photos="clutter"),
     Lever(
         "clutter-masks", "cluttered room, masks + masked loss", (("data.masked_loss", True),), photos="clutter+masks"
@@ -133,7 +138,9 @@ def run_levers(levers: list[Lever], k: int, seed: int, work: Path, here: Path, s
     results = []
     for lever in levers:
         lora = None if lever.embedding else wc.lora_without_embedding(run, run.path / "lora-alone")
-        figures = wc.measure(run, heldout, run.path / f"bench-{lever.key}", drift=True, lora=lora)
+        figures = wc.measure(
+            run, heldout, run.path / f"bench-{lever.key}", drift=True, lora=lora, guidance=lever.guidance
+        )
         figures |= {"lever": lever.key, "object": k, "seed": seed, "train_s": train_s, "ceiling": ceiling}
         figures["photos"] = lever.photos
         results.append(figures)

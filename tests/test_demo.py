@@ -9,11 +9,17 @@ from typer.testing import CliRunner
 from sdlora.cli import app
 from sdlora.demo import DEMO_PHOTOS
 
+LEARNED = 0.15  # world-DINO: the LoRA's images to the val photos, minus the base model's
 
-def test_demo_runs_every_stage_offline(tmp_path):
-    """In the world (the default): photos of the demo object, world-sd, the world's scorers."""
+
+def test_demo_runs_every_stage_offline_and_the_lora_learns_the_object(tmp_path):
+    """In the world (the default): photos of a novel object, world-sd, the world's scorers, the preset's
+    steps. The base model has never seen the object; the LoRA must draw it: its world-DINO similarity
+    to the val photos is far above the base model's. A defect that stops learning (a LoRA not
+    applied or scaled wrong at sampling, a loss that trains nothing, the token's embedding lost)
+    brings the two together and fails here."""
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "4"])
+    result = CliRunner().invoke(app, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
     run = (out / "runs" / "latest").resolve()
     # every stage left its contract file behind
@@ -23,8 +29,9 @@ def test_demo_runs_every_stage_offline(tmp_path):
     samples = json.loads((run / "samples" / "samples.json").read_text())
     assert {img["variant"] for img in samples["images"]} == {"lora", "baseline"}
     scores = json.loads((run / "scores.json").read_text())
-    for variant in ("lora", "baseline"):
-        assert 0.0 <= scores["overall"][variant]["dino"] <= 1.0
+    lora, baseline = scores["overall"]["lora"], scores["overall"]["baseline"]
+    # 0.19 against -0.19 on 2026-12-06 (world-DINO cosines); a margin that float noise cannot close
+    assert lora["dino"] - baseline["dino"] > LEARNED, (lora, baseline)
     assert scores["scorers"]["dino"]["model"] == "world-dino" and scores["scorers"]["clip"]["model"] == "world-clip"
     assert (run / "report.html").is_file()
     assert str(run / "report.html") in result.stdout.replace("\n", "")
