@@ -197,7 +197,7 @@ def test_checkpoint_of_another_length_is_refused(tmp_path, capsys):
     model = vae.build_model()
     torch.save({"model": model.state_dict(), "opt": {}, "step": 2, "steps": 2, "curve": []}, work / "vae.pt")
     with pytest.raises(SystemExit) as exit_:
-        vae.main(["--out", str(tmp_path / "out"), "--steps-scale", "0.001"])
+        vae.main(["--out", str(tmp_path / "out"), "--steps-scale", "0.002"])
     assert exit_.value.code == 1
     assert "vae.pt: a checkpoint of a 2-step training, this one has 3 steps" in capsys.readouterr().err
     assert not (work / vae.NAME).exists()
