@@ -17,9 +17,8 @@ Figures (cosines as score reports them, -1..1):
   bg_lora / bg_base        share of images whose background world-CLIP names zero-shot as the prompt's
   train_s                  wall seconds of run_training (model load included)
 
-Threads: every run, in this process or a pool worker, gets ONE thread and OMP_WAIT_POLICY=PASSIVE,
-set here before torch is imported (the `sdlora` CLI sets PASSIVE in sdlora/cli/__init__.py, but
-these scripts import sdlora as a library). Beside a busy neighbour, sampling two 32 px images took
+Threads: every run, in this process or a pool worker, gets ONE thread and OMP_WAIT_POLICY=PASSIVE
+(which `import sdlora` now sets too), set here before torch is imported. Beside a busy neighbour, sampling two 32 px images took
 85 s with torch's 2 threads spinning at their barriers (OMP_WAIT_POLICY unset), 1.6 s with PASSIVE
 and 1.0 s with one thread (measured 2026-12-06 beside the world build). Two runs side by side
 (--jobs 2) use both cores.
