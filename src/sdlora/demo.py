@@ -25,9 +25,9 @@ SUBJECT = "sksToy toy"
 DEMO_BACKGROUNDS = ("beach", "snow")
 DEMO_PROMPTS = tuple(f"a photo of {SUBJECT} {vocab.BACKGROUNDS[b].phrase}" for b in DEMO_BACKGROUNDS)
 SHEET = "demo.png"  # under the demo's folder
-DEMO_MODELS = (BASE, "tiny-sd", "tiny-sdxl")
-# What each demo model is trained with: the world preset's learned settings, or the tiny preset.
+# The demo's models and the preset each trains with: the world's, or the tiny one (random weights).
 PRESET = {BASE: "world", "tiny-sd": "tiny", "tiny-sdxl": "tiny"}
+DEMO_MODELS = tuple(PRESET)
 
 
 @dataclass
@@ -108,24 +108,20 @@ def run_demo(
 def write_sheet(path: Path, dataset: Path, samples_json: Path, zoom: int = 3) -> Path:
     """One PNG to look at: four training photos, the base model's images and the LoRA's, prompt after
     prompt (the README's first picture is one of these)."""
-    import json
-
     from PIL import Image, ImageDraw
 
-    from sdlora.data.manifest import IMAGES
+    from sdlora.data.manifest import IMAGES, load_manifest
+    from sdlora.evaluate.score import load_samples
     from sdlora.fsutil import atomic_path
 
-    manifest = json.loads((dataset / "manifest.json").read_text(encoding="utf-8"))
-    samples = json.loads(samples_json.read_text(encoding="utf-8"))
-    prompts = list(dict.fromkeys(image["prompt"] for image in samples["images"]))
-    rows = [("training photos", [dataset / IMAGES / name for name in manifest["train"][:4]])]
+    samples = load_samples(samples_json)  # in the order sampled: image 0, 1, ... of each prompt
+    prompts = list(dict.fromkeys(sample.prompt for sample in samples))
+    rows = [("training photos", [dataset / IMAGES / name for name in load_manifest(dataset).train[:4]])]
     for variant, label in (("baseline", "base model"), ("lora", "with the LoRA")):
-        images = sorted(
-            (img for img in samples["images"] if img["variant"] == variant),
-            key=lambda img: (prompts.index(img["prompt"]), img["index"]),
-        )
-        rows.append((f"{label}: " + " | ".join(prompts), [samples_json.parent / img["file"] for img in images]))
-    side = samples["height"] * zoom
+        shown = sorted((s for s in samples if s.variant == variant), key=lambda s: prompts.index(s.prompt))
+        rows.append((f"{label}: " + " | ".join(prompts), [sample.file for sample in shown]))
+    with Image.open(samples[0].file) as first:
+        side = first.height * zoom
     columns = max(len(files) for _, files in rows)
     sheet = Image.new("RGB", (columns * (side + 4) + 4, len(rows) * (side + 18) + 4), "white")
     draw = ImageDraw.Draw(sheet)

@@ -37,7 +37,7 @@ class Family:
     (`check_options`: what the family refuses, one line before any encoding; `pivotal_tuning`), training
     (`training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the
     denoiser's forward, packing latents where the family does), prompt conditioning (`tokenize`,
-    `encode_tokens`, `encode_prompts`, `stack_pooled`, `unet_kwargs`, `prompt_embeds_kwargs`), the kohya
+    `encode_tokens`, `encode_prompts`, `stack_pooled`, `prompt_embeds_kwargs`), the kohya
     file (`writes_kohya`, `check_kohya_names`, `kohya_lora`) and sampling (`sampling_kwargs`: guidance
     and the negative prompt as the family's pipeline takes them).
     """
@@ -171,10 +171,6 @@ class Family:
     def stack_pooled(self, pooled: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
         """Per-prompt pooled embeddings as one (N, Dp) batch; None for a family without them."""
         return torch.stack(list(pooled)) if self.uses_pooled else None  # type: ignore[arg-type]
-
-    def unet_kwargs(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict[str, Any]:
-        """Extra keyword arguments for the denoiser's forward."""
-        raise NotImplementedError
 
     def prompt_embeds_kwargs(
         self,

@@ -184,9 +184,6 @@ class Flux1(Family):
         embeds = t5(token_ids[1].to(t5.device), output_hidden_states=False)[0]
         return embeds, pooled
 
-    def unet_kwargs(self, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict[str, Any]:
-        return {"pooled_projections": pooled}
-
     def prompt_embeds_kwargs(
         self,
         pipe: Any,
