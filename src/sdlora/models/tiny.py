@@ -1,4 +1,5 @@
-"""Small random-weight models of the real SD 1.x, SDXL and FLUX.1 architectures, built in memory.
+"""Small random-weight models of the real SD 1.x, SDXL and FLUX.1 architectures, built in memory, and the
+T5 and Qwen tokenizers the transformer families need, built without the hub.
 
 They follow diffusers' own test configs (UNet `block_out_channels=(32, 64)`, two-block VAE,
 small CLIP text encoders) and use a real CLIP tokenizer built offline from the BPE file that
@@ -199,6 +200,42 @@ def t5_tokenizer(model_max_length: int = 512):
         extra_ids=0,
         model_max_length=model_max_length,
     )
+
+
+# Qwen3's chat template reduced to what the FLUX.2 [klein] and Z-Image pipelines render: one user message,
+# the assistant's turn opened, and (enable_thinking=False) the empty think block Qwen3 then writes.
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
+
+
+def qwen_tokenizer(model_max_length: int = 512):
+    """A Qwen2 tokenizer (`Qwen2TokenizerFast`, the class Qwen3 uses) over a byte-level BPE with no merges
+    (every byte a token, then Qwen's special tokens), with the chat template above and <|endoftext|> as the
+    pad token, built in memory with `tokenizers` (no hub): for the tiny FLUX.2 [klein] and Z-Image models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import Qwen2TokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {char: index for index, char in enumerate(sorted(byte_chars))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=backend,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+        model_max_length=model_max_length,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS[1:])})
+    tokenizer.chat_template = _QWEN_CHAT_TEMPLATE
+    return tokenizer
 
 
 @_seeded
