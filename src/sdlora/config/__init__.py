@@ -29,6 +29,7 @@ from sdlora.config.load import (
     read_yaml,
     replace,
     save_config,
+    save_run_config,
 )
 from sdlora.config.schema import (
     DEFAULT_VALIDATION_PROMPT,
@@ -80,4 +81,5 @@ __all__ = [
     "read_yaml",
     "replace",
     "save_config",
+    "save_run_config",
 ]

@@ -236,6 +236,12 @@ def save_config(cfg: Config, path: str | Path) -> None:
 TRAINING_SECTIONS = ("model", "data", "lora", "embedding", "train", "prior")
 
 
+def save_run_config(cfg: Config, path: str | Path) -> None:
+    """A run's config.yaml (and a checkpoint's): the config without the run's name, so that
+    `--config runs/x/config.yaml` makes a new run."""
+    save_config(replace(cfg, run={"name": None}), path)
+
+
 def config_hash(cfg: Config | dict[str, Any]) -> str:
     data = cfg.to_dict() if isinstance(cfg, Config) else cfg
     relevant = {k: data.get(k) for k in TRAINING_SECTIONS}

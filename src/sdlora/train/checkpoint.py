@@ -45,7 +45,6 @@ from sdlora.fsutil import sha256_file, swap_folder, write_json, write_text, writ
 from sdlora.run import CHECKPOINTS, CONFIG, METRICS, Metric, bad_metrics_lines, parse_metrics, point_latest
 from sdlora.train import ema
 from sdlora.train.optim import apply_config
-from sdlora.train.runtime import saved_config
 from sdlora.train.statefile import load_state, save_state
 
 if TYPE_CHECKING:
@@ -194,7 +193,7 @@ def _write_main(state: TrainState, folder: Path) -> None:
             str(folder / "embeddings.safetensors"),
         )
     ema.save(state, folder)
-    config_mod.save_config(saved_config(state.cfg), folder / CONFIG)
+    config_mod.save_run_config(state.cfg, folder / CONFIG)
 
 
 def _seal(state: TrainState, folder: Path) -> None:

@@ -32,12 +32,14 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 import torch
 
 from sdlora.errors import SdloraError
-from sdlora.models.families import Family
+
+if TYPE_CHECKING:  # the families call this module (base.Family's kohya methods): no import back at run time
+    from sdlora.models.families.base import Family
 
 UNET = "unet"
 UNET_PREFIX = "lora_unet"

@@ -77,11 +77,6 @@ def check_new_run(cfg: Config, resume: Path | None) -> None:
         raise RunError(_name_taken(named))
 
 
-def saved_config(cfg: Config) -> Config:
-    """The config as saved in the run: without the run's name, so `--config runs/x/config.yaml` makes a new run."""
-    return config_mod.replace(cfg, run={"name": None})
-
-
 def lock_run(folder: Path, accelerator: Any) -> Path | None:
     """Take the run folder's lock on the main process (the other processes share it); the same RunError
     (naming the holder's pid) on every process when another sdlora holds it. Returns the lock file."""
@@ -112,7 +107,7 @@ def create_run_dir(cfg: Config, accelerator: Any, resume: Path | None) -> tuple[
     run_dir = _run_dir(cfg, accelerator, resume)
     lock = lock_run(run_dir, accelerator) if resume is None else None
     if accelerator.is_main_process:
-        config_mod.save_config(saved_config(cfg), run_dir / CONFIG)
+        config_mod.save_run_config(cfg, run_dir / CONFIG)
     return run_dir, lock
 
 

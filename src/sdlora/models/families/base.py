@@ -92,13 +92,8 @@ class Family:
         self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
     ) -> None:
         """Raise (one line) for a LoRA module the kohya file could not name: pipeline component -> module
-        paths, checked before training. The UNet families: train/kohya.py's names."""
-        from sdlora.train.kohya import KohyaNames
-
-        names = KohyaNames.for_models(self, denoiser_config, text_encoders)
-        for component, component_paths in paths.items():
-            for path in component_paths:
-                names.to_kohya(component, path)
+        paths, checked before training."""
+        raise NotImplementedError
 
     def kohya_lora(
         self,
@@ -108,10 +103,8 @@ class Family:
         text_encoders: Sequence[Any] | None,
     ) -> dict[str, torch.Tensor]:
         """A LoRA (peft state dict and lora_alpha per module path, per pipeline component) in the kohya layout
-        ComfyUI, AUTOMATIC1111 and sd-scripts read. The UNet families: train/kohya.py's `peft_to_kohya`."""
-        from sdlora.train.kohya import KohyaNames, peft_to_kohya
-
-        return peft_to_kohya(lora, alphas, KohyaNames.for_models(self, denoiser_config, text_encoders))
+        ComfyUI, AUTOMATIC1111 and sd-scripts read for the family."""
+        raise NotImplementedError
 
     # ---- loading
 

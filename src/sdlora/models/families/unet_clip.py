@@ -4,7 +4,7 @@ added conditions (pooled text and size time ids) for the families that use them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -36,6 +36,29 @@ class UNetClipFamily(Family):
                 f"{asked[0]} is for the flow-matching models (FLUX); {self.label} trains by DDPM noise "
                 "prediction (its timesteps are uniform; --snr-gamma weights them)"
             )
+
+    # ---- the kohya / ComfyUI file: train/kohya.py's names (diffusers' or SGM's module paths)
+
+    def check_kohya_names(
+        self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
+    ) -> None:
+        from sdlora.train.kohya import KohyaNames
+
+        names = KohyaNames.for_models(self, denoiser_config, text_encoders)
+        for component, component_paths in paths.items():
+            for path in component_paths:
+                names.to_kohya(component, path)
+
+    def kohya_lora(
+        self,
+        lora: Mapping[str, Mapping[str, torch.Tensor]],
+        alphas: Mapping[str, Mapping[str, float]],
+        denoiser_config: Any,
+        text_encoders: Sequence[Any] | None,
+    ) -> dict[str, torch.Tensor]:
+        from sdlora.train.kohya import KohyaNames, peft_to_kohya
+
+        return peft_to_kohya(lora, alphas, KohyaNames.for_models(self, denoiser_config, text_encoders))
 
     def training_objective(self, pipe: Any, train: Any) -> Any:
         """DDPM noise prediction on the pipeline's own noise schedule (epsilon or v-prediction), with
