@@ -112,6 +112,21 @@ def test_denoise_is_the_velocity_the_pipeline_steps_with_and_the_cached_path_sam
     assert sigma == pytest.approx(3 * 0.6 / (1 + 2 * 0.6))
     torch.testing.assert_close(out, latents - sigma * velocity, atol=1e-5, rtol=1e-5)
 
+    # A batch of prompts of different lengths: each sample's velocity is the one it gets alone (the window's
+    # padding reaches neither the transformer nor the other samples).
+    with torch.no_grad():
+        longer = ZIMAGE.encode_prompts(pipe, ["a photo of sksToy toy in a garden, at dusk, with long shadows"])[0]
+        pair = ZIMAGE.denoise(
+            pipe.transformer,
+            latents.repeat(2, 1, 1, 1),
+            torch.tensor([sigma, 0.3]),
+            torch.cat([embeds, longer]),
+            None,
+            None,
+        )
+        alone = ZIMAGE.denoise(pipe.transformer, latents, torch.tensor([0.3]), longer, None, None)
+    torch.testing.assert_close(pair, torch.cat([velocity, alone]), atol=1e-5, rtol=1e-5)
+
     kwargs = ZIMAGE.prompt_embeds_kwargs(pipe, (embeds[0], None), (empty[0], None), "cpu")
     for guidance in (0.0, 4.0):
         common = dict(num_inference_steps=2, guidance_scale=guidance, height=32, width=32, output_type="np")
