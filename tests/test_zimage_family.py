@@ -150,8 +150,8 @@ def test_the_objective_is_flow_matching_shifted_as_the_scheduler_and_the_options
 
 def test_golden_loss_default_targets_and_the_diffusers_file_loads_back(tmp_path: Path, tiny_dataset: Path):
     """Step losses as recorded; the LoRA on the attention projections of every block; the diffusers file
-    (transformer. keys) makes a fresh tiny-zimage predict what the trained transformer does; the ComfyUI file
-    beside it, with musubi-tuner's metadata names."""
+    (transformer. keys) makes a fresh tiny-zimage predict what the trained transformer does; so does the ComfyUI
+    file beside it (musubi-tuner's metadata names), loaded by diffusers."""
     state = loop.setup(zimage_cfg(tmp_path, tiny_dataset, **{"run.name": "z"}))
     try:
         result = loop.train(state)
@@ -190,6 +190,10 @@ def test_golden_loss_default_targets_and_the_diffusers_file_loads_back(tmp_path:
         pipe.load_lora_weights(run / "lora")  # diffusers' ZImageLoraLoaderMixin
         assert torch.allclose(predict(pipe.transformer), trained, atol=1e-5)
         assert not torch.allclose(base, trained, atol=1e-4)  # the LoRA changed the prediction
+        # diffusers reads the ComfyUI file as well (its fused qkv split back into q, k, v).
+        pipe, _ = load_pipeline("tiny-zimage")
+        pipe.load_lora_weights(run / "lora" / "z.safetensors")
+        assert torch.allclose(predict(pipe.transformer), trained, atol=1e-5)
     finally:
         loop.cleanup(state)
 

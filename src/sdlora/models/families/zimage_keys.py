@@ -26,9 +26,11 @@ Sources read (2026 snapshots):
 - diffusers `loaders/single_file_utils.py::convert_z_image_transformer_checkpoint_to_diffusers` (0.42): the same
   renames for whole checkpoints and `attention.qkv` chunked in three; tests/test_zimage_keys.py runs it on this
   module's output for the full-size Z-Image-Turbo transformer.
-- diffusers `loaders/lora_conversion_utils.py::_convert_non_diffusers_z_image_lora_to_diffusers` (0.42) reads
-  `lora_unet_` names only where they are diffusers' own (`..._attention_to_q`): it leaves an underscored
-  `attention_qkv` fused, so diffusers loads sdlora's diffusers file, not this one.
+- diffusers `loaders/lora_conversion_utils.py::_convert_non_diffusers_z_image_lora_to_diffusers` (0.42), what
+  `ZImagePipeline.load_lora_weights` calls for `lora_unet_` keys: splitting the name at every underscore turns
+  `..._attention_qkv.lora_down.weight` into its dotted `attention.qkv.lora.down` form, and that path gives q, k
+  and v the whole lora_down and a third of lora_up's rows each (exact), `out` becoming `to_out.0`: diffusers
+  reads this file too (tests/test_zimage_family.py loads it).
 """
 
 from __future__ import annotations
