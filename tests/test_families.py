@@ -53,12 +53,12 @@ def test_every_family_declares_every_field(family: Family):
         assert value is not None and (value != () and value != "" or isinstance(value, bool)), field.name
     assert len(family.text_encoders) == len(family.tokenizers) == len(family.kohya_te_prefixes)
     assert [encoder for encoder, _ in family.embedding_keys] == list(family.text_encoders)
-    assert family.denoiser and family.lora_targets and family.sample_guidance > 0
-    assert family.kohya_unet_layout in ("diffusers", "sgm", "bfl")  # bfl: FLUX's own (double_blocks...)
-    # The shipped configs a single file loads with; FLUX.1 files are refused before they are needed
+    assert family.denoiser and family.lora_targets and family.sample_guidance >= 0  # Z-Image-Turbo: 0
+    assert family.kohya_unet_layout in ("diffusers", "sgm", "bfl", "z-image")  # bfl: FLUX's own (double_blocks...)
+    # The shipped configs a single file loads with; FLUX.1 and Z-Image files are refused before they are needed
     # (single_file.detect finds no SD UNet in them).
     configs = Path(sdlora.__file__).parent / "models" / "base_configs" / family.base_config
-    assert configs.is_dir() or family is families.FLUX1
+    assert configs.is_dir() or family in (families.FLUX1, families.ZIMAGE)
     assert families.family_named(family.name) is family and families.tiny_family(family.tiny_model) is family
     # Every method of the interface is filled in (the base raises NotImplementedError).
     methods = ("matches_unet", "build_tiny", "training_objective", "denoise", "tokenize", "encode_tokens")
@@ -79,10 +79,11 @@ def test_names_are_unique_and_lookups_of_unknown_names_fail_clearly():
 # the card and the loaders ask the family object. Model builders name the architecture they build:
 # models/tiny.py (the tiny builds the families' `build_tiny` call) and world/trainers/ (world-sd, an
 # SD 1.x pipeline trained on the miniature world).
-_FAMILY_NAMES = r"sd1|sdxl|sd15|tiny-sd|tiny-sdxl"
+_FAMILY_NAMES = r"sd1|sdxl|sd15|tiny-sd|tiny-sdxl|zimage|tiny-zimage"
 _NAMING = re.compile(
     rf"is_sdxl|[=!]=\s*[\"']({_FAMILY_NAMES})[\"']|[\"']({_FAMILY_NAMES})[\"']\s*(if|[=!]=|in)\b"
-    r"|models\.families\.(sd1|sdxl|unet_clip)|families import .*\b(SD1|SDXL)\b|StableDiffusion(XL)?(Img2Img)?Pipeline"
+    r"|models\.families\.(sd1|sdxl|unet_clip|zimage)|families import .*\b(SD1|SDXL|ZIMAGE)\b"
+    r"|StableDiffusion(XL)?(Img2Img)?Pipeline|ZImagePipeline"
 )
 
 
@@ -103,6 +104,7 @@ def test_the_grep_catches_a_branch_on_a_family():
     assert _NAMING.search('    cls = Big if arch.name == "sdxl" else Small')
     assert _NAMING.search("if arch.is_sdxl:")
     assert _NAMING.search("from sdlora.models.families.sdxl import SDXL")
+    assert _NAMING.search('    if family.name == "zimage":') and _NAMING.search("from diffusers import ZImagePipeline")
     assert not _NAMING.search('    "arch": state.arch.name,')
 
 

@@ -98,7 +98,7 @@ class ModelArgs(_Group):
     name: str = field(
         default="stable-diffusion-v1-5/stable-diffusion-v1-5", metadata=cli("--model", "-m", metavar="NAME")
     )
-    """Base model: a hub id or local diffusers folder (SD 1.x, SDXL, FLUX.1), an SD 1.x / SDXL .safetensors file, or tiny-sd / tiny-sdxl / tiny-flux (random weights, for tests)."""
+    """Base model: a hub id or local diffusers folder (SD 1.x, SDXL, FLUX.1, Z-Image), an SD 1.x / SDXL .safetensors file, or tiny-sd / tiny-sdxl / tiny-flux / tiny-zimage (random weights, for tests)."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of the base model."""
     variant: Optional[str] = None
@@ -275,9 +275,9 @@ class OptimArgs(_Group):
     snr_gamma: Optional[float] = None
     """Min-SNR loss weighting gamma (5.0 is the paper's): faster convergence; off by default."""
     timestep_sampling: Literal["uniform", "logit-normal", "sigmoid"] = "uniform"
-    """Flow-matching models (FLUX.1): how training sigmas are drawn: uniform (diffusers' FLUX LoRA script; the UNets' only kind), logit-normal (SD3's) or sigmoid (sd-scripts' FLUX example)."""
+    """Flow-matching models (FLUX.1, Z-Image): how training sigmas are drawn: uniform (diffusers' FLUX LoRA script; the UNets' only kind), logit-normal (SD3's) or sigmoid (sd-scripts' FLUX example)."""
     shift: Optional[float] = None
-    """Flow-matching models (FLUX.1): shift training sigmas towards noise, s' = S*s/(1+(S-1)*s); sd-scripts' FLUX example uses 3.1582 with sigmoid. Default: none."""
+    """Flow-matching models (FLUX.1, Z-Image): shift training sigmas towards noise, s' = S*s/(1+(S-1)*s); sd-scripts' FLUX example uses 3.1582 with sigmoid. Default: none for FLUX.1; Z-Image: its scheduler's (Turbo: 3.0)."""
     noise_offset: float = 0.0
     """Offset noise (e.g. 0.05): lets the model learn very dark or bright images."""
     prodigy_d_coef: float = field(default=1.0, metadata=cli(panel=_MEMORY))

@@ -334,3 +334,44 @@ def tiny_clipseg():
         image_std=[0.229, 0.224, 0.225],
     )
     return model, CLIPSegProcessor(image_processor=image_processor, tokenizer=clip_tokenizer())
+
+
+@_seeded
+def tiny_zimage():
+    """A ZImagePipeline (Z-Image's architecture) with tiny random weights: a 2-layer transformer with one noise
+    and one context refiner block, 2x2 patches of a 16-channel VAE with FLUX.1's scale and shift (Z-Image's VAE),
+    a 2-layer Qwen3 text encoder over `qwen_tokenizer`, and Z-Image-Turbo's scheduler config (static shift 3.0).
+    `--model tiny-zimage` (models/families/zimage.py)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = qwen_tokenizer()
+    transformer = ZImageTransformer2DModel(
+        in_channels=16,
+        dim=32,
+        n_layers=2,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,  # Qwen3's hidden size
+        axes_dims=[4, 4, 8],  # sums to the head width, dim / n_heads
+    )
+    qwen3 = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vae = _vae(0.3611, latent_channels=16, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False)
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=False),
+        vae=vae,
+        text_encoder=Qwen3Model(qwen3).eval(),
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )

@@ -18,11 +18,12 @@ from sdlora.models.families.base import Family, OnDevice
 from sdlora.models.families.flux import FLUX1
 from sdlora.models.families.sd1 import SD1
 from sdlora.models.families.sdxl import SDXL
+from sdlora.models.families.zimage import ZIMAGE
 
 # Asked in this order where several could match (an SDXL UNet config is also a text-conditioned UNet;
-# an SDXL checkpoint file also has SD 1.x-like keys): the more specific first. FLUX.1's transformer config
-# matches neither UNet's.
-FAMILIES: tuple[Family, ...] = (SDXL, SD1, FLUX1)
+# an SDXL checkpoint file also has SD 1.x-like keys): the more specific first. FLUX.1's and Z-Image's
+# transformer configs match neither UNet's nor each other's.
+FAMILIES: tuple[Family, ...] = (SDXL, SD1, FLUX1, ZIMAGE)
 
 
 class UnknownFamily(ModelError, ValueError):
@@ -81,6 +82,7 @@ __all__ = [
     "SD1",
     "SDXL",
     "UnknownFamily",
+    "ZIMAGE",
     "detect_family",
     "family_named",
     "family_of_pipeline",

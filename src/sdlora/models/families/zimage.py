@@ -1,0 +1,218 @@
+"""Z-Image and Z-Image-Turbo (Tongyi-MAI, 6 B): a single-stream flow-matching transformer (30 layers, with
+noise and context refiner blocks) on 16-channel VAE latents in 2x2 patches, conditioned on the hidden states
+of Qwen3-4B, with no pooled embedding.
+
+What follows diffusers' ZImagePipeline and examples/dreambooth/train_dreambooth_lora_z_image.py:
+
+- prompts: each rendered by Qwen3's chat template (one user turn, the assistant's turn opened), tokenized to
+  the pipeline's 512-token window, and encoded to Qwen3's `hidden_states[-2]`; the pipeline keeps only the
+  rows its attention mask marks (`prompt_embeds[i][prompt_masks[i]]`), a list of per-prompt lengths. The
+  loop and its caches batch fixed-shape tensors, so a prompt's embedding here is the whole window, (512,
+  D + 1): the hidden states with padding rows zeroed and the attention mask as the last channel. `denoise`
+  and `prompt_embeds_kwargs` take the masked rows out again (`unpad`): the transformer and the pipeline get
+  exactly the list `ZImagePipeline.encode_prompt` builds.
+- latents: the VAE's (latents - shift_factor) * scaling_factor (FLUX.1's VAE; train/cache.py `vae_scale`),
+  given to the transformer as a list of (C, 1, h, w) frames that it patchifies itself.
+- timesteps: the transformer takes 1 - sigma (the pipeline passes (1000 - t) / 1000) and predicts
+  x0 - noise, which the pipeline negates before its scheduler step; `denoise` does both, so the loop sees the
+  velocity noise - x0 that train/flow_matching.py trains towards.
+- the sigmas: uniform, shifted by the scheduler's own static shift (3.0 in Z-Image-Turbo's config) unless
+  `--shift` is given, as diffusers' script draws them from its scheduler's shifted 1000-step schedule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from sdlora.errors import ConfigError
+from sdlora.models.families.base import Family
+
+# The attention projections of every block (main layers and both refiners): the default `--lora_layers` of
+# diffusers' train_dreambooth_lora_z_image.py.
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+WINDOW = 512  # ZImagePipeline's max_sequence_length (diffusers' training default too)
+
+
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """`prompt` as ZImagePipeline._encode_prompt renders it with Qwen3's chat template."""
+    messages = [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
+
+
+def unpad(embeds: torch.Tensor) -> torch.Tensor:
+    """The rows of one prompt's (WINDOW, D + 1) embedding its attention mask (the last channel) keeps, as (L, D)."""
+    return embeds[embeds[:, -1] > 0.5, :-1]
+
+
+@dataclass(frozen=True)
+class ZImage(Family):
+    def check_options(self, cfg: Any) -> None:
+        """What this first Z-Image version does not train, refused before any encoding."""
+        refused = (
+            (cfg.lora.train_text_encoder, "--train-text-encoder: text-encoder (Qwen3) LoRAs"),
+            (cfg.embedding.train, "--train-token-embedding: pivotal tuning (the token's own embedding)"),
+            (cfg.train.snr_gamma is not None, "--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting)"),
+        )
+        for asked, what in refused:
+            if asked:
+                raise ConfigError(
+                    f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
+                )
+
+    def pivotal_tuning(self) -> bool:
+        return False  # Qwen3's token embeddings: not in this version
+
+    # ---- the ComfyUI file: the original Z-Image module layout (lora_unet_layers_N_attention_qkv, q, k, v
+    # fused), models/families/zimage_keys.py
+
+    def writes_kohya(self, adapter_config: Any) -> bool:
+        """A LoRA: yes. LoKr / LoHa (no fused LyCORIS layout) and DoRA (a fused module's magnitude would need
+        the untrained parts' weights): the diffusers / peft file alone."""
+        kind = str(getattr(adapter_config, "peft_type", "")).rsplit(".", 1)[-1].lower()
+        return kind == "lora" and not getattr(adapter_config, "use_dora", False)
+
+    def check_kohya_names(
+        self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
+    ) -> None:
+        from sdlora.models.families.zimage_keys import kohya_module
+
+        for path in paths.get(self.denoiser, ()):
+            kohya_module(path)
+
+    def kohya_lora(
+        self,
+        lora: Mapping[str, Mapping[str, torch.Tensor]],
+        alphas: Mapping[str, Mapping[str, float]],
+        denoiser_config: Any,
+        text_encoders: Sequence[Any] | None,
+    ) -> dict[str, torch.Tensor]:
+        """The transformer's LoRA (text-encoder LoRAs are refused for Z-Image here: `check_options`)."""
+        from sdlora.models.families.zimage_keys import peft_to_kohya_zimage
+
+        return peft_to_kohya_zimage(lora[self.denoiser], alphas[self.denoiser])
+
+    # ---- loading
+
+    def matches_unet(self, unet_config: Mapping[str, Any]) -> bool:
+        # ZImageTransformer2DModel's config: patch sizes per embedder and the caption feature width (Lumina 2's
+        # transformer has cap_feat_dim but one patch_size).
+        return unet_config.get("all_patch_size") is not None and unet_config.get("cap_feat_dim") is not None
+
+    def build_tiny(self) -> Any:
+        from sdlora.models.tiny import tiny_zimage
+
+        return tiny_zimage()
+
+    # ---- training
+
+    def training_objective(self, pipe: Any, train: Any) -> Any:
+        """Flow matching as diffusers' train_dreambooth_lora_z_image.py trains it: uniform sigmas (`--weighting_scheme
+        none`) shifted by the scheduler's static shift (3.0 for Z-Image-Turbo), no loss weighting; `--shift` and
+        `--timestep-sampling` replace them. The transformer's timestep is made from sigma in `denoise`."""
+        from sdlora.train.flow_matching import FlowMatching
+
+        shift = train.shift
+        scheduler = getattr(pipe, "scheduler", None)
+        if shift is None and scheduler is not None and not scheduler.config.get("use_dynamic_shifting", False):
+            shift = float(scheduler.config.get("shift", 1.0))
+        sampling = train.timestep_sampling.replace("-", "_")  # logit-normal: FlowMatching's logit_normal
+        return FlowMatching(sampling=sampling, shift=shift, timestep_scale=1.0)
+
+    def denoise(
+        self,
+        denoiser: Any,
+        noisy: torch.Tensor,
+        timesteps: torch.Tensor,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        time_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The velocity for `noisy` (B, 16, h, w) at sigmas `timesteps`: the transformer gets the latents as
+        (C, 1, h, w) frames, 1 - sigma and each prompt's unpadded embedding; its x0 - noise comes back negated."""
+        batch = noisy.shape[0]
+        frames = list(noisy.unsqueeze(2).unbind(dim=0))
+        captions = [unpad(e) for e in embeds]
+        t = 1.0 - timesteps.to(device=noisy.device, dtype=torch.float32).expand(batch)
+        out = denoiser(frames, t, captions, return_dict=False)[0]
+        return -torch.stack(out, dim=0).squeeze(2)
+
+    # ---- prompt conditioning
+
+    def tokenize(self, pipe: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """The chat-rendered prompts' token ids and their attention mask, padded to the WINDOW (as the pipeline
+        tokenizes): [ids, mask], both (N, WINDOW), for the one tokenizer."""
+        tokenizer = pipe.tokenizer
+        texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]
+        tokens = tokenizer(texts, padding="max_length", max_length=WINDOW, truncation=True, return_tensors="pt")
+        return [tokens.input_ids, tokens.attention_mask]
+
+    def encode_tokens(
+        self, text_encoders: Sequence[Any], token_ids: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(N, WINDOW, D + 1): Qwen3's hidden_states[-2] with padding rows zeroed, the attention mask as the last
+        channel (see the module doc); no pooled embedding."""
+        (qwen,) = text_encoders
+        ids, mask = (t.to(qwen.device) for t in token_ids)
+        hidden = qwen(input_ids=ids, attention_mask=mask.bool(), output_hidden_states=True).hidden_states[-2]
+        keep = mask[..., None].to(hidden.dtype)
+        return torch.cat([hidden * keep, keep], dim=-1), None
+
+    def prompt_embeds_kwargs(
+        self,
+        pipe: Any,
+        cond: tuple[torch.Tensor, torch.Tensor | None],
+        negative: tuple[torch.Tensor, torch.Tensor | None],
+        device: Any,
+    ) -> dict[str, Any]:
+        """One prompt's cached embedding as the pipeline's list of unpadded embeddings, and the empty prompt's as
+        the negative one (used where --guidance is above 0)."""
+        kwargs = {"prompt_embeds": [unpad(cond[0]).to(device)]}
+        if negative is not None:
+            kwargs["negative_prompt_embeds"] = [unpad(negative[0]).to(device)]
+        return kwargs
+
+    # ---- sampling
+
+    def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
+        """Classifier-free guidance with the negative prompt ("" by default) above guidance 0; at 0 (Z-Image-Turbo's
+        setting, the default) the pipeline runs without it, so a negative prompt is refused there."""
+        if negative_prompt is not None and guidance <= 0:
+            raise ConfigError(
+                f"--negative-prompt: {self.label} samples without classifier-free guidance at --guidance 0 "
+                "(Z-Image-Turbo's setting), so a negative prompt does nothing; give --guidance (Z-Image: 4) or drop it"
+            )
+        return {"guidance_scale": guidance, "negative_prompt": negative_prompt}
+
+
+ZIMAGE = ZImage(
+    name="zimage",
+    label="Z-Image",
+    title="Z-Image",
+    default_resolution=1024,
+    pipeline_classes=("ZImagePipeline",),
+    text_encoders=("text_encoder",),
+    tokenizers=("tokenizer",),
+    uses_pooled=False,
+    kohya_base_version="z_image",  # musubi-tuner's ss_base_model_version for Z-Image (its architecture's full name)
+    kohya_te_prefixes=("lora_te",),  # sd-scripts' prefix of a single text encoder (text-encoder LoRAs refused)
+    kohya_unet_layout="z-image",  # the original Tongyi-MAI/Z-Image modules ComfyUI runs (attention.qkv, ...)
+    kohya_network_module="networks.lora_zimage",  # musubi-tuner's Z-Image LoRA module
+    modelspec_architecture="Z-Image/lora",  # musubi-tuner's sai_model_spec.py (ARCH_Z_IMAGE + "/lora")
+    modelspec_implementation="https://github.com/Tongyi-MAI/Z-Image",
+    embedding_keys=(("text_encoder", "qwen3"),),  # no reader convention known; pivotal tuning is refused
+    hub_tag="z-image",
+    licenses=(("Tongyi-MAI/Z-Image-Turbo", "apache-2.0"), ("Tongyi-MAI/Z-Image", "apache-2.0")),
+    # Never reached: single_file.detect refuses a file without an SD UNet first (Z-Image: diffusers folders or
+    # hub ids only, in this version).
+    single_file_key="model.diffusion_model.context_refiner.",
+    base_config="zimage",
+    tiny_model="tiny-zimage",
+    denoiser="transformer",
+    lora_targets=ATTENTION,
+    # ZImagePipeline's documented Turbo call: guidance_scale 0.0 (no classifier-free guidance), 8-9 steps.
+    sample_guidance=0.0,
+)
