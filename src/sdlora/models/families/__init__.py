@@ -16,13 +16,15 @@ from typing import Any, Mapping
 from sdlora.errors import ModelError
 from sdlora.models.families.base import Family, OnDevice
 from sdlora.models.families.flux import FLUX1
+from sdlora.models.families.flux2 import FLUX2_KLEIN
 from sdlora.models.families.sd1 import SD1
 from sdlora.models.families.sdxl import SDXL
 
 # Asked in this order where several could match (an SDXL UNet config is also a text-conditioned UNet;
 # an SDXL checkpoint file also has SD 1.x-like keys): the more specific first. FLUX.1's transformer config
-# matches neither UNet's.
-FAMILIES: tuple[Family, ...] = (SDXL, SD1, FLUX1)
+# matches neither UNet's. (FLUX.1's also matches a FLUX.2 transformer config: never asked, as transformer
+# pipelines are told by their class; `Flux2Klein.matches_unet` alone tells them apart.)
+FAMILIES: tuple[Family, ...] = (SDXL, SD1, FLUX1, FLUX2_KLEIN)
 
 
 class UnknownFamily(ModelError, ValueError):
@@ -76,6 +78,7 @@ def family_of_pipeline(pipe: Any) -> Family:
 __all__ = [
     "FAMILIES",
     "FLUX1",
+    "FLUX2_KLEIN",
     "Family",
     "OnDevice",
     "SD1",
