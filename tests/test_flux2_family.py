@@ -177,7 +177,12 @@ def test_golden_loss_default_targets_and_both_files_load_back(tmp_path: Path, ti
 
 @pytest.mark.slow
 def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path: Path, tiny_dataset: Path):
-    flags = {"train.max_steps": 4, "train.lr_scheduler": "cosine", "train.timestep_sampling": "sigmoid", "train.shift": 3.0}
+    flags = {
+        "train.max_steps": 4,
+        "train.lr_scheduler": "cosine",
+        "train.timestep_sampling": "sigmoid",
+        "train.shift": 3.0,
+    }
     straight = loop.run_training(klein_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "straight"}))
     state = loop.setup(klein_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "halves"}))
 
@@ -200,7 +205,7 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path: Path, tiny
         assert torch.allclose(a[key], b[key], atol=1e-6), key
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 8 s after the others, 25 s alone (first pipeline calls)
 def test_train_with_validation_samples_then_sample_through_the_cli(tmp_path: Path, tiny_dataset: Path, monkeypatch):
     """Validation samples from cached embeddings (the empty prompt's as the CFG negative); `sdlora sample`
     encodes its prompt through the pipeline: both paths through Flux2KleinPipeline."""
@@ -220,7 +225,8 @@ def test_train_with_validation_samples_then_sample_through_the_cli(tmp_path: Pat
     assert data["guidance"] == FLUX2_KLEIN.sample_guidance
     assert all((run / "samples" / e["file"]).is_file() for e in data["images"])
     refused = runner.invoke(app, ["sample", "sksToy", "--run", str(run), "-n", "1", "--negative-prompt", "blurry"])
-    one_line_error(refused, "--negative-prompt")
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
+    assert refused.exit_code == 1 and len(errors) == 1 and "--negative-prompt" in errors[0], refused.stderr
 
 
 @pytest.mark.parametrize(
