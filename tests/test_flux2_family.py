@@ -271,3 +271,14 @@ def test_the_vae_reloads_as_the_class_the_folder_names(tmp_path: Path, tiny):
     vae = load_base_vae(str(tmp_path / "m"), dtype=torch.float32)
     assert type(vae).__name__ == "AutoencoderKLFlux2"
     assert torch.equal(vae.bn.running_var, tiny.vae.bn.running_var)
+
+
+def test_prior_preservation_generates_class_images_with_klein(tmp_path: Path, tiny):
+    """train/prior.py names `prompt=`: Flux2KleinPipeline's first argument is the reference image."""
+    from PIL import Image
+
+    from sdlora.train.prior import ensure_class_images
+
+    common = dict(class_prompt="a photo of a toy", folder=tmp_path, resolution=64, seed=0, device="cpu")
+    paths = ensure_class_images(tiny, FLUX2_KLEIN, num_images=1, num_inference_steps=1, **common)
+    assert len(paths) == 1 and Image.open(paths[0]).size == (64, 64)
