@@ -282,3 +282,24 @@ def test_prior_preservation_generates_class_images_with_klein(tmp_path: Path, ti
     common = dict(class_prompt="a photo of a toy", folder=tmp_path, resolution=64, seed=0, device="cpu")
     paths = ensure_class_images(tiny, FLUX2_KLEIN, num_images=1, num_inference_steps=1, **common)
     assert len(paths) == 1 and Image.open(paths[0]).size == (64, 64)
+
+
+def test_samples_from_cached_embeddings_are_the_pipelines_own(tiny):
+    """Validation samples from the cached embeddings (the text encoder is gone by then), the empty prompt's as
+    the CFG negative, are the images Flux2KleinPipeline makes from the prompt itself (guidance 4: CFG on)."""
+    import numpy as np
+
+    tiny.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        embeds, _ = FLUX2_KLEIN.encode_prompts(tiny, [PROMPT])
+        empty, _ = FLUX2_KLEIN.encode_prompts(tiny, [""])
+    kwargs = FLUX2_KLEIN.prompt_embeds_kwargs(tiny, (embeds[0], None), (empty[0], None), "cpu")
+
+    def render(**kwargs) -> np.ndarray:
+        generator = torch.Generator().manual_seed(0)
+        out = tiny(num_inference_steps=2, height=64, width=64, output_type="np", generator=generator, **kwargs)
+        return out.images[0]
+
+    np.testing.assert_allclose(
+        render(guidance_scale=4.0, **kwargs), render(guidance_scale=4.0, prompt=PROMPT), atol=1e-5
+    )
