@@ -258,7 +258,7 @@ FLUX2_KLEIN = Flux2Klein(
     modelspec_architecture="Flux.2-klein-4b/lora",  # musubi-tuner's utils/sai_model_spec.py
     modelspec_implementation="https://github.com/black-forest-labs/flux2",
     embedding_keys=(("text_encoder", "qwen3"),),  # never written: pivotal tuning is refused
-    hub_tag="flux2",
+    hub_tag="flux",  # the tag BFL's FLUX.2 [klein] cards carry (text-to-image, image-editing, flux)
     licenses=(
         ("black-forest-labs/FLUX.2-klein-4B", "apache-2.0"),
         ("black-forest-labs/FLUX.2-klein-base-4B", "apache-2.0"),
