@@ -58,7 +58,7 @@ def test_every_family_declares_every_field(family: Family):
     # The shipped configs a single file loads with; FLUX.1 and Z-Image files are refused before they are needed
     # (single_file.detect finds no SD UNet in them).
     configs = Path(sdlora.__file__).parent / "models" / "base_configs" / family.base_config
-    assert configs.is_dir() or family in (families.FLUX1, families.ZIMAGE)
+    assert configs.is_dir() or family in (families.FLUX1, families.FLUX2_KLEIN, families.ZIMAGE)
     assert families.family_named(family.name) is family and families.tiny_family(family.tiny_model) is family
     # Every method of the interface is filled in (the base raises NotImplementedError).
     methods = ("matches_unet", "build_tiny", "training_objective", "denoise", "tokenize", "encode_tokens")
@@ -79,11 +79,11 @@ def test_names_are_unique_and_lookups_of_unknown_names_fail_clearly():
 # the card and the loaders ask the family object. Model builders name the architecture they build:
 # models/tiny.py (the tiny builds the families' `build_tiny` call) and world/trainers/ (world-sd, an
 # SD 1.x pipeline trained on the miniature world).
-_FAMILY_NAMES = r"sd1|sdxl|sd15|tiny-sd|tiny-sdxl|zimage|tiny-zimage"
+_FAMILY_NAMES = r"sd1|sdxl|sd15|tiny-sd|tiny-sdxl|flux2-klein|tiny-flux2-klein|zimage|tiny-zimage"
 _NAMING = re.compile(
     rf"is_sdxl|[=!]=\s*[\"']({_FAMILY_NAMES})[\"']|[\"']({_FAMILY_NAMES})[\"']\s*(if|[=!]=|in)\b"
-    r"|models\.families\.(sd1|sdxl|unet_clip|zimage)|families import .*\b(SD1|SDXL|ZIMAGE)\b"
-    r"|StableDiffusion(XL)?(Img2Img)?Pipeline|ZImagePipeline"
+    r"|models\.families\.(sd1|sdxl|unet_clip|flux2|zimage)|families import .*\b(SD1|SDXL|FLUX2_KLEIN|ZIMAGE)\b"
+    r"|StableDiffusion(XL)?(Img2Img)?Pipeline|Flux2KleinPipeline|ZImagePipeline"
 )
 
 
@@ -105,6 +105,9 @@ def test_the_grep_catches_a_branch_on_a_family():
     assert _NAMING.search("if arch.is_sdxl:")
     assert _NAMING.search("from sdlora.models.families.sdxl import SDXL")
     assert _NAMING.search('    if family.name == "zimage":') and _NAMING.search("from diffusers import ZImagePipeline")
+    assert _NAMING.search('if family.name == "flux2-klein":')
+    assert _NAMING.search("from sdlora.models.families.flux2_keys import kohya_module")
+    assert _NAMING.search("    cls = diffusers.Flux2KleinPipeline")
     assert not _NAMING.search('    "arch": state.arch.name,')
 
 

@@ -137,13 +137,14 @@ def load_base_vae(
         return load_vae(vae, dtype)
     if single_file.is_single_file(model):
         return single_file.load_vae(model, single_file.detect(model), dtype_kwargs(dtype))
-    from diffusers import AutoencoderKL
+    # AutoModel: the class the folder's vae/config.json names (AutoencoderKL, FLUX.2's AutoencoderKLFlux2, ...)
+    from diffusers import AutoModel
 
     if not Path(model).is_dir():
         hub_offline()
     kwargs = {"revision": revision, "variant": variant}
     try:
-        return AutoencoderKL.from_pretrained(
+        return AutoModel.from_pretrained(
             model, subfolder="vae", **dtype_kwargs(dtype), **{k: v for k, v in kwargs.items() if v is not None}
         )
     except (OSError, ValueError) as exc:

@@ -1,5 +1,5 @@
-"""Small random-weight models of the real SD 1.x, SDXL and FLUX.1 architectures, built in memory, and the
-T5 and Qwen tokenizers the transformer families need, built without the hub.
+"""Small random-weight models of the real SD 1.x, SDXL, FLUX.1, FLUX.2 [klein] and Z-Image architectures,
+built in memory, and the T5 and Qwen tokenizers the transformer families need, built without the hub.
 
 They follow diffusers' own test configs (UNet `block_out_channels=(32, 64)`, two-block VAE,
 small CLIP text encoders) and use a real CLIP tokenizer built offline from the BPE file that
@@ -374,4 +374,79 @@ def tiny_zimage():
         text_encoder=Qwen3Model(qwen3).eval(),
         tokenizer=tokenizer,
         transformer=transformer,
+    )
+
+
+@_seeded
+def tiny_flux2_klein():
+    """A Flux2KleinPipeline (FLUX.2 [klein] base's architecture: no guidance embedding, true CFG) with tiny
+    random weights: a 1 + 1 block transformer, an 8-channel Flux2 VAE whose latents are patchified 2 x 2 into
+    32 channels and normalised by its batch-norm statistics (set here to values other than 0 and 1, so the
+    normalisation shows), and a 16-wide Qwen3 over the offline Qwen tokenizer with one layer more than the
+    deepest the prompt embedding reads (so each is an intermediate layer's output, as in the real 36-layer
+    Qwen3-4B, and the pipeline runs at its default layers). `--model tiny-flux2-klein` (models/families/flux2.py)."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from sdlora.models.families.flux2 import TEXT_LAYERS
+
+    tokenizer = qwen_tokenizer()
+    width, latent_channels = 16, 8
+    qwen = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=32,
+        num_hidden_layers=max(TEXT_LAYERS) + 1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        use_cache=False,
+    )
+    transformer = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=latent_channels * 4,  # 2 x 2 patchified latent channels
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=width * len(TEXT_LAYERS),  # the stacked hidden states
+        axes_dims_rope=(4, 4, 4, 4),  # sums to attention_head_dim
+        guidance_embeds=False,  # [klein]: no guidance distillation
+    )
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=latent_channels,
+        sample_size=TINY_RESOLUTION,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    channels = vae.bn.running_mean.shape[0]
+    vae.bn.running_mean.copy_(0.1 * torch.randn(channels))
+    vae.bn.running_var.copy_(0.5 + torch.rand(channels))
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,  # the pipeline passes its own mu (compute_empirical_mu)
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae.eval(),
+        text_encoder=Qwen3ForCausalLM(qwen).eval(),
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=False,
     )

@@ -86,14 +86,9 @@ def load_image(path: Path, size: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def vae_scale(vae: Any, latents: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latents as the UNet sees them (shift, then scaling factor)."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
-
-
 @torch.no_grad()
 def encode_latents(
+    arch: Family,
     vae: Any,
     images: Sequence[Path],
     *,
@@ -106,8 +101,9 @@ def encode_latents(
     batch_size: int = 4,
     on_progress: ProgressFn | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, CacheStats]:
-    """Scaled latents (C, h, w) of `images` at their `sizes` (height, width), and of their mirror
-    images when `flip`, as float32 on CPU, one per image (sizes may differ: aspect buckets).
+    """Latents (C, h, w) of `images` at their `sizes` (height, width) as the family's denoiser sees them
+    (`Family.scale_latents`), and of their mirror images when `flip`, as float32 on CPU, one per image (sizes
+    may differ: aspect buckets).
 
     The latent is the mean of the VAE's posterior: deterministic, so a cached latent equals a
     fresh one. Images of one size are encoded together. The VAE is moved to `device` only if
@@ -131,7 +127,7 @@ def encode_latents(
         pixels = torch.stack([load_image(images[i], sizes[i]) for i in chunk])
         batch = torch.cat([pixels, pixels.flip(-1)]) if flip else pixels
         mean = vae.encode(batch.to(device=device, dtype=dtype)).latent_dist.mean
-        latents = vae_scale(vae, mean.float()).cpu()
+        latents = arch.scale_latents(vae, mean.float()).cpu()
         for j, i in enumerate(chunk):
             entry = {"latent": latents[j].clone()}
             if flip:

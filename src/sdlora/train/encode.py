@@ -122,6 +122,7 @@ def encode_examples(
     example_sets = [list(train), list(val), list(classes)]
     everything = [ex for examples in example_sets for ex in examples]
     latents, flipped, stats = cache_mod.encode_latents(
+        arch,
         pipe.vae,
         [ex.path for ex in everything],
         sizes=[ex.size for ex in everything],

@@ -118,7 +118,7 @@ def _generate(
     for start in range(0, len(indices), batch_size):
         batch = indices[start : start + batch_size]
         images = pipe(
-            [class_prompt] * len(batch),
+            prompt=[class_prompt] * len(batch),  # by name: not every pipeline's first argument (FLUX.2's: image)
             height=resolution,
             width=resolution,
             num_inference_steps=steps,

@@ -16,14 +16,15 @@ from typing import Any, Mapping
 from sdlora.errors import ModelError
 from sdlora.models.families.base import Family, OnDevice
 from sdlora.models.families.flux import FLUX1
+from sdlora.models.families.flux2 import FLUX2_KLEIN
 from sdlora.models.families.sd1 import SD1
 from sdlora.models.families.sdxl import SDXL
 from sdlora.models.families.zimage import ZIMAGE
 
 # Asked in this order where several could match (an SDXL UNet config is also a text-conditioned UNet;
-# an SDXL checkpoint file also has SD 1.x-like keys): the more specific first. FLUX.1's and Z-Image's
-# transformer configs match neither UNet's nor each other's.
-FAMILIES: tuple[Family, ...] = (SDXL, SD1, FLUX1, ZIMAGE)
+# an SDXL checkpoint file also has SD 1.x-like keys; FLUX.1's transformer config test also matches a FLUX.2
+# one): the more specific first. Z-Image's transformer config matches no other family's.
+FAMILIES: tuple[Family, ...] = (SDXL, SD1, FLUX2_KLEIN, FLUX1, ZIMAGE)
 
 
 class UnknownFamily(ModelError, ValueError):
@@ -77,6 +78,7 @@ def family_of_pipeline(pipe: Any) -> Family:
 __all__ = [
     "FAMILIES",
     "FLUX1",
+    "FLUX2_KLEIN",
     "Family",
     "OnDevice",
     "SD1",

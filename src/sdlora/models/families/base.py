@@ -35,8 +35,9 @@ class Family:
 
     Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`), options
     (`check_options`: what the family refuses, one line before any encoding; `pivotal_tuning`), training
-    (`training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the
-    denoiser's forward, packing latents where the family does), prompt conditioning (`tokenize`,
+    (`scale_latents`: the VAE's latents as the denoiser sees them; `training_objective`: DDPM noise prediction
+    or flow matching, train/objective.py; `denoise`: the denoiser's forward, packing latents where the family
+    does), prompt conditioning (`tokenize`,
     `encode_tokens`, `encode_prompts`, `stack_pooled`, `prompt_embeds_kwargs`), the kohya
     file (`writes_kohya`, `check_kohya_names`, `kohya_lora`) and sampling (`sampling_kwargs`: guidance
     and the negative prompt as the family's pipeline takes them).
@@ -126,6 +127,13 @@ class Family:
     def build_tiny(self) -> Any:
         """The family's tiny random-weight pipeline, built in memory (`--model <tiny_model>`)."""
         raise NotImplementedError
+
+    def scale_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's posterior mean (B, C, H, W) as the latents the loop trains on, (B, C', h, w): what the
+        family's pipeline does to latents before its denoiser sees them and undoes before decoding, so train/cache.py
+        caches these. The default: shift, then the scaling factor (SD, SDXL, FLUX.1)."""
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
 
     def training_objective(self, pipe: Any, train: Any) -> "Objective":
         """The training objective (train/objective.py) for the loaded `pipe` under the train settings

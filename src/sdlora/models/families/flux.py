@@ -6,7 +6,7 @@ What follows diffusers' FluxPipeline and examples/dreambooth/train_dreambooth_lo
 
 - prompts: CLIP-L's pooled output (77 tokens) and T5's last hidden states (up to 512 tokens, padded to the
   full window as the pipeline does); the text position ids are zeros, made at the forward.
-- latents: the VAE's (latents - shift_factor) * scaling_factor (train/cache.py `vae_scale`), packed by
+- latents: the VAE's (latents - shift_factor) * scaling_factor (`Family.scale_latents`' default), packed by
   `pack_latents` into (B, h/2 * w/2, 64) tokens with `latent_ids` (0, row, column) per token, the model's
   prediction unpacked back to (B, 16, h, w) so the loss, masks and DOP see the latents' own shape.
 - the transformer takes sigma itself as its timestep (it multiplies by 1000 inside), and, where
