@@ -322,3 +322,8 @@ def test_captions_are_measured_against_t5s_window_not_clips(tmp_path: Path, tiny
     assert warnings == []
     with pytest.raises(DataError, match=r"captions.txt:\d+ .*T5 tokens and the text encoder reads 511"):
         check_caption_lengths(cfg, pipe, arch, examples_with("x" * 600), warnings.append)  # a T5 token per x
+    # `sdlora sample`'s prompts likewise.
+    from sdlora.generate.samples import prompt_too_long
+
+    assert prompt_too_long(pipe, arch, f"{' '.join(['red'] * 100)} sksToy toy", "sksToy") is None
+    assert " T5 tokens; only the first 511 are used" in prompt_too_long(pipe, arch, "x" * 600 + " sksToy", "sksToy")

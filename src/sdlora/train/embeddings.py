@@ -120,7 +120,8 @@ def save_embeddings(path: Path, tokens: TokenEmbeddings, arch: Any, metadata: di
     from safetensors.torch import save_file
 
     tensors = {
-        key: tokens.vectors[name].detach().float().cpu()[None].contiguous() for name, key in embedding_file_keys(arch)
+        key: tokens.vectors[name].detach().float().cpu()[None].clone()  # a copy each: safetensors refuses shared memory
+        for name, key in embedding_file_keys(arch)
     }
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
