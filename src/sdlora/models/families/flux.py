@@ -69,16 +69,22 @@ def _config(denoiser: Any) -> Any:
 @dataclass(frozen=True)
 class Flux1(Family):
     def check_options(self, cfg: Any) -> None:
-        """What this FLUX.1 version does not train, refused before any encoding."""
-        refused = (
-            (cfg.lora.train_text_encoder, "--train-text-encoder: text-encoder LoRAs"),
-            (cfg.train.snr_gamma is not None, "--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting)"),
-        )
-        for asked, what in refused:
-            if asked:
-                raise ConfigError(
-                    f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
-                )
+        """What this FLUX.1 version does not train, refused before any encoding.
+
+        A text-encoder LoRA would be CLIP-L's alone (sd-scripts' lora_flux and diffusers' FLUX script train no
+        T5 LoRA by default), beside a frozen T5 the loss still runs; the loop trains all of a family's text
+        encoders or none, so it is refused, pointing to the token's own vectors instead."""
+        if cfg.lora.train_text_encoder:
+            raise ConfigError(
+                f"--train-text-encoder: text-encoder LoRAs are not for {self.label} in this sdlora (a CLIP-L-only "
+                "LoRA beside a frozen T5 is not trained yet); --train-token-embedding trains the token's own "
+                "CLIP-L and T5 vectors"
+            )
+        if cfg.train.snr_gamma is not None:
+            raise ConfigError(
+                f"--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting) are not for {self.label}; "
+                "the flow-matching loss takes --timestep-sampling and --shift"
+            )
 
     def pivotal_tuning(self) -> bool:
         """Asked for only (`--train-token-embedding`): the token's vectors in CLIP-L and T5 train through both
