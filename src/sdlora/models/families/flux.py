@@ -11,6 +11,9 @@ What follows diffusers' FluxPipeline and examples/dreambooth/train_dreambooth_lo
   prediction unpacked back to (B, 16, h, w) so the loss, masks and DOP see the latents' own shape.
 - the transformer takes sigma itself as its timestep (it multiplies by 1000 inside), and, where
   `guidance_embeds` is set ([dev]), the guidance value: TRAIN_GUIDANCE.
+- pivotal tuning (`--train-token-embedding`, opt-in here: `pivotal_tuning`): the token's own vectors in CLIP-L
+  and T5 (train/embeddings.py), as examples/advanced_diffusion_training/train_dreambooth_lora_flux_advanced.py
+  trains them with --enable_t5_ti; the file's keys are its `clip_l` / `t5`, and ComfyUI's `t5xxl`.
 """
 
 from __future__ import annotations
