@@ -243,3 +243,13 @@ def test_the_users_text_in_a_table_is_not_read_as_markup(tmp_path):
     (tmp_path / "mine.txt").write_text("a[/]b.png|[/] sksToy\n", encoding="utf-8")
     imported = invoke(ds, "--from", tmp_path / "mine.txt")
     assert imported.exit_code == 0 and "a[/]b.png" in imported.stdout, imported.output
+
+
+def test_check_measures_flux_captions_with_t5s_window(tmp_path):
+    """FLUX.1 reads captions through T5 (512 tokens): a token past CLIP's 75 is no problem there, as train
+    takes it (train/data.py check_caption_lengths asks the same family window)."""
+    ds = write_tiny_dataset(tmp_path / "ds", n=2)
+    update_captions(ds / "captions.txt", {"img_001.png": f"a photo of a toy, {' '.join(['red'] * 80)}, sksToy"})
+    result = invoke(ds, "--check", "--model", "tiny-flux")
+    assert result.exit_code == 0 and "2 captions OK" in result.stdout, result.output
+    assert "too long" not in result.stderr and "token cut off" not in result.stdout

@@ -1,4 +1,4 @@
-"""train/embeddings.py: the token's own embedding on tiny SD and SDXL, and its file round trip."""
+"""train/embeddings.py: the token's own embedding on tiny SD, SDXL and FLUX.1, and its file round trip."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_token_is_one_new_token_starting_at_the_init_word(model):
     assert torch.allclose(with_token, with_word, atol=1e-5)
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl", "tiny-flux"])
 def test_training_changes_only_the_token_vectors(model):
     pipe, arch = load_pipeline(model)
     tokens = add_token(pipe, arch, TOKEN, "toy")
@@ -67,7 +67,10 @@ def test_training_changes_only_the_token_vectors(model):
     assert all(p.grad is None for e in encoders for p in e.parameters())
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+KEYS = {"tiny-sd": {"emb_params"}, "tiny-sdxl": {"clip_l", "clip_g"}, "tiny-flux": {"clip_l", "t5", "t5xxl"}}
+
+
+@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl", "tiny-flux"])
 def test_saved_file_loads_into_a_fresh_pipeline_with_the_same_encoding(model, tmp_path):
     pipe, arch = load_pipeline(model)
     tokens = add_token(pipe, arch, TOKEN, "toy")
@@ -79,8 +82,7 @@ def test_saved_file_loads_into_a_fresh_pipeline_with_the_same_encoding(model, tm
     save_embeddings(path, tokens, arch, {"sdlora.token": TOKEN})
 
     with safe_open(str(path), "pt") as f:
-        expected_keys = {"clip_l", "clip_g"} if arch.uses_pooled else {"emb_params"}
-        assert set(f.keys()) == expected_keys  # what A1111 / ComfyUI / diffusers read
+        assert set(f.keys()) == KEYS[model]  # what A1111 / ComfyUI / diffusers read
         assert f.metadata()["sdlora.token"] == TOKEN
 
     fresh, _ = load_pipeline(model)

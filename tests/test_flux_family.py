@@ -1,7 +1,8 @@
 """The FLUX.1 family (models/families/flux.py) on tiny-flux: detected from model_index.json, latents packed as
 diffusers packs them, a golden first loss, the default LoRA targets, the diffusers file loading back into a
 fresh FluxPipeline with the trained transformer's output, resume equal to straight-through, train -> sample
-through the CLI, and the one-line refusals of what this version does not train."""
+through the CLI, the one-line refusals of what this version does not train, and what follows the base
+model's variant ([dev] / [schnell]) or its text encoders' windows. Pivotal tuning: test_train_embeddings.py."""
 
 from __future__ import annotations
 
@@ -118,6 +119,7 @@ def test_golden_loss_default_targets_and_the_diffusers_file_loads_back(tmp_path:
         assert all(key.startswith("lora_unet_") for key in kohya)
         header = headers(run / "lora" / "f.safetensors")
         assert (header["ss_network_module"], header["ss_base_model_version"]) == ("networks.lora_flux", "flux1")
+        assert header["modelspec.architecture"] == "flux-1-dev/lora"  # tiny-flux has [dev]'s guidance embedding
 
         g = torch.Generator().manual_seed(1)
         noisy, embeds, pooled = (
@@ -222,7 +224,6 @@ def test_train_then_sample_through_the_cli(tmp_path: Path, tiny_dataset: Path, m
     ("model", "flags", "fragment"),
     [
         ("tiny-flux", ["--train-text-encoder"], "--train-text-encoder"),
-        ("tiny-flux", ["--train-token-embedding"], "--train-token-embedding"),
         ("tiny-flux", ["--snr-gamma", "5"], "--snr-gamma"),
         ("tiny-sd", ["--timestep-sampling", "sigmoid"], "--timestep-sampling"),
         ("tiny-sd", ["--shift", "3"], "--shift"),
@@ -280,3 +281,49 @@ def test_the_kohya_file_is_written_for_a_lora_only():
     assert not FLUX1.writes_kohya(LoKrConfig(r=4, target_modules=["to_q"]))
     assert not FLUX1.writes_kohya(LoHaConfig(r=4, target_modules=["to_q"]))
     assert SD1.writes_kohya(LoKrConfig(r=4, target_modules=["to_q"]))  # the UNets' LyCORIS layout
+
+
+def test_modelspec_names_dev_or_schnell_from_the_transformer_config():
+    """sd-scripts' sai_model_spec.py: flux-1-dev for [dev], flux-1-schnell for [schnell] (no guidance embedding)."""
+    from peft import LoraConfig
+
+    from sdlora.train.export import kohya_metadata
+
+    lora = LoraConfig(r=4, lora_alpha=4)
+    dev = kohya_metadata(FLUX1, lora, {}, "t", denoiser_config={"guidance_embeds": True})
+    schnell = kohya_metadata(FLUX1, lora, {}, "t", denoiser_config={"guidance_embeds": False})
+    assert dev["modelspec.architecture"] == "flux-1-dev/lora"
+    assert schnell["modelspec.architecture"] == "flux-1-schnell/lora"
+    assert SD1.modelspec_arch({"guidance_embeds": False}) == "stable-diffusion-v1/lora"  # one name for SD 1.x
+
+
+def test_captions_are_measured_against_t5s_window_not_clips(tmp_path: Path, tiny_dataset: Path):
+    """FLUX.1's transformer reads the caption through T5 (512 tokens): a caption whose token lies past CLIP's 77
+    trains (as FluxPipeline, CLIP-L only gives its pooled summary of the first 77), one past T5's window fails
+    naming the line and T5's window."""
+    from sdlora.data.captions import parse_captions, write_captions
+    from sdlora.errors import DataError
+    from sdlora.train.data import check_caption_lengths, load_examples
+
+    captions = tiny_dataset / "captions.txt"
+    lines = parse_captions(captions)
+
+    def examples_with(filler: str):
+        long = {line.file: f"{filler} a photo of sksToy toy" for line in lines}
+        write_captions(captions, long)
+        from sdlora.data.manifest import load_manifest
+
+        return load_examples(tiny_dataset, load_manifest(tiny_dataset), "train", 64, "sksToy")
+
+    pipe, arch = load_pipeline("tiny-flux")
+    cfg = flux_cfg(tmp_path, tiny_dataset, **{"data.token": "sksToy"})
+    warnings = []
+    check_caption_lengths(cfg, pipe, arch, examples_with(" ".join(["red"] * 100)), warnings.append)  # past CLIP's 75
+    assert warnings == []
+    with pytest.raises(DataError, match=r"captions.txt:\d+ .*T5 tokens and the text encoder reads 511"):
+        check_caption_lengths(cfg, pipe, arch, examples_with("x" * 600), warnings.append)  # a T5 token per x
+    # `sdlora sample`'s prompts likewise.
+    from sdlora.generate.samples import prompt_too_long
+
+    assert prompt_too_long(pipe, arch, f"{' '.join(['red'] * 100)} sksToy toy", "sksToy") is None
+    assert " T5 tokens; only the first 511 are used" in prompt_too_long(pipe, arch, "x" * 600 + " sksToy", "sksToy")

@@ -183,3 +183,94 @@ def test_a_run_from_before_pivotal_tuning_resumes_without_an_embedding(tmp_path:
     run_dir, cfg, warnings = resolve.resume_run(first.run_dir, [{"train": {"max_steps": 3}}], ("command line",))
     assert cfg.embedding.train is False
     assert loop.run_training(cfg, resume=run_dir).steps == 3
+
+
+# ---- FLUX.1: the token's vectors in CLIP-L and T5 (diffusers' train_dreambooth_lora_flux_advanced.py with
+# --train_text_encoder_ti --enable_t5_ti), asked for with --train-token-embedding
+
+
+def flux_run(tmp_path: Path, dataset: Path, **flags):
+    from test_flux_family import flux_cfg
+
+    return flux_cfg(tmp_path, dataset, **{"embedding.train": True, **flags})
+
+
+def test_flux_embedding_trains_in_clip_l_and_t5_and_loads_as_diffusers_readme_shows(tmp_path: Path, tiny_dataset):
+    from PIL import Image
+
+    from sdlora.generate.samples import generate_samples
+    from sdlora.run import DIFFUSERS_LORA, load_run, read_samples
+
+    state = loop.setup(flux_run(tmp_path, tiny_dataset, **{"run.name": "p", "embedding.steps_fraction": 1.0}))
+    try:
+        start = {k: v.detach().clone() for k, v in state.tokens.vectors.items()}
+        t5_table = state.pipe.text_encoder_2.get_input_embeddings().weight.detach().clone()
+        result = loop.train(state)
+        with torch.no_grad():
+            seen = state.arch.encode_prompts(state.pipe, [PROMPT])  # the hooked encoders, as training used them
+    finally:
+        loop.cleanup(state)
+    assert set(start) == {"text_encoder", "text_encoder_2"}  # CLIP-L and T5
+    for name, vector in state.tokens.vectors.items():
+        assert not torch.equal(vector.detach().cpu(), start[name].cpu()), name
+    # T5's shared table itself never moved (the vector trains beside it, through the hook).
+    assert torch.equal(state.pipe.text_encoder_2.get_input_embeddings().weight.detach(), t5_table)
+
+    # diffusers' keys (clip_l, t5) and ComfyUI's T5 key (t5xxl), one vector each, of each encoder's width.
+    path = result.lora_dir / "embeddings.safetensors"
+    with safe_open(str(path), "pt") as f:
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+        assert f.metadata()["sdlora.token"] == "sksToy"
+    assert {key: tuple(t.shape) for key, t in tensors.items()} == {"clip_l": (1, 32), "t5": (1, 32), "t5xxl": (1, 32)}
+    assert torch.equal(tensors["t5"], tensors["t5xxl"])
+    # Loaded as the advanced script's README loads it, FluxPipeline encodes the prompt exactly as training did.
+    fresh, _ = load_pipeline("tiny-flux")
+    fresh.load_textual_inversion(
+        tensors["clip_l"], token="sksToy", text_encoder=fresh.text_encoder, tokenizer=fresh.tokenizer
+    )
+    fresh.load_textual_inversion(
+        tensors["t5"], token="sksToy", text_encoder=fresh.text_encoder_2, tokenizer=fresh.tokenizer_2
+    )
+    with torch.no_grad():
+        embeds, pooled, _ = fresh.encode_prompt(PROMPT, None, max_sequence_length=512)
+    torch.testing.assert_close(embeds, seen[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(pooled, seen[1], atol=1e-6, rtol=0)
+
+    # `sdlora sample` loads it beside the LoRA: the same LoRA without the embedding samples another image.
+    run = load_run(result.run_dir)
+    bare = tmp_path / "lora-alone"
+    bare.mkdir()
+    (bare / DIFFUSERS_LORA).write_bytes((result.lora_dir / DIFFUSERS_LORA).read_bytes())
+    images = []
+    for out, lora in (("with", None), ("without", bare)):
+        common = dict(num_images=1, steps=2, baseline=False, on_warning=lambda line: None)
+        samples = generate_samples(run, ["sksToy on a beach"], out_dir=tmp_path / out, lora_dir=lora, **common)
+        entry = read_samples(samples)["images"][0]
+        images.append(torch.tensor(list(Image.open(tmp_path / out / entry["file"]).getdata())))
+    assert not torch.equal(images[0], images[1])
+
+
+def test_flux_resume_with_the_embedding_equals_straight_through(tmp_path: Path, tiny_dataset: Path):
+    """Stopped at step 2 of 4, the run resumes with the vectors of its checkpoint, freezes them at once (the
+    embedding trains for the first half) and encodes its captions with them: the files of an uninterrupted run."""
+    flags = {"train.max_steps": 4, "embedding.steps_fraction": 0.5}
+    straight = loop.run_training(flux_run(tmp_path, tiny_dataset, **flags, **{"run.name": "straight"}))
+    state = loop.setup(flux_run(tmp_path, tiny_dataset, **flags, **{"run.name": "halves"}))
+
+    def stop_at_2(event: dict) -> None:
+        if event["event"] == "step" and event["step"] == 2:
+            state.request_stop()
+
+    try:
+        loop.train(state, stop_at_2)
+    finally:
+        loop.cleanup(state)
+    run_dir, cfg, warnings = resolve.resume_run(state.run_dir, [{}], ("command line",))
+    assert warnings == [] and cfg.embedding.train is True
+    resumed = loop.run_training(cfg, resume=run_dir)
+    assert resumed.steps == 4
+    for name in ("embeddings.safetensors", "pytorch_lora_weights.safetensors"):
+        with safe_open(str(straight.lora_dir / name), "pt") as a, safe_open(str(resumed.lora_dir / name), "pt") as b:
+            assert set(a.keys()) == set(b.keys())
+            for key in a.keys():
+                torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), atol=1e-6, rtol=0)

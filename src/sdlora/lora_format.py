@@ -15,6 +15,16 @@ PEFT_CONFIG = f"{META_PREFIX}peft_config"  # a LoKr/LoHa run's peft configs (JSO
 
 
 def embedding_keys(family: Any) -> dict[str, str]:
-    """Pipeline text-encoder attribute -> key in embeddings.safetensors (each family declares its own, as
-    A1111 / ComfyUI / diffusers' scripts write them), in the family's text-encoder order."""
-    return dict(family.embedding_keys)
+    """Pipeline text-encoder attribute -> the key in embeddings.safetensors its vector is read from (each family
+    declares its own, as A1111 / ComfyUI / diffusers' scripts write them; the first where it names two), in the
+    family's text-encoder order."""
+    keys: dict[str, str] = {}
+    for encoder, key in family.embedding_keys:
+        keys.setdefault(encoder, key)
+    return keys
+
+
+def embedding_file_keys(family: Any) -> list[tuple[str, str]]:
+    """(text-encoder attribute, key) of every tensor embeddings.safetensors holds: a vector is written under a
+    second key where another reader looks there (FLUX.1's T5: diffusers' scripts read `t5`, ComfyUI `t5xxl`)."""
+    return list(family.embedding_keys)

@@ -30,7 +30,7 @@ def expand_prompt(prompt: str, token: str, class_word: str) -> str:
 
 @dataclass(frozen=True)
 class PromptFit:
-    """How a prompt fits a CLIP tokenizer's window (77 tokens with the start and end markers)."""
+    """How a prompt fits a tokenizer's window (CLIP's: 77 tokens with the start and end markers)."""
 
     tokens: int  # text tokens, without the start/end markers
     limit: int  # text tokens that fit
@@ -41,13 +41,15 @@ class PromptFit:
         return self.tokens > self.limit
 
 
-def prompt_fit(tokenizer: Any, prompt: str, token: str | None = None) -> PromptFit:
-    """Whether `prompt` fits `tokenizer` (a transformers CLIP tokenizer), and whether `token` survives.
+def prompt_fit(tokenizer: Any, prompt: str, token: str | None = None, window: int | None = None) -> PromptFit:
+    """Whether `prompt` fits `tokenizer` (a transformers tokenizer: CLIP's, T5's), and whether `token` survives.
 
-    The text encoders see at most `model_max_length` ids, start and end markers included; what is
-    past that is cut silently by every Stable Diffusion pipeline.
+    The text encoder sees at most `window` ids (default: the tokenizer's `model_max_length`), the markers
+    the tokenizer adds included (CLIP: start and end; T5: the end); what is past that is cut silently by
+    the diffusers pipelines.
     """
-    limit = int(tokenizer.model_max_length) - 2
+    markers = len(tokenizer("", truncation=False)["input_ids"])
+    limit = int(window if window is not None else tokenizer.model_max_length) - markers
     ids = tokenizer(prompt, add_special_tokens=False, truncation=False)["input_ids"]
     cut = False
     if token:

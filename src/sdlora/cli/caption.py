@@ -79,7 +79,8 @@ def caption(
             "-m",
             metavar="NAME",
             help="With --check: the base model you will train (hub id, local folder or tiny-sd), whose "
-            f"tokenizer measures each caption against the text encoder's 77-token window. (default: {DEFAULT_MODEL})",
+            "tokenizer measures each caption against the window the model reads (SD's CLIP: 77 tokens; FLUX.1's "
+            f"T5: 512). (default: {DEFAULT_MODEL})",
             show_default=False,
         ),
     ] = DEFAULT_MODEL,
@@ -103,9 +104,9 @@ def caption(
         ]
         if used:
             raise ConfigError(f"--check only validates; run it without {', '.join(used)}")
-        tokenizer = load_tokenizer(model)
+        tokenizer, window = load_tokenizer(model) or (None, None)
         with folder_lock(dataset, "caption --check", shared=True):  # a reader: `prepare` waits for it
-            checked = check_captions(dataset, tokenizer)
+            checked = check_captions(dataset, tokenizer, window)
         _render_check(checked)
         return
     if source is not None and auto is not None:
@@ -129,25 +130,56 @@ def caption(
     _render_result(result)
 
 
+class _Tokenizers:
+    """A model's tokenizers by pipeline attribute, each loaded (no weights) when its family first asks for it,
+    with the class its model_index.json names."""
+
+    def __init__(self, source: str, index: dict):
+        self._source, self._index = source, index
+
+    def __getattr__(self, name: str):
+        import transformers
+
+        entry = self._index.get(name) if not name.startswith("_") else None
+        if not entry or entry[1] is None:
+            raise AttributeError(name)
+        tokenizer = getattr(transformers, entry[1]).from_pretrained(self._source, subfolder=name)
+        setattr(self, name, tokenizer)
+        return tokenizer
+
+
 def load_tokenizer(model: str):
-    """The CLIP tokenizer of `model` (only the tokenizer: no weights), or None with a one-line
-    warning that caption lengths were not checked (no network, not cached, not a model)."""
+    """(tokenizer, window) the base model reads captions through, as its family says (`Family.prompt_windows`:
+    SD's CLIP, 77; FLUX.1's T5, 512), loaded without weights; or None with a one-line warning that caption
+    lengths were not checked (no network, not cached, not a model)."""
+    from sdlora.errors import ModelError
     from sdlora.models import is_tiny
+    from sdlora.models.families import detect_family
     from sdlora.models.hub import hub_offline
-    from sdlora.models.loading import local_source
+    from sdlora.models.loading import _read_model_index, local_source
     from sdlora.models.single_file import is_single_file
 
     try:
-        if is_tiny(model) or is_single_file(model):  # a checkpoint file's is the real CLIP tokenizer, built offline
+        if is_single_file(model):  # a checkpoint file's is the real CLIP tokenizer, built offline
             from sdlora.models.tiny import clip_tokenizer
 
-            return clip_tokenizer()
-        from transformers import CLIPTokenizer
+            return clip_tokenizer(), None
+        if is_tiny(model):  # built in memory, tokenizers and all (seconds)
+            from sdlora.models import load_pipeline
 
+            pipe, family = load_pipeline(model)
+            return family.prompt_windows(pipe)[0][1:]
         source = local_source(model)  # world-sd: the shipped folder
         if not Path(source).is_dir():
             hub_offline()
-        return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer")
+        try:
+            index = _read_model_index(source, None)
+            family = detect_family(index)
+        except ModelError:  # no readable model_index.json (or no family in it): CLIP's tokenizer, as SD has
+            from transformers import CLIPTokenizer
+
+            return CLIPTokenizer.from_pretrained(source, subfolder="tokenizer"), None
+        return family.prompt_windows(_Tokenizers(source, index))[0][1:]
     except Exception as exc:  # noqa: BLE001 - any failure to load means "not checked", never a crash
         reason = " ".join(str(exc).split())[:160] or type(exc).__name__
         err_console.print(

@@ -214,7 +214,7 @@ class EmbeddingArgs(_Group):
     PANEL = "Token embedding"
 
     train: Optional[bool] = field(default=None, metadata=cli("--train-token-embedding"))
-    """Pivotal tuning: give the token its own trained embedding (default: on when the tokenizer splits the token, as sksToy; off for a known word such as sks)."""
+    """Pivotal tuning: give the token its own trained embedding (default: on when the tokenizer splits the token, as sksToy; off for a known word such as sks, and for FLUX.1, where T5-XXL then runs in every step while it trains)."""
     init_token: Optional[str] = None
     """Word whose embedding the token's starts from; default: the class word."""
     learning_rate: float = field(default=5e-3, metadata=cli("--embedding-lr"))

@@ -256,12 +256,13 @@ class CheckResult:
         return not self.problems
 
 
-def check_captions(dataset_dir: str | Path, tokenizer: Any = None) -> CheckResult:
+def check_captions(dataset_dir: str | Path, tokenizer: Any = None, window: int | None = None) -> CheckResult:
     """Every problem in captions.txt, in a stable order (kind, then line); never writes.
 
-    With a CLIP `tokenizer` (the base model's), a caption whose token falls past the text
-    encoder's window is a problem ("token cut off": train would never see the token), and one
-    that is merely longer than the window is a warning (its end is cut; sdlora.prompts.prompt_fit).
+    With a `tokenizer` (the one the base model reads captions through, and its `window`; default: its
+    model_max_length), a caption whose token falls past the text encoder's window is a problem ("token cut
+    off": train would never see the token), and one that is merely longer than the window is a warning (its
+    end is cut; sdlora.prompts.prompt_fit).
     """
     dataset_dir = Path(dataset_dir)
     manifest = load_manifest(dataset_dir)
@@ -289,7 +290,7 @@ def check_captions(dataset_dir: str | Path, tokenizer: Any = None) -> CheckResul
                 Problem("no token", line.file, line.line_no, f"{manifest.token!r} not in {line.caption[:60]!r}")
             )
         elif tokenizer is not None:
-            fit = prompt_fit(tokenizer, line.caption, manifest.token)
+            fit = prompt_fit(tokenizer, line.caption, manifest.token, window)
             where = f"{fit.tokens} tokens, the text encoder reads {fit.limit}"
             if fit.token_cut:
                 problems.append(

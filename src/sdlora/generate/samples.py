@@ -51,14 +51,14 @@ class Settings:
 
 def prompt_too_long(pipe: Any, arch: Any, prompt: str, token: str) -> str | None:
     """One warning line when `prompt` is longer than the pipeline's tokenizers read (or None)."""
-    fits = [prompt_fit(getattr(pipe, name), prompt, token) for name in arch.tokenizers]
-    if not any(fit.over for fit in fits):
+    fits = [(label, prompt_fit(tok, prompt, token, window)) for label, tok, window in arch.prompt_windows(pipe)]
+    if not any(fit.over for _, fit in fits):
         return None
-    fit = max(fits, key=lambda f: f.tokens - f.limit)
-    cut = any(f.token_cut for f in fits)
+    label, fit = max(fits, key=lambda f: f[1].tokens - f[1].limit)
+    cut = any(f.token_cut for _, f in fits)
     what = f"the token {token} is cut off, so the LoRA's object is not asked for" if cut else f"{token} is kept"
     return (
-        f"prompt {prompt!r} is {fit.tokens} CLIP tokens; only the first {fit.limit} are used, "
+        f"prompt {prompt!r} is {fit.tokens} {label} tokens; only the first {fit.limit} are used, "
         f"the rest is cut ({what}); shorten it"
     )
 

@@ -95,26 +95,27 @@ def load_examples(dataset_dir: Path, manifest: Manifest, split: str, resolution:
 
 
 def check_caption_lengths(cfg: Any, pipe: Any, arch: Any, examples: Sequence[Example], emit: Any) -> None:
-    """Captions must keep the token inside the CLIP window of every tokenizer (77 ids, 75 of text): a
-    DataError naming the captions.txt line otherwise. One warning for captions that are merely long
-    (their end is cut, as every Stable Diffusion pipeline cuts it). Run with the training tokenizers
-    (the token already added for pivotal tuning), before anything is encoded."""
+    """Captions must keep the token inside the window the family reads them through (`Family.prompt_windows`:
+    SD's CLIP, 77 ids, 75 of text; FLUX.1's T5, 512): a DataError naming the captions.txt line otherwise. One
+    warning for captions that are merely long (their end is cut, as the pipelines cut it). Run with the
+    training tokenizers (the token already added for pivotal tuning), before anything is encoded."""
     from sdlora.data.captions import parse_captions
     from sdlora.prompts import prompt_fit
 
     token = str(cfg.data.token)
-    tokenizers = [getattr(pipe, name) for name in arch.tokenizers if getattr(pipe, name, None) is not None]
+    windows = arch.prompt_windows(pipe)
     cut, long = [], []
     seen: set[str] = set()
     for ex in examples:
         if ex.caption in seen:
             continue
         seen.add(ex.caption)
-        fits = [prompt_fit(tokenizer, ex.caption, token) for tokenizer in tokenizers]
-        if any(fit.token_cut for fit in fits):
-            cut.append((ex, max(fit.tokens for fit in fits), min(fit.limit for fit in fits)))
-        elif any(fit.over for fit in fits):
-            long.append((ex, max(fit.tokens for fit in fits), min(fit.limit for fit in fits)))
+        fits = [(label, prompt_fit(tokenizer, ex.caption, token, window)) for label, tokenizer, window in windows]
+        worst = max(fits, key=lambda fit: (fit[1].token_cut, fit[1].tokens - fit[1].limit), default=None)
+        if worst is not None and worst[1].token_cut:
+            cut.append((ex, worst[1].tokens, worst[1].limit, worst[0]))
+        elif worst is not None and worst[1].over:
+            long.append((ex, worst[1].tokens, worst[1].limit, worst[0]))
     if not cut and not long:
         return
     captions_path = Path(cfg.data.dataset) / CAPTIONS
@@ -125,17 +126,17 @@ def check_caption_lengths(cfg: Any, pipe: Any, arch: Any, examples: Sequence[Exa
         return f"{captions_path}:{no} ({ex.path.name})" if no else f"{captions_path} ({ex.path.name})"
 
     if cut:
-        ex, tokens, limit = cut[0]
+        ex, tokens, limit, label = cut[0]
         more = f" ({len(cut)} captions in all)" if len(cut) > 1 else ""
         raise DataError(
-            f"{where(ex)}: the caption is {tokens} CLIP tokens and the text encoder reads {limit}, so the token "
+            f"{where(ex)}: the caption is {tokens} {label} tokens and the text encoder reads {limit}, so the token "
             f"{token!r} is cut off{more}; shorten it or move {token!r} to its start"
         )
-    ex, tokens, limit = long[0]
+    ex, tokens, limit, label = long[0]
     emit(
         {
             "event": "warning",
-            "message": f"{len(long)} caption(s) longer than the {limit} CLIP tokens the text encoder reads; the "
+            "message": f"{len(long)} caption(s) longer than the {limit} {label} tokens the text encoder reads; the "
             f"rest is ignored (e.g. {where(ex)}: {tokens} tokens)",
         }
     )

@@ -2,16 +2,19 @@
 
 A token such as `sksToy` is not in CLIP's vocabulary, so the tokenizer splits it into pieces
 (`sk`, `sto`, `y`) that mean other things. `add_token` adds it to each tokenizer as one new
-token (SD 1.x: one; SDXL: both), starting from the embedding of `--init-token` (the class
-word). The text encoders stay frozen: a forward hook on each input-embedding layer puts a
+token (SD 1.x: one; SDXL: both; FLUX.1: CLIP-L's and T5's, its `shared` table, as diffusers'
+train_dreambooth_lora_flux_advanced.py does with --enable_t5_ti), starting from the embedding of
+`--init-token` (the class word). The text encoders stay frozen: a forward hook on each input-embedding layer puts a
 trainable float32 vector where the token's id appears, so only that vector learns, no other
 row of the embedding matrix can change, and the optimizer holds a few KB instead of a copy of
 the whole matrix. Its gradients are all-reduced by hand (it is not inside a DDP module).
 
 `save_embeddings` writes `lora/embeddings.safetensors` in the textual-inversion format that
 diffusers' `load_textual_inversion`, AUTOMATIC1111 and ComfyUI read: `emb_params` (1, 768) for
-SD 1.x; `clip_l` (1, 768) and `clip_g` (1, 1280) for SDXL. Loading it adds the token the same
-way (`tokenizer.add_tokens`, then the row at the new id), so inference sees what training saw.
+SD 1.x; `clip_l` (1, 768) and `clip_g` (1, 1280) for SDXL; `clip_l` (1, 768) and `t5` (1, 4096) for
+FLUX.1 (diffusers' advanced FLUX script's keys), the T5 vector again as `t5xxl` (ComfyUI's key).
+Loading it adds the token the same way (`tokenizer.add_tokens`, then the row at the new id), so
+inference sees what training saw.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import torch
 
 from sdlora.errors import ConfigError
 from sdlora.fsutil import atomic_path
-from sdlora.lora_format import embedding_keys
+from sdlora.lora_format import embedding_file_keys
 
 
 def is_new_token(tokenizer: Any, token: str) -> bool:
@@ -117,8 +120,8 @@ def save_embeddings(path: Path, tokens: TokenEmbeddings, arch: Any, metadata: di
     from safetensors.torch import save_file
 
     tensors = {
-        key: tokens.vectors[name].detach().float().cpu()[None].contiguous()
-        for name, key in embedding_keys(arch).items()
+        key: tokens.vectors[name].detach().float().cpu()[None].clone()  # a copy each: safetensors refuses shared memory
+        for name, key in embedding_file_keys(arch)
     }
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

@@ -96,8 +96,11 @@ def build_metadata(
     return {META_PREFIX + key: value for key, value in metadata.items()}
 
 
-def kohya_metadata(arch: Family, lora_config: Any, metadata: Mapping[str, str], title: str) -> dict[str, str]:
-    """The keys AUTOMATIC1111 / ComfyUI / civitai read from a kohya LoRA (sd-scripts' train_network.py)."""
+def kohya_metadata(
+    arch: Family, lora_config: Any, metadata: Mapping[str, str], title: str, denoiser_config: Any = None
+) -> dict[str, str]:
+    """The keys AUTOMATIC1111 / ComfyUI / civitai read from a kohya LoRA (sd-scripts' train_network.py); the
+    modelspec architecture as the family names it for the denoiser's config (FLUX.1 [dev] or [schnell])."""
     out = {
         # A1111 files a LoRA as SDXL only by this key.
         "ss_base_model_version": arch.kohya_base_version,
@@ -105,7 +108,7 @@ def kohya_metadata(arch: Family, lora_config: Any, metadata: Mapping[str, str], 
         "ss_network_dim": str(int(lora_config.r)),
         "ss_network_alpha": _number(getattr(lora_config, "lora_alpha", None) or lora_config.alpha),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": arch.modelspec_architecture,
+        "modelspec.architecture": arch.modelspec_arch(denoiser_config or {}),
         "modelspec.implementation": arch.modelspec_implementation,
         "modelspec.title": title,
     }
@@ -300,7 +303,7 @@ def _kohya_file(
         kohya = peft_to_lycoris(lora, {name: lycoris_scales(model, ADAPTER) for name, model in models.items()}, names)
     kohya_meta = {
         **metadata,
-        **kohya_metadata(arch, configs[arch.denoiser], metadata, title=kohya_name),
+        **kohya_metadata(arch, configs[arch.denoiser], metadata, title=kohya_name, denoiser_config=unet.config),
         f"{META_PREFIX}format": "kohya",
         f"{META_PREFIX}load_in": KOHYA_USE,
     }

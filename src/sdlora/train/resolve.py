@@ -133,7 +133,7 @@ def embedding_steps(cfg: Config) -> int:
 
 def resolve_token_embedding(cfg: Config, pipe: Any, arch: Family) -> Config:
     """`embedding.train` unset: on when the tokenizer splits the token (sksToy), off for a known word (sks)
-    and for a family without pivotal tuning (`Family.pivotal_tuning`).
+    and for a family that leaves it to be asked for (`Family.pivotal_tuning`).
 
     The init token defaults to the class word. Both land resolved in the run's config.yaml.
     """

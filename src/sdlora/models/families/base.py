@@ -34,12 +34,12 @@ class Family:
     default) and sample_guidance (`--guidance`'s default).
 
     Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`), options
-    (`check_options`: what the family refuses, one line before any encoding; `pivotal_tuning`), training
-    (`scale_latents`: the VAE's latents as the denoiser sees them; `training_objective`: DDPM noise prediction
-    or flow matching, train/objective.py; `denoise`: the denoiser's forward, packing latents where the family
-    does), prompt conditioning (`tokenize`,
+    (`check_options`: what the family refuses, one line before any encoding; `pivotal_tuning`; `prompt_windows`:
+    what a caption must fit), training (`scale_latents`: the VAE's latents as the denoiser sees them;
+    `training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the denoiser's
+    forward, packing latents where the family does), prompt conditioning (`tokenize`,
     `encode_tokens`, `encode_prompts`, `stack_pooled`, `prompt_embeds_kwargs`), the kohya
-    file (`writes_kohya`, `check_kohya_names`, `kohya_lora`) and sampling (`sampling_kwargs`: guidance
+    file (`writes_kohya`, `check_kohya_names`, `kohya_lora`, `modelspec_arch`) and sampling (`sampling_kwargs`: guidance
     and the negative prompt as the family's pipeline takes them).
     """
 
@@ -60,7 +60,8 @@ class Family:
     # writes them for LoRAs.
     modelspec_architecture: str
     modelspec_implementation: str
-    # The token embedding's key per text encoder, as A1111 / ComfyUI / diffusers' scripts write them.
+    # The token embedding's key per text encoder, as A1111 / ComfyUI / diffusers' scripts write them; an encoder
+    # listed twice has its vector written under both keys (read by the first: `lora_format.embedding_keys`).
     embedding_keys: tuple[tuple[str, str], ...]
     hub_tag: str  # the Hub's tag for the family
     licenses: tuple[tuple[str, str], ...]  # (hub id, license) of the family's well-known base models
@@ -78,9 +79,25 @@ class Family:
         family cannot train; called as the base model loads, before any encoding."""
 
     def pivotal_tuning(self) -> bool:
-        """Whether the token can get its own trained embedding (`embedding.train`, on by default for a new
-        token): train/embeddings.py covers the family's text encoders."""
+        """Whether the token gets its own trained embedding by default (`embedding.train` unset) when the
+        tokenizer splits it: train/embeddings.py covers the family's text encoders. A family that cannot
+        train one at all refuses `embedding.train` in `check_options`."""
         return True
+
+    def prompt_windows(self, pipe: Any) -> list[tuple[str, Any, int]]:
+        """(label, tokenizer, window) of each tokenizer whose window a caption or prompt must fit for the
+        denoiser to read it: the window in ids, its special tokens included; the label names its tokens in
+        messages. The UNet families: every CLIP tokenizer, 77."""
+        return [
+            ("CLIP", tokenizer, int(tokenizer.model_max_length))
+            for tokenizer in (getattr(pipe, name, None) for name in self.tokenizers)
+            if tokenizer is not None
+        ]
+
+    def modelspec_arch(self, denoiser_config: Any) -> str:
+        """`modelspec.architecture` of a LoRA on the denoiser with this config: `modelspec_architecture`, for a
+        family whose variants share one."""
+        return self.modelspec_architecture
 
     # ---- the kohya / ComfyUI file (train/export.py)
 

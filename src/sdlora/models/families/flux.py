@@ -11,6 +11,9 @@ What follows diffusers' FluxPipeline and examples/dreambooth/train_dreambooth_lo
   prediction unpacked back to (B, 16, h, w) so the loss, masks and DOP see the latents' own shape.
 - the transformer takes sigma itself as its timestep (it multiplies by 1000 inside), and, where
   `guidance_embeds` is set ([dev]), the guidance value: TRAIN_GUIDANCE.
+- pivotal tuning (`--train-token-embedding`, opt-in here: `pivotal_tuning`): the token's own vectors in CLIP-L
+  and T5 (train/embeddings.py), as examples/advanced_diffusion_training/train_dreambooth_lora_flux_advanced.py
+  trains them with --enable_t5_ti; the file's keys are its `clip_l` / `t5`, and ComfyUI's `t5xxl`.
 """
 
 from __future__ import annotations
@@ -69,20 +72,42 @@ def _config(denoiser: Any) -> Any:
 @dataclass(frozen=True)
 class Flux1(Family):
     def check_options(self, cfg: Any) -> None:
-        """What this first FLUX.1 version does not train, refused before any encoding."""
-        refused = (
-            (cfg.lora.train_text_encoder, "--train-text-encoder: text-encoder LoRAs"),
-            (cfg.embedding.train, "--train-token-embedding: pivotal tuning (the token's own embedding)"),
-            (cfg.train.snr_gamma is not None, "--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting)"),
-        )
-        for asked, what in refused:
-            if asked:
-                raise ConfigError(
-                    f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
-                )
+        """What this FLUX.1 version does not train, refused before any encoding.
+
+        A text-encoder LoRA would be CLIP-L's alone (sd-scripts' lora_flux and diffusers' FLUX script train no
+        T5 LoRA by default), beside a frozen T5 the loss still runs; the loop trains all of a family's text
+        encoders or none, so it is refused, pointing to the token's own vectors instead."""
+        if cfg.lora.train_text_encoder:
+            raise ConfigError(
+                f"--train-text-encoder: text-encoder LoRAs are not for {self.label} in this sdlora (a CLIP-L-only "
+                "LoRA beside a frozen T5 is not trained yet); --train-token-embedding trains the token's own "
+                "CLIP-L and T5 vectors"
+            )
+        if cfg.train.snr_gamma is not None:
+            raise ConfigError(
+                f"--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting) are not for {self.label}; "
+                "the flow-matching loss takes --timestep-sampling and --shift"
+            )
 
     def pivotal_tuning(self) -> bool:
-        return False  # CLIP-L's and T5's token embeddings: not in this version
+        """Asked for only (`--train-token-embedding`): the token's vectors in CLIP-L and T5 train through both
+        encoders, so T5-XXL (4.7 B parameters, ~9.5 GB in bf16) stays on the GPU and runs forward and backward
+        at every step while the embedding trains, where a LoRA-only run encodes the captions once and lets it
+        go. diffusers' train_dreambooth_lora_flux_advanced.py has it opt-in too (--train_text_encoder_ti)."""
+        return False
+
+    def prompt_windows(self, pipe: Any) -> list[tuple[str, Any, int]]:
+        """T5's window (T5_WINDOW): the transformer reads the prompt token by token through T5 alone. CLIP-L
+        gives only its pooled summary of its first 77 tokens, as FluxPipeline cuts them."""
+        t5 = getattr(pipe, self.tokenizers[1], None)
+        return [] if t5 is None else [("T5", t5, min(T5_WINDOW, int(t5.model_max_length)))]
+
+    def modelspec_arch(self, denoiser_config: Any) -> str:
+        """`flux-1-dev/lora`, or `flux-1-schnell/lora` for a transformer without the guidance embedding
+        ([schnell]), as sd-scripts' library/sai_model_spec.py names them."""
+        return (
+            self.modelspec_architecture if dict(denoiser_config).get("guidance_embeds", True) else "flux-1-schnell/lora"
+        )
 
     # ---- the kohya / ComfyUI file: sd-scripts' lora_flux.py layout (lora_unet_double_blocks_N_img_attn_qkv,
     # q, k, v fused), models/families/flux_keys.py
@@ -220,9 +245,11 @@ FLUX1 = Flux1(
     kohya_te_prefixes=("lora_te1", "lora_te3"),  # sd-scripts' lora_flux.py: CLIP-L, T5-XXL
     kohya_unet_layout="bfl",  # sd-scripts names the transformer's layers by BFL's own modules (double_blocks...)
     kohya_network_module="networks.lora_flux",  # sd-scripts' FLUX.1 LoRA module
-    modelspec_architecture="flux-1-dev/lora",  # sd-scripts' sai_model_spec.py
+    modelspec_architecture="flux-1-dev/lora",  # sd-scripts' sai_model_spec.py ([schnell]'s: `modelspec_arch`)
     modelspec_implementation="https://github.com/black-forest-labs/flux",
-    embedding_keys=(("text_encoder", "clip_l"), ("text_encoder_2", "t5")),  # diffusers' advanced Flux script
+    # diffusers' advanced FLUX script's keys (its README loads `clip_l` and `t5`); T5's again as ComfyUI's `t5xxl`
+    # (its FLUX T5 tokenizer's embedding_key; it reads `clip_l` for CLIP-L).
+    embedding_keys=(("text_encoder", "clip_l"), ("text_encoder_2", "t5"), ("text_encoder_2", "t5xxl")),
     hub_tag="flux",
     licenses=(
         ("black-forest-labs/FLUX.1-dev", "other"),  # the FLUX.1 [dev] non-commercial license
