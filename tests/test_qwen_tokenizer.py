@@ -23,3 +23,21 @@ def test_specials_are_single_tokens_and_any_text_round_trips():
     padded = tokenizer([text], padding="max_length", max_length=64, return_tensors="pt")
     assert padded.input_ids.shape == (1, 64)
     assert padded.input_ids[0, -1].item() == tokenizer.pad_token_id == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+
+
+def test_the_qwen_families_windows_leave_out_the_chat_template_and_catch_a_cut_token():
+    """FLUX.2 [klein] and Z-Image pad the chat-rendered prompt to 512 ids: a caption gets 512 less the
+    template's ids, and a token past that is reported cut (the check `train` and `sample` make)."""
+    from sdlora.models.families.qwen_prompt import chat_text, chat_tokens, chat_windows
+    from sdlora.prompts import prompt_fit
+
+    tokenizer = qwen_tokenizer()
+    for thinking in (True, False):
+        [(label, _, window)] = chat_windows(tokenizer, 512, thinking=thinking)
+        template = len(tokenizer(chat_text(tokenizer, "", thinking=thinking)).input_ids)
+        assert label == "Qwen3" and window == 512 - template and template > 5
+        fits = "x" * (window - 6) + "sksToy"  # the byte-level tokenizer: one id per character
+        assert not prompt_fit(tokenizer, fits, "sksToy", window).token_cut
+        ids, mask = chat_tokens(tokenizer, [fits], 512, thinking=thinking)
+        assert "sksToy" in tokenizer.decode(ids[0]) and mask.all()  # it does reach the encoder whole
+        assert prompt_fit(tokenizer, "x" + fits, "sksToy", window).token_cut

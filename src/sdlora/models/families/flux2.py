@@ -27,6 +27,7 @@ import torch
 from sdlora.errors import ConfigError
 from sdlora.models.families.base import Family
 from sdlora.models.families.flux import ATTENTION as FLUX1_ATTENTION
+from sdlora.models.families.qwen_prompt import chat_tokens, chat_windows
 
 TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's default `text_encoder_out_layers`
 TEXT_WINDOW = 512  # Flux2KleinPipeline's default `max_sequence_length`
@@ -187,15 +188,10 @@ class Flux2Klein(Family):
     def tokenize(self, pipe: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
         """The chat-templated prompts' token ids and their attention mask (both (N, TEXT_WINDOW)): the one text
         encoder reads both, as Flux2KleinPipeline calls it."""
-        tokenizer = pipe.tokenizer
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=False
-            )
-            for prompt in prompts
-        ]
-        tokens = tokenizer(texts, padding="max_length", max_length=TEXT_WINDOW, truncation=True, return_tensors="pt")
-        return [tokens.input_ids, tokens.attention_mask]
+        return chat_tokens(pipe.tokenizer, prompts, TEXT_WINDOW, thinking=False)
+
+    def prompt_windows(self, pipe: Any) -> list[tuple[str, Any, int]]:
+        return chat_windows(pipe.tokenizer, TEXT_WINDOW, thinking=False)
 
     def encode_tokens(
         self, text_encoders: Sequence[Any], token_ids: Sequence[torch.Tensor]

@@ -29,18 +29,13 @@ import torch
 
 from sdlora.errors import ConfigError
 from sdlora.models.families.base import Family
+from sdlora.models.families.qwen_prompt import chat_tokens, chat_windows
 
 # The attention projections of every block (main layers and both refiners): the default `--lora_layers` of
 # diffusers' train_dreambooth_lora_z_image.py.
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 WINDOW = 512  # ZImagePipeline's max_sequence_length (diffusers' training default too)
-
-
-def chat_prompt(tokenizer: Any, prompt: str) -> str:
-    """`prompt` as ZImagePipeline._encode_prompt renders it with Qwen3's chat template."""
-    messages = [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=True)
 
 
 def unpad(embeds: torch.Tensor) -> torch.Tensor:
@@ -145,10 +140,10 @@ class ZImage(Family):
     def tokenize(self, pipe: Any, prompts: Sequence[str]) -> list[torch.Tensor]:
         """The chat-rendered prompts' token ids and their attention mask, padded to the WINDOW (as the pipeline
         tokenizes): [ids, mask], both (N, WINDOW), for the one tokenizer."""
-        tokenizer = pipe.tokenizer
-        texts = [chat_prompt(tokenizer, prompt) for prompt in prompts]
-        tokens = tokenizer(texts, padding="max_length", max_length=WINDOW, truncation=True, return_tensors="pt")
-        return [tokens.input_ids, tokens.attention_mask]
+        return chat_tokens(pipe.tokenizer, prompts, WINDOW, thinking=True)
+
+    def prompt_windows(self, pipe: Any) -> list[tuple[str, Any, int]]:
+        return chat_windows(pipe.tokenizer, WINDOW, thinking=True)
 
     def encode_tokens(
         self, text_encoders: Sequence[Any], token_ids: Sequence[torch.Tensor]
