@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_speed  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 # Parameter counts of the published checkpoints (runwayml/stable-diffusion-v1-5,
-# stabilityai/stable-diffusion-xl-base-1.0), part by part.
+# stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev), part by part.
 REAL_PARAMETERS = {
     "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sdxl": {
@@ -28,17 +28,23 @@ REAL_PARAMETERS = {
         "text_encoder": 123_060_480,
         "text_encoder_2": 694_659_840,
     },
+    "flux1": {
+        "transformer": 11_901_408_320,
+        "vae": 83_819_683,
+        "text_encoder": 123_060_480,
+        "text_encoder_2": 4_762_310_656,  # T5-XXL's encoder
+    },
 }
 
 
 @pytest.mark.parametrize("arch", sorted(REAL_PARAMETERS))
-def test_random_models_have_the_real_architectures_size(arch):
-    with torch.device("meta"):
-        counts = {
-            name: sum(p.numel() for p in build().parameters())
-            for name, build in train_speed.ARCHS[arch].networks().items()
-        }
-    assert counts == REAL_PARAMETERS[arch]
+def test_random_models_have_the_real_architectures_size_and_dtype(arch):
+    dtype = getattr(torch, train_speed.ARCHS[arch].dtype)  # FLUX.1: built in bf16, never cast from fp32
+    with torch.device("meta"), train_speed.default_dtype(dtype):
+        networks = {name: build() for name, build in train_speed.ARCHS[arch].networks().items()}
+    assert {name: sum(p.numel() for p in net.parameters()) for name, net in networks.items()} == REAL_PARAMETERS[arch]
+    assert {p.dtype for net in networks.values() for p in net.parameters()} == {dtype}
+    assert torch.get_default_dtype() == torch.float32  # restored
 
 
 @pytest.mark.slow  # ~2.5 s idle, ~5 s under load: over the default suite's budget for a by-hand benchmark's path
