@@ -684,12 +684,13 @@ def real_scorers_cached() -> bool:
 DIFFUSERS_WRAPPER = """
 import atexit, os, runpy, sys, time
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 ends = []
 def step_end(optimizer, args, kwargs):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     ends.append(time.perf_counter())
-torch.optim.optimizer.register_optimizer_step_post_hook(step_end)
+register_optimizer_step_post_hook(step_end)
 def report():
     if torch.cuda.is_available():
         print(f'BENCH_CUDA_PEAK_GB={torch.cuda.max_memory_allocated() / 2**30:.3f}', flush=True)

@@ -14,7 +14,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 # One row per tiny configuration: the UNet floors, sdlora train on SD (batch 4) and on SDXL (with
-# gradient checkpointing), one sample and one score; the compile row (last) runs in the slow test.
+# gradient checkpointing), one sample and one score, FLUX.1's transformer floor and sdlora train (with
+# gradient checkpointing; with its base in fp8 too where `sdlora train` has --base-precision); the compile
+# row (last) runs in the slow test.
 TINY_ROWS = [
     "unet-tiny-sd-64-b1-fp32",
     "unet-tiny-sd-64-b4-fp32",
@@ -23,8 +25,22 @@ TINY_ROWS = [
     "score-tiny-sd-64",
     "unet-tiny-sdxl-64-b1-fp32",
     "sdlora-tiny-sdxl-64-b1-fp32-gc",
+    "transformer-tiny-flux-64-b1-fp32",
+    "sdlora-tiny-flux-64-b1-fp32-gc",
 ]
+FP8_ROW = "sdlora-tiny-flux-64-b1-fp8"
 COMPILE_ROW = "sdlora-tiny-sd-64-b4-fp32-compile"
+
+
+def train_has_base_precision() -> bool:
+    """Whether this sdlora's `train` takes --base-precision (the fp8 base, newer than the benchmark's rows)."""
+    from typer.testing import CliRunner
+
+    from sdlora.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    return "--base-precision" in result.output
 
 
 def run_tiny(tmp_path: Path, *options: str) -> tuple[dict, str]:
@@ -48,23 +64,31 @@ def run_tiny(tmp_path: Path, *options: str) -> tuple[dict, str]:
 def test_tiny_benchmark_writes_one_row_per_configuration(tmp_path: Path):
     table, markdown = run_tiny(tmp_path, "--skip", COMPILE_ROW)
     rows = {row["id"]: row for row in table["rows"]}
-    assert list(rows) == TINY_ROWS
-    # On the CPU at tiny size nothing may fail: an error here means the script has rotted.
+    expected = TINY_ROWS + [FP8_ROW] * train_has_base_precision()
+    assert list(rows) == expected
+    # fp8 on a CPU may be refused, in one line naming the option; it must not crash.
+    fp8_error = rows.pop(FP8_ROW, {}).get("error")
+    assert not fp8_error or ("\n" not in fp8_error and "base-precision" in fp8_error), fp8_error
+    # On the CPU at tiny size nothing else may fail: an error here means the script has rotted.
     assert not [(sid, row["error"]) for sid, row in rows.items() if row["error"]]
     for row in rows.values():
-        number = row["s_per_step"] if row["id"].split("-")[0] in ("unet", "sdlora") else row["images_per_s"]
+        timed = row["id"].split("-")[0] in ("unet", "transformer", "sdlora")
+        number = row["s_per_step"] if timed else row["images_per_s"]
         assert isinstance(number, float) and math.isfinite(number), row
-    # The floors count the UNet's FLOPs, and each training row carries its floor's count.
-    assert (
-        rows["unet-tiny-sd-64-b4-fp32"]["unet_tflop_per_step"] > rows["unet-tiny-sd-64-b1-fp32"]["unet_tflop_per_step"]
-    )
-    for sid in ("sdlora-tiny-sd-64-b4-fp32", "sdlora-tiny-sdxl-64-b1-fp32-gc"):
-        assert rows[sid]["unet_tflop_per_step"] > 0
+    # The floors count the denoiser's FLOPs, and each training row carries its floor's count.
+    flops = {sid: row["denoiser_tflop_per_step"] for sid, row in rows.items()}
+    assert flops["unet-tiny-sd-64-b4-fp32"] > flops["unet-tiny-sd-64-b1-fp32"]
+    for sid in ("sdlora-tiny-sd-64-b4-fp32", "sdlora-tiny-sdxl-64-b1-fp32-gc", "sdlora-tiny-flux-64-b1-fp32-gc"):
+        assert flops[sid] > 0, sid
+    assert flops["sdlora-tiny-flux-64-b1-fp32-gc"] == flops["transformer-tiny-flux-64-b1-fp32"]
+    # FLUX.1 trains in one process: its s/step is the in-loop median, its start-up the rest of the process.
+    flux = rows["sdlora-tiny-flux-64-b1-fp32-gc"]
+    assert flux["s_per_step"] == flux["in_loop_s_per_step"] and flux["startup_s"] > 0, flux
     assert table["device"].startswith("CPU")
 
     table_lines = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert len(table_lines) == 1 + len(TINY_ROWS)  # the header, then one line per row
-    for sid in TINY_ROWS:
+    assert len(table_lines) == 1 + len(expected)  # the header, then one line per row
+    for sid in expected:
         assert any(line.startswith(f"| {sid} |") for line in table_lines), sid
 
 
