@@ -70,6 +70,38 @@ def test_sdxl_folder_is_written_part_by_part_and_loads_as_sdxl(tmp_path, monkeyp
     assert torch.equal(pipe.unet.conv_in.weight, tiny.unet.conv_in.weight)
 
 
+@pytest.mark.slow  # ~10 s: builds, saves and loads a (tiny-size) FLUX.1 folder
+def test_flux_folder_is_built_in_bf16_and_loads_as_flux1(tmp_path, monkeypatch):
+    """benchmarks/gpu.py builds FLUX.1 [dev] this way on the GPU (33.5 GB): here at tiny size, the same path."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from sdlora.models.loading import load_pipeline
+    from sdlora.models.tiny import tiny_flux
+
+    tiny = tiny_flux()
+    networks = {  # built from the tiny configs inside build_random, so in the arch's dtype
+        "transformer": lambda: FluxTransformer2DModel.from_config(tiny.transformer.config),
+        "vae": lambda: AutoencoderKL.from_config(tiny.vae.config),
+        "text_encoder": lambda: CLIPTextModel(tiny.text_encoder.config),
+        "text_encoder_2": lambda: T5EncoderModel(tiny.text_encoder_2.config),
+    }
+    monkeypatch.setitem(
+        train_speed.ARCHS, "flux1", dataclasses.replace(train_speed.ARCHS["flux1"], networks=lambda: networks)
+    )
+    folder = train_speed.build_random("flux1", tmp_path / "flux1-random")
+
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    for part in ("transformer", "text_encoder_2"):
+        (weights,) = (folder / part).glob("*.safetensors")
+        with safe_open(str(weights), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, part
+    pipe, arch = load_pipeline(str(folder))  # as sdlora train loads it: fp32
+    assert arch.name == "flux1" and pipe.transformer.config.guidance_embeds
+    assert type(pipe.tokenizer_2).__name__.startswith("T5Tokenizer") and pipe.transformer.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------- train_pairs.py: the pairing
 import train_pairs  # noqa: E402
 
