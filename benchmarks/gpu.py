@@ -322,14 +322,16 @@ def build_model(key: str, folder: Path, device: str) -> Path:
         return build_random(key, folder, device)
 
     folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.with_name(folder.name + ".partial")  # build_random's scratch name
     try:
         return build(device)
-    except Exception as exc:  # e.g. too little GPU memory: build on the CPU instead
+    except torch.OutOfMemoryError as exc:  # too little GPU memory: build on the CPU instead (minutes for FLUX.1)
         if device == "cpu":
             raise
         print(f"  building on {device} failed ({one_line(str(exc))}); building on the CPU", flush=True)
         return build("cpu")
     finally:
+        shutil.rmtree(partial, ignore_errors=True)  # a failed build's part-written folder (disk full) goes
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
 
@@ -648,10 +650,10 @@ def specs(tiny: bool, diffusers: set[str], fp8: bool) -> list[Spec]:
     sd15 = [s("unet", "sd15", 1, "bf16", 6), s("unet", "sd15", 4, "bf16", 4), s("sdlora", "sd15", 4, "bf16", 50)]
     sd15 += [s("diffusers", "sd15", 4, "bf16", 60)] if "sd15" in diffusers else []
     sd15 += [s("sample", "sd15", 1, "bf16", 20), s("score", "sd15", 1, "bf16", 15)]
-    more_flux = [s("sdlora", "flux1", 1, "bf16", 65, res=512)]
+    more_flux = [s("sdlora", "flux1", 1, "bf16", 60, res=512)]
     more_flux += [s("diffusers", "flux1", 1, "bf16", 60, res=512)] if "flux1" in diffusers else []
     more_flux += [s("sdlora", "flux1", 1, "bf16", 65), s("sdlora", "flux1", 1, "bf16", 60, res=512, gc=True)]
-    more_flux += [s("sdlora", "flux1", 1, "fp8", 70, res=512)]
+    more_flux += [s("sdlora", "flux1", 1, "fp8", 70, res=512, gc=True)]  # an fp8 base is for small cards: gc on
     sdxl = [s("unet", "sdxl", 1, "bf16", 8), s("sdlora", "sdxl", 1, "bf16", 80, gc=True)]
     sdxl += [s("sdlora", "sdxl", 1, "bf16", 75)]
     rest = [s("sdlora", "sd15", 1, "bf16", 40), s("sdlora", "sd15", 4, "bf16", 165, compile=True)]
@@ -725,6 +727,7 @@ class Bench:
         self.pending = list(plan)  # rows not started yet: which model folders are still wanted
         self.fp8 = fp8  # sdlora train has --base-precision
         self.models: dict[str, str] = {}  # MODELS key -> model argument for sdlora
+        self.unbuilt: dict[str, str] = {}  # MODELS key -> why its build failed
         self.datasets: dict[int, Path] = {}
         self.flops: dict[tuple[str, int, int], float] = {}
         self.floor: dict[tuple[str, int, int], float] = {}
@@ -734,16 +737,22 @@ class Bench:
 
     # ------------------------------------------------------------------ inputs
     def model(self, key: str) -> str:
+        if key in self.unbuilt:  # its other rows fail at once, not after another build's minute
+            raise RowError(f"no {MODELS[key].label} model: {self.unbuilt[key]}")
         if key not in self.models:
             if self.tiny:
                 self.models[key] = MODELS[key].tiny
-            else:
-                folder = self.work / "models" / f"{key}-random"
+                return self.models[key]
+            folder = self.work / "models" / f"{key}-random"
+            start = time.perf_counter()
+            try:
                 self.make_room(key)
-                start = time.perf_counter()
                 build_model(key, folder, self.device)
-                print(f"  model {folder} ready in {time.perf_counter() - start:.0f} s", flush=True)
-                self.models[key] = str(folder)
+            except Exception as exc:
+                self.unbuilt[key] = str(exc) if isinstance(exc, RowError) else one_line(f"{type(exc).__name__}: {exc}")
+                raise
+            print(f"  model {folder} ready in {time.perf_counter() - start:.0f} s", flush=True)
+            self.models[key] = str(folder)
         return self.models[key]
 
     def make_room(self, key: str) -> None:
@@ -760,8 +769,10 @@ class Bench:
                 shutil.rmtree(folder, ignore_errors=True)
                 del self.models[other]
         free = shutil.disk_usage(self.work).free / 1e9
-        if free < need_gb:
-            print(f"  warning: {free:.1f} GB free in {self.work}, {key} needs about {need_gb:.0f}", flush=True)
+        if free < need_gb:  # fail now, not after writing most of it
+            raise RowError(
+                f"{free:.1f} GB free in {self.work}; {key}'s folder needs about {need_gb:.0f} (--work elsewhere)"
+            )
 
     def model_folder(self, key: str) -> Path:
         """A diffusers folder of the model (the tiny ones saved once) for the diffusers example."""
