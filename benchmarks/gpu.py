@@ -1,4 +1,4 @@
-"""The GPU benchmark in one call: `sdlora train`, sample and score on real SD 1.5 / SDXL architectures.
+"""The GPU benchmark in one call: `sdlora train`, sample and score on real SD 1.5 / SDXL / FLUX.1 architectures.
 
 A GPU machine is lent only now and then, for minutes, with PyTorch, transformers, peft and
 accelerate but without diffusers, open_clip, pillow-heif, imagehash or sdlora, and it cannot
@@ -9,62 +9,123 @@ download. So the run is prepared here and needs nothing there:
 
     # 2. there, from the repository root, with .gpu-carry/ carried along (one call, under 8 minutes)
     bash benchmarks/gpu.sh            # = python3 benchmarks/gpu.py, output in $OUT (else ./gpu-bench)
+    bash benchmarks/gpu.sh --only '*flux1-512*,sdlora-flux1-1024-b1-bf16'   # a second call (below)
 
-    # on the CPU, at tiny size, as the test suite does (tests/test_gpu_benchmark.py)
+    # the plan, each row's estimated H100 seconds and the running total; on the CPU, at tiny size (the test)
+    python benchmarks/gpu.py --list
     python benchmarks/gpu.py --tiny --out /tmp/gpu-bench
 
 `--prepare-carry` downloads (`pip download --no-deps`, for the GPU machine's Python, 3.12 by
-default) the wheels of every package sdlora and the diffusers example need that the GPU
+default) the wheels of every package sdlora and the diffusers examples need that the GPU
 machine lacks, pinned to the versions installed here, and their missing dependencies in turn;
 builds a wheel of sdlora itself; and copies diffusers' `examples/dreambooth/train_dreambooth_lora.py`
-from a local diffusers repository (the revision of the installed diffusers if the repository
-has it, else its newest). It prints the folder's size and fails if it is over 64 MiB.
+and `train_dreambooth_lora_flux.py` from a local diffusers repository (the revision of the
+installed diffusers if the repository has it, else its newest). The FLUX example needs no more
+wheels: its imports are the SD one's, and the T5 tokenizer it loads is the folder's tokenizer.json
+(no SentencePiece model, so neither sentencepiece nor protobuf; the GPU machine has both anyway).
+It prints the folder's size and fails if it is over 64 MiB.
 
 There, the script installs `.gpu-carry/*.whl` with `pip install --no-deps --no-index --target`
 into a scratch folder put on `PYTHONPATH` (the worktree's `src/` goes first, so the code
 measured is the checkout's; the sdlora wheel serves runs outside one). It builds random-weight
-models of the real SD 1.5 and SDXL architectures (same compute as the real ones; no download),
-saves each once to a scratch folder (`--work`), writes a few synthetic phone-size photos, runs
-`sdlora prepare`, then each configuration below, and prints one table, also written as
-`gpu-bench.json` and `gpu-bench.md` under `--out` (default `$OUT`, else `./gpu-bench`), after
-every row, so a run cut short still leaves its table.
+models of the real architectures (same compute as the real ones; no download), saves each once
+to a scratch folder (`--work`, the machine's local disk) that every row of that model reuses,
+writes a few synthetic phone-size photos, runs `sdlora prepare`, then each configuration below,
+and prints one table, also written as `gpu-bench.json` and `gpu-bench.md` under `--out`
+(default `$OUT`, else `./gpu-bench`), after every row, so a run cut short still leaves its table.
+
+FLUX.1 [dev] (benchmarks/train_speed.py ARCHS["flux1"], its published configs and parameter
+counts): the transformer (19 double + 38 single blocks, 3072 wide, guidance embedding; 11.9 B),
+the 16-channel VAE, CLIP-L and T5-XXL's encoder (4.76 B), initialised on the GPU directly in bf16
+(no fp32 copy) and saved once as bf16 safetensors: 33.7 GB, about a minute. T5-XXL stays full
+size although sdlora runs it once, at start-up, to encode the captions (the training steps read
+the cached embeddings): a smaller T5 would not change s/step, but it would change start-up and
+the peak GPU memory of the diffusers rows, whose example holds T5 on the GPU beside the
+transformer before it encodes (sdlora encodes first, then moves the transformer there), and both
+are in the table. The disk (64 GB) holds all three models (52 GB) only just: before a build,
+models no later row wants are removed if the disk is short, and a build that cannot fit fails at
+once (its rows say so) rather than after writing most of it.
 
 Rows (`--only` / `--skip` take comma-separated id patterns, e.g. `--only 'sdlora-sdxl-*'`):
-- `unet-*`: the floor, the bare UNet forward+backward with LoRA (rank 16 on to_q/k/v/out) at that
-  batch and resolution, frozen weights in the compute dtype under autocast, timed in-process
-  (median of 10 after warm-up; peak GPU memory is `torch.cuda.max_memory_allocated`). Its FLOPs,
-  counted with `torch.utils.flop_counter.FlopCounterMode` on one such step, are the "UNet
-  TFLOP/step" of every row at that model, resolution and batch.
-- `sdlora-*`: `sdlora train` as whole processes at two step counts (`--steps`, `--sdxl-steps`):
-  s/step is the marginal time between them (start-up, model load and caching cancel; start-up
-  is reported apart), as ../shared/PERFORMANCE.md says; "in-loop s/step" is the median
-  `step_time_s` of the longer run's metrics.jsonl; peak GPU memory its largest `cuda_peak_gb`.
-  Validation sampling and checkpoints are off (`validation.prompts=[]`, `--checkpoint-every 0`),
-  latents are not cached on disk (`--no-cache`: both runs encode the same images), everything
-  else is sdlora's default (so pivotal tuning is on). SD 1.5 at 512 px, batch 1 and 4, bf16 and
-  fp16; SDXL at 1024 px, batch 1, bf16, with and without gradient checkpointing; SD 1.5 bf16
-  batch 4 with `--compile` (regional: the UNet's transformer blocks): each of its two runs compiles
-  cold (an inductor cache of its own), so the compile time cancels out of s/step and shows in
-  start-up s.
-- `diffusers-*`: diffusers' DreamBooth LoRA example (the carried script) at SD 1.5, 512 px,
-  batch 4, bf16, rank 16, the same step counts and images, run directly (one process, as
-  `accelerate launch` does for one GPU); it re-encodes every image with the VAE at every step.
+- `unet-*` / `transformer-*`: the floor, the bare denoiser forward+backward with LoRA (rank 16 on
+  sdlora's default targets: the UNets' to_q/k/v/out; FLUX.1's both streams' attention
+  projections) at that batch and resolution, frozen weights in the compute dtype under autocast,
+  no gradient checkpointing, timed in-process (median of 10 after warm-up; peak GPU memory is
+  `torch.cuda.max_memory_allocated`). FLUX.1's forward is the family's own `denoise` (latents
+  packed into 2x2 tokens, T5 states padded to 512 tokens, guidance 1.0), as `sdlora train` calls
+  it. Its FLOPs, counted with `torch.utils.flop_counter.FlopCounterMode` on one such step, are
+  the "denoiser TFLOP/step" of every row at that model, resolution and batch. Consecutive floors
+  of one model share its loaded denoiser (FLUX.1's: loaded in its saved bf16).
+- `sdlora-*`: `sdlora train` as whole processes. SD: at two step counts (`--steps`,
+  `--sdxl-steps`): s/step is the marginal time between them (start-up, model load and caching
+  cancel; start-up is reported apart), as ../shared/PERFORMANCE.md says, and "in-loop s/step" is
+  the median `step_time_s` of the longer run's metrics.jsonl. FLUX.1: one process of
+  `--flux-steps` (10) steps, its s/step the in-loop median (the first step, warm-up, left out) and
+  its start-up the process's wall time less steps x s/step: FLUX.1's start-up is about a minute,
+  too long to pay twice per row. Peak GPU memory is the largest `cuda_peak_gb` (the whole
+  process's: encoding included). Validation sampling and checkpoints are off
+  (`validation.prompts=[]`, `--checkpoint-every 0`; the validation loss at the end stays),
+  latents are not cached on disk (`--no-cache`: each run encodes the images once, in memory),
+  everything else is sdlora's default (so pivotal tuning is on for SD; FLUX.1 has none). SD 1.5
+  at 512 px, batch 1 and 4, bf16 and fp16; SDXL at 1024 px, batch 1, bf16, with and without
+  gradient checkpointing; SD 1.5 bf16 batch 4 with `--compile` (regional: the UNet's transformer
+  blocks): each of its two runs compiles cold (an inductor cache of its own), so the compile time
+  cancels out of s/step and shows in start-up s. FLUX.1 at 1024 and 512 px, batch 1, bf16 with
+  and without gradient checkpointing, and the fp8 base (`--base-precision fp8 --mixed-precision
+  bf16`, precision "fp8") with it: an fp8 base is for small cards, where checkpointing is on
+  anyway. Without `--base-precision` in `sdlora train --help` (it is newer than these rows), the
+  fp8 rows are skipped, saying so.
+- `diffusers-*`: diffusers' DreamBooth LoRA example for the model (the carried script) at the
+  same settings, images, rank 16, the same step counts, run directly (one process, as
+  `accelerate launch` does for one GPU), with an in-loop clock (a global optimizer-step hook,
+  synchronised) and its peak GPU memory at exit. SD 1.5: 512 px, batch 4, bf16; it re-encodes
+  every image with the VAE at every step. FLUX.1 (`train_dreambooth_lora_flux.py`): 1024 px with
+  gradient checkpointing and 512 px without, bf16, one process like sdlora's; given sdlora's
+  LoRA targets (`--lora_layers`; its default adds the feed-forward layers) and alpha, guidance
+  1.0 and `--cache_latents` (latents encoded once, as sdlora does); it is stopped once its LoRA
+  is saved, before its final inference (which reloads the whole 33.5 GB pipeline). Its LoRA
+  weights are bf16 (it upcasts them only for fp16), sdlora's fp32.
 - `sample-*` / `score-*`: one `sdlora sample` (LoRA and baseline images, fp16 on CUDA) and one
   `sdlora score` of them, timed as whole processes (start-up included). The scorers are the
   real DINO / CLIP when they are in the Hugging Face cache, else tiny-dino / tiny-clip (noted).
 "images/s" is batch / s/step; "x floor" is s/step over the floor's at the same model,
-resolution and batch (floors are timed in bf16, for the fp16 rows too); "% bf16 peak" is UNet
-TFLOP/step / s/step over the card's dense bf16 peak (from a small table by
-`torch.cuda.get_device_name()`, e.g. H200 989 TFLOP/s; `--peak-tflops` overrides), so it
-counts only the UNet's work, never the VAE's or gradient checkpointing's recompute.
+resolution and batch (floors are timed in bf16, for the fp16 and fp8 rows too); "% bf16 peak"
+is denoiser TFLOP/step / s/step over the card's dense bf16 peak (from a small table by
+`torch.cuda.get_device_name()`, e.g. H100 989 TFLOP/s; `--peak-tflops` overrides), so it
+counts only the denoiser's work, never the VAE's or gradient checkpointing's recompute.
+"row s" is the row's own wall time (its model's build included), "est. s" its estimate.
 
-Rows run in the table's order, the most wanted first. Each is guarded: a failure shows its
-error (one line) and the rest still run. Rows start only while `--budget-s` lasts (default
-420 s, counted from the start, installing included); later ones are marked skipped, and one in
-flight may run up to 60 s past it; rerun those with `--only`. `--tiny` runs the rows on the CPU
-with tiny-sd / tiny-sdxl at 64 px, 1 and 2 steps, fp32, one torch thread: one `sdlora train` row
-per model (SD batch 4, SDXL with gradient checkpointing) and the compile row, no fp16 rows, no
-diffusers row unless the script is there. It calls the sdlora verbs in-process (one import) so it
+Budget. Rows run in the table's order, the most wanted first. Each is guarded: a failure shows
+its error (one line) and the rest still run. A row starts only while `--budget-s` lasts
+(default 420 s, counted from the start, installing included) and only if its estimate (plus
+its model's build, for the first row of a model) ends within 60 s past it; others are marked
+skipped (a later, cheaper one may still start), and one in flight is stopped 60 s past it;
+rerun those with `--only`. The estimates (H100 SXM; `--list` prints them, the builds counted
+once, with running totals) are not measurements: FLUX.1's step costs, from its shapes, a
+forward of 12.9 GFLOP per token (24 D^2 per block, 57 blocks, D 3072) plus attention
+(4 N^2 D per block): at 1024 px (4096 image + 512 text tokens) about 74 TFLOP forward, 170 a
+LoRA step (forward, input gradients, flash attention's backward), 245 with gradient
+checkpointing; at 512 px (1536 tokens) 45 and 67. At about 45% of the dense bf16 peak (an
+8192^3 bf16 matmul ran at 798 of 989 TFLOP/s on this H100) that is 0.4 / 0.55 s/step at
+1024 px and 0.13 / 0.19 at 512, so 10 steps are 1-6 s of a FLUX.1 row: the row is its start-up,
+estimated at 55-60 s (imports 8, loading the 33.5 GB folder into fp32 as `sdlora train` and
+the example both load it, 67 GB, 30; T5 to the GPU and encoding 5; the transformer to the GPU
+8; the end 5), 65-75 s a row (fp8: 10 s more, for a cast at load we cannot see yet), the
+build 60, the floors 20 (1024 px, loading the transformer) and 5 (512 px, sharing it). SD's
+rows are estimated from the same kind of arithmetic (SD 1.5 start-up about 18 s, SDXL 35, a
+compile 60). By these, the default call (`--list`: 465 s) runs FLUX.1's floors, its 1024 px
+row with gradient checkpointing beside diffusers', the fp8 one, then SD 1.5's floors, batch 4
+row beside diffusers', sample and score; the rest are skipped. A second call, `--only
+'*flux1-512*,sdlora-flux1-1024-b1-bf16'` (390 s), runs FLUX.1's other rows; a third, `--only
+'unet-sdxl-*,sdlora-sdxl-*,sdlora-sd15-512-b1-bf16'` (250 s), SDXL's and SD 1.5's batch 1; a
+fourth, `--only 'unet-sd15-*,*-compile,*-fp16'` (280 s), the compile and fp16 rows. "row s"
+beside "est. s" in the first table will say how far off these are.
+
+`--tiny` runs the rows on the CPU with tiny-sd / tiny-sdxl / tiny-flux at 64 px, 1 and 2 steps
+(FLUX.1: 2, in one process), fp32, one torch thread: one `sdlora train` row per model (SD batch
+4; SDXL and FLUX.1 with gradient checkpointing), the FLUX.1 fp8 row where `sdlora train` has
+`--base-precision`, the floors and the compile row; no fp16 rows, no diffusers rows unless the
+scripts are there (`--diffusers-dir`). It calls the sdlora verbs in-process (one import) so it
 stays a quick test (`--processes`: as processes, as on the GPU); its compile row (last) spends
 about 40 s compiling on a CPU, so the default test skips it and a slow one runs it. Its numbers
 only prove that the script works.
