@@ -672,7 +672,7 @@ def specs(tiny: bool, diffusers: set[str], fp8: bool) -> list[Spec]:
     """The plan in the table's order, the most wanted first (see the docstring for the estimates).
 
     `diffusers`: the models whose diffusers example is there; `fp8`: whether `sdlora train` has
-    `--base-precision` (without it: no fp8 rows with --tiny; skipped rows on the GPU, `Bench.run`)."""
+    `--base-precision` (without it: no fp8 rows with --tiny; skipped rows on the GPU, `Bench.cannot_start`)."""
 
     def s(
         kind: str,
