@@ -113,7 +113,11 @@ the example both load it, 67 GB, 30; T5 to the GPU and encoding 5; the transform
 8; the end 5), 65-75 s a row (fp8: 10 s more, for a cast at load we cannot see yet), the
 build 60, the floors 20 (1024 px, loading the transformer) and 5 (512 px, sharing it). SD's
 rows are estimated from the same kind of arithmetic (SD 1.5 start-up about 18 s, SDXL 35, a
-compile 60). By these, the default call (`--list`: 465 s) runs FLUX.1's floors, its 1024 px
+compile 60). Measured on the development machine (2 busy CPU cores), for two of T5-XXL's 24
+layers (1.03 GB in bf16): a bf16 load 20 GB/s, a load cast to fp32 0.43 GB/s of the file (78 s
+for FLUX.1's 33.5 GB at that rate; the GPU machine's 16 cores should do it in 10-30 s), a save
+0.7 GB/s (47 s for 33.7 GB), a CPU init 24 s (why the build initialises on the GPU, and falls
+back to the CPU only when the GPU is out of memory). By these, the default call (`--list`: 465 s) runs FLUX.1's floors, its 1024 px
 row with gradient checkpointing beside diffusers', the fp8 one, then SD 1.5's floors, batch 4
 row beside diffusers', sample and score; the rest are skipped. A second call, `--only
 '*flux1-512*,sdlora-flux1-1024-b1-bf16'` (390 s), runs FLUX.1's other rows; a third, `--only
