@@ -47,6 +47,7 @@ Machines shared with other work are noisy: compare the ratios printed at the end
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.util
 import json
@@ -62,7 +63,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 REPO = Path(__file__).resolve().parents[1]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -84,6 +85,7 @@ class Arch:
     # Stop the example's clock (and the example) when it has written its LoRA: what follows is its final
     # inference, which reloads the whole pipeline beside the trained one (SDXL: 2 x 14 GB, over 24 GiB).
     diffusers_until_saved: bool = False
+    dtype: str = "float32"  # the dtype its networks are built and saved in (torch attribute name)
 
 
 def _clip_text(hidden: int, layers: int, heads: int, act: str, projection: bool = False) -> Any:
@@ -205,6 +207,82 @@ def _sdxl_parts() -> dict[str, Any]:
     }
 
 
+def _t5_xxl() -> Any:
+    """FLUX.1's second text encoder: T5 v1.1 XXL's encoder (black-forest-labs/FLUX.1-dev text_encoder_2), 4.76 B."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=32128,
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        layer_norm_epsilon=1e-6,
+        tie_word_embeddings=False,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _flux1_networks() -> dict[str, Callable[[], Any]]:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+
+    return {
+        "transformer": lambda: FluxTransformer2DModel(  # black-forest-labs/FLUX.1-dev transformer/config.json
+            patch_size=1,
+            in_channels=64,  # 16 latent channels x 2 x 2 packed cells
+            num_layers=19,
+            num_single_layers=38,
+            attention_head_dim=128,
+            num_attention_heads=24,  # 24 x 128 = 3072 wide
+            joint_attention_dim=4096,  # T5-XXL's d_model
+            pooled_projection_dim=768,  # CLIP-L's pooled output
+            guidance_embeds=True,  # [dev]
+            axes_dims_rope=(16, 56, 56),
+        ),
+        "vae": lambda: AutoencoderKL(  # FLUX.1-dev vae/config.json: 16 latent channels, no quant convs
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=16,
+            sample_size=1024,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            force_upcast=True,
+        ),
+        "text_encoder": lambda: _clip_text(768, 12, 12, "quick_gelu"),  # CLIP ViT-L/14
+        "text_encoder_2": _t5_xxl,
+    }
+
+
+def _flux1_parts() -> dict[str, Any]:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sdlora.models.tiny import clip_tokenizer, t5_tokenizer
+
+    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    # sdlora's offline T5 tokenizer (a small vocabulary, T5TokenizerFast, tokenizer.json only): prompts are padded
+    # to the 512-token window either way, so the compute is the real one's.
+    return {"tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer(), "scheduler": scheduler}
+
+
 ARCHS = {
     "sd15": Arch(
         "sd15",
@@ -225,7 +303,20 @@ ARCHS = {
         "train_dreambooth_lora_sdxl.py",
         diffusers_until_saved=True,
     ),
+    # 33.5 GB in bf16 (transformer 23.8, T5-XXL 9.5): built in bf16, on a GPU (benchmarks/gpu.py), never here.
+    "flux1": Arch(
+        "flux1",
+        "FLUX.1 [dev]",
+        "flux1-random",
+        "FluxPipeline",
+        _flux1_networks,
+        _flux1_parts,
+        "train_dreambooth_lora_flux.py",
+        diffusers_until_saved=True,
+        dtype="bfloat16",
+    ),
 }
+CPU_ARCHS = ("sd15", "sdxl")  # what this CPU benchmark runs (--arch); FLUX.1 is for benchmarks/gpu.py
 
 
 def default_cache(arch: str = "sd15") -> Path:
@@ -233,12 +324,26 @@ def default_cache(arch: str = "sd15") -> Path:
     return Path(os.environ.get("SDLORA_CACHE", Path.home() / ".cache" / "sdlora")) / "bench" / ARCHS[arch].folder
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: Any) -> Iterator[None]:
+    """Parameters made meanwhile are `dtype` (built in it, never cast from fp32: no fp32 copy at all)."""
+    import torch
+
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def build_random(arch: str, folder: Path, device: str = "cpu") -> Path:
     """A diffusers pipeline folder with random weights and the real architecture of `arch` (ARCHS).
 
     The networks are built, saved and freed one at a time, so the peak memory is the largest
     one (SDXL's UNet: 10.3 GB in fp32), not the whole model (14 GB); `device` is where they
-    are initialised (a GPU does it in seconds; tokenizers and the scheduler stay on the CPU).
+    are initialised (a GPU does it in seconds; tokenizers and the scheduler stay on the CPU), in
+    the architecture's `dtype` (FLUX.1: bf16, as published, so its 12 B transformer is 23.8 GB).
     model_index.json comes from the same pipeline built on the meta device (no memory), so
     the folder is exactly what `save_pretrained` of the whole pipeline writes.
     """
@@ -258,7 +363,7 @@ def build_random(arch: str, folder: Path, device: str = "cpu") -> Path:
         )
     torch.manual_seed(0)
     for name, build in networks.items():
-        with torch.device(device):
+        with torch.device(device), default_dtype(getattr(torch, spec.dtype)):
             module = build()
         module.save_pretrained(tmp / name)  # safetensors copies GPU tensors to the CPU itself
         del module
@@ -672,7 +777,7 @@ def print_table(rows: list[tuple[str, dict | str]], floor: float | None) -> None
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--arch", choices=sorted(ARCHS), default="sd15", help="the architecture of the random-weight model (ARCHS)"
+        "--arch", choices=CPU_ARCHS, default="sd15", help="the architecture of the random-weight model (ARCHS)"
     )
     parser.add_argument("--model-dir", type=Path, default=None, help="model folder (built once if missing)")
     parser.add_argument("--resolution", type=int, default=256)

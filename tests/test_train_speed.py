@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import train_speed  # noqa: E402  (benchmarks/ is a folder of scripts)
 
 # Parameter counts of the published checkpoints (runwayml/stable-diffusion-v1-5,
-# stabilityai/stable-diffusion-xl-base-1.0), part by part.
+# stabilityai/stable-diffusion-xl-base-1.0, black-forest-labs/FLUX.1-dev), part by part.
 REAL_PARAMETERS = {
     "sd15": {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480},
     "sdxl": {
@@ -28,17 +28,23 @@ REAL_PARAMETERS = {
         "text_encoder": 123_060_480,
         "text_encoder_2": 694_659_840,
     },
+    "flux1": {
+        "transformer": 11_901_408_320,
+        "vae": 83_819_683,
+        "text_encoder": 123_060_480,
+        "text_encoder_2": 4_762_310_656,  # T5-XXL's encoder
+    },
 }
 
 
 @pytest.mark.parametrize("arch", sorted(REAL_PARAMETERS))
-def test_random_models_have_the_real_architectures_size(arch):
-    with torch.device("meta"):
-        counts = {
-            name: sum(p.numel() for p in build().parameters())
-            for name, build in train_speed.ARCHS[arch].networks().items()
-        }
-    assert counts == REAL_PARAMETERS[arch]
+def test_random_models_have_the_real_architectures_size_and_dtype(arch):
+    dtype = getattr(torch, train_speed.ARCHS[arch].dtype)  # FLUX.1: built in bf16, never cast from fp32
+    with torch.device("meta"), train_speed.default_dtype(dtype):
+        networks = {name: build() for name, build in train_speed.ARCHS[arch].networks().items()}
+    assert {name: sum(p.numel() for p in net.parameters()) for name, net in networks.items()} == REAL_PARAMETERS[arch]
+    assert {p.dtype for net in networks.values() for p in net.parameters()} == {dtype}
+    assert torch.get_default_dtype() == torch.float32  # restored
 
 
 @pytest.mark.slow  # ~2.5 s idle, ~5 s under load: over the default suite's budget for a by-hand benchmark's path
@@ -62,6 +68,38 @@ def test_sdxl_folder_is_written_part_by_part_and_loads_as_sdxl(tmp_path, monkeyp
     assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
     assert pipe.tokenizer_2.pad_token == "!" and pipe.tokenizer.pad_token == "<|endoftext|>"
     assert torch.equal(pipe.unet.conv_in.weight, tiny.unet.conv_in.weight)
+
+
+@pytest.mark.slow  # ~10 s: builds, saves and loads a (tiny-size) FLUX.1 folder
+def test_flux_folder_is_built_in_bf16_and_loads_as_flux1(tmp_path, monkeypatch):
+    """benchmarks/gpu.py builds FLUX.1 [dev] this way on the GPU (33.5 GB): here at tiny size, the same path."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, T5EncoderModel
+
+    from sdlora.models.loading import load_pipeline
+    from sdlora.models.tiny import tiny_flux
+
+    tiny = tiny_flux()
+    networks = {  # built from the tiny configs inside build_random, so in the arch's dtype
+        "transformer": lambda: FluxTransformer2DModel.from_config(tiny.transformer.config),
+        "vae": lambda: AutoencoderKL.from_config(tiny.vae.config),
+        "text_encoder": lambda: CLIPTextModel(tiny.text_encoder.config),
+        "text_encoder_2": lambda: T5EncoderModel(tiny.text_encoder_2.config),
+    }
+    monkeypatch.setitem(
+        train_speed.ARCHS, "flux1", dataclasses.replace(train_speed.ARCHS["flux1"], networks=lambda: networks)
+    )
+    folder = train_speed.build_random("flux1", tmp_path / "flux1-random")
+
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "FluxPipeline"
+    for part in ("transformer", "text_encoder_2"):
+        (weights,) = (folder / part).glob("*.safetensors")
+        with safe_open(str(weights), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}, part
+    pipe, arch = load_pipeline(str(folder))  # as sdlora train loads it: fp32
+    assert arch.name == "flux1" and pipe.transformer.config.guidance_embeds
+    assert type(pipe.tokenizer_2).__name__.startswith("T5Tokenizer") and pipe.transformer.dtype == torch.float32
 
 
 # ----------------------------------------------------------------------------- train_pairs.py: the pairing
