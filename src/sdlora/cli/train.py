@@ -65,15 +65,15 @@ def verb_options(
         ),
     ] = False,
     num_processes: Annotated[
-        int,
+        Optional[int],
         typer.Option(
             "--num-processes",
             metavar="N",
             rich_help_panel=DISTRIBUTED,
             show_default=False,
-            help="Data-parallel processes (one per GPU; gloo on a CPU). (default: 1)",
+            help="Data-parallel processes (one per GPU; gloo on a CPU). (default: 1, or --accelerate-config's)",
         ),
-    ] = 1,
+    ] = None,
     accelerate_config: Annotated[
         Optional[Path],
         typer.Option(
@@ -81,7 +81,7 @@ def verb_options(
             metavar="FILE",
             show_default=False,
             rich_help_panel=DISTRIBUTED,
-            help="accelerate config file (FSDP, DeepSpeed, multi-node); implies a launch.",
+            help="accelerate config file (distributed_type: FSDP shards the denoiser); implies a launch.",
         ),
     ] = None,
 ) -> None:
@@ -159,8 +159,16 @@ def train(**params: Any) -> None:
     accelerate_config = params["accelerate_config"]
     flags = flags_given(params)
     dotted = list(params["overrides"] or [])
-    if num_processes < 1:
+    if num_processes is not None and num_processes < 1:
         raise ConfigError(f"--num-processes must be at least 1, got {num_processes}")
+    if accelerate_config is not None:  # checked here, once, before any process starts
+        import torch
+
+        from sdlora.train.fsdp import read_accelerate_config
+
+        launch = read_accelerate_config(accelerate_config, has_gpu=torch.cuda.is_available())
+        num_processes = num_processes or launch.get("num_processes", 1)
+    num_processes = num_processes or 1
     from sdlora.train import loop, resolve
 
     # The config is resolved (and checked) here, once, also when N processes will run it.

@@ -1,0 +1,156 @@
+"""FSDP through --accelerate-config: 2 CPU processes (gloo) shard the denoiser with FSDP2 and train the same
+LoRA as 1 process with the same global batch (2 accumulated micro-batches of 1); the accelerate config is
+checked before any process starts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from sdlora.cli import app
+from sdlora.config import load_config
+from sdlora.errors import ConfigError
+from sdlora.run import read_metrics
+from sdlora.train import loop
+from sdlora.train.fsdp import read_accelerate_config
+
+STEPS = 2
+FSDP_YAML = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: FSDP
+fsdp_config:
+  fsdp_version: 2
+  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+  fsdp_reshard_after_forward: true
+  fsdp_state_dict_type: FULL_STATE_DICT
+mixed_precision: 'no'
+num_machines: 1
+num_processes: 2
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "accelerate.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# ----------------------------------------------------------------------------- the config file
+
+
+def test_an_fsdp_config_is_read_with_its_process_count(tmp_path: Path):
+    assert read_accelerate_config(write(tmp_path, FSDP_YAML), has_gpu=False)["num_processes"] == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("distributed_type: FSDPX\n", "unknown distributed_type 'FSDPX'"),
+        ("distributed_type: [FSDP\n", "not valid YAML"),
+        ("distributed_type: MULTI_GPU\n", "asks for GPUs (distributed_type: MULTI_GPU)"),
+        ("distributed_type: DEEPSPEED\n", "asks for GPUs"),
+        ("distributed_type: FSDP\ngpu_ids: 0,1\n", "asks for GPUs (gpu_ids: 0,1)"),
+        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n", "fsdp_version: 2"),
+        ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n  fsdp_auto_wrap_policy: SIZE_BASED_WRAP\n", "SIZE"),
+        ("- FSDP\n", "not an accelerate config"),
+        ("distributed_type: FSDP\nnum_processes: 0\n", "num_processes"),
+    ],
+)
+def test_a_bad_accelerate_config_is_one_line_naming_the_file(tmp_path: Path, text: str, fragment: str):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match="accelerate.yaml") as caught:
+        read_accelerate_config(path, has_gpu=False)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_cli_refuses_a_bad_accelerate_config_before_launching(tmp_path: Path, tiny_dataset: Path):
+    path = write(tmp_path, "distributed_type: TPU_POD\n")
+    args = ["train", "--accelerate-config", str(path), "--model", "tiny-sd", "--dataset", str(tiny_dataset)]
+    result = CliRunner().invoke(app, [*args, "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code != 0
+    assert "accelerate.yaml: unknown distributed_type 'TPU_POD'" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
+
+
+def test_the_flux_blocks_are_the_fsdp_units():
+    from sdlora.models.families import FAMILIES
+
+    flux = next(f for f in FAMILIES if f.name == "flux1")
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    assert flux.fsdp_blocks(FluxTransformer2DModel) == ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+    assert flux.fsdp_blocks(UNet2DConditionModel) == ("BasicTransformerBlock",)
+
+
+# ----------------------------------------------------------------------------- 2 processes
+
+
+def _compare(tmp_path: Path, dataset: Path, model: str) -> None:
+    runs = tmp_path / "runs"
+    assert torch.get_num_threads() == 1  # as the workers (OMP_NUM_THREADS=1): the same kernels on both sides
+    common = {
+        "model.name": model,
+        "data.dataset": str(dataset),
+        "run.runs_dir": str(runs),
+        "train.max_steps": STEPS,
+        "train.learning_rate": 1e-3,
+        "train.mixed_precision": "no",
+        "validation.validate_every": 0,  # the last step validates (val loss): the main process alone, gathered
+        "validation.prompts": [],
+        "checkpoint.checkpoint_every": STEPS,
+    }
+    flags = {"train.batch_size": 1, "train.gradient_accumulation": 2, "run.name": "single"}
+    single = loop.run_training(load_config(None, {**common, **flags}))
+
+    config = write(tmp_path, FSDP_YAML, "fsdp.yaml")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "sdlora", "train", "--accelerate-config", str(config), "--batch-size", "1"]
+    cmd += ["--name", "fsdp", "--model", model, "--dataset", str(dataset), "--runs-dir", str(runs)]
+    cmd += ["--max-steps", str(STEPS), "--learning-rate", "1e-3", "--mixed-precision", "no"]
+    cmd += ["--validate-every", "0", "--checkpoint-every", str(STEPS), "validation.prompts=[]"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "effective batch 2 = 1 x 2 process(es)" in proc.stdout  # the config's num_processes
+
+    fsdp_dir = runs / "fsdp"
+    a = load_file(single.lora_dir / "pytorch_lora_weights.safetensors")
+    b = load_file(fsdp_dir / "lora" / "pytorch_lora_weights.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert a[key].shape == b[key].shape
+        torch.testing.assert_close(b[key], a[key], atol=TOLERANCE, rtol=0)
+    # The checkpoint: the same files as one process's, with the weights and the optimizer's state whole.
+    step = f"checkpoints/step-{STEPS:06d}"
+    for name in ("lora_weights_0.safetensors", "optimizer.safetensors"):
+        a, b = load_file(single.run_dir / step / name), load_file(fsdp_dir / step / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], atol=TOLERANCE, rtol=0)
+    losses = [[r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] for run in (single.run_dir, fsdp_dir)]
+    assert len(losses[1]) == STEPS
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=TOLERANCE, rtol=0)
+    val = [[r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r] for run in (single.run_dir, fsdp_dir)]
+    torch.testing.assert_close(torch.tensor(val[1]), torch.tensor(val[0]), atol=TOLERANCE, rtol=0)
+
+
+# FSDP reduce-scatters the two processes' gradients (a/2 + b/2, as DDP averages); the single process sums
+# its two micro-batches' gradients each halved: the same up to float32 rounding of the gathered weights'
+# matmuls, far below the LoRA's update (lr 1e-3 per step).
+TOLERANCE = 1e-6
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_matches_one_process_tiny_flux(tmp_path: Path, tiny_dataset: Path):
+    _compare(tmp_path, tiny_dataset, "tiny-flux")
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_processes_matches_one_process_tiny_sd(tmp_path: Path, tiny_dataset: Path):
+    _compare(tmp_path, tiny_dataset, "tiny-sd")
