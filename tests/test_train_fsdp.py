@@ -5,6 +5,7 @@ checked before any process starts."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,8 @@ def test_an_fsdp_config_is_read_with_its_process_count(tmp_path: Path):
         ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 1\n", "fsdp_version: 2"),
         ("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\n  fsdp_auto_wrap_policy: SIZE_BASED_WRAP\n", "SIZE"),
         ("- FSDP\n", "not an accelerate config"),
-        ("distributed_type: FSDP\nnum_processes: 0\n", "num_processes"),
+        ("distributed_type: MULTI_CPU\nnum_processes: 0\n", "num_processes"),
+        ("distributed_type: FSDP\n", "fsdp_version: 2"),  # accelerate's default is FSDP1
     ],
 )
 def test_a_bad_accelerate_config_is_one_line_naming_the_file(tmp_path: Path, text: str, fragment: str):
@@ -92,7 +94,7 @@ def test_the_flux_blocks_are_the_fsdp_units():
 # ----------------------------------------------------------------------------- 2 processes
 
 
-def _compare(tmp_path: Path, dataset: Path, model: str) -> None:
+def _compare(tmp_path: Path, dataset: Path, model: str, *, resume: bool = False) -> None:
     runs = tmp_path / "runs"
     assert torch.get_num_threads() == 1  # as the workers (OMP_NUM_THREADS=1): the same kernels on both sides
     common = {
@@ -111,13 +113,19 @@ def _compare(tmp_path: Path, dataset: Path, model: str) -> None:
 
     config = write(tmp_path, FSDP_YAML, "fsdp.yaml")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sdlora", "train", "--accelerate-config", str(config), "--batch-size", "1"]
-    cmd += ["--name", "fsdp", "--model", model, "--dataset", str(dataset), "--runs-dir", str(runs)]
-    cmd += ["--max-steps", str(STEPS), "--learning-rate", "1e-3", "--mixed-precision", "no"]
-    cmd += ["--validate-every", "0", "--checkpoint-every", str(STEPS), "validation.prompts=[]"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    def fsdp_run(name: str, steps: int) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "sdlora", "train", "--accelerate-config", str(config), "--batch-size", "1"]
+        cmd += ["--name", name, "--model", model, "--dataset", str(dataset), "--runs-dir", str(runs)]
+        cmd += ["--max-steps", str(steps), "--learning-rate", "1e-3", "--mixed-precision", "no"]
+        cmd += ["--validate-every", "0", "--checkpoint-every", str(STEPS), "validation.prompts=[]"]
+        return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+
+    proc = fsdp_run("fsdp", STEPS)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "effective batch 2 = 1 x 2 process(es)" in proc.stdout  # the config's num_processes
+    units = re.search(r"FSDP: the denoiser sharded in (\d+) units", proc.stdout)
+    assert units and int(units.group(1)) > 1, proc.stdout  # its blocks and the root: sharded, not DDP
 
     fsdp_dir = runs / "fsdp"
     a = load_file(single.lora_dir / "pytorch_lora_weights.safetensors")
@@ -133,11 +141,41 @@ def _compare(tmp_path: Path, dataset: Path, model: str) -> None:
         assert a.keys() == b.keys()
         for key in a:
             torch.testing.assert_close(b[key], a[key], atol=TOLERANCE, rtol=0)
-    losses = [[r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] for run in (single.run_dir, fsdp_dir)]
+    losses = [
+        [r["loss"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r] for run in (single.run_dir, fsdp_dir)
+    ]
     assert len(losses[1]) == STEPS
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=TOLERANCE, rtol=0)
-    val = [[r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r] for run in (single.run_dir, fsdp_dir)]
+    val = [
+        [r["val_loss"] for r in read_metrics(run / "metrics.jsonl") if "val_loss" in r]
+        for run in (single.run_dir, fsdp_dir)
+    ]
     torch.testing.assert_close(torch.tensor(val[1]), torch.tensor(val[0]), atol=TOLERANCE, rtol=0)
+    if not resume:
+        return
+    # Resumed one step further from its checkpoint (whole tensors, sharded again as they are read) = an
+    # uninterrupted FSDP run of one step more. (Step 3 starts the second epoch, where 2 processes x 1 and
+    # 1 process x 2 micro-batches order the images differently: FSDP is compared with FSDP there.)
+    more = ["--max-steps", str(STEPS + 1)]
+    proc = fsdp_run("fsdp3", STEPS + 1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resume_cmd = [
+        sys.executable,
+        "-m",
+        "sdlora",
+        "train",
+        "--accelerate-config",
+        str(config),
+        "--resume",
+        str(fsdp_dir),
+    ]
+    proc = subprocess.run([*resume_cmd, *more], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed at step {STEPS}" in proc.stderr + proc.stdout
+    a = load_file(runs / "fsdp3" / "lora" / "pytorch_lora_weights.safetensors")
+    b = load_file(fsdp_dir / "lora" / "pytorch_lora_weights.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], atol=TOLERANCE, rtol=0)
 
 
 # FSDP reduce-scatters the two processes' gradients (a/2 + b/2, as DDP averages); the single process sums
@@ -148,7 +186,7 @@ TOLERANCE = 1e-6
 
 @pytest.mark.slow
 def test_fsdp_on_two_processes_matches_one_process_tiny_flux(tmp_path: Path, tiny_dataset: Path):
-    _compare(tmp_path, tiny_dataset, "tiny-flux")
+    _compare(tmp_path, tiny_dataset, "tiny-flux", resume=True)
 
 
 @pytest.mark.slow

@@ -332,7 +332,8 @@ class TrainRenderer:
             f" x {event['gradient_accumulation']} accumulation; {event['total_steps']} steps"
             + (f" (from step {event['start_step']})" if event["start_step"] else "")
             + f"; {event['device']}, precision {event['mixed_precision']}"
-            + (f", compiled ({event['compile']} UNet blocks)" if event.get("compile") else ""),
+            + (f", compiled ({event['compile']} UNet blocks)" if event.get("compile") else "")
+            + (f", FSDP: the denoiser sharded in {event['fsdp_units']} units" if event.get("fsdp_units") else ""),
             highlight=False,
             soft_wrap=True,
         )

@@ -94,6 +94,17 @@ def check_run(cfg: Any) -> None:
         raise ConfigError("FSDP: --mixed-precision fp16 is not supported (its grad scaler is not sharded); use bf16")
     if cfg.lora.train_text_encoder:
         raise ConfigError("FSDP shards the denoiser only: leave --train-text-encoder out")
+    import accelerate
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401 - public from torch 2.6
+    except ImportError:
+        raise ConfigError(
+            f"FSDP needs torch 2.6 or newer (FSDP2's fully_shard); this is torch {torch.__version__}"
+        ) from None
+    if "fsdp_version" not in FullyShardedDataParallelPlugin.__dataclass_fields__:  # FSDP2 settings: accelerate 1.6
+        raise ConfigError(f"FSDP needs accelerate 1.6 or newer; this is accelerate {accelerate.__version__}")
 
 
 def _plugin(accelerator: Any) -> Any:
@@ -170,6 +181,11 @@ def _units(model: Any) -> list[Any]:
     from torch.distributed.fsdp import FSDPModule
 
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def units(model: Any) -> int:
+    """How many FSDP units shard `model` (its blocks and the root); 0 when it is not sharded."""
+    return len(_units(model)) if is_sharded(model) else 0
 
 
 @contextlib.contextmanager

@@ -35,7 +35,20 @@ from sdlora.locks import acquire, release
 from sdlora.models.families import OnDevice
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
-from sdlora.train import compiling, dropout, ema, encode, fsdp, lora, losses, monitor, optim, resolve, runtime, validation
+from sdlora.train import (
+    compiling,
+    dropout,
+    ema,
+    encode,
+    fsdp,
+    lora,
+    losses,
+    monitor,
+    optim,
+    resolve,
+    runtime,
+    validation,
+)
 from sdlora.train.data import Conditioning, batch_warning, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
 from sdlora.train.preservation import dop_loss
