@@ -82,6 +82,15 @@ def test_the_cli_refuses_a_bad_accelerate_config_before_launching(tmp_path: Path
     assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
 
 
+def test_what_fsdp_cannot_train_is_refused_before_launching(tmp_path: Path, tiny_dataset: Path):
+    path = write(tmp_path, FSDP_YAML)
+    args = ["train", "--accelerate-config", str(path), "--model", "tiny-sd", "--dataset", str(tiny_dataset)]
+    result = CliRunner().invoke(app, [*args, "--runs-dir", str(tmp_path / "runs"), "--train-text-encoder"])
+    assert result.exit_code != 0
+    assert "FSDP shards the denoiser only: leave --train-text-encoder out" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
+
+
 def test_the_flux_blocks_are_the_fsdp_units():
     from sdlora.models.families import FAMILIES
 

@@ -161,6 +161,7 @@ def train(**params: Any) -> None:
     dotted = list(params["overrides"] or [])
     if num_processes is not None and num_processes < 1:
         raise ConfigError(f"--num-processes must be at least 1, got {num_processes}")
+    launch: dict[str, Any] = {}
     if accelerate_config is not None:  # checked here, once, before any process starts
         import torch
 
@@ -190,6 +191,10 @@ def train(**params: Any) -> None:
     if params["print_config"]:
         typer.echo(config_mod.config_yaml(cfg), nl=False)
         return
+    if launch.get("distributed_type") == "FSDP" and num_processes > 1:
+        from sdlora.train.fsdp import check_run
+
+        check_run(cfg)  # what FSDP cannot train: one line here, not one per process
     if num_processes > 1 or accelerate_config is not None:
         from sdlora.train.launch import in_launched_process
 
