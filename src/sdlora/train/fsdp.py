@@ -156,8 +156,10 @@ def prepare(accelerator: Any, unet: Any, encoders: Sequence[Any], optimizer: Any
 
 
 def is_sharded(model: Any) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch before 2.6, or built without torch.distributed: nothing is ever sharded
+        return False
     return isinstance(model, FSDPModule)
 
 
@@ -178,9 +180,7 @@ def _requires_sync(model: Any, value: bool) -> Iterator[None]:
 
 
 def _units(model: Any) -> list[Any]:
-    from torch.distributed.fsdp import FSDPModule
-
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+    return [m for m in model.modules() if is_sharded(m)]
 
 
 def units(model: Any) -> int:
