@@ -65,15 +65,15 @@ def verb_options(
         ),
     ] = False,
     num_processes: Annotated[
-        int,
+        Optional[int],
         typer.Option(
             "--num-processes",
             metavar="N",
             rich_help_panel=DISTRIBUTED,
             show_default=False,
-            help="Data-parallel processes (one per GPU; gloo on a CPU). (default: 1)",
+            help="Data-parallel processes (one per GPU; gloo on a CPU). (default: 1, or --accelerate-config's)",
         ),
-    ] = 1,
+    ] = None,
     accelerate_config: Annotated[
         Optional[Path],
         typer.Option(
@@ -81,7 +81,7 @@ def verb_options(
             metavar="FILE",
             show_default=False,
             rich_help_panel=DISTRIBUTED,
-            help="accelerate config file (FSDP, DeepSpeed, multi-node); implies a launch.",
+            help="accelerate config file (distributed_type: FSDP shards the denoiser); implies a launch.",
         ),
     ] = None,
 ) -> None:
@@ -159,8 +159,17 @@ def train(**params: Any) -> None:
     accelerate_config = params["accelerate_config"]
     flags = flags_given(params)
     dotted = list(params["overrides"] or [])
-    if num_processes < 1:
+    if num_processes is not None and num_processes < 1:
         raise ConfigError(f"--num-processes must be at least 1, got {num_processes}")
+    launch: dict[str, Any] = {}
+    if accelerate_config is not None:  # checked here, once, before any process starts
+        import torch
+
+        from sdlora.train.fsdp import read_accelerate_config
+
+        launch = read_accelerate_config(accelerate_config, has_gpu=torch.cuda.is_available())
+        num_processes = num_processes or launch.get("num_processes", 1)
+    num_processes = num_processes or 1
     from sdlora.train import loop, resolve
 
     # The config is resolved (and checked) here, once, also when N processes will run it.
@@ -182,6 +191,10 @@ def train(**params: Any) -> None:
     if params["print_config"]:
         typer.echo(config_mod.config_yaml(cfg), nl=False)
         return
+    if launch.get("distributed_type") == "FSDP" and num_processes > 1:
+        from sdlora.train.fsdp import check_run
+
+        check_run(cfg)  # what FSDP cannot train: one line here, not one per process
     if num_processes > 1 or accelerate_config is not None:
         from sdlora.train.launch import in_launched_process
 
@@ -324,7 +337,8 @@ class TrainRenderer:
             f" x {event['gradient_accumulation']} accumulation; {event['total_steps']} steps"
             + (f" (from step {event['start_step']})" if event["start_step"] else "")
             + f"; {event['device']}, precision {event['mixed_precision']}"
-            + (f", compiled ({event['compile']} UNet blocks)" if event.get("compile") else ""),
+            + (f", compiled ({event['compile']} UNet blocks)" if event.get("compile") else "")
+            + (f", FSDP: the denoiser sharded in {event['fsdp_units']} units" if event.get("fsdp_units") else ""),
             highlight=False,
             soft_wrap=True,
         )

@@ -43,7 +43,7 @@ from sdlora.errors import RunError
 from sdlora.events import OnEvent
 from sdlora.fsutil import sha256_file, swap_folder, write_json, write_text, writing
 from sdlora.run import CHECKPOINTS, CONFIG, METRICS, Metric, bad_metrics_lines, parse_metrics, point_latest
-from sdlora.train import ema
+from sdlora.train import ema, fsdp
 from sdlora.train.optim import apply_config
 from sdlora.train.statefile import load_state, save_state
 
@@ -176,13 +176,14 @@ def set_rng_state(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def _write_main(state: TrainState, folder: Path) -> None:
-    """The main process's files: LoRA weights, optimizer, scheduler, scaler, token vectors, config."""
+def _write_main(state: TrainState, folder: Path, optimizer_state: dict[str, Any], ema_state: Any) -> None:
+    """The main process's files: LoRA weights, optimizer, scheduler, scaler, token vectors, config.
+    Under FSDP the caller has the model's weights gathered, and the optimizer's and EMA's state whole."""
     from safetensors.torch import save_file
 
     for i, model in enumerate(_models(state)):
         save_file(trainable_state(model), str(folder / f"lora_weights_{i}.safetensors"))
-    save_state(folder, "optimizer", state.optimizer.state_dict())
+    save_state(folder, "optimizer", optimizer_state)
     (folder / "scheduler.json").write_text(json.dumps(state.lr_scheduler.state_dict()) + "\n", encoding="utf-8")
     scaler = getattr(state.accelerator, "scaler", None)
     if scaler is not None:
@@ -192,7 +193,7 @@ def _write_main(state: TrainState, folder: Path) -> None:
             {k: v.detach().float().cpu().contiguous() for k, v in state.tokens.state_dict().items()},
             str(folder / "embeddings.safetensors"),
         )
-    ema.save(state, folder)
+    ema.save(folder, ema_state)
     config_mod.save_run_config(state.cfg, folder / CONFIG)
 
 
@@ -230,8 +231,12 @@ def save_checkpoint(state: TrainState) -> Path:
                 tmp.mkdir(parents=True)
             acc.wait_for_everyone()
             save_state(tmp, f"rng_{acc.process_index}", rng_state())
-            if state.is_main:
-                _write_main(state, tmp)
+            # FSDP: every process gathers the shards (collective); the main process writes them whole.
+            optimizer_state = fsdp.full_tensors(state.optimizer.state_dict())
+            ema_state = fsdp.full_tensors(state.ema.state_dict()) if state.ema is not None else None
+            with fsdp.gathered(state.unet):
+                if state.is_main:
+                    _write_main(state, tmp, optimizer_state, ema_state)
             acc.wait_for_everyone()
             if state.is_main:
                 _seal(state, tmp)
@@ -279,7 +284,7 @@ def _load_lora(models: list[torch.nn.Module], folder: Path) -> None:
             raise RunError(f"{path}: does not match this model (e.g. {sorted(unknown)[0]})")
         with torch.no_grad():
             for name, value in tensors.items():
-                params[name].copy_(value.to(params[name].dtype))
+                params[name].copy_(fsdp.like(value.to(params[name].dtype), params[name]))
 
 
 def load_checkpoint(state: TrainState) -> None:
@@ -317,7 +322,7 @@ def load_checkpoint(state: TrainState) -> None:
             }
         )
     _load_lora(_models(state), folder)
-    state.optimizer.load_state_dict(load_state(folder, "optimizer"))
+    state.optimizer.load_state_dict(fsdp.shard_optimizer_state(load_state(folder, "optimizer"), state.optimizer))
     state.lr_scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
     scaler = getattr(state.accelerator, "scaler", None)
     if scaler is not None and (folder / "scaler.json").is_file():

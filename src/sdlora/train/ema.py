@@ -53,8 +53,10 @@ class EMA:
             from sdlora.errors import RunError
 
             raise RunError("the checkpoint's EMA does not match this LoRA (another --rank or --target-modules?)")
+        from sdlora.train.fsdp import like
+
         for shadow, value in zip(self.shadow, saved):
-            shadow.copy_(value)
+            shadow.copy_(like(value, shadow))  # FSDP: this process's shard of the whole tensor
         self.updates = int(state["updates"])
 
     @contextlib.contextmanager
@@ -99,9 +101,9 @@ def eval_weights(state: TrainState) -> Iterator[None]:
                 yield
 
 
-def save(state: TrainState, folder: Path) -> list[str]:
-    """The EMA into a checkpoint folder (nothing without one)."""
-    return [] if state.ema is None else save_state(folder, NAME, state.ema.state_dict())
+def save(folder: Path, ema_state: dict[str, Any] | None) -> list[str]:
+    """The EMA's state (`EMA.state_dict()`, its tensors whole) into a checkpoint folder (nothing without one)."""
+    return [] if ema_state is None else save_state(folder, NAME, ema_state)
 
 
 def load(state: TrainState, folder: Path) -> None:

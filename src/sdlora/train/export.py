@@ -34,6 +34,7 @@ from sdlora.fsutil import atomic_folder, atomic_path, writing
 from sdlora.lora_format import META_PREFIX, PEFT_CONFIG
 from sdlora.models.families import Family
 from sdlora.run import DIFFUSERS_LORA
+from sdlora.train import fsdp
 from sdlora.train.kohya import (
     KohyaNames,
     base_model_keys,
@@ -255,7 +256,10 @@ def save_lora(
         raise TypeError(f"safetensors metadata must be strings: {bad}")
 
     models = _components(unet, text_encoders, arch)
-    lora = {name: get_peft_model_state_dict(model, adapter_name=ADAPTER) for name, model in models.items()}
+    lora = {
+        name: get_peft_model_state_dict(model, state_dict=fsdp.gathered_state_dict(model), adapter_name=ADAPTER)
+        for name, model in models.items()
+    }
     configs = {name: model.peft_config[ADAPTER] for name, model in models.items()}
     algo = lycoris_algo(configs[arch.denoiser])
     kohya = _kohya_file(arch, unet, text_encoders, models, lora, configs, metadata, kohya_name)

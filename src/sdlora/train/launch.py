@@ -4,8 +4,9 @@
 `accelerate launch --multi_gpu --num_processes N -m sdlora <argv>` (torchrun underneath, one
 process per GPU, DDP). On a machine without GPUs, `cpu=True` sets `ACCELERATE_USE_CPU=true`
 for the same multi-process launcher, so the processes join a gloo group on the CPU (accelerate's
-own `--cpu` flag would run one process only). An accelerate config file (`accelerate config`)
-chooses FSDP or DeepSpeed instead of plain DDP.
+own `--cpu` flag would run one process only). An accelerate config file (`--accelerate-config`,
+checked first by train/fsdp.py) with `distributed_type: FSDP` shards the denoiser (train/fsdp.py),
+on GPUs and on a CPU alike.
 
 The workers see `SDLORA_LAUNCHED=1` (`in_launched_process()`), so the CLI can tell that it is
 already one of the N processes and must not launch again.

@@ -35,7 +35,20 @@ from sdlora.locks import acquire, release
 from sdlora.models.families import OnDevice
 from sdlora.run import LORA_DIR, Metric, point_latest
 from sdlora.train import checkpoint as ckpt
-from sdlora.train import compiling, dropout, ema, encode, lora, losses, monitor, optim, resolve, runtime, validation
+from sdlora.train import (
+    compiling,
+    dropout,
+    ema,
+    encode,
+    fsdp,
+    lora,
+    losses,
+    monitor,
+    optim,
+    resolve,
+    runtime,
+    validation,
+)
 from sdlora.train.data import Conditioning, batch_warning, check_caption_lengths
 from sdlora.train.export import check_exportable, export_lora
 from sdlora.train.preservation import dop_loss
@@ -69,6 +82,8 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         cfg = resolve.resolve_alpha(cfg)
         runtime.check_tracker(cfg.logging.report_to)
         optim.check_optimizer(cfg)
+        if fsdp.requested():
+            fsdp.check_run(cfg)
         accelerator = runtime.make_accelerator(cfg)
         emit = on_event if (on_event is not None and accelerator.is_main_process) else no_event
         runtime.check_new_run(cfg, resume)
@@ -100,6 +115,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         frozen_encoders = lora.token_encoders(tokens, encoders, pipe, arch, device, weight_dtype)
         check_exportable(unet, encoders or None, arch)  # a LoRA that could not be saved fails now, not at the end
         compiling.compile_unet(cfg, unet)  # --compile: in place, after the LoRA is in (its keys stay as they are)
+        unet = fsdp.shard(unet, arch, accelerator)  # FSDP: before the optimizer, EMA and groups hold its parameters
 
         # Everything that can fail on bad input has run: now the run folder, the optimizer, accelerate.
         run_dir, lock = runtime.create_run_dir(cfg, accelerator, resume)
@@ -108,7 +124,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         ema_weights = ema.build(cfg, groups, device)
         optimizer = optim.build_optimizer(cfg, groups)
         lr_scheduler = optim.build_scheduler(cfg, optimizer)
-        unet, *encoders, optimizer = accelerator.prepare(unet, *encoders, optimizer)
+        unet, encoders, optimizer = fsdp.prepare(accelerator, unet, encoders, optimizer)
 
         state = TrainState(
             cfg=cfg,
@@ -172,7 +188,7 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
                 runtime.log(state, {Metric.STEP: step, **record})
             emit(runtime.step_event(step, total, record, elapsed))
             if step == total or (cfg.validation.validate_every and step % cfg.validation.validate_every == 0):
-                with ema.eval_weights(state):
+                with ema.eval_weights(state), fsdp.gathered(state.unet):
                     validation.validate(state)
             if cfg.checkpoint.checkpoint_every and (step % cfg.checkpoint.checkpoint_every == 0 or step == total):
                 ckpt.save_checkpoint(state)
@@ -182,7 +198,7 @@ def train(state: TrainState, on_event: OnEvent | None = None) -> TrainResult:
         # A first Ctrl-C / SIGTERM saves; a second one (still handled) stops the save (runtime.StopNow).
         if interrupted and state.last_checkpoint != ckpt.step_dir(state.run_dir, state.step):
             ckpt.save_checkpoint(state)
-        with ema.eval_weights(state):
+        with ema.eval_weights(state), fsdp.gathered(state.unet):
             lora_dir = export_lora(state, state.run_dir / LORA_DIR)
         if state.is_main:
             point_latest(state.run_dir)  # only a run with a LoRA (or a checkpoint) becomes `latest`
@@ -225,7 +241,7 @@ def _train_step(state: TrainState) -> dict[str, Any]:
         with contextlib.ExitStack() as stack:
             if micro < accum - 1:  # no gradient all-reduce until the last micro-batch
                 for model in models:
-                    stack.enter_context(acc.no_sync(model))
+                    stack.enter_context(fsdp.no_sync(acc, model))
             loss, parts = compute_loss(state, batch)
             acc.backward(loss / accum)
         total += loss.detach() / accum
@@ -241,7 +257,8 @@ def _train_step(state: TrainState) -> dict[str, Any]:
     record: dict[str, Any] = {Metric.LOSS: total.item(), **{k: v.item() for k, v in parts_sum.items()}}
     record.update(monitor.group_grad_norms(state.param_groups))
     if cfg.train.max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_([p for ps in state.param_groups.values() for p in ps], cfg.train.max_grad_norm)
+        params = [p for ps in state.param_groups.values() for p in ps]
+        fsdp.clip_grad_norm_(params, cfg.train.max_grad_norm, record[Metric.GRAD_NORM_TOTAL])
     for name, group in zip(state.param_groups, state.optimizer.param_groups):
         record[Metric.lr(name)] = group["lr"]
     record.update(optim.effective_lrs(list(state.param_groups), state.optimizer))

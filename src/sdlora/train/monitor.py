@@ -78,6 +78,7 @@ def _plain(value: Any) -> Any:
 def grad_norm(params: Iterable[torch.nn.Parameter]) -> float:
     """Global L2 norm of the parameters' gradients (0.0 when none has a gradient), in float32."""
     norms = [p.grad.detach().float().norm(2) for p in params if p.grad is not None]
+    norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]  # FSDP's shards: the whole norm
     if not norms:
         return 0.0
     return torch.linalg.vector_norm(torch.stack([n.to(norms[0].device) for n in norms]), 2).item()

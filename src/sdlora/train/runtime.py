@@ -184,6 +184,7 @@ def end_event(result: Any, interrupted: bool) -> dict[str, Any]:
 def start_event(state: TrainState, effective_batch: int) -> dict[str, Any]:
     """The run's plan, as the `start` event the CLI prints."""
     from sdlora.train.compiling import compiled_blocks
+    from sdlora.train.fsdp import units as fsdp_units
     from sdlora.train.resolve import embedding_steps
 
     cfg, acc, tokens = state.cfg, state.accelerator, state.tokens
@@ -202,6 +203,7 @@ def start_event(state: TrainState, effective_batch: int) -> dict[str, Any]:
         "device": str(state.device),
         "mixed_precision": cfg.train.mixed_precision,
         "compile": compiled_blocks(state.unwrap(state.unet)),  # --compile: the UNet blocks compiled (0: off)
+        "fsdp_units": fsdp_units(state.unet),  # FSDP: the sharded units (the blocks and the root; 0: off)
         "prediction_type": state.objective.prediction_type,
         "masked_loss": None
         if state.plan.instances.masks is None

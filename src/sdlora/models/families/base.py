@@ -99,6 +99,12 @@ class Family:
         family whose variants share one."""
         return self.modelspec_architecture
 
+    def fsdp_blocks(self, denoiser: Any) -> tuple[str, ...]:
+        """The denoiser's block class names FSDP shards as one unit each (train/fsdp.py). By default the
+        diffusers model's own `_repeated_blocks` (FluxTransformerBlock / FluxSingleTransformerBlock,
+        the UNet's BasicTransformerBlock), else its `_no_split_modules`."""
+        return tuple(getattr(denoiser, "_repeated_blocks", None) or getattr(denoiser, "_no_split_modules", None) or ())
+
     # ---- the kohya / ComfyUI file (train/export.py)
 
     def writes_kohya(self, adapter_config: Any) -> bool:
