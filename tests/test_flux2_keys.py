@@ -47,9 +47,9 @@ BFL_TOP += ("single_stream_modulation.lin",)
 
 @pytest.fixture(scope="module")
 def tiny_transformer():
-    from sdlora.models.tiny import tiny_flux2_klein
+    from sdlora.models.families import FLUX2_KLEIN
 
-    return tiny_flux2_klein().transformer
+    return FLUX2_KLEIN.build_tiny().transformer
 
 
 def kohya_deltas(kohya: dict[str, torch.Tensor], sizes: dict[str, int]) -> dict[str, torch.Tensor]:

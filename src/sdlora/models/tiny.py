@@ -378,12 +378,12 @@ def tiny_zimage():
 
 
 @_seeded
-def tiny_flux2_klein():
+def tiny_flux2_klein(text_layers: tuple[int, ...]):
     """A Flux2KleinPipeline (FLUX.2 [klein] base's architecture: no guidance embedding, true CFG) with tiny
     random weights: a 1 + 1 block transformer, an 8-channel Flux2 VAE whose latents are patchified 2 x 2 into
     32 channels and normalised by its batch-norm statistics (set here to values other than 0 and 1, so the
     normalisation shows), and a 16-wide Qwen3 over the offline Qwen tokenizer with one layer more than the
-    deepest the prompt embedding reads (so each is an intermediate layer's output, as in the real 36-layer
+    deepest of `text_layers`, the layers the prompt embedding reads (so each is an intermediate layer's output, as in the real 36-layer
     Qwen3-4B, and the pipeline runs at its default layers). `--model tiny-flux2-klein` (models/families/flux2.py)."""
     from diffusers import (
         AutoencoderKLFlux2,
@@ -393,15 +393,13 @@ def tiny_flux2_klein():
     )
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from sdlora.models.families.flux2 import TEXT_LAYERS
-
     tokenizer = qwen_tokenizer()
     width, latent_channels = 16, 8
     qwen = Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=width,
         intermediate_size=32,
-        num_hidden_layers=max(TEXT_LAYERS) + 1,
+        num_hidden_layers=max(text_layers) + 1,
         num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=8,
@@ -418,7 +416,7 @@ def tiny_flux2_klein():
         num_single_layers=1,
         attention_head_dim=16,
         num_attention_heads=2,
-        joint_attention_dim=width * len(TEXT_LAYERS),  # the stacked hidden states
+        joint_attention_dim=width * len(text_layers),  # the stacked hidden states
         axes_dims_rope=(4, 4, 4, 4),  # sums to attention_head_dim
         guidance_embeds=False,  # [klein]: no guidance distillation
     )

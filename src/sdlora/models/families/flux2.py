@@ -142,7 +142,7 @@ class Flux2Klein(Family):
     def build_tiny(self) -> Any:
         from sdlora.models.tiny import tiny_flux2_klein
 
-        return tiny_flux2_klein()
+        return tiny_flux2_klein(TEXT_LAYERS)
 
     # ---- training
 
