@@ -116,10 +116,22 @@ def _plugin(accelerator: Any) -> Any:
     return plugin
 
 
+def shards(accelerator: Any) -> bool:
+    """Whether this run shards its denoiser: FSDP asked for, on several processes."""
+    return requested() and accelerator.num_processes > 1
+
+
+def denoiser_device(accelerator: Any) -> Any:
+    """Where the LoRA is put on the frozen denoiser: the run's device, or, when it will be sharded, None (it
+    stays in host memory and `fully_shard` moves it to the device block by block, each block's whole weights
+    only until they are cut into shards, so a denoiser larger than one card can be sharded)."""
+    return None if shards(accelerator) else accelerator.device
+
+
 def shard(model: torch.nn.Module, arch: Any, accelerator: Any) -> torch.nn.Module:
     """Shard `model` in place (FSDP2) when FSDP was asked for and there are several processes; else as is.
     Call it before anything holds the model's parameters (optimizer, EMA, parameter groups)."""
-    if not requested() or accelerator.num_processes < 2:
+    if not shards(accelerator):
         return model
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

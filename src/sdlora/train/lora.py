@@ -126,8 +126,11 @@ def token_embedding(cfg: Config, pipe: Any, arch: Family) -> Any:
     return add_token(pipe, arch, str(cfg.data.token), str(cfg.embedding.init_token))
 
 
-def inject_lora(cfg: Config, pipe: Any, arch: Family, device: Any, weight_dtype: torch.dtype) -> tuple[Any, list[Any]]:
-    """LoRA on the UNet (and text encoders): frozen weights in the compute dtype, trainable ones in float32.
+def inject_lora(
+    cfg: Config, pipe: Any, arch: Family, device: Any, weight_dtype: torch.dtype, denoiser_device: Any
+) -> tuple[Any, list[Any]]:
+    """LoRA on the UNet (and text encoders): frozen weights in the compute dtype, trainable ones in float32; the
+    denoiser on `denoiser_device` (None: where it is; train/fsdp.py `denoiser_device`), the encoders on `device`.
 
     Returns the UNet and the text encoders being trained (none without `--train-text-encoder`), in training mode.
     """
@@ -135,7 +138,7 @@ def inject_lora(cfg: Config, pipe: Any, arch: Family, device: Any, weight_dtype:
 
     unet = getattr(pipe, arch.denoiser)  # the denoiser: a UNet or a transformer ("unet" in the loop's names)
     unet.requires_grad_(False)
-    unet.to(device, dtype=weight_dtype)
+    unet.to(denoiser_device, dtype=weight_dtype)
     add_lora(unet, cfg.lora.target_modules, cfg, "--target-modules", denoiser_label(arch))
     encoders = []
     if cfg.lora.train_text_encoder:
