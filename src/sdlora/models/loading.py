@@ -95,9 +95,10 @@ def load_pipeline(
 
     `dtype` is the dtype of its parts; the denoiser's is `denoiser_dtype` where given, stored as
     `base_precision` says (models/precision.py: fp8 and nf4 quantize its Linear weights from it). A
-    diffusers folder or hub id loads each weight straight into its part's dtype, tensor by tensor (never
-    a float32 copy of a bf16 denoiser first); a single file loads as diffusers' `from_single_file` does
-    (in `dtype`), its denoiser cast after."""
+    diffusers folder or hub id loads each weight straight into its part's dtype, tensor by tensor, never a
+    float32 copy of a bf16 denoiser first (the denoiser through models/streaming.py, which maps no whole
+    file; the rest through diffusers' loader, a dict dtype); a single file loads as diffusers'
+    `from_single_file` does (in `dtype`), its denoiser cast after."""
     model = local_source(model)
     denoiser_dtype = denoiser_dtype or dtype
     tiny = families.tiny_family(model)
@@ -124,7 +125,12 @@ def load_pipeline(
         if vae:
             kwargs["vae"] = load_vae(vae, dtype)
         try:
-            pipe = family.pipeline_cls().from_pretrained(model, **{k: v for k, v in kwargs.items() if v is not None})
+            kwargs = {k: v for k, v in kwargs.items() if v is not None}
+            if denoiser_dtype != dtype and not quantized_at_load:
+                loaded = _stream_denoiser(model, family, kwargs, denoiser_dtype)
+                if loaded is not None:
+                    kwargs[family.denoiser] = loaded
+            pipe = family.pipeline_cls().from_pretrained(model, **kwargs)
         except ModelError:
             raise
         except (OSError, EnvironmentError, ValueError) as exc:
@@ -136,6 +142,18 @@ def load_pipeline(
     if base_precision == "fp8":
         precision.quantize_fp8(denoiser)
     return pipe, family
+
+
+def _stream_denoiser(model: str, family: Family, kwargs: dict[str, Any], dtype: torch.dtype) -> Any | None:
+    """The denoiser of a diffusers folder or hub id (downloaded as `from_pretrained` would), read tensor by
+    tensor into `dtype` (models/streaming.py); None where diffusers' own loader must do it."""
+    from sdlora.models.streaming import load_model
+
+    folder = Path(model)
+    if not folder.is_dir():
+        download = {k: v for k, v in kwargs.items() if k not in dtype_kwargs(dtype)}
+        folder = Path(family.pipeline_cls().download(model, **download))
+    return load_model(folder / family.denoiser, dtype, kwargs.get("variant"))
 
 
 def _no_nf4(base_precision: str, model: str) -> None:
