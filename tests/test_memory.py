@@ -98,11 +98,19 @@ def test_a_bf16_denoiser_loads_straight_into_bf16_never_as_a_float32_copy(
         return real_apply(module, fn, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.Module, "_apply", spy)
+    import safetensors.torch
+
+    mapped, real_load_file = [], safetensors.torch.load_file
+    monkeypatch.setattr(
+        safetensors.torch, "load_file", lambda path, *a, **k: mapped.append(Path(path)) or real_load_file(path, *a, **k)
+    )
     flags = {"train.mixed_precision": "bf16", "train.base_precision": base_precision, "model.name": str(tiny_folder)}
     cfg = resolve.resolve_precision(tiny_cfg(tmp_path, tiny_dataset, flags))
     pipe, arch, _ = lora.load_base(cfg, lambda event: None)
     assert {p.dtype for p in pipe.unet.parameters()} == {torch.bfloat16}
     assert torch.float32 not in casts  # no float32 UNet was cast (moved is fine: .to(device) keeps bf16)
+    # Its file read tensor by tensor (models/streaming.py), not converted from a map of the whole file.
+    assert mapped and not [path for path in mapped if path.parent.name == "unet"]
     assert (
         {p.dtype for p in pipe.text_encoder.parameters()} == {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
     )
