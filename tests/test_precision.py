@@ -18,7 +18,7 @@ from sdlora.errors import ConfigError
 from sdlora.models import precision
 from sdlora.models.loading import load_pipeline
 from sdlora.run import DIFFUSERS_LORA, LORA_DIR, read_metrics
-from sdlora.train import loop
+from sdlora.train import loop, resolve
 
 pytest.importorskip("torchao", reason="--base-precision fp8 needs torchao (the test extra installs it)")
 
@@ -144,3 +144,31 @@ def test_fp8_without_torchao_names_the_extra(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_torchao)
     with pytest.raises(ConfigError, match=r"--base-precision fp8 needs torchao \(pip install 'sdlora\[fp8\]'"):
         precision.check("fp8", "bf16")
+
+
+def test_ddp_wraps_an_fp8_base_without_broadcasting_its_quantized_weights(tmp_path, tiny_dataset):
+    """DDP broadcasts every parameter as it wraps a model and cannot flatten a torchao weight; the quantized
+    ones are left out (each process loaded the same base), the LoRA's gradients still reduce."""
+    import os
+
+    import torch.distributed as dist
+
+    from sdlora.train import lora as lora_mod
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already up")
+    cfg = cfg_for(tmp_path, tiny_dataset, "tiny-sd", "ddp", **{"train.base_precision": "fp8"})
+    pipe, family = load_pipeline("tiny-sd", base_precision="fp8")
+    cfg = resolve.resolve_family_defaults(cfg, family)  # the family's --target-modules
+    unet, _ = lora_mod.inject_lora(cfg, pipe, family, torch.device("cpu"), torch.float32)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29641")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(unet)
+        noisy, t, embeds = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, 77, 32)
+        ddp(noisy, t, embeds).sample.square().mean().backward()
+    finally:
+        dist.destroy_process_group()
+    grads = [p.grad for p in unet.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)

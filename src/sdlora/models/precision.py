@@ -94,6 +94,19 @@ def quantize_fp8(denoiser: Any) -> None:
     quantization.quantize_(denoiser, quantization.Float8WeightOnlyConfig())
 
 
+def keep_from_ddp(model: Any) -> None:
+    """DDP leaves the quantized weights alone: it broadcasts every parameter from the first process as it
+    wraps a model, and cannot flatten a torchao weight ("Only support reshaping from 2D to 3D"); every
+    process loaded the same frozen base, so there is nothing to sync. Call with the LoRA in (its names)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    quantized = [name for name, p in model.named_parameters() if is_traceable_wrapper_subclass(p)]
+    if quantized:
+        model._ddp_params_and_buffers_to_ignore = (
+            quantized  # what DDP's _set_params_and_buffers_to_ignore_for_model sets
+        )
+
+
 def stored_bytes(tensor: torch.Tensor) -> int:
     """The bytes a (possibly quantized) weight takes: the tensors a torchao weight keeps inside
     (float8 data and its scales), else its own."""

@@ -145,10 +145,13 @@ def inject_lora(cfg: Config, pipe: Any, arch: Family, device: Any, weight_dtype:
     """
     from diffusers.training_utils import cast_training_params
 
+    from sdlora.models.precision import keep_from_ddp
+
     unet = getattr(pipe, arch.denoiser)  # the denoiser: a UNet or a transformer ("unet" in the loop's names)
     unet.requires_grad_(False)
     unet.to(device)  # its dtype is its storage's since the load (a cast would undo a quantized one's weights)
     add_lora(unet, cfg.lora.target_modules, cfg, "--target-modules", denoiser_label(arch))
+    keep_from_ddp(unet)  # a quantized base's weights: not broadcast when accelerate wraps it in DDP
     encoders = []
     if cfg.lora.train_text_encoder:
         for name in arch.text_encoders:
