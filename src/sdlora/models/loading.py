@@ -126,7 +126,7 @@ def load_pipeline(
             kwargs["vae"] = load_vae(vae, dtype)
         try:
             kwargs = {k: v for k, v in kwargs.items() if v is not None}
-            if denoiser_dtype != dtype and not quantized_at_load:
+            if denoiser_dtype != torch.float32 and not quantized_at_load:  # `sdlora sample` in bf16 too
                 loaded = _stream_denoiser(model, family, kwargs, denoiser_dtype)
                 if loaded is not None:
                     kwargs[family.denoiser] = loaded
