@@ -80,7 +80,7 @@ def test_the_reloaded_vae_decodes_in_the_dtype_encoding_used(
     assert reloaded == [expected]
 
 
-@pytest.mark.parametrize("base_precision", ["auto", "bf16"])
+@pytest.mark.parametrize("base_precision", ["auto", "bf16", "fp8"])
 def test_a_bf16_denoiser_loads_straight_into_bf16_never_as_a_float32_copy(
     tmp_path: Path, tiny_dataset: Path, tiny_folder: Path, monkeypatch, base_precision
 ):
@@ -88,6 +88,9 @@ def test_a_bf16_denoiser_loads_straight_into_bf16_never_as_a_float32_copy(
     dtype): no whole-module cast of a float32 UNet ever runs (a FLUX.1 transformer is 24 GB in bf16, 48 GB
     in float32). The encoders and the VAE load in float32, as they encode."""
     from diffusers import UNet2DConditionModel
+
+    if base_precision == "fp8":
+        pytest.importorskip("torchao")
 
     casts = []
     real_apply = torch.nn.Module._apply
@@ -107,7 +110,9 @@ def test_a_bf16_denoiser_loads_straight_into_bf16_never_as_a_float32_copy(
     flags = {"train.mixed_precision": "bf16", "train.base_precision": base_precision, "model.name": str(tiny_folder)}
     cfg = resolve.resolve_precision(tiny_cfg(tmp_path, tiny_dataset, flags))
     pipe, arch, _ = lora.load_base(cfg, lambda event: None)
-    assert {p.dtype for p in pipe.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in pipe.unet.parameters()} == {torch.bfloat16}  # fp8: dequantizes to bf16
+    if base_precision == "fp8":
+        assert all(hasattr(m.weight, "qdata") for m in pipe.unet.modules() if isinstance(m, torch.nn.Linear))
     assert torch.float32 not in casts  # no float32 UNet was cast (moved is fine: .to(device) keeps bf16)
     # Its file read tensor by tensor (models/streaming.py), not converted from a map of the whole file.
     assert mapped and not [path for path in mapped if path.parent.name == "unet"]

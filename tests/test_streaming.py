@@ -76,3 +76,28 @@ def test_what_it_cannot_read_exactly_is_left_to_diffusers(saved, tmp_path):
     weights = load_file(saved["unet"] / "diffusion_pytorch_model.safetensors")
     save_file({f"old.{k}": v for k, v in weights.items()}, renamed / "diffusion_pytorch_model.safetensors")
     assert load_model(renamed, torch.bfloat16) is None
+
+
+@pytest.mark.parametrize("part", ["unet", "transformer"])
+def test_each_linear_layer_quantizes_as_it_comes_in_to_what_quantizing_the_loaded_model_gives(saved, part):
+    """--base-precision fp8: each Linear layer quantized as soon as its tensors are read (never the whole model
+    in bf16 first), to exactly the weights that quantizing the whole loaded model gives."""
+    pytest.importorskip("torchao")
+    from sdlora.models.precision import quantize_fp8
+
+    layers = []
+
+    def spy(module):
+        layers.append(module)
+        quantize_fp8(module)
+
+    got = load_model(saved[part], torch.bfloat16, quantize=spy)
+    reference = load_model(saved[part], torch.bfloat16)
+    quantize_fp8(reference)
+    linears = [m for m in got.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == len(linears) and all(any(m is layer for layer in layers) for m in linears)
+    for (name, a), (_, b) in zip(got.state_dict().items(), reference.state_dict().items()):
+        if hasattr(a, "qdata"):
+            assert torch.equal(a.qdata.view(torch.uint8), b.qdata.view(torch.uint8)) and torch.equal(a.scale, b.scale)
+        else:
+            assert torch.equal(a, b), name

@@ -126,10 +126,12 @@ def load_pipeline(
             kwargs["vae"] = load_vae(vae, dtype)
         try:
             kwargs = {k: v for k, v in kwargs.items() if v is not None}
-            if denoiser_dtype != torch.float32 and not quantized_at_load:  # `sdlora sample` in bf16 too
-                loaded = _stream_denoiser(model, family, kwargs, denoiser_dtype)
+            streams = denoiser_dtype != torch.float32 or base_precision == "fp8"  # `sdlora sample` in bf16 too
+            if streams and not quantized_at_load:
+                loaded = _stream_denoiser(model, family, kwargs, denoiser_dtype, base_precision == "fp8")
                 if loaded is not None:
                     kwargs[family.denoiser] = loaded
+                    quantized_at_load = base_precision == "fp8"
             pipe = family.pipeline_cls().from_pretrained(model, **kwargs)
         except ModelError:
             raise
@@ -139,21 +141,22 @@ def load_pipeline(
     denoiser = getattr(pipe, family.denoiser)
     if not quantized_at_load and next(denoiser.parameters()).dtype != denoiser_dtype:
         denoiser.to(dtype=denoiser_dtype)  # a tiny model or a single file: built or loaded whole in `dtype`
-    if base_precision == "fp8":
+    if base_precision == "fp8" and not quantized_at_load:
         precision.quantize_fp8(denoiser)
     return pipe, family
 
 
-def _stream_denoiser(model: str, family: Family, kwargs: dict[str, Any], dtype: torch.dtype) -> Any | None:
+def _stream_denoiser(model: str, family: Family, kwargs: dict[str, Any], dtype: torch.dtype, fp8: bool) -> Any | None:
     """The denoiser of a diffusers folder or hub id (downloaded as `from_pretrained` would), read tensor by
-    tensor into `dtype` (models/streaming.py); None where diffusers' own loader must do it."""
+    tensor into `dtype` (models/streaming.py), each Linear layer quantized to fp8 as it comes in with `fp8`;
+    None where diffusers' own loader must do it."""
     from sdlora.models.streaming import load_model
 
     folder = Path(model)
     if not folder.is_dir():
         download = {k: v for k, v in kwargs.items() if k not in dtype_kwargs(dtype)}
         folder = Path(family.pipeline_cls().download(model, **download))
-    return load_model(folder / family.denoiser, dtype, kwargs.get("variant"))
+    return load_model(folder / family.denoiser, dtype, kwargs.get("variant"), precision.quantize_fp8 if fp8 else None)
 
 
 def _no_nf4(base_precision: str, model: str) -> None:

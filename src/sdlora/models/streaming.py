@@ -5,7 +5,7 @@ file: every float32 page it converts stays mapped, and counted in the process' m
 done. A float32 SD 1.5 UNet loaded into bf16 that way peaks at 3.4 GB of mapped file plus its 1.7 GB of
 bf16 (benchmarks/memory.py; a FLUX.1 transformer: 48 + 24 GB). Here each tensor is read with an
 ordinary file read into a buffer of its own, converted, and the buffer freed: the peak is the model in its
-storage dtype plus its largest tensor. The model itself is built on the meta device (no memory) and takes
+storage dtype plus its largest tensor (a quantized model: each Linear layer quantized as soon as it is in). The model itself is built on the meta device (no memory) and takes
 the converted tensors as its parameters.
 
 Only safetensors files (one, or shards with their index) of a model whose keys match its class exactly;
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -60,17 +60,21 @@ def weight_files(folder: Path, variant: str | None) -> list[Path] | None:
     return None
 
 
-def read_tensors(path: Path, dtype_of: Any) -> dict[str, torch.Tensor]:
-    """Every tensor of one safetensors file, each read on its own and converted to `dtype_of(name)` (None:
-    as stored; integer tensors always are)."""
-    tensors = {}
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (name -> dtype, shape, data_offsets) and where its data starts."""
     with open(path, "rb") as f:
         (size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(size))
-        start = 8 + size
+    header.pop("__metadata__", None)
+    return header, 8 + size
+
+
+def read_tensors(path: Path, dtype_of: Callable[[str], torch.dtype | None]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of one safetensors file, each read on its own into a buffer and converted to
+    `dtype_of(name)` (None: as stored; integer tensors always are), the buffer freed before the next."""
+    header, start = _header(path)
+    with open(path, "rb") as f:
         for name, info in header.items():
-            if name == "__metadata__":
-                continue
             begin, end = info["data_offsets"]
             stored = DTYPES[info["dtype"]]
             buffer = bytearray(end - begin)
@@ -83,17 +87,25 @@ def read_tensors(path: Path, dtype_of: Any) -> dict[str, torch.Tensor]:
             )
             wanted = dtype_of(name)
             if wanted is None or not stored.is_floating_point:
-                tensors[name] = tensor.clone()  # its own memory: the buffer goes
+                yield name, tensor.clone()  # its own memory: the buffer goes
             else:
-                tensors[name] = tensor.to(wanted, copy=True)
+                yield name, tensor.to(wanted, copy=True)
             del buffer, tensor
-    return tensors
 
 
-def load_model(folder: Path, dtype: torch.dtype, variant: str | None = None) -> Any | None:
+def load_model(
+    folder: Path,
+    dtype: torch.dtype,
+    variant: str | None = None,
+    quantize: Callable[[torch.nn.Module], None] | None = None,
+) -> Any | None:
     """The diffusers model (a UNet, a transformer) of `folder` (its config.json names the class), its floating
     weights in `dtype` (the class' `_keep_in_fp32_modules` in float32), read tensor by tensor; None where it
-    has no safetensors weights or their keys are not exactly the model's (diffusers' loader then)."""
+    has no safetensors weights or their keys are not exactly the model's (diffusers' loader then).
+
+    `quantize` (models/precision.py) is given each Linear layer as soon as its tensors are in, so a
+    quantized model never holds all its weights in `dtype` at once (a FLUX.1 transformer in fp8: 12 GB,
+    not the 24 GB of bf16 first)."""
     import diffusers
     from accelerate import init_empty_weights
 
@@ -106,17 +118,32 @@ def load_model(folder: Path, dtype: torch.dtype, variant: str | None = None) -> 
         return None
     with init_empty_weights():
         model = cls.from_config(cls.load_config(folder))
+    if {name for path in files for name in _header(path)[0]} != set(model.state_dict()):
+        return None
     keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
 
     def dtype_of(name: str) -> torch.dtype:
         return torch.float32 if any(part in name.split(".") for part in keep) else dtype
 
-    state: dict[str, torch.Tensor] = {}
+    # Linear layer -> the names of its tensors still to come
+    waiting = {
+        layer: {f"{layer}.{name}" for name, _ in module.named_parameters(recurse=False)}
+        for layer, module in model.named_modules()
+        if quantize is not None and isinstance(module, torch.nn.Linear)
+    }
     for path in files:
-        state.update(read_tensors(path, dtype_of))
-    expected = set(model.state_dict())
-    if set(state) != expected:
-        return None
-    model.load_state_dict(state, assign=True)
+        for name, tensor in read_tensors(path, dtype_of):
+            owner, _, attribute = name.rpartition(".")
+            module = model.get_submodule(owner)
+            if attribute in module._parameters:
+                old = module._parameters[attribute]
+                module._parameters[attribute] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+            else:
+                module._buffers[attribute] = tensor
+            if owner in waiting:
+                waiting[owner].discard(name)
+                if not waiting[owner]:
+                    quantize(module)  # type: ignore[misc]
+                    del waiting[owner]
     model.register_to_config(_name_or_path=str(folder))
     return model.eval()
