@@ -109,6 +109,8 @@ def load_model(
     import diffusers
     from accelerate import init_empty_weights
 
+    from sdlora.devices import trim_heap
+
     files = weight_files(folder, variant)
     config_file = folder / "config.json"
     if files is None or not config_file.is_file():
@@ -145,5 +147,6 @@ def load_model(
                 if not waiting[owner]:
                     quantize(module)  # type: ignore[misc]
                     del waiting[owner]
+                    trim_heap()  # the layer's bf16 weights: back to the OS, not kept in glibc's heap
     model.register_to_config(_name_or_path=str(folder))
     return model.eval()
