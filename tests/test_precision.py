@@ -172,3 +172,29 @@ def test_ddp_wraps_an_fp8_base_without_broadcasting_its_quantized_weights(tmp_pa
         dist.destroy_process_group()
     grads = [p.grad for p in unet.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
+
+
+def test_an_fp8_layer_keeps_no_dequantized_copy_of_its_weight_for_the_backward():
+    """torchao alone keeps `W.dequantize()` for the input's gradient: every layer's weight in bf16 until the
+    backward. `Fp8Linear` keeps the fp8 weight itself and dequantizes again, giving the same gradient."""
+    import copy
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(3)]).to(torch.bfloat16)
+    layers.requires_grad_(False)
+    reference = copy.deepcopy(layers)
+    precision.quantize_fp8(layers)
+    for layer, plain in zip(layers, reference):
+        plain.weight.data = layer.weight.dequantize()  # the same weights, unquantized
+    kept = []
+    x = torch.randn(4, 64, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            out = layers(x)
+        out.float().sum().backward()
+    assert not [t for t in kept if t.shape == (64, 64)]  # no weight-sized tensor kept
+    x2 = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference(x2).float().sum().backward()
+    assert x.grad.dtype == torch.float32 and torch.equal(x.grad, x2.grad)
+    assert all(isinstance(layer, precision.Fp8Linear) for layer in layers)

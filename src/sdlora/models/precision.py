@@ -89,18 +89,53 @@ def nf4_config(denoiser: str, compute_dtype: torch.dtype) -> Any:
 
 def quantize_fp8(denoiser: Any) -> None:
     """The denoiser's Linear weights to float8 e4m3, in place, one layer at a time (torchao's
-    `Float8WeightOnlyConfig`: a scale per output row; the forward dequantizes to the weight's dtype)."""
+    `Float8WeightOnlyConfig`: a scale per output row; the forward dequantizes to the weight's dtype); each
+    such layer then computes through `Fp8Linear`."""
     quantization = _torchao()
     quantization.quantize_(denoiser, quantization.Float8WeightOnlyConfig())
+    for module in denoiser.modules():
+        if type(module) is torch.nn.Linear and _quantized(module.weight):
+            module.__class__ = Fp8Linear
+
+
+def _quantized(tensor: torch.Tensor) -> bool:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return is_traceable_wrapper_subclass(tensor)
+
+
+class _FrozenFp8Linear(torch.autograd.Function):
+    """y = x W^T + b for a frozen fp8 W, keeping only W itself for the backward.
+
+    torchao's weight-only fp8 Linear computes `x @ W.dequantize()`, and autograd keeps that dequantized
+    copy for the input's gradient: every layer's weight in the compute dtype until the backward, more than
+    a bf16 base holds (it keeps references to its own weights). Here the backward dequantizes again, as
+    optimum-quanto's QLinear does (`QuantizedLinearFunction`). W and b are frozen: no gradient of theirs."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.weight = weight  # the frozen parameter itself: nothing new stays alive
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        weight = ctx.weight.dequantize()
+        return grad.to(weight.dtype) @ weight, None, None
+
+
+class Fp8Linear(torch.nn.Linear):
+    """A Linear layer whose weight torchao stores in fp8: `_FrozenFp8Linear`'s forward (peft's LoRA wraps
+    it as it wraps any Linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _FrozenFp8Linear.apply(x, self.weight, self.bias)
 
 
 def keep_from_ddp(model: Any) -> None:
     """DDP leaves the quantized weights alone: it broadcasts every parameter from the first process as it
     wraps a model, and cannot flatten a torchao weight ("Only support reshaping from 2D to 3D"); every
     process loaded the same frozen base, so there is nothing to sync. Call with the LoRA in (its names)."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
-
-    quantized = [name for name, p in model.named_parameters() if is_traceable_wrapper_subclass(p)]
+    quantized = [name for name, p in model.named_parameters() if _quantized(p)]
     if quantized:
         model._ddp_params_and_buffers_to_ignore = (
             quantized  # what DDP's _set_params_and_buffers_to_ignore_for_model sets
