@@ -103,6 +103,7 @@ def load_pipeline(
     denoiser_dtype = denoiser_dtype or dtype
     tiny = families.tiny_family(model)
     quantized_at_load = False
+    in_its_dtype = False  # whether the denoiser loaded straight into `denoiser_dtype` (a folder or hub id)
     if tiny is not None:
         _no_nf4(base_precision, model)
         pipe = tiny.build_tiny()
@@ -133,13 +134,14 @@ def load_pipeline(
                     kwargs[family.denoiser] = loaded
                     quantized_at_load = base_precision == "fp8"
             pipe = family.pipeline_cls().from_pretrained(model, **kwargs)
+            in_its_dtype = True
         except ModelError:
             raise
         except (OSError, EnvironmentError, ValueError) as exc:
             raise _model_error(model, exc) from exc
     family = families.family_of_pipeline(pipe)
     denoiser = getattr(pipe, family.denoiser)
-    if not quantized_at_load and next(denoiser.parameters()).dtype != denoiser_dtype:
+    if not in_its_dtype and denoiser_dtype != dtype:
         denoiser.to(dtype=denoiser_dtype)  # a tiny model or a single file: built or loaded whole in `dtype`
     if base_precision == "fp8" and not quantized_at_load:
         precision.quantize_fp8(denoiser)
