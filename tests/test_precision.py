@@ -4,6 +4,7 @@ CUDA) and a bf16 base under fp32 compute are refused with one line, before anyth
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -20,7 +21,8 @@ from sdlora.models.loading import load_pipeline
 from sdlora.run import DIFFUSERS_LORA, LORA_DIR, read_metrics
 from sdlora.train import loop, resolve
 
-pytest.importorskip("torchao", reason="--base-precision fp8 needs torchao (the test extra installs it)")
+# --base-precision fp8 needs torchao (the test extra installs it); the refusals do not.
+needs_torchao = pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
 
 runner = CliRunner()
 
@@ -52,6 +54,7 @@ def lora_file(run_dir: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ..
         return tensors, dict(f.metadata() or {})
 
 
+@needs_torchao
 @pytest.mark.parametrize("model", ["tiny-sd", "tiny-flux"])
 def test_an_fp8_base_trains_a_lora_whose_file_is_that_of_an_unquantized_base(tmp_path, tiny_dataset, model):
     runs = {}
@@ -72,6 +75,7 @@ def test_an_fp8_base_trains_a_lora_whose_file_is_that_of_an_unquantized_base(tmp
     assert any("lora" in name for name, _ in getattr(pipe, family.denoiser).named_parameters())
 
 
+@needs_torchao
 def test_fp8_stores_the_denoisers_linear_weights_in_one_byte_each_and_its_lora_trains_in_fp32():
     pipe, family = load_pipeline("tiny-sd", base_precision="fp8")
     denoiser = getattr(pipe, family.denoiser)
@@ -146,6 +150,7 @@ def test_fp8_without_torchao_names_the_extra(monkeypatch):
         precision.check("fp8", "bf16")
 
 
+@needs_torchao
 def test_ddp_wraps_an_fp8_base_without_broadcasting_its_quantized_weights(tmp_path, tiny_dataset):
     """DDP broadcasts every parameter as it wraps a model and cannot flatten a torchao weight; the quantized
     ones are left out (each process loaded the same base), the LoRA's gradients still reduce."""
@@ -174,6 +179,7 @@ def test_ddp_wraps_an_fp8_base_without_broadcasting_its_quantized_weights(tmp_pa
     assert grads and all(g is not None for g in grads)
 
 
+@needs_torchao
 def test_an_fp8_layer_keeps_no_dequantized_copy_of_its_weight_for_the_backward():
     """torchao alone keeps `W.dequantize()` for the input's gradient: every layer's weight in bf16 until the
     backward. `Fp8Linear` keeps the fp8 weight itself and dequantizes again, giving the same gradient."""
