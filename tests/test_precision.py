@@ -77,6 +77,7 @@ def test_an_fp8_base_trains_a_lora_whose_file_is_that_of_an_unquantized_base(tmp
 
 @needs_torchao
 def test_fp8_stores_the_denoisers_linear_weights_in_one_byte_each_and_its_lora_trains_in_fp32():
+    precision.check("fp8", "no")  # fp8 dequantizes to any compute dtype: fp32 too
     pipe, family = load_pipeline("tiny-sd", base_precision="fp8")
     denoiser = getattr(pipe, family.denoiser)
     linears = [m for m in denoiser.modules() if isinstance(m, torch.nn.Linear)]
@@ -132,7 +133,6 @@ def test_nf4_without_bitsandbytes_and_bf16_under_fp32_compute_are_refused(monkey
         precision.check("nf4", "bf16")
     with pytest.raises(ConfigError, match="--base-precision bf16 computes in bf16: it needs --mixed-precision bf16"):
         precision.check("bf16", "no")
-    precision.check("fp8", "no")  # fp8 dequantizes to any compute dtype
 
 
 def test_fp8_without_torchao_names_the_extra(monkeypatch):
