@@ -7,7 +7,7 @@
   on a CPU too. The other layers (convolutions, norms, embeddings) stay in the compute dtype.
 - nf4: the Linear layers' weights in 4-bit NormalFloat (QLoRA's), through bitsandbytes: CUDA only.
 
-The names follow the field: SimpleTuner's `--base_model_precision` (`fp8-torchao`, `nf4-bnb`,
+The names follow the field: SimpleTuner's `base_model_precision` option (`fp8-torchao`, `nf4-bnb`,
 `int8-quanto`), ai-toolkit's `quantize: true` (optimum-quanto's `qfloat8`), OneTrainer's weight dtypes
 (`FLOAT_8`, `NFLOAT_4`) and diffusers' QLoRA example (bitsandbytes `bnb_4bit_quant_type="nf4"`) all name
 the storage format; sdlora names it without the backend, since there is one for each.
