@@ -19,6 +19,12 @@ checkpoint, export); a function this version does not have is skipped. Printed: 
 time, the whole-run peak, and the median step time of the steps right after a checkpoint against the
 others (step_time_s in runs/<run>/metrics.jsonl).
 
+The load peak of a bf16 or fp8 base (the README's per-precision rows; one cold run and one step are enough):
+
+    flock /tmp/sdlora-heavy.lock .venv/bin/python benchmarks/memory.py --cold-only --steps 1 --train-args="--mixed-precision bf16"
+    flock /tmp/sdlora-heavy.lock .venv/bin/python benchmarks/memory.py --cold-only --steps 1 \
+        --train-args="--mixed-precision bf16 --base-precision fp8"
+
 `PYTHONPATH=/other/src` measures another checkout's sdlora with this same script.
 """
 
@@ -47,6 +53,8 @@ PHASES = [
     ("sdlora.train.loop", "setup", "setup (other)"),
     ("sdlora.train.lora", "load_base", "load base"),
     ("sdlora.train.lora", "load_unet", "load UNet"),
+    ("sdlora.models.streaming", "load_model", "load denoiser (tensor by tensor)"),
+    ("sdlora.models.precision", "quantize_fp8", "quantize denoiser (fp8)"),
     ("sdlora.train.encode", "class_examples", "class images"),
     ("sdlora.train.encode", "encode_examples", "encode (latents, text)"),
     ("sdlora.train.encode", "release_encoders", "release encoders"),

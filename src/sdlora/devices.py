@@ -40,7 +40,7 @@ def free_memory() -> None:
     stages, after freeing models). Without the heap trim, glibc keeps what models and activations freed
     in the process (its resident size stays up) and a later stage's allocations land on top of it."""
     gc.collect()
-    _trim_heap()
+    trim_heap()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     elif _mps_available():
@@ -58,7 +58,8 @@ def _malloc_trim() -> object | None:
         return None
 
 
-def _trim_heap() -> None:
+def trim_heap() -> None:
+    """Give the heap glibc keeps after frees back to the OS (cheap: no garbage collection)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)  # type: ignore[operator]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from sdlora.errors import ModelError
-from sdlora.models import families, single_file
+from sdlora.models import families, precision, single_file
 from sdlora.models.families import Family, UnknownFamily
 from sdlora.models.hub import hub_error, hub_offline
 
@@ -88,31 +88,86 @@ def load_pipeline(
     variant: str | None = None,
     vae: str | None = None,
     dtype: torch.dtype = torch.float32,
+    denoiser_dtype: torch.dtype | None = None,
+    base_precision: str = "auto",
 ) -> tuple[Any, Family]:
-    """The diffusers pipeline for `model` and its family."""
+    """The diffusers pipeline for `model` and its family.
+
+    `dtype` is the dtype of its parts; the denoiser's is `denoiser_dtype` where given, stored as
+    `base_precision` says (models/precision.py: fp8 and nf4 quantize its Linear weights from it). A
+    diffusers folder or hub id loads each weight straight into its part's dtype, tensor by tensor, never a
+    float32 copy of a bf16 denoiser first (the denoiser through models/streaming.py, which maps no whole
+    file; the rest through diffusers' loader, a dict dtype); a single file loads as diffusers'
+    `from_single_file` does (in `dtype`), its denoiser cast after."""
     model = local_source(model)
+    denoiser_dtype = denoiser_dtype or dtype
     tiny = families.tiny_family(model)
+    quantized_at_load = False
+    in_its_dtype = False  # whether the denoiser loaded straight into `denoiser_dtype` (a folder or hub id)
     if tiny is not None:
+        _no_nf4(base_precision, model)
         pipe = tiny.build_tiny()
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     elif single_file.is_single_file(model):
         family = single_file.detect(model)  # before any weight is read: one line for a file it cannot load
+        _no_nf4(base_precision, model)
         extra = {"vae": load_vae(vae, dtype)} if vae else {}
         pipe = single_file.load_pipeline(model, family, dtype_kwargs(dtype), **extra)
     else:
         family = _family(model, revision)
-        kwargs: dict[str, Any] = {**dtype_kwargs(dtype), "revision": revision, "variant": variant}
+        # A dict gives each part its own dtype ("default": the rest), as the weights load.
+        part_dtypes = dtype if denoiser_dtype == dtype else {family.denoiser: denoiser_dtype, "default": dtype}
+        kwargs: dict[str, Any] = {**dtype_kwargs(part_dtypes), "revision": revision, "variant": variant}
+        if base_precision == "nf4":
+            kwargs["quantization_config"] = precision.nf4_config(family.denoiser, denoiser_dtype)
+            quantized_at_load = True
         kwargs.update(family.pipeline_kwargs())
         if vae:
             kwargs["vae"] = load_vae(vae, dtype)
         try:
-            pipe = family.pipeline_cls().from_pretrained(model, **{k: v for k, v in kwargs.items() if v is not None})
+            kwargs = {k: v for k, v in kwargs.items() if v is not None}
+            streams = denoiser_dtype != torch.float32 or base_precision == "fp8"  # `sdlora sample` in bf16 too
+            if streams and not quantized_at_load:
+                loaded = _stream_denoiser(model, family, kwargs, denoiser_dtype, base_precision == "fp8")
+                if loaded is not None:
+                    kwargs[family.denoiser] = loaded
+                    quantized_at_load = base_precision == "fp8"
+            pipe = family.pipeline_cls().from_pretrained(model, **kwargs)
+            in_its_dtype = True
         except ModelError:
             raise
         except (OSError, EnvironmentError, ValueError) as exc:
             raise _model_error(model, exc) from exc
-    return pipe, families.family_of_pipeline(pipe)
+    family = families.family_of_pipeline(pipe)
+    denoiser = getattr(pipe, family.denoiser)
+    if not in_its_dtype and denoiser_dtype != dtype:
+        denoiser.to(dtype=denoiser_dtype)  # a tiny model or a single file: built or loaded whole in `dtype`
+    if base_precision == "fp8" and not quantized_at_load:
+        precision.quantize_fp8(denoiser)
+    return pipe, family
+
+
+def _stream_denoiser(model: str, family: Family, kwargs: dict[str, Any], dtype: torch.dtype, fp8: bool) -> Any | None:
+    """The denoiser of a diffusers folder or hub id (downloaded as `from_pretrained` would), read tensor by
+    tensor into `dtype` (models/streaming.py), each Linear layer quantized to fp8 as it comes in with `fp8`;
+    None where diffusers' own loader must do it."""
+    from sdlora.models.streaming import load_model
+
+    folder = Path(model)
+    if not folder.is_dir():
+        download = {k: v for k, v in kwargs.items() if k not in dtype_kwargs(dtype)}
+        folder = Path(family.pipeline_cls().download(model, **download))
+    return load_model(folder / family.denoiser, dtype, kwargs.get("variant"), precision.quantize_fp8 if fp8 else None)
+
+
+def _no_nf4(base_precision: str, model: str) -> None:
+    """nf4 quantizes as diffusers loads a folder's weights: not for a model built in memory or one file."""
+    if base_precision == "nf4":
+        raise ModelError(
+            f"{precision.FLAG} nf4: {model} is not a diffusers folder or hub id (nf4 quantizes as such a model "
+            f"loads); use {precision.FLAG} fp8"
+        )
 
 
 def load_vae(vae: str, dtype: torch.dtype) -> Any:

@@ -79,14 +79,15 @@ def class_examples(cfg: Config, pipe: Any, arch: Family, accelerator: Any, emit:
         device=accelerator.device,
         model_id=cfg.model.name,
     )
-    ensure_class_images(
-        pipe,
-        arch,
-        **common,
-        process_index=accelerator.process_index,
-        num_processes=accelerator.num_processes,
-        on_progress=progress_events(emit),
-    )
+    with accelerator.autocast():  # as validation samples: the denoiser is in its storage dtype, the rest float32
+        ensure_class_images(
+            pipe,
+            arch,
+            **common,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            on_progress=progress_events(emit),
+        )
     accelerator.wait_for_everyone()
     paths = ensure_class_images(pipe, arch, **common)  # all there now: generates nothing
     return [

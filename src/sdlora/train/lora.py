@@ -1,8 +1,9 @@
 """The models a run trains: the base pipeline and its noise schedule, LoRA adapters on the UNet (and
 text encoders), and the frozen text encoders the token's own embedding trains through.
 
-Frozen weights sit on the device in the compute dtype; the trainable LoRA weights are float32 (fp16 or
-bf16 weights would lose their small updates). Target modules that do not exist are a ConfigError
+Frozen weights sit on the device in the compute dtype (the denoiser's in its `--base-precision` storage,
+set as it loads); the trainable LoRA weights are float32 (fp16 or bf16 weights would lose their small
+updates). Target modules that do not exist are a ConfigError
 naming the option.
 """
 
@@ -22,15 +23,25 @@ ADAPTER = "default"
 
 
 def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Family, Objective]:
-    """The base pipeline (float32), its architecture and its training objective (train/objective.py).
+    """The base pipeline, its architecture and its training objective (train/objective.py).
 
-    The family gives the objective from the model's own scheduler (a UNet's noise schedule and target:
-    epsilon or v-prediction).
+    The denoiser loads straight into its storage dtype (`--base-precision`, models/precision.py: the
+    compute dtype, bf16, or fp8 / nf4 quantized from it), weight by weight; the encoders and the VAE in
+    float32, as they encode. The family gives the objective from the model's own scheduler (a UNet's
+    noise schedule and target: epsilon or v-prediction).
     """
     from sdlora.models.loading import TINY_WARNING, default_resolution, is_tiny, load_pipeline
+    from sdlora.models.precision import storage_dtype
+    from sdlora.train.resolve import weight_dtype
 
     pipe, arch = load_pipeline(
-        cfg.model.name, revision=cfg.model.revision, variant=cfg.model.variant, vae=cfg.model.vae, dtype=torch.float32
+        cfg.model.name,
+        revision=cfg.model.revision,
+        variant=cfg.model.variant,
+        vae=cfg.model.vae,
+        dtype=torch.float32,
+        denoiser_dtype=storage_dtype(cfg.train.base_precision, weight_dtype(cfg)),
+        base_precision=cfg.train.base_precision,
     )
     pipe.set_progress_bar_config(disable=True)
     arch.check_options(cfg)  # what the family cannot train: one line, before any encoding
@@ -129,17 +140,22 @@ def token_embedding(cfg: Config, pipe: Any, arch: Family) -> Any:
 def inject_lora(
     cfg: Config, pipe: Any, arch: Family, device: Any, weight_dtype: torch.dtype, denoiser_device: Any
 ) -> tuple[Any, list[Any]]:
-    """LoRA on the UNet (and text encoders): frozen weights in the compute dtype, trainable ones in float32; the
-    denoiser on `denoiser_device` (None: where it is; train/fsdp.py `denoiser_device`), the encoders on `device`.
+    """LoRA on the UNet (and text encoders): frozen weights in the compute dtype (the denoiser's as `load_base`
+    stored it: `--base-precision`), trainable ones in float32; the denoiser on `denoiser_device` (None: where it
+    is; train/fsdp.py `denoiser_device`), the encoders on `device`.
 
     Returns the UNet and the text encoders being trained (none without `--train-text-encoder`), in training mode.
     """
     from diffusers.training_utils import cast_training_params
 
+    from sdlora.models.precision import keep_from_ddp
+
     unet = getattr(pipe, arch.denoiser)  # the denoiser: a UNet or a transformer ("unet" in the loop's names)
     unet.requires_grad_(False)
-    unet.to(denoiser_device, dtype=weight_dtype)
+    # Its dtype is its storage's since the load (a cast would undo a quantized one's weights).
+    unet.to(denoiser_device)
     add_lora(unet, cfg.lora.target_modules, cfg, "--target-modules", denoiser_label(arch))
+    keep_from_ddp(unet)  # a quantized base's weights: not broadcast when accelerate wraps it in DDP
     encoders = []
     if cfg.lora.train_text_encoder:
         for name in arch.text_encoders:

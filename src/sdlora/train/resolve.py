@@ -41,14 +41,18 @@ LOCKED = (
 
 def resolve_precision(cfg: Config) -> Config:
     """`--mixed-precision auto`: on a CUDA GPU bf16 where it has it, else fp16; on a CPU bf16 where it
-    computes bf16 natively (AVX512-BF16 or AMX: the UNet step is ~1.5x faster than fp32), else fp32."""
-    if cfg.train.mixed_precision != "auto":
-        return cfg
-    if torch.cuda.is_available():
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    else:
-        precision = "bf16" if cpu_computes_bf16() else "no"
-    return config_mod.replace(cfg, train={"mixed_precision": precision})
+    computes bf16 natively (AVX512-BF16 or AMX: the UNet step is ~1.5x faster than fp32), else fp32.
+    Then `--base-precision` checked against it and this machine (models/precision.py)."""
+    from sdlora.models.precision import check
+
+    if cfg.train.mixed_precision == "auto":
+        if torch.cuda.is_available():
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_computes_bf16() else "no"
+        cfg = config_mod.replace(cfg, train={"mixed_precision": precision})
+    check(cfg.train.base_precision, cfg.train.mixed_precision)
+    return cfg
 
 
 def cpu_computes_bf16() -> bool:
