@@ -1,21 +1,28 @@
 """Every model family end to end through the CLI, as a user runs it, on its tiny model: prepare a folder of
 photos, check the captions, train with validation samples and a checkpoint, resume to more steps, sample,
-score and report; every file the run folder promises is there, and the diffusers LoRA loads back into the
-family's pipeline. The family list is `families.FAMILIES`, so a new family is covered by adding it there."""
+score and report; every file the run folder promises is there, and the LoRA files load back into the
+family's pipeline. And 2 processes train what 1 process with accumulation trains. The family list is `families.FAMILIES`, so a new family is covered by adding it there."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from run_helpers import random_png
 from sdlora.cli import app
+from sdlora.config import load_config
 from sdlora.models.families import FAMILIES, FLUX1, ZIMAGE, Family
 from sdlora.run import DIFFUSERS_LORA
+from sdlora.train import loop
 
 runner = CliRunner()
 
@@ -89,3 +96,38 @@ def check_run_folder(run: Path, family: Family) -> None:
 def test_every_verb_on_the_tiny_model(tmp_path: Path, family: Family, monkeypatch):
     monkeypatch.chdir(tmp_path)
     check_run_folder(run_every_verb(tmp_path, family), family)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", [pytest.param(f, id=f.name) for f in FAMILIES if f.denoiser == "transformer"])
+def test_two_processes_match_one_with_accumulation(tmp_path: Path, tiny_dataset: Path, family: Family):
+    """--num-processes 2 (gloo on the CPU) x batch 1 trains the LoRA that 1 process x 2 accumulated
+    micro-batches trains (test_train_distributed.py says why they agree to float32 rounding; it checks the
+    UNet families in the default suite)."""
+    runs = tmp_path / "runs"
+    flags = {
+        "model.name": family.tiny_model,
+        "data.dataset": str(tiny_dataset),
+        "run.runs_dir": str(runs),
+        "run.name": "single",
+        "train.max_steps": 2,
+        "train.learning_rate": 1e-3,
+        "train.gradient_accumulation": 2,
+        "train.mixed_precision": "no",
+        "validation.validate_every": 0,
+        "validation.prompts": [],
+        "checkpoint.checkpoint_every": 0,
+    }
+    single = loop.run_training(load_config(None, flags, []))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "sdlora", "train", "--num-processes", "2", "--name", "ddp"]
+    cmd += ["--model", family.tiny_model, "--dataset", str(tiny_dataset), "--runs-dir", str(runs)]
+    cmd += ["--max-steps", "2", "--learning-rate", "1e-3", "--validate-every", "0", "--checkpoint-every", "0"]
+    cmd += ["--mixed-precision", "no", "validation.prompts=[]"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = load_file(single.lora_dir / DIFFUSERS_LORA)
+    b = load_file(runs / "ddp" / "lora" / DIFFUSERS_LORA)
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-7, rtol=0)
