@@ -232,11 +232,15 @@ def test_train_then_sample_through_the_cli(tmp_path: Path, tiny_dataset: Path, m
     )
     assert result.exit_code == 0, result.output
     run = tmp_path / "runs" / "latest"
-    result = runner.invoke(app, ["sample", "sksToy on a beach", "--run", str(run), "-n", "1", "--steps", "2"])
+    # no --validation-steps, no --steps: Z-Image-Turbo's 8, recorded where the run's other resolved values are
+    assert yaml.safe_load((run / "config.yaml").read_text())["validation"]["steps"] == 8
+    assert json.loads((run / "samples" / "step-000002" / "validation.json").read_text())["steps"] == 8
+    result = runner.invoke(app, ["sample", "sksToy on a beach", "--run", str(run), "-n", "1"])
     assert result.exit_code == 0, result.output
     data = json.loads((run / "samples" / "samples.json").read_text())
     assert sorted(e["variant"] for e in data["images"]) == ["baseline", "lora"]
-    assert data["guidance"] == 0.0  # Z-Image-Turbo's, not SD's 7.5
+    assert data["guidance"] == 0.0 and data["steps"] == 8  # Z-Image-Turbo's, not SD's 7.5 and 30
+    assert {e["steps"] for e in data["images"]} == {8}
     assert all((run / "samples" / e["file"]).is_file() for e in data["images"])
     refused = runner.invoke(app, ["sample", "sksToy", "--run", str(run), "-n", "1", "--negative-prompt", "blurry"])
     errors = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
