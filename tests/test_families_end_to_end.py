@@ -1,7 +1,8 @@
 """Every model family end to end through the CLI, as a user runs it, on its tiny model: prepare a folder of
 photos, check the captions, train with validation samples and a checkpoint, resume to more steps, sample,
-score and report; every file the run folder promises is there, and the LoRA files load back into the
-family's pipeline. And 2 processes train what 1 process with accumulation trains. The family list is `families.FAMILIES`, so a new family is covered by adding it there."""
+score and report; every file the run folder promises is there, and the LoRA files (and the token's embedding)
+load back into the family's pipeline. And 2 processes train what 1 process with accumulation trains. The
+families are `families.FAMILIES`, so a new family is covered by adding it there."""
 
 from __future__ import annotations
 
@@ -20,11 +21,13 @@ from typer.testing import CliRunner
 from run_helpers import random_png
 from sdlora.cli import app
 from sdlora.config import load_config
+from sdlora.lora_format import embedding_keys
 from sdlora.models.families import FAMILIES, FLUX1, ZIMAGE, Family
-from sdlora.run import DIFFUSERS_LORA
+from sdlora.run import DIFFUSERS_LORA, EMBEDDINGS
 from sdlora.train import loop
 
 runner = CliRunner()
+TOKEN = "sksToy"  # prepare's default token
 
 # Kept in the default suite: the cheapest family (about 3 s for the chain once torch and diffusers are
 # imported; SD 1.x 7 s, FLUX.1 7 s, FLUX.2 [klein] 9 s, SDXL 18 s on the 2-core CI box); the rest are slow.
@@ -55,7 +58,7 @@ def run_every_verb(tmp_path: Path, family: Family) -> Path:
     invoke(*train, "--max-steps", 2)
     invoke("train", "--resume", "latest", "--runs-dir", runs, "--max-steps", 3)
     run = runs / "latest"
-    invoke("sample", "sksToy on a beach", "--run", run, "-n", 1, "--steps", 2, "--device", "cpu")
+    invoke("sample", f"{TOKEN} on a beach", "--run", run, "-n", 1, "--steps", 2, "--device", "cpu")
     invoke("score", "--run", run, "--dino-model", "tiny-dino", "--clip-model", "tiny-clip", "--device", "cpu")
     invoke("report", "--run", run)
     return run.resolve()
@@ -87,6 +90,15 @@ def check_run_folder(run: Path, family: Family) -> None:
         pipe.load_lora_weights(str(lora), weight_name=name)
         denoiser = getattr(pipe, family.denoiser)
         assert any("lora" in param for param, _ in denoiser.named_parameters()), name
+    if (lora / EMBEDDINGS).is_file():  # pivotal tuning (on by default where the family has it): the token's vectors
+        state, pipe = load_file(lora / EMBEDDINGS), family.build_tiny()
+        tokenizers = dict(zip(family.text_encoders, family.tokenizers))
+        for encoder, key in embedding_keys(family).items():
+            tokenizer = getattr(pipe, tokenizers[encoder])
+            pipe.load_textual_inversion(
+                state[key], token=TOKEN, text_encoder=getattr(pipe, encoder), tokenizer=tokenizer
+            )
+            assert TOKEN in tokenizer.get_vocab(), encoder
 
 
 @pytest.mark.parametrize(
