@@ -29,8 +29,8 @@ from sdlora.train import loop
 runner = CliRunner()
 TOKEN = "sksToy"  # prepare's default token
 
-# Kept in the default suite: the cheapest family (about 3 s for the chain once torch and diffusers are
-# imported; SD 1.x 7 s, FLUX.1 7 s, FLUX.2 [klein] 9 s, SDXL 18 s on the 2-core CI box); the rest are slow.
+# Kept in the default suite: the cheapest family (3-4 s for the chain on the shared 2-core box once torch and
+# diffusers are imported; SD 1.x and FLUX.1 5-7 s, FLUX.2 [klein] 5-9 s, SDXL 16-18 s); the rest are slow.
 CHEAP = ZIMAGE
 # diffusers' kohya FLUX.1 reader splits the fused qkv / linear1 rows at FLUX.1's real widths (3072, 12288), so
 # the tiny model's file cannot load: test_flux_keys.py loads one at FLUX.1 [dev]'s size instead.
