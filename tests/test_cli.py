@@ -146,3 +146,18 @@ def test_on_off_flags_still_parse_both_ways(tmp_path, argv):
     result = runner.invoke(app, [*argv, "--run", str(tmp_path / "none")])
     assert result.exit_code == 1, result.output  # parsed: the missing run is the error, not the flag (exit 2)
     assert "--run" in result.stderr or "none" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("verb", "flag", "shown"),
+    [
+        ("sample", "--guidance", "FLUX.1 [dev]'s distilled"),
+        ("sample", "--steps", "[schnell] and FLUX.2 [klein] 4"),
+        ("train", "--validation-guidance", "FLUX.1 [dev]'s distilled"),  # generated from the config field
+    ],
+)
+def test_square_brackets_in_help_are_text_not_markup(verb, flag, shown):
+    """The help is rich markup: an unescaped "[dev]" is taken for a style tag and vanishes from the screen."""
+    result = CliRunner().invoke(app, [verb, "--help"], env={"COLUMNS": "300"}, terminal_width=300)
+    line = next(line for line in result.stdout.splitlines() if f" {flag} " in line)
+    assert shown in line, line

@@ -176,3 +176,44 @@ def test_a_registered_family_is_detected_without_touching_other_code(tmp_path: P
     monkeypatch.undo()
     with pytest.raises(UnknownFamily):
         detect_family({"_class_name": "FakePipeline"})
+
+
+def test_sample_steps_follow_the_loaded_model_where_a_variant_is_distilled():
+    """`sdlora sample --steps` and `--validation-steps` unset: each pipeline's own default for the model loaded
+    (FluxPipeline 28, Flux2KleinPipeline and ZImagePipeline 50), and the few steps a step-distilled variant
+    samples in, told from its config: FLUX.1 [schnell] (no guidance embedding), the distilled FLUX.2 [klein]
+    (`is_distilled` in model_index.json), Z-Image-Turbo (its scheduler's static shift 3.0)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from sdlora.models.families import FLUX1, FLUX2_KLEIN, ZIMAGE
+
+    assert SD1.sample_steps(None) == SDXL.sample_steps(None) == 30  # whatever the model
+    dev = FLUX1.build_tiny()
+    assert FLUX1.sample_steps(dev) == 28
+    dev.transformer.register_to_config(guidance_embeds=False)
+    assert FLUX1.sample_steps(dev) == 4
+    klein = FLUX2_KLEIN.build_tiny()
+    assert FLUX2_KLEIN.sample_steps(klein) == 50  # the tiny model is [klein] base's architecture
+    klein.register_to_config(is_distilled=True)
+    assert FLUX2_KLEIN.sample_steps(klein) == 4
+    zimage = ZIMAGE.build_tiny()
+    assert ZIMAGE.sample_steps(zimage) == 8  # the tiny model has Z-Image-Turbo's scheduler config
+    zimage.scheduler = FlowMatchEulerDiscreteScheduler(shift=6.0)
+    assert ZIMAGE.sample_steps(zimage) == 50
+
+
+def test_validation_steps_unset_are_the_models_capped_for_previews_and_a_given_value_stays():
+    from sdlora.config import load_config
+    from sdlora.errors import ConfigError
+    from sdlora.models.families import ZIMAGE
+    from sdlora.train.resolve import VALIDATION_STEPS, resolve_family_defaults
+
+    cfg = load_config(None, {"model.name": "tiny-zimage"}, [])
+    assert cfg.validation.steps is None
+    zimage = ZIMAGE.build_tiny()
+    assert resolve_family_defaults(cfg, ZIMAGE, zimage).validation.steps == 8
+    assert resolve_family_defaults(cfg, SD1, None).validation.steps == VALIDATION_STEPS == 20
+    given = load_config(None, {"model.name": "tiny-zimage", "validation.steps": 3}, [])
+    assert resolve_family_defaults(given, ZIMAGE, zimage).validation.steps == 3
+    with pytest.raises(ConfigError, match="--validation-steps must be at least 1"):
+        load_config(None, {"validation.steps": 0}, [])

@@ -246,31 +246,6 @@ def test_sampling_kwargs_keep_sd_as_it_was_and_refuse_a_negative_prompt_for_flux
         FLUX1.sampling_kwargs(3.5, ["blurry"])
 
 
-@pytest.mark.slow
-def test_two_processes_match_one_with_accumulation(tmp_path: Path, tiny_dataset: Path):
-    """--num-processes 2 (gloo on the CPU) x batch 1 trains the LoRA that 1 process x 2 accumulated
-    micro-batches trains (test_train_distributed.py says why they agree to float32 rounding)."""
-    import os
-    import subprocess
-    import sys
-
-    runs = tmp_path / "runs"
-    single = loop.run_training(
-        flux_cfg(tmp_path, tiny_dataset, **{"train.gradient_accumulation": 2, "run.name": "single"})
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "sdlora", "train", "--num-processes", "2", "--name", "ddp", "--model", "tiny-flux"]
-    cmd += ["--dataset", str(tiny_dataset), "--runs-dir", str(runs), "--max-steps", "2", "--learning-rate", "1e-3"]
-    cmd += ["--validate-every", "0", "--checkpoint-every", "0", "--mixed-precision", "no", "validation.prompts=[]"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = load_file(single.lora_dir / DIFFUSERS_LORA)
-    b = load_file(runs / "ddp" / "lora" / DIFFUSERS_LORA)
-    assert a.keys() == b.keys() and len(a) > 0
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-7, rtol=0)
-
-
 def test_the_kohya_file_is_written_for_a_lora_only():
     """LoKr / LoHa have no fused FLUX layout, and DoRA's magnitude of a fused module would need the untrained
     parts' weights: those runs write the diffusers / peft file alone."""

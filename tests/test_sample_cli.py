@@ -143,7 +143,7 @@ def test_defaults(run, fake_sampler, monkeypatch):
     } == {
         "num_images": 4,
         "seed": 0,
-        "steps": 30,
+        "steps": None,  # the loaded model's (Family.sample_steps)
         "guidance": None,  # the model family's (Family.sample_guidance), known once the model loads
         "baseline": True,
         "lora_scale": 1.0,

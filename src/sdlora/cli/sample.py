@@ -49,13 +49,24 @@ def sample(
     seed: Annotated[
         int, typer.Option("--seed", metavar="INT", help="Seed of the first image; image i gets seed + i.")
     ] = 0,
-    steps: Annotated[int, typer.Option("--steps", metavar="N", help="Denoising steps.")] = 30,
+    steps: Annotated[
+        Optional[int],
+        typer.Option(
+            "--steps",
+            metavar="N",
+            help=escape(
+                "Denoising steps (default: the model's: SD 30, FLUX.1 [dev] 28, [schnell] and FLUX.2 [klein] 4, Z-Image-Turbo 8)."
+            ),
+        ),
+    ] = None,
     guidance: Annotated[
         Optional[float],
         typer.Option(
             "--guidance",
             metavar="FLOAT",
-            help="Guidance scale (default: the model's: 7.5 classifier-free for SD, 3.5 FLUX.1 [dev]'s distilled).",
+            help=escape(
+                "Guidance scale (default: the model's: 7.5 classifier-free for SD, 3.5 FLUX.1 [dev]'s distilled)."
+            ),
         ),
     ] = None,
     scheduler: Annotated[

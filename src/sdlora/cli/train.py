@@ -106,8 +106,8 @@ def field_parameters(option: config_mod.FieldOption) -> list[inspect.Parameter]:
     help_text = option.help
     if option.kind == "flag":
         help_text += f" ({'on by default; ' if option.default is True else ''}{_negative(option)}: off)"
-    info = typer.Option(
-        *option.flags, help=help_text, metavar=option.metavar, rich_help_panel=option.panel, show_default=False
+    info = typer.Option(  # escaped: the help is rich markup, where "FLUX.1 [dev]" would lose its "[dev]"
+        *option.flags, help=escape(help_text), metavar=option.metavar, rich_help_panel=option.panel, show_default=False
     )
     params = [_keyword(_param_name(option), Annotated[Optional[typ], info])]
     if option.kind == "flag":

@@ -192,8 +192,8 @@ def _options(
     ] = None,
     seeds: Annotated[int, _scoring_option("--seeds", "N", "Images (seeds 0, 1, ...) per prompt. (default: 2)")] = 2,
     sample_steps: Annotated[
-        int, _scoring_option("--sample-steps", "N", "Denoising steps per image. (default: 30)")
-    ] = 30,
+        Optional[int], _scoring_option("--sample-steps", "N", "Denoising steps per image. (default: the model's)")
+    ] = None,
     clip_model: Annotated[
         str, _scoring_option("--clip-model", "NAME", "open_clip scorer; tiny-clip offline. (default: ViT-B-32)")
     ] = "ViT-B-32",

@@ -77,9 +77,11 @@ class _Group:
         return cls.__dataclass_fields__[name].metadata.get("panel") or cls.PANEL
 
     def _minimums(self, *, at_least_1: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> list[str]:
-        """One message per field below its minimum, naming the flag."""
+        """One message per set field below its minimum, naming the flag."""
         problems = [
-            f"{self.flag(n)} must be at least 1, got {getattr(self, n)}" for n in at_least_1 if getattr(self, n) < 1
+            f"{self.flag(n)} must be at least 1, got {getattr(self, n)}"
+            for n in at_least_1
+            if getattr(self, n) is not None and getattr(self, n) < 1  # None: resolved later (the model's)
         ]
         return problems + [
             f"{self.flag(n)} must be >= 0, got {getattr(self, n)}" for n in non_negative if getattr(self, n) < 0
@@ -383,8 +385,8 @@ class ValidationArgs(_Group):
     """Prompts for the sample images, repeatable ({token} and {class} are filled in); validation.prompts=[] for none."""
     num_images: int = field(default=1, metadata=cli("--validation-images"))
     """Sample images per prompt (seeds seed, seed+1, ...): more shows variety, costs time."""
-    steps: int = field(default=20, metadata=cli("--validation-steps"))
-    """Inference steps per sample image: fewer is cheaper and rougher."""
+    steps: Optional[int] = field(default=None, metadata=cli("--validation-steps"))
+    """Inference steps per sample image: fewer is cheaper and rougher; default: the model's, at most 20 (SD 20; FLUX.1 [schnell] and FLUX.2 [klein] 4, Z-Image-Turbo 8)."""
     guidance: Optional[float] = field(default=None, metadata=cli("--validation-guidance"))
     """Guidance scale of the sample images; default: the model's (7.5 classifier-free for SD, 3.5 FLUX.1 [dev]'s distilled)."""
     seed: int = field(default=0, metadata=cli("--validation-seed"))

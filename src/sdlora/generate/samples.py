@@ -108,7 +108,7 @@ def generate_samples(
     out_dir: Path | None = None,
     num_images: int = 4,
     seed: int = 0,
-    steps: int = 30,
+    steps: int | None = None,
     guidance: float | None = None,
     baseline: bool = True,
     lora_scale: float = 1.0,
@@ -130,11 +130,13 @@ def generate_samples(
 
     `lora_dir`: `lora` (default), `best`, a LoRA folder, or a LoRA .safetensors file (that file, whoever
     wrote it; samples.json records it as `lora_file`). Image i of each prompt gets seed `seed + i`.
-    `on_warning` gets one line per prompt longer than the CLIP window (default: `warnings.warn`).
+    `on_warning` gets one line per prompt longer than the CLIP window (default: `warnings.warn`). `steps` and
+    `guidance` None: the loaded model's (`Family.sample_steps`, `Family.sample_guidance`); samples.json records
+    the values used.
     """
     prompts = check_prompts(prompts)
     for name, value in (("--num-images", num_images), ("--steps", steps), ("--batch-size", batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ConfigError(f"{name} {value}: must be at least 1")
     for name, value in (("--height", height), ("--width", width)):
         if value is not None:
@@ -152,6 +154,7 @@ def generate_samples(
         recorded.sampling_kwargs(recorded.sample_guidance if guidance is None else guidance, negative_prompt)
     pipe, arch, _, loaded = prepare_pipeline(run, lora, options, scheduler)
     guidance = arch.sample_guidance if guidance is None else guidance  # the family's pipeline default
+    steps = arch.sample_steps(pipe) if steps is None else steps  # the loaded model's (a distilled one's 4, ...)
     arch.sampling_kwargs(guidance, negative_prompt)  # a setting the family refuses fails before any image
     pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])
     s = Settings(

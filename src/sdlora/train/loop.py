@@ -94,7 +94,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
         validation.check_scorer(cfg, val_examples, accelerator)
 
         pipe, arch, objective = lora.load_base(cfg, emit)
-        cfg = resolve.resolve_family_defaults(cfg, arch)
+        cfg = resolve.resolve_family_defaults(cfg, arch, pipe)
         lora.check_rank(cfg, pipe, arch, emit)  # before minutes of encoding
         device, weight_dtype = accelerator.device, resolve.weight_dtype(cfg)
         cfg = resolve.resolve_token_embedding(cfg, pipe, arch)

@@ -19,6 +19,10 @@ from sdlora.models.families import Family
 from sdlora.run import CONFIG
 from sdlora.train.data import Example, load_examples
 
+# `--validation-steps` unset: the model's sampling steps up to this (previews, each validation): sdlora's
+# default before the families had their own, which the distilled models' 4 or 8 undercut.
+VALIDATION_STEPS = 20
+
 # Keys whose checkpoint value must win on resume (changing them would not load, or trains something else).
 LOCKED = (
     "model.",
@@ -120,13 +124,16 @@ def resolve_alpha(cfg: Config) -> Config:
     return config_mod.replace(cfg, lora={"alpha": cfg.effective_alpha})
 
 
-def resolve_family_defaults(cfg: Config, arch: Family) -> Config:
-    """What defaults to the model family's: `--target-modules` (`Family.lora_targets`) and
-    `--validation-guidance` (`Family.sample_guidance`)."""
+def resolve_family_defaults(cfg: Config, arch: Family, pipe: Any) -> Config:
+    """What defaults to the model family's, for the loaded `pipe`: `--target-modules` (`Family.lora_targets`),
+    `--validation-guidance` (`Family.sample_guidance`) and `--validation-steps` (`Family.sample_steps`, at most
+    VALIDATION_STEPS); written out to config.yaml."""
     if cfg.lora.target_modules is None:
         cfg = config_mod.replace(cfg, lora={"target_modules": list(arch.lora_targets)})
     if cfg.validation.guidance is None:
         cfg = config_mod.replace(cfg, validation={"guidance": arch.sample_guidance})
+    if cfg.validation.steps is None:
+        cfg = config_mod.replace(cfg, validation={"steps": min(VALIDATION_STEPS, arch.sample_steps(pipe))})
     return cfg
 
 

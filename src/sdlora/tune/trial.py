@@ -81,7 +81,7 @@ class Scoring:
     prompts: list[str]  # templates with {token} / {class}
     seeds: int = 2  # images per prompt: seeds seed, seed+1, ...
     seed: int = 0
-    sample_steps: int = 30
+    sample_steps: int | None = None  # None: the loaded model's (Family.sample_steps)
     guidance: float | None = None  # None: the model family's (Family.sample_guidance)
     dino_model: str = "facebook/dino-vits16"
     clip_model: str = "ViT-B-32"

@@ -39,8 +39,9 @@ class Family:
     `training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the denoiser's
     forward, packing latents where the family does), prompt conditioning (`tokenize`,
     `encode_tokens`, `encode_prompts`, `stack_pooled`, `prompt_embeds_kwargs`), the kohya
-    file (`writes_kohya`, `check_kohya_names`, `kohya_lora`, `modelspec_arch`) and sampling (`sampling_kwargs`: guidance
-    and the negative prompt as the family's pipeline takes them).
+    file (`writes_kohya`, `check_kohya_names`, `kohya_lora`, `modelspec_arch`) and sampling (`sample_steps`: the default
+    denoising steps of the loaded model; `sampling_kwargs`: guidance and the negative prompt as the family's pipeline
+    takes them).
     """
 
     name: str  # recorded in files: "sd1", "sdxl"
@@ -207,6 +208,12 @@ class Family:
         raise NotImplementedError
 
     # ---- sampling
+
+    def sample_steps(self, pipe: Any) -> int:
+        """The denoising steps the loaded `pipe` samples in when none are given (`sdlora sample --steps`, and
+        `--validation-steps` up to its cap): its pipeline's default for the model, which a step- or guidance-
+        distilled variant lowers. The UNet families: 30."""
+        return 30
 
     def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
         """The pipeline's keyword arguments for `--guidance` and `--negative-prompt` (a string, a list of

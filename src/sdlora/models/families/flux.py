@@ -37,6 +37,8 @@ TRAIN_GUIDANCE = 1.0
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 
 T5_WINDOW = 512  # FluxPipeline's max_sequence_length for [dev] (diffusers' training default too)
+DEV_STEPS = 28  # FluxPipeline's default num_inference_steps
+SCHNELL_STEPS = 4  # [schnell] is step-distilled: BFL's model card and diffusers' FLUX docs sample it in 4
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -221,6 +223,11 @@ class Flux1(Family):
         return {"prompt_embeds": embeds[None].to(device), "pooled_prompt_embeds": pooled[None].to(device)}  # type: ignore[index]
 
     # ---- sampling
+
+    def sample_steps(self, pipe: Any) -> int:
+        """FluxPipeline's default 28 for [dev]; 4 for a transformer without the guidance embedding ([schnell], which
+        BFL's card and diffusers' FLUX docs sample in 4 steps)."""
+        return DEV_STEPS if dict(_config(getattr(pipe, self.denoiser))).get("guidance_embeds", True) else SCHNELL_STEPS
 
     def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
         """[dev]'s distilled guidance value (FluxPipeline ignores it for [schnell]); a negative prompt would

@@ -31,6 +31,8 @@ from sdlora.models.families.qwen_prompt import chat_tokens, chat_windows
 
 TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's default `text_encoder_out_layers`
 TEXT_WINDOW = 512  # Flux2KleinPipeline's default `max_sequence_length`
+DISTILLED_STEPS = 4  # the step-distilled [klein] 4B / 9B: BFL's cards sample them in 4 steps
+BASE_STEPS = 50  # Flux2KleinPipeline's default num_inference_steps (its docstring's base-model call)
 PATCH = 2  # latent cells per token side: the VAE's 8x, then 2 x 2 patches, make a token 16 px wide
 
 # The attention projections: both streams' q, k, v and outputs in the double blocks (FLUX.1's default, the same
@@ -224,6 +226,11 @@ class Flux2Klein(Family):
         return kwargs
 
     # ---- sampling
+
+    def sample_steps(self, pipe: Any) -> int:
+        """Flux2KleinPipeline's default 50 for [klein] base; 4 for the step-distilled [klein] (4B, 9B), which
+        its `model_index.json` marks `is_distilled`."""
+        return DISTILLED_STEPS if getattr(pipe.config, "is_distilled", False) else BASE_STEPS
 
     def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
         """The CFG scale of the base models (the distilled ones ignore it); Flux2KleinPipeline takes no negative

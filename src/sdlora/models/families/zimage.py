@@ -36,6 +36,9 @@ from sdlora.models.families.qwen_prompt import chat_tokens, chat_windows
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 WINDOW = 512  # ZImagePipeline's max_sequence_length (diffusers' training default too)
+TURBO_SHIFT = 3.0  # Z-Image-Turbo's scheduler_config.json: static shift 3.0
+TURBO_STEPS = 8  # ZImagePipeline's documented Turbo call (8 steps, guidance 0)
+BASE_STEPS = 50  # ZImagePipeline's default num_inference_steps (Z-Image base's card: 28-50)
 
 
 def unpad(embeds: torch.Tensor) -> torch.Tensor:
@@ -171,6 +174,13 @@ class ZImage(Family):
         return kwargs
 
     # ---- sampling
+
+    def sample_steps(self, pipe: Any) -> int:
+        """8 for Z-Image-Turbo (ZImagePipeline's documented Turbo call), told from its scheduler config (a static
+        shift of 3.0; Z-Image base's scheduler shifts further); ZImagePipeline's default 50 for any other."""
+        config = getattr(getattr(pipe, "scheduler", None), "config", {})
+        turbo = not config.get("use_dynamic_shifting", False) and config.get("shift") == TURBO_SHIFT
+        return TURBO_STEPS if turbo else BASE_STEPS
 
     def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
         """Classifier-free guidance with the negative prompt ("" by default) above guidance 0; at 0 (Z-Image-Turbo's
