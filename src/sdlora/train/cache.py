@@ -204,15 +204,17 @@ def encode_texts(
     key_parts: Sequence[Any],
     cache: TensorCache,
     device: Any,
+    dtype: torch.dtype,
     on_progress: ProgressFn | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor | None]], CacheStats]:
-    """caption -> (prompt embeddings (77, D), pooled (Dp,) or None), float32 on CPU, each encoded once."""
+    """caption -> (prompt embeddings (L, D), pooled (Dp,) or None), float32 on CPU, each encoded once by the
+    text encoders on `device` in `dtype` (a key part: embeddings encoded in another dtype are not reused)."""
     stats = CacheStats()
     unique = list(dict.fromkeys(captions))
     out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
     todo = []
     for text in unique:
-        entry = cache.get(cache_key("text-v1", *key_parts, arch.name, text))
+        entry = cache.get(cache_key("text-v1", *key_parts, arch.name, str(dtype), text))
         if entry is None:
             todo.append(text)
         else:
@@ -221,13 +223,13 @@ def encode_texts(
     encoders = [getattr(pipe, name) for name in arch.text_encoders]
     if todo:
         for encoder in encoders:
-            encoder.to(device)
+            encoder.to(device, dtype=dtype)
     for n, text in enumerate(todo, start=1):
         embeds, pooled = arch.encode_tokens(encoders, arch.tokenize(pipe, [text]))
         entry = {"embeds": embeds[0].float().cpu()}
         if pooled is not None:
             entry["pooled"] = pooled[0].float().cpu()
-        cache.put(cache_key("text-v1", *key_parts, arch.name, text), entry)
+        cache.put(cache_key("text-v1", *key_parts, arch.name, str(dtype), text), entry)
         out[text] = (entry["embeds"], entry.get("pooled"))
         stats.encoded += 1
         if on_progress:
