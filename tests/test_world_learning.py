@@ -5,24 +5,27 @@ tests/test_demo.py already fails when learning stops altogether. These catch def
 LoRA learning something, but the wrong thing:
   - an inverted subject mask (the masked loss trains the cluttered room, not the object),
   - DOP's loss with its sign flipped (the class word drifts away from the base model),
-  - `sdlora tune` ranking its points the wrong way round (the trial that learned nothing wins),
   - a LoKr LoRA's kohya file written with the wrong scale (ComfyUI would draw something else).
 
 The runs follow benchmarks/world_common.py (its render, prepare, train and measure, imported): novel
 object 60 (the demo's orange toy with blue dots), the `world` preset (rank 8, lr 1e-3, 150 steps,
 32 px), 16 training photos, photo and training seed 0, scored against 12 held-out photos of the
-object (another photo seed, never trained on). Each training run takes 40-100 s on 2 shared cores, so
-the module is slow; runs are shared between tests by module fixtures. Every threshold below comes
-from runs of 3 seeds (figures in each test's docstring, measured 2026-12-06), with the defect put in
-by hand to see the test fail.
+object (another photo seed, never trained on). A training run takes 1-3 minutes on 2 shared cores
+(4 runs here), so the module is slow; runs are shared between tests by module fixtures. Each
+threshold comes from runs of seeds 0 and 1 (figures in each test's docstring, measured 2026-12-06),
+and each test was seen to fail with its defect put in by hand.
+
+Not here: `sdlora tune`'s ranking. In the world a trial that trains no LoRA weight is no loser: the
+token's embedding, initialised from the class word, already scores as high on tune's val photos
+(world-DINO 0.163 after 1 step, 0.161 after 150; with lr 1e-8, embedding only, 0.275), so no race
+there has a robust winner to check (tests/test_tune.py checks the ranking against scores.json).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -38,16 +41,18 @@ CLASS_WORD = wc.object_class(OBJECT)
 SEED = 0
 PHOTOS = 16
 MASK_LEARNED = 0.3  # world-DINO, the LoRA's images minus the base model's (test docstrings: measured values)
-TUNE_MARGIN = 0.1  # world-DINO, the learning trial's over the other's
-DOP_KEEPS = 0.7  # DOP's class-caption drift, at most this share of the drift without it
 LOKR_LEARNED = 0.2  # world-DINO, the LoKr's images minus the base model's
 KOHYA_TOL = 1e-3  # the largest pixel difference (0..1) between the kohya file's images and peft's
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    wc.one_thread()
-    return tmp_path_factory.mktemp("world")
+def work(tmp_path_factory) -> Iterator[Path]:
+    import torch
+
+    threads = torch.get_num_threads()
+    wc.one_thread()  # as the benchmarks measure (world_common.py): one thread gives the figures below
+    yield tmp_path_factory.mktemp("world")
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -86,46 +91,19 @@ def masked(work: Path, heldout: list[Path]) -> dict[str, float]:
 
 
 def test_masked_loss_in_a_cluttered_room_learns_the_object(masked):
-    """MASK_DOC"""
+    """The room is in every photo; the masks say where the object is, and the masked loss trains on it
+    (the room weighs 0.1). Inverted masks (a loader that reads white as the room: the defect, put in by
+    returning 1 - mask from `train/cache.py` `load_mask_at`) train on the room and much less of the
+    object.
+
+    world-DINO of the LoRA's images (4 backgrounds x 2) minus the base model's, seeds 0 / 1: 0.41 / 0.40
+    with the true masks, 0.21 / 0.23 with them inverted (the test failed so). MASK_LEARNED 0.3 sits
+    about 0.1 from both. The beach is not asserted: both LoRAs drew each prompt's background, by eye,
+    and no room, and world-CLIP cannot tell them apart by it (the share of images whose background it
+    names as the prompt's: 0.25 / 0.50 with true masks, where the large orange object reads as "night";
+    0.88 / 0.50 inverted; CLIP-T 0.36 / 0.33 and 0.50 / 0.47).
+    """
     assert masked["dino_lora"] - masked["dino_base"] > MASK_LEARNED, masked
-
-
-# ---- tune's ranking ----------------------------------------------------------------------------
-
-LEARNED_AT, NOTHING_YET = 150, 1  # the scored steps: the preset's, and one step in (nothing learned yet)
-
-
-@pytest.fixture(scope="module")
-def tuned(work: Path, plain: Path) -> tuple[Path, dict[str, Any]]:
-    """`sdlora tune` of the world preset (one trial), scored after 1 step and after 150 on 2 prompts x 2
-    seeds against the dataset's val photos."""
-    from typer.testing import CliRunner
-
-    from sdlora.cli import app
-
-    tune_dir = work / "tune" / "t"
-    args = ["tune", "--config", "world", "--dataset", str(plain), "--runs-dir", str(tune_dir.parent), "--name", "t"]
-    args += ["--grid", "lr=1e-3", "--steps", f"{NOTHING_YET},{LEARNED_AT}", "--seeds", "2", "--sample-steps", "20"]
-    args += [
-        "--prompt",
-        "a photo of {token} {class} on the beach",
-        "--prompt",
-        "a photo of {token} {class} in the snow",
-    ]
-    args += ["--dino-model", "world-dino", "--clip-model", "world-clip", "--seed", str(SEED)]
-    args += ["validation.prompts=[]", "validation.validate_every=0", "checkpoint.checkpoint_every=0"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    return tune_dir, json.loads((tune_dir / "tune.json").read_text())
-
-
-def test_tune_picks_the_point_that_learned(tuned):
-    """TUNE_DOC"""
-    _, data = tuned
-    [trial] = data["trials"]
-    points = {point["step"]: point for point in trial["points"]}
-    assert points[LEARNED_AT]["dino"] - points[NOTHING_YET]["dino"] > TUNE_MARGIN, points  # a fair race
-    assert data["winner"]["step"] == LEARNED_AT, data["winner"]
 
 
 # ---- DOP's sign --------------------------------------------------------------------------------
@@ -157,14 +135,20 @@ def pixels(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.float64) / 255
 
 
-def test_dop_keeps_the_class_caption_near_the_base_model(work, plain, tuned):
-    """DOP_DOC"""
-    from sdlora.run import load_run
+def test_dop_keeps_the_class_caption_near_the_base_model(work, plain):
+    """With `--preservation dop` the class caption ("a photo of toy": what DOP preserves) draws closer
+    to the base model's images than without DOP. A flipped sign in DOP's loss (the defect, put in as
+    `-losses.diffusion_loss(...)` in `train/preservation.py` `dop_loss`) pushes it away instead.
 
-    [trial] = tuned[1]["trials"]  # the world preset, trained to 150 steps without DOP
-    without = class_drift(load_run(tuned[0] / trial["name"]), work / "drift-without")
+    Class drift: the mean absolute pixel difference (0..1) between the LoRA's and the base model's
+    images of the class caption, same seeds, 6 pairs. Seeds 0 / 1: 0.016 / 0.040 with DOP, 0.045 /
+    0.051 without (DOP keeps 37% / 78% of the drift); with the sign flipped 0.33 (seed 0: 7 times the
+    drift without, and the test failed). Only the caption DOP trains on is kept: "a photo of a toy"
+    drifted more with DOP (seed 0: 0.19 against 0.11), so that one is not the test's.
+    """
+    without = class_drift(train(work, plain, "plain"), work / "drift-without")
     dop = class_drift(train(work, plain, "dop", **{"prior.preservation": "dop"}), work / "drift-dop")
-    assert dop < DOP_KEEPS * without, (dop, without)
+    assert dop < without, (dop, without)
 
 
 # ---- the LoKr scale ----------------------------------------------------------------------------
@@ -221,13 +205,24 @@ def lokr(work: Path, plain: Path):
 
 
 def test_lokr_learns_the_object(lokr, heldout):
-    """LOKR_LEARN_DOC"""
+    """A LoKr LoRA's images are far closer to the object than the base model's: world-DINO minus the
+    base model's 0.34 / 0.33 (seeds 0 / 1; the LoRA of the same settings 0.27 / 0.26). Most of that is
+    the token's trained embedding, which loads beside a LoKr as beside a LoRA: the defect this test is
+    for is a LoKr run that does not train, save or load at all."""
     figures = wc.measure(lokr, heldout, lokr.path / "measured")
     assert figures["dino_lora"] - figures["dino_base"] > LOKR_LEARNED, figures
 
 
 def test_lokr_kohya_file_draws_what_the_peft_adapter_draws(lokr):
-    """LOKR_FILE_DOC"""
+    """The kohya file's LoKr deltas, added to the base weights as ComfyUI does, draw what the peft
+    adapter that `sdlora sample` loads draws: same prompt, seeds, steps and token embedding.
+
+    The LoKr has alpha 4 at rank 8, so its scale alpha / r is 0.5: every module of world-sd's UNet has
+    both Kronecker factors full, and `peft_to_lycoris` folds the 0.5 into `lokr_w2`. Seed 0: the largest
+    pixel difference (0..1) is 2e-6; with the fold left out (the defect: a delta twice too large) 0.19,
+    with the scale 10% off 0.018. The LoKr itself moves pixels by 0.011 on average over the images with
+    its token embedding alone, so the comparison is not vacuous.
+    """
     import torch
 
     from sdlora.generate import SamplerOptions, load_embeddings, prepare_pipeline
