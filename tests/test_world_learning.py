@@ -10,8 +10,8 @@ LoRA learning something, but the wrong thing:
 The runs follow benchmarks/world_common.py (its render, prepare, train and measure, imported): novel
 object 60 (the demo's orange toy with blue dots), the `world` preset (rank 8, lr 1e-3, 150 steps,
 32 px), 16 training photos, photo and training seed 0, scored against 12 held-out photos of the
-object (another photo seed, never trained on). A training run takes 1-3 minutes on 2 shared cores
-(4 runs here), so the module is slow; runs are shared between tests by module fixtures. Each
+object (another photo seed, never trained on). Four training runs, shared between tests by module
+fixtures: 3 minutes on the quiet 2-core machine, 17 beside other work, so the module is slow. Each
 threshold comes from runs of seeds 0 and 1 (figures in each test's docstring, measured 2026-12-06),
 and each test was seen to fail with its defect put in by hand.
 
