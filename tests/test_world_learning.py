@@ -13,7 +13,7 @@ object 60 (the demo's orange toy with blue dots), the `world` preset (rank 8, lr
 object (another photo seed, never trained on). Four training runs, shared between tests by module
 fixtures: 3 minutes on the quiet 2-core machine, 17 beside other work, so the module is slow. Each
 threshold comes from runs of seeds 0 and 1 (figures in each test's docstring, measured 2026-12-06),
-and each test was seen to fail with its defect put in by hand.
+and each defect was put in by hand to see its test fail.
 
 Not here: `sdlora tune`'s ranking. In the world a trial that trains no LoRA weight is no loser: the
 token's embedding, initialised from the class word, already scores as high on tune's val photos
