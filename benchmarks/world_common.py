@@ -210,17 +210,6 @@ def train(dataset: Path, runs: Path, name: str, seed: int, flags: dict[str, Any]
     return load_run(result.run_dir), time.perf_counter() - start
 
 
-def lora_without_embedding(run: Any, folder: Path) -> Path:
-    """A copy of the run's LoRA file alone in `folder`: sampled from there, the token keeps the base
-    model's tokens (`sample` has no option for it; it loads an embedding only from beside the file)."""
-    from sdlora.run import DIFFUSERS_LORA
-
-    folder.mkdir(parents=True, exist_ok=True)
-    copy = folder / DIFFUSERS_LORA
-    shutil.copyfile(run.lora_dir() / DIFFUSERS_LORA, copy)
-    return copy
-
-
 def _pooled(entries: Iterable[dict[str, Any]], key: str) -> float:
     entries = [e for e in entries if e is not None]
     return sum(e[key] * e["images"] for e in entries) / sum(e["images"] for e in entries)
@@ -232,10 +221,11 @@ def measure(
     out_dir: Path,
     *,
     drift: bool = False,
-    lora: Path | None = None,
+    embedding: bool = True,
     guidance: float = GUIDANCE,
 ) -> dict[str, float]:
-    """Sample the run (LoRA and baseline, same seeds, classifier-free `guidance`) and score it against
+    """Sample the run (LoRA and baseline, same seeds, classifier-free `guidance`; `embedding` False:
+    without the token's trained embedding, as `sdlora sample --no-embedding`) and score it against
     `heldout` (module docstring)."""
     from sdlora.evaluate.score import load_samples, score_samples
     from sdlora.generate import generate_samples
@@ -249,7 +239,7 @@ def measure(
         num_images=IMAGES_PER_PROMPT,
         steps=SAMPLE_STEPS,
         guidance=guidance,
-        lora_dir=lora,
+        embedding=embedding,
     )
     samples = load_samples(samples_json)
     dino, clip = scorers()

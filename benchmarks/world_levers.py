@@ -31,9 +31,7 @@ Below the table: the ceiling, world-DINO of the held-out photos to the training 
 Rows (--rows, comma-separated; `--list` prints them): rank 4 / 16 (alpha = rank, as the preset's
 8/8), learning rate x0.3 / x3, steps x0.5 / x2, pivotal tuning off (embedding.train false),
 sampling at guidance 3 and 5 instead of 7.5 (same LoRA as the defaults row),
-sampling without the trained token embedding (`sdlora sample` has no option for it: the LoRA file
-is copied alone into a folder and sampled from there, since the embedding is loaded only from
-beside it), cluttered photos without and with masks (photos of one cluttered room,
+sampling without the trained token embedding (`sdlora sample --no-embedding`), cluttered photos without and with masks (photos of one cluttered room,
 `write_photos(clutter=True)`, prepared with `--masks DIR` of their true masks, then
 data.masked_loss; does the LoRA still draw the room when asked for the beach? see bg acc), DOP
 (prior.preservation dop), Prodigy (lr 1.0), LoKr, LoHa, EMA (lora.ema_decay 0.995) and caption
@@ -137,9 +135,13 @@ def run_levers(levers: list[Lever], k: int, seed: int, work: Path, here: Path, s
     ceiling = wc.ceiling(wc.dataset_images(dataset, "train"), heldout)
     results = []
     for lever in levers:
-        lora = None if lever.embedding else wc.lora_without_embedding(run, run.path / "lora-alone")
         figures = wc.measure(
-            run, heldout, run.path / f"bench-{lever.key}", drift=True, lora=lora, guidance=lever.guidance
+            run,
+            heldout,
+            run.path / f"bench-{lever.key}",
+            drift=True,
+            embedding=lever.embedding,
+            guidance=lever.guidance,
         )
         figures |= {"lever": lever.key, "object": k, "seed": seed, "train_s": train_s, "ceiling": ceiling}
         figures["photos"] = lever.photos

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from sdlora.generate import (
     read_prompts_file,
     slug,
 )
-from sdlora.run import load_run
+from sdlora.run import DIFFUSERS_LORA, load_run
 
 STEPS = 2
 
@@ -280,6 +281,28 @@ def test_lora_scale_zero_is_the_base_model(tmp_path):
     path = generate_samples(load_run(run), ["sksToy"], num_images=1, steps=STEPS, lora_scale=0.0, seed=2)
     folder = path.parent / "skstoy-toy"
     assert_same_render(pixels(folder / "lora-02.png"), pixels(folder / "base-02.png"))
+
+
+def test_without_the_embedding_is_the_lora_file_alone(sampled, tmp_path):
+    """embedding=False (`sample --no-embedding`): the LoRA as if no token embedding lay beside it, the
+    same images as the LoRA file copied alone into a folder, and not those with the embedding."""
+    run, _, _ = sampled
+    info = load_run(run)
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copyfile(run / "lora" / DIFFUSERS_LORA, alone / DIFFUSERS_LORA)
+
+    def image(name: str, **kwargs) -> Path:
+        out = generate_samples(
+            info, ["sksToy"], num_images=1, steps=STEPS, baseline=False, seed=3, out_dir=tmp_path / name, **kwargs
+        )
+        return out.parent / "skstoy-toy" / "lora-03.png"
+
+    without, copied, trained = image("without", embedding=False), image("copied", lora_dir=alone), image("with")
+    assert_same_render(pixels(without), pixels(copied).astype(np.float64))
+    assert np.abs(pixels(without) - pixels(trained)).mean() > 1.0  # the embedding changes the token's images
+    with Image.open(without) as im:
+        assert "embeddings.safetensors" not in im.text["lora"]
 
 
 def test_best_lora_and_a_lora_folder(tmp_path):

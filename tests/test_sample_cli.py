@@ -89,6 +89,7 @@ def test_options_reach_the_sampler(run, fake_sampler, tmp_path):
         "fp32",
         "--attention-slicing",
         "--vae-tiling",
+        "--no-embedding",
     )
     assert result.exit_code == 0, result.output
     [call] = fake_sampler
@@ -107,6 +108,7 @@ def test_options_reach_the_sampler(run, fake_sampler, tmp_path):
         "scheduler": "dpm++",
         "device": "cpu",
         "lora_dir": "best",
+        "embedding": False,
         "dtype": "fp32",
         "attention_slicing": True,
         "vae_tiling": True,
@@ -137,6 +139,7 @@ def test_defaults(run, fake_sampler, monkeypatch):
             "batch_size",
             "scheduler",
             "lora_dir",
+            "embedding",
             "dtype",
             "cpu_offload",
         )
@@ -152,6 +155,7 @@ def test_defaults(run, fake_sampler, monkeypatch):
         "batch_size": 1,
         "scheduler": None,
         "lora_dir": "lora",
+        "embedding": True,
         "dtype": "auto",
         "cpu_offload": False,
     }

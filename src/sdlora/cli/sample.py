@@ -78,6 +78,14 @@ def sample(
             "lms, heun, dpm2, dpm2_a (default: the model's own).",
         ),
     ] = None,
+    no_embedding: Annotated[
+        bool,
+        _flag(
+            "--no-embedding",
+            "Leave out the token's trained embedding beside the LoRA: the token keeps the base model's "
+            "meaning (what the LoRA learned on its own).",
+        ),
+    ] = False,
     lora_scale: Annotated[
         float,
         typer.Option("--lora-scale", metavar="FLOAT", help="LoRA strength (0 = base model, 1 = as trained)."),
@@ -141,7 +149,7 @@ def sample(
     given = check_prompts(given)
     info = load_run(run)
     # the cheap checks before the tiny-model warning, so bad input stays one line
-    check_lora_files(resolve_lora(info, lora))
+    check_lora_files(resolve_lora(info, lora), embedding=not no_embedding)
     if scheduler is not None:
         scheduler_key(scheduler)
     resolve_dtype(dtype, resolve_device(device))
@@ -164,6 +172,7 @@ def sample(
             scheduler=scheduler,
             device=device,
             lora_dir=lora,
+            embedding=not no_embedding,
             dtype=dtype,
             attention_slicing=attention_slicing,
             vae_tiling=vae_tiling,

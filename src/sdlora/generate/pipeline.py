@@ -98,12 +98,13 @@ def lora_file(lora: Path) -> Path:
     return lora if lora.suffix == ".safetensors" and not lora.is_dir() else lora / DIFFUSERS_LORA
 
 
-def check_lora_files(lora: Path) -> None:
+def check_lora_files(lora: Path, *, embedding: bool = True) -> None:
     """RunError in one line if the LoRA file (`lora_file(lora)`) or the embedding beside it is missing,
-    truncated or not safetensors, or if the two are not one export's pair."""
+    truncated or not safetensors, or if the two are not one export's pair. `embedding` False: the
+    embedding is not used, so it is not checked."""
     path = lora_file(lora)
     lora_meta = check(path, "LoRA file")
-    if (path.parent / EMBEDDINGS).is_file():
+    if embedding and (path.parent / EMBEDDINGS).is_file():
         check_same_step(path, lora_meta, check(path.parent / EMBEDDINGS, "token embedding"))
 
 
@@ -128,13 +129,15 @@ class LoadedLora:
     base_tokenizers: dict[str, Any] = field(default_factory=dict)  # tokenizers before the embedding was added
 
 
-def load_lora(pipe: Any, arch: Family, lora: Path, token: str) -> LoadedLora:
+def load_lora(pipe: Any, arch: Family, lora: Path, token: str, *, embedding: bool = True) -> LoadedLora:
     """Load a LoRA file (`lora_file(lora)`: diffusers/peft keys, or kohya keys from any trainer, which
     diffusers converts for SD 1.x and SDXL), and a textual-inversion embedding beside it, into `pipe`.
+    `embedding` False: the LoRA alone, the token left as the base model's tokenizer splits it (what the
+    LoRA learned without its token's trained embedding).
 
     Both files are checked whole first (`sdlora.safetensors_io`): a damaged file is named as damaged,
     not blamed on the base model, and nothing is loaded from it."""
-    check_lora_files(lora)
+    check_lora_files(lora, embedding=embedding)
     path = lora_file(lora)
     embeddings = path.parent / EMBEDDINGS
     metadata = read_metadata(path, "LoRA file")
@@ -153,7 +156,7 @@ def load_lora(pipe: Any, arch: Family, lora: Path, token: str) -> LoadedLora:
         )
         raise RunError(f"{path}: cannot be loaded into {arch.name} ({str(exc).splitlines()[0][:200]}); {hint}") from exc
     loaded = LoadedLora(files=[str(path.resolve())])
-    if embeddings.is_file():
+    if embedding and embeddings.is_file():
         # The embedding only adds tokenizer entries and new rows to the embedding matrix, so the
         # untouched tokenizers give exactly the base model's text encoding (the baseline).
         loaded.base_tokenizers = {name: copy.deepcopy(getattr(pipe, name)) for name in arch.tokenizers}
@@ -250,10 +253,10 @@ class SamplerOptions:
 
 
 def prepare_pipeline(
-    run: RunInfo, lora: Path, options: SamplerOptions, scheduler: str | None = None
+    run: RunInfo, lora: Path, options: SamplerOptions, scheduler: str | None = None, *, embedding: bool = True
 ) -> tuple[Any, Family, torch.device, LoadedLora]:
-    """The run's base model with a LoRA (file or folder, `load_lora`) loaded, on its device: (pipe, arch,
-    device, loaded files).
+    """The run's base model with a LoRA (file or folder, `load_lora`; `embedding` False: without the token
+    embedding beside it) loaded, on its device: (pipe, arch, device, loaded files).
 
     Attention runs through PyTorch's scaled_dot_product_attention (diffusers' default processor),
     which picks flash / memory-efficient kernels on GPUs.
@@ -267,7 +270,7 @@ def prepare_pipeline(
     if options.cpu_offload and device.type == "cpu":
         raise ConfigError("--cpu-offload needs a GPU (it moves each model to the GPU only while it runs)")
     pipe, arch = load_pipeline(run.model, revision=run.revision, variant=run.variant, vae=run.vae, dtype=dtype)
-    loaded = load_lora(pipe, arch, lora, run.token)
+    loaded = load_lora(pipe, arch, lora, run.token, embedding=embedding)
     if scheduler is not None:
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler)
     if options.attention_slicing:

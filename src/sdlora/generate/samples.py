@@ -119,6 +119,7 @@ def generate_samples(
     scheduler: str | None = None,
     device: str | None = None,
     lora_dir: Path | str | None = None,
+    embedding: bool = True,
     dtype: str = "auto",
     attention_slicing: bool = False,
     vae_tiling: bool = False,
@@ -129,10 +130,11 @@ def generate_samples(
     """Generate `num_images` per prompt with the run's LoRA (and the base model alone); returns samples.json.
 
     `lora_dir`: `lora` (default), `best`, a LoRA folder, or a LoRA .safetensors file (that file, whoever
-    wrote it; samples.json records it as `lora_file`). Image i of each prompt gets seed `seed + i`.
-    `on_warning` gets one line per prompt longer than the CLIP window (default: `warnings.warn`). `steps` and
-    `guidance` None: the loaded model's (`Family.sample_steps`, `Family.sample_guidance`); samples.json records
-    the values used.
+    wrote it; samples.json records it as `lora_file`). `embedding` False: without the token's trained
+    embedding beside the LoRA file (the PNGs' `lora` metadata lists the files loaded). Image i of each prompt
+    gets seed `seed + i`. `on_warning` gets one line per prompt longer than the text encoder's window (default:
+    `warnings.warn`). `steps` and `guidance` None: the loaded model's (`Family.sample_steps`,
+    `Family.sample_guidance`); samples.json records the values used.
     """
     prompts = check_prompts(prompts)
     for name, value in (("--num-images", num_images), ("--steps", steps), ("--batch-size", batch_size)):
@@ -152,7 +154,7 @@ def generate_samples(
     recorded = recorded_family(lora)  # an sdlora LoRA's family: its refusals come before minutes of loading
     if recorded is not None:
         recorded.sampling_kwargs(recorded.sample_guidance if guidance is None else guidance, negative_prompt)
-    pipe, arch, _, loaded = prepare_pipeline(run, lora, options, scheduler)
+    pipe, arch, _, loaded = prepare_pipeline(run, lora, options, scheduler, embedding=embedding)
     guidance = arch.sample_guidance if guidance is None else guidance  # the family's pipeline default
     steps = arch.sample_steps(pipe) if steps is None else steps  # the loaded model's (a distilled one's 4, ...)
     arch.sampling_kwargs(guidance, negative_prompt)  # a setting the family refuses fails before any image
