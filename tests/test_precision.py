@@ -164,7 +164,7 @@ def test_ddp_wraps_an_fp8_base_without_broadcasting_its_quantized_weights(tmp_pa
         pytest.skip("a process group is already up")
     cfg = cfg_for(tmp_path, tiny_dataset, "tiny-sd", "ddp", **{"train.base_precision": "fp8"})
     pipe, family = load_pipeline("tiny-sd", base_precision="fp8")
-    cfg = resolve.resolve_family_defaults(cfg, family)  # the family's --target-modules
+    cfg = resolve.resolve_family_defaults(cfg, family, pipe)  # the family's --target-modules
     unet, _ = lora_mod.inject_lora(cfg, pipe, family, torch.device("cpu"), torch.float32, torch.device("cpu"))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29641")
