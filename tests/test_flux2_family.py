@@ -235,7 +235,7 @@ def test_train_with_validation_samples_then_sample_through_the_cli(tmp_path: Pat
         (["--train-text-encoder"], "--train-text-encoder"),
         (["--train-token-embedding"], "--train-token-embedding"),
         (["--snr-gamma", "5"], "--snr-gamma"),
-        (["--resolution", "72"], "--resolution 72: FLUX.2 [klein] takes a multiple of 16"),
+        (["--resolution", "72"], "trained at 72x72 px; FLUX.2 [klein] takes sides that are multiples of 16"),
     ],
 )
 def test_what_klein_cannot_train_is_refused_in_one_line(tmp_path, tiny_dataset, flags, fragment):

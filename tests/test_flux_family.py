@@ -225,6 +225,8 @@ def test_train_then_sample_through_the_cli(tmp_path: Path, tiny_dataset: Path, m
     [
         ("tiny-flux", ["--train-text-encoder"], "--train-text-encoder"),
         ("tiny-flux", ["--snr-gamma", "5"], "--snr-gamma"),
+        ("tiny-flux", ["--resolution", "72"], "trained at 72x72 px; FLUX.1 takes sides that are multiples of 16"),
+        ("tiny-zimage", ["--resolution", "40"], "trained at 40x40 px; Z-Image takes sides that are multiples of 16"),
         ("tiny-sd", ["--timestep-sampling", "sigmoid"], "--timestep-sampling"),
         ("tiny-sd", ["--shift", "3"], "--shift"),
     ],

@@ -93,7 +93,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
             locks.append(runtime.lock_run(Path(resume), accelerator))  # before minutes of loading
         validation.check_scorer(cfg, val_examples, accelerator)
 
-        pipe, arch, objective = lora.load_base(cfg, emit)
+        pipe, arch, objective = lora.load_base(cfg, emit, [*train_examples, *val_examples])
         cfg = resolve.resolve_family_defaults(cfg, arch, pipe)
         lora.check_rank(cfg, pipe, arch, emit)  # before minutes of encoding
         device, weight_dtype = accelerator.device, resolve.weight_dtype(cfg)

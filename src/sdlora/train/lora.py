@@ -22,8 +22,9 @@ from sdlora.train.objective import Objective
 ADAPTER = "default"
 
 
-def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Family, Objective]:
-    """The base pipeline, its architecture and its training objective (train/objective.py).
+def load_base(cfg: Config, emit: OnEvent, examples: Sequence[Any] = ()) -> tuple[Any, Family, Objective]:
+    """The base pipeline, its architecture and its training objective (train/objective.py); what the family
+    cannot train, the `examples`' sizes included, refused in one line first.
 
     The denoiser loads straight into its storage dtype (`--base-precision`, models/precision.py: the
     compute dtype, bf16, or fp8 / nf4 quantized from it), weight by weight; the encoders and the VAE in
@@ -32,7 +33,7 @@ def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Family, Objective]:
     """
     from sdlora.models.loading import TINY_WARNING, default_resolution, is_tiny, load_pipeline
     from sdlora.models.precision import storage_dtype
-    from sdlora.train.resolve import weight_dtype
+    from sdlora.train.resolve import check_sides, weight_dtype
 
     pipe, arch = load_pipeline(
         cfg.model.name,
@@ -45,6 +46,7 @@ def load_base(cfg: Config, emit: OnEvent) -> tuple[Any, Family, Objective]:
     )
     pipe.set_progress_bar_config(disable=True)
     arch.check_options(cfg)  # what the family cannot train: one line, before any encoding
+    check_sides(arch, examples)
     try:
         objective = arch.training_objective(pipe, cfg.train)
     except ConfigError as error:

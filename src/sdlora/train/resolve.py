@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -140,6 +140,20 @@ def resolve_family_defaults(cfg: Config, arch: Family, pipe: Any) -> Config:
 def embedding_steps(cfg: Config) -> int:
     """Steps during which the token's embedding trains (--embedding-steps-fraction of --max-steps)."""
     return max(1, math.ceil(cfg.embedding.steps_fraction * cfg.train.max_steps))
+
+
+def check_sides(arch: Family, examples: Sequence[Example]) -> None:
+    """ConfigError (one line) for an image whose training size the family's denoiser cannot take
+    (`Family.pixel_multiple`): before any encoding, where it would fail mid-run as a reshape error."""
+    multiple = arch.pixel_multiple()
+    bad = next((ex for ex in examples if ex.size[0] % multiple or ex.size[1] % multiple), None)
+    if bad is not None:
+        height, width = bad.size
+        raise ConfigError(
+            f"{bad.path}: trained at {width}x{height} px; {arch.label} takes sides that are multiples of {multiple}: "
+            f"train with --resolution {max(multiple, round(max(bad.size) / multiple) * multiple)}, "
+            "or prepare the photos at such a resolution"
+        )
 
 
 def resolve_token_embedding(cfg: Config, pipe: Any, arch: Family) -> Config:

@@ -85,6 +85,11 @@ class Family:
         train one at all refuses `embedding.train` in `check_options`."""
         return True
 
+    def pixel_multiple(self) -> int:
+        """What every side of a training image must be a multiple of: one latent cell of the VAE's 8x for the
+        UNets; 16 for the transformers, which cut the latents into 2 x 2 patches (train/resolve.py `check_sides`)."""
+        return 8
+
     def prompt_windows(self, pipe: Any) -> list[tuple[str, Any, int]]:
         """(label, tokenizer, window) of each tokenizer whose window a caption or prompt must fit for the
         denoiser to read it: the window in ids, its special tokens included; the label names its tokens in

@@ -91,6 +91,9 @@ class Flux1(Family):
                 "the flow-matching loss takes --timestep-sampling and --shift"
             )
 
+    def pixel_multiple(self) -> int:
+        return 16  # the VAE's 8x, then 2 x 2 latent patches per token
+
     def pivotal_tuning(self) -> bool:
         """Asked for only (`--train-token-embedding`): the token's vectors in CLIP-L and T5 train through both
         encoders, so T5-XXL (4.7 B parameters, ~9.5 GB in bf16) stays on the GPU and runs forward and backward

@@ -96,12 +96,9 @@ class Flux2Klein(Family):
                 raise ConfigError(
                     f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
                 )
-        side = PATCH * 8
-        if isinstance(cfg.data.resolution, int) and cfg.data.resolution % side:
-            raise ConfigError(
-                f"--resolution {cfg.data.resolution}: {self.label} takes a multiple of {side} "
-                f"(the VAE's 8x, then {PATCH} x {PATCH} patches), e.g. 1024"
-            )
+
+    def pixel_multiple(self) -> int:
+        return 16  # the VAE's 8x, then 2 x 2 latent patches per token
 
     def pivotal_tuning(self) -> bool:
         return False  # Qwen3's token embedding: not in this version

@@ -61,6 +61,9 @@ class ZImage(Family):
                     f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
                 )
 
+    def pixel_multiple(self) -> int:
+        return 16  # the VAE's 8x, then 2 x 2 latent patches per token
+
     def pivotal_tuning(self) -> bool:
         return False  # Qwen3's token embeddings: not in this version
 
