@@ -76,6 +76,13 @@ def test_what_it_cannot_read_exactly_is_left_to_diffusers(saved, tmp_path):
     weights = load_file(saved["unet"] / "diffusion_pytorch_model.safetensors")
     save_file({f"old.{k}": v for k, v in weights.items()}, renamed / "diffusion_pytorch_model.safetensors")
     assert load_model(renamed, torch.bfloat16) is None
+    # A dtype the reader has no table entry for (here one tensor stored as unsigned 16-bit): None, not a KeyError.
+    unknown = tmp_path / "unknown-dtype"
+    unknown.mkdir()
+    (unknown / "config.json").write_text((saved["unet"] / "config.json").read_text())
+    first = next(iter(weights))
+    save_file({**weights, first: weights[first].to(torch.uint16)}, unknown / "diffusion_pytorch_model.safetensors")
+    assert load_model(unknown, torch.bfloat16) is None
 
 
 @pytest.mark.parametrize("part", ["unet", "transformer"])

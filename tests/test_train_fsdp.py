@@ -89,6 +89,9 @@ def test_what_fsdp_cannot_train_is_refused_before_launching(tmp_path: Path, tiny
     assert result.exit_code != 0
     assert "FSDP shards the denoiser only: leave --train-text-encoder out" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "runs").exists()
+    fp8 = CliRunner().invoke(app, [*args, "--runs-dir", str(tmp_path / "runs"), "--base-precision", "fp8"])
+    assert fp8.exit_code != 0 and "FSDP: --base-precision fp8 is not sharded here" in fp8.output
+    assert "Traceback" not in fp8.output and not (tmp_path / "runs").exists()
 
 
 def test_the_flux_blocks_are_the_fsdp_units():

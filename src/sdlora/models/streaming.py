@@ -120,8 +120,11 @@ def load_model(
         return None
     with init_empty_weights():
         model = cls.from_config(cls.load_config(folder))
-    if {name for path in files for name in _header(path)[0]} != set(model.state_dict()):
+    headers = [_header(path)[0] for path in files]
+    if {name for header in headers for name in header} != set(model.state_dict()):
         return None
+    if any(info["dtype"] not in DTYPES for header in headers for info in header.values()):
+        return None  # a dtype this reader does not know (U8 packs, F8_E8M0 scales, ...): diffusers' loader reads it
     keep = tuple(getattr(cls, "_keep_in_fp32_modules", None) or ())
 
     def dtype_of(name: str) -> torch.dtype:

@@ -94,6 +94,11 @@ def check_run(cfg: Any) -> None:
         raise ConfigError("FSDP: --mixed-precision fp16 is not supported (its grad scaler is not sharded); use bf16")
     if cfg.lora.train_text_encoder:
         raise ConfigError("FSDP shards the denoiser only: leave --train-text-encoder out")
+    if cfg.train.base_precision in (
+        "fp8",
+        "nf4",
+    ):  # FSDP cuts every weight in rows; a quantized one is not a plain tensor
+        raise ConfigError(f"FSDP: --base-precision {cfg.train.base_precision} is not sharded here; use bf16")
     import accelerate
     from accelerate.utils import FullyShardedDataParallelPlugin
 
