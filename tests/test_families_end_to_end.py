@@ -130,7 +130,12 @@ def test_two_processes_match_one_with_accumulation(tmp_path: Path, tiny_dataset:
         "validation.prompts": [],
         "checkpoint.checkpoint_every": 0,
     }
-    single = loop.run_training(load_config(None, flags, []))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the 2 processes below (OMP_NUM_THREADS=1): the same reduction order
+    try:
+        single = loop.run_training(load_config(None, flags, []))
+    finally:
+        torch.set_num_threads(threads)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "sdlora", "train", "--num-processes", "2", "--name", "ddp"]
     cmd += ["--model", family.tiny_model, "--dataset", str(tiny_dataset), "--runs-dir", str(runs)]
