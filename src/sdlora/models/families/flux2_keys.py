@@ -5,7 +5,7 @@ ComfyUI runs FLUX.2 on Black Forest Labs' own module layout and finds a LoRA mod
 (`lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight` / `.lora_up.weight` / `.alpha`; the update is
 up @ down * alpha / rank). The one fused layer that diffusers splits is a double block's q, k, v, on the
 image (`img_attn.qkv`) and text (`txt_attn.qkv`) stream: fused exactly as for FLUX.1, by flux_keys.py's
-`_fuse` (block-diagonal lora_up, alpha per part). A single block's two layers are fused in diffusers too
+`fuse` (fused_lora.py: block-diagonal lora_up, alpha per part). A single block's two layers are fused in diffusers too
 (`attn.to_qkv_mlp_proj` = BFL's `linear1`, `attn.to_out` = `linear2`), so they keep their LoRA as it is.
 Transformer only (text-encoder LoRAs are refused for FLUX.2 [klein] in this sdlora); DoRA has no place.
 
@@ -37,19 +37,8 @@ from typing import Mapping
 
 import torch
 
-from sdlora.models.families.flux_keys import (
-    ALPHA,
-    DOUBLE_FUSED,
-    DOWN,
-    PEFT_A,
-    PEFT_B,
-    PEFT_PREFIX,
-    PREFIX,
-    UP,
-    FluxKeyError,
-    _fuse,
-    _swap_halves,
-)
+from sdlora.models.families.flux_keys import DOUBLE_FUSED, FluxKeyError
+from sdlora.models.families.fused_lora import PREFIX, Layout, Part, peft_to_fused_kohya, swap_halves
 
 # diffusers path inside a block (or the model) -> BFL path.
 DOUBLE = {
@@ -112,45 +101,24 @@ def _layout(name: str, path: str) -> tuple[tuple[str, int | None], ...]:
     return ((path, None),)
 
 
+def _place(path: str) -> tuple[str, int, Layout | None]:
+    name, part = kohya_module(path)
+    layout = _layout(name, path)
+    return name, part, None if layout[0][1] is None else layout  # type: ignore[return-value]
+
+
+def _own_convention(path: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> Part:
+    """The final layer's rows in BFL's (shift, scale) order."""
+    return down, swap_halves(up) if path in SWAPPED else up, alpha
+
+
 def peft_to_kohya_flux2(state_dict: Mapping[str, torch.Tensor], alphas: Mapping[str, float]) -> dict[str, torch.Tensor]:
     """ComfyUI state dict (`lora_down`, `lora_up`, `alpha` per module) of a peft LoRA on Flux2Transformer2DModel
     (`get_peft_model_state_dict` keys, with or without a leading `transformer.`).
 
     `alphas[module path]` is each module's lora_alpha (rsLoRA: alpha * sqrt(r), as `module_alphas` gives
     it). Raises `FluxKeyError` naming the first key it cannot place."""
-    alphas = {path.removeprefix(PEFT_PREFIX): float(alpha) for path, alpha in alphas.items()}
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        suffix = next((s for s in (PEFT_A, PEFT_B) if key.endswith(s)), None)
-        if suffix is None:
-            what = "DoRA's magnitude" if "lora_magnitude_vector" in key else "this tensor"
-            raise FluxKeyError(f"{key}: {what} has no place in a FLUX.2 [klein] ComfyUI file (lora_A, lora_B only)")
-        path = key[: -len(suffix)].removeprefix(PEFT_PREFIX)
-        try:
-            kohya_module(path)
-        except FluxKeyError as error:
-            raise FluxKeyError(f"{key}: {error}") from None
-        modules.setdefault(path, {})[suffix] = tensor
-    groups: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
-    first: dict[str, str] = {}
-    for path, tensors in modules.items():
-        if len(tensors) != 2:
-            raise FluxKeyError(f"FLUX.2 [klein] LoRA module {path!r} lacks lora_A or lora_B")
-        if path not in alphas:
-            raise FluxKeyError(f"no lora_alpha known for FLUX.2 [klein] module {path!r}")
-        name, part = kohya_module(path)
-        groups.setdefault(name, {})[part] = (tensors[PEFT_A], tensors[PEFT_B], alphas[path])
-        first.setdefault(name, path)
-    out: dict[str, torch.Tensor] = {}
-    for name, parts in groups.items():
-        layout = _layout(name, first[name])
-        if layout[0][1] is None:
-            down, up, alpha = parts[0]
-            if layout[0][0] in SWAPPED:
-                up = _swap_halves(up)
-        else:
-            down, up, alpha = _fuse(name, layout, parts)
-        out[name + DOWN] = down.detach().to("cpu").contiguous()
-        out[name + UP] = up.detach().to("cpu").contiguous()
-        out[name + ALPHA] = torch.tensor(alpha, dtype=torch.float32)
-    return out
+    return peft_to_fused_kohya(
+        state_dict, alphas, label="FLUX.2 [klein]", file="FLUX.2 [klein] ComfyUI file", place=_place,
+        error=FluxKeyError, unfused=_own_convention,
+    )  # fmt: skip

@@ -51,11 +51,19 @@ from typing import Mapping
 import torch
 
 from sdlora.errors import SdloraError
+from sdlora.models.families.fused_lora import (
+    ALPHA,
+    DOWN,
+    PEFT_A,
+    PEFT_B,
+    PREFIX,
+    UP,
+    Layout,
+    Part,
+    peft_to_fused_kohya,
+    swap_halves,
+)
 
-PREFIX = "lora_unet_"
-DOWN, UP, ALPHA = ".lora_down.weight", ".lora_up.weight", ".alpha"
-PEFT_A, PEFT_B = ".lora_A.weight", ".lora_B.weight"
-PEFT_PREFIX = "transformer."  # diffusers' `save_lora_weights` puts it before the transformer's keys
 COMFY_PREFIX = "diffusion_model."  # ComfyUI's own LoRA keys: the BFL path with dots, then the suffix
 
 # diffusers path inside a block (or the model) -> BFL path.
@@ -153,36 +161,24 @@ def diffusers_parts(name: str) -> tuple[tuple[str, int | None], ...]:
     raise FluxKeyError(f"unrecognised FLUX.1 LoRA module {name!r} (expected sd-scripts' lora_unet_... names)")
 
 
-def _swap_halves(up: torch.Tensor) -> torch.Tensor:
-    """(scale, shift) rows <-> (shift, scale): the same swap both ways."""
-    first, second = up.chunk(2, dim=0)
-    return torch.cat([second, first], dim=0)
-
-
 # ====================================================================== peft -> kohya
 
 
-def _strip(path: str) -> str:
-    return path[len(PEFT_PREFIX) :] if path.startswith(PEFT_PREFIX) else path
+def _place(path: str) -> tuple[str, int, Layout | None]:
+    name, part = kohya_module(path)
+    layout = diffusers_parts(name)
+    return name, part, None if layout[0][1] is None else layout
 
 
-def _peft_modules(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        suffix = next((s for s in (PEFT_A, PEFT_B) if key.endswith(s)), None)
-        if suffix is None:
-            what = "DoRA's magnitude" if "lora_magnitude_vector" in key else "this tensor"
-            raise FluxKeyError(f"{key}: {what} has no place in a FLUX.1 sd-scripts/ComfyUI file (lora_A, lora_B only)")
-        path = _strip(key[: -len(suffix)])
-        try:
-            kohya_module(path)
-        except FluxKeyError as error:
-            raise FluxKeyError(f"{key}: {error}") from None
-        modules.setdefault(path, {})[suffix] = tensor
-    for path, tensors in modules.items():
-        if len(tensors) != 2:
-            raise FluxKeyError(f"FLUX.1 LoRA module {path!r} lacks lora_A or lora_B")
-    return modules
+def _own_convention(path: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> Part:
+    """An unfused module as diffusers' kohya reader needs it: the final layer's rows in BFL's order, and its
+    scale folded into lora_up where the reader takes no alpha."""
+    if path in SWAPPED:
+        up = swap_halves(up)
+    if path in SCALE_FOLDED and alpha != down.shape[0]:
+        up = (up.detach().to("cpu", torch.float32) * (alpha / down.shape[0])).to(up.dtype)
+        alpha = float(down.shape[0])
+    return down, up, alpha
 
 
 def peft_to_kohya_flux(state_dict: Mapping[str, torch.Tensor], alphas: Mapping[str, float]) -> dict[str, torch.Tensor]:
@@ -191,57 +187,10 @@ def peft_to_kohya_flux(state_dict: Mapping[str, torch.Tensor], alphas: Mapping[s
 
     `alphas[module path]` is each module's lora_alpha (rsLoRA: alpha * sqrt(r), as `module_alphas`
     gives it). Raises `FluxKeyError` naming the first key it cannot place."""
-    alphas = {_strip(path): float(alpha) for path, alpha in alphas.items()}
-    groups: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
-    for path, tensors in _peft_modules(state_dict).items():
-        if path not in alphas:
-            raise FluxKeyError(f"no lora_alpha known for FLUX.1 module {path!r}")
-        name, part = kohya_module(path)
-        groups.setdefault(name, {})[part] = (tensors[PEFT_A], tensors[PEFT_B], alphas[path])
-    out: dict[str, torch.Tensor] = {}
-    for name, parts in groups.items():
-        layout = diffusers_parts(name)
-        if layout[0][1] is None:
-            down, up, alpha = parts[0]
-            path = layout[0][0]
-            if path in SWAPPED:
-                up = _swap_halves(up)
-            if path in SCALE_FOLDED and alpha != down.shape[0]:
-                up = (up.detach().to("cpu", torch.float32) * (alpha / down.shape[0])).to(up.dtype)
-                alpha = float(down.shape[0])
-        else:
-            down, up, alpha = _fuse(name, layout, parts)
-        out[name + DOWN] = down.detach().to("cpu").contiguous()
-        out[name + UP] = up.detach().to("cpu").contiguous()
-        out[name + ALPHA] = torch.tensor(alpha, dtype=torch.float32)
-    return out
-
-
-def _fuse(
-    name: str, layout: tuple[tuple[str, int | None], ...], parts: Mapping[int, tuple[torch.Tensor, torch.Tensor, float]]
-) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """One fused LoRA from its trained parts: block-diagonal, every block `width` wide (see the module doc)."""
-    first_down = next(iter(parts.values()))[0]
-    width_in, dtype = first_down.shape[1], first_down.dtype
-    rows = [int(n) * width_in for _, n in layout]
-    for i, (down, up, _) in parts.items():
-        if down.shape[1] != width_in or up.shape != (rows[i], down.shape[0]):
-            raise FluxKeyError(
-                f"{layout[i][0]}: lora_A {tuple(down.shape)} / lora_B {tuple(up.shape)} do not fit {name} "
-                f"({rows[i]} output rows for input width {width_in})"
-            )
-    width = max(down.shape[0] for down, _, _ in parts.values())
-    rank = width * len(layout)
-    scales = {i: alpha / down.shape[0] for i, (down, _, alpha) in parts.items()}
-    same = len(set(scales.values())) == 1
-    fused_down = torch.zeros(rank, width_in, dtype=dtype)
-    fused_up = torch.zeros(sum(rows), rank, dtype=dtype)
-    for i, (down, up, _) in parts.items():
-        r, top = down.shape[0], sum(rows[:i])
-        fused_down[i * width : i * width + r] = down.detach().to("cpu", dtype)
-        block = up.detach().to("cpu", torch.float32) * (1.0 if same else scales[i])
-        fused_up[top : top + rows[i], i * width : i * width + r] = block.to(dtype)
-    return fused_down, fused_up, (next(iter(scales.values())) if same else 1.0) * rank
+    return peft_to_fused_kohya(
+        state_dict, alphas, label="FLUX.1", file="FLUX.1 sd-scripts/ComfyUI file", place=_place,
+        error=FluxKeyError, unfused=_own_convention,
+    )  # fmt: skip
 
 
 # ====================================================================== kohya -> peft
@@ -283,7 +232,7 @@ def kohya_flux_to_peft(state_dict: Mapping[str, torch.Tensor]) -> tuple[dict[str
         layout = diffusers_parts(name)
         if layout[0][1] is None:
             path = layout[0][0]
-            parts = {path: (down, _swap_halves(up) if path in SWAPPED else up, alpha)}
+            parts = {path: (down, swap_halves(up) if path in SWAPPED else up, alpha)}
         else:
             parts = _split(name, layout, down, up, alpha)
         for path, (part_down, part_up, part_alpha) in parts.items():

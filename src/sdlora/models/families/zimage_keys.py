@@ -8,7 +8,7 @@ rows). Those original modules differ from diffusers' in a few names and in one f
 attention has one `attention.qkv` (q, k, v rows in that order, each `dim` tall) where diffusers has `to_q`,
 `to_k`, `to_v`; `attention.out` is diffusers' `to_out.0`; the patch embedder and final layer are
 `x_embedder` / `final_layer.*` where diffusers keeps one per patch size (`all_x_embedder.2-1`, ...). The
-fused LoRA is built as FLUX.1's (models/families/flux_keys.py `_fuse`, imported): lora_down the parts' downs
+fused LoRA is built as FLUX.1's (models/families/fused_lora.py `fuse`): lora_down the parts' downs
 stacked, lora_up block-diagonal, alpha = (alpha / r of the parts) * fused rank; an untrained part gets zero
 rows. Blocks: `layers.N` (30 in Z-Image-Turbo), `noise_refiner.N` and `context_refiner.N` (2 each; the
 context refiner has no adaLN modulation).
@@ -22,7 +22,7 @@ Sources read (2026 snapshots):
   `all_final_layer.2-1.*` to `final_layer.*`, every other linear layer to its own name.
 - musubi-tuner `networks/convert_z_image_lora_to_comfy.py` (its "sd-scripts -> ComfyUI" conversion of Z-Image
   LoRAs): `attention_to_out_0` -> `attention_out`, and to_q/k/v fused into `attention_qkv` as cat(downs) and a
-  block-diagonal up with alpha * 3 (sd-scripts issue #2204), which is what `_fuse` writes.
+  block-diagonal up with alpha * 3 (sd-scripts issue #2204), which is what `fuse` writes.
 - diffusers `loaders/single_file_utils.py::convert_z_image_transformer_checkpoint_to_diffusers` (0.42): the same
   renames for whole checkpoints and `attention.qkv` chunked in three; tests/test_zimage_keys.py runs it on this
   module's output for the full-size Z-Image-Turbo transformer.
@@ -41,7 +41,7 @@ from typing import Mapping
 import torch
 
 from sdlora.errors import SdloraError
-from sdlora.models.families.flux_keys import ALPHA, DOWN, PEFT_A, PEFT_B, PEFT_PREFIX, PREFIX, UP, FluxKeyError, _fuse
+from sdlora.models.families.fused_lora import PREFIX, Layout, peft_to_fused_kohya
 
 # diffusers path inside a block -> the original module path, and the original fused module -> its parts in row
 # order (diffusers path, output rows per input width).
@@ -72,7 +72,7 @@ def _name(path: str) -> str:
     return PREFIX + path.replace(".", "_")
 
 
-def _place(path: str) -> tuple[str, int, tuple[tuple[str, int], ...] | None]:
+def _place(path: str) -> tuple[str, int, Layout | None]:
     """(ComfyUI module name, index among the fused parts, the fused module's parts in row order or None)."""
     if match := _BLOCK_PATH.fullmatch(path):
         blocks, index, inner = match.groups()
@@ -104,34 +104,6 @@ def peft_to_kohya_zimage(
 
     `alphas[module path]` is each module's lora_alpha (rsLoRA: alpha * sqrt(r), as `module_alphas` gives it).
     Raises `ZImageKeyError` naming the first key it cannot place."""
-    alphas = {path.removeprefix(PEFT_PREFIX): float(alpha) for path, alpha in alphas.items()}
-    modules: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in state_dict.items():
-        suffix = next((s for s in (PEFT_A, PEFT_B) if key.endswith(s)), None)
-        if suffix is None:
-            what = "DoRA's magnitude" if "lora_magnitude_vector" in key else "this tensor"
-            raise ZImageKeyError(f"{key}: {what} has no place in a Z-Image ComfyUI file (lora_A, lora_B only)")
-        modules.setdefault(key[: -len(suffix)].removeprefix(PEFT_PREFIX), {})[suffix] = tensor
-    groups: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = {}
-    layouts: dict[str, tuple[tuple[str, int], ...] | None] = {}
-    for path, tensors in modules.items():
-        if len(tensors) != 2:
-            raise ZImageKeyError(f"Z-Image LoRA module {path!r} lacks lora_A or lora_B")
-        if path not in alphas:
-            raise ZImageKeyError(f"no lora_alpha known for Z-Image module {path!r}")
-        name, part, layouts[name] = _place(path)
-        groups.setdefault(name, {})[part] = (tensors[PEFT_A], tensors[PEFT_B], alphas[path])
-    out: dict[str, torch.Tensor] = {}
-    for name, parts in groups.items():
-        layout = layouts[name]
-        if layout is not None:
-            try:
-                down, up, alpha = _fuse(name, layout, parts)
-            except FluxKeyError as error:  # the shared fusing's message, under this family's error
-                raise ZImageKeyError(str(error)) from None
-        else:
-            down, up, alpha = parts[0]
-        out[name + DOWN] = down.detach().to("cpu").contiguous()
-        out[name + UP] = up.detach().to("cpu").contiguous()
-        out[name + ALPHA] = torch.tensor(alpha, dtype=torch.float32)
-    return out
+    return peft_to_fused_kohya(
+        state_dict, alphas, label="Z-Image", file="Z-Image ComfyUI file", place=_place, error=ZImageKeyError
+    )
