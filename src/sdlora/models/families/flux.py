@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from sdlora.errors import ConfigError
-from sdlora.models.families.base import Family
+from sdlora.models.families.transformer import TransformerFamily
 
 # The training guidance [dev] is given. diffusers' train_dreambooth_lora_flux.py defaults `--guidance_scale`
 # to 3.5; sd-scripts' FLUX.1 LoRA example (docs/flux_train_network.md) trains with `--guidance_scale 1.0`,
@@ -72,7 +72,7 @@ def _config(denoiser: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class Flux1(Family):
+class Flux1(TransformerFamily):
     def check_options(self, cfg: Any) -> None:
         """What this FLUX.1 version does not train, refused before any encoding.
 
@@ -90,9 +90,6 @@ class Flux1(Family):
                 f"--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting) are not for {self.label}; "
                 "the flow-matching loss takes --timestep-sampling and --shift"
             )
-
-    def pixel_multiple(self) -> int:
-        return 16  # the VAE's 8x, then 2 x 2 latent patches per token
 
     def pivotal_tuning(self) -> bool:
         """Asked for only (`--train-token-embedding`): the token's vectors in CLIP-L and T5 train through both
@@ -117,31 +114,10 @@ class Flux1(Family):
     # ---- the kohya / ComfyUI file: sd-scripts' lora_flux.py layout (lora_unet_double_blocks_N_img_attn_qkv,
     # q, k, v fused), models/families/flux_keys.py
 
-    def writes_kohya(self, adapter_config: Any) -> bool:
-        """A LoRA: yes. LoKr / LoHa (no fused LyCORIS layout) and DoRA (a fused module's magnitude would need
-        the untrained parts' weights): the diffusers / peft file alone."""
-        kind = str(getattr(adapter_config, "peft_type", "")).rsplit(".", 1)[-1].lower()
-        return kind == "lora" and not getattr(adapter_config, "use_dora", False)
+    def kohya_keys(self) -> tuple[Any, Any]:
+        from sdlora.models.families.flux_keys import kohya_module, peft_to_kohya_flux
 
-    def check_kohya_names(
-        self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
-    ) -> None:
-        from sdlora.models.families.flux_keys import kohya_module
-
-        for path in paths.get(self.denoiser, ()):
-            kohya_module(path)
-
-    def kohya_lora(
-        self,
-        lora: Mapping[str, Mapping[str, torch.Tensor]],
-        alphas: Mapping[str, Mapping[str, float]],
-        denoiser_config: Any,
-        text_encoders: Sequence[Any] | None,
-    ) -> dict[str, torch.Tensor]:
-        """The transformer's LoRA (text-encoder LoRAs are refused for FLUX.1 here: `check_options`)."""
-        from sdlora.models.families.flux_keys import peft_to_kohya_flux
-
-        return peft_to_kohya_flux(lora[self.denoiser], alphas[self.denoiser])
+        return kohya_module, peft_to_kohya_flux
 
     # ---- loading
 

@@ -25,9 +25,9 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from sdlora.errors import ConfigError
-from sdlora.models.families.base import Family
 from sdlora.models.families.flux import ATTENTION as FLUX1_ATTENTION
 from sdlora.models.families.qwen_prompt import chat_tokens, chat_windows
+from sdlora.models.families.transformer import TransformerFamily
 
 TEXT_LAYERS = (9, 18, 27)  # Flux2KleinPipeline's default `text_encoder_out_layers`
 TEXT_WINDOW = 512  # Flux2KleinPipeline's default `max_sequence_length`
@@ -83,7 +83,7 @@ def _bn_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
-class Flux2Klein(Family):
+class Flux2Klein(TransformerFamily):
     def check_options(self, cfg: Any) -> None:
         """What this first FLUX.2 [klein] version does not train, refused before any encoding."""
         refused = (
@@ -91,14 +91,7 @@ class Flux2Klein(Family):
             (cfg.embedding.train, "--train-token-embedding: pivotal tuning (the token's own embedding)"),
             (cfg.train.snr_gamma is not None, "--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting)"),
         )
-        for asked, what in refused:
-            if asked:
-                raise ConfigError(
-                    f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
-                )
-
-    def pixel_multiple(self) -> int:
-        return 16  # the VAE's 8x, then 2 x 2 latent patches per token
+        self.refuse(refused)
 
     def pivotal_tuning(self) -> bool:
         return False  # Qwen3's token embedding: not in this version
@@ -106,30 +99,10 @@ class Flux2Klein(Family):
     # ---- the kohya / ComfyUI file: BFL's module names (lora_unet_double_blocks_N_img_attn_qkv, q, k, v
     # fused), models/families/flux2_keys.py
 
-    def writes_kohya(self, adapter_config: Any) -> bool:
-        """A LoRA: yes. LoKr / LoHa and DoRA: the diffusers / peft file alone (as for FLUX.1)."""
-        kind = str(getattr(adapter_config, "peft_type", "")).rsplit(".", 1)[-1].lower()
-        return kind == "lora" and not getattr(adapter_config, "use_dora", False)
+    def kohya_keys(self) -> tuple[Any, Any]:
+        from sdlora.models.families.flux2_keys import kohya_module, peft_to_kohya_flux2
 
-    def check_kohya_names(
-        self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
-    ) -> None:
-        from sdlora.models.families.flux2_keys import kohya_module
-
-        for path in paths.get(self.denoiser, ()):
-            kohya_module(path)
-
-    def kohya_lora(
-        self,
-        lora: Mapping[str, Mapping[str, torch.Tensor]],
-        alphas: Mapping[str, Mapping[str, float]],
-        denoiser_config: Any,
-        text_encoders: Sequence[Any] | None,
-    ) -> dict[str, torch.Tensor]:
-        """The transformer's LoRA (text-encoder LoRAs are refused: `check_options`)."""
-        from sdlora.models.families.flux2_keys import peft_to_kohya_flux2
-
-        return peft_to_kohya_flux2(lora[self.denoiser], alphas[self.denoiser])
+        return kohya_module, peft_to_kohya_flux2
 
     # ---- loading
 

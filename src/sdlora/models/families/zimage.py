@@ -28,8 +28,8 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from sdlora.errors import ConfigError
-from sdlora.models.families.base import Family
 from sdlora.models.families.qwen_prompt import chat_tokens, chat_windows
+from sdlora.models.families.transformer import TransformerFamily
 
 # The attention projections of every block (main layers and both refiners): the default `--lora_layers` of
 # diffusers' train_dreambooth_lora_z_image.py.
@@ -47,7 +47,7 @@ def unpad(embeds: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class ZImage(Family):
+class ZImage(TransformerFamily):
     def check_options(self, cfg: Any) -> None:
         """What this first Z-Image version does not train, refused before any encoding."""
         refused = (
@@ -55,14 +55,7 @@ class ZImage(Family):
             (cfg.embedding.train, "--train-token-embedding: pivotal tuning (the token's own embedding)"),
             (cfg.train.snr_gamma is not None, "--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting)"),
         )
-        for asked, what in refused:
-            if asked:
-                raise ConfigError(
-                    f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
-                )
-
-    def pixel_multiple(self) -> int:
-        return 16  # the VAE's 8x, then 2 x 2 latent patches per token
+        self.refuse(refused)
 
     def pivotal_tuning(self) -> bool:
         return False  # Qwen3's token embeddings: not in this version
@@ -70,31 +63,10 @@ class ZImage(Family):
     # ---- the ComfyUI file: the original Z-Image module layout (lora_unet_layers_N_attention_qkv, q, k, v
     # fused), models/families/zimage_keys.py
 
-    def writes_kohya(self, adapter_config: Any) -> bool:
-        """A LoRA: yes. LoKr / LoHa (no fused LyCORIS layout) and DoRA (a fused module's magnitude would need
-        the untrained parts' weights): the diffusers / peft file alone."""
-        kind = str(getattr(adapter_config, "peft_type", "")).rsplit(".", 1)[-1].lower()
-        return kind == "lora" and not getattr(adapter_config, "use_dora", False)
+    def kohya_keys(self) -> tuple[Any, Any]:
+        from sdlora.models.families.zimage_keys import kohya_module, peft_to_kohya_zimage
 
-    def check_kohya_names(
-        self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
-    ) -> None:
-        from sdlora.models.families.zimage_keys import kohya_module
-
-        for path in paths.get(self.denoiser, ()):
-            kohya_module(path)
-
-    def kohya_lora(
-        self,
-        lora: Mapping[str, Mapping[str, torch.Tensor]],
-        alphas: Mapping[str, Mapping[str, float]],
-        denoiser_config: Any,
-        text_encoders: Sequence[Any] | None,
-    ) -> dict[str, torch.Tensor]:
-        """The transformer's LoRA (text-encoder LoRAs are refused for Z-Image here: `check_options`)."""
-        from sdlora.models.families.zimage_keys import peft_to_kohya_zimage
-
-        return peft_to_kohya_zimage(lora[self.denoiser], alphas[self.denoiser])
+        return kohya_module, peft_to_kohya_zimage
 
     # ---- loading
 

@@ -1,0 +1,57 @@
+"""What the flow-matching transformer families share (FLUX.1, FLUX.2 [klein], Z-Image): the kohya / ComfyUI
+file holds the transformer's LoRA alone, in the family's key map (fused q, k, v: fused_lora.py); image
+sides are multiples of 16 (the VAE's 8x, then 2 x 2 latent patches per token); what a family does not train
+yet is refused in one line."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+
+from sdlora.errors import ConfigError
+from sdlora.models.families.base import Family
+
+
+@dataclass(frozen=True)
+class TransformerFamily(Family):
+    def kohya_keys(self) -> tuple[Callable[[str], Any], Callable[..., dict[str, torch.Tensor]]]:
+        """The family's key map: (`kohya_module(path)`, raising for a module the file has no place for;
+        `peft_to_kohya(state_dict, alphas)`)."""
+        raise NotImplementedError
+
+    def refuse(self, refused: Iterable[tuple[bool, str]]) -> None:
+        """ConfigError for the first (asked, "--flag: what") the family does not train yet."""
+        for asked, what in refused:
+            if asked:
+                raise ConfigError(
+                    f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
+                )
+
+    def pixel_multiple(self) -> int:
+        return 16
+
+    def writes_kohya(self, adapter_config: Any) -> bool:
+        """A LoRA: yes. LoKr / LoHa (no fused LyCORIS layout) and DoRA (a fused module's magnitude would need
+        the untrained parts' weights): the diffusers / peft file alone."""
+        kind = str(getattr(adapter_config, "peft_type", "")).rsplit(".", 1)[-1].lower()
+        return kind == "lora" and not getattr(adapter_config, "use_dora", False)
+
+    def check_kohya_names(
+        self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
+    ) -> None:
+        kohya_module, _ = self.kohya_keys()
+        for path in paths.get(self.denoiser, ()):
+            kohya_module(path)
+
+    def kohya_lora(
+        self,
+        lora: Mapping[str, Mapping[str, torch.Tensor]],
+        alphas: Mapping[str, Mapping[str, float]],
+        denoiser_config: Any,
+        text_encoders: Sequence[Any] | None,
+    ) -> dict[str, torch.Tensor]:
+        """The transformer's LoRA (text-encoder LoRAs are refused by every transformer family: `check_options`)."""
+        _, peft_to_kohya = self.kohya_keys()
+        return peft_to_kohya(lora[self.denoiser], alphas[self.denoiser])
