@@ -200,8 +200,11 @@ def test_sample_steps_follow_the_loaded_model_where_a_variant_is_distilled():
     assert FLUX2_KLEIN.sample_steps(klein) == 4
     zimage = ZIMAGE.build_tiny()
     assert ZIMAGE.sample_steps(zimage) == 8  # the tiny model has Z-Image-Turbo's scheduler config
+    assert ZIMAGE.guidance_for(zimage) == 0.0  # Turbo: no classifier-free guidance
     zimage.scheduler = FlowMatchEulerDiscreteScheduler(shift=6.0)
     assert ZIMAGE.sample_steps(zimage) == 50
+    assert ZIMAGE.guidance_for(zimage) == 5.0  # Z-Image base: ZImagePipeline's default CFG
+    assert SD1.guidance_for(None) == 7.5 and FLUX1.guidance_for(dev) == 3.5
 
 
 def test_validation_steps_unset_are_the_models_capped_for_previews_and_a_given_value_stays():

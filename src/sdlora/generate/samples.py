@@ -134,7 +134,7 @@ def generate_samples(
     embedding beside the LoRA file (the PNGs' `lora` metadata lists the files loaded). Image i of each prompt
     gets seed `seed + i`. `on_warning` gets one line per prompt longer than the text encoder's window (default:
     `warnings.warn`). `steps` and `guidance` None: the loaded model's (`Family.sample_steps`,
-    `Family.sample_guidance`); samples.json records the values used.
+    `Family.guidance_for`); samples.json records the values used.
     """
     prompts = check_prompts(prompts)
     for name, value in (("--num-images", num_images), ("--steps", steps), ("--batch-size", batch_size)):
@@ -152,10 +152,10 @@ def generate_samples(
         device=device, dtype=dtype, attention_slicing=attention_slicing, vae_tiling=vae_tiling, cpu_offload=cpu_offload
     )
     recorded = recorded_family(lora)  # an sdlora LoRA's family: its refusals come before minutes of loading
-    if recorded is not None:
-        recorded.sampling_kwargs(recorded.sample_guidance if guidance is None else guidance, negative_prompt)
+    if recorded is not None:  # guidance None: the loaded model's (`Family.guidance_for`), not known yet
+        recorded.sampling_kwargs(guidance, negative_prompt)
     pipe, arch, _, loaded = prepare_pipeline(run, lora, options, scheduler, embedding=embedding)
-    guidance = arch.sample_guidance if guidance is None else guidance  # the family's pipeline default
+    guidance = arch.guidance_for(pipe) if guidance is None else guidance  # the loaded model's pipeline default
     steps = arch.sample_steps(pipe) if steps is None else steps  # the loaded model's (a distilled one's 4, ...)
     arch.sampling_kwargs(guidance, negative_prompt)  # a setting the family refuses fails before any image
     pipe.set_adapters([ADAPTER], adapter_weights=[lora_scale])

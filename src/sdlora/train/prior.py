@@ -86,7 +86,7 @@ def ensure_class_images(
             seed=seed,
             device=device,
             steps=num_inference_steps,
-            guidance=arch.sample_guidance if guidance_scale is None else guidance_scale,  # the family's default
+            guidance=arch.guidance_for(pipe) if guidance_scale is None else guidance_scale,  # the model's default
             batch_size=max(1, batch_size),
             on_progress=on_progress,
         )

@@ -126,12 +126,12 @@ def resolve_alpha(cfg: Config) -> Config:
 
 def resolve_family_defaults(cfg: Config, arch: Family, pipe: Any) -> Config:
     """What defaults to the model family's, for the loaded `pipe`: `--target-modules` (`Family.lora_targets`),
-    `--validation-guidance` (`Family.sample_guidance`) and `--validation-steps` (`Family.sample_steps`, at most
+    `--validation-guidance` (`Family.guidance_for`) and `--validation-steps` (`Family.sample_steps`, at most
     VALIDATION_STEPS); written out to config.yaml."""
     if cfg.lora.target_modules is None:
         cfg = config_mod.replace(cfg, lora={"target_modules": list(arch.lora_targets)})
     if cfg.validation.guidance is None:
-        cfg = config_mod.replace(cfg, validation={"guidance": arch.sample_guidance})
+        cfg = config_mod.replace(cfg, validation={"guidance": arch.guidance_for(pipe)})
     if cfg.validation.steps is None:
         cfg = config_mod.replace(cfg, validation={"steps": min(VALIDATION_STEPS, arch.sample_steps(pipe))})
     return cfg

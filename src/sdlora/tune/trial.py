@@ -82,7 +82,7 @@ class Scoring:
     seeds: int = 2  # images per prompt: seeds seed, seed+1, ...
     seed: int = 0
     sample_steps: int | None = None  # None: the loaded model's (Family.sample_steps)
-    guidance: float | None = None  # None: the model family's (Family.sample_guidance)
+    guidance: float | None = None  # None: the loaded model's (Family.guidance_for)
     dino_model: str = "facebook/dino-vits16"
     clip_model: str = "ViT-B-32"
     clip_pretrained: str = "openai"

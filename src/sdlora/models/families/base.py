@@ -220,9 +220,15 @@ class Family:
         distilled variant lowers. The UNet families: 30."""
         return 30
 
-    def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
+    def guidance_for(self, pipe: Any) -> float:
+        """The guidance the loaded `pipe` samples at when none is given (`sdlora sample --guidance`,
+        `--validation-guidance`): `sample_guidance`, for a family whose models share one."""
+        return self.sample_guidance
+
+    def sampling_kwargs(self, guidance: float | None, negative_prompt: Any) -> dict[str, Any]:
         """The pipeline's keyword arguments for `--guidance` and `--negative-prompt` (a string, a list of
-        strings, or None): classifier-free guidance with the negative prompt for the UNet families."""
+        strings, or None): classifier-free guidance with the negative prompt for the UNet families. `guidance`
+        None: not known yet (before the model loads: `guidance_for`); a refusal that depends on it waits."""
         return {"guidance_scale": guidance, "negative_prompt": negative_prompt}
 
 

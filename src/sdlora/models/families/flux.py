@@ -208,7 +208,7 @@ class Flux1(TransformerFamily):
         BFL's card and diffusers' FLUX docs sample in 4 steps)."""
         return DEV_STEPS if dict(_config(getattr(pipe, self.denoiser))).get("guidance_embeds", True) else SCHNELL_STEPS
 
-    def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
+    def sampling_kwargs(self, guidance: float | None, negative_prompt: Any) -> dict[str, Any]:
         """[dev]'s distilled guidance value (FluxPipeline ignores it for [schnell]); a negative prompt would
         need FluxPipeline's true CFG, twice the steps' cost: refused."""
         if negative_prompt is not None:

@@ -202,7 +202,7 @@ class Flux2Klein(TransformerFamily):
         its `model_index.json` marks `is_distilled`."""
         return DISTILLED_STEPS if getattr(pipe.config, "is_distilled", False) else BASE_STEPS
 
-    def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
+    def sampling_kwargs(self, guidance: float | None, negative_prompt: Any) -> dict[str, Any]:
         """The CFG scale of the base models (the distilled ones ignore it); Flux2KleinPipeline takes no negative
         prompt (its CFG negative is the empty prompt): refused."""
         if negative_prompt is not None:

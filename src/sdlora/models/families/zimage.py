@@ -39,6 +39,13 @@ WINDOW = 512  # ZImagePipeline's max_sequence_length (diffusers' training defaul
 TURBO_SHIFT = 3.0  # Z-Image-Turbo's scheduler_config.json: static shift 3.0
 TURBO_STEPS = 8  # ZImagePipeline's documented Turbo call (8 steps, guidance 0)
 BASE_STEPS = 50  # ZImagePipeline's default num_inference_steps (Z-Image base's card: 28-50)
+BASE_GUIDANCE = 5.0  # ZImagePipeline's default guidance_scale
+
+
+def is_turbo(pipe: Any) -> bool:
+    """Z-Image-Turbo, told from its scheduler config (a static shift of 3.0; Z-Image base's shifts further)."""
+    config = getattr(getattr(pipe, "scheduler", None), "config", {})
+    return not config.get("use_dynamic_shifting", False) and config.get("shift") == TURBO_SHIFT
 
 
 def unpad(embeds: torch.Tensor) -> torch.Tensor:
@@ -151,19 +158,21 @@ class ZImage(TransformerFamily):
     # ---- sampling
 
     def sample_steps(self, pipe: Any) -> int:
-        """8 for Z-Image-Turbo (ZImagePipeline's documented Turbo call), told from its scheduler config (a static
-        shift of 3.0; Z-Image base's scheduler shifts further); ZImagePipeline's default 50 for any other."""
-        config = getattr(getattr(pipe, "scheduler", None), "config", {})
-        turbo = not config.get("use_dynamic_shifting", False) and config.get("shift") == TURBO_SHIFT
-        return TURBO_STEPS if turbo else BASE_STEPS
+        """8 for Z-Image-Turbo (ZImagePipeline's documented Turbo call); ZImagePipeline's default 50 for any other."""
+        return TURBO_STEPS if is_turbo(pipe) else BASE_STEPS
 
-    def sampling_kwargs(self, guidance: float, negative_prompt: Any) -> dict[str, Any]:
+    def guidance_for(self, pipe: Any) -> float:
+        """0 for Z-Image-Turbo (`sample_guidance`: distilled, no classifier-free guidance); ZImagePipeline's
+        default 5.0 for any other (Z-Image base samples with CFG and a negative prompt)."""
+        return self.sample_guidance if is_turbo(pipe) else BASE_GUIDANCE
+
+    def sampling_kwargs(self, guidance: float | None, negative_prompt: Any) -> dict[str, Any]:
         """Classifier-free guidance with the negative prompt ("" by default) above guidance 0; at 0 (Z-Image-Turbo's
-        setting, the default) the pipeline runs without it, so a negative prompt is refused there."""
-        if negative_prompt is not None and guidance <= 0:
+        setting, its default) the pipeline runs without it, so a negative prompt is refused there."""
+        if negative_prompt is not None and guidance is not None and guidance <= 0:
             raise ConfigError(
                 f"--negative-prompt: {self.label} samples without classifier-free guidance at --guidance 0 "
-                "(Z-Image-Turbo's setting), so a negative prompt does nothing; give --guidance (Z-Image: 4) or drop it"
+                "(Z-Image-Turbo's setting), so a negative prompt does nothing; give --guidance (Z-Image base samples at 5) or drop it"
             )
         return {"guidance_scale": guidance, "negative_prompt": negative_prompt}
 
