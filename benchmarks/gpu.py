@@ -73,8 +73,8 @@ Rows (`--only` / `--skip` take comma-separated id patterns, e.g. `--only 'sdlora
   cancels out of s/step and shows in start-up s. FLUX.1 at 1024 and 512 px, batch 1, bf16 with
   and without gradient checkpointing, and the fp8 base (`--base-precision fp8 --mixed-precision
   bf16`, precision "fp8") with it: an fp8 base is for small cards, where checkpointing is on
-  anyway. Without `--base-precision` in `sdlora train --help` (it is newer than these rows), the
-  fp8 rows are skipped, saying so.
+  anyway. Without `--base-precision` in `sdlora train --help` (an sdlora older than these rows),
+  the fp8 rows are skipped, saying so.
 - `diffusers-*`: diffusers' DreamBooth LoRA example for the model (the carried script) at the
   same settings, images, rank 16, the same step counts, run directly (one process, as
   `accelerate launch` does for one GPU), with an in-loop clock (a global optimizer-step hook,
@@ -108,9 +108,10 @@ LoRA step (forward, input gradients, flash attention's backward), 245 with gradi
 checkpointing; at 512 px (1536 tokens) 45 and 67. At about 45% of the dense bf16 peak (an
 8192^3 bf16 matmul ran at 798 of 989 TFLOP/s on this H100) that is 0.4 / 0.55 s/step at
 1024 px and 0.13 / 0.19 at 512, so 10 steps are 1-6 s of a FLUX.1 row: the row is its start-up,
-estimated at 55-60 s (imports 8, loading the 33.5 GB folder into fp32 as `sdlora train` and
-the example both load it, 67 GB, 30; T5 to the GPU and encoding 5; the transformer to the GPU
-8; the end 5), 65-75 s a row (fp8: 10 s more, for a cast at load we cannot see yet), the
+estimated at 55-60 s (imports 8, loading the 33.5 GB folder, 30: the example loads it into
+fp32, 67 GB, where `sdlora train` now streams the transformer straight into bf16 or fp8, so its
+rows may start faster; T5 to the GPU and encoding 5; the transformer to the GPU 8; the end 5),
+65-75 s a row, the
 build 60, the floors 20 (1024 px, loading the transformer) and 5 (512 px, sharing it). SD's
 rows are estimated from the same kind of arithmetic (SD 1.5 start-up about 18 s, SDXL 35, a
 compile 60). Measured on the development machine (2 busy CPU cores), for two of T5-XXL's 24

@@ -26,8 +26,9 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         metavar="NAME",
-        help="Base model: a hub id or local diffusers folder (SD 1.x, SDXL, FLUX.1, Z-Image), an SD 1.x / SDXL "
-        ".safetensors file, or tiny-sd / tiny-sdxl / tiny-flux / tiny-zimage (random weights, offline).",
+        help="Base model: a hub id or local diffusers folder (SD 1.x, SDXL, FLUX.1, FLUX.2 [klein], Z-Image), an SD 1.x / "
+        "SDXL .safetensors file, or tiny-sd / tiny-sdxl / tiny-flux / tiny-flux2-klein / tiny-zimage (random weights, "
+        "offline).",
     ),
 ]
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="INT", help="Random seed.")]

@@ -80,7 +80,7 @@ def caption(
             metavar="NAME",
             help="With --check: the base model you will train (hub id, local folder or tiny-sd), whose "
             "tokenizer measures each caption against the window the model reads (SD's CLIP: 77 tokens; FLUX.1's "
-            f"T5: 512). (default: {DEFAULT_MODEL})",
+            f"T5: 512; Qwen3: 512 less the chat template). (default: {DEFAULT_MODEL})",
             show_default=False,
         ),
     ] = DEFAULT_MODEL,

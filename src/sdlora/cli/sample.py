@@ -55,7 +55,7 @@ def sample(
             "--steps",
             metavar="N",
             help=escape(
-                "Denoising steps (default: the model's: SD 30, FLUX.1 [dev] 28, [schnell] and FLUX.2 [klein] 4, Z-Image-Turbo 8)."
+                "Denoising steps (default: the model's: SD 30, FLUX.1 [dev] 28, [schnell] 4, FLUX.2 [klein] 50, distilled 4, Z-Image-Turbo 8, Z-Image 50)."
             ),
         ),
     ] = None,
@@ -65,7 +65,7 @@ def sample(
             "--guidance",
             metavar="FLOAT",
             help=escape(
-                "Guidance scale (default: the model's: 7.5 classifier-free for SD, 3.5 FLUX.1 [dev]'s distilled)."
+                "Guidance scale (default: the model's: 7.5 classifier-free for SD, 3.5 FLUX.1 [dev]'s distilled, 4.0 FLUX.2 [klein], 0 Z-Image-Turbo, 5.0 Z-Image)."
             ),
         ),
     ] = None,

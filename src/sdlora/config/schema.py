@@ -100,7 +100,7 @@ class ModelArgs(_Group):
     name: str = field(
         default="stable-diffusion-v1-5/stable-diffusion-v1-5", metadata=cli("--model", "-m", metavar="NAME")
     )
-    """Base model: a hub id or local diffusers folder (SD 1.x, SDXL, FLUX.1, Z-Image), an SD 1.x / SDXL .safetensors file, or tiny-sd / tiny-sdxl / tiny-flux / tiny-zimage (random weights, for tests)."""
+    """Base model: a hub id or local diffusers folder (SD 1.x, SDXL, FLUX.1, FLUX.2 [klein], Z-Image), an SD 1.x / SDXL .safetensors file, or tiny-sd / tiny-sdxl / tiny-flux / tiny-flux2-klein / tiny-zimage (random weights, for tests)."""
     revision: Optional[str] = None
     """Hub revision (branch, tag or commit) of the base model."""
     variant: Optional[str] = None
@@ -281,9 +281,9 @@ class OptimArgs(_Group):
     snr_gamma: Optional[float] = None
     """Min-SNR loss weighting gamma (5.0 is the paper's): faster convergence; off by default."""
     timestep_sampling: Literal["uniform", "logit-normal", "sigmoid"] = "uniform"
-    """Flow-matching models (FLUX.1, Z-Image): how training sigmas are drawn: uniform (diffusers' FLUX LoRA script; the UNets' only kind), logit-normal (SD3's) or sigmoid (sd-scripts' FLUX example)."""
+    """Flow-matching models (FLUX.1, FLUX.2 [klein], Z-Image): how training sigmas are drawn: uniform (diffusers' FLUX LoRA script; the UNets' only kind), logit-normal (SD3's) or sigmoid (sd-scripts' FLUX example)."""
     shift: Optional[float] = None
-    """Flow-matching models (FLUX.1, Z-Image): shift training sigmas towards noise, s' = S*s/(1+(S-1)*s); sd-scripts' FLUX example uses 3.1582 with sigmoid. Default: none for FLUX.1; Z-Image: its scheduler's (Turbo: 3.0)."""
+    """Flow-matching models (FLUX.1, FLUX.2 [klein], Z-Image): shift training sigmas towards noise, s' = S*s/(1+(S-1)*s); sd-scripts' FLUX example uses 3.1582 with sigmoid. Default: none for FLUX.1; Z-Image: its scheduler's (Turbo: 3.0)."""
     noise_offset: float = 0.0
     """Offset noise (e.g. 0.05): lets the model learn very dark or bright images."""
     prodigy_d_coef: float = field(default=1.0, metadata=cli(panel=_MEMORY))
@@ -386,9 +386,9 @@ class ValidationArgs(_Group):
     num_images: int = field(default=1, metadata=cli("--validation-images"))
     """Sample images per prompt (seeds seed, seed+1, ...): more shows variety, costs time."""
     steps: Optional[int] = field(default=None, metadata=cli("--validation-steps"))
-    """Inference steps per sample image: fewer is cheaper and rougher; default: the model's, at most 20 (SD 20; FLUX.1 [schnell] and FLUX.2 [klein] 4, Z-Image-Turbo 8)."""
+    """Inference steps per sample image: fewer is cheaper and rougher; default: the model's, at most 20 (SD 20; FLUX.1 [schnell] and the distilled FLUX.2 [klein] 4, Z-Image-Turbo 8)."""
     guidance: Optional[float] = field(default=None, metadata=cli("--validation-guidance"))
-    """Guidance scale of the sample images; default: the model's (7.5 classifier-free for SD, 3.5 FLUX.1 [dev]'s distilled)."""
+    """Guidance scale of the sample images; default: the model's (7.5 classifier-free for SD, 3.5 FLUX.1 [dev]'s distilled, 4.0 FLUX.2 [klein], 0 Z-Image-Turbo, 5.0 Z-Image)."""
     seed: int = field(default=0, metadata=cli("--validation-seed"))
     """Seed of the sample images and of the fixed validation noise (same across steps and runs)."""
     loss_timesteps: int = field(default=5, metadata=cli("--val-loss-timesteps"))

@@ -231,8 +231,8 @@ def batch_plan(cfg: Config, data: Encoded, accelerator: Any, objective: Objectiv
 def text_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     """The dtype the text encoders cache the prompts in: bf16 under bf16 training, as diffusers' LoRA examples
     cast them to the weight dtype (T5-XXL: 9.5 GB on the device instead of 19; Qwen3-4B: 8 instead of 16),
-    else float32: T5 overflows in fp16. The encoders are dropped after caching (`release_encoders`), so
-    nothing runs them in float32 later."""
+    else float32: T5 overflows in fp16. The encoders are not run again after caching (`release_encoders`
+    drops them)."""
     return torch.bfloat16 if weight_dtype == torch.bfloat16 else torch.float32
 
 
