@@ -23,6 +23,7 @@ from sdlora.models import families, load_pipeline
 from sdlora.models.families import FLUX1, FLUX2_KLEIN, detect_family
 from sdlora.models.families.flux2 import ATTENTION, latent_ids, pack, patchify, text_ids, unpack
 from sdlora.run import DIFFUSERS_LORA
+from sdlora.safetensors_io import read_metadata
 from sdlora.train import loop, resolve
 from sdlora.train.flow_matching import FlowMatching
 
@@ -31,13 +32,6 @@ GOLDEN_LOSSES = [1.4608235359191895, 1.4715651273727417]
 
 runner = CliRunner()
 PROMPT = "a photo of sks toy"
-
-
-def headers(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
 
 
 def klein_cfg(tmp_path: Path, dataset: Path, **flags):
@@ -149,7 +143,7 @@ def test_golden_loss_default_targets_and_both_files_load_back(tmp_path: Path, ti
             "lora_unet_double_blocks_0_txt_attn_proj",
             "lora_unet_single_blocks_0_linear1",
         }
-        header = headers(run / "lora" / "k.safetensors")
+        header = read_metadata(run / "lora" / "k.safetensors")
         assert (header["ss_network_module"], header["ss_base_model_version"]) == (
             "networks.lora_flux_2",
             "flux_2_klein_4b",

@@ -24,6 +24,7 @@ from sdlora.models.families import FLUX1, SD1, detect_family
 from sdlora.models.families.flux import ATTENTION, latent_ids, pack_latents, unpack_latents
 from sdlora.models.families.flux_keys import kohya_flux_to_peft
 from sdlora.run import DIFFUSERS_LORA
+from sdlora.safetensors_io import read_metadata
 from sdlora.train import loop, resolve
 from sdlora.train.flow_matching import FlowMatching
 
@@ -31,13 +32,6 @@ from sdlora.train.flow_matching import FlowMatching
 GOLDEN_LOSSES = [1.4171773195266724, 1.4043760299682617]
 
 runner = CliRunner()
-
-
-def headers(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
 
 
 def flux_cfg(tmp_path: Path, dataset: Path, **flags):
@@ -117,7 +111,7 @@ def test_golden_loss_default_targets_and_the_diffusers_file_loads_back(tmp_path:
         assert "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight" in kohya
         assert "lora_unet_double_blocks_0_txt_attn_qkv.lora_up.weight" in kohya
         assert all(key.startswith("lora_unet_") for key in kohya)
-        header = headers(run / "lora" / "f.safetensors")
+        header = read_metadata(run / "lora" / "f.safetensors")
         assert (header["ss_network_module"], header["ss_base_model_version"]) == ("networks.lora_flux", "flux1")
         assert header["modelspec.architecture"] == "flux-1-dev/lora"  # tiny-flux has [dev]'s guidance embedding
 

@@ -20,6 +20,7 @@ from sdlora.cli import app
 from sdlora.config import load_config
 from sdlora.errors import ConfigError, DataError, RunError
 from sdlora.run import load_run, read_metrics
+from sdlora.safetensors_io import read_metadata
 from sdlora.train import loop, resolve, validation
 
 # First losses of tiny-sd on the 6-image fixture dataset, seed 0, lr 1e-3 (this machine's numbers).
@@ -50,14 +51,6 @@ class Events(list):
 
     def of(self, kind: str) -> list[dict]:
         return [e for e in self if e["event"] == kind]
-
-
-def headers(path: Path) -> dict[str, str]:
-    """A safetensors file's header metadata."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
 
 
 def steps_of(run_dir: Path) -> list[dict]:
@@ -158,10 +151,10 @@ def test_run_folder_golden_losses_lora_loads_and_config_repeats(tmp_path: Path, 
         "modelspec.trigger_phrase": "sksToy",
         "modelspec.title": "first",
     }
-    assert headers(run / "lora" / "pytorch_lora_weights.safetensors").items() >= expected.items()
-    assert headers(run / "lora" / "first.safetensors").items() >= {**expected, **kohya}.items()
+    assert read_metadata(run / "lora" / "pytorch_lora_weights.safetensors").items() >= expected.items()
+    assert read_metadata(run / "lora" / "first.safetensors").items() >= {**expected, **kohya}.items()
     best_step = min(vals, key=lambda r: (r["val_loss"], r["step"]))["step"]
-    assert headers(run / "best" / "pytorch_lora_weights.safetensors")["sdlora.steps"] == str(best_step)
+    assert read_metadata(run / "best" / "pytorch_lora_weights.safetensors")["sdlora.steps"] == str(best_step)
     assert not (run / "lora" / "embeddings.safetensors").exists()  # embedding.train false: the LoRA alone
     assert not (run / "report.html").exists()  # the CLI layer refreshes the report, not the loop
     assert {e["what"]: e["encoded"] for e in events.of("cache")} == {"latents": 6, "text": 2}

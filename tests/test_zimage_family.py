@@ -23,6 +23,7 @@ from sdlora.models import families, load_pipeline
 from sdlora.models.families import FLUX1, ZIMAGE, detect_family
 from sdlora.models.families.zimage import ATTENTION, WINDOW, unpad
 from sdlora.run import DIFFUSERS_LORA
+from sdlora.safetensors_io import read_metadata
 from sdlora.train import loop, resolve
 from sdlora.train.flow_matching import FlowMatching
 
@@ -30,13 +31,6 @@ from sdlora.train.flow_matching import FlowMatching
 GOLDEN_LOSSES = [1.3511459827423096, 1.338628888130188]
 
 runner = CliRunner()
-
-
-def headers(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return dict(f.metadata() or {})
 
 
 def zimage_cfg(tmp_path: Path, dataset: Path, **flags):
@@ -171,7 +165,7 @@ def test_golden_loss_default_targets_and_the_diffusers_file_loads_back(tmp_path:
         comfy = load_file(run / "lora" / "z.safetensors")  # the original modules: q, k, v fused
         assert "lora_unet_layers_0_attention_qkv.lora_down.weight" in comfy
         assert "lora_unet_context_refiner_0_attention_out.lora_up.weight" in comfy
-        header = headers(run / "lora" / "z.safetensors")
+        header = read_metadata(run / "lora" / "z.safetensors")
         assert (header["ss_network_module"], header["ss_base_model_version"]) == ("networks.lora_zimage", "z_image")
 
         g = torch.Generator().manual_seed(1)

@@ -3,7 +3,6 @@ layout (`lora_unet_layers_N_attention_qkv`, q, k, v fused; the original Tongyi-M
 
 from __future__ import annotations
 
-import copy
 import re
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 
 from sdlora.errors import SdloraError
 from sdlora.models.families.zimage_keys import ZImageKeyError, kohya_module, peft_to_kohya_zimage
+from test_flux_keys import assert_close, lora_on, peft_deltas
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]  # diffusers' Z-Image LoRA example's targets
 
@@ -59,32 +59,6 @@ def tiny_transformer():
     return tiny_zimage().transformer
 
 
-def lora_on(transformer, targets, **config):
-    """A copy of `transformer` with a random-weight LoRA (lora_B non-zero too): (model, peft state dict, alphas)."""
-    from peft import LoraConfig, get_peft_model_state_dict
-
-    from sdlora.train.kohya import module_alphas
-
-    model = copy.deepcopy(transformer)
-    torch.manual_seed(0)
-    model.add_adapter(LoraConfig(target_modules=targets, init_lora_weights=False, **config))
-    return model, get_peft_model_state_dict(model), module_alphas(model)
-
-
-def peft_deltas(model) -> dict[str, torch.Tensor]:
-    """Each LoRA module's merged weight minus its base weight, as peft merges it."""
-    from peft.tuners.lora import LoraLayer
-
-    deltas = {}
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            base = module.get_base_layer().weight.detach().clone()
-            module.merge()
-            deltas[path] = module.get_base_layer().weight.detach() - base
-            module.unmerge()
-    return deltas
-
-
 def comfy_deltas(kohya: dict[str, torch.Tensor], transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The update ComfyUI applies, up @ down * alpha / rank, on the original module `lora_unet_<path with _>`
     names, given back per diffusers module: a qkv module's rows split [q; k; v]."""
@@ -104,12 +78,6 @@ def comfy_deltas(kohya: dict[str, torch.Tensor], transformer: torch.nn.Module) -
             top += rows
         assert top == delta.shape[0], name
     return out
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    scale = max(expected.abs().max().item(), 1e-12)
-    assert actual.shape == expected.shape, what
-    assert (actual.double() - expected.double()).abs().max().item() <= 1e-6 * scale, what
 
 
 @pytest.mark.parametrize(
