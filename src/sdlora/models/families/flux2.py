@@ -84,18 +84,6 @@ def _bn_stats(vae: Any, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
 
 @dataclass(frozen=True)
 class Flux2Klein(TransformerFamily):
-    def check_options(self, cfg: Any) -> None:
-        """What this first FLUX.2 [klein] version does not train, refused before any encoding."""
-        refused = (
-            (cfg.lora.train_text_encoder, "--train-text-encoder: text-encoder LoRAs"),
-            (cfg.embedding.train, "--train-token-embedding: pivotal tuning (the token's own embedding)"),
-            (cfg.train.snr_gamma is not None, "--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting)"),
-        )
-        self.refuse(refused)
-
-    def pivotal_tuning(self) -> bool:
-        return False  # Qwen3's token embedding: not in this version
-
     # ---- the kohya / ComfyUI file: BFL's module names (lora_unet_double_blocks_N_img_attn_qkv, q, k, v
     # fused), models/families/flux2_keys.py
 

@@ -6,7 +6,7 @@ yet is refused in one line."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -21,13 +21,22 @@ class TransformerFamily(Family):
         `peft_to_kohya(state_dict, alphas)`)."""
         raise NotImplementedError
 
-    def refuse(self, refused: Iterable[tuple[bool, str]]) -> None:
-        """ConfigError for the first (asked, "--flag: what") the family does not train yet."""
+    def check_options(self, cfg: Any) -> None:
+        """What a transformer family does not train yet (FLUX.1 trains the token's embedding: its own), refused
+        before any encoding."""
+        refused = (
+            (cfg.lora.train_text_encoder, "--train-text-encoder: text-encoder LoRAs"),
+            (cfg.embedding.train, "--train-token-embedding: pivotal tuning (the token's own embedding)"),
+            (cfg.train.snr_gamma is not None, "--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting)"),
+        )
         for asked, what in refused:
             if asked:
                 raise ConfigError(
                     f"{what} are not for {self.label} in this sdlora; the transformer's LoRA trains alone"
                 )
+
+    def pivotal_tuning(self) -> bool:
+        return False  # their text encoders' token embeddings: not in this version (FLUX.1: opt-in)
 
     def pixel_multiple(self) -> int:
         return 16

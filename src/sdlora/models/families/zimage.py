@@ -55,18 +55,6 @@ def unpad(embeds: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class ZImage(TransformerFamily):
-    def check_options(self, cfg: Any) -> None:
-        """What this first Z-Image version does not train, refused before any encoding."""
-        refused = (
-            (cfg.lora.train_text_encoder, "--train-text-encoder: text-encoder (Qwen3) LoRAs"),
-            (cfg.embedding.train, "--train-token-embedding: pivotal tuning (the token's own embedding)"),
-            (cfg.train.snr_gamma is not None, "--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting)"),
-        )
-        self.refuse(refused)
-
-    def pivotal_tuning(self) -> bool:
-        return False  # Qwen3's token embeddings: not in this version
-
     # ---- the ComfyUI file: the original Z-Image module layout (lora_unet_layers_N_attention_qkv, q, k, v
     # fused), models/families/zimage_keys.py
 
