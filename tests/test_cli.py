@@ -152,7 +152,7 @@ def test_on_off_flags_still_parse_both_ways(tmp_path, argv):
     ("verb", "flag", "shown"),
     [
         ("sample", "--guidance", "FLUX.1 [dev]'s distilled"),
-        ("sample", "--steps", "[schnell] and FLUX.2 [klein] 4"),
+        ("sample", "--steps", "[schnell] 4, FLUX.2 [klein] 50"),
         ("train", "--validation-guidance", "FLUX.1 [dev]'s distilled"),  # generated from the config field
     ],
 )
