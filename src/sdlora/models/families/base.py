@@ -35,8 +35,8 @@ class Family:
 
     Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`), options
     (`check_options`: what the family refuses, one line before any encoding; `pivotal_tuning`; `lora_text_encoders`:
-    which text encoders `--train-text-encoder` trains; `prompt_windows`: what a caption must fit), training (`scale_latents`: the VAE's latents as the denoiser sees them;
-    `training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the denoiser's
+    which text encoders `--train-text-encoder` trains; `prompt_windows`: what a caption must fit), training
+    (`scale_latents`: the VAE's latents as the denoiser sees them; `training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the denoiser's
     forward, packing latents where the family does), prompt conditioning (`tokenize`,
     `encode_tokens`, `encode_prompts`, `stack_pooled`, `prompt_embeds_kwargs`), the kohya
     file (`writes_kohya`, `check_kohya_names`, `kohya_lora`, `modelspec_arch`) and sampling (`sample_steps`: the default
