@@ -2,7 +2,8 @@
 diffusers packs them, a golden first loss, the default LoRA targets, the diffusers file loading back into a
 fresh FluxPipeline with the trained transformer's output, resume equal to straight-through, train -> sample
 through the CLI, the one-line refusals of what this version does not train, and what follows the base
-model's variant ([dev] / [schnell]) or its text encoders' windows. Pivotal tuning: test_train_embeddings.py."""
+model's variant ([dev] / [schnell]) or its text encoders' windows. Pivotal tuning: test_train_embeddings.py;
+the CLIP-L LoRA (--train-text-encoder): test_flux_text_encoder.py."""
 
 from __future__ import annotations
 
@@ -217,7 +218,6 @@ def test_train_then_sample_through_the_cli(tmp_path: Path, tiny_dataset: Path, m
 @pytest.mark.parametrize(
     ("model", "flags", "fragment"),
     [
-        ("tiny-flux", ["--train-text-encoder"], "--train-text-encoder"),
         ("tiny-flux", ["--snr-gamma", "5"], "--snr-gamma"),
         ("tiny-flux", ["--resolution", "72"], "trained at 72x72 px; FLUX.1 takes sides that are multiples of 16"),
         ("tiny-zimage", ["--resolution", "40"], "trained at 40x40 px; Z-Image takes sides that are multiples of 16"),

@@ -61,7 +61,9 @@ def test_rank_limit_counts_the_text_encoders_when_they_train_and_warns_above_128
     unet = torch.nn.ModuleDict({"to_q": torch.nn.Linear(512, 512)})
     encoder = torch.nn.ModuleDict({"q_proj": torch.nn.Linear(160, 160)})
     pipe = SimpleNamespace(unet=unet, text_encoder=encoder)
-    arch = SimpleNamespace(text_encoders=("text_encoder",), denoiser="unet")
+    arch = SimpleNamespace(
+        text_encoders=("text_encoder",), lora_text_encoders=lambda: ("text_encoder",), denoiser="unet"
+    )
 
     def cfg(rank: int, text: bool):
         return load_config(None, {"lora.rank": rank, "lora.target_modules": ["to_q"], "lora.train_text_encoder": text})

@@ -165,7 +165,8 @@ class LoraArgs(_Group):
     )
     """Text-encoder modules that get a LoRA with --train-text-encoder."""
     train_text_encoder: bool = False
-    """Also train a LoRA on the text encoder(s) (both for SDXL): better identity, more memory, no text cache."""
+    """Also train a LoRA on the text encoder(s) (both for SDXL; CLIP-L alone for FLUX.1, T5 frozen): better
+    identity, more memory, no text cache."""
     dora: bool = False
     """DoRA (weight-decomposed LoRA, peft's use_dora): often better at low rank, about 2x slower steps."""
     loraplus_ratio: Optional[float] = field(default=None, metadata=cli(metavar="R"))

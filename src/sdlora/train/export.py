@@ -172,11 +172,10 @@ def _components(
     """Pipeline attribute name -> model carrying the LoRA adapter (the denoiser under `arch.denoiser`)."""
     models = {arch.denoiser: unet}
     if text_encoders:
-        if len(text_encoders) != len(arch.text_encoders):
-            raise ValueError(
-                f"an {arch.name} LoRA has {len(arch.text_encoders)} text encoder(s), got {len(text_encoders)}"
-            )
-        models.update(zip(arch.text_encoders, text_encoders))
+        names = arch.lora_text_encoders()
+        if len(text_encoders) != len(names):
+            raise ValueError(f"an {arch.name} LoRA has {len(names)} text encoder(s), got {len(text_encoders)}")
+        models.update(zip(names, text_encoders))
     for name, model in models.items():
         if ADAPTER not in getattr(model, "peft_config", {}):
             raise ValueError(f"the {name} has no LoRA adapter {ADAPTER!r} to save")
@@ -242,7 +241,7 @@ def save_lora(
     """Write out_dir/pytorch_lora_weights.safetensors (diffusers) and out_dir/<kohya_name>.safetensors (kohya).
 
     `unet` and `text_encoders` carry a peft adapter named "default" (`add_adapter(LoraConfig(...))`);
-    `text_encoders` (all of the architecture's, in order) only when they were trained.
+    `text_encoders` (the family's `lora_text_encoders`, in order) only when they were trained.
     """
     from peft import get_peft_model_state_dict
 

@@ -126,6 +126,12 @@ class KohyaNames:
         roots = tuple(_text_root(encoder) for encoder in text_encoders or ())
         return cls(family, layers, roots)
 
+    @classmethod
+    def for_text_encoders(cls, family: Family, text_encoders: Sequence[torch.nn.Module] | None) -> "KohyaNames":
+        """Names of the text encoders' modules alone, for a family whose denoiser has a key map of its own
+        (the transformers': models/families/transformer.py); its `unet` part is never asked."""
+        return cls(family, 0, tuple(_text_root(encoder) for encoder in text_encoders or ()))
+
     @property
     def _sgm(self) -> bool:
         """Whether kohya names the UNet's layers by SGM's paths (`Family.kohya_unet_layout`), not diffusers'."""
@@ -137,7 +143,8 @@ class KohyaNames:
         return {UNET: UNET_PREFIX, **dict(zip(self.family.text_encoders, self.family.kohya_te_prefixes))}
 
     def _root(self, component: str) -> str:
-        index = self.family.text_encoders.index(component)
+        trained = self.family.lora_text_encoders()  # `text_roots` are of the encoders a LoRA trains on
+        index = trained.index(component) if component in trained else len(self.text_roots)
         return self.text_roots[index] if index < len(self.text_roots) else "text_model."
 
     # ------------------------------------------------------------------ to kohya

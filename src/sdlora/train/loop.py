@@ -112,7 +112,7 @@ def setup(cfg: Config, *, resume: Path | None = None, on_event: OnEvent | None =
 
         set_seed(cfg.train.seed)  # the LoRA's initial weights
         unet, encoders = lora.inject_lora(cfg, pipe, arch, device, weight_dtype, fsdp.denoiser_device(accelerator))
-        frozen_encoders = lora.token_encoders(tokens, encoders, pipe, arch, device, weight_dtype)
+        frozen_encoders = lora.frozen_encoders(cfg, tokens, encoders, pipe, arch, device, weight_dtype)
         check_exportable(unet, encoders or None, arch)  # a LoRA that could not be saved fails now, not at the end
         compiling.compile_unet(cfg, unet)  # --compile: in place, after the LoRA is in (its keys stay as they are)
         unet = fsdp.shard(unet, arch, accelerator)  # FSDP: before the optimizer, EMA and groups hold its parameters

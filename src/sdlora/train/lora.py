@@ -110,7 +110,9 @@ def check_rank(cfg: Config, pipe: Any, arch: Family, emit: OnEvent) -> None:
     rank = cfg.lora.rank
     models = [(denoiser_label(arch), getattr(pipe, arch.denoiser), cfg.lora.target_modules)]
     if cfg.lora.train_text_encoder:
-        models += [(name, getattr(pipe, name), cfg.lora.text_encoder_target_modules) for name in arch.text_encoders]
+        models += [
+            (name, getattr(pipe, name), cfg.lora.text_encoder_target_modules) for name in arch.lora_text_encoders()
+        ]
     layers = [(what, name, width) for what, model, targets in models for name, width in _targeted(model, targets)]
     if layers:
         what, name, width = min(layers, key=lambda layer: layer[2])
@@ -146,7 +148,8 @@ def inject_lora(
     stored it: `--base-precision`), trainable ones in float32; the denoiser on `denoiser_device` (None: where it
     is; train/fsdp.py `denoiser_device`), the encoders on `device`.
 
-    Returns the UNet and the text encoders being trained (none without `--train-text-encoder`), in training mode.
+    Returns the UNet and the text encoders being trained (the family's `lora_text_encoders`; none without
+    `--train-text-encoder`), in training mode.
     """
     from diffusers.training_utils import cast_training_params
 
@@ -160,7 +163,7 @@ def inject_lora(
     keep_from_ddp(unet)  # a quantized base's weights: not broadcast when accelerate wraps it in DDP
     encoders = []
     if cfg.lora.train_text_encoder:
-        for name in arch.text_encoders:
+        for name in arch.lora_text_encoders():
             encoder = getattr(pipe, name)
             encoder.requires_grad_(False)
             encoder.to(device, dtype=weight_dtype)
@@ -177,18 +180,22 @@ def inject_lora(
     return unet, encoders
 
 
-def token_encoders(
-    tokens: Any, trained: Sequence[Any], pipe: Any, arch: Family, device: Any, weight_dtype: torch.dtype
+def frozen_encoders(
+    cfg: Config, tokens: Any, trained: Sequence[Any], pipe: Any, arch: Family, device: Any, weight_dtype: torch.dtype
 ) -> list[Any]:
-    """The token's vectors to the device; and, when no text encoder trains, the text encoders frozen on the
-    device for the vectors to train through (else none: the trained encoders carry them)."""
-    if tokens is None:
+    """The token's vectors to the device; and the text encoders the loss runs without a LoRA, frozen on the
+    device, in the family's order: with a text-encoder LoRA, those the family trains none on (FLUX.1's T5:
+    `Family.lora_text_encoders`); else, while the token's vectors train, all of them, for the vectors to train
+    through. None when the loss reads cached text embeddings."""
+    if tokens is not None:
+        tokens.to(device)
+    if not (tokens is not None or cfg.lora.train_text_encoder):
         return []
-    tokens.to(device)
-    if trained:
-        return []
+    lora = set(arch.lora_text_encoders()) if trained else set()
     encoders = []
     for name in arch.text_encoders:
+        if name in lora:
+            continue
         encoder = getattr(pipe, name)
         encoder.requires_grad_(False)
         encoder.to(device, dtype=weight_dtype)

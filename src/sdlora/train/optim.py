@@ -112,7 +112,7 @@ def param_groups(
     With `loraplus` (--loraplus-ratio) each model's B (up, `lora_B`) matrices form a group of their own
     right after it (`unet_B`, `text_encoder_B`, ...), so they get their own rate and metrics."""
     groups: dict[str, list[torch.nn.Parameter]] = {}
-    for name, model in [("unet", unet), *zip(arch.text_encoders, text_encoders)]:
+    for name, model in [("unet", unet), *zip(arch.lora_text_encoders(), text_encoders)]:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         up = [p for n, p in named if loraplus and is_lora_b(n)]
         groups[name] = [p for n, p in named if not (loraplus and is_lora_b(n))]

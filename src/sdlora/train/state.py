@@ -55,7 +55,9 @@ class TrainState:
     # shared one, released by `cleanup`
     param_groups: dict[str, list[torch.nn.Parameter]] = field(default_factory=dict)
     tokens: Any = None  # TokenEmbeddings (train/embeddings.py) when the token's own embedding trains
-    frozen_text_encoders: list[Any] = field(default_factory=list)  # run (not trained) for that embedding
+    # Run by the loss without a LoRA, in the family's order: all of them for that embedding when no text-encoder
+    # LoRA trains; beside one, those the family trains none on (FLUX.1's T5: `Family.lora_text_encoders`).
+    frozen_text_encoders: list[Any] = field(default_factory=list)
     empty_caption: Any = None  # --caption-dropout's empty caption (train/dropout.py), else None
     ema: Any = None  # --ema-decay's EMA of the trained weights (train/ema.py), else None
 
@@ -65,8 +67,13 @@ class TrainState:
 
     @property
     def live_text_encoders(self) -> list[Any]:
-        """The text encoders the loss runs through (none when all text embeddings are cached)."""
-        return self.text_encoders or self.frozen_text_encoders
+        """The text encoders the loss runs through, in the family's order (none when all text embeddings are
+        cached): the trained ones and the frozen ones beside them."""
+        if not (self.text_encoders and self.frozen_text_encoders):
+            return self.text_encoders or self.frozen_text_encoders
+        trained = dict(zip(self.arch.lora_text_encoders(), self.text_encoders))
+        frozen = iter(self.frozen_text_encoders)
+        return [trained[name] if name in trained else next(frozen) for name in self.arch.text_encoders]
 
     @property
     def device(self) -> torch.device:

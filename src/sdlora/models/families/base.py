@@ -34,9 +34,9 @@ class Family:
     default) and sample_guidance (`--guidance`'s default).
 
     Methods: loading (`matches_unet`, `pipeline_cls`, `pipeline_kwargs`, `build_tiny`), options
-    (`check_options`: what the family refuses, one line before any encoding; `pivotal_tuning`; `prompt_windows`:
-    what a caption must fit), training (`scale_latents`: the VAE's latents as the denoiser sees them;
-    `training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the denoiser's
+    (`check_options`: what the family refuses, one line before any encoding; `pivotal_tuning`; `lora_text_encoders`:
+    which text encoders `--train-text-encoder` trains; `prompt_windows`: what a caption must fit), training
+    (`scale_latents`: the VAE's latents as the denoiser sees them; `training_objective`: DDPM noise prediction or flow matching, train/objective.py; `denoise`: the denoiser's
     forward, packing latents where the family does), prompt conditioning (`tokenize`,
     `encode_tokens`, `encode_prompts`, `stack_pooled`, `prompt_embeds_kwargs`), the kohya
     file (`writes_kohya`, `check_kohya_names`, `kohya_lora`, `modelspec_arch`) and sampling (`sample_steps`: the default
@@ -84,6 +84,12 @@ class Family:
         tokenizer splits it: train/embeddings.py covers the family's text encoders. A family that cannot
         train one at all refuses `embedding.train` in `check_options`."""
         return True
+
+    def lora_text_encoders(self) -> tuple[str, ...]:
+        """The text encoders (pipeline attributes, in `text_encoders`' order) `--train-text-encoder` puts a LoRA
+        on: all of them by default. The others stay frozen; the loss still runs them when a text-encoder LoRA
+        trains. Built, counted, checkpointed and exported in this order."""
+        return self.text_encoders
 
     def pixel_multiple(self) -> int:
         """What every side of a training image must be a multiple of: one latent cell of the VAE's 8x for the

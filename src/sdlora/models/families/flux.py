@@ -74,22 +74,19 @@ def _config(denoiser: Any) -> Any:
 @dataclass(frozen=True)
 class Flux1(TransformerFamily):
     def check_options(self, cfg: Any) -> None:
-        """What this FLUX.1 version does not train, refused before any encoding.
-
-        A text-encoder LoRA would be CLIP-L's alone (sd-scripts' lora_flux and diffusers' FLUX script train no
-        T5 LoRA by default), beside a frozen T5 the loss still runs; the loop trains all of a family's text
-        encoders or none, so it is refused, pointing to the token's own vectors instead."""
-        if cfg.lora.train_text_encoder:
-            raise ConfigError(
-                f"--train-text-encoder: text-encoder LoRAs are not for {self.label} in this sdlora (a CLIP-L-only "
-                "LoRA beside a frozen T5 is not trained yet); --train-token-embedding trains the token's own "
-                "CLIP-L and T5 vectors"
-            )
+        """What this FLUX.1 version does not train, refused before any encoding. A text-encoder LoRA trains
+        (CLIP-L's alone: `lora_text_encoders`)."""
         if cfg.train.snr_gamma is not None:
             raise ConfigError(
                 f"--snr-gamma: Min-SNR weights (a DDPM noise-schedule weighting) are not for {self.label}; "
                 "the flow-matching loss takes --timestep-sampling and --shift"
             )
+
+    def lora_text_encoders(self) -> tuple[str, ...]:
+        """CLIP-L: sd-scripts' lora_flux.py trains `lora_te1_` (CLIP-L) and no T5 LoRA by default, and diffusers'
+        train_dreambooth_lora_flux.py `--train_text_encoder` CLIP-L alone. T5-XXL stays frozen; the loss still
+        runs it, for the transformer reads the prompt through it."""
+        return self.text_encoders[:1]
 
     def pivotal_tuning(self) -> bool:
         """Asked for only (`--train-token-embedding`): the token's vectors in CLIP-L and T5 train through both

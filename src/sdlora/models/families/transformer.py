@@ -1,5 +1,6 @@
 """What the flow-matching transformer families share (FLUX.1, FLUX.2 [klein], Z-Image): the kohya / ComfyUI
-file holds the transformer's LoRA alone, in the family's key map (fused q, k, v: fused_lora.py); image
+file holds the transformer's LoRA in the family's key map (fused q, k, v: fused_lora.py), and FLUX.1's CLIP-L
+LoRA in the UNet families' CLIP names (train/kohya.py); image
 sides are multiples of 16 (the VAE's 8x, then 2 x 2 latent patches per token); what a family does not train
 yet is refused in one line."""
 
@@ -50,9 +51,16 @@ class TransformerFamily(Family):
     def check_kohya_names(
         self, paths: Mapping[str, Sequence[str]], denoiser_config: Any, text_encoders: Sequence[Any] | None
     ) -> None:
+        from sdlora.train.kohya import KohyaNames
+
         kohya_module, _ = self.kohya_keys()
-        for path in paths.get(self.denoiser, ()):
-            kohya_module(path)
+        names = KohyaNames.for_text_encoders(self, text_encoders)
+        for component, component_paths in paths.items():
+            for path in component_paths:
+                if component == self.denoiser:
+                    kohya_module(path)
+                else:
+                    names.to_kohya(component, path)
 
     def kohya_lora(
         self,
@@ -61,6 +69,13 @@ class TransformerFamily(Family):
         denoiser_config: Any,
         text_encoders: Sequence[Any] | None,
     ) -> dict[str, torch.Tensor]:
-        """The transformer's LoRA (text-encoder LoRAs are refused by every transformer family: `check_options`)."""
-        _, peft_to_kohya = self.kohya_keys()
-        return peft_to_kohya(lora[self.denoiser], alphas[self.denoiser])
+        """The transformer's LoRA in the family's key map; a text encoder's (FLUX.1's CLIP-L: `lora_te1_`, the
+        CLIP module path with `_`, as sd-scripts' lora_flux.py and ComfyUI name it) in train/kohya.py's names."""
+        from sdlora.train.kohya import KohyaNames, peft_to_kohya
+
+        _, peft_to_kohya_denoiser = self.kohya_keys()
+        out = peft_to_kohya_denoiser(lora[self.denoiser], alphas[self.denoiser])
+        text = {name: sd for name, sd in lora.items() if name != self.denoiser}
+        if text:
+            out.update(peft_to_kohya(text, alphas, KohyaNames.for_text_encoders(self, text_encoders)))
+        return out
