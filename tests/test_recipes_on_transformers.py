@@ -21,9 +21,10 @@ from recipe_helpers import losses, stopped_and_resumed
 from sdlora.cli import app
 from sdlora.config import load_config
 from sdlora.models.families import FAMILIES, ZIMAGE, Family
-from sdlora.run import DIFFUSERS_LORA
+from sdlora.run import DIFFUSERS_LORA, Metric
 from sdlora.train import loop
 from test_masked_loss import add_masks
+from test_train import steps_of
 
 TRANSFORMERS = [f for f in FAMILIES if f.denoiser == "transformer"]
 CHEAP = ZIMAGE  # the cheapest tiny transformer (test_families_end_to_end.py): its runs in the default suite
@@ -46,16 +47,18 @@ DEFAULT_RECIPES = {"masked-loss"}
 DEFAULT_RESUMES = {"ema"}
 # 2:1 and 1:2 photos and a square one: at --resolution 192 the buckets are 256x128, 128x256 and 192x192.
 WIDE, TALL, SQUARE = (2000, 1000), (1000, 2000), (1500, 1500)
+# Two buckets of two train photos (the square one is val): at batch 2 the 2 steps are one wide, one tall.
+ASPECT = [WIDE, TALL, TALL, WIDE, SQUARE]
 
 
 @pytest.fixture(scope="module")
 def datasets(tmp_path_factory) -> dict[str, Path]:
-    """The prepared datasets the recipes train on, made once for the module (no run writes into them)."""
+    """The prepared datasets the recipes train on, made once for the module (runs add only their caches)."""
     root = tmp_path_factory.mktemp("datasets")
     return {
         "square": write_tiny_dataset(root / "square", n=4),
         "masked": add_masks(write_tiny_dataset(root / "masked", n=4)),
-        "aspect": write_aspect_dataset(root / "aspect", [WIDE, TALL, SQUARE, WIDE], n_val=1, resolution=192),
+        "aspect": write_aspect_dataset(root / "aspect", ASPECT, n_val=1, resolution=192),
     }
 
 
@@ -85,24 +88,80 @@ def check_export(result: Any, family: Family, kohya: bool) -> None:
 def params(names, default: set[str]):
     return [
         pytest.param(
-            family, name, id=f"{family.name}-{name}", marks=() if family is CHEAP and name in default else pytest.mark.slow
+            family,
+            name,
+            id=f"{family.name}-{name}",
+            marks=() if family is CHEAP and name in default else pytest.mark.slow,
         )
         for family in TRANSFORMERS
         for name in names
     ]
 
 
+@pytest.fixture(scope="module")
+def plain_runs(tmp_path_factory, datasets):
+    """A family's run with no recipe option on the square dataset (its losses and LoRA), made when first asked for."""
+    runs: dict[str, tuple[list[float], dict[str, torch.Tensor]]] = {}
+
+    def of(family: Family) -> tuple[list[float], dict[str, torch.Tensor]]:
+        if family.name not in runs:
+            root = tmp_path_factory.mktemp(f"plain-{family.name}")
+            result = loop.run_training(cfg_for(root, family, datasets["square"], {"run.name": "plain"}))
+            runs[family.name] = losses(result.run_dir), load_file(result.lora_dir / DIFFUSERS_LORA)
+        return runs[family.name]
+
+    return of
+
+
+def check_took_effect(recipe: str, family: Family, result: Any, plain_runs) -> None:
+    """The option did something on the family (not accepted and ignored): in the metrics, the LoRA or the losses."""
+    steps = steps_of(result.run_dir)
+    lr = RECIPES[recipe][0].get("train.learning_rate", 1e-3)
+    if recipe == "masked-loss":  # the left halves, on the family's latent grid
+        assert all(r[Metric.MASK_COVERAGE] == pytest.approx(0.5, abs=1e-6) for r in steps)
+        return
+    if recipe == "buckets":
+        return  # another dataset: its batches' shapes are checked by the caller
+    if recipe == "dop":
+        assert (
+            all(math.isfinite(r[Metric.LOSS_PRESERVATION]) for r in steps) and steps[-1][Metric.LOSS_PRESERVATION] > 0
+        )
+    elif recipe == "loraplus":
+        assert all(r[Metric.lr("unet_B")] == pytest.approx(16 * lr) for r in steps)
+    elif recipe == "prodigy":
+        assert all(Metric.LR_EFFECTIVE_PREFIX + "unet" in r for r in steps)
+    plain_losses, plain_lora = plain_runs(family)
+    trained = [r[Metric.LOSS] for r in steps]
+    if recipe in ("lokr", "loha"):  # another adapter: other tensors, another second step
+        assert trained[1] != pytest.approx(plain_losses[1], abs=1e-7)
+        return
+    if recipe in ("ema", "schedulefree"):  # neither changes the first update (schedule-free's first is Adam's)
+        assert trained == pytest.approx(plain_losses, abs=1e-6)
+    lora = load_file(result.lora_dir / DIFFUSERS_LORA)
+    assert lora.keys() == plain_lora.keys()
+    assert any(not torch.allclose(lora[k], plain_lora[k], atol=1e-7, rtol=0) for k in lora), recipe
+
+
 @pytest.mark.parametrize("family, recipe", params(RECIPES, DEFAULT_RECIPES))
-def test_a_recipe_trains_to_a_finite_loss_and_exports(tmp_path: Path, datasets, family: Family, recipe: str):
+def test_a_recipe_trains_to_a_finite_loss_and_exports(
+    tmp_path: Path, datasets, plain_runs, family: Family, recipe: str
+):
     flags, dataset = RECIPES[recipe]
-    result = loop.run_training(cfg_for(tmp_path, family, datasets[dataset], {**flags, "run.name": recipe}))
+    state = loop.setup(cfg_for(tmp_path, family, datasets[dataset], {**flags, "run.name": recipe}))
+    try:
+        sides = (
+            {tuple(state.plan.batch(step, 0).latents.shape[-2:]) for step in range(2)} if recipe == "buckets" else None
+        )
+        result = loop.train(state)
+    finally:
+        loop.cleanup(state)
     assert result.steps == 2 and not result.interrupted
     trained = losses(result.run_dir)
     assert len(trained) == 2 and all(math.isfinite(x) for x in trained), trained
     check_export(result, family, kohya=flags.get("lora.lora_type", "lora") == "lora")
-    if recipe == "masked-loss":
-        saved = load_config(result.run_dir / "config.yaml", {}, [])
-        assert saved.data.masked_loss is True
+    check_took_effect(recipe, family, result, plain_runs)
+    if recipe == "buckets":  # a wide batch and a tall one, each the transposed shape of the other
+        assert len(sides) == 2 and {(w, h) for h, w in sides} == sides and all(h != w for h, w in sides), sides
 
 
 # DOP also tests that its LoRA-off target resumes; EMA that its shadow weights do.
@@ -114,7 +173,9 @@ TOLERANCE = 1e-5  # float32 on the CPU: the same ops in the same order; what dif
 def test_stopped_and_resumed_equals_straight(tmp_path: Path, datasets, family: Family, recipe: str):
     flags = RESUMES[recipe]
     straight = loop.run_training(cfg_for(tmp_path, family, datasets["square"], {**flags, "run.name": "straight"}))
-    cfg = cfg_for(tmp_path, family, datasets["square"], {**flags, "run.name": "halves", "checkpoint.checkpoint_every": 1})
+    cfg = cfg_for(
+        tmp_path, family, datasets["square"], {**flags, "run.name": "halves", "checkpoint.checkpoint_every": 1}
+    )
     resumed, _, warnings = stopped_and_resumed(cfg, 1)
     assert resumed.steps == 2 and warnings == []
     assert losses(resumed.run_dir) == pytest.approx(losses(straight.run_dir), abs=TOLERANCE)
@@ -122,6 +183,8 @@ def test_stopped_and_resumed_equals_straight(tmp_path: Path, datasets, family: F
     assert a.keys() == b.keys() and a
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=TOLERANCE, rtol=0)
+    if recipe == "ema":  # the average itself was saved at the stop, and read back
+        assert (resumed.run_dir / "checkpoints" / "step-000001" / "ema.safetensors").is_file()
 
 
 @pytest.mark.slow
