@@ -25,6 +25,7 @@ from sdlora.run import DIFFUSERS_LORA, Metric
 from sdlora.train import loop
 from test_masked_loss import add_masks
 from test_train import steps_of
+from test_tune import by_hand
 
 TRANSFORMERS = [f for f in FAMILIES if f.denoiser == "transformer"]
 CHEAP = ZIMAGE  # the cheapest tiny transformer (test_families_end_to_end.py): its runs in the default suite
@@ -198,6 +199,8 @@ def test_tune_ranks_a_two_trial_sweep_on_a_transformer(tmp_path: Path, datasets)
     assert result.exit_code == 0, result.output
     data = json.loads((runs / "t" / "tune.json").read_text())
     assert [t["status"] for t in data["trials"]] == ["done", "done"]
-    assert data["winner"]["trial"] in {"trial-00", "trial-01"} and data["winner"]["trial"] in result.output
+    winner = data["winner"]
+    assert (winner["trial"], winner["step"]) == by_hand(runs / "t", data) and winner["trial"] in result.output
     assert (runs / "t" / "best" / "lora" / DIFFUSERS_LORA).is_file()
-    assert (runs / "t" / "report.html").is_file()
+    html = (runs / "t" / "report.html").read_text()
+    assert "trial-00" in html and "trial-01" in html
