@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -143,6 +144,18 @@ def check_took_effect(recipe: str, family: Family, result: Any, plain_runs) -> N
     assert any(not torch.allclose(lora[k], plain_lora[k], atol=1e-7, rtol=0) for k in lora), recipe
 
 
+def check_mask_weighs_the_loss(state: Any) -> None:
+    """The subject mask lies on the family's latent grid (left half 1, right half 0) and weighs the loss."""
+    batch = state.plan.batch(0, 0)
+    mask, width = batch.mask, batch.latents.shape[-1]
+    assert mask.shape[-2:] == batch.latents.shape[-2:]
+    assert torch.all(mask[..., : width // 2] == 1) and torch.all(mask[..., width // 2 :] == 0)
+    with torch.no_grad():
+        masked, _ = loop.compute_loss(state, batch)
+        plain, _ = loop.compute_loss(state, replace(batch, mask=None))
+    assert abs(masked.item() - plain.item()) > 1e-6
+
+
 @pytest.mark.parametrize("family, recipe", params(RECIPES, DEFAULT_RECIPES))
 def test_a_recipe_trains_to_a_finite_loss_and_exports(
     tmp_path: Path, datasets, plain_runs, family: Family, recipe: str
@@ -153,6 +166,8 @@ def test_a_recipe_trains_to_a_finite_loss_and_exports(
         sides = (
             {tuple(state.plan.batch(step, 0).latents.shape[-2:]) for step in range(2)} if recipe == "buckets" else None
         )
+        if recipe == "masked-loss":
+            check_mask_weighs_the_loss(state)
         result = loop.train(state)
     finally:
         loop.cleanup(state)
