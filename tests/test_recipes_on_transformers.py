@@ -182,7 +182,9 @@ def test_a_recipe_trains_to_a_finite_loss_and_exports(
 
 # DOP also tests that its LoRA-off target resumes; EMA that its shadow weights do.
 RESUMES = {"ema": RECIPES["ema"][0], "dop": RECIPES["dop"][0]}
-TOLERANCE = 1e-5  # float32 on the CPU: the same ops in the same order; what differs is only the restart
+# float32 on the CPU, the same ops in the same order: measured bitwise equal on all three families (0.0); a resume
+# that drops the EMA's shadow weights is 6e-5 off.
+TOLERANCE = 1e-6
 
 
 @pytest.mark.parametrize("family, recipe", params(RESUMES, DEFAULT_RESUMES))
