@@ -89,6 +89,28 @@ def test_the_objective_is_flow_matching_with_sigma_as_the_timestep_and_the_optio
     )
 
 
+def test_flux_shift_is_sigmoid_then_the_resolution_shift_of_the_models_own_scheduler(tmp_path: Path):
+    """sd-scripts' flux_shift: sigmoid sigmas moved by mu of the image's token count, with the base model's
+    scheduler settings (FLUX.1-dev's: 0.5 at 256 tokens to 1.15 at 4096), as FlowMatchEulerDiscreteScheduler
+    shifts at inference; a fixed --shift beside it is one line."""
+    from sdlora.train.flow_matching import time_shift_exponential
+
+    pipe = FLUX1.build_tiny()
+    cfg = flux_cfg(tmp_path, tmp_path, **{"train.timestep_sampling": "flux-shift"})
+    objective = FLUX1.training_objective(pipe, cfg.train)
+    assert objective.sampling == "sigmoid" and objective.shift is None
+    # 1024 px: 128 x 128 latents, 64 x 64 = 4096 tokens: mu is max_shift
+    assert objective.resolution_shift.mu(objective.resolution_shift.seq_len((16, 128, 128))) == pytest.approx(1.15)
+    assert objective.resolution_shift.mu(256) == pytest.approx(0.5)
+    drawn = objective.sample_timesteps(torch.Generator().manual_seed(0), 64, (16, 128, 128))
+    plain = torch.sigmoid(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(drawn, time_shift_exponential(plain, 1.15), rtol=1e-5, atol=1e-6)
+    assert drawn.mean() > plain.mean()  # towards noise at a large size
+    both = flux_cfg(tmp_path, tmp_path, **{"train.timestep_sampling": "flux-shift", "train.shift": 3.0})
+    with pytest.raises(ConfigError, match="exclude each other"):
+        FLUX1.training_objective(pipe, both.train)
+
+
 def test_golden_loss_default_targets_and_the_diffusers_file_loads_back(tmp_path: Path, tiny_dataset: Path):
     """Step losses as recorded; the LoRA on the attention projections of both streams; the diffusers file
     (transformer. keys, no kohya file yet) makes a fresh tiny-flux predict what the trained transformer does."""

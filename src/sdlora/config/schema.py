@@ -281,8 +281,8 @@ class OptimArgs(_Group):
     """Seed for LoRA init, data order, noise and timesteps: the same seed repeats a run exactly."""
     snr_gamma: Optional[float] = None
     """Min-SNR loss weighting gamma (5.0 is the paper's): faster convergence; off by default."""
-    timestep_sampling: Literal["uniform", "logit-normal", "sigmoid"] = "uniform"
-    """Flow-matching models (FLUX.1, FLUX.2 [klein], Z-Image): how training sigmas are drawn: uniform (diffusers' FLUX LoRA script; the UNets' only kind), logit-normal (SD3's) or sigmoid (sd-scripts' FLUX example)."""
+    timestep_sampling: Literal["uniform", "logit-normal", "sigmoid", "flux-shift"] = "uniform"
+    """Flow-matching models (FLUX.1, FLUX.2 [klein], Z-Image): how training sigmas are drawn: uniform (diffusers' FLUX LoRA script; the UNets' only kind), logit-normal (SD3's), sigmoid (sd-scripts' FLUX example) or, for FLUX.1, flux-shift (sd-scripts' flux_shift: sigmoid, then shifted by the image's size as FLUX.1's scheduler shifts at inference)."""
     shift: Optional[float] = None
     """Flow-matching models (FLUX.1, FLUX.2 [klein], Z-Image): shift training sigmas towards noise, s' = S*s/(1+(S-1)*s); sd-scripts' FLUX example uses 3.1582 with sigmoid. Default: none for FLUX.1; Z-Image: its scheduler's (Turbo: 3.0)."""
     noise_offset: float = 0.0

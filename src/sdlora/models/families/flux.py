@@ -132,9 +132,22 @@ class Flux1(TransformerFamily):
     def training_objective(self, pipe: Any, train: Any) -> Any:
         """Flow matching with diffusers' train_dreambooth_lora_flux.py defaults (uniform sigmas, no shift, no
         loss weighting); `--timestep-sampling` and `--shift` as sd-scripts offers them (its FLUX.1 LoRA
-        example: sigmoid with a shift of 3.1582). The transformer takes sigma itself (timestep_scale 1)."""
-        from sdlora.train.flow_matching import FlowMatching
+        example: sigmoid with a shift of 3.1582), and `flux-shift`, sd-scripts' `flux_shift`: sigmoid, then
+        FLUX.1's resolution-dependent shift with the base model's own scheduler settings (the mu its pipeline
+        samples with at that image size). The transformer takes sigma itself (timestep_scale 1)."""
+        from sdlora.train.flow_matching import FlowMatching, ResolutionShift
 
+        if train.timestep_sampling == "flux-shift":
+            config = pipe.scheduler.config
+            by_resolution = ResolutionShift(
+                base_shift=config.get("base_shift", 0.5),
+                max_shift=config.get("max_shift", 1.15),
+                base_seq_len=config.get("base_image_seq_len", 256),
+                max_seq_len=config.get("max_image_seq_len", 4096),
+            )
+            return FlowMatching(
+                sampling="sigmoid", shift=train.shift, resolution_shift=by_resolution, timestep_scale=1.0
+            )
         sampling = train.timestep_sampling.replace("-", "_")  # logit-normal: FlowMatching's logit_normal
         return FlowMatching(sampling=sampling, shift=train.shift, timestep_scale=1.0)
 
