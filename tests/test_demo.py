@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from sdlora.cli import app
@@ -70,6 +71,7 @@ def dino_with_the_lora_off(run: Path, copy: Path) -> float:
     return json.loads((copy / "scores.json").read_text())["overall"]["lora"]["dino"]
 
 
+@pytest.mark.slow  # 30 s; the world demo above runs in the default suite
 def test_demo_on_a_tiny_model_says_its_images_are_noise(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--steps", "2", "--model", "tiny-sd"])
     assert result.exit_code == 0, result.output

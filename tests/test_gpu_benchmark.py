@@ -62,6 +62,7 @@ def run_tiny(tmp_path: Path, *options: str) -> tuple[dict, str]:
     return table, (out / "gpu-bench.md").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow  # 30-35 s since its FLUX.1 rows; the plan and budget tests stay in the default suite
 def test_tiny_benchmark_writes_one_row_per_configuration(tmp_path: Path):
     table, markdown = run_tiny(tmp_path, "--skip", COMPILE_ROW)
     rows = {row["id"]: row for row in table["rows"]}

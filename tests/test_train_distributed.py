@@ -33,6 +33,7 @@ def common_flags(dataset: Path, runs: Path) -> dict:
     }
 
 
+@pytest.mark.slow  # 30 s; tests/test_launch.py's 2-process all-reduce stays in the default suite
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, tiny_dataset: Path):
     runs = tmp_path / "runs"
     assert torch.get_num_threads() == 1  # as the workers (OMP_NUM_THREADS=1): the same kernels on both sides

@@ -272,7 +272,7 @@ class OptimArgs(_Group):
     # The field's names for the base's storage (SimpleTuner's base_model_precision: fp8-torchao, nf4-bnb;
     # OneTrainer's FLOAT_8 / NFLOAT_4), without the backend: models/precision.py.
     base_precision: Literal["auto", "bf16", "fp8", "nf4"] = field(default="auto", metadata=cli(panel=_MEMORY))
-    """How the frozen denoiser (UNet or transformer) is stored: auto (the --mixed-precision dtype), bf16, fp8 (torchao: Linear weights in 1 byte, half of bf16's; CPU too) or nf4 (bitsandbytes: about a quarter; CUDA only); LoRA weights stay fp32."""
+    """How the frozen denoiser (UNet or transformer) is stored: auto (the --mixed-precision dtype), bf16 (needs --mixed-precision bf16, so the same as auto there: for a config that states it), fp8 (torchao: Linear weights in 1 byte, half of bf16's; CPU too) or nf4 (bitsandbytes: about a quarter; CUDA only); LoRA weights stay fp32."""
     gradient_checkpointing: bool = field(default=False, metadata=cli(panel=_MEMORY))
     """Recompute activations in the backward pass: much less memory, about 30% slower steps."""
     compile: bool = field(default=False, metadata=cli(panel=_MEMORY))
