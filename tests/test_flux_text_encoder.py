@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -104,6 +105,7 @@ def test_clip_l_trains_t5_stays_frozen_and_both_files_carry_clip_ls_lora(tmp_pat
         loop.cleanup(state)
 
 
+@pytest.mark.slow  # 5 s; FLUX.1's resume without the text encoder stays in the default suite
 def test_resume_equals_straight_through(tmp_path: Path, tiny_dataset: Path):
     flags = {"train.max_steps": 4, "train.lr_scheduler": "cosine"}
     straight = loop.run_training(flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "straight"}))

@@ -55,7 +55,7 @@ def lora_file(run_dir: Path) -> tuple[dict[str, tuple[torch.dtype, tuple[int, ..
 
 
 @needs_torchao
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-flux"])
+@pytest.mark.parametrize("model", [pytest.param("tiny-sd", marks=pytest.mark.slow), "tiny-flux"])
 def test_an_fp8_base_trains_a_lora_whose_file_is_that_of_an_unquantized_base(tmp_path, tiny_dataset, model):
     runs = {}
     for name, base in (("plain", "auto"), ("quantized", "fp8")):

@@ -320,7 +320,7 @@ def test_prior_preservation_with_square_class_images_beside_buckets(
 # ----------------------------------------------------------------------------- end to end, from the CLI
 
 
-@pytest.mark.parametrize("model", ["tiny-sd", "tiny-sdxl"])
+@pytest.mark.parametrize("model", ["tiny-sd", pytest.param("tiny-sdxl", marks=pytest.mark.slow)])  # SDXL: 8 s
 def test_cli_keep_aspect_photos_to_samples_with_the_token_embedding(tmp_path: Path, models_8x: dict, model):
     """Phone-shaped photos -> prepare --keep-aspect -> train from YAML (buckets + pivotal tuning) -> sample."""
     import numpy as np

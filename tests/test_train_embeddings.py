@@ -250,6 +250,7 @@ def test_flux_embedding_trains_in_clip_l_and_t5_and_loads_as_diffusers_readme_sh
     assert not torch.equal(images[0], images[1])
 
 
+@pytest.mark.slow  # 5 s; SD's resume with the embedding stays in the default suite
 def test_flux_resume_with_the_embedding_equals_straight_through(tmp_path: Path, tiny_dataset: Path):
     """Stopped at step 2 of 4, the run resumes with the vectors of its checkpoint, freezes them at once (the
     embedding trains for the first half) and encodes its captions with them: the files of an uninterrupted run."""
