@@ -27,6 +27,9 @@ LOGGERS: dict[str, str | None] = {
     "peft": None,
     "open_clip": None,
     "torch": None,
+    # torchao's import (peft and diffusers look for it) registers enums torch warns about; torch's own log setup
+    # resets "torch" to WARNING when it loads after this, but leaves a child's own level alone.
+    "torch.utils._pytree": None,
 }
 ENVIRONMENT = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's bars (downloads), also inside transformers
