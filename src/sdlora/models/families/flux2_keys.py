@@ -32,12 +32,11 @@ Sources read (2026 snapshots):
 
 from __future__ import annotations
 
-import re
 from typing import Mapping
 
 import torch
 
-from sdlora.models.families.flux_keys import DOUBLE_FUSED, FluxKeyError
+from sdlora.models.families.flux_keys import DIFFUSERS_BLOCK, DOUBLE_FUSED, FluxKeyError, bfl_module
 from sdlora.models.families.fused_lora import PREFIX, Layout, Part, peft_to_fused_kohya, swap_halves
 
 # diffusers path inside a block (or the model) -> BFL path.
@@ -69,29 +68,18 @@ _BLOCKS = {
     "transformer_blocks": ("double_blocks", DOUBLE, DOUBLE_FUSED),
     "single_transformer_blocks": ("single_blocks", SINGLE, {}),
 }
-_DIFFUSERS_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
 
 
 def kohya_module(path: str) -> tuple[str, int]:
     """(kohya module name, index of `path` among the fused parts, 0 if unfused) of a diffusers module path
-    of Flux2Transformer2DModel. Raises `FluxKeyError` for a module the BFL layout has no linear layer for."""
-    if match := _DIFFUSERS_BLOCK.fullmatch(path):
-        blocks, index, inner = match.groups()
-        bfl_blocks, table, fused = _BLOCKS[blocks]
-        if inner in table:
-            return f"{PREFIX}{bfl_blocks}_{index}_{table[inner].replace('.', '_')}", 0
-        for bfl, parts in fused.items():
-            for i, (part, _) in enumerate(parts):
-                if part == inner:
-                    return f"{PREFIX}{bfl_blocks}_{index}_{bfl.replace('.', '_')}", i
-    elif path in TOP:
-        return PREFIX + TOP[path].replace(".", "_"), 0
-    raise FluxKeyError(f"FLUX.2 [klein] transformer module {path!r} has no place in the ComfyUI layout")
+    of Flux2Transformer2DModel, by `flux_keys.bfl_module`. Raises `FluxKeyError` for a module the BFL layout
+    has no linear layer for."""
+    return bfl_module(path, _BLOCKS, TOP, "FLUX.2 [klein]", "ComfyUI")
 
 
 def _layout(name: str, path: str) -> tuple[tuple[str, int | None], ...]:
     """The diffusers parts of kohya module `name` (one of whose parts is `path`), in row order."""
-    match = _DIFFUSERS_BLOCK.fullmatch(path)
+    match = DIFFUSERS_BLOCK.fullmatch(path)
     if match:
         blocks, index, _ = match.groups()
         bfl_blocks, _, fused = _BLOCKS[blocks]

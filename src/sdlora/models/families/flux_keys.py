@@ -46,7 +46,7 @@ Sources read (2026 snapshots):
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -107,7 +107,7 @@ _BLOCKS = {  # diffusers block list -> (BFL block list, unfused table, fused tab
     "transformer_blocks": ("double_blocks", DOUBLE, DOUBLE_FUSED),
     "single_transformer_blocks": ("single_blocks", SINGLE, SINGLE_FUSED),
 }
-_DIFFUSERS_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
+DIFFUSERS_BLOCK = re.compile(r"(transformer_blocks|single_transformer_blocks)\.(\d+)\.(.+)")
 _KOHYA_BLOCK = re.compile(r"(double_blocks|single_blocks)_(\d+)_(.+)")
 
 
@@ -129,22 +129,34 @@ _KOHYA_TOP = _reverse(TOP, {})
 _KOHYA_BLOCKS = {bfl: (blocks, _reverse(table, fused)) for blocks, (bfl, table, fused) in _BLOCKS.items()}
 
 
-def kohya_module(path: str) -> tuple[str, int]:
-    """(kohya module name, index of `path` among the fused parts, 0 if unfused) of a diffusers module path.
-
-    Raises `FluxKeyError` for a module the BFL layout has no linear layer for."""
-    if match := _DIFFUSERS_BLOCK.fullmatch(path):
-        blocks, index, inner = match.groups()
-        bfl_blocks, table, fused = _BLOCKS[blocks]
+def bfl_module(
+    path: str,
+    blocks: Mapping[str, tuple[str, Mapping[str, str], Mapping[str, Any]]],
+    top: Mapping[str, str],
+    label: str,
+    layout: str,
+) -> tuple[str, int]:
+    """(kohya module name, index of `path` among the fused parts, 0 if unfused) of a diffusers module path, by
+    a BFL-layout family's tables (`blocks`: diffusers block list -> (BFL block list, unfused table, fused
+    table); `top`: the modules outside the blocks). Raises `FluxKeyError` naming `layout` for a module the
+    BFL layout has no linear layer for (`label`: the family, `layout`: the file's)."""
+    if match := DIFFUSERS_BLOCK.fullmatch(path):
+        block_list, index, inner = match.groups()
+        bfl_blocks, table, fused = blocks[block_list]
         if inner in table:
             return f"{PREFIX}{bfl_blocks}_{index}_{table[inner].replace('.', '_')}", 0
         for bfl, parts in fused.items():
             for i, (part, _) in enumerate(parts):
                 if part == inner:
                     return f"{PREFIX}{bfl_blocks}_{index}_{bfl.replace('.', '_')}", i
-    elif path in TOP:
-        return PREFIX + TOP[path].replace(".", "_"), 0
-    raise FluxKeyError(f"FLUX.1 transformer module {path!r} has no place in the sd-scripts/ComfyUI layout")
+    elif path in top:
+        return PREFIX + top[path].replace(".", "_"), 0
+    raise FluxKeyError(f"{label} transformer module {path!r} has no place in the {layout} layout")
+
+
+def kohya_module(path: str) -> tuple[str, int]:
+    """`bfl_module` by FLUX.1's tables (FluxTransformer2DModel)."""
+    return bfl_module(path, _BLOCKS, TOP, "FLUX.1", "sd-scripts/ComfyUI")
 
 
 def diffusers_parts(name: str) -> tuple[tuple[str, int | None], ...]:
