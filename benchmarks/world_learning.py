@@ -4,8 +4,11 @@ Run by hand (the world models must be built: `python -m sdlora.world build`):
 
     PYTHONPATH=src python benchmarks/world_learning.py --jobs 2 --json world_learning.json
     PYTHONPATH=src python benchmarks/world_learning.py --part lora --objects 1 --seeds 1 --steps-scale 0.05  # a quick check
+    PYTHONPATH=src python benchmarks/world_learning.py --model world-sdxl --jobs 2   # the SDXL-architecture world model
 
-Part `base` -- the base model draws what it is asked. world-sd alone (no LoRA) samples world
+--model is the base model: world-sd (SD 1.x architecture, the default) or world-sdxl (SDXL's).
+
+Part `base` -- the base model draws what it is asked. The base model alone (no LoRA) samples world
 captions "a photo of a red toy on the beach" over a --grid of (class, colour, background), each
 value equally often, 2 images each (20 steps, seed 0); world-CLIP names each image's class, colour
 and background zero-shot among `vocab.class_labels()`, `colour_labels()`, `background_labels()`.
@@ -43,6 +46,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import world_common as wc  # noqa: E402  (benchmarks/ is a folder of scripts)
 from sdlora.world import vocab  # noqa: E402
+from sdlora.world.shipped import BASE, BASE_XL  # noqa: E402
 
 FIGURES = ("dino_lora", "dino_base", "ceiling", "clip_t_lora", "clip_t_base", "bg_lora", "train_s", "run_s")
 HEADER = (
@@ -75,15 +79,14 @@ def caption(cls: str, colour: str, background: str) -> str:
     return vocab.caption(vocab.object_phrase(cls, colour, "plain", None, ()), background)
 
 
-def base_samples(triples: list[tuple[str, str, str]], seed: int, batch: int = 8) -> list:
-    """world-sd's images of each triple's caption, IMAGES_PER_PROMPT each, in order."""
+def base_samples(model: str, triples: list[tuple[str, str, str]], seed: int, batch: int = 8) -> list:
+    """The base model's images of each triple's caption, IMAGES_PER_PROMPT each, in order."""
     import torch
 
     from sdlora.config import load_config
     from sdlora.models import load_pipeline
-    from sdlora.world.shipped import BASE
 
-    pipe, _ = load_pipeline(BASE)
+    pipe, _ = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     size = load_config(wc.PRESET).data.resolution
     images = []
@@ -92,6 +95,7 @@ def base_samples(triples: list[tuple[str, str, str]], seed: int, batch: int = 8)
             prompt=[caption(*t) for t in triples[start : start + batch]],
             num_images_per_prompt=wc.IMAGES_PER_PROMPT,
             num_inference_steps=wc.SAMPLE_STEPS,
+            guidance_scale=wc.GUIDANCE,  # as `sdlora sample` (SDXL's pipeline defaults to 5)
             height=size,
             width=size,
             generator=torch.Generator("cpu").manual_seed(seed + start),
@@ -118,7 +122,7 @@ def real_scenes(triples: list[tuple[str, str, str]], seed: int) -> list:
     return images
 
 
-def part_base(n: int, seed: int) -> dict:
+def part_base(model: str, n: int, seed: int) -> dict:
     triples = grid(n)
     attributes = {
         "class": (vocab.class_labels(), list(vocab.CLASSES), 0),
@@ -127,7 +131,7 @@ def part_base(n: int, seed: int) -> dict:
     }
     truth = [t for t in triples for _ in range(wc.IMAGES_PER_PROMPT)]
     start = time.perf_counter()
-    sets = {"base model": base_samples(triples, seed), "real scenes": real_scenes(triples, seed)}
+    sets = {"base model": base_samples(model, triples, seed), "real scenes": real_scenes(triples, seed)}
     results: dict = {"prompts": n, "images": len(truth)}
     for name, images in sets.items():
         for attribute, (labels, values, i) in attributes.items():
@@ -137,7 +141,7 @@ def part_base(n: int, seed: int) -> dict:
         results[attribute]["chance"] = 1 / len(labels)
     results["seconds"] = time.perf_counter() - start
     rows = [[a, *(f"{results[a][c]:.0%}" for c in ("base model", "real scenes", "chance"))] for a in attributes]
-    print(f"\nThe base model draws what it is asked: world-CLIP zero-shot accuracy, {len(truth)} images of {n} prompts")
+    print(f"\n{model} draws what it is asked: world-CLIP zero-shot accuracy, {len(truth)} images of {n} prompts")
     print(wc.table(("attribute", "base model", "real scenes", "chance"), rows))
     print(f"({results['seconds']:.0f} s)")
     return results
@@ -146,7 +150,7 @@ def part_base(n: int, seed: int) -> dict:
 # ---- part lora ---------------------------------------------------------------------------------
 
 
-def learn(k: int, seed: int, work: Path, here: Path, steps_scale: float) -> dict:
+def learn(model: str, k: int, seed: int, work: Path, here: Path, steps_scale: float) -> dict:
     """One run of part lora (a pool worker): its figures."""
     start = time.perf_counter()
     cls = wc.object_class(k)
@@ -155,14 +159,16 @@ def learn(k: int, seed: int, work: Path, here: Path, steps_scale: float) -> dict
     heldout = wc.heldout_photos(work, k, seed)
     name = f"k{k}-s{seed}"
     dataset = wc.prepare(photos, here / "datasets" / name, cls)
-    run, train_s = wc.train(dataset, here / "runs", name, seed, {}, steps_scale)
+    run, train_s = wc.train(dataset, here / "runs", name, seed, {"model.name": model}, steps_scale)
     figures = wc.measure(run, heldout, run.path / "bench-samples")
     figures["ceiling"] = wc.ceiling(wc.dataset_images(dataset, "train"), heldout)
     figures |= {"train_s": train_s, "run_s": time.perf_counter() - start, "object": k, "class": cls, "seed": seed}
     return figures
 
 
-def part_lora(objects: list[int], seeds: list[int], work: Path, steps_scale: float, jobs: int) -> list[dict]:
+def part_lora(
+    model: str, objects: list[int], seeds: list[int], work: Path, steps_scale: float, jobs: int
+) -> list[dict]:
     from sdlora.config import load_config
 
     here = wc.session(work)
@@ -171,10 +177,12 @@ def part_lora(objects: list[int], seeds: list[int], work: Path, steps_scale: flo
     per_run = wc.estimate_run_s(steps, 2 * prompts * wc.IMAGES_PER_PROMPT, wc.TRAIN_PHOTOS + wc.HELDOUT_PHOTOS)
     n = len(objects) * len(seeds)
     estimate = per_run * -(-n // jobs)
-    print(f"\nA LoRA learns the object: objects {objects}, seeds {seeds}, {steps:.0f} steps; ~{per_run:.0f} s a run")
+    print(
+        f"\nA LoRA of {model} learns the object: objects {objects}, seeds {seeds}, {steps:.0f} steps; ~{per_run:.0f} s a run"
+    )
     runs, start = [], time.perf_counter()
     for figures in wc.run_jobs(
-        learn, [(k, s, work, here, steps_scale) for k in objects for s in seeds], jobs, estimate
+        learn, [(model, k, s, work, here, steps_scale) for k in objects for s in seeds], jobs, estimate
     ):
         runs.append(figures)
         print(
@@ -197,6 +205,7 @@ def part_lora(objects: list[int], seeds: list[int], work: Path, steps_scale: flo
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("base", "lora", "both"), default="both")
+    parser.add_argument("--model", choices=(BASE, BASE_XL), default=BASE, help="the world's base model")
     parser.add_argument("--grid", type=int, default=120, help="prompts of part base (120: every value equally often)")
     parser.add_argument("--objects", type=int, default=3, help="novel objects: 60 and the next of other classes")
     parser.add_argument("--object", type=int, action="append", help="a novel object to use (repeatable)")
@@ -209,12 +218,12 @@ def main(argv: list[str] | None = None) -> None:
     wc.one_thread()
     work = args.work or Path(tempfile.mkdtemp(prefix="world-learning-"))
     print(f"work folder: {work}", file=sys.stderr)
-    results: dict = {"steps_scale": args.steps_scale}
+    results: dict = {"model": args.model, "steps_scale": args.steps_scale}
     if args.part in ("base", "both"):
-        results["base"] = part_base(args.grid, seed=0)
+        results["base"] = part_base(args.model, args.grid, seed=0)
     if args.part in ("lora", "both"):
         objects = args.object or wc.default_objects(args.objects)
-        results["lora"] = part_lora(objects, list(range(args.seeds)), work, args.steps_scale, args.jobs)
+        results["lora"] = part_lora(args.model, objects, list(range(args.seeds)), work, args.steps_scale, args.jobs)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 

@@ -35,7 +35,9 @@ sampling without the trained token embedding (`sdlora sample --no-embedding`), c
 `write_photos(clutter=True)`, prepared with `--masks DIR` of their true masks, then
 data.masked_loss; does the LoRA still draw the room when asked for the beach? see bg acc), DOP
 (prior.preservation dop), Prodigy (lr 1.0), LoKr, LoHa, EMA (lora.ema_decay 0.995) and caption
-dropout 0.1. Not here: the `sdlora tune` winner (issue 19 asks for it too).
+dropout 0.1, and the `sdlora tune` winner: a sweep (TUNE_GRID x TUNE_STEPS, scored on the world
+prompts against the dataset's val photos, which are the training seed's) on each run's own photos,
+whose winning settings and step are then trained and measured as every other row.
 
 Time: the estimate is printed before starting. Default settings (19 rows, 16 training runs x 2
 seeds x 1 object = 32 runs) with --jobs 2 on the 2-core machine: about 20-25 min (1 min of it
@@ -70,11 +72,12 @@ class Lever:
     photos: str = "plain"  # one of PHOTOS
     embedding: bool = True  # sample with the trained token embedding
     guidance: float = wc.GUIDANCE  # sampling's classifier-free guidance
+    tune: bool = False  # the settings come from an `sdlora tune` sweep on the run's photos (tune_winner)
 
     @property
     def training(self) -> tuple:
         """What the trained LoRA depends on: rows with the same share a run."""
-        return (self.flags, self.lr, self.steps, self.photos)
+        return (self.flags, self.lr, self.steps, self.photos, self.tune)
 
 
 LEVERS = (
@@ -99,6 +102,7 @@ LEVERS = (
     Lever("loha", "LoHa", (("lora.lora_type", "loha"),)),
     Lever("ema", "EMA 0.995", (("lora.ema_decay", 0.995),)),
     Lever("caption-dropout", "caption dropout 0.1", (("data.caption_dropout", 0.1),)),
+    Lever("tune", "`sdlora tune` winner", tune=True),
 )
 BY_KEY = {lever.key: lever for lever in LEVERS}
 DEFAULTS = LEVERS[0]
@@ -113,6 +117,39 @@ def photos_of(work: Path, k: int, seed: int, kind: str) -> tuple[Path, Path | No
         work / "photos" / f"k{k}-s{seed}-{'clutter' if clutter else 'plain'}", k, seed, wc.TRAIN_PHOTOS, clutter
     )
     return photos, masks if kind == "clutter+masks" else None
+
+
+# The tune row's sweep: the preset's learning rate and rank, each with a neighbour, at half, all and twice
+# the preset's 150 steps: 4 trials x 300 steps, about 5 minutes a run on one core.
+TUNE_GRID = ("lr=3e-4,1e-3", "rank=8,16")
+TUNE_STEPS = "75,150,300"
+TUNE_KEYS = ("train.learning_rate", "lora.rank")
+
+
+def tune_winner(dataset: Path, here: Path, name: str, seed: int, steps_scale: float) -> dict[str, Any]:
+    """`sdlora tune` over TUNE_GRID x TUNE_STEPS on `dataset`, scored as world_common measures (the world
+    prompts, 2 images each, world-DINO and world-CLIP) but against the dataset's val photos, as a user's
+    sweep is: the winner's settings with its step as train.max_steps."""
+    import subprocess
+
+    from sdlora.world.shipped import CLIP, DINO
+
+    steps = ",".join(str(max(1, round(int(n) * steps_scale))) for n in TUNE_STEPS.split(","))
+    prompts = list(wc.subject_prompts("{class}", "{token}"))
+    args = [sys.executable, "-m", "sdlora", "tune", "--config", wc.PRESET, "--dataset", str(dataset)]
+    args += ["--runs-dir", str(here / "tune"), "--name", name, "--steps", steps, f"train.seed={seed}"]
+    args += [f"train.max_steps={steps.split(',')[-1]}"]  # the preset's 150 would refuse a later scored step
+    args += [part for grid in TUNE_GRID for part in ("--grid", grid)]
+    args += [part for prompt in prompts for part in ("--prompt", prompt)]
+    args += ["--seeds", str(wc.IMAGES_PER_PROMPT), "--sample-steps", str(wc.SAMPLE_STEPS)]
+    args += ["--dino-model", DINO, "--clip-model", CLIP, "--clip-pretrained", "", "validation.prompts=[]"]
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL)
+    winner = json.loads((here / "tune" / name / "tune.json").read_text(encoding="utf-8"))["winner"]
+    flags = {key: winner["settings"][key] for key in TUNE_KEYS}
+    flags["lora.alpha"] = flags["lora.rank"]  # as the rank rows: alpha = rank
+    # wc.train multiplies the steps by --steps-scale again: the sweep's steps were scaled already.
+    flags["train.max_steps"] = max(1, round(winner["step"] / steps_scale))
+    return flags
 
 
 def train_flags(lever: Lever, preset_lr: float) -> dict[str, Any]:
@@ -131,6 +168,8 @@ def run_levers(levers: list[Lever], k: int, seed: int, work: Path, here: Path, s
     heldout = wc.heldout_photos(work, k, seed)
     dataset = wc.prepare(photos, here / "datasets" / name, cls, masks=masks)
     flags = train_flags(first, load_config(wc.PRESET).train.learning_rate)
+    if first.tune:
+        flags |= tune_winner(dataset, here, name, seed, steps_scale)
     run, train_s = wc.train(dataset, here / "runs", name, seed, flags, first.steps * steps_scale)
     ceiling = wc.ceiling(wc.dataset_images(dataset, "train"), heldout)
     results = []
@@ -145,6 +184,8 @@ def run_levers(levers: list[Lever], k: int, seed: int, work: Path, here: Path, s
         )
         figures |= {"lever": lever.key, "object": k, "seed": seed, "train_s": train_s, "ceiling": ceiling}
         figures["photos"] = lever.photos
+        if lever.tune:
+            figures["settings"] = {key: flags[key] for key in (*TUNE_KEYS, "train.max_steps")}
         results.append(figures)
     return results
 
@@ -155,7 +196,11 @@ def estimate_s(levers: list[Lever], steps_scale: float) -> float:
     steps = load_config(wc.PRESET).train.max_steps * steps_scale
     images = 2 * (len(wc.SAMPLE_BACKGROUNDS) + 1) * wc.IMAGES_PER_PROMPT
     cost = 1.6 if any(flag == ("prior.preservation", "dop") for flag in levers[0].flags) else 1.0  # DOP: a forward more
-    return wc.estimate_run_s(steps * levers[0].steps * cost, images * len(levers))
+    estimate = wc.estimate_run_s(steps * levers[0].steps * cost, images * len(levers))
+    if levers[0].tune:  # the sweep: its trials' steps, then each point's images (and the base model's once)
+        trials, scored = 4, [int(n) * steps_scale for n in TUNE_STEPS.split(",")]
+        estimate += wc.estimate_run_s(trials * max(scored), (trials * len(scored) + 1) * 8) + trials * wc.RUN_OVERHEAD_S
+    return estimate
 
 
 def summary(runs: list[dict], levers: list[Lever]) -> str:
@@ -181,7 +226,13 @@ def summary(runs: list[dict], levers: list[Lever]) -> str:
     once = {(r["object"], r["seed"], r["photos"]): r["ceiling"] for r in runs}  # rows share photos
     ceilings = {kind: wc.Spread([c for (_, _, p), c in once.items() if p == kind]) for kind in PHOTOS}
     footer = ", ".join(f"{kind} photos {spread}" for kind, spread in ceilings.items() if spread.values)
-    return wc.table(HEADER, rows) + f"\nceiling (world-DINO of held-out to training photos): {footer}"
+    winners = [
+        f"object {r['object']} seed {r['seed']}: " + ", ".join(f"{k} {v}" for k, v in r["settings"].items())
+        for r in runs
+        if "settings" in r
+    ]
+    tuned = "".join(f"\ntune winner, {line}" for line in winners)
+    return wc.table(HEADER, rows) + f"\nceiling (world-DINO of held-out to training photos): {footer}" + tuned
 
 
 def main(argv: list[str] | None = None) -> None:

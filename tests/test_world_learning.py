@@ -5,26 +5,31 @@ tests/test_demo.py already fails when learning stops altogether. These catch def
 LoRA learning something, but the wrong thing:
   - an inverted subject mask (the masked loss trains the cluttered room, not the object),
   - DOP's loss with its sign flipped (the class word drifts away from the base model),
-  - a LoKr LoRA's kohya file written with the wrong scale (ComfyUI would draw something else).
+  - a LoKr LoRA's kohya file written with the wrong scale (ComfyUI would draw something else),
+  - `sdlora tune` ranking its trials the wrong way round (pivotal tuning on against off).
+A LoRA of world-sdxl, the SDXL-architecture world model, must learn the object as world-sd's does.
 
 The runs follow benchmarks/world_common.py (its render, prepare, train and measure, imported): novel
 object 60 (the demo's orange toy with blue dots), the `world` preset (rank 8, lr 1e-3, 150 steps,
 32 px), 16 training photos, photo and training seed 0, scored against 12 held-out photos of the
-object (another photo seed, never trained on). Four training runs, shared between tests by module
-fixtures: 3 minutes on the quiet 2-core machine, 17 beside other work, so the module is slow. Each
-threshold comes from runs of seeds 0 and 1 (figures in each test's docstring, measured 2026-12-06),
-and each defect was put in by hand to see its test fail.
+object (another photo seed, never trained on). Five training runs (four shared between tests by module
+fixtures) and a two-trial `tune`: about 5 minutes on the quiet 2-core machine, more beside other work,
+so the module is slow. Each threshold comes from runs of seeds 0 and 1 (figures in each test's
+docstring, measured 2026-12-06), and each defect was put in by hand to see its test fail.
 
-Not here: `sdlora tune`'s ranking. In the world a trial that trains no LoRA weight is no loser: the
-token's embedding, initialised from the class word, already scores as high on tune's val photos
-(world-DINO 0.163 after 1 step, 0.161 after 150; with lr 1e-8, embedding only, 0.275). A race in
-the cluttered room, --unmasked-weight 0.1 against 1.0, had no robust winner either (DINO 0.09 against
-0.22 on seed 0, 0.36 against 0.24 on seed 1, where the masked trial's CLIP-T, 0.29, fell below the
-floor). tests/test_tune.py checks the ranking against the trials' scores.json.
+`tune` needs a race whose loser is clearly worse. Races of learning rate or steps have none here: a
+trial that trains no LoRA weight is no loser, for the token's embedding, initialised from the class
+word, already scores as high on tune's val photos (world-DINO 0.163 after 1 step, 0.161 after 150;
+with lr 1e-8, embedding only, 0.275). A race in the cluttered room, --unmasked-weight 0.1 against 1.0,
+had no robust winner either (DINO 0.09 against 0.22 on seed 0, 0.36 against 0.24 on seed 1, where the
+masked trial's CLIP-T, 0.29, fell below the floor). Pivotal tuning is the lever with the clearest
+effect (docs/world.md's lever table), so it is the race. tests/test_tune.py checks the ranking
+against the trials' scores.json on tiny models.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any, Iterator
@@ -244,3 +249,67 @@ def test_lokr_kohya_file_draws_what_the_peft_adapter_draws(lokr):
     merged = draw(pipe, prompt, seeds)
     worst, moved = float(np.abs(merged - trained).max()), float(np.abs(trained - embedding_only).mean())
     assert worst < KOHYA_TOL and moved > 3 * KOHYA_TOL, (worst, moved)
+
+
+# ---- SDXL's architecture --------------------------------------------------------------------------
+
+SDXL_LEARNED = None  # world-DINO, world-sdxl's LoRA's images minus its base model's (measured: test docstring)
+
+
+def test_a_lora_of_world_sdxl_learns_the_object(work, plain, heldout):
+    """The same run on world-sdxl, the SDXL-architecture world model: two text encoders whose penultimate
+    states are concatenated, the pooled text and size ids added to the time embedding, the token's
+    embedding trained in both encoders (`clip_l`, `clip_g`), an empty prompt drawn from zeros. A LoRA of
+    it draws the object far closer than its base model does.
+
+    world-DINO minus the base model's, seeds 0 / 1: ... (the SD 1.x model's: 0.27 / 0.26). With the pooled
+    text left out of the training forward (the defect: `added_cond_kwargs` given zeros for `text_embeds`
+    in `models/families/unet_clip.py` `unet_kwargs`) ...
+    """
+    from sdlora.world.shipped import BASE_XL
+
+    run = train(work, plain, "sdxl", **{"model.name": BASE_XL})
+    figures = wc.measure(run, heldout, run.path / "measured")
+    assert figures["dino_lora"] - figures["dino_base"] > SDXL_LEARNED, figures
+
+
+# ---- tune's ranking ----------------------------------------------------------------------------
+
+TUNE_GAP = 0.2  # world-DINO on tune's val photos: pivotal tuning on minus off (measured: test docstring)
+
+
+@pytest.fixture(scope="module")
+def pivotal_race(work: Path, plain: Path) -> dict[str, Any]:
+    """`sdlora tune` with two trials, the world preset with pivotal tuning on and off, scored at 150 steps
+    on two world prompts, 2 seeds each, by the world's DINO and CLIP: its tune.json."""
+    from typer.testing import CliRunner
+
+    from sdlora.cli import app
+    from sdlora.world.shipped import CLIP, DINO
+
+    prompts = [f"a photo of {{token}} {{class}} {where}" for where in ("on the beach", "in the snow")]
+    args = ["tune", "--config", wc.PRESET, "--dataset", str(plain), "--runs-dir", str(work / "runs")]
+    args += ["--name", "race", "--grid", "embedding.train=false,true", "--steps", "150", "--seeds", "2"]
+    args += ["--sample-steps", str(wc.SAMPLE_STEPS), "--dino-model", DINO]
+    args += ["--clip-model", CLIP, "--clip-pretrained", ""]
+    args += [part for prompt in prompts for part in ("--prompt", prompt)] + ["validation.prompts=[]"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return json.loads((work / "runs" / "race" / "tune.json").read_text())
+
+
+def test_tune_picks_pivotal_tuning_over_none(pivotal_race):
+    """Of two trials, the world preset with the token's embedding trained and without, `tune` names the
+    one with the embedding: without it the LoRA draws the object worse than the base model does
+    (docs/world.md). Its objective takes the highest DINO among points whose CLIP-T clears the floor.
+
+    world-DINO on tune's val photos (3 of the 16), seeds 0 / 1 of the photos: 0.161 / 0.335 with pivotal
+    tuning, -0.233 / -0.184 without (the base model -0.190 / -0.189); both trials' CLIP-T (0.67-0.70)
+    clear the floor (the base model's 0.566 less 0.02). TUNE_GAP 0.2 is half the smaller gap. With the
+    ranking turned round (the defect: lowest objective first in `tune/objective.py` `rank_points`) the
+    test failed. About a minute on one core (two 150-step trials, 12 sampled images).
+    """
+    trials = {t["settings"]["embedding.train"]: t for t in pivotal_race["trials"]}
+    scores = {on: t["points"][-1] for on, t in trials.items()}
+    assert pivotal_race["winner"]["trial"] == trials[True]["name"], scores
+    assert scores[True]["dino"] - scores[False]["dino"] > TUNE_GAP, scores

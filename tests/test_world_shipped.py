@@ -1,5 +1,5 @@
-"""The world's shipped models: `--model world-sd`, `--clip-model world-clip`, `--dino-model world-dino`
-load from the package's own folders, offline, through the real loaders."""
+"""The world's shipped models: `--model world-sd` / `world-sdxl`, `--clip-model world-clip`, `--dino-model
+world-dino` load from the package's own folders, offline, through the real loaders."""
 
 from __future__ import annotations
 
@@ -19,6 +19,24 @@ def test_world_sd_loads_as_an_sd1_pipeline_made_for_32_px():
     assert default_resolution(shipped.BASE, family) == 32
     config = json.loads((shipped.shipped_folder(shipped.BASE) / "unet" / "config.json").read_text())
     assert config["sample_size"] == 16
+
+
+def test_world_sdxl_loads_as_an_sdxl_pipeline_whose_pooled_text_is_world_clips():
+    """world-sdxl's second text encoder is the world CLIP's text tower with its projection: its pooled text
+    is the scorer's own text embedding, as SDXL's is OpenCLIP bigG's."""
+    import torch
+
+    from sdlora.evaluate.clip import load_clip
+
+    pipe, family = load_pipeline(shipped.BASE_XL, dtype=torch.float32)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline" and family.name == "sdxl"
+    assert default_resolution(shipped.BASE_XL, family) == 32
+    prompt = "a photo of a red toy on the beach"
+    ids = pipe.tokenizer_2([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        pooled = pipe.text_encoder_2(ids).text_embeds.float()
+    scorer = torch.nn.functional.normalize(load_clip(shipped.CLIP, None).embed_text([prompt]).float(), dim=-1)
+    assert torch.nn.functional.cosine_similarity(pooled, scorer).item() > 0.999
 
 
 def test_world_scorers_load_by_name():

@@ -100,10 +100,14 @@ def scenes(
 @app.command()
 def build(
     out: Annotated[
-        Path, typer.Option("--out", help="Folder for world-sd/, world-clip/, world-dino/ (and work/).")
+        Path, typer.Option("--out", help="Folder for world-sd/, world-sdxl/, world-clip/, world-dino/ (and work/).")
     ] = Path("world-models"),
     only: Annotated[
-        Optional[str], typer.Option("--only", help="Build one model: clip, vae, unet (needs clip and vae) or dino.")
+        Optional[str],
+        typer.Option(
+            "--only",
+            help="Build one model: clip, vae, unet or unet_xl (these two need clip and vae), or dino.",
+        ),
     ] = None,
     steps_scale: Annotated[
         float, typer.Option("--steps-scale", help="Multiply every trainer's steps (and the scene pool) by this.")

@@ -1,5 +1,5 @@
-"""The world's base models, shipped inside the package: `--model world-sd`, `--clip-model world-clip`,
-`--dino-model world-dino`.
+"""The world's base models, shipped inside the package: `--model world-sd` (or `world-sdxl`), `--clip-model
+world-clip`, `--dino-model world-dino`.
 
 `python -m sdlora.world build` trains them from seeds (world/trainers/); the published folders are
 copied into `weights/` here and ship as package data (about 18 MB, fp16). Each is a folder in its
@@ -15,9 +15,10 @@ from pathlib import Path
 from sdlora.errors import ModelError
 
 WEIGHTS = Path(__file__).parent / "weights"
-MODELS = ("world-sd", "world-clip", "world-dino")
-# What each is to the rest of sdlora: the base model, the CLIP scorer and the DINO scorer.
-BASE, CLIP, DINO = MODELS
+MODELS = ("world-sd", "world-clip", "world-dino", "world-sdxl")
+# What each is to the rest of sdlora: the base model, the CLIP scorer, the DINO scorer and the SDXL-architecture
+# base model.
+BASE, CLIP, DINO, BASE_XL = MODELS
 
 
 def shipped_folder(name: str) -> Path | None:

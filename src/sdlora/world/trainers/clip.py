@@ -145,9 +145,11 @@ def text_encoder_config():
     )
 
 
-def text_encoder(model: torch.nn.Module):
-    """The CLIP's text tower as a transformers CLIPTextModel (last_hidden_state = open_clip's ln_final output)."""
-    from transformers import CLIPTextModel
+def text_encoder(model: torch.nn.Module, projection: bool = False):
+    """The CLIP's text tower as a transformers CLIPTextModel (last_hidden_state = open_clip's ln_final output);
+    `projection`: as a CLIPTextModelWithProjection, whose text_embeds are open_clip's `encode_text` before
+    its normalising (world-sdxl's second text encoder)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     sd = model.state_dict()
     new = {
@@ -173,9 +175,14 @@ def text_encoder(model: torch.nn.Module):
                 ("mlp.c_proj", "mlp.fc2"),
             ):
                 new[dst + f"{b}.{name}"] = sd[src + f"{a}.{name}"]
-    encoder = CLIPTextModel(text_encoder_config())
-    # transformers 5's CLIPTextModel holds the transformer's modules itself (4.x: under .text_model).
-    target = getattr(encoder, "text_model", encoder)
+    if projection:
+        encoder = CLIPTextModelWithProjection(text_encoder_config())
+        encoder.text_projection.weight.data.copy_(sd["text_projection"].T)  # open_clip: x @ P; a Linear: W x
+        target = encoder.text_model
+    else:
+        encoder = CLIPTextModel(text_encoder_config())
+        # transformers 5's CLIPTextModel holds the transformer's modules itself (4.x: under .text_model).
+        target = getattr(encoder, "text_model", encoder)
     new = {k.removeprefix("text_model."): v for k, v in new.items()}
     missing, unexpected = target.load_state_dict(new, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
