@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from sdlora.world import vocab
 from sdlora.world.__main__ import app as world_app
-from sdlora.world.trainers import clip, common, dino, tokenizer, unet, vae
+from sdlora.world.trainers import clip, common, dino, tokenizer, unet, unet_xl, vae
 
 TINY = 0.0005  # --steps-scale of the fast tests: 1 to 4 steps per trainer, 64 scenes a pool shard
 runner = CliRunner()
@@ -27,7 +27,7 @@ def built(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world-build")
     threads = torch.get_num_threads()
     try:
-        for module in (vae, clip, unet, dino):
+        for module in (vae, clip, unet, unet_xl, dino):
             module.main(["--out", str(out), "--steps-scale", str(TINY)])
     finally:
         torch.set_num_threads(threads)
@@ -86,6 +86,23 @@ def test_world_sd_is_a_pipeline_folder_that_samples(built):
     autoencoder = AutoencoderKL.from_pretrained(folder / "vae")
     assert autoencoder.config.scaling_factor != 0.18215  # measured on the pool, not SD's
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    image = pipe(
+        "a photo of a red toy on the beach",
+        num_inference_steps=2,
+        output_type="pil",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    assert image.size == (32, 32)
+
+
+def test_world_sdxl_is_an_sdxl_pipeline_folder_that_samples(built):
+    """world-sdxl: the same VAE, the text tower twice (the second projects the pooled text), an SDXL UNet
+    that takes the pooled text and the size ids; sampled at 32 px with the empty prompt as zeros."""
+    from diffusers import StableDiffusionXLPipeline
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(built / unet_xl.PIPELINE, torch_dtype=torch.float32)
+    assert pipe.unet.config.addition_embed_type == "text_time" and pipe.config.force_zeros_for_empty_prompt
+    assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     image = pipe(
         "a photo of a red toy on the beach",
         num_inference_steps=2,
@@ -161,7 +178,7 @@ def test_short_build_samples_and_scores(tmp_path):
     cmd = [sys.executable, "-m", "sdlora.world", "build", "--out", str(tmp_path), "--steps-scale", "0.002"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
-    for name in ("world-clip", "vae", "unet", "world-dino"):
+    for name in ("world-clip", "vae", "unet", "unet_xl", "world-dino"):
         assert f"[{name}] step" in done.stdout  # each trainer printed its curve
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "world-sd", torch_dtype=torch.float32)
     image = pipe(

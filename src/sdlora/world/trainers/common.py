@@ -145,7 +145,8 @@ def publish(final: Path, write: Callable[[Path], Any]) -> None:
 
 
 def build_once(name: str, final: Path, train: Callable[[], Any]) -> None:
-    """Train a model and publish it in fp16 at `final`, unless a finished one is there already."""
+    """Train a model (or a pipeline of models) and publish it in fp16 at `final`, unless a finished one is
+    there already."""
     if final.is_dir():
         print(f"[{name}] already built in {final}", flush=True)
         return

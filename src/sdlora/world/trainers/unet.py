@@ -117,6 +117,21 @@ class Embeddings:
         return torch.stack([self.cache[c] for c in captions]).float()
 
 
+def noised_batch(seed: int, i: int, data: pool.Pool, latents: tuple, noise_schedule):
+    """Step i's batch: (its rng, captions with one in CAPTION_DROPOUT dropped to "", noisy latents, the
+    noise, the timesteps). `latents` is (means, stds, scaling factor) from `encode_pool`; every draw comes
+    from (seed, i), so a resumed trainer repeats it. The rng goes on for draws a trainer adds after these."""
+    means, stds, factor = latents
+    rng, gen = common.step_rng(seed, i), common.step_generator(seed, i)
+    idx = rng.integers(len(data.captions), size=BATCH)
+    captions = ["" if rng.random() < CAPTION_DROPOUT else data.captions[j] for j in idx]
+    mean, std = means[idx].float(), stds[idx].float()
+    clean = (mean + std * torch.randn(mean.shape, generator=gen)) * factor
+    noise = torch.randn(clean.shape, generator=gen)
+    t = torch.randint(0, noise_schedule.config.num_train_timesteps, (BATCH,), generator=gen)
+    return rng, captions, noise_schedule.add_noise(clean, noise, t), noise, t
+
+
 def train(out: Path, scale: float = 1.0):
     common.one_thread()
     autoencoder, encoder, tokenizer = load_parts(out)
@@ -130,14 +145,7 @@ def train(out: Path, scale: float = 1.0):
     opt = common.adamw(model, LR)
 
     def step(i: int):
-        rng, gen = common.step_rng(SEED, i), common.step_generator(SEED, i)
-        idx = rng.integers(len(data.captions), size=BATCH)
-        captions = ["" if rng.random() < CAPTION_DROPOUT else data.captions[j] for j in idx]
-        mean, std = means[idx].float(), stds[idx].float()
-        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * factor
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (BATCH,), generator=gen)
-        noisy = noise_schedule.add_noise(latents, noise, t)
+        _, captions, noisy, noise, t = noised_batch(SEED, i, data, (means, stds, factor), noise_schedule)
         pred = model(noisy, t, encoder_hidden_states=embed(captions)).sample
         return torch.nn.functional.mse_loss(pred, noise)
 
@@ -171,13 +179,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _build(args) -> None:
-    final = args.out / PIPELINE
-    if final.is_dir():
-        print(f"[{NAME}] already built in {final}", flush=True)
-        return
-    pipe = pipeline(*train(args.out, args.steps_scale)).to(torch.float16)
-    common.publish(final, lambda tmp: pipe.save_pretrained(tmp))
-    print(f"[{NAME}] saved {final}", flush=True)
+    common.build_once(NAME, args.out / PIPELINE, lambda: pipeline(*train(args.out, args.steps_scale)))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ SDXL's conditioning on the world's parts: two text encoders, both the world CLIP
 SDXL's are two CLIPs; the second, `CLIPTextModelWithProjection`, gives the pooled text: the CLIP's own
 text embedding), whose penultimate hidden states are concatenated (77x256); the UNet adds the pooled
 text and six size ids (`addition_embed_type="text_time"`) to its time embedding. The same VAE latents,
-noise schedule, caption dropout and EMA as world-sd's UNet (unet.py). A dropped caption gets zero
+batches, noise schedule, caption dropout and EMA as world-sd's UNet (unet.py's `noised_batch`). A dropped caption gets zero
 embeddings, which is what SDXL's pipelines use for the empty prompt (`force_zeros_for_empty_prompt`).
 
 The size ids vary as a user's photos make them: `sdlora train` gives each photo's original size and
@@ -24,8 +24,7 @@ from sdlora.world.trainers import clip, common, pool, unet
 NAME = "unet_xl"
 PIPELINE = "world-sdxl"
 SEED = 5
-STEPS = 3000
-BATCH = 32
+STEPS = 3000  # batches of unet.BATCH, as world-sd's UNet
 LR = 3e-4
 WARMUP = 100
 TIME_EMBED = 8  # addition_time_embed_dim (SDXL's: 256)
@@ -125,16 +124,9 @@ def train(out: Path, scale: float = 1.0):
     opt = common.adamw(model, LR)
 
     def step(i: int):
-        rng, gen = common.step_rng(SEED, i), common.step_generator(SEED, i)
-        idx = rng.integers(len(data.captions), size=BATCH)
-        captions = ["" if rng.random() < unet.CAPTION_DROPOUT else data.captions[j] for j in idx]
-        mean, std = means[idx].float(), stds[idx].float()
-        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * factor
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (BATCH,), generator=gen)
-        noisy = noise_schedule.add_noise(latents, noise, t)
+        rng, captions, noisy, noise, t = unet.noised_batch(SEED, i, data, (means, stds, factor), noise_schedule)
         embeds, pooled = condition(captions)
-        added = {"text_embeds": pooled, "time_ids": size_ids(rng, BATCH)}
+        added = {"text_embeds": pooled, "time_ids": size_ids(rng, unet.BATCH)}
         pred = model(noisy, t, encoder_hidden_states=embeds, added_cond_kwargs=added).sample
         return torch.nn.functional.mse_loss(pred, noise)
 
@@ -168,13 +160,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _build(args) -> None:
-    final = args.out / PIPELINE
-    if final.is_dir():
-        print(f"[{NAME}] already built in {final}", flush=True)
-        return
-    pipe = pipeline(*train(args.out, args.steps_scale)).to(torch.float16)
-    common.publish(final, lambda tmp: pipe.save_pretrained(tmp))
-    print(f"[{NAME}] saved {final}", flush=True)
+    common.build_once(NAME, args.out / PIPELINE, lambda: pipeline(*train(args.out, args.steps_scale)))
 
 
 if __name__ == "__main__":
