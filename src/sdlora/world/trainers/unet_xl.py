@@ -4,8 +4,9 @@ SDXL's conditioning on the world's parts: two text encoders, both the world CLIP
 SDXL's are two CLIPs; the second, `CLIPTextModelWithProjection`, gives the pooled text: the CLIP's own
 text embedding), whose penultimate hidden states are concatenated (77x256); the UNet adds the pooled
 text and six size ids (`addition_embed_type="text_time"`) to its time embedding. The same VAE latents,
-batches, noise schedule, caption dropout and EMA as world-sd's UNet (unet.py's `noised_batch`). A dropped caption gets zero
-embeddings, which is what SDXL's pipelines use for the empty prompt (`force_zeros_for_empty_prompt`).
+batches, noise schedule, caption dropout and EMA as world-sd's UNet (unet.py's `noised_batch`). A
+dropped caption gets zero embeddings, which is what SDXL's pipelines use for the empty prompt
+(`force_zeros_for_empty_prompt`).
 
 The size ids vary as a user's photos make them: `sdlora train` gives each photo's original size and
 crop (a 640x480 world photo cropped to 32x32 gives (480, 640, 0, 80, 32, 32)); the pool's scenes are
