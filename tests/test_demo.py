@@ -71,6 +71,20 @@ def dino_with_the_lora_off(run: Path, copy: Path) -> float:
     return json.loads((copy / "scores.json").read_text())["overall"]["lora"]["dino"]
 
 
+@pytest.mark.slow  # about a minute; world-sd's demo above runs in the default suite
+def test_demo_on_world_sdxl_learns_the_object_with_the_worlds_photos_and_scorers(tmp_path):
+    """`sdlora demo --model world-sdxl`: the SDXL-architecture world model gets the world's photos of the
+    object and the world's scorers (not the tiny ones), and its LoRA draws the object as world-sd's does."""
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--model", "world-sdxl"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads((out / "runs" / "latest" / "scores.json").read_text())
+    lora, baseline = scores["overall"]["lora"], scores["overall"]["baseline"]
+    assert scores["scorers"]["dino"]["model"] == "world-dino" and scores["scorers"]["clip"]["model"] == "world-clip"
+    assert lora["dino"] - baseline["dino"] > LEARNED, (lora, baseline)
+    assert "images are noise" not in result.stderr
+
+
 @pytest.mark.slow  # 30 s; the world demo above runs in the default suite
 def test_demo_on_a_tiny_model_says_its_images_are_noise(tmp_path):
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--steps", "2", "--model", "tiny-sd"])

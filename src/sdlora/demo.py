@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from sdlora.errors import DataError
 from sdlora.world import vocab
-from sdlora.world.shipped import BASE, CLIP, DINO
+from sdlora.world.shipped import BASE, BASE_XL, CLIP, DINO
 
 DEMO_OBJECT = 60  # a novel world object of class toy: "orange toy with blue dots, wheels and a handle"
 DEMO_PHOTOS = 24
@@ -26,7 +26,8 @@ DEMO_BACKGROUNDS = ("beach", "snow")
 DEMO_PROMPTS = tuple(f"a photo of {SUBJECT} {vocab.BACKGROUNDS[b].phrase}" for b in DEMO_BACKGROUNDS)
 SHEET = "demo.png"  # under the demo's folder
 # The demo's models and the preset each trains with: the world's, or the tiny one (random weights).
-PRESET = {BASE: "world", "tiny-sd": "tiny", "tiny-sdxl": "tiny"}
+PRESET = {BASE: "world", BASE_XL: "world", "tiny-sd": "tiny", "tiny-sdxl": "tiny"}
+WORLD_MODELS = (BASE, BASE_XL)  # the models that learn: the world's photos and scorers go with them
 DEMO_MODELS = tuple(PRESET)
 
 
@@ -92,7 +93,7 @@ def run_demo(
     samples_json = generate_samples(run, list(DEMO_PROMPTS), num_images=2, on_progress=on_progress)
 
     phase("score")
-    world = model == BASE
+    world = model in WORLD_MODELS
     scores = score_run(
         run,
         samples_json=samples_json,
@@ -138,7 +139,7 @@ def write_sheet(path: Path, dataset: Path, samples_json: Path, zoom: int = 3) ->
 
 def _render_photos(folder: Path, model: str) -> None:
     """The world's phone photos of the demo object; the tiny models get the example toy car."""
-    if model == BASE:
+    if model in WORLD_MODELS:
         from sdlora.world.photos import write_photos
 
         write_photos(folder, DEMO_OBJECT, DEMO_PHOTOS)

@@ -36,7 +36,10 @@ def demo(
     model: Annotated[
         str,
         typer.Option(
-            "--model", "-m", metavar="NAME", help="world-sd (learns), or tiny-sd / tiny-sdxl (random: noise)."
+            "--model",
+            "-m",
+            metavar="NAME",
+            help="world-sd or world-sdxl (they learn), or tiny-sd / tiny-sdxl (random: noise).",
         ),
     ] = "world-sd",
     steps: Annotated[
