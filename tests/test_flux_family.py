@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import one_line_error
+from run_helpers import assert_same_lora, stopped_and_resumed
 from sdlora.cli import app
 from sdlora.config import load_config
 from sdlora.errors import ConfigError
@@ -26,7 +27,7 @@ from sdlora.models.families.flux import ATTENTION, latent_ids, pack_latents, unp
 from sdlora.models.families.flux_keys import kohya_flux_to_peft
 from sdlora.run import DIFFUSERS_LORA
 from sdlora.safetensors_io import read_metadata
-from sdlora.train import loop, resolve
+from sdlora.train import loop
 from sdlora.train.flow_matching import FlowMatching
 
 # The first two losses of tiny-flux on the 6-image fixture dataset, seed 0, lr 1e-3, fp32.
@@ -179,26 +180,11 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path: Path, tiny
         "train.timestep_sampling": "sigmoid",
         "train.shift": 3.0,
     }
-    straight = loop.run_training(flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "straight"}))
-    state = loop.setup(flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "halves"}))
-
-    def stop_at_2(event: dict) -> None:
-        if event["event"] == "step" and event["step"] == 2:
-            state.request_stop()
-
-    try:
-        first = loop.train(state, stop_at_2)
-    finally:
-        loop.cleanup(state)
-    assert first.interrupted and first.steps == 2
-    run_dir, cfg, _ = resolve.resume_run(first.run_dir, [{}], ("command line",))
-    second = loop.run_training(cfg, resume=run_dir)
-    assert second.steps == 4
-    a = load_file(straight.lora_dir / DIFFUSERS_LORA)
-    b = load_file(second.lora_dir / DIFFUSERS_LORA)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    straight, resumed = stopped_and_resumed(
+        lambda name: flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": name})
+    )
+    assert resumed.steps == 4
+    assert_same_lora(straight, resumed)
 
 
 def test_train_then_sample_through_the_cli(tmp_path: Path, tiny_dataset: Path, monkeypatch):

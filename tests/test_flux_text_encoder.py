@@ -13,11 +13,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from run_helpers import assert_same_lora, stopped_and_resumed
 from sdlora.config import load_config
 from sdlora.models import load_pipeline
 from sdlora.models.families import FLUX1, SD1
 from sdlora.run import DIFFUSERS_LORA, EMBEDDINGS
-from sdlora.train import loop, resolve
+from sdlora.train import loop
 
 
 def flux_cfg(tmp_path: Path, dataset: Path, **flags):
@@ -108,25 +109,11 @@ def test_clip_l_trains_t5_stays_frozen_and_both_files_carry_clip_ls_lora(tmp_pat
 @pytest.mark.slow  # 5 s; FLUX.1's resume without the text encoder stays in the default suite
 def test_resume_equals_straight_through(tmp_path: Path, tiny_dataset: Path):
     flags = {"train.max_steps": 4, "train.lr_scheduler": "cosine"}
-    straight = loop.run_training(flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "straight"}))
-    state = loop.setup(flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "halves"}))
-
-    def stop_at_2(event: dict) -> None:
-        if event["event"] == "step" and event["step"] == 2:
-            state.request_stop()
-
-    try:
-        first = loop.train(state, stop_at_2)
-    finally:
-        loop.cleanup(state)
-    assert first.interrupted and first.steps == 2
-    run_dir, cfg, _ = resolve.resume_run(first.run_dir, [{}], ("command line",))
-    second = loop.run_training(cfg, resume=run_dir)
-    assert second.steps == 4
-    a, b = load_file(straight.lora_dir / DIFFUSERS_LORA), load_file(second.lora_dir / DIFFUSERS_LORA)
-    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=0, msg=key)
+    straight, resumed = stopped_and_resumed(
+        lambda name: flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": name})
+    )
+    assert resumed.steps == 4
+    assert any(key.startswith("text_encoder.") for key in assert_same_lora(straight, resumed))
 
 
 def test_with_the_tokens_embedding_both_train(tmp_path: Path, tiny_dataset: Path):

@@ -78,6 +78,17 @@ def test_dino_scorer_loads(built):
     assert emb.shape == (2, 128) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-3)
 
 
+def samples_32_px(pipe) -> bool:
+    """The pipeline draws a world prompt (2 steps) at the world's 32 px: its default size."""
+    image = pipe(
+        "a photo of a red toy on the beach",
+        num_inference_steps=2,
+        output_type="pil",
+        generator=torch.Generator().manual_seed(0),
+    ).images[0]
+    return image.size == (32, 32)
+
+
 def test_world_sd_is_a_pipeline_folder_that_samples(built):
     from diffusers import AutoencoderKL, StableDiffusionPipeline
 
@@ -86,13 +97,7 @@ def test_world_sd_is_a_pipeline_folder_that_samples(built):
     autoencoder = AutoencoderKL.from_pretrained(folder / "vae")
     assert autoencoder.config.scaling_factor != 0.18215  # measured on the pool, not SD's
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
-    image = pipe(
-        "a photo of a red toy on the beach",
-        num_inference_steps=2,
-        output_type="pil",
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]
-    assert image.size == (32, 32)
+    assert samples_32_px(pipe)
 
 
 def test_world_sdxl_is_an_sdxl_pipeline_folder_that_samples(built):
@@ -103,13 +108,7 @@ def test_world_sdxl_is_an_sdxl_pipeline_folder_that_samples(built):
     pipe = StableDiffusionXLPipeline.from_pretrained(built / unet_xl.PIPELINE, torch_dtype=torch.float32)
     assert pipe.unet.config.addition_embed_type == "text_time" and pipe.config.force_zeros_for_empty_prompt
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
-    image = pipe(
-        "a photo of a red toy on the beach",
-        num_inference_steps=2,
-        output_type="pil",
-        generator=torch.Generator().manual_seed(0),
-    ).images[0]
-    assert image.size == (32, 32)
+    assert samples_32_px(pipe)
 
 
 def test_trainers_are_deterministic(built, tmp_path):

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import one_line_error
+from run_helpers import assert_same_lora, stopped_and_resumed
 from sdlora.cli import app
 from sdlora.config import load_config
 from sdlora.errors import ConfigError
@@ -24,7 +25,7 @@ from sdlora.models.families import FLUX1, ZIMAGE, detect_family
 from sdlora.models.families.zimage import ATTENTION, WINDOW, unpad
 from sdlora.run import DIFFUSERS_LORA
 from sdlora.safetensors_io import read_metadata
-from sdlora.train import loop, resolve
+from sdlora.train import loop
 from sdlora.train.flow_matching import FlowMatching
 
 # The first two losses of tiny-zimage on the 6-image fixture dataset, seed 0, lr 1e-3, fp32.
@@ -195,26 +196,11 @@ def test_golden_loss_default_targets_and_the_diffusers_file_loads_back(tmp_path:
 @pytest.mark.slow
 def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path: Path, tiny_dataset: Path):
     flags = {"train.max_steps": 4, "train.lr_scheduler": "cosine", "train.timestep_sampling": "sigmoid"}
-    straight = loop.run_training(zimage_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "straight"}))
-    state = loop.setup(zimage_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "halves"}))
-
-    def stop_at_2(event: dict) -> None:
-        if event["event"] == "step" and event["step"] == 2:
-            state.request_stop()
-
-    try:
-        first = loop.train(state, stop_at_2)
-    finally:
-        loop.cleanup(state)
-    assert first.interrupted and first.steps == 2
-    run_dir, cfg, _ = resolve.resume_run(first.run_dir, [{}], ("command line",))
-    second = loop.run_training(cfg, resume=run_dir)
-    assert second.steps == 4
-    a = load_file(straight.lora_dir / DIFFUSERS_LORA)
-    b = load_file(second.lora_dir / DIFFUSERS_LORA)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.allclose(a[key], b[key], atol=1e-6), key
+    straight, resumed = stopped_and_resumed(
+        lambda name: zimage_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": name})
+    )
+    assert resumed.steps == 4
+    assert_same_lora(straight, resumed)
 
 
 def test_train_then_sample_through_the_cli(tmp_path: Path, tiny_dataset: Path, monkeypatch):
