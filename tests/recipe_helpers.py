@@ -26,6 +26,16 @@ def lora_file(result: Any) -> dict[str, torch.Tensor]:
     return load_file(result.lora_dir / "pytorch_lora_weights.safetensors")
 
 
+def assert_same_lora(a: Any, b: Any, atol: float = 1e-6) -> list[str]:
+    """Two TrainResults' diffusers LoRA files hold the same keys and, within `atol`, the same tensors (the
+    same ops in one process on one thread: only summation order may differ); returns the keys."""
+    first, second = lora_file(a), lora_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], atol=atol, rtol=1e-5, msg=key)
+    return list(first)
+
+
 def straight_and_resumed(tmp_path: Path, dataset: Path, flags: dict[str, Any]) -> tuple[Any, Any]:
     """6 straight steps, and 3 steps + Ctrl-C + resume to 6, with `flags` on: their TrainResults.
 
@@ -35,10 +45,7 @@ def straight_and_resumed(tmp_path: Path, dataset: Path, flags: dict[str, Any]) -
     second, _, _ = stopped_and_resumed(tiny_cfg(tmp_path, dataset, {**flags, "run.name": "halves"}), 3)
     assert second.steps == 6
     assert losses(second.run_dir) == pytest.approx(losses(straight.run_dir), abs=1e-5)
-    a, b = lora_file(straight), lora_file(second)
-    assert a.keys() == b.keys()
-    for key in a:
-        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=0)
+    assert_same_lora(straight, second, atol=1e-5)
     return straight, second
 
 

@@ -4,7 +4,6 @@
 `save_lora_weights` (so loading it tests our sampler, not our exporter); `write_metrics`
 writes a metrics.jsonl shaped like the training loop's; `write_validation_samples` a
 samples/step-NNNNNN/ folder with validation.json. Reusable by any test that needs a run.
-`stopped_and_resumed` and `assert_same_lora` are the exact-resume check every family's tests make.
 """
 
 from __future__ import annotations
@@ -12,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import yaml
@@ -159,37 +158,3 @@ def write_validation_samples(run: Path, step: int, prompts: list[str], num_image
             entries.append({"file": name, "prompt": prompt, "prompt_as_written": prompt, "seed": k, "step": step})
     (folder / "validation.json").write_text(json.dumps({"step": step, "steps": 2, "guidance": 7.5, "images": entries}))
     return folder
-
-
-def stopped_and_resumed(make_cfg: Callable[[str], Any], stop_at: int = 2) -> tuple[Any, Any]:
-    """(straight, resumed) TrainResults of one config: `make_cfg("straight")` trained straight through, and
-    `make_cfg("halves")` stopped after step `stop_at` (as Ctrl-C stops it) and resumed from its checkpoint."""
-    from sdlora.train import loop, resolve
-
-    straight = loop.run_training(make_cfg("straight"))
-    state = loop.setup(make_cfg("halves"))
-
-    def stop(event: dict) -> None:
-        if event["event"] == "step" and event["step"] == stop_at:
-            state.request_stop()
-
-    try:
-        first = loop.train(state, stop)
-    finally:
-        loop.cleanup(state)
-    assert first.interrupted and first.steps == stop_at
-    run_dir, cfg, _ = resolve.resume_run(first.run_dir, [{}], ("command line",))
-    return straight, loop.run_training(cfg, resume=run_dir)
-
-
-def assert_same_lora(a: Any, b: Any, atol: float = 1e-6) -> list[str]:
-    """Two TrainResults' diffusers LoRA files hold the same keys and, within `atol`, the same tensors (the
-    same ops in one process on one thread: only summation order may differ); returns the keys."""
-    import torch
-    from safetensors.torch import load_file
-
-    first, second = load_file(a.lora_dir / DIFFUSERS_LORA), load_file(b.lora_dir / DIFFUSERS_LORA)
-    assert first.keys() == second.keys()
-    for key in first:
-        torch.testing.assert_close(first[key], second[key], atol=atol, rtol=1e-5, msg=key)
-    return list(first)

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from conftest import one_line_error
-from run_helpers import assert_same_lora, stopped_and_resumed
+from recipe_helpers import assert_same_lora, stopped_and_resumed
 from sdlora.cli import app
 from sdlora.config import load_config
 from sdlora.errors import ConfigError
@@ -180,9 +180,8 @@ def test_resume_gives_the_same_lora_as_an_uninterrupted_run(tmp_path: Path, tiny
         "train.timestep_sampling": "sigmoid",
         "train.shift": 3.0,
     }
-    straight, resumed = stopped_and_resumed(
-        lambda name: flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": name})
-    )
+    straight = loop.run_training(flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "straight"}))
+    resumed, _, _ = stopped_and_resumed(flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "halves"}), 2)
     assert resumed.steps == 4
     assert_same_lora(straight, resumed)
 

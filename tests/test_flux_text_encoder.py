@@ -13,7 +13,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from run_helpers import assert_same_lora, stopped_and_resumed
+from recipe_helpers import assert_same_lora, stopped_and_resumed
 from sdlora.config import load_config
 from sdlora.models import load_pipeline
 from sdlora.models.families import FLUX1, SD1
@@ -109,9 +109,8 @@ def test_clip_l_trains_t5_stays_frozen_and_both_files_carry_clip_ls_lora(tmp_pat
 @pytest.mark.slow  # 5 s; FLUX.1's resume without the text encoder stays in the default suite
 def test_resume_equals_straight_through(tmp_path: Path, tiny_dataset: Path):
     flags = {"train.max_steps": 4, "train.lr_scheduler": "cosine"}
-    straight, resumed = stopped_and_resumed(
-        lambda name: flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": name})
-    )
+    straight = loop.run_training(flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "straight"}))
+    resumed, _, _ = stopped_and_resumed(flux_cfg(tmp_path, tiny_dataset, **flags, **{"run.name": "halves"}), 2)
     assert resumed.steps == 4
     assert any(key.startswith("text_encoder.") for key in assert_same_lora(straight, resumed))
 
