@@ -14,7 +14,7 @@ import functools
 import gzip
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -178,14 +178,15 @@ _T5_WORDS = "a an the photo picture of sks toy dog cat person on in at with and 
 _T5_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
 
 
-def t5_tokenizer(model_max_length: int = 512):
+def t5_tokenizer(model_max_length: int = 512, words: Sequence[str] = _T5_WORDS):
     """A T5 tokenizer (`T5TokenizerFast`: <pad> 0, </s> 1, <unk> 2, a </s> after each text) over a small
-    Unigram vocabulary, built in memory with `tokenizers` (no hub, no SentencePiece file)."""
+    Unigram vocabulary of `words` (whole) and characters, built in memory with `tokenizers` (no hub, no
+    SentencePiece file)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import T5TokenizerFast
 
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -5.0)]
-    vocab += [("\u2581" + word, -3.0) for word in _T5_WORDS] + [(c, -8.0) for c in _T5_CHARS]
+    vocab += [("\u2581" + word, -3.0) for word in words] + [(c, -8.0) for c in _T5_CHARS]
     backend = Tokenizer(models.Unigram(vocab, unk_id=2))
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
