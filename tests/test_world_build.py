@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from sdlora.world import vocab
 from sdlora.world.__main__ import app as world_app
-from sdlora.world.trainers import clip, common, dino, tokenizer, unet, unet_xl, vae
+from sdlora.world.trainers import clip, common, dino, flux, tokenizer, unet, unet_xl, vae
 
 TINY = 0.0005  # --steps-scale of the fast tests: 1 to 4 steps per trainer, 64 scenes a pool shard
 runner = CliRunner()
@@ -27,7 +27,7 @@ def built(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("world-build")
     threads = torch.get_num_threads()
     try:
-        for module in (vae, clip, unet, unet_xl, dino):
+        for module in (vae, clip, unet, unet_xl, flux, dino):
             module.main(["--out", str(out), "--steps-scale", str(TINY)])
     finally:
         torch.set_num_threads(threads)
@@ -78,13 +78,15 @@ def test_dino_scorer_loads(built):
     assert emb.shape == (2, 128) and torch.allclose(emb.norm(dim=-1), torch.ones(2), atol=1e-3)
 
 
-def samples_32_px(pipe) -> bool:
-    """The pipeline draws a world prompt (2 steps) at the world's 32 px: its default size."""
+def samples_32_px(pipe, **size) -> bool:
+    """The pipeline draws a world prompt (2 steps) at the world's 32 px: its default size (FluxPipeline's
+    default is fixed, so world-flux is given it: `size`)."""
     image = pipe(
         "a photo of a red toy on the beach",
         num_inference_steps=2,
         output_type="pil",
         generator=torch.Generator().manual_seed(0),
+        **size,
     ).images[0]
     return image.size == (32, 32)
 
@@ -109,6 +111,44 @@ def test_world_sdxl_is_an_sdxl_pipeline_folder_that_samples(built):
     assert pipe.unet.config.addition_embed_type == "text_time" and pipe.config.force_zeros_for_empty_prompt
     assert type(pipe.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
     assert samples_32_px(pipe)
+
+
+def test_world_flux_is_a_flux_dev_pipeline_folder_that_samples(built):
+    """world-flux: FLUX.1 [dev]'s architecture (the guidance embedding, T5 states, CLIP's pooled text) on the
+    world VAE with FLUX's shift_factor, at 32 px, the size sdlora reads from its VAE."""
+    from diffusers import FluxPipeline
+
+    from sdlora.models.families.flux import FLUX1
+    from sdlora.models.loading import default_resolution
+
+    folder = built / flux.PIPELINE
+    pipe = FluxPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    assert pipe.transformer.config.guidance_embeds and pipe.vae.config.shift_factor is not None
+    assert type(pipe.text_encoder_2).__name__ == "T5EncoderModel" and pipe.tokenizer_2.model_max_length == 32
+    assert default_resolution(str(folder), FLUX1) == 32
+    assert samples_32_px(pipe, height=32, width=32, guidance_scale=3.5)
+
+
+def test_flux_student_starts_as_its_teacher():
+    """Guidance distillation starts from the teacher: whatever the guidance value, the student's velocity is
+    the teacher's until the guidance embedding learns (its last layer starts at zero)."""
+    teacher = flux.build_model(guidance=False).eval()
+    with torch.no_grad():  # a teacher that is not at its initial weights
+        for param in teacher.parameters():
+            param.add_(0.02 * torch.randn(param.shape, generator=torch.Generator().manual_seed(param.numel())))
+    student = flux.student_of(teacher).eval()
+    gen = torch.Generator().manual_seed(0)
+    noisy, embeds, pooled = (
+        torch.randn(2, 4, 16, 16, generator=gen),
+        torch.randn(2, 7, 64, generator=gen),
+        torch.randn(2, 128, generator=gen),
+    )
+    sigmas = torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        expected = flux.velocity(teacher, noisy, sigmas, embeds, pooled)
+        for guidance in (1.0, 5.0):
+            got = flux.velocity(student, noisy, sigmas, embeds, pooled, torch.full((2,), guidance))
+            assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_trainers_are_deterministic(built, tmp_path):
@@ -177,7 +217,7 @@ def test_short_build_samples_and_scores(tmp_path):
     cmd = [sys.executable, "-m", "sdlora.world", "build", "--out", str(tmp_path), "--steps-scale", "0.002"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-2000:]
-    for name in ("world-clip", "vae", "unet", "unet_xl", "world-dino"):
+    for name in ("world-clip", "vae", "unet", "unet_xl", "flux", "flux-distill", "world-dino"):
         assert f"[{name}] step" in done.stdout  # each trainer printed its curve
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "world-sd", torch_dtype=torch.float32)
     image = pipe(

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from sdlora.errors import DataError
 from sdlora.world import vocab
-from sdlora.world.shipped import BASE, BASE_XL, CLIP, DINO
+from sdlora.world.shipped import BASE, BASE_FLUX, BASE_XL, CLIP, DINO
 
 DEMO_OBJECT = 60  # a novel world object of class toy: "orange toy with blue dots, wheels and a handle"
 DEMO_PHOTOS = 24
@@ -26,8 +26,8 @@ DEMO_BACKGROUNDS = ("beach", "snow")
 DEMO_PROMPTS = tuple(f"a photo of {SUBJECT} {vocab.BACKGROUNDS[b].phrase}" for b in DEMO_BACKGROUNDS)
 SHEET = "demo.png"  # under the demo's folder
 # The demo's models and the preset each trains with: the world's, or the tiny one (random weights).
-PRESET = {BASE: "world", BASE_XL: "world", "tiny-sd": "tiny", "tiny-sdxl": "tiny"}
-WORLD_MODELS = (BASE, BASE_XL)  # the models that learn: the world's photos and scorers go with them
+PRESET = {BASE: "world", BASE_XL: "world", BASE_FLUX: "world", "tiny-sd": "tiny", "tiny-sdxl": "tiny"}
+WORLD_MODELS = (BASE, BASE_XL, BASE_FLUX)  # the models that learn: the world's photos and scorers go with them
 DEMO_MODELS = tuple(PRESET)
 
 

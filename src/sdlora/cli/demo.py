@@ -39,7 +39,7 @@ def demo(
             "--model",
             "-m",
             metavar="NAME",
-            help="world-sd or world-sdxl (they learn), or tiny-sd / tiny-sdxl (random: noise).",
+            help="world-sd, world-sdxl or world-flux (they learn), or tiny-sd / tiny-sdxl (random: noise).",
         ),
     ] = "world-sd",
     steps: Annotated[

@@ -208,17 +208,23 @@ def load_base_vae(
 
 def default_resolution(model: str, family: Family) -> int:
     """The training and sampling resolution a model was made for (64 for the tiny models): a local
-    folder's own, from its denoiser's sample size and its VAE's downscaling (diffusers' pipelines take
-    their default height the same way), else the family's."""
+    folder's own, from its UNet's sample size and its VAE's downscaling (diffusers' SD pipelines take
+    their default height the same way), or, for a transformer (whose config has no size), the size its
+    VAE was made for (FLUX.1's: 1024; world-flux's: 32); else the family's."""
     if is_tiny(model):
         from sdlora.models.tiny import TINY_RESOLUTION
 
         return TINY_RESOLUTION
     folder = Path(local_source(model))
     unet, vae = folder / "unet" / "config.json", folder / "vae" / "config.json"
-    if unet.is_file() and vae.is_file():
+    if not vae.is_file():
+        return family.default_resolution
+    vae_config = json.loads(vae.read_text(encoding="utf-8"))
+    if unet.is_file():
         sample_size = json.loads(unet.read_text(encoding="utf-8")).get("sample_size")
-        levels = len(json.loads(vae.read_text(encoding="utf-8")).get("block_out_channels", ()))
+        levels = len(vae_config.get("block_out_channels", ()))
         if isinstance(sample_size, int) and levels:
             return sample_size * 2 ** (levels - 1)
+    elif (folder / "transformer" / "config.json").is_file() and isinstance(vae_config.get("sample_size"), int):
+        return vae_config["sample_size"]
     return family.default_resolution

@@ -100,13 +100,16 @@ def scenes(
 @app.command()
 def build(
     out: Annotated[
-        Path, typer.Option("--out", help="Folder for world-sd/, world-sdxl/, world-clip/, world-dino/ (and work/).")
+        Path,
+        typer.Option(
+            "--out", help="Folder for world-sd/, world-sdxl/, world-flux/, world-clip/, world-dino/ (and work/)."
+        ),
     ] = Path("world-models"),
     only: Annotated[
         Optional[str],
         typer.Option(
             "--only",
-            help="Build one model: clip, vae, unet or unet_xl (these two need clip and vae), or dino.",
+            help="Build one model: clip, vae, unet, unet_xl or flux (these three need clip and vae), or dino.",
         ),
     ] = None,
     steps_scale: Annotated[

@@ -1,4 +1,4 @@
-"""The world's base models, shipped inside the package: `--model world-sd` (or `world-sdxl`), `--clip-model
+"""The world's base models, shipped inside the package: `--model world-sd` (or `world-sdxl`, `world-flux`), `--clip-model
 world-clip`, `--dino-model world-dino`.
 
 `python -m sdlora.world build` trains them from seeds (world/trainers/); the published folders are
@@ -15,10 +15,10 @@ from pathlib import Path
 from sdlora.errors import ModelError
 
 WEIGHTS = Path(__file__).parent / "weights"
-MODELS = ("world-sd", "world-clip", "world-dino", "world-sdxl")
-# What each is to the rest of sdlora: the base model, the CLIP scorer, the DINO scorer and the SDXL-architecture
-# base model.
-BASE, CLIP, DINO, BASE_XL = MODELS
+MODELS = ("world-sd", "world-clip", "world-dino", "world-sdxl", "world-flux")
+# What each is to the rest of sdlora: the base model, the CLIP scorer, the DINO scorer, and the SDXL- and
+# FLUX.1-architecture base models.
+BASE, CLIP, DINO, BASE_XL, BASE_FLUX = MODELS
 
 
 def shipped_folder(name: str) -> Path | None:

@@ -163,6 +163,18 @@ def velocity(transformer, noisy, sigmas, embeds, pooled, guidance=None):
     return unpack_latents(out, height, width)
 
 
+def student_of(teacher):
+    """The distillation's student: the teacher's weights, and a guidance embedding whose last layer is zero, so
+    that it starts out giving the teacher's velocity whatever the guidance value."""
+    student = build_model(guidance=True)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith("time_text_embed.guidance_embedder.") for k in missing), missing
+    last = student.time_text_embed.guidance_embedder.linear_2
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    return student
+
+
 def latent_stats(means: torch.Tensor, stds: torch.Tensor) -> tuple[float, float]:
     """(shift_factor, scaling_factor): the pool latents' mean, and one over their standard deviation about it
     (the latents being mean + std * noise)."""
@@ -224,13 +236,7 @@ def train(out: Path, scale: float = 1.0):
 
     # 2. guidance distillation into the student
     t5, frozen = ema["t5"], ema["transformer"]
-    student = build_model(guidance=True)
-    missing, unexpected = student.load_state_dict(frozen.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("time_text_embed.guidance_embedder.") for k in missing), missing
-    last = student.time_text_embed.guidance_embedder.linear_2
-    torch.nn.init.zeros_(last.weight)
-    torch.nn.init.zeros_(last.bias)
-    student.train()
+    student = student_of(frozen).train()
     embeds_of: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()

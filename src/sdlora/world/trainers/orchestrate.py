@@ -3,7 +3,8 @@
     0  pool shard 0  | pool shard 1      the scene pool (pool.py)
     A  vae           | clip              nothing depends on anything
     B  unet          | dino              the UNet trains on A's VAE and text tower
-    C  unet_xl                           world-sdxl's UNet, on A's VAE and the CLIP's text tower
+    C  unet_xl           | flux          world-sdxl's UNet and world-flux's transformer (with its T5), on A's
+                                         VAE and the CLIP's text tower
 
 Every trainer skips what is already built and resumes from its checkpoint, so running the build
 again after an interruption (or a failure) continues where it stopped.
@@ -19,12 +20,12 @@ from pathlib import Path
 
 from sdlora.errors import SdloraError
 
-MODELS = ("clip", "vae", "unet", "dino", "unet_xl")
+MODELS = ("clip", "vae", "unet", "dino", "unet_xl", "flux")
 PHASES: tuple[tuple[tuple[str, ...], ...], ...] = (
     (("pool", "--shard", "0"), ("pool", "--shard", "1")),
     (("vae",), ("clip",)),
     (("unet",), ("dino",)),
-    (("unet_xl",),),
+    (("unet_xl",), ("flux",)),
 )
 
 
