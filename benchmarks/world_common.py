@@ -56,6 +56,16 @@ SAMPLE_BACKGROUNDS = ("beach", "snow", "grass", "night")  # not "table": the clu
 IMAGES_PER_PROMPT = 2
 SAMPLE_STEPS = 20
 GUIDANCE = 7.5  # sdlora sample's default for SD 1.x; world_levers.py's guidance rows change it
+
+
+def sampling(model: str) -> tuple[int, float]:
+    """(steps, guidance) the benchmarks sample `model` with: SAMPLE_STEPS at classifier-free GUIDANCE for the
+    UNet models; FLUX.1 [dev]'s own for world-flux (28 steps at the distilled guidance 3.5, its family's
+    defaults, what `sdlora sample` uses)."""
+    from sdlora.models.families.flux import DEV_STEPS, FLUX1
+    from sdlora.world.shipped import BASE_FLUX
+
+    return (DEV_STEPS, FLUX1.sample_guidance) if model == BASE_FLUX else (SAMPLE_STEPS, GUIDANCE)
 FIRST_OBJECT = 60  # the demo's object (a toy)
 
 
@@ -222,14 +232,15 @@ def measure(
     *,
     drift: bool = False,
     embedding: bool = True,
-    guidance: float = GUIDANCE,
+    guidance: float | None = None,
 ) -> dict[str, float]:
-    """Sample the run (LoRA and baseline, same seeds, classifier-free `guidance`; `embedding` False:
+    """Sample the run (LoRA and baseline, same seeds, `guidance` (None: the model's, `sampling`); `embedding` False:
     without the token's trained embedding, as `sdlora sample --no-embedding`) and score it against
     `heldout` (module docstring)."""
     from sdlora.evaluate.score import load_samples, score_samples
     from sdlora.generate import generate_samples
 
+    steps, default_guidance = sampling(run.model)
     backgrounds = subject_prompts(run.class_word, run.token)
     prompts = list(backgrounds) + ([class_prompt(run.class_word)] if drift else [])
     samples_json = generate_samples(
@@ -237,8 +248,8 @@ def measure(
         prompts,
         out_dir=out_dir,
         num_images=IMAGES_PER_PROMPT,
-        steps=SAMPLE_STEPS,
-        guidance=guidance,
+        steps=steps,
+        guidance=default_guidance if guidance is None else guidance,
         embedding=embedding,
     )
     samples = load_samples(samples_json)

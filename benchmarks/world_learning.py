@@ -5,8 +5,10 @@ Run by hand (the world models must be built: `python -m sdlora.world build`):
     PYTHONPATH=src python benchmarks/world_learning.py --jobs 2 --json world_learning.json
     PYTHONPATH=src python benchmarks/world_learning.py --part lora --objects 1 --seeds 1 --steps-scale 0.05  # a quick check
     PYTHONPATH=src python benchmarks/world_learning.py --model world-sdxl --jobs 2   # the SDXL-architecture world model
+    PYTHONPATH=src python benchmarks/world_learning.py --model world-flux --jobs 2   # FLUX.1's architecture
 
---model is the base model: world-sd (SD 1.x architecture, the default) or world-sdxl (SDXL's).
+--model is the base model: world-sd (SD 1.x architecture, the default), world-sdxl (SDXL's) or world-flux
+(FLUX.1 [dev]'s: sampled in 28 steps at its distilled guidance 3.5, the others in 20 at CFG 7.5).
 
 Part `base` -- the base model draws what it is asked. The base model alone (no LoRA) samples world
 captions "a photo of a red toy on the beach" over a --grid of (class, colour, background), each
@@ -46,7 +48,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import world_common as wc  # noqa: E402  (benchmarks/ is a folder of scripts)
 from sdlora.world import vocab  # noqa: E402
-from sdlora.world.shipped import BASE, BASE_XL  # noqa: E402
+from sdlora.world.shipped import BASE, BASE_FLUX, BASE_XL  # noqa: E402
 
 FIGURES = ("dino_lora", "dino_base", "ceiling", "clip_t_lora", "clip_t_base", "bg_lora", "train_s", "run_s")
 HEADER = (
@@ -89,13 +91,14 @@ def base_samples(model: str, triples: list[tuple[str, str, str]], seed: int, bat
     pipe, _ = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     size = load_config(wc.PRESET).data.resolution
+    steps, guidance = wc.sampling(model)
     images = []
     for start in range(0, len(triples), batch):
         out = pipe(
             prompt=[caption(*t) for t in triples[start : start + batch]],
             num_images_per_prompt=wc.IMAGES_PER_PROMPT,
-            num_inference_steps=wc.SAMPLE_STEPS,
-            guidance_scale=wc.GUIDANCE,  # as `sdlora sample` (SDXL's pipeline defaults to 5)
+            num_inference_steps=steps,
+            guidance_scale=guidance,  # as `sdlora sample` (SDXL's pipeline defaults to 5)
             height=size,
             width=size,
             generator=torch.Generator("cpu").manual_seed(seed + start),
@@ -114,6 +117,7 @@ def real_scenes(triples: list[tuple[str, str, str]], seed: int) -> list:
 
     rng = np.random.default_rng(seed)
     size = load_config(wc.PRESET).data.resolution
+    steps, guidance = wc.sampling(model)
     images = []
     for cls, colour, background in triples:
         obj = WorldObject(Composition(cls, colour, "plain", None, ()), Details())
@@ -205,7 +209,7 @@ def part_lora(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("base", "lora", "both"), default="both")
-    parser.add_argument("--model", choices=(BASE, BASE_XL), default=BASE, help="the world's base model")
+    parser.add_argument("--model", choices=(BASE, BASE_XL, BASE_FLUX), default=BASE, help="the world's base model")
     parser.add_argument("--grid", type=int, default=120, help="prompts of part base (120: every value equally often)")
     parser.add_argument("--objects", type=int, default=3, help="novel objects: 60 and the next of other classes")
     parser.add_argument("--object", type=int, action="append", help="a novel object to use (repeatable)")

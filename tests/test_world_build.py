@@ -98,6 +98,8 @@ def test_world_sd_is_a_pipeline_folder_that_samples(built):
     assert (folder / "model_index.json").is_file()
     autoencoder = AutoencoderKL.from_pretrained(folder / "vae")
     assert autoencoder.config.scaling_factor != 0.18215  # measured on the pool, not SD's
+    # No config names a folder of the machine that built it (the VAE was loaded from the build's work/).
+    assert not [p for p in built.rglob("config.json") if "_name_or_path" in p.read_text(encoding="utf-8")]
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     assert samples_32_px(pipe)
 

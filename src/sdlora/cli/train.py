@@ -151,7 +151,7 @@ def flags_given(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def train(**params: Any) -> None:
-    """Train a LoRA on a prepared dataset (SD 1.x or SDXL) and write a run folder.
+    """Train a LoRA on a prepared dataset (SD 1.x, SDXL, FLUX.1, FLUX.2 [klein], Z-Image) and write a run folder.
 
     Flags override --config; dotted KEY=VALUE overrides after them (lora.rank=8 train.seed=1) override both.
     """

@@ -151,8 +151,26 @@ def build_once(name: str, final: Path, train: Callable[[], Any]) -> None:
         print(f"[{name}] already built in {final}", flush=True)
         return
     model = train()
-    publish(final, lambda tmp: model.to(torch.float16).save_pretrained(tmp))
+
+    def write(tmp: Path) -> None:
+        model.to(torch.float16).save_pretrained(tmp)
+        forget_build_paths(tmp)
+
+    publish(final, write)
     print(f"[{name}] saved {final}", flush=True)
+
+
+def forget_build_paths(folder: Path) -> None:
+    """Drop the `_name_or_path` diffusers writes into a config of a model it loaded (the world VAE's: a path on
+    the machine that built it), so a shipped folder names no one's disk."""
+    import json
+
+    from sdlora.fsutil import write_text
+
+    for path in folder.rglob("config.json"):
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if config.pop("_name_or_path", None) is not None:
+            write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def main(name: str, body: Callable[[Any], None], argv: list[str] | None) -> None:
