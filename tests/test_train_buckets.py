@@ -243,6 +243,10 @@ def test_latent_cache_is_reused_per_image_and_size(tmp_path: Path, aspect_datase
     n = len(TRAIN) + len(VAL)
     assert (encode()["encoded"], len(list(entries.iterdir()))) == (n, n)
     assert encode()["encoded"] == 0  # a second run encodes nothing
+    # The model folder's VAE saved again in place (retrained, say): none of the old latents is reused.
+    vae_file = next((Path(models_8x["tiny-sd"]) / "vae").glob("*.safetensors"))
+    vae_file.write_bytes(vae_file.read_bytes())
+    assert encode()["encoded"] == n
 
     # The same files trained square: the square photos' entries are reused, the others get square ones.
     manifest_path = aspect_dataset / "manifest.json"
@@ -255,7 +259,7 @@ def test_latent_cache_is_reused_per_image_and_size(tmp_path: Path, aspect_datase
     manifest["options"]["keep_aspect"] = True
     manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
     assert encode(**{"data.resolution": 192})["encoded"] == n  # another resolution: other sizes
-    assert len(list(entries.iterdir())) == 3 * n - squares  # one entry per (image, size)
+    assert len(list(entries.iterdir())) == 4 * n - squares  # one entry per (model state, image, size)
 
 
 def test_sdxl_time_ids_carry_the_real_sizes_and_crops(

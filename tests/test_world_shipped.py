@@ -1,4 +1,4 @@
-"""The world's shipped models: `--model world-sd` / `world-sdxl`, `--clip-model world-clip`, `--dino-model
+"""The world's shipped models: `--model world-sd` / `world-sdxl` / `world-flux`, `--clip-model world-clip`, `--dino-model
 world-dino` load from the package's own folders, offline, through the real loaders."""
 
 from __future__ import annotations
@@ -37,6 +37,22 @@ def test_world_sdxl_loads_as_an_sdxl_pipeline_whose_pooled_text_is_world_clips()
         pooled = pipe.text_encoder_2(ids).text_embeds.float()
     scorer = torch.nn.functional.normalize(load_clip(shipped.CLIP, None).embed_text([prompt]).float(), dim=-1)
     assert torch.nn.functional.cosine_similarity(pooled, scorer).item() > 0.999
+
+
+def test_world_flux_loads_as_flux_dev_made_for_32_px():
+    """world-flux is FLUX.1 [dev]'s architecture (the guidance embedding: 28 sampling steps), its CLIP-L world-sd's
+    text encoder, its T5 tokenizer the world's words whole; sdlora reads its 32 px from its VAE."""
+    import torch
+
+    pipe, family = load_pipeline(shipped.BASE_FLUX, dtype=torch.float32)
+    assert type(pipe).__name__ == "FluxPipeline" and family.name == "flux1"
+    assert default_resolution(shipped.BASE_FLUX, family) == 32
+    assert pipe.transformer.config.guidance_embeds and family.sample_steps(pipe) == 28
+    sd, _ = load_pipeline(shipped.BASE, dtype=torch.float32)
+    for name, weight in sd.text_encoder.state_dict().items():
+        assert torch.equal(weight, pipe.text_encoder.state_dict()[name]), name
+    tokens = pipe.tokenizer_2.tokenize("a photo of a red toy on the beach")
+    assert tokens == ["\u2581" + word for word in "a photo of a red toy on the beach".split()]
 
 
 def test_world_scorers_load_by_name():

@@ -31,6 +31,30 @@ def local_source(model: str) -> str:
     return str(folder) if folder is not None else model
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth", ".gguf")
+
+
+def weights_fingerprint(model: str, revision: str | None = None) -> str | None:
+    """What tells one state of `model`'s weights from another, for the caches keyed on the model (so a folder
+    retrained in place, or a hub model updated, never reuses their old latents): a local folder's or file's
+    weights files by path, size and modification time; a hub id's cached snapshot (its commit); None for a
+    tiny model (built from a seed) or a hub id not in the cache."""
+    if is_tiny(model):
+        return None
+    path = Path(local_source(model)).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+        stats = [(f.relative_to(path).as_posix() if f != path else f.name, f.stat()) for f in files]
+        return "\n".join(f"{name} {st.st_size} {st.st_mtime_ns}" for name, st in stats)
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(model, "model_index.json", revision=revision)
+    except ValueError:  # not a repo id
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
+
+
 def tiny_models() -> tuple[str, ...]:
     """The `--model` names of the families' tiny random-weight models."""
     return tuple(family.tiny_model for family in families.FAMILIES)

@@ -18,6 +18,7 @@ from sdlora.config import Config
 from sdlora.devices import free_memory
 from sdlora.events import OnEvent, ProgressFn
 from sdlora.models.families import Family
+from sdlora.models.loading import weights_fingerprint
 from sdlora.prompts import fill_prompt
 from sdlora.train import cache as cache_mod
 from sdlora.train.data import BatchPlan, Conditioning, Example, LatentSet, time_ids_for
@@ -118,6 +119,7 @@ def encode_examples(
     progress = progress_events(emit)
     cache_root = Path(cfg.data.dataset) / cache_mod.CACHE_DIR if cfg.data.cache else None
     model_key = (cfg.model.name, cfg.model.revision, cfg.model.variant)
+    model_key += (weights_fingerprint(cfg.model.name, cfg.model.revision),)  # the weights changed in place: no reuse
     latent_cache = cache_mod.TensorCache(cache_root / "latents" if cache_root else None)
     text_cache = cache_mod.TensorCache(cache_root / "text" if cache_root else None)
     example_sets = [list(train), list(val), list(classes)]
@@ -127,7 +129,7 @@ def encode_examples(
         pipe.vae,
         [ex.path for ex in everything],
         sizes=[ex.size for ex in everything],
-        key_parts=(*model_key, cfg.model.vae),
+        key_parts=(*model_key, cfg.model.vae, cfg.model.vae and weights_fingerprint(cfg.model.vae)),
         cache=latent_cache,
         flip=cfg.data.random_flip,
         device=device,
