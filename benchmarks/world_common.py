@@ -66,6 +66,8 @@ def sampling(model: str) -> tuple[int, float]:
     from sdlora.world.shipped import BASE_FLUX
 
     return (DEV_STEPS, FLUX1.sample_guidance) if model == BASE_FLUX else (SAMPLE_STEPS, GUIDANCE)
+
+
 FIRST_OBJECT = 60  # the demo's object (a toy)
 
 

@@ -6,6 +6,7 @@ Run by hand (the world models must be built: `python -m sdlora.world build`):
     PYTHONPATH=src python benchmarks/world_learning.py --part lora --objects 1 --seeds 1 --steps-scale 0.05  # a quick check
     PYTHONPATH=src python benchmarks/world_learning.py --model world-sdxl --jobs 2   # the SDXL-architecture world model
     PYTHONPATH=src python benchmarks/world_learning.py --model world-flux --jobs 2   # FLUX.1's architecture
+    PYTHONPATH=src python benchmarks/world_learning.py --model world-flux --part lora --set embedding.train=true
 
 --model is the base model: world-sd (SD 1.x architecture, the default), world-sdxl (SDXL's) or world-flux
 (FLUX.1 [dev]'s: sampled in 28 steps at its distilled guidance 3.5, the others in 20 at CFG 7.5).
@@ -44,6 +45,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import world_common as wc  # noqa: E402  (benchmarks/ is a folder of scripts)
@@ -88,7 +91,7 @@ def base_samples(model: str, triples: list[tuple[str, str, str]], seed: int, bat
     from sdlora.config import load_config
     from sdlora.models import load_pipeline
 
-    pipe, _ = load_pipeline(model)
+    pipe, family = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     size = load_config(wc.PRESET).data.resolution
     steps, guidance = wc.sampling(model)
@@ -102,6 +105,7 @@ def base_samples(model: str, triples: list[tuple[str, str, str]], seed: int, bat
             height=size,
             width=size,
             generator=torch.Generator("cpu").manual_seed(seed + start),
+            **family.prompt_kwargs(pipe),  # as `sdlora sample` (world-flux's T5 window)
         )
         images += out.images
     return images
@@ -117,7 +121,6 @@ def real_scenes(triples: list[tuple[str, str, str]], seed: int) -> list:
 
     rng = np.random.default_rng(seed)
     size = load_config(wc.PRESET).data.resolution
-    steps, guidance = wc.sampling(model)
     images = []
     for cls, colour, background in triples:
         obj = WorldObject(Composition(cls, colour, "plain", None, ()), Details())
@@ -154,7 +157,7 @@ def part_base(model: str, n: int, seed: int) -> dict:
 # ---- part lora ---------------------------------------------------------------------------------
 
 
-def learn(model: str, k: int, seed: int, work: Path, here: Path, steps_scale: float) -> dict:
+def learn(model: str, k: int, seed: int, work: Path, here: Path, steps_scale: float, flags: dict) -> dict:
     """One run of part lora (a pool worker): its figures."""
     start = time.perf_counter()
     cls = wc.object_class(k)
@@ -163,7 +166,7 @@ def learn(model: str, k: int, seed: int, work: Path, here: Path, steps_scale: fl
     heldout = wc.heldout_photos(work, k, seed)
     name = f"k{k}-s{seed}"
     dataset = wc.prepare(photos, here / "datasets" / name, cls)
-    run, train_s = wc.train(dataset, here / "runs", name, seed, {"model.name": model}, steps_scale)
+    run, train_s = wc.train(dataset, here / "runs", name, seed, {"model.name": model, **flags}, steps_scale)
     figures = wc.measure(run, heldout, run.path / "bench-samples")
     figures["ceiling"] = wc.ceiling(wc.dataset_images(dataset, "train"), heldout)
     figures |= {"train_s": train_s, "run_s": time.perf_counter() - start, "object": k, "class": cls, "seed": seed}
@@ -171,7 +174,7 @@ def learn(model: str, k: int, seed: int, work: Path, here: Path, steps_scale: fl
 
 
 def part_lora(
-    model: str, objects: list[int], seeds: list[int], work: Path, steps_scale: float, jobs: int
+    model: str, objects: list[int], seeds: list[int], work: Path, steps_scale: float, jobs: int, flags: dict
 ) -> list[dict]:
     from sdlora.config import load_config
 
@@ -182,11 +185,12 @@ def part_lora(
     n = len(objects) * len(seeds)
     estimate = per_run * -(-n // jobs)
     print(
-        f"\nA LoRA of {model} learns the object: objects {objects}, seeds {seeds}, {steps:.0f} steps; ~{per_run:.0f} s a run"
+        f"\nA LoRA of {model} learns the object: objects {objects}, seeds {seeds}, {steps:.0f} steps {flags or ''}; "
+        f"~{per_run:.0f} s a run"
     )
     runs, start = [], time.perf_counter()
     for figures in wc.run_jobs(
-        learn, [(model, k, s, work, here, steps_scale) for k in objects for s in seeds], jobs, estimate
+        learn, [(model, k, s, work, here, steps_scale, flags) for k in objects for s in seeds], jobs, estimate
     ):
         runs.append(figures)
         print(
@@ -218,16 +222,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs in parallel, one thread each (2 on 2 cores)")
     parser.add_argument("--work", type=Path, help="folder for photos (reused) and runs (default: a new temp folder)")
     parser.add_argument("--json", type=Path, help="write every figure here")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override of the LoRA runs (repeatable)",
+    )
     args = parser.parse_args(argv)
+    flags = {key: yaml.safe_load(value) for key, _, value in (item.partition("=") for item in args.set)}
     wc.one_thread()
     work = args.work or Path(tempfile.mkdtemp(prefix="world-learning-"))
     print(f"work folder: {work}", file=sys.stderr)
-    results: dict = {"model": args.model, "steps_scale": args.steps_scale}
+    results: dict = {"model": args.model, "steps_scale": args.steps_scale, "flags": flags}
     if args.part in ("base", "both"):
         results["base"] = part_base(args.model, args.grid, seed=0)
     if args.part in ("lora", "both"):
         objects = args.object or wc.default_objects(args.objects)
-        results["lora"] = part_lora(args.model, objects, list(range(args.seeds)), work, args.steps_scale, args.jobs)
+        results["lora"] = part_lora(
+            args.model, objects, list(range(args.seeds)), work, args.steps_scale, args.jobs, flags
+        )
     if args.json:
         args.json.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
 

@@ -249,6 +249,22 @@ def test_sampling_kwargs_keep_sd_as_it_was_and_refuse_a_negative_prompt_for_flux
         FLUX1.sampling_kwargs(3.5, ["blurry"])
 
 
+def test_a_short_t5_window_is_what_sampling_encodes_too():
+    """A T5 tokenizer of fewer than 512 positions (world-flux's: 32): training pads captions to its window
+    (`tokenize`), and the pipeline, told `prompt_kwargs`, encodes a prompt to the same states; untold,
+    FluxPipeline pads to 512, states the transformer never saw in training."""
+    from sdlora.models.tiny import t5_tokenizer
+
+    pipe, arch = load_pipeline("tiny-flux", dtype=torch.float32)
+    pipe.tokenizer_2 = t5_tokenizer(model_max_length=16)
+    prompt = "a photo of sks toy"
+    trained, _ = arch.encode_tokens([pipe.text_encoder, pipe.text_encoder_2], arch.tokenize(pipe, [prompt]))
+    assert arch.prompt_kwargs(pipe) == {"max_sequence_length": 16}
+    sampled, _, _ = pipe.encode_prompt(prompt, prompt_2=None, **arch.prompt_kwargs(pipe))
+    assert sampled.shape == trained.shape == (1, 16, 32) and torch.equal(sampled, trained)
+    assert pipe.encode_prompt(prompt, prompt_2=None)[0].shape[1] == 512  # the pipeline's own default
+
+
 def test_the_kohya_file_is_written_for_a_lora_only():
     """LoKr / LoHa have no fused FLUX layout, and DoRA's magnitude of a fused module would need the untrained
     parts' weights: those runs write the diffusers / peft file alone."""

@@ -88,6 +88,7 @@ def ensure_class_images(
             steps=num_inference_steps,
             guidance=arch.guidance_for(pipe) if guidance_scale is None else guidance_scale,  # the model's default
             batch_size=max(1, batch_size),
+            prompt_kwargs=arch.prompt_kwargs(pipe),
             on_progress=on_progress,
         )
     return user_images + wanted
@@ -105,6 +106,7 @@ def _generate(
     steps: int,
     guidance: float,
     batch_size: int,
+    prompt_kwargs: dict[str, Any],
     on_progress: ProgressFn | None,
 ) -> None:
     from PIL.PngImagePlugin import PngInfo
@@ -124,6 +126,7 @@ def _generate(
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=[torch.Generator("cpu").manual_seed(seed + i) for i in batch],
+            **prompt_kwargs,
         ).images
         for i, image in zip(batch, images):
             info = PngInfo()

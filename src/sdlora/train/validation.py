@@ -164,7 +164,7 @@ def sample_images(state: TrainState) -> Path:
             if state.sample_conds is not None:  # cached embeddings: the text encoders are gone
                 kwargs = state.arch.prompt_embeds_kwargs(pipe, state.sample_conds[i], state.negative_cond, device)  # type: ignore[arg-type]
             else:
-                kwargs = {"prompt": text}
+                kwargs = {"prompt": text, **state.arch.prompt_kwargs(pipe)}
             for k in range(cfg.validation.num_images):
                 seed = cfg.validation.seed + k
                 with state.accelerator.autocast():

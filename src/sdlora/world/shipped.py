@@ -2,7 +2,7 @@
 world-clip`, `--dino-model world-dino`.
 
 `python -m sdlora.world build` trains them from seeds (world/trainers/); the published folders are
-copied into `weights/` here and ship as package data (about 18 MB, fp16). Each is a folder in its
+copied into `weights/` here and ship as package data (38 MB, fp16). Each is a folder in its
 library's own format, so a name resolves to a folder and the usual loaders read it: diffusers'
 pipeline loader, open_clip's `local-dir:`, transformers' `ViTModel`.
 A name is looked up before the hub, as the tiny models' names are.

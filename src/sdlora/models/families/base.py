@@ -237,6 +237,11 @@ class Family:
         None: not known yet (before the model loads: `guidance_for`); a refusal that depends on it waits."""
         return {"guidance_scale": guidance, "negative_prompt": negative_prompt}
 
+    def prompt_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """What the pipeline must be told to encode a prompt as training does, where its own default differs
+        (FLUX.1's T5 window for a tokenizer shorter than 512); passed with every `prompt=` the pipeline encodes."""
+        return {}
+
 
 class OnDevice:
     """A (possibly DDP-wrapped) text encoder with the `.device` that `Family.encode_tokens` reads."""

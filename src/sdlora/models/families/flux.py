@@ -213,6 +213,13 @@ class Flux1(TransformerFamily):
 
     # ---- sampling
 
+    def prompt_kwargs(self, pipe: Any) -> dict[str, Any]:
+        """T5's window as `tokenize` pads it: FluxPipeline pads to its `max_sequence_length`, 512 unless told,
+        which a T5 tokenizer of fewer positions (world-flux's 32) must be told, or the transformer reads
+        hundreds of padding states it never saw in training."""
+        windows = self.prompt_windows(pipe)
+        return {"max_sequence_length": windows[0][2]} if windows else {}
+
     def sample_steps(self, pipe: Any) -> int:
         """FluxPipeline's default 28 for [dev]; 4 for a transformer without the guidance embedding ([schnell], which
         BFL's card and diffusers' FLUX docs sample in 4 steps)."""
