@@ -71,12 +71,14 @@ def dino_with_the_lora_off(run: Path, copy: Path) -> float:
     return json.loads((copy / "scores.json").read_text())["overall"]["lora"]["dino"]
 
 
-@pytest.mark.slow  # about a minute; world-sd's demo above runs in the default suite
-def test_demo_on_world_sdxl_learns_the_object_with_the_worlds_photos_and_scorers(tmp_path):
-    """`sdlora demo --model world-sdxl`: the SDXL-architecture world model gets the world's photos of the
-    object and the world's scorers (not the tiny ones), and its LoRA draws the object as world-sd's does."""
+@pytest.mark.slow  # about a minute each; world-sd's demo above runs in the default suite
+@pytest.mark.parametrize("model", ["world-sdxl", "world-flux"])
+def test_demo_on_world_sdxl_and_flux_learns_the_object_with_the_worlds_photos_and_scorers(tmp_path, model):
+    """`sdlora demo --model world-sdxl` / `world-flux`: the SDXL- and FLUX.1-architecture world models get the
+    world's photos of the object and the world's scorers (not the tiny ones), and their LoRAs draw the object
+    as world-sd's does."""
     out = tmp_path / "demo"
-    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--model", "world-sdxl"])
+    result = CliRunner().invoke(app, ["demo", "--out", str(out), "--model", model])
     assert result.exit_code == 0, result.output
     scores = json.loads((out / "runs" / "latest" / "scores.json").read_text())
     lora, baseline = scores["overall"]["lora"], scores["overall"]["baseline"]
