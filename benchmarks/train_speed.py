@@ -266,18 +266,9 @@ def _flux1_networks() -> dict[str, Callable[[], Any]]:
 
 
 def _flux1_parts() -> dict[str, Any]:
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from sdlora.models.tiny import clip_tokenizer, flux_dev_scheduler, t5_tokenizer
 
-    from sdlora.models.tiny import clip_tokenizer, t5_tokenizer
-
-    scheduler = FlowMatchEulerDiscreteScheduler(  # FLUX.1-dev's scheduler_config.json
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = flux_dev_scheduler()  # FLUX.1-dev's scheduler_config.json
     # sdlora's offline T5 tokenizer (a small vocabulary, T5TokenizerFast, tokenizer.json only): prompts are padded
     # to the 512-token window either way, so the compute is the real one's.
     return {"tokenizer": clip_tokenizer(), "tokenizer_2": t5_tokenizer(), "scheduler": scheduler}

@@ -239,14 +239,52 @@ def qwen_tokenizer(model_max_length: int = 512):
     return tokenizer
 
 
+def t5_encoder(vocab_size: int, d_model: int, d_kv: int, d_ff: int, buckets: int, max_distance: int = 128):
+    """A T5 v1.1 encoder (`T5EncoderModel`, gated GELU, as FLUX.1's T5-XXL) of the given size, random weights:
+    pad id 0 and end id 1, as `t5_tokenizer` numbers them."""
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=buckets,
+        relative_attention_max_distance=max_distance,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def flux_dev_scheduler():
+    """FLUX.1 [dev]'s scheduler config: flow matching with dynamic shifting, base_shift 0.5 / max_shift 1.15 over
+    256..4096 image tokens."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
 @_seeded
 def tiny_flux():
     """A FluxPipeline (FLUX.1 [dev]'s architecture) with tiny random weights: a 1 + 1 block transformer
     with the guidance embedding, a 16-channel VAE, CLIP and T5 text encoders, and FLUX.1-dev's
     flow-matching scheduler config (dynamic shifting, base_shift 0.5 / max_shift 1.15 over 256..4096 tokens).
     `--model tiny-flux` (models/families/flux.py)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
 
     tokenizer_2 = t5_tokenizer()
     transformer = FluxTransformer2DModel(
@@ -264,34 +302,12 @@ def tiny_flux():
     vae = _vae(  # FLUX.1's VAE: 16 latent channels, its scale and shift, no quant convs
         0.3611, latent_channels=16, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False
     )
-    t5 = T5Config(
-        vocab_size=len(tokenizer_2),
-        d_model=32,
-        d_kv=8,
-        d_ff=37,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
-        is_encoder_decoder=False,
-        use_cache=False,
-        pad_token_id=0,
-        eos_token_id=1,
-    )
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
     return FluxPipeline(
-        scheduler=scheduler,
+        scheduler=flux_dev_scheduler(),
         vae=vae,
         text_encoder=CLIPTextModel(_text_config(32, 32)).eval(),
         tokenizer=clip_tokenizer(),
-        text_encoder_2=T5EncoderModel(t5).eval(),
+        text_encoder_2=t5_encoder(len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, buckets=8),
         tokenizer_2=tokenizer_2,
         transformer=transformer,
     )

@@ -173,6 +173,18 @@ def forget_build_paths(folder: Path) -> None:
             write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def pipeline_main(
+    name: str, folder: str, train: Callable[[Path, float], tuple], pipeline: Callable[..., Any]
+) -> Callable[[list[str] | None], None]:
+    """The entry point of a trainer that publishes a pipeline: `main(argv)` runs `train(out, steps_scale)` and
+    saves `pipeline(*what train returned)` at <out>/<folder>, once (`build_once`)."""
+
+    def build(args: Any) -> None:
+        build_once(name, args.out / folder, lambda: pipeline(*train(args.out, args.steps_scale)))
+
+    return lambda argv=None: main(name, build, argv)
+
+
 def main(name: str, body: Callable[[Any], None], argv: list[str] | None) -> None:
     """A trainer module's entry point: parse its options, run `body(args)`, and turn an sdlora error
     into one line on stderr and exit status 1."""

@@ -54,27 +54,11 @@ def t5_tokenizer():
 
 
 def build_t5(vocab_size: int):
-    from transformers import T5Config, T5EncoderModel
+    from sdlora.models.tiny import t5_encoder
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(SEED)
-        return T5EncoderModel(
-            T5Config(
-                vocab_size=vocab_size,
-                d_model=T5_WIDTH,
-                d_kv=16,
-                d_ff=128,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=16,
-                relative_attention_max_distance=32,
-                feed_forward_proj="gated-gelu",  # T5 v1.1, as FLUX's T5-XXL
-                is_encoder_decoder=False,
-                use_cache=False,
-                pad_token_id=0,
-                eos_token_id=1,
-            )
-        )
+        return t5_encoder(vocab_size, d_model=T5_WIDTH, d_kv=16, d_ff=128, buckets=16, max_distance=T5_WINDOW)
 
 
 def build_model(guidance: bool):
@@ -104,20 +88,6 @@ def objective():
     from sdlora.train.flow_matching import FlowMatching, ResolutionShift
 
     return FlowMatching(sampling="logit_normal", resolution_shift=ResolutionShift(), timestep_scale=1.0)
-
-
-def scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
-    # FLUX.1 [dev]'s scheduler config.
-    return FlowMatchEulerDiscreteScheduler(
-        shift=3.0,
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
 
 
 class Prompts:
@@ -281,8 +251,10 @@ def train(out: Path, scale: float = 1.0):
 def pipeline(transformer, autoencoder, clip_encoder, clip_tokenizer, t5, t5_tok):
     from diffusers import FluxPipeline
 
+    from sdlora.models.tiny import flux_dev_scheduler
+
     return FluxPipeline(
-        scheduler=scheduler(),
+        scheduler=flux_dev_scheduler(),
         vae=autoencoder,
         text_encoder=clip_encoder,
         tokenizer=clip_tokenizer,
@@ -292,12 +264,7 @@ def pipeline(transformer, autoencoder, clip_encoder, clip_tokenizer, t5, t5_tok)
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    common.main(NAME, _build, argv)
-
-
-def _build(args) -> None:
-    common.build_once(NAME, args.out / PIPELINE, lambda: pipeline(*train(args.out, args.steps_scale)))
+main = common.pipeline_main(NAME, PIPELINE, train, pipeline)
 
 
 if __name__ == "__main__":

@@ -156,12 +156,7 @@ def pipeline(model, autoencoder, encoders, tokenizer):
     )
 
 
-def main(argv: list[str] | None = None) -> None:
-    common.main(NAME, _build, argv)
-
-
-def _build(args) -> None:
-    common.build_once(NAME, args.out / PIPELINE, lambda: pipeline(*train(args.out, args.steps_scale)))
+main = common.pipeline_main(NAME, PIPELINE, train, pipeline)
 
 
 if __name__ == "__main__":
