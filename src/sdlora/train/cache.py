@@ -4,10 +4,11 @@ Training never runs the VAE or the (frozen) text encoders: every image is encode
 its mirror image, for `--random-flip`), every distinct caption once, and the tensors are kept
 in `<dataset>/.cache/{latents,text}/<key>.safetensors`. A key covers everything that changes
 the tensor (model, revision, variant, VAE, the state of their weights (`models.loading.weights_fingerprint`),
-dtype, the image's training size, its own sha256 or the caption), so a changed photo, another model, a model
-folder retrained in place or another size (resolution or aspect bucket) never reuses a stale entry, and a second run on the same dataset encodes nothing. Subject masks (the
-masked loss) are kept beside them, on the latent grid, in `masks/<key>.safetensors`, keyed by the
-mask file's sha256 and the sizes, so a changed mask is computed again and the latents are not.
+dtype, the image's training size, its own sha256 or the caption), so a changed photo, another model, a
+model folder retrained in place or another size (resolution or aspect bucket) never reuses a stale entry,
+and a second run on the same dataset encodes nothing. Subject masks (the masked loss) are kept beside
+them, on the latent grid, in `masks/<key>.safetensors`, keyed by the mask file's sha256 and the sizes, so
+a changed mask is computed again and the latents are not.
 """
 
 from __future__ import annotations
