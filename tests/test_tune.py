@@ -303,7 +303,9 @@ def test_ctrl_c_with_parallel_workers_stops_them_once_and_they_save(tmp_path):
         os.kill(os.getpid(), signal.SIGINT)
 
     threading.Thread(target=ctrl_c_once_training, daemon=True).start()
-    args = tune_args(dataset, tmp_path / "runs", "p", "--grid", "lr=1e-3,2e-3", "--steps", "10", "--parallel", "2")
+    # Steps enough that the Ctrl-C lands mid-training even on a loaded machine: with 10, the slow suite once saw
+    # the worker finish its last step before the stop reached it (a whole run, so no checkpoint to resume from).
+    args = tune_args(dataset, tmp_path / "runs", "p", "--grid", "lr=1e-3,2e-3", "--steps", "400", "--parallel", "2")
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 130, result.output
     assert f"sdlora tune --resume {tune_dir}" in result.stderr
