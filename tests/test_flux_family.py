@@ -261,7 +261,7 @@ def test_a_short_t5_window_is_what_sampling_encodes_too():
     trained, _ = arch.encode_tokens([pipe.text_encoder, pipe.text_encoder_2], arch.tokenize(pipe, [prompt]))
     assert arch.prompt_kwargs(pipe) == {"max_sequence_length": 16}
     sampled, _, _ = pipe.encode_prompt(prompt, prompt_2=None, **arch.prompt_kwargs(pipe))
-    assert sampled.shape == trained.shape == (1, 16, 32) and torch.equal(sampled, trained)
+    assert sampled.shape == trained.shape == (1, 16, 32) and torch.allclose(sampled, trained, atol=1e-5)
     assert pipe.encode_prompt(prompt, prompt_2=None)[0].shape[1] == 512  # the pipeline's own default
 
 

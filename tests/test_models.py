@@ -89,3 +89,28 @@ def test_a_folder_loads_with_the_current_dtype_argument(tmp_path):
         loaded, _ = load_pipeline(str(tmp_path / "m"), dtype=torch.bfloat16)
         vae = load_base_vae(str(tmp_path / "m"), dtype=torch.bfloat16)
     assert loaded.unet.dtype == torch.bfloat16 and vae.dtype == torch.bfloat16
+
+
+def test_weights_fingerprint_changes_with_a_hub_models_cached_commit(tmp_path, monkeypatch):
+    """The caches' key for a hub id: the commit of its cached snapshot, so a newer download of `main` is a new
+    key; None for a tiny model and for an id that is not cached."""
+    import huggingface_hub.constants
+
+    from sdlora.models.loading import weights_fingerprint
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    repo = tmp_path / "models--org--model"
+
+    def cache(commit: str) -> None:
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "model_index.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    assert weights_fingerprint("org/model") is None
+    cache("a" * 40)
+    assert weights_fingerprint("org/model") == "a" * 40
+    cache("b" * 40)  # the hub's main moved on and was downloaded again
+    assert weights_fingerprint("org/model") == "b" * 40
+    assert weights_fingerprint("org/model", revision="a" * 40) == "a" * 40
+    assert weights_fingerprint("tiny-sd") is None
