@@ -18,6 +18,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 DREAMBENCH = SHARED_DATA / "dreambench"
 
 
+# The longest tests (a world-sd or world-flux model trained and sampled: 20-90 s each) are collected first.
+# pytest-xdist hands them out first then (`--dist loadgroup` puts a group's tests first, and keeps collection
+# order among the rest), so two workers end together rather than one training alone at the end.
+LONGEST_FIRST = ("test_world_learning.py", "test_demo.py", "test_world_flux.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.path.name not in LONGEST_FIRST)  # stable: the rest keep their order
+
+
 def one_line_error(result, *fragments: str) -> None:
     """A CLI result that failed the way users are promised: exit 1 and one `error: ...` line naming the problem."""
     assert result.exit_code == 1, result.output

@@ -24,7 +24,8 @@ def test_demo_runs_every_stage_offline_and_the_lora_learns_the_object(tmp_path):
     steps. The base model has never seen the object; the LoRA must draw it: its world-DINO similarity
     to the val photos is far above the base model's. A defect that stops learning (a LoRA not
     applied or scaled wrong at sampling, a loss that trains nothing, the token's embedding lost)
-    brings the two together and fails here."""
+    brings the two together and fails here: with the trained embedding not loaded at sampling (the defect:
+    `generate/pipeline.py` `load_embeddings` returning at once) the gain was -0.01 (2026-12-06)."""
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "--out", str(out)])
     assert result.exit_code == 0, result.output
