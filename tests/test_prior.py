@@ -100,3 +100,16 @@ def test_zero_images_and_empty_prompt(tiny_sd, tmp_path):
     assert _ensure(tiny_sd, tmp_path / "none", num_images=0) == []
     with pytest.raises(ConfigError, match="--class-prompt"):
         _ensure(tiny_sd, tmp_path / "x", class_prompt="  ")
+
+
+def test_steps_and_guidance_are_the_models_own_as_sample_draws(tiny_sd, tmp_path, monkeypatch):
+    """Left unset, the class images take the loaded model's sampling steps and guidance (a step-distilled
+    model's 4 steps, not a fixed 30), as `sdlora sample` would draw them."""
+    pipe, arch = tiny_sd
+    monkeypatch.setattr(type(arch), "sample_steps", lambda self, pipe: 3)
+    monkeypatch.setattr(type(arch), "guidance_for", lambda self, pipe: 2.5)
+    calls = []
+    draw = type(pipe).__call__
+    monkeypatch.setattr(type(pipe), "__call__", lambda self, **kw: calls.append(kw) or draw(self, **kw))
+    _ensure(tiny_sd, tmp_path / "class", num_inference_steps=None)
+    assert [(c["num_inference_steps"], c["guidance_scale"]) for c in calls] == [(3, 2.5)]

@@ -46,7 +46,7 @@ def ensure_class_images(
     device: Any,
     on_progress: ProgressFn | None = None,
     model_id: str | None = None,
-    num_inference_steps: int = 30,
+    num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     batch_size: int = 4,
     process_index: int = 0,
@@ -58,7 +58,9 @@ def ensure_class_images(
     else the architecture name; pass the `--model` value). With `num_processes` > 1 each
     process generates its share (indices `i % num_processes == process_index`); the caller
     waits for all, then calls again on one process to get the full list (nothing is generated).
-    `pipe` is moved to `device`; its dtype is left as it is.
+    `pipe` is moved to `device`; its dtype is left as it is. `num_inference_steps` and `guidance_scale` None: the
+    loaded model's, as `sdlora sample` draws (`Family.sample_steps`, `Family.guidance_for`; a step-distilled
+    model's few steps).
     """
     if num_images <= 0:
         return []
@@ -85,7 +87,7 @@ def ensure_class_images(
             resolution=resolution,
             seed=seed,
             device=device,
-            steps=num_inference_steps,
+            steps=arch.sample_steps(pipe) if num_inference_steps is None else num_inference_steps,
             guidance=arch.guidance_for(pipe) if guidance_scale is None else guidance_scale,  # the model's default
             batch_size=max(1, batch_size),
             prompt_kwargs=arch.prompt_kwargs(pipe),
