@@ -14,9 +14,10 @@ from sdlora.demo import DEMO_PHOTOS
 
 LEARNED = 0.15  # world-DINO: the LoRA's images to the val photos, minus the base model's
 # world-DINO of the LoRA with the token's embedding, minus the embedding alone (`--lora-scale 0`): what the
-# LoRA's weights add. The trained embedding alone already draws much of the object (0.127 against the base
-# model's -0.192 and the LoRA's 0.238 on 2026-12-06), so the first margin holds even with the LoRA left out.
-LORA_ADDS = 0.05
+# LoRA's weights add. The trained embedding alone already draws most of the object (0.344 against the base
+# model's -0.179 and the LoRA's 0.407 in this test on 2026-12-06), so the first margin holds even with the
+# LoRA left out; this one is 0 then.
+LORA_ADDS = 0.03
 
 
 def test_demo_runs_every_stage_offline_and_the_lora_learns_the_object(tmp_path):
@@ -38,7 +39,7 @@ def test_demo_runs_every_stage_offline_and_the_lora_learns_the_object(tmp_path):
     assert {img["variant"] for img in samples["images"]} == {"lora", "baseline"}
     scores = json.loads((run / "scores.json").read_text())
     lora, baseline = scores["overall"]["lora"], scores["overall"]["baseline"]
-    # 0.19 against -0.19 on 2026-12-06 (world-DINO cosines); a margin that float noise cannot close
+    # 0.41 against -0.18 on 2026-12-06 (world-DINO cosines); a margin that float noise cannot close
     assert lora["dino"] - baseline["dino"] > LEARNED, (lora, baseline)
     embedding_alone = dino_with_the_lora_off(run, tmp_path / "lora-off")
     assert lora["dino"] - embedding_alone > LORA_ADDS, (lora, embedding_alone)
