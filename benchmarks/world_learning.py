@@ -26,6 +26,8 @@ sksToy <class> <background>" on 4 backgrounds, 2 images each, with the LoRA and 
 against 12 held-out photos of the object (photo seed 1000 + S, never trained on). Columns (mean
 ±std over runs; world_common.py says exactly how each is computed):
   DINO lora / base   world-DINO of the LoRA's / the base model's images to the held-out photos
+  DINO described     the same for the base model's images of the object described in the world's words
+                     ("an orange toy with blue dots, wheels and a handle"): a prompt alone, no LoRA
   ceiling            world-DINO of the held-out photos to the training photos
   CLIP-T lora / base world-CLIP image-prompt cosine, token removed (the LoRA should stay close to base)
   bg lora            share of LoRA images whose background world-CLIP names as the prompt's
@@ -53,12 +55,23 @@ import world_common as wc  # noqa: E402  (benchmarks/ is a folder of scripts)
 from sdlora.world import vocab  # noqa: E402
 from sdlora.world.shipped import BASE, BASE_FLUX, BASE_XL  # noqa: E402
 
-FIGURES = ("dino_lora", "dino_base", "ceiling", "clip_t_lora", "clip_t_base", "bg_lora", "train_s", "run_s")
+FIGURES = (
+    "dino_lora",
+    "dino_base",
+    "described",
+    "ceiling",
+    "clip_t_lora",
+    "clip_t_base",
+    "bg_lora",
+    "train_s",
+    "run_s",
+)
 HEADER = (
     "object",
     "runs",
     "DINO lora",
     "DINO base",
+    "DINO described",
     "ceiling",
     "CLIP-T lora",
     "CLIP-T base",
@@ -84,8 +97,8 @@ def caption(cls: str, colour: str, background: str) -> str:
     return vocab.caption(vocab.object_phrase(cls, colour, "plain", None, ()), background)
 
 
-def base_samples(model: str, triples: list[tuple[str, str, str]], seed: int, batch: int = 8) -> list:
-    """The base model's images of each triple's caption, IMAGES_PER_PROMPT each, in order."""
+def base_samples(model: str, prompts: list[str], seed: int, batch: int = 8) -> list:
+    """The base model's images of each prompt, IMAGES_PER_PROMPT each, in order."""
     import torch
 
     from sdlora.config import load_config
@@ -96,9 +109,9 @@ def base_samples(model: str, triples: list[tuple[str, str, str]], seed: int, bat
     size = load_config(wc.PRESET).data.resolution
     steps, guidance = wc.sampling(model)
     images = []
-    for start in range(0, len(triples), batch):
+    for start in range(0, len(prompts), batch):
         out = pipe(
-            prompt=[caption(*t) for t in triples[start : start + batch]],
+            prompt=prompts[start : start + batch],
             num_images_per_prompt=wc.IMAGES_PER_PROMPT,
             num_inference_steps=steps,
             guidance_scale=guidance,  # as `sdlora sample` (SDXL's pipeline defaults to 5)
@@ -138,7 +151,8 @@ def part_base(model: str, n: int, seed: int) -> dict:
     }
     truth = [t for t in triples for _ in range(wc.IMAGES_PER_PROMPT)]
     start = time.perf_counter()
-    sets = {"base model": base_samples(model, triples, seed), "real scenes": real_scenes(triples, seed)}
+    captions = [caption(*t) for t in triples]
+    sets = {"base model": base_samples(model, captions, seed), "real scenes": real_scenes(triples, seed)}
     results: dict = {"prompts": n, "images": len(truth)}
     for name, images in sets.items():
         for attribute, (labels, values, i) in attributes.items():
@@ -169,8 +183,23 @@ def learn(model: str, k: int, seed: int, work: Path, here: Path, steps_scale: fl
     run, train_s = wc.train(dataset, here / "runs", name, seed, {"model.name": model, **flags}, steps_scale)
     figures = wc.measure(run, heldout, run.path / "bench-samples")
     figures["ceiling"] = wc.ceiling(wc.dataset_images(dataset, "train"), heldout)
+    figures["described"] = described(model, k, seed, heldout)
     figures |= {"train_s": train_s, "run_s": time.perf_counter() - start, "object": k, "class": cls, "seed": seed}
     return figures
+
+
+def described(model: str, k: int, seed: int, heldout: list[Path]) -> float:
+    """world-DINO to the held-out photos of the base model's images of object k described in the world's words
+    ("a photo of an orange toy with blue dots, wheels and a handle on the beach", over SAMPLE_BACKGROUNDS):
+    what a prompt alone gets, with no LoRA. Every word is one the model learned; only the combination is new."""
+    from sdlora.evaluate.score import pairwise_mean
+    from sdlora.world.objects import novel_object
+
+    comp = novel_object(k).composition
+    phrase = vocab.object_phrase(comp.cls, comp.colour, comp.pattern, comp.pattern_colour, comp.features)
+    images = base_samples(model, [vocab.caption(phrase, b) for b in wc.SAMPLE_BACKGROUNDS], seed)
+    dino, _ = wc.scorers()
+    return pairwise_mean(wc.embed(dino, images), wc.embed(dino, heldout))
 
 
 def part_lora(

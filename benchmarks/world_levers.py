@@ -7,7 +7,7 @@ Run by hand (the world models must be built: `python -m sdlora.world build`):
     PYTHONPATH=src python benchmarks/world_levers.py --list                                   # the rows
 
 Each row trains a LoRA on novel object K (--objects: 60, a toy, then the next of other classes)
-with the world preset (rank 8, lr 1e-3, 300 steps, 32 px) and one lever changed, for each of
+with the world preset (rank 8, lr 1e-3, 150 steps, 32 px) and one lever changed, for each of
 --seeds seeds S (photo seed and training seed), samples "a photo of sksToy <class> <background>"
 on 4 backgrounds and "a photo of a <class>", 2 images each, with the LoRA and without, and scores
 them against 12 held-out photos of the object (world_common.py says exactly how). The defaults

@@ -19,8 +19,9 @@ DREAMBENCH = SHARED_DATA / "dreambench"
 
 
 # The longest tests (a world-sd or world-flux model trained and sampled: 20-90 s each) are collected first.
-# pytest-xdist hands them out first then (`--dist loadgroup` puts a group's tests first, and keeps collection
-# order among the rest), so two workers end together rather than one training alone at the end.
+# pytest-xdist's `--dist loadgroup` hands out the xdist groups first (most tests first) and then the other
+# tests in collection order, so these start early and the two workers end together, rather than one of
+# them training alone at the end.
 LONGEST_FIRST = ("test_world_learning.py", "test_demo.py", "test_world_flux.py")
 
 

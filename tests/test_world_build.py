@@ -19,6 +19,8 @@ from sdlora.world.trainers import clip, common, dino, flux, tokenizer, unet, une
 
 TINY = 0.0005  # --steps-scale of the fast tests: 1 to 4 steps per trainer, 64 scenes a pool shard
 runner = CliRunner()
+# One xdist worker runs the module, so `built` (11 s) is built once, not on both workers.
+pytestmark = pytest.mark.xdist_group("world_build")
 
 
 @pytest.fixture(scope="module")
