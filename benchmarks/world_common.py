@@ -131,6 +131,24 @@ def prepare(photos: Path, out: Path, class_word: str, *, masks: Path | None = No
     return out
 
 
+def caption_backgrounds(dataset: Path, k: int, seed: int, count: int) -> None:
+    """Name each photo's background in its caption ("a photo of sksToy toy on the beach", not "... toy"), as a
+    user would write them and import them (`sdlora caption --from`): the world knows every photo's background."""
+    from sdlora.data.captioning import caption_dataset
+    from sdlora.data.manifest import load_manifest
+    from sdlora.world.photos import render_photos
+
+    manifest = load_manifest(dataset)
+    subject = f"{manifest.token} {manifest.class_word}"
+    lines = [
+        f"{Path(photo.name).stem}|a photo of {subject} {vocab.BACKGROUNDS[photo.scene.background].phrase}"
+        for photo in render_photos(k, count, seed)
+    ]
+    source = dataset.parent / f"{dataset.name}-captions.txt"
+    source.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    caption_dataset(dataset, source=source, overwrite=True)
+
+
 def dataset_images(dataset: Path, split: str) -> list[Path]:
     from sdlora.data.manifest import IMAGES, load_manifest
 

@@ -35,7 +35,8 @@ sampling without the trained token embedding (`sdlora sample --no-embedding`), c
 `write_photos(clutter=True)`, prepared with `--masks DIR` of their true masks, then
 data.masked_loss; does the LoRA still draw the room when asked for the beach? see bg acc), DOP
 (prior.preservation dop), Prodigy (lr 1.0), LoKr, LoHa, EMA (lora.ema_decay 0.995) and caption
-dropout 0.1, and the `sdlora tune` winner: a sweep (TUNE_GRID x TUNE_STEPS, scored on the world
+dropout 0.1, captions that name each photo's background ("a photo of sksToy toy on the beach", imported as
+`sdlora caption --from` does), and the `sdlora tune` winner: a sweep (TUNE_GRID x TUNE_STEPS, scored on the world
 prompts against the dataset's val photos, which are the training seed's) on each run's own photos,
 whose winning settings and step are then trained and measured as every other row.
 
@@ -70,6 +71,7 @@ class Lever:
     lr: float = 1.0  # times the preset's learning rate
     steps: float = 1.0  # times the preset's steps
     photos: str = "plain"  # one of PHOTOS
+    background_captions: bool = False  # each photo's caption names its background (world_common.caption_backgrounds)
     embedding: bool = True  # sample with the trained token embedding
     guidance: float = wc.GUIDANCE  # sampling's classifier-free guidance
     tune: bool = False  # the settings come from an `sdlora tune` sweep on the run's photos (tune_winner)
@@ -77,7 +79,7 @@ class Lever:
     @property
     def training(self) -> tuple:
         """What the trained LoRA depends on: rows with the same share a run."""
-        return (self.flags, self.lr, self.steps, self.photos, self.tune)
+        return (self.flags, self.lr, self.steps, self.photos, self.background_captions, self.tune)
 
 
 LEVERS = (
@@ -102,6 +104,7 @@ LEVERS = (
     Lever("loha", "LoHa", (("lora.lora_type", "loha"),)),
     Lever("ema", "EMA 0.995", (("lora.ema_decay", 0.995),)),
     Lever("caption-dropout", "caption dropout 0.1", (("data.caption_dropout", 0.1),)),
+    Lever("bg-captions", "captions name the background", background_captions=True),
     Lever("tune", "`sdlora tune` winner", tune=True),
 )
 BY_KEY = {lever.key: lever for lever in LEVERS}
@@ -167,6 +170,8 @@ def run_levers(levers: list[Lever], k: int, seed: int, work: Path, here: Path, s
     photos, masks = photos_of(work, k, seed, first.photos)
     heldout = wc.heldout_photos(work, k, seed)
     dataset = wc.prepare(photos, here / "datasets" / name, cls, masks=masks)
+    if first.background_captions:
+        wc.caption_backgrounds(dataset, k, seed, wc.TRAIN_PHOTOS)
     flags = train_flags(first, load_config(wc.PRESET).train.learning_rate)
     if first.tune:
         flags |= tune_winner(dataset, here, name, seed, steps_scale)
