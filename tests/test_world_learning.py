@@ -1,21 +1,23 @@
 """Learning tests in the miniature world (sdlora/world/): each trains world-sd on photos of a novel
 object, samples or runs it, and fails when its defect is put into the code.
 
-tests/test_demo.py already fails when learning stops altogether. These catch defects that leave a LoRA learning something, but the wrong thing:
+tests/test_demo.py already fails when learning stops altogether. These catch defects that leave a
+LoRA learning something, but the wrong thing:
   - an inverted subject mask (the masked loss trains the cluttered room, not the object),
   - DOP's loss with its sign flipped (the class word drifts away from the base model),
   - a LoKr LoRA's kohya file written with the wrong scale (ComfyUI would draw something else),
   - `sdlora tune` ranking its trials the wrong way round (pivotal tuning on against off).
-Two more are slow: a LoKr run learns the object, and a LoRA of world-sdxl, the SDXL-architecture world model,
-learns it as world-sd's does (world-flux's, FLUX.1's architecture, is in the default suite: tests/test_world_flux.py).
+Two more are slow: a LoKr run learns the object, and a LoRA of world-sdxl, the SDXL-architecture world
+model, learns it as world-sd's does (world-flux's, FLUX.1's architecture, is in the default suite:
+tests/test_world_flux.py).
 
 The runs follow benchmarks/world_common.py (its render, prepare, train and measure, imported): novel
 object 60 (the demo's orange toy with blue dots), the `world` preset (rank 8, lr 1e-3, 32 px) at fewer than
 its 150 steps (every effect below is as clear: 75 for the masked loss, 38 for DOP and the LoKr, whose effects
 are there from the start), 16 training photos, photo and training seed 0, scored against 12 held-out photos of
 the object (another photo seed, never trained on). Four short runs and a two-trial `tune` of 10 steps: about a
-minute on one quiet core, in the default suite. The module's tests run in one
-xdist worker (`xdist_group`, `--dist loadgroup`), so their shared runs train once. Each threshold comes from
+minute on one quiet core, in the default suite. The module's tests run in one xdist worker
+(`xdist_group`, `--dist loadgroup`), so their shared runs train once. Each threshold comes from
 runs of seeds 0 and 1 (figures in each test's docstring, measured 2026-12-06), and each defect was put in by
 hand to see its test fail.
 
@@ -168,8 +170,9 @@ def test_dop_keeps_the_class_caption_near_the_base_model(work, plain):
 
     Class drift (`class_drift`) after 38 steps, seeds 0 / 1: 0.0008 / 0.0007 with DOP, 0.0053 / 0.0065 without
     (7-9 times as much; after 75 steps 0.0007 / 0.0008 against 0.0052 / 0.0059, after 150 0.0007 / 0.0013
-    against 0.0079 / 0.0098); with the sign flipped 0.20 on seed 0 (0.69 after 75 steps; the test failed). The drift is measured on predictions, not on images: images of the class caption at guidance 7.5
-    also carry the empty prompt's prediction, which DOP does not preserve, and 6 of them drifted (mean absolute
+    against 0.0079 / 0.0098); with the sign flipped 0.20 on seed 0 (0.69 after 75 steps; the test failed).
+    The drift is measured on predictions, not on images: images of the class caption at guidance 7.5 also
+    carry the empty prompt's prediction, which DOP does not preserve, and 6 of them drifted (mean absolute
     pixel difference) 0.018 with DOP against 0.039 without on seed 0 but 0.052 against 0.044 on seed 1.
     """
     without = class_drift(train(work, plain, "plain", SHORT_STEPS), plain)
@@ -234,9 +237,8 @@ def lokr(work: Path, plain: Path):
 def test_lokr_learns_the_object(lokr, heldout):
     """A LoKr LoRA's images are far closer to the object than the base model's: world-DINO minus the
     base model's 0.44 / 0.22 after 38 steps (seeds 0 / 1; after 150 steps 0.34 / 0.33, and the LoRA of the
-    same settings 0.27 / 0.26). Most of that is
-    the token's trained embedding, which loads beside a LoKr as beside a LoRA: the defect this test is
-    for is a LoKr run that does not train, save or load at all."""
+    same settings 0.27 / 0.26). Most of that is the token's trained embedding, which loads beside a LoKr as
+    beside a LoRA: the defect this test is for is a LoKr run that does not train, save or load at all."""
     figures = wc.measure(lokr, heldout, lokr.path / "measured")
     assert figures["dino_lora"] - figures["dino_base"] > LOKR_LEARNED, figures
 
@@ -278,7 +280,7 @@ def test_lokr_kohya_file_draws_what_the_peft_adapter_draws(lokr):
 SDXL_LEARNED = 0.15  # world-DINO, world-sdxl's LoRA's images minus its base model's (measured: test docstring)
 
 
-@pytest.mark.slow  # 25 s on one core; world-sdxl's demo (slow too) and world-flux's test check it as well
+@pytest.mark.slow  # 25-35 s on one core; world-sdxl's demo, slow too, checks it as well
 def test_a_lora_of_world_sdxl_learns_the_object(work, plain, heldout):
     """The same run on world-sdxl, the SDXL-architecture world model: two text encoders whose penultimate
     states are concatenated, the pooled text and size ids added to the time embedding, the token's
