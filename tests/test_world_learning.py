@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,17 +56,13 @@ MASKED_STEPS = 0.5  # of the world preset's 150 steps: 75 (module docstring)
 SHORT_STEPS = 0.25  # 38, for DOP and the LoKr
 MASK_LEARNED = 0.25  # world-DINO, the LoRA's images minus the base model's (test docstrings: measured values)
 LOKR_LEARNED = 0.15  # world-DINO, the LoKr's images minus the base model's
-KOHYA_TOL = 1e-4  # the largest pixel difference (0..1) between the kohya file's images and peft's
+KOHYA_TOL = 5e-4  # the largest pixel difference (0..1) between the kohya file's images and peft's
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Iterator[Path]:
-    import torch
-
-    threads = torch.get_num_threads()
-    wc.one_thread()  # as the benchmarks measure (world_common.py): one thread gives the figures below
-    yield tmp_path_factory.mktemp("world")
-    torch.set_num_threads(threads)
+def work(tmp_path_factory) -> Path:
+    wc.one_thread()  # as the benchmarks measure (conftest's one torch thread too): the figures below
+    return tmp_path_factory.mktemp("world")
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +268,7 @@ def test_lokr_kohya_file_draws_what_the_peft_adapter_draws(lokr):
     merge_lycoris(pipe, arch, kohya_file)
     merged = draw(pipe, prompt, seeds)
     worst, moved = float(np.abs(merged - trained).max()), float(np.abs(trained - embedding_only).mean())
-    assert worst < KOHYA_TOL and moved > 10 * KOHYA_TOL, (worst, moved)
+    assert worst < KOHYA_TOL and moved > 5 * KOHYA_TOL, (worst, moved)
 
 
 # ---- SDXL's architecture --------------------------------------------------------------------------
